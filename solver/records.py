@@ -1,0 +1,102 @@
+"""What a simulation returns: per-request records, optional per-step records, and aggregates.
+
+`StepRecord` mirrors `adapters.events.EngineStep` so a simulated step and a mirrored real step compare field by
+field; `SimResult.summary()` is the row a replay table prints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    request_id: str
+    arrival: float
+    prompt_tokens: int
+    output_tokens: int
+    priority: int = 0
+    first_scheduled: float = float("nan")  # start of the first step that ran any of its tokens
+    first_token: float = float("nan")  # end of the step that produced its first output token
+    finish: float = float("nan")  # end of the step that produced its last output token
+    preemptions: int = 0
+    recomputed_tokens: int = 0  # tokens computed again after preemptions
+
+    @property
+    def ttft(self) -> float:
+        return self.first_token - self.arrival
+
+    @property
+    def e2e(self) -> float:
+        return self.finish - self.arrival
+
+    @property
+    def tpot(self) -> float:
+        """Mean time per output token after the first (nan for single-token outputs)."""
+        if self.output_tokens <= 1:
+            return float("nan")
+        return (self.finish - self.first_token) / (self.output_tokens - 1)
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    step: int
+    start: float
+    duration: float
+    scheduled_tokens: dict[str, int]  # request id -> tokens computed in this step
+    preempted: tuple[str, ...] = ()
+    finished: tuple[str, ...] = ()
+    kv_blocks_used: int = 0  # blocks held after the step's allocations
+
+
+def _quantiles(values: list[float]) -> tuple[float, float, float]:
+    arr = np.asarray([v for v in values if v == v], dtype=float)
+    if arr.size == 0:
+        return (float("nan"),) * 3
+    p50, p90, p99 = np.percentile(arr, [50, 90, 99])
+    return float(p50), float(p90), float(p99)
+
+
+@dataclass(slots=True)
+class SimResult:
+    policy: str
+    requests: list[RequestRecord]
+    gpu_seconds: float  # sum of batch times: the engine's busy time
+    num_steps: int
+    peak_kv_blocks: int
+    steps: list[StepRecord] | None = None
+    unfinished: list[str] = field(default_factory=list)  # requests still running when the simulation stopped
+
+    def summary(self) -> dict[str, float | int | str]:
+        done = [r for r in self.requests if r.finish == r.finish]
+        start = min((r.arrival for r in self.requests), default=0.0)
+        end = max((r.finish for r in done), default=start)
+        makespan = end - start
+        ttft = _quantiles([r.ttft for r in done])
+        tpot = _quantiles([r.tpot for r in done])
+        e2e = _quantiles([r.e2e for r in done])
+        output_tokens = sum(r.output_tokens for r in done)
+        return {
+            "policy": self.policy,
+            "requests": len(self.requests),
+            "finished": len(done),
+            "steps": self.num_steps,
+            "gpu_seconds": self.gpu_seconds,
+            "makespan_s": makespan,
+            "ttft_p50_s": ttft[0],
+            "ttft_p90_s": ttft[1],
+            "ttft_p99_s": ttft[2],
+            "tpot_p50_s": tpot[0],
+            "tpot_p90_s": tpot[1],
+            "tpot_p99_s": tpot[2],
+            "e2e_p50_s": e2e[0],
+            "e2e_p90_s": e2e[1],
+            "e2e_p99_s": e2e[2],
+            "throughput_rps": len(done) / makespan if makespan > 0 else float("nan"),
+            "throughput_tokens_per_s": output_tokens / makespan if makespan > 0 else float("nan"),
+            "preemptions": sum(r.preemptions for r in self.requests),
+            "recomputed_tokens": sum(r.recomputed_tokens for r in self.requests),
+            "peak_kv_blocks": self.peak_kv_blocks,
+        }
