@@ -6,7 +6,7 @@ field; `SimResult.summary()` is the row a replay table prints.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -67,7 +67,7 @@ class SimResult:
     num_steps: int
     peak_kv_blocks: int
     steps: list[StepRecord] | None = None
-    unfinished: list[str] = field(default_factory=list)  # requests still running when the simulation stopped
+    tokens_processed: int = 0  # every token computed, recomputation included
 
     def summary(self) -> dict[str, float | int | str]:
         done = [r for r in self.requests if r.finish == r.finish]
