@@ -58,6 +58,10 @@ class SchedulerSettings:
     long_prefill_token_threshold: int = 0  # 0 = no cap on a running request's prefill chunk
     enable_prefix_caching: bool = False
     max_model_len: int = 131072
+    # vLLM 0.32 admission rules beyond the knobs above (a faithful replay needs them):
+    watermark: float = 0.0  # fraction of KV blocks kept free when admitting waiting/preempted requests
+    scheduler_reserve_full_isl: bool = True  # admit only if the whole current sequence fits in free blocks
+    async_scheduling: bool = False  # step N+1 is scheduled before step N's output (finishes) is processed
 
 
 @dataclass(frozen=True, slots=True)

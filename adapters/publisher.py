@@ -1,0 +1,153 @@
+"""Hand events from a producer that must never wait (the vLLM engine loop) to sinks that may be slow or dead.
+
+The producer only appends to a bounded deque: no lock, no wake-up, no I/O on its path. A daemon thread drains
+the deque every `flush_interval` seconds into `EventBatch`es and hands each batch to every sink. A sink that
+raises is put in exponential back-off and misses the batches sent meanwhile; every event that does not reach a
+sink is counted, on the producer side (queue full) or per sink (failed or skipped): loss is never silent.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from adapters.events import Event
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class EventBatch:
+    """The unit every transport carries: events in the order the engine produced them, plus who sent them."""
+
+    events: list[Event]
+    source: str = ""  # which engine sent it (host:pid by default); a shadow may watch several engines
+    sequence: int = 0  # 0, 1, 2, ... per source: a gap means batches were lost in transit
+    dropped: int = 0  # events the sender has dropped so far (cumulative), so the receiver can export the loss
+
+
+BatchSink = Callable[[EventBatch], None]
+
+
+@dataclass(slots=True)
+class SinkStats:
+    sent_batches: int = 0
+    sent_events: int = 0
+    failures: int = 0
+    lost_events: int = 0  # in batches that failed, or that were skipped while the sink was backing off
+
+
+@dataclass(slots=True)
+class _SinkState:
+    sink: BatchSink
+    stats: SinkStats = field(default_factory=SinkStats)
+    backoff: float = 0.0
+    retry_at: float = 0.0
+
+
+def default_source() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Publisher:
+    """Bounded, non-blocking event publisher with a background delivery thread."""
+
+    def __init__(
+        self,
+        sinks: Sequence[BatchSink],
+        *,
+        capacity: int = 100_000,
+        batch_size: int = 1024,
+        flush_interval: float = 0.02,
+        max_backoff: float = 5.0,
+        source: str | None = None,
+    ) -> None:
+        if capacity <= 0 or batch_size <= 0 or flush_interval <= 0:
+            raise ValueError("capacity, batch_size and flush_interval must be positive")
+        self._queue: deque[Event] = deque()
+        self._capacity = capacity
+        self._batch_size = batch_size
+        self._flush_interval = flush_interval
+        self._max_backoff = max_backoff
+        self._sinks = [_SinkState(s) for s in sinks]
+        self.source = source or default_source()
+        self._sequence = itertools.count()
+        self.accepted = 0
+        self.dropped = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="shadow-publisher", daemon=True)
+        self._thread.start()
+
+    def publish(self, event: Event) -> None:
+        """Never blocks, never raises. Called from a single producer thread (the engine loop)."""
+        # len() and append() are each atomic under the GIL and there is one producer, so the bound holds; the
+        # consumer's concurrent pops only make room.
+        if len(self._queue) >= self._capacity:
+            self.dropped += 1
+            return
+        self._queue.append(event)
+        self.accepted += 1
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def sink_stats(self) -> list[SinkStats]:
+        return [s.stats for s in self._sinks]
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Deliver what is queued (within `timeout`), stop the thread, then close the sinks."""
+        self._stop.set()
+        self._thread.join(timeout)
+        for state in self._sinks:
+            close = getattr(state.sink, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:  # closing is best effort; the engine is shutting down
+                    logger.warning("closing shadow sink %r failed", state.sink, exc_info=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._flush_interval):
+            self._drain()
+        self._drain()
+
+    def _drain(self) -> None:
+        while self._queue:
+            events = []
+            popleft = self._queue.popleft
+            try:
+                for _ in range(self._batch_size):
+                    events.append(popleft())
+            except IndexError:
+                pass
+            batch = EventBatch(events, self.source, next(self._sequence), self.dropped)
+            for state in self._sinks:
+                self._deliver(state, batch)
+
+    def _deliver(self, state: _SinkState, batch: EventBatch) -> None:
+        now = time.monotonic()
+        if now < state.retry_at:
+            state.stats.lost_events += len(batch.events)
+            return
+        try:
+            state.sink(batch)
+        except Exception as exc:  # a sink is outside code: any failure must stay here, in this thread
+            state.stats.failures += 1
+            state.stats.lost_events += len(batch.events)
+            doubled = state.backoff * 2 if state.backoff else self._flush_interval
+            state.backoff = min(self._max_backoff, doubled)
+            state.retry_at = now + state.backoff
+            if state.stats.failures == 1 or state.backoff == self._max_backoff:
+                logger.warning("shadow sink %r failed: %s; back-off %.2fs", state.sink, exc, state.backoff)
+            return
+        state.backoff = 0.0
+        state.stats.sent_batches += 1
+        state.stats.sent_events += len(batch.events)

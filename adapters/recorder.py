@@ -1,0 +1,229 @@
+"""Record an event stream to a file and read it back as the same dataclasses.
+
+Format: JSON lines, gzip-compressed when the name ends in `.gz`. Line 1 is a header
+`{"format": "shadow-events", "version": 1}`; every other line is one event, its dataclass fields plus a `type`
+tag (`arrival`, `finish`, `step`, `info`). Batches' senders and drop counts are kept as `batch` lines so that
+a replay knows what was lost. A reader error names the file and line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from adapters.events import EngineInfo, EngineStep, Event, RequestArrival, RequestFinish, SchedulerSettings
+from adapters.publisher import EventBatch
+
+FORMAT = "shadow-events"
+VERSION = 1
+
+_TAGS: dict[type, str] = {
+    RequestArrival: "arrival",
+    RequestFinish: "finish",
+    EngineStep: "step",
+    EngineInfo: "info",
+}
+_TYPES = {tag: cls for cls, tag in _TAGS.items()}
+_FIELDS = {cls: {f.name for f in dataclasses.fields(cls)} for cls in _TAGS}
+_TUPLE_FIELDS = {"prefix_block_hashes", "preempted", "resumed", "finished"}
+
+
+def _is_int(v: object) -> bool:
+    return type(v) is int
+
+
+def _is_float(v: object) -> bool:
+    return type(v) in (int, float)
+
+
+def _is_str(v: object) -> bool:
+    return type(v) is str
+
+
+def _is_opt_int(v: object) -> bool:
+    return v is None or type(v) is int
+
+
+def _is_ints(v: object) -> bool:
+    return type(v) is list and all(type(x) is int for x in v)
+
+
+def _is_strs(v: object) -> bool:
+    return type(v) is list and all(type(x) is str for x in v)
+
+
+def _is_token_map(v: object) -> bool:
+    return type(v) is dict and all(type(n) is int for n in v.values())
+
+
+def _is_object(v: object) -> bool:
+    return type(v) is dict
+
+
+# JSON types per field: a recording is outside input, and a wrong type must fail at its line, not in a replay.
+_CHECKS = {
+    RequestArrival: dict(
+        request_id=_is_str,
+        time=_is_float,
+        prompt_tokens=_is_int,
+        output_tokens=_is_opt_int,
+        max_tokens=_is_opt_int,
+        priority=_is_int,
+        prefix_block_hashes=_is_ints,
+    ),
+    RequestFinish: dict(request_id=_is_str, time=_is_float, output_tokens=_is_int, reason=_is_str),
+    EngineStep: dict(
+        step=_is_int,
+        start_time=_is_float,
+        duration=_is_float,
+        scheduled_tokens=_is_token_map,
+        preempted=_is_strs,
+        resumed=_is_strs,
+        finished=_is_strs,
+        kv_blocks_used=_is_int,
+    ),
+    EngineInfo: dict(
+        model=_is_str,
+        block_size=_is_int,
+        num_kv_blocks=_is_int,
+        scheduler=_is_object,
+        engine=_is_str,
+        model_config=_is_object,
+        tensor_parallel_size=_is_int,
+    ),
+}
+
+
+class RecordingError(ValueError):
+    def __init__(self, path: str | os.PathLike[str], line: int, problem: str) -> None:
+        super().__init__(f"{path}:{line}: {problem}")
+        self.path = str(path)
+        self.line = line
+
+
+def _open(path: Path, mode: str) -> IO[str]:
+    if path.suffix == ".gz":
+        return gzip.open(path, mode + "t", encoding="utf-8")
+    return path.open(mode, encoding="utf-8")
+
+
+def event_to_json(event: Event) -> dict[str, Any]:
+    tag = _TAGS.get(type(event))
+    if tag is None:
+        raise TypeError(f"not a schema event: {type(event).__name__}")
+    # asdict() deep-copies; shallow field access keeps the dict order of scheduled_tokens and is cheaper.
+    out: dict[str, Any] = {"type": tag}
+    for name in _FIELDS[type(event)]:
+        value = getattr(event, name)
+        out[name] = dataclasses.asdict(value) if isinstance(value, SchedulerSettings) else value
+    return out
+
+
+def event_from_json(obj: dict[str, Any]) -> Event:
+    """Inverse of `event_to_json`; raises ValueError (KeyError, TypeError included) on a malformed object."""
+    cls = _TYPES.get(obj.get("type", ""))
+    if cls is None:
+        raise ValueError(f"unknown event type {obj.get('type')!r}")
+    kwargs = {k: v for k, v in obj.items() if k != "type"}
+    unknown = kwargs.keys() - _FIELDS[cls]
+    if unknown:
+        raise ValueError(f"unknown {obj['type']} fields {sorted(unknown)}")
+    checks = _CHECKS[cls]
+    for name, value in kwargs.items():
+        if not checks[name](value):
+            raise ValueError(f"{obj['type']}.{name} has the wrong type: {json.dumps(value)[:80]}")
+    for name in _TUPLE_FIELDS & kwargs.keys():
+        kwargs[name] = tuple(kwargs[name])
+    if "scheduler" in kwargs:
+        kwargs["scheduler"] = SchedulerSettings(**kwargs["scheduler"])
+    return cls(**kwargs)
+
+
+class Recorder:
+    """A batch sink that appends every event to a recording. Thread-safe; `close()` flushes the file."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._file = _open(self.path, "w")
+        self._file.write(json.dumps({"format": FORMAT, "version": VERSION}) + "\n")
+
+    def __repr__(self) -> str:
+        return f"Recorder({str(self.path)!r})"
+
+    def __call__(self, batch: EventBatch) -> None:
+        lines = [
+            json.dumps(
+                {
+                    "type": "batch",
+                    "source": batch.source,
+                    "sequence": batch.sequence,
+                    "dropped": batch.dropped,
+                }
+            )
+        ]
+        lines.extend(json.dumps(event_to_json(e)) for e in batch.events)
+        with self._lock:
+            self._file.write("\n".join(lines) + "\n")
+            self._file.flush()
+
+    def write(self, events: list[Event]) -> None:
+        self(EventBatch(list(events)))
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def read_batches(path: str | os.PathLike[str]) -> Iterator[EventBatch]:
+    """Yield the recorded batches with their events; `RecordingError` (path:line) on a malformed line."""
+    path = Path(path)
+    with _open(path, "r") as f:
+        batch: EventBatch | None = None
+        for number, text in enumerate(f, start=1):
+            try:
+                obj = json.loads(text)
+            except ValueError as exc:
+                raise RecordingError(path, number, f"not JSON: {exc}") from exc
+            if not isinstance(obj, dict):
+                raise RecordingError(path, number, "expected a JSON object")
+            if number == 1:
+                if obj.get("format") != FORMAT or obj.get("version") != VERSION:
+                    raise RecordingError(
+                        path, 1, f"not a {FORMAT} v{VERSION} recording header: {text.strip()[:80]}"
+                    )
+                continue
+            if obj.get("type") == "batch":
+                if batch is not None:
+                    yield batch
+                try:
+                    batch = EventBatch([], str(obj["source"]), int(obj["sequence"]), int(obj["dropped"]))
+                except (KeyError, TypeError, ValueError) as exc:
+                    raise RecordingError(path, number, f"malformed batch line: {exc!r}") from exc
+                continue
+            if batch is None:
+                raise RecordingError(path, number, "event before any batch line")
+            try:
+                batch.events.append(event_from_json(obj))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise RecordingError(path, number, f"malformed event: {exc}") from exc
+        if batch is not None:
+            yield batch
+
+
+def read_events(path: str | os.PathLike[str]) -> Iterator[Event]:
+    """The recorded events, in order."""
+    for batch in read_batches(path):
+        yield from batch.events
