@@ -187,11 +187,10 @@ class Recorder:
         self.close()
 
 
-def read_batches(path: str | os.PathLike[str]) -> Iterator[EventBatch]:
-    """Yield the recorded batches with their events; `RecordingError` (path:line) on a malformed line."""
-    path = Path(path)
+def _read(path: Path) -> Iterator[EventBatch | Event]:
+    """Batch headers (events empty) and events, as they come; `RecordingError` (path:line) on a bad line."""
     with _open(path, "r") as f:
-        batch: EventBatch | None = None
+        seen_batch = False
         for number, text in enumerate(f, start=1):
             try:
                 obj = json.loads(text)
@@ -206,24 +205,37 @@ def read_batches(path: str | os.PathLike[str]) -> Iterator[EventBatch]:
                     )
                 continue
             if obj.get("type") == "batch":
-                if batch is not None:
-                    yield batch
                 try:
-                    batch = EventBatch([], str(obj["source"]), int(obj["sequence"]), int(obj["dropped"]))
+                    yield EventBatch([], str(obj["source"]), int(obj["sequence"]), int(obj["dropped"]))
                 except (KeyError, TypeError, ValueError) as exc:
                     raise RecordingError(path, number, f"malformed batch line: {exc!r}") from exc
+                seen_batch = True
                 continue
-            if batch is None:
+            if not seen_batch:
                 raise RecordingError(path, number, "event before any batch line")
             try:
-                batch.events.append(event_from_json(obj))
+                yield event_from_json(obj)
             except (KeyError, TypeError, ValueError) as exc:
                 raise RecordingError(path, number, f"malformed event: {exc}") from exc
-        if batch is not None:
-            yield batch
+
+
+def read_batches(path: str | os.PathLike[str]) -> Iterator[EventBatch]:
+    """The recorded batches with their events (a batch is yielded once it is complete)."""
+    batch: EventBatch | None = None
+    for item in _read(Path(path)):
+        if isinstance(item, EventBatch):
+            if batch is not None:
+                yield batch
+            batch = item
+        else:
+            assert batch is not None  # _read guarantees a batch line first
+            batch.events.append(item)
+    if batch is not None:
+        yield batch
 
 
 def read_events(path: str | os.PathLike[str]) -> Iterator[Event]:
-    """The recorded events, in order."""
-    for batch in read_batches(path):
-        yield from batch.events
+    """The recorded events in order, each as soon as its line is read."""
+    for item in _read(Path(path)):
+        if not isinstance(item, EventBatch):
+            yield item

@@ -16,7 +16,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 PROTO = "shadow_events.proto"
 OUTPUTS = ("shadow_events_pb2.py", "shadow_events_pb2.pyi")
-LINT_MARKER = "# ruff: noqa\n"
+LINT_MARKER = "# ruff: noqa\n# fmt: off\n"
 
 
 def generate(out_dir: Path) -> None:

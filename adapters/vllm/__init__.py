@@ -7,6 +7,15 @@
 Both publish to the destinations named by SHADOW_* environment variables (`adapters.vllm.env`).
 """
 
-from adapters.vllm.scheduler import MirrorAsyncScheduler, MirrorScheduler
+from typing import Any
 
 __all__ = ["MirrorAsyncScheduler", "MirrorScheduler"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so that the vLLM-free parts of this package (mirror, env) import without loading vLLM.
+    if name in __all__:
+        from adapters.vllm import scheduler
+
+        return getattr(scheduler, name)
+    raise AttributeError(f"module 'adapters.vllm' has no attribute {name!r}")

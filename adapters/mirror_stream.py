@@ -1,0 +1,59 @@
+"""Reassemble a mirrored engine run from its event stream: what a self replay needs to reproduce it.
+
+The mirror (adapters.vllm.mirror) orders the stream so that an arrival follows the event of the step
+before the one that could first schedule it. `MirroredRun.from_events` turns that into `arrival_steps` in the
+simulator's step space, which counts only NON-EMPTY steps: vLLM also runs steps that schedule no token (one
+each time it drains its last request, to tell the workers what finished), and those decide nothing a
+simulator must match.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from adapters.events import EngineInfo, EngineStep, Event, RequestArrival, RequestFinish
+
+
+@dataclass(slots=True)
+class MirroredRun:
+    info: EngineInfo | None
+    requests: list[RequestArrival]  # in arrival order; output_tokens filled in from the finishes
+    arrival_steps: dict[str, int]  # request id -> non-empty steps the engine had run when it arrived
+    steps: list[EngineStep]  # non-empty steps, in order
+    finishes: dict[str, RequestFinish] = field(default_factory=dict)
+    empty_steps: int = 0
+
+    @classmethod
+    def from_events(cls, events: Iterable[Event]) -> MirroredRun:
+        info: EngineInfo | None = None
+        arrivals: list[RequestArrival] = []
+        arrival_steps: dict[str, int] = {}
+        steps: list[EngineStep] = []
+        finishes: dict[str, RequestFinish] = {}
+        empty = 0
+        for event in events:
+            if isinstance(event, EngineStep):
+                if event.scheduled_tokens:
+                    steps.append(event)
+                else:
+                    empty += 1
+            elif isinstance(event, RequestArrival):
+                arrivals.append(event)
+                arrival_steps[event.request_id] = len(steps)
+            elif isinstance(event, RequestFinish):
+                finishes[event.request_id] = event
+            elif isinstance(event, EngineInfo):
+                info = event
+        requests = [
+            dataclasses.replace(a, output_tokens=finishes[a.request_id].output_tokens)
+            if a.request_id in finishes
+            else a
+            for a in arrivals
+        ]
+        return cls(info, requests, arrival_steps, steps, finishes, empty)
+
+    @property
+    def finished_requests(self) -> list[RequestArrival]:
+        return [r for r in self.requests if r.request_id in self.finishes]

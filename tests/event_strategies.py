@@ -1,0 +1,76 @@
+"""Hypothesis strategies for the schema's events, shared by the wire and recorder round-trip tests."""
+
+from __future__ import annotations
+
+from hypothesis import strategies as st
+
+from adapters.events import EngineInfo, EngineStep, RequestArrival, RequestFinish, SchedulerSettings
+from adapters.publisher import EventBatch
+
+INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
+COUNT = st.integers(min_value=0, max_value=2**40)
+TIME = st.floats(allow_nan=False, allow_infinity=False, width=64)
+ID = st.text(min_size=1, max_size=24)
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | TIME | st.text(max_size=12),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+arrivals = st.builds(
+    RequestArrival,
+    request_id=ID,
+    time=TIME,
+    prompt_tokens=COUNT,
+    output_tokens=st.none() | COUNT,
+    max_tokens=st.none() | COUNT,
+    priority=INT64,
+    prefix_block_hashes=st.lists(INT64, max_size=6).map(tuple),
+)
+finishes = st.builds(
+    RequestFinish, request_id=ID, time=TIME, output_tokens=COUNT, reason=st.text(max_size=10)
+)
+steps = st.builds(
+    EngineStep,
+    step=COUNT,
+    start_time=TIME,
+    duration=TIME,
+    scheduled_tokens=st.dictionaries(ID, COUNT, max_size=8),
+    preempted=st.lists(ID, max_size=3).map(tuple),
+    resumed=st.lists(ID, max_size=3).map(tuple),
+    finished=st.lists(ID, max_size=3).map(tuple),
+    kv_blocks_used=COUNT,
+)
+settings = st.builds(
+    SchedulerSettings,
+    policy=st.sampled_from(["fcfs", "priority"]),
+    max_num_seqs=COUNT,
+    max_num_batched_tokens=COUNT,
+    enable_chunked_prefill=st.booleans(),
+    long_prefill_token_threshold=COUNT,
+    enable_prefix_caching=st.booleans(),
+    max_model_len=COUNT,
+    watermark=st.floats(min_value=0.0, max_value=0.99),
+    scheduler_reserve_full_isl=st.booleans(),
+    async_scheduling=st.booleans(),
+)
+infos = st.builds(
+    EngineInfo,
+    model=st.text(max_size=20),
+    block_size=COUNT,
+    num_kv_blocks=COUNT,
+    scheduler=settings,
+    engine=st.text(max_size=5),
+    model_config=st.dictionaries(st.text(max_size=8), JSON, max_size=5),
+    tensor_parallel_size=COUNT,
+)
+events = st.one_of(arrivals, finishes, steps, infos)
+batches = st.builds(
+    EventBatch,
+    events=st.lists(events, max_size=8),
+    source=st.text(max_size=12),
+    sequence=st.integers(0, 2**64 - 1),
+    dropped=st.integers(0, 2**64 - 1),
+)
