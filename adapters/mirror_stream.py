@@ -57,3 +57,43 @@ class MirroredRun:
     @property
     def finished_requests(self) -> list[RequestArrival]:
         return [r for r in self.requests if r.request_id in self.finishes]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLatency:
+    request_id: str
+    arrival: float
+    first_token: float  # end of the step that completed its prefill (the first output token is sampled there)
+    finish: float  # end of the step that produced its last token
+
+    @property
+    def ttft(self) -> float:
+        return self.first_token - self.arrival
+
+    @property
+    def e2e(self) -> float:
+        return self.finish - self.arrival
+
+
+def request_latencies(run: MirroredRun) -> dict[str, RequestLatency]:
+    """TTFT and end-to-end latency of every finished request, on the engine's clock, from the step stream."""
+    prompt = {r.request_id: r.prompt_tokens for r in run.requests}
+    computed: dict[str, int] = {}
+    first_token: dict[str, float] = {}
+    finish: dict[str, float] = {}
+    for step in run.steps:
+        end = step.start_time + step.duration
+        for request_id in step.preempted:
+            computed[request_id] = 0
+        for request_id, n in step.scheduled_tokens.items():
+            done = computed.get(request_id, 0) + n
+            computed[request_id] = done
+            if request_id not in first_token and done >= prompt.get(request_id, done + 1):
+                first_token[request_id] = end
+        for request_id in step.finished:
+            finish[request_id] = end
+    return {
+        r.request_id: RequestLatency(r.request_id, r.time, first_token[r.request_id], finish[r.request_id])
+        for r in run.requests
+        if r.request_id in first_token and r.request_id in finish
+    }

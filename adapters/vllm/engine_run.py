@@ -1,0 +1,137 @@
+"""Run a real vLLM engine on a workload of `RequestArrival`s: the bundled tiny Llama, trace-driven arrivals.
+
+Used by the fidelity tests and the hook-overhead benchmark. The engine runs the CPU build of vLLM with random
+weights (`load_format="dummy"`), token-id prompts and `ignore_eos`, so every request produces exactly its
+`output_tokens`. Engines start in a spawned process: callers need an `if __name__ == "__main__":` guard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adapters.events import RequestArrival
+
+TINY_LLAMA = Path(__file__).resolve().parent.parent / "data" / "tiny-llama"
+CPU_BLOCK_SIZE = 128  # vLLM's KV block size on the CPU platform
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSetup:
+    """The engine arguments a run varies; everything else is fixed for a small, reproducible CPU engine."""
+
+    num_kv_blocks: int = 24  # vLLM's num_gpu_blocks_override: total blocks, the null block included
+    max_num_seqs: int = 8
+    max_num_batched_tokens: int = 512
+    policy: str = "fcfs"
+    long_prefill_token_threshold: int = 0
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = False
+    max_model_len: int = 2048
+    scheduler_cls: str | None = "adapters.vllm.MirrorScheduler"  # None = vLLM's stock scheduler
+    model: Path = TINY_LLAMA
+
+    def engine_args(self) -> Any:
+        from vllm import EngineArgs
+
+        return EngineArgs(
+            model=str(self.model),
+            load_format="dummy",
+            skip_tokenizer_init=True,
+            enforce_eager=True,
+            gpu_memory_utilization=0.5,
+            num_gpu_blocks_override=self.num_kv_blocks,
+            max_model_len=min(self.max_model_len, (self.num_kv_blocks - 1) * CPU_BLOCK_SIZE),
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            scheduling_policy=self.policy,
+            long_prefill_token_threshold=self.long_prefill_token_threshold,
+            enable_chunked_prefill=self.enable_chunked_prefill,
+            enable_prefix_caching=self.enable_prefix_caching,
+            scheduler_cls=self.scheduler_cls,
+            seed=0,
+        )
+
+
+def start_engine(setup: EngineSetup, **overrides: Any) -> Any:
+    """A `vllm.LLMEngine` for `setup`; `overrides` are extra EngineArgs fields (e.g. otlp_traces_endpoint)."""
+    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    from vllm import LLMEngine
+
+    args = setup.engine_args()
+    for name, value in overrides.items():
+        setattr(args, name, value)
+    return LLMEngine.from_engine_args(args)
+
+
+def stop_engine(engine: Any) -> None:
+    engine.engine_core.shutdown()
+
+
+def trace_workload(
+    requests: Sequence[RequestArrival],
+    *,
+    prompt_scale: float = 0.25,
+    output_scale: float = 0.5,
+    max_prompt_tokens: int = 1000,
+    max_output_tokens: int = 128,
+    seconds: float = 1.0,
+    priorities: int = 0,
+) -> list[RequestArrival]:
+    """Scale a real trace to the tiny engine: shorter prompts and outputs, arrivals squeezed into `seconds`.
+
+    Sizes keep their spread (a long prompt stays long) while a few dozen requests finish in seconds on a CPU.
+    `priorities` > 0 sets priority = index mod `priorities`, for vLLM's priority policy (traces carry none).
+    """
+    if not requests:
+        return []
+    t0 = requests[0].time
+    span = (requests[-1].time - t0) or 1.0
+    scaled = []
+    for i, r in enumerate(requests):
+        output = r.output_tokens or 1
+        scaled.append(
+            dataclasses.replace(
+                r,
+                time=(r.time - t0) / span * seconds,
+                prompt_tokens=max(1, min(max_prompt_tokens, round(r.prompt_tokens * prompt_scale))),
+                output_tokens=max(1, min(max_output_tokens, round(output * output_scale))),
+                priority=i % priorities if priorities else 0,
+            )
+        )
+    return scaled
+
+
+def drive(engine: Any, requests: Sequence[RequestArrival], *, id_prefix: str = "") -> dict[str, int]:
+    """Submit each request at its `time` (seconds from now) and step until all finish.
+
+    Returns output tokens produced per request id (external ids, with `id_prefix`). Prompts are token ids
+    (one token id repeated: random weights make content irrelevant to scheduling).
+    """
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    pending = sorted(requests, key=lambda r: r.time)
+    produced: dict[str, int] = {}
+    start = time.monotonic()
+    nxt = 0
+    while nxt < len(pending) or engine.has_unfinished_requests():
+        now = time.monotonic() - start
+        while nxt < len(pending) and pending[nxt].time <= now:
+            r = pending[nxt]
+            params = SamplingParams(max_tokens=r.output_tokens, ignore_eos=True, detokenize=False)
+            prompt = TokensPrompt(prompt_token_ids=[100 + nxt % 1000] * r.prompt_tokens)
+            engine.add_request(id_prefix + r.request_id, prompt, params, priority=r.priority)
+            nxt += 1
+        if engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    produced[out.request_id] = len(out.outputs[0].token_ids)
+        elif nxt < len(pending):
+            time.sleep(max(0.0, pending[nxt].time - (time.monotonic() - start)))
+    return produced
