@@ -1,0 +1,159 @@
+"""An OTLP/gRPC trace receiver that turns vLLM's `llm_request` spans into arrivals and finishes.
+
+For engines that cannot be restarted with a hook: point `--otlp-traces-endpoint` at this receiver. vLLM sends
+one span per finished request (start = arrival, `gen_ai.latency.e2e` to the finish), so the shadow learns of a
+request only when it is done, with its external id and token counts; no steps, batches or preemptions. Events
+reach the sink in export order, not arrival order: consumers sort by time. Other spans are ignored (counted).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+
+from adapters.events import Event, RequestArrival, RequestFinish
+from adapters.publisher import BatchSink, EventBatch
+
+logger = logging.getLogger(__name__)
+
+SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
+SPAN_NAME = "llm_request"
+REQUEST_ID = "gen_ai.request.id"
+PROMPT_TOKENS = "gen_ai.usage.prompt_tokens"
+COMPLETION_TOKENS = "gen_ai.usage.completion_tokens"
+MAX_TOKENS = "gen_ai.request.max_tokens"
+E2E = "gen_ai.latency.e2e"
+
+
+@dataclass(slots=True)
+class OtlpStats:
+    exports: int = 0
+    requests: int = 0  # llm_request spans turned into events
+    ignored_spans: int = 0  # other span names
+    incomplete_spans: int = 0  # llm_request spans without the attributes we need
+    refused_malformed: int = 0
+    sink_failures: int = 0
+
+
+def _attributes(span: Any) -> dict[str, Any]:
+    out = {}
+    for kv in span.attributes:
+        value = kv.value
+        kind = value.WhichOneof("value")
+        if kind is not None:
+            out[kv.key] = getattr(value, kind)
+    return out
+
+
+def span_events(span: Any) -> list[Event] | None:
+    """Arrival and finish of an `llm_request` span; None if an attribute we need is missing."""
+    attrs = _attributes(span)
+    try:
+        request_id = str(attrs[REQUEST_ID])
+        prompt = int(attrs[PROMPT_TOKENS])
+        output = int(attrs[COMPLETION_TOKENS])
+    except (KeyError, TypeError, ValueError):
+        return None
+    arrival = span.start_time_unix_nano / 1e9
+    e2e = attrs.get(E2E)
+    finish = arrival + float(e2e) if isinstance(e2e, int | float) else span.end_time_unix_nano / 1e9
+    max_tokens = attrs.get(MAX_TOKENS)
+    return [
+        RequestArrival(
+            request_id, arrival, prompt, output, int(max_tokens) if max_tokens is not None else None
+        ),
+        RequestFinish(request_id, finish, output, reason="unknown"),  # spans do not carry the finish reason
+    ]
+
+
+class OtlpSpanReceiver:
+    """Serves OTLP/gRPC `TraceService/Export` on loopback by default; hands converted events to `sink`."""
+
+    def __init__(
+        self,
+        sink: BatchSink,
+        *,
+        address: str = "127.0.0.1:0",
+        max_message_bytes: int = 16 * 1024 * 1024,
+        source: str = "otlp",
+    ) -> None:
+        self._sink = sink
+        self._source = source
+        self._sequence = 0
+        self._lock = threading.Lock()
+        self.stats = OtlpStats()
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="shadow-otlp"),
+            options=[("grpc.max_receive_message_length", max_message_bytes)],
+        )
+        handler = grpc.unary_unary_rpc_method_handler(
+            self._export,
+            request_deserializer=None,  # raw bytes, so a malformed export gets our status and count
+            response_serializer=ExportTraceServiceResponse.SerializeToString,
+        )
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE, {"Export": handler}),)
+        )
+        self.port = self._server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"cannot bind the OTLP receiver to {address}")
+        self.address = f"{address.rsplit(':', 1)[0]}:{self.port}"
+
+    def start(self) -> OtlpSpanReceiver:
+        self._server.start()
+        return self
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        self._server.stop(grace).wait()
+
+    def __enter__(self) -> OtlpSpanReceiver:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def _export(self, data: bytes, context: grpc.ServicerContext) -> ExportTraceServiceResponse:
+        request = ExportTraceServiceRequest()
+        try:
+            request.ParseFromString(data)
+        except DecodeError as exc:
+            with self._lock:
+                self.stats.refused_malformed += 1
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"not an ExportTraceServiceRequest: {exc}")
+        events: list[Event] = []
+        ignored = incomplete = 0
+        for resource_spans in request.resource_spans:
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    if span.name != SPAN_NAME:
+                        ignored += 1
+                        continue
+                    converted = span_events(span)
+                    if converted is None:
+                        incomplete += 1
+                    else:
+                        events.extend(converted)
+        with self._lock:
+            self.stats.exports += 1
+            self.stats.ignored_spans += ignored
+            self.stats.incomplete_spans += incomplete
+            if events:
+                try:
+                    self._sink(EventBatch(events, self._source, self._sequence))
+                except Exception as exc:  # the shadow's sink failing is this export's INTERNAL error
+                    self.stats.sink_failures += 1
+                    logger.exception("OTLP sink failed")
+                    context.abort(grpc.StatusCode.INTERNAL, f"sink failed: {exc}")
+                self._sequence += 1
+                self.stats.requests += len(events) // 2
+        return ExportTraceServiceResponse()

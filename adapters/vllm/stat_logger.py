@@ -1,0 +1,83 @@
+"""A vLLM stat-logger plugin that reports each finished request's arrival and finish to the shadow.
+
+For engines whose scheduler class cannot be changed. Install the project next to vLLM and its entry point
+(`vllm.stat_logger_plugins`: `shadow = adapters.vllm.stat_logger:ShadowStatLogger`) is loaded by the front end
+(`vllm serve`, AsyncLLM); `LLMEngine(stat_loggers=[ShadowStatLogger])` does the same by hand (not both: vLLM
+would then run two). Destinations come from the SHADOW_* environment variables (adapters.vllm.env).
+
+It sees requests only once they finish, with external ids, prompt and output token counts and timings; no
+batches, no preemption victims, no per-step KV use.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from vllm.config import VllmConfig
+from vllm.v1.metrics.loggers import StatLoggerBase
+
+from adapters.events import RequestArrival, RequestFinish
+from adapters.vllm.engine_info import engine_info
+from adapters.vllm.env import ShadowEnv
+
+logger = logging.getLogger(__name__)
+
+
+class ShadowStatLogger(StatLoggerBase):
+    def __init__(self, vllm_config: VllmConfig, engine_index: int = 0) -> None:
+        self._vllm_config = vllm_config
+        env = ShadowEnv.from_environ()
+        self._engine = env.engine or str(engine_index)
+        self._publisher = env.publisher()
+        self.errors = 0
+
+    def log_engine_initialized(self) -> None:
+        if self._publisher is None:
+            return
+        try:
+            cache = self._vllm_config.cache_config
+            info = engine_info(self._vllm_config, cache.num_gpu_blocks or 0, cache.block_size, self._engine)
+            self._publisher.publish(info)
+        except Exception:
+            self._failed()
+
+    def record(
+        self,
+        scheduler_stats: Any,
+        iteration_stats: Any,
+        mm_cache_stats: Any = None,
+        engine_idx: int = 0,
+    ) -> None:
+        if self._publisher is None or iteration_stats is None or not iteration_stats.finished_requests:
+            return
+        try:
+            now = iteration_stats.iteration_timestamp
+            for done in iteration_stats.finished_requests:
+                # vLLM measures e2e from the request's arrival to this iteration: arrival = now - e2e.
+                self._publisher.publish(
+                    RequestArrival(
+                        request_id=str(done.request_id),
+                        time=now - done.e2e_latency,
+                        prompt_tokens=done.num_prompt_tokens,
+                        output_tokens=done.num_generation_tokens,
+                        max_tokens=done.max_tokens_param,
+                    )
+                )
+                self._publisher.publish(
+                    RequestFinish(
+                        str(done.request_id), now, done.num_generation_tokens, str(done.finish_reason)
+                    )
+                )
+        except Exception:
+            self._failed()
+
+    def _failed(self) -> None:
+        # A stat logger runs in vLLM's output path: count and log once, never raise into it.
+        self.errors += 1
+        if self.errors == 1:
+            logger.exception("shadow stat logger failed; vLLM is unaffected, further errors are counted")
+
+    def __del__(self) -> None:
+        if getattr(self, "_publisher", None) is not None:
+            self._publisher.close(timeout=0.5)
