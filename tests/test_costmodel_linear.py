@@ -1,0 +1,247 @@
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from costmodel.linear import (
+    LinearCostModel,
+    OnlineCalibrator,
+    batch_features,
+    cross_validated_mape,
+    fit_linear,
+)
+
+# Roughly Llama-2-7B on an A100: 9 ms a step, 35 us a token, 0.35 us a KV token, 10 ns an attention unit.
+TRUTH = LinearCostModel(a=9e-3, b=3.5e-5, c=3.5e-7, d=1e-8)
+
+
+def _workload(rng: np.random.Generator, steps: int) -> list[tuple[list[int], list[int]]]:
+    """Step shapes of a chunked-prefill engine: decode batches, prefill chunks, and mixes of the two."""
+    batches = []
+    for _ in range(steps):
+        decodes = int(rng.integers(0, 128))
+        new = [1] * decodes
+        ctx = [int(c) for c in rng.integers(16, 4096, size=decodes)]
+        if decodes == 0 or rng.random() < 0.3:
+            new.append(int(rng.integers(16, 2048)))
+            ctx.append(int(rng.choice([0, int(rng.integers(0, 4096))])))
+        batches.append((new, ctx))
+    return batches
+
+
+def _samples(
+    truth: LinearCostModel, steps: int, noise: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, list[tuple[list[int], list[int]]]]:
+    rng = np.random.default_rng(seed)
+    batches = _workload(rng, steps)
+    features = np.array([batch_features(new, ctx) for new, ctx in batches], dtype=float)
+    times = truth.predict(features) * (1 + noise * rng.standard_normal(steps))
+    return features, times, batches
+
+
+# ---- the model and its features
+
+
+def test_features_of_a_mixed_batch_worked_by_hand() -> None:
+    # two decodes on 100 and 10 cached tokens, a fresh 512-token prompt, and a request with nothing to do
+    assert batch_features([1, 1, 512, 0], [100, 10, 0, 77]) == (514, 101 + 11 + 512, 512 * 512)
+
+
+def test_features_of_a_prefill_chunk_on_cached_context() -> None:
+    assert batch_features([256], [1024]) == (256, 1280, 256 * 1280)
+
+
+def test_decode_tokens_add_no_attention_units() -> None:
+    assert batch_features([1] * 3, [5, 6, 7]) == (3, 6 + 7 + 8, 0)
+
+
+def test_batch_time_is_the_linear_formula_and_zero_when_empty() -> None:
+    model = LinearCostModel(a=1.0, b=2.0, c=3.0, d=4.0)
+    assert model.batch_time([2, 1], [3, 4]) == 1.0 + 2.0 * 3 + 3.0 * (5 + 5) + 4.0 * (2 * 5)
+    assert model.batch_time([], []) == 0.0
+    assert model.batch_time([0, 0], [10, 20]) == 0.0
+
+
+def test_batch_time_rejects_mismatched_lengths() -> None:
+    with pytest.raises(ValueError, match="context lengths"):
+        TRUTH.batch_time([1, 1], [10])
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4096), st.integers(0, 32768)), max_size=40))
+def test_vectorised_and_incremental_predictions_match_batch_time(requests: list[tuple[int, int]]) -> None:
+    new = [n for n, _ in requests]
+    ctx = [c for _, c in requests]
+    features = batch_features(new, ctx)
+    expected = TRUTH.batch_time(new, ctx)
+    assert TRUTH.time_from_features(*features) == expected
+    assert TRUTH.predict(np.array([features]))[0] == pytest.approx(expected, rel=1e-12)
+
+
+def test_negative_or_non_finite_coefficients_are_refused() -> None:
+    with pytest.raises(ValueError, match="coefficient c"):
+        LinearCostModel(a=1.0, b=1.0, c=-1e-9)
+    with pytest.raises(ValueError, match="coefficient a"):
+        LinearCostModel(a=math.nan, b=1.0, c=1.0)
+
+
+def test_dict_round_trip_and_validation() -> None:
+    assert LinearCostModel.from_dict(TRUTH.to_dict()) == TRUTH
+    assert LinearCostModel.from_dict({"a": 1, "b": 2, "c": 3}) == LinearCostModel(1.0, 2.0, 3.0, 0.0)
+    with pytest.raises(ValueError, match="needs keys"):
+        LinearCostModel.from_dict({"a": 1, "b": 2})
+    with pytest.raises(ValueError, match="needs keys"):
+        LinearCostModel.from_dict({"a": 1, "b": 2, "c": 3, "e": 4})
+
+
+# ---- offline fit
+
+
+def test_fit_recovers_known_coefficients_from_noisy_measurements() -> None:
+    features, times, _ = _samples(TRUTH, 400, noise=0.02, seed=3)
+    fitted = fit_linear(features, times, with_attention_term=True)
+    for name, true in TRUTH.to_dict().items():
+        assert getattr(fitted, name) == pytest.approx(true, rel=0.08), name
+
+
+def test_fit_predicts_unseen_batches_within_the_noise() -> None:
+    features, times, _ = _samples(TRUTH, 400, noise=0.02, seed=4)
+    test_features, test_times, _ = _samples(TRUTH, 200, noise=0.0, seed=5)
+    fitted = fit_linear(features, times)
+    errors = np.abs(fitted.predict(test_features) - test_times) / test_times
+    assert errors.mean() < 0.01
+
+
+def test_attention_term_is_kept_when_the_data_has_it() -> None:
+    features, times, _ = _samples(TRUTH, 300, noise=0.03, seed=6)
+    assert fit_linear(features, times).d > 0
+
+
+def test_attention_term_is_dropped_when_the_data_lacks_it() -> None:
+    no_attention = LinearCostModel(a=TRUTH.a, b=TRUTH.b, c=TRUTH.c, d=0.0)
+    for seed in range(5):
+        features, times, _ = _samples(no_attention, 300, noise=0.03, seed=10 + seed)
+        assert fit_linear(features, times).d == 0.0, seed
+
+
+def test_attention_term_cannot_be_identified_from_pure_decode() -> None:
+    rng = np.random.default_rng(7)
+    features = np.array(
+        [batch_features([1] * n, [int(c)] * n) for n, c in rng.integers(1, 200, size=(50, 2))]
+    )
+    times = TRUTH.predict(features)
+    assert fit_linear(features, times, with_attention_term=True).d == 0.0
+
+
+@settings(max_examples=50, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), c=st.floats(-1e-6, 1e-6), noise=st.floats(0.0, 0.3))
+def test_fitted_coefficients_are_never_negative(seed: int, c: float, noise: float) -> None:
+    """Even when the process behind the data runs faster with more context, no coefficient goes negative."""
+    rng = np.random.default_rng(seed)
+    batches = _workload(rng, 60)
+    features = np.array([batch_features(new, ctx) for new, ctx in batches], dtype=float)
+    raw = 5e-3 + 4e-5 * features[:, 0] + c * features[:, 1]
+    times = np.maximum(raw, 1e-4) * np.exp(noise * rng.standard_normal(len(raw)))
+    fitted = fit_linear(features, times)
+    assert all(value >= 0 for value in fitted.to_dict().values())
+
+
+def test_cross_validated_error_reflects_the_noise() -> None:
+    clean_features, clean_times, _ = _samples(TRUTH, 200, noise=0.0, seed=8)
+    noisy_features, noisy_times, _ = _samples(TRUTH, 200, noise=0.05, seed=8)
+    assert cross_validated_mape(clean_features, clean_times) < 1e-6
+    # the mean absolute value of N(0, 0.05) is 0.05 * sqrt(2 / pi) = 0.040
+    assert cross_validated_mape(noisy_features, noisy_times) == pytest.approx(0.040, rel=0.25)
+
+
+def test_fit_rejects_unusable_samples() -> None:
+    features, times, _ = _samples(TRUTH, 10, noise=0.0, seed=9)
+    with pytest.raises(ValueError, match="at least 5 samples"):
+        fit_linear(features[:4], times[:4])
+    with pytest.raises(ValueError, match="non-empty"):
+        fit_linear(np.vstack([features, [0, 0, 0]]), np.append(times, 1.0))
+    with pytest.raises(ValueError, match="positive"):
+        fit_linear(features, -times)
+    with pytest.raises(ValueError, match=r"\(n, 3\)"):
+        fit_linear(features[:, :2], times)
+    with pytest.raises(ValueError, match="training sets"):
+        cross_validated_mape(features[:6], times[:6], folds=5)
+
+
+# ---- online calibration
+
+
+def _feed(calibrator: OnlineCalibrator, batches, times) -> None:
+    for (new, ctx), seconds in zip(batches, times, strict=True):
+        calibrator.update(new, ctx, float(seconds))
+
+
+def test_calibrator_converges_to_the_truth_and_its_running_error_falls() -> None:
+    prior = LinearCostModel(a=TRUTH.a * 2, b=TRUTH.b * 0.5, c=TRUTH.c * 3, d=0.0)
+    _, times, batches = _samples(TRUTH, 3000, noise=0.01, seed=11)
+    calibrator = OnlineCalibrator(prior)
+    _feed(calibrator, batches[:50], times[:50])
+    early_error = calibrator.mape()
+    _feed(calibrator, batches[50:], times[50:])
+    assert calibrator.mape() < early_error / 3
+    assert calibrator.mape() < 0.02
+    test_features, test_times, _ = _samples(TRUTH, 300, noise=0.0, seed=12)
+    errors = np.abs(calibrator.model().predict(test_features) - test_times) / test_times
+    assert errors.mean() < 0.01
+    assert calibrator.samples == 3000
+
+
+def test_a_few_samples_move_the_model_without_exploding_it() -> None:
+    prior = LinearCostModel(a=TRUTH.a * 1.5, b=TRUTH.b * 1.5, c=TRUTH.c * 1.5, d=TRUTH.d * 1.5)
+    _, times, batches = _samples(TRUTH, 3, noise=0.05, seed=13)
+    calibrator = OnlineCalibrator(prior)
+    _feed(calibrator, batches, times)
+    test_features, test_times, _ = _samples(TRUTH, 200, noise=0.0, seed=14)
+    ratio = calibrator.model().predict(test_features) / test_times
+    # between the truth and the prior (1.5x), never wildly outside
+    assert np.all((ratio > 0.9) & (ratio < 1.6))
+
+
+def test_a_long_run_of_decode_keeps_prefill_predictions_sane() -> None:
+    prior = LinearCostModel(a=5e-3, b=2e-5, c=2e-7, d=7e-9)
+    calibrator = OnlineCalibrator(prior)
+    rng = np.random.default_rng(15)
+    for size, ctx in rng.integers(1, 200, size=(2000, 2)):  # pure decode: P is always 0
+        new, context = [1] * int(size), [int(ctx) * 10] * int(size)
+        calibrator.update(new, context, TRUTH.batch_time(new, context))
+    model = calibrator.model()
+    assert model.batch_time([1] * 64, [1000] * 64) == pytest.approx(
+        TRUTH.batch_time([1] * 64, [1000] * 64), rel=0.01
+    )
+    # Prefills were never measured: their predictions stay between what the prior and the truth say.
+    for chunk, ctx in ((256, 0), (2048, 0), (1024, 2048)):
+        bounds = sorted((prior.batch_time([chunk], [ctx]), TRUTH.batch_time([chunk], [ctx])))
+        assert 0.9 * bounds[0] <= model.batch_time([chunk], [ctx]) <= 1.1 * bounds[1]
+
+
+def test_calibrator_stays_non_negative_on_data_that_pulls_a_coefficient_below_zero() -> None:
+    calibrator = OnlineCalibrator(TRUTH)
+    rng = np.random.default_rng(16)
+    for _ in range(500):
+        size, ctx = int(rng.integers(1, 64)), int(rng.integers(1, 4000))
+        seconds = max(2e-2 - 2e-9 * size * ctx, 1e-3)  # more KV, less time: c would want to be negative
+        calibrator.update([1] * size, [ctx] * size, seconds)
+        assert all(value >= 0 for value in calibrator.model().to_dict().values())
+
+
+def test_calibrator_validates_its_inputs() -> None:
+    calibrator = OnlineCalibrator(TRUTH)
+    assert math.isnan(calibrator.mape())
+    assert calibrator.model() == TRUTH
+    with pytest.raises(ValueError, match="empty batch"):
+        calibrator.update([0], [10], 0.01)
+    with pytest.raises(ValueError, match="positive"):
+        calibrator.update([1], [10], 0.0)
+    with pytest.raises(ValueError, match="forgetting"):
+        OnlineCalibrator(TRUTH, forgetting=1.5)
+    with pytest.raises(ValueError, match="prior_weight"):
+        OnlineCalibrator(TRUTH, prior_weight=0.0)
+    with pytest.raises(ValueError, match="positive times"):
+        OnlineCalibrator(LinearCostModel(0.0, 0.0, 0.0))

@@ -1,0 +1,60 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from costmodel.linear import LinearCostModel, batch_features
+from costmodel.profile import CostProfile, fit_profile, load_profile, save_profile
+
+PROFILE = CostProfile(
+    model="llama-2-7b",
+    hardware="A100-80GB-SXM",
+    tp=1,
+    cost=LinearCostModel(a=9e-3, b=3.5e-5, c=3.5e-7, d=1e-8),
+    holdout_mape=0.071,
+    samples=1234,
+    provenance="vLLM 0.32 on 1xA100, azure-conv trace",
+)
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "profile.json"
+    save_profile(PROFILE, path)
+    assert load_profile(path) == PROFILE
+    data = json.loads(path.read_text())
+    assert data["format"] == "shadow-cost-profile"
+    assert data["coefficients"] == {"a": 9e-3, "b": 3.5e-5, "c": 3.5e-7, "d": 1e-8}
+
+
+def test_unmeasured_holdout_error_round_trips_as_null(tmp_path: Path) -> None:
+    path = tmp_path / "prior.json"
+    prior = CostProfile("tiny-llama", "CPU-2core", 1, LinearCostModel(1e-3, 1e-5, 1e-7), None, 0, "roofline")
+    save_profile(prior, path)
+    assert json.loads(path.read_text())["holdout_mape"] is None
+    assert load_profile(path) == prior
+
+
+def test_other_files_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps({**PROFILE.to_dict(), "version": 99}))
+    with pytest.raises(ValueError, match="shadow-cost-profile version 1"):
+        load_profile(path)
+    path.write_text(json.dumps({"a": 1.0}))
+    with pytest.raises(ValueError, match="not a shadow-cost-profile"):
+        load_profile(path)
+
+
+def test_fit_profile_records_the_fit_and_its_holdout_error() -> None:
+    truth = PROFILE.cost
+    rng = np.random.default_rng(0)
+    batches = [([1] * int(n), [int(c)] * int(n)) for n, c in rng.integers(1, 128, size=(40, 2))]
+    batches += [([int(n)], [0]) for n in rng.integers(64, 4096, size=20)]
+    features = np.array([batch_features(new, ctx) for new, ctx in batches], dtype=float)
+    times = truth.predict(features) * (1 + 0.02 * rng.standard_normal(len(batches)))
+    profile = fit_profile(
+        features, times, model="llama-2-7b", hardware="A100-80GB-SXM", tp=1, provenance="test"
+    )
+    assert profile.samples == 60
+    assert 0.005 < profile.holdout_mape < 0.04
+    assert profile.cost.a == pytest.approx(truth.a, rel=0.1)

@@ -1,0 +1,129 @@
+import numpy as np
+import pytest
+
+from costmodel.architecture import load_model
+from costmodel.hardware import get_hardware
+from costmodel.kv import kv_capacity_blocks
+from costmodel.linear import batch_features, cross_validated_mape
+from costmodel.roofline import (
+    DEFAULT_ASSUMPTIONS,
+    representative_batches,
+    roofline_batch_time,
+    roofline_prior,
+    roofline_step,
+)
+
+LLAMA_2_7B = load_model("llama-2-7b")
+A100 = get_hardware("a100")
+H100 = get_hardware("h100")
+
+
+# Vidur's measured medians for ONE Llama-2-7B layer at TP 1 (Agrawal et al., MLSys 2024, MIT licence; file
+# {a100,h100}/meta-llama/Llama-2-7b-hf/mlp.csv of its profiling data): the four matmuls (attn_pre_proj,
+# attn_post_proj, mlp_up_proj, mlp_down_proj) and the five small ops (two layernorms, rotary, activation,
+# add), in ms.
+VIDUR_LLAMA_2_7B_PER_LAYER_MS = {
+    # (gpu, tokens): (matmuls, small ops)
+    ("a100", 1): (0.266, 0.024),
+    ("a100", 4096): (7.4915, 0.679),
+    ("h100", 1): (0.156, 0.019),
+    ("h100", 4096): (2.205, 0.387),
+}
+
+
+@pytest.mark.parametrize(("gpu", "tokens"), list(VIDUR_LLAMA_2_7B_PER_LAYER_MS))
+def test_layer_phases_match_vidur_measurements(gpu: str, tokens: int) -> None:
+    matmuls_ms, small_ops_ms = VIDUR_LLAMA_2_7B_PER_LAYER_MS[(gpu, tokens)]
+    step = roofline_step(LLAMA_2_7B, get_hardware(gpu), [tokens], [0])
+    assert step.matmuls / 32 * 1e3 == pytest.approx(matmuls_ms, rel=0.10)
+    # our elementwise phase counts one more kernel floor (attention's) than Vidur's five small ops
+    elementwise_ms = (step.elementwise / 32 - DEFAULT_ASSUMPTIONS.kernel_latency_s) * 1e3
+    assert elementwise_ms == pytest.approx(small_ops_ms, rel=0.15)
+
+
+def test_prior_for_llama_2_7b_on_an_a100() -> None:
+    prior = roofline_prior(LLAMA_2_7B, A100)
+    assert 6e-3 <= prior.batch_time([1], [512]) <= 15e-3
+    # A 4096-token prefill is 4096 * 13.5 GFLOP = 55 TFLOP of matmuls: at least 177 ms at the A100's
+    # 312 TFLOP/s peak. Vidur measured 8.17 ms per layer for the matmuls and small ops alone (261 ms in all).
+    assert 0.25 <= prior.batch_time([4096], [0]) <= 0.40
+    assert all(value >= 0 for value in prior.to_dict().values())
+
+
+def test_prior_fits_the_roofline_about_as_well_as_infermax_fits_gpus() -> None:
+    # INFERMAX reports about 9% error for its linear model against real GPU runs
+    capacity = kv_capacity_blocks(LLAMA_2_7B, A100, block_size=1)
+    batches = representative_batches(LLAMA_2_7B.max_position_embeddings, capacity)
+    features = np.array([batch_features(new, ctx) for new, ctx in batches], dtype=float)
+    times = np.array([roofline_batch_time(LLAMA_2_7B, A100, new, ctx) for new, ctx in batches])
+    assert cross_validated_mape(features, times) < 0.15
+
+
+def test_decode_is_memory_bound_and_a_long_prefill_compute_bound() -> None:
+    decode = roofline_step(LLAMA_2_7B, A100, [1], [100])
+    assert decode.matmuls == pytest.approx(LLAMA_2_7B.matmul_weight_bytes(1) / (A100.memory_bandwidth * 0.75))
+    prefill = roofline_step(LLAMA_2_7B, A100, [4096], [0])
+    assert prefill.matmuls == pytest.approx(LLAMA_2_7B.linear_flops(4096, 0) / (A100.peak_flops * 0.7))
+    # the LM head runs for one position per request, so it costs the same in both
+    assert prefill.lm_head == decode.lm_head
+
+
+def test_long_context_decode_is_dominated_by_reading_the_kv_cache() -> None:
+    step = roofline_step(LLAMA_2_7B, A100, [1] * 64, [1500] * 64)
+    kv_bytes = 64 * (1501 + 1) * LLAMA_2_7B.kv_bytes_per_token()  # read 1501 positions, write the new one
+    assert step.attention == pytest.approx(kv_bytes / (A100.memory_bandwidth * 0.75))
+    assert step.attention > step.matmuls
+
+
+def test_sliding_window_bounds_attention_cost() -> None:
+    mistral = load_model("mistral-7b")
+    at_window = roofline_step(mistral, A100, [1], [4095]).attention
+    assert roofline_step(mistral, A100, [1], [30_000]).attention == pytest.approx(at_window)
+
+
+def test_empty_batch_takes_no_time() -> None:
+    assert roofline_batch_time(LLAMA_2_7B, A100, [], []) == 0.0
+    assert roofline_batch_time(LLAMA_2_7B, A100, [0, 0], [5, 9]) == 0.0
+
+
+def test_tensor_parallelism_splits_compute_and_adds_all_reduces() -> None:
+    llama70 = load_model("llama-2-70b")
+    tp2 = roofline_step(llama70, A100, [2048], [0], tp=2)
+    tp4 = roofline_step(llama70, A100, [2048], [0], tp=4)
+    assert tp2.allreduce > 0
+    assert tp4.matmuls == pytest.approx(tp2.matmuls / 2, rel=0.01)
+    assert tp2.total / 2 < tp4.total < tp2.total
+    assert roofline_step(LLAMA_2_7B, A100, [2048], [0]).allreduce == 0.0
+
+
+def test_tensor_parallelism_needs_a_link() -> None:
+    with pytest.raises(ValueError, match="no GPU-to-GPU link"):
+        roofline_batch_time(load_model("tiny-llama"), get_hardware("cpu"), [1], [1], tp=2)
+
+
+def test_mixture_of_experts_decode_reads_only_the_routed_experts() -> None:
+    mixtral = load_model("mixtral-8x7b")
+    one = roofline_step(mixtral, H100, [1], [100], tp=2)
+    many = roofline_step(mixtral, H100, [1] * 64, [100] * 64, tp=2)
+    assert many.matmuls > 2.5 * one.matmuls  # 64 tokens touch nearly all 8 experts, one token touches 2
+
+
+def test_representative_batches_cover_decode_prefill_and_mixes_within_capacity() -> None:
+    batches = representative_batches(4096, kv_capacity_tokens=100_000)
+    assert all(sum(new) + sum(ctx) <= 100_000 for new, ctx in batches)
+    assert all(max(c + n for n, c in zip(new, ctx, strict=True)) <= 4096 for new, ctx in batches)
+    decode = [b for b in batches if set(b[0]) == {1}]
+    prefill = [b for b in batches if len(b[0]) == 1 and b[0][0] > 1]
+    mixed = [b for b in batches if len(b[0]) > 1 and max(b[0]) > 1]
+    assert decode and prefill and mixed
+    assert max(len(new) for new, _ in decode) == 256
+    # a model with a 2k context gets no 4k prefills
+    assert all(sum(new) <= 2048 for new, ctx in representative_batches(2048, 10**9) if len(new) == 1)
+
+
+def test_prior_batch_time_grows_with_work() -> None:
+    prior = roofline_prior(load_model("llama-3-8b"), H100)
+    decode_times = [prior.batch_time([1] * n, [1024] * n) for n in (1, 8, 64, 256)]
+    assert decode_times == sorted(decode_times)
+    prefill_times = [prior.batch_time([n], [0]) for n in (128, 512, 2048, 8192)]
+    assert prefill_times == sorted(prefill_times)
