@@ -58,7 +58,7 @@ class EngineSetup:
         )
 
 
-def start_engine(setup: EngineSetup, **overrides: Any) -> Any:
+def start_engine(setup: EngineSetup, stat_loggers: Sequence[Any] | None = None, **overrides: Any) -> Any:
     """A `vllm.LLMEngine` for `setup`; `overrides` are extra EngineArgs fields (e.g. otlp_traces_endpoint)."""
     os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
     from vllm import LLMEngine
@@ -66,7 +66,7 @@ def start_engine(setup: EngineSetup, **overrides: Any) -> Any:
     args = setup.engine_args()
     for name, value in overrides.items():
         setattr(args, name, value)
-    return LLMEngine.from_engine_args(args)
+    return LLMEngine.from_engine_args(args, stat_loggers=list(stat_loggers) if stat_loggers else None)
 
 
 def stop_engine(engine: Any) -> None:

@@ -11,6 +11,7 @@ batches, no preemption victims, no per-step KV use.
 
 from __future__ import annotations
 
+import atexit
 import logging
 from typing import Any
 
@@ -31,6 +32,10 @@ class ShadowStatLogger(StatLoggerBase):
         self._engine = env.engine or str(engine_index)
         self._publisher = env.publisher()
         self.errors = 0
+        if self._publisher is not None:
+            # vLLM never closes a stat logger; deliver what is queued when the process exits, while gRPC and
+            # Ray are still importable (a __del__ at interpreter teardown is too late).
+            atexit.register(self._publisher.close, timeout=0.5)
 
     def log_engine_initialized(self) -> None:
         if self._publisher is None:
@@ -77,7 +82,3 @@ class ShadowStatLogger(StatLoggerBase):
         self.errors += 1
         if self.errors == 1:
             logger.exception("shadow stat logger failed; vLLM is unaffected, further errors are counted")
-
-    def __del__(self) -> None:
-        if getattr(self, "_publisher", None) is not None:
-            self._publisher.close(timeout=0.5)
