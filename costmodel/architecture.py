@@ -197,10 +197,14 @@ class ModelArchitecture:
         return end if self.sliding_window is None else min(end, self.sliding_window + new - 1)
 
     def attention_flops(self, new: int, ctx: int, tp: int = 1) -> float:
-        """FLOPs of QK^T and AV on one GPU: 2 * head_dim each per query-key pair per query head per layer."""
+        """FLOPs of causal QK^T and AV on one GPU for `new` tokens appended to `ctx` cached ones."""
+        return self.attention_flops_per_pair(tp) * self.attended_pairs(new, ctx)
+
+    def attention_flops_per_pair(self, tp: int = 1) -> float:
+        """FLOPs one query-key pair costs on one GPU: 2 * head_dim for QK^T and as many for AV, per query head
+        per layer."""
         self._check_tp(tp)
-        heads = self.num_heads // tp
-        return 4.0 * self.num_layers * heads * self.head_dim * self.attended_pairs(new, ctx)
+        return 4.0 * self.num_layers * (self.num_heads // tp) * self.head_dim
 
     # ---- internals
 

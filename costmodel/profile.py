@@ -1,7 +1,7 @@
 """Cost profiles: a fitted linear cost model with what it is for and how far to trust it, as a JSON file.
 
-`shadow replay --cost-profile FILE` loads one. The file names its model, hardware and tensor-parallel degree
-so a profile cannot silently be used for another deployment, and carries the fit's hold-out error so every
+`shadow replay --cost-profile FILE` loads one. The file names its model, hardware and tensor-parallel degree,
+so a caller can refuse a profile made for another deployment, and carries the fit's hold-out error, so every
 number computed with it can show its uncertainty.
 """
 

@@ -1,7 +1,7 @@
 """A roofline estimate of one engine step, and the INFERMAX linear prior fitted to it.
 
-A step is split into phases that run one after another on the GPU; each phase takes the longer of its compute
-time and its memory time at achievable (not peak) rates:
+A step is split into phases that run one after another on the GPU; each phase is bound by its compute time or
+its memory time at achievable (not peak) rates, plus a kernel latency floor:
   matmuls     the layers' projections and MLP/experts over all T new tokens (weights streamed once per step),
   LM head     the vocabulary projection of each request's last position only,
   attention   QK^T and AV over every request's context (FlashAttention: K and V read once per step),
@@ -9,21 +9,32 @@ time and its memory time at achievable (not peak) rates:
   all-reduce  two per layer under tensor parallelism,
   overhead    a fixed per-step cost outside the GPU kernels (scheduling, input preparation, sampling).
 
-The achievable fractions below are checked against Vidur's measured per-operator timings (Agrawal et al.,
-MLSys 2024; data in ../shared/vidur-profiling, MIT licence) for Llama-2-7B on an A100 80GB and an H100:
-  - matmuls at 4096 tokens: 221 TFLOP/s on the A100 (71% of 312) and 752 on the H100 (76% of 989);
-  - decode-size matmuls (1-64 tokens): 0.266 ms per layer on the A100 for 405 MB of weights, 75% of 2,039
-    GB/s, and 78% of 3.35 TB/s on the H100;
-  - small kernels (norms, rotary, activation, add): 4-5 us each when tiny, so their latency counts in decode;
-    at 4096 tokens they move activations at about half the A100's bandwidth (0.68 ms per layer);
-  - 2-GPU all-reduce over NVLink: 175 GB/s bus bandwidth on A100 pairs (58% of the 300 GB/s one-way link).
-FlashAttention-2 reaches "50-73% of the theoretical maximum FLOPs/s on A100" (Dao, "FlashAttention-2", 2023,
-abstract), the lower end with causal masks and short sequences; 50% is assumed. The per-step overhead is an
-assumption that online calibration replaces with the engine's own intercept.
+The achievable fractions and latencies in `RooflineAssumptions` are fitted to Vidur's measured per-operator
+timings (Agrawal et al., MLSys 2024, MIT licence; the subset in benchmarks/data/vidur-profiling): Llama-2-7B,
+Llama-3-8B and Llama-2-70B layers at TP 1-8 on the A100 80GB and H100, 1-4096 tokens, and FlashAttention on
+Llama-2-70B at TP 2 on the A100. benchmarks/vidur_prior_check.py reproduces the comparison; the mean absolute
+errors there are 5.6% for matmuls, 17% for the small kernels, 14% for decode attention and 13% for prefill
+attention (over 380, 380, 64 and 72 measurements).
+  - Matmuls run at 74% of dense peak when compute-bound and stream weights at 86% of peak bandwidth when
+    memory-bound, plus about 6 us per GEMM kernel (launch, tail, partial waves), which matters at high TP.
+    Near the ridge point (32-256 tokens, where serving engines spend their decode steps) a GEMM is slower
+    than both bounds: sqrt(compute^2 + memory^2) fits the measurements better than max(compute, memory)
+    (mean error 5.6% against 7.3%).
+  - Attention kernels behave as if they computed the whole rectangle of new queries by attended keys (the
+    causal half is not skipped in practice) at 36% of peak, read the KV cache at 70% of peak bandwidth, and
+    cost at least 14 us per layer.
+  - Norms, rotary, activation and residual add move their activations at 60% of peak bandwidth and cost at
+    least 3 us each.
+  - All-reduce over NVLink reaches 58-65% of the one-way link bandwidth for large messages on A100 pairs. For
+    small messages Vidur's NCCL measurements show 7-60 us; vLLM replaces NCCL with its own all-reduce for
+    small messages on NVLink, so the low end, 10 us, is assumed.
+The per-step overhead (scheduling, input preparation, sampling) is not in Vidur's operator data: 1 ms is
+assumed, and online calibration replaces it with the engine's own intercept.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,17 +48,21 @@ from costmodel.linear import LinearCostModel, batch_features, fit_linear
 
 @dataclass(frozen=True, slots=True)
 class RooflineAssumptions:
-    """Achievable fractions of peak and fixed latencies; the evidence for each is in the module docstring."""
+    """Achievable fractions of peak and fixed latencies; the evidence is in the module docstring."""
 
-    matmul_flops_fraction: float = 0.7  # large-token GEMMs: 71% (A100), 76% (H100) measured
-    attention_flops_fraction: float = 0.5  # low end of FlashAttention-2's 50-73%: causal, mixed lengths
-    bandwidth_fraction: float = 0.75  # weight streaming in decode GEMMs and KV reads: 75-78% measured
-    elementwise_bandwidth_fraction: float = 0.5  # norms, rotary, activation at 4096 tokens: about half
-    link_fraction: float = 0.6  # of the one-way link bandwidth a ring all-reduce achieves: 58% measured
-    kernel_latency_s: float = 4.3e-6  # floor of a small kernel: 4.8 us measured on the A100, 3.8 on the H100
-    small_kernels_per_layer: int = 6  # two norms, rotary, activation, residual add, and attention's own floor
-    allreduce_latency_s: float = 10e-6  # small-message all-reduce: 7 us (A100 pair) to 28 us (H100) measured
-    step_overhead_s: float = 1e-3  # assumed; the engine's measured intercept replaces it
+    matmul_flops_fraction: float = 0.74
+    weight_bandwidth_fraction: float = 0.86
+    gemm_latency_s: float = 6e-6
+    gemms_per_layer: int = 4  # fused qkv, o, fused gate-up (or the fused MoE kernel), down
+    attention_flops_fraction: float = 0.36  # of the query-by-key rectangle, see the module docstring
+    kv_bandwidth_fraction: float = 0.7
+    attention_latency_s: float = 14e-6
+    elementwise_bandwidth_fraction: float = 0.6
+    small_kernel_latency_s: float = 3e-6
+    small_kernels_per_layer: int = 5  # two norms, rotary, activation, residual add
+    link_fraction: float = 0.6  # of the one-way link bandwidth a ring all-reduce achieves
+    allreduce_latency_s: float = 10e-6
+    step_overhead_s: float = 1e-3
 
 
 DEFAULT_ASSUMPTIONS = RooflineAssumptions()
@@ -90,38 +105,47 @@ def roofline_step(
     if tp > 1 and hw.link_bandwidth <= 0:
         raise ValueError(f"{hw.name} has no GPU-to-GPU link for tensor parallelism")
     s = assumptions
+    layers = arch.num_layers
     flops_rate = hw.peak_flops * s.matmul_flops_fraction
-    bytes_rate = hw.memory_bandwidth * s.bandwidth_fraction
+    weight_rate = hw.memory_bandwidth * s.weight_bandwidth_fraction
     tokens = sum(new for new, _ in requests)
-    activation_bytes = arch.dtype_bytes
 
-    matmuls = max(
-        arch.linear_flops(tokens, 0, tp) / flops_rate, arch.matmul_weight_bytes(tokens, tp) / bytes_rate
+    matmuls = layers * s.gemms_per_layer * s.gemm_latency_s + _soft_roofline(
+        arch.linear_flops(tokens, 0, tp) / flops_rate, arch.matmul_weight_bytes(tokens, tp) / weight_rate
     )
-    lm_head = max(arch.linear_flops(0, len(requests), tp) / flops_rate, arch.lm_head_bytes(tp) / bytes_rate)
+    lm_head = s.gemm_latency_s + _soft_roofline(
+        arch.linear_flops(0, len(requests), tp) / flops_rate, arch.lm_head_bytes(tp) / weight_rate
+    )
 
     kv_bytes = arch.kv_bytes_per_token(tp)
-    attention_flops = sum(arch.attention_flops(new, ctx, tp) for new, ctx in requests)
-    # K and V of the attended window are read once; the new tokens' K and V are written once.
+    rectangle = sum(new * arch.attended_keys(new, ctx) for new, ctx in requests)
+    # K and V of the attended positions are read once; the new tokens' K and V are written once.
     attention_bytes = sum((arch.attended_keys(new, ctx) + new) * kv_bytes for new, ctx in requests)
-    attention = max(
-        attention_flops / (hw.peak_flops * s.attention_flops_fraction), attention_bytes / bytes_rate
+    attention = layers * s.attention_latency_s + max(
+        arch.attention_flops_per_pair(tp) * rectangle / (hw.peak_flops * s.attention_flops_fraction),
+        attention_bytes / (hw.memory_bandwidth * s.kv_bandwidth_fraction),
     )
 
     elementwise_rate = hw.memory_bandwidth * s.elementwise_bandwidth_fraction
-    elementwise = arch.num_layers * (
-        s.small_kernels_per_layer * s.kernel_latency_s
+    elementwise = layers * (
+        s.small_kernels_per_layer * s.small_kernel_latency_s
         + tokens * _elementwise_bytes_per_token(arch, tp) / elementwise_rate
     )
 
     allreduce = 0.0
-    if tp > 1:
-        message = tokens * arch.hidden_size * activation_bytes
-        one_way = hw.link_bandwidth / 2 * s.link_fraction
-        per_call = s.allreduce_latency_s + 2 * (tp - 1) / tp * message / one_way  # ring all-reduce
-        allreduce = 2 * arch.num_layers * per_call  # after attention's output projection and after the MLP
+    if tp > 1:  # two per layer: after attention's output projection and after the MLP
+        message = tokens * arch.hidden_size * arch.dtype_bytes
+        allreduce = 2 * layers * allreduce_seconds(hw, message, tp, assumptions)
 
     return StepTime(matmuls, lm_head, attention, elementwise, allreduce, s.step_overhead_s)
+
+
+def allreduce_seconds(
+    hw: Hardware, message_bytes: float, gpus: int, assumptions: RooflineAssumptions = DEFAULT_ASSUMPTIONS
+) -> float:
+    """One ring all-reduce of `message_bytes` across `gpus` GPUs: each sends and receives 2(g-1)/g of it."""
+    one_way = hw.link_bandwidth / 2 * assumptions.link_fraction
+    return assumptions.allreduce_latency_s + 2 * (gpus - 1) / gpus * message_bytes / one_way
 
 
 def roofline_batch_time(
@@ -186,6 +210,11 @@ def roofline_prior(
         [roofline_batch_time(arch, hw, new, ctx, tp=tp, assumptions=assumptions) for new, ctx in batches]
     )
     return fit_linear(features, times)
+
+
+def _soft_roofline(compute: float, memory: float) -> float:
+    """A GEMM's time from its compute-bound and memory-bound times: the larger, rounded up near the ridge."""
+    return math.hypot(compute, memory)
 
 
 def _elementwise_bytes_per_token(arch: ModelArchitecture, tp: int) -> int:

@@ -171,6 +171,11 @@ def test_tiny_llama_is_the_engine_test_model() -> None:
     assert tiny.max_position_embeddings == 4096
 
 
+def test_tiny_llama_matches_the_config_the_vllm_engine_is_started_with() -> None:
+    engine_config = Path(__file__).parents[1] / "adapters" / "data" / "tiny-llama"
+    assert load_model(engine_config) == load_model("tiny-llama")
+
+
 def test_load_model_by_name_by_file_and_by_directory(tmp_path: Path) -> None:
     assert set(available_models()) >= {"llama-2-7b", "mixtral-8x7b", "tiny-llama"}
     config = json.dumps(_config("qwen2-7b"))

@@ -9,9 +9,17 @@ LLAMA_2_7B = load_model("llama-2-7b")
 
 @pytest.mark.parametrize(
     ("alias", "name"),
-    [("a100", "A100-80GB-SXM"), ("A100", "A100-80GB-SXM"), ("h100", "H100-SXM"), ("H200-sxm", "H200-SXM"),
-     ("l40s", "L40S"), ("A10G", "A10G"), ("cpu", "CPU-2core"), (" h100 ", "H100-SXM")],
-)  # fmt: skip
+    [
+        ("a100", "A100-80GB-SXM"),
+        ("A100", "A100-80GB-SXM"),
+        ("h100", "H100-SXM"),
+        ("H200-sxm", "H200-SXM"),
+        ("l40s", "L40S"),
+        ("A10G", "A10G"),
+        ("cpu", "CPU-2core"),
+        (" h100 ", "H100-SXM"),
+    ],
+)
 def test_lookup_by_name_or_alias_ignores_case(alias: str, name: str) -> None:
     assert get_hardware(alias).name == name
 
