@@ -200,7 +200,8 @@ class _Sim:
         for i, (left, held) in enumerate(jobs):
             # When the i-th shortest finishes, requests i.. have each grown by `left` tokens.
             live = n - i
-            peak = max(peak, _cdiv(held_now + live * left, self.bs) + live)
+            # sum of ceil(x_j / bs) over `live` requests <= ceil(sum x_j / bs) + live - 1
+            peak = max(peak, _cdiv(held_now + live * left, self.bs) + live - 1)
             held_now -= held
         return peak
 
@@ -225,7 +226,8 @@ class _Sim:
             if 0 < thr < n:
                 n = thr
             if not p.chunked_prefill and n > budget and (budget < p.max_num_batched_tokens or sched):
-                blocked = True
+                # Lasting only if no prefill chunk took budget this step: a decode stretch leaves it as is.
+                blocked = not sched
                 break
             n = min(n, budget) if p.chunked_prefill else n
             if not self._admission_fits(r, n, self.usable - self.used):
@@ -649,7 +651,7 @@ def simulate(
             if sim._fast_forward(next_t, next_s):
                 continue
             plan = sim._schedule_fast()
-            if plan is not None:
+            if plan is not None and (plan[0] or plan[1] or plan[2]):
                 sim._apply(*_reorder(plan))
                 continue
         sched, preempted, n_ran = sim._schedule_literal()

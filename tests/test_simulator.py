@@ -1,0 +1,234 @@
+"""The simulator: hand-worked scenarios for each policy, and invariants over random workloads.
+
+Scenarios use a cost model of exactly 1 second per step, so times read as step counts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from adapters.events import RequestArrival
+from costmodel.linear import LinearCostModel
+from solver.policies import PRESETS, parse_policy
+from solver.simulator import RunningRequest, simulate
+
+ONE_SECOND_STEPS = LinearCostModel(a=1.0, b=0.0, c=0.0, d=0.0)
+
+
+def req(rid: str, t: float, prompt: int, output: int, priority: int = 0) -> RequestArrival:
+    return RequestArrival(rid, t, prompt, output, priority=priority)
+
+
+def run(requests, policy, *, blocks=1000, block_size=4, **kw):
+    return simulate(requests, policy, ONE_SECOND_STEPS, num_kv_blocks=blocks, block_size=block_size,
+                    record_steps=True, **kw)
+
+
+def batches(result):
+    return [s.scheduled_tokens for s in result.steps]
+
+
+def by_id(result):
+    return {r.request_id: r for r in result.requests}
+
+
+# ---- hand-worked scenarios -------------------------------------------------------------------------------------
+
+def test_vllm_preempts_newest_and_readmits_when_whole_sequence_fits():
+    # 3 usable blocks of 4 tokens (vLLM's null block is the 4th).
+    res = run([req("a", 0, 4, 6), req("b", 0, 4, 3)], "vllm", blocks=4)
+    assert batches(res) == [
+        {"a": 4, "b": 4},  # both prompts fit: one block each
+        {"a": 1},  # both decoders need a 2nd block, one is free: b (newest) is preempted
+        {"a": 1}, {"a": 1}, {"a": 1},  # b's 5 tokens need 2 blocks; only 1 is free
+        {"a": 1},  # a takes its 3rd block and finishes
+        {"b": 5},  # b recomputes prompt + its generated token
+        {"b": 1},
+    ]
+    assert res.steps[1].preempted == ("b",)
+    a, b = by_id(res)["a"], by_id(res)["b"]
+    assert (a.first_token, a.finish, a.preemptions) == (1.0, 6.0, 0)
+    assert (b.first_token, b.finish, b.preemptions, b.recomputed_tokens) == (1.0, 8.0, 1, 4)
+    assert res.tokens_processed == (4 + 6 - 1) + (4 + 3 - 1) + 4
+    assert res.peak_kv_blocks == 3
+
+
+def test_no_eviction_reserves_prompt_plus_output_and_never_preempts():
+    res = run([req("a", 0, 4, 6), req("b", 0, 4, 3)], "no-eviction", blocks=4)
+    assert batches(res) == [{"a": 4}] + [{"a": 1}] * 5 + [{"b": 4}, {"b": 1}, {"b": 1}]
+    assert sum(r.preemptions for r in res.requests) == 0
+    assert by_id(res)["b"].finish == 9.0
+
+
+def test_lightllm_admits_only_when_projected_peak_fits():
+    res = run([req("a", 0, 4, 6), req("b", 0, 4, 3)], "lightllm", blocks=4)
+    assert sum(r.preemptions for r in res.requests) == 0
+    assert batches(res)[0] == {"a": 4}
+
+
+def test_vllm_v0_runs_prefill_only_batches_while_v1_mixes():
+    reqs = [req("a", 0, 4, 3), req("b", 1.5, 4, 2)]
+    v1 = run(reqs, "vllm")
+    assert batches(v1) == [{"a": 4}, {"a": 1}, {"a": 1, "b": 4}, {"b": 1}]
+    v0 = run(reqs, "vllm-v0")
+    assert batches(v0) == [{"a": 4}, {"a": 1}, {"b": 4}, {"a": 1, "b": 1}]
+    assert by_id(v0)["a"].finish == 4.0 and by_id(v1)["a"].finish == 3.0
+
+
+def test_sarathi_chunks_prefill_under_token_budget():
+    res = run([req("a", 0, 10, 2)], "sarathi(max_num_batched_tokens=4)")
+    assert batches(res) == [{"a": 4}, {"a": 4}, {"a": 2}, {"a": 1}]
+    a = by_id(res)["a"]
+    assert (a.first_scheduled, a.first_token, a.finish) == (0.0, 3.0, 4.0)
+
+
+def test_long_prefill_threshold_caps_running_chunks_only_when_others_wait():
+    # Alone, the cap is lifted (vLLM: nobody to starve).
+    alone = run([req("a", 0, 10, 1)], "vllm(long_prefill_token_threshold=3)")
+    assert batches(alone) == [{"a": 10}]
+    two = run([req("a", 0, 10, 1), req("b", 0, 2, 1)], "vllm(long_prefill_token_threshold=3)")
+    assert batches(two)[0] == {"a": 3, "b": 2}
+
+
+def test_orca_runs_whole_prompts_and_an_oversized_prompt_alone():
+    res = run([req("a", 0, 10, 2), req("b", 0, 2, 2)], "orca(max_num_batched_tokens=4)")
+    assert batches(res)[0] == {"a": 10}
+    assert batches(res)[1] == {"a": 1, "b": 2}
+
+
+def test_fastertransformer_waits_for_the_whole_batch():
+    res = run([req("a", 0, 4, 4), req("b", 0.5, 4, 1)], "fastertransformer")
+    assert batches(res) == [{"a": 4}, {"a": 1}, {"a": 1}, {"a": 1}, {"b": 4}]
+    assert by_id(res)["b"].finish == 5.0
+
+
+def test_ranking_policies_order_the_waiting_queue():
+    reqs = [req("long", 0, 8, 3), req("short", 0, 2, 2), req("mid", 0, 4, 1)]
+    sjf = run(reqs, "sjf(max_num_seqs=1)")
+    assert [next(iter(b)) for b in batches(sjf) if len(b) == 1 and next(iter(b.values())) > 1] == [
+        "short", "mid", "long"]
+    sof = run(reqs, "sof(max_num_seqs=1)")
+    assert batches(sof)[0] == {"mid": 4}
+
+
+def test_priority_serves_lower_value_first_and_preempts_highest_value():
+    reqs = [req("low", 0, 4, 6, priority=5), req("high", 0, 4, 3, priority=0)]
+    res = run(reqs, "vllm(policy=priority)", blocks=4)
+    assert batches(res)[0] == {"high": 4, "low": 4}
+    # Both decoders need a block; the victim is the worst priority even though it was scheduled first.
+    assert res.steps[1].preempted == ("low",)
+    assert batches(res)[1] == {"high": 1}
+
+
+def test_initial_running_state_continues_where_the_engine_was():
+    state = RunningRequest(req("r", 0, 4, 4), computed_tokens=5, generated_tokens=2)
+    res = simulate([req("n", 10, 3, 1)], "vllm", ONE_SECOND_STEPS, num_kv_blocks=100, block_size=4,
+                   initial_running=[state], start_time=0.0, record_steps=True)
+    assert batches(res)[:2] == [{"r": 1}, {"r": 1}]
+    assert by_id(res)["r"].finish == 2.0
+    assert by_id(res)["n"].finish == 11.0  # idle until it arrives
+
+
+def test_arrival_steps_feed_requests_by_engine_step():
+    reqs = [req("a", 0, 4, 4), req("b", 999, 4, 1)]
+    res = run(reqs, "vllm", arrival_steps={"a": 0, "b": 2})
+    assert batches(res) == [{"a": 4}, {"a": 1}, {"a": 1, "b": 4}, {"a": 1}]
+
+
+def test_bad_requests_are_refused_with_their_id():
+    with pytest.raises(ValueError, match="x.*output_tokens"):
+        run([RequestArrival("x", 0, 4, None)], "vllm")
+    with pytest.raises(ValueError, match="big.*never fit"):
+        run([req("big", 0, 100, 10)], "vllm", blocks=4)
+
+
+# ---- policy spelling ----------------------------------------------------------------------------------------
+
+def test_policy_spelling_round_trips():
+    for spec in ["vllm", "vllm(max_num_seqs=64,max_num_batched_tokens=2048)", "sarathi(eviction=false)",
+                 "vllm(order=priority,long_prefill_token_threshold=256)"]:
+        policy = parse_policy(spec)
+        assert parse_policy(str(policy)) == policy
+    assert parse_policy("vllm(policy=priority,preemption=none)") == parse_policy("vllm(order=priority,eviction=false)")
+
+
+@pytest.mark.parametrize("bad", ["nope", "vllm(max_num_seqs=abc)", "vllm(colour=red)", "vllm(max_num_seqs=0)",
+                                 "vllm(order=random)", "vllm(("])
+def test_bad_policy_specs_say_what_is_wrong(bad):
+    with pytest.raises(ValueError):
+        parse_policy(bad)
+
+
+# ---- invariants over random workloads ---------------------------------------------------------------------
+
+POLICY_KNOBS = st.fixed_dictionaries({
+    "preset": st.sampled_from(sorted(PRESETS)),
+    "max_num_seqs": st.integers(1, 12),
+    "max_num_batched_tokens": st.integers(8, 96),
+    "long_prefill_token_threshold": st.sampled_from([0, 0, 5, 17]),
+    "order": st.sampled_from(["fcfs", "fcfs", "priority", "prompt", "output"]),
+})
+
+
+@st.composite
+def workloads(draw):
+    block_size = draw(st.sampled_from([1, 2, 4, 16]))
+    n = draw(st.integers(1, 25))
+    gaps = draw(st.lists(st.sampled_from([0.0, 0.0, 0.01, 0.3, 2.0]), min_size=n, max_size=n))
+    reqs, t = [], 0.0
+    longest = 0
+    for i, gap in enumerate(gaps):
+        t += gap
+        prompt = draw(st.integers(1, 60))
+        output = draw(st.integers(1, 40))
+        longest = max(longest, prompt + output - 1)
+        reqs.append(req(f"r{i}", t, prompt, output, priority=draw(st.integers(0, 2))))
+    blocks = math.ceil(longest / block_size) + 1 + draw(st.integers(0, 20))
+    return reqs, block_size, blocks
+
+
+def policy_from(knobs) -> str:
+    preset = knobs.pop("preset")
+    return f"{preset}({','.join(f'{k}={v}' for k, v in knobs.items())})"
+
+
+COST = LinearCostModel(a=0.004, b=3e-5, c=2e-7, d=1e-9)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workloads(), POLICY_KNOBS)
+def test_invariants_and_fast_forward_equals_stepping(workload, knobs):
+    reqs, block_size, blocks = workload
+    policy = policy_from(dict(knobs))
+    fast = simulate(reqs, policy, COST, num_kv_blocks=blocks, block_size=block_size, record_steps=True)
+    slow = simulate(reqs, policy, COST, num_kv_blocks=blocks, block_size=block_size, record_steps=True,
+                    fast_forward=False)
+
+    # Every request finishes, in order of its own events.
+    for r in fast.requests:
+        assert r.arrival <= r.first_scheduled <= r.first_token <= r.finish, r
+    # Token conservation: prompt + output - 1 per request, plus what preemption made it recompute.
+    expected = sum(r.prompt_tokens + r.output_tokens - 1 + r.recomputed_tokens for r in fast.requests)
+    assert fast.tokens_processed == expected
+    assert sum(sum(s.scheduled_tokens.values()) for s in fast.steps) == expected
+    # KV never above capacity; the budget and the sequence cap hold in every step.
+    p = parse_policy(policy)
+    for s in fast.steps:
+        assert s.kv_blocks_used <= blocks - 1
+        assert len(s.scheduled_tokens) <= p.max_num_seqs
+        if p.chunked_prefill:
+            assert sum(s.scheduled_tokens.values()) <= p.max_num_batched_tokens
+    if not p.eviction or p.admission == "future-peak":
+        assert sum(r.preemptions for r in fast.requests) == 0 or p.admission == "future-peak" and p.eviction
+    # The shortcuts are exact: same steps, same per-request records, same busy time.
+    assert [(s.scheduled_tokens, s.preempted, s.start, s.duration, s.kv_blocks_used) for s in fast.steps] == [
+        (s.scheduled_tokens, s.preempted, s.start, s.duration, s.kv_blocks_used) for s in slow.steps]
+    assert fast.requests == slow.requests
+    assert fast.gpu_seconds == slow.gpu_seconds
+    # Recording steps changes nothing.
+    plain = simulate(reqs, policy, COST, num_kv_blocks=blocks, block_size=block_size)
+    assert plain.requests == fast.requests and plain.num_steps == len(fast.steps)
