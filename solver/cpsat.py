@@ -213,7 +213,8 @@ def _request_runs(
             present = model.new_bool_var(f"run_{rid}_{k}")
             model.add(length >= 1).only_enforce_if(present)
             model.add(length == 0).only_enforce_if(present.negated())
-        start = model.new_int_var(0, horizon - 1, f"start_{rid}_{k}")
+        # An empty run may sit at the horizon; a non-empty one ends by the makespan.
+        start = model.new_int_var(0, horizon, f"start_{rid}_{k}")
         end = model.new_int_var(0, horizon, f"end_{rid}_{k}")
         model.add(end == start + length)
         model.add(end <= makespan)
@@ -263,7 +264,8 @@ def _add_block_intervals(
             )
             demands.append(1)
         return
-    longest_target = request.peak_tokens
+    # An empty last run has the target prompt + output, one token past the peak.
+    longest_target = request.peak_tokens + 1
     blocks = model.new_int_var(0, -(-longest_target // block_size), f"blocks_{name}")
     slack = model.new_int_var(0, block_size - 1, f"slack_{name}")  # free token slots in the last target block
     model.add(blocks * block_size == run.target + slack)
@@ -271,9 +273,11 @@ def _add_block_intervals(
         model.new_optional_interval_var(run.start, run.length, run.end, run.present, f"kv_{name}")
     )
     demands.append(blocks)
+    offset_limit = remaining + block_size
     for j in range(1, (remaining - 2) // block_size + 2):
         offset = slack + 1 + (j - 1) * block_size
-        grows_at = model.new_int_var(0, horizon, f"grow_start_{name}_{j}")
+        # Unbounded above: when the run is too short to grow this block, its start lies past the run.
+        grows_at = model.new_int_var(0, horizon + offset_limit, f"grow_start_{name}_{j}")
         model.add(grows_at == run.start + offset)
         held = model.new_bool_var(f"grow_{name}_{j}")
         model.add(run.length >= offset + 1).only_enforce_if(held)
@@ -469,10 +473,32 @@ def _break_symmetries(
             model.add(runs[earlier.request_id][0].start <= runs[later.request_id][0].start)
 
 
-def add_hint(run_model: RunModel, hint: Runs) -> None:
-    """Seed the search with a schedule's runs (CP-SAT repairs a hint that does not fit the model)."""
+def add_hint(run_model: RunModel, hint: Runs, *, completion_seconds: float = 5.0) -> bool:
+    """Seed the search with a schedule's runs. CP-SAT follows a hint only as far as it is complete, and the
+    runs fix every other variable, so a short solve with the runs fixed completes it; returns whether it did
+    (otherwise the runs alone are hinted, and CP-SAT repairs what it can)."""
     model = run_model.model
     model.clear_hints()
+    placed = _placed_runs(run_model, hint)
+    completed = model.clone()
+    for var, value in placed:
+        completed.add(completed.get_int_var_from_proto_index(var.index) == value)
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = completion_seconds
+    solver.parameters.num_workers = 1
+    if solver.solve(completed) in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        for index in range(len(model.proto.variables)):
+            value = solver.value(completed.get_int_var_from_proto_index(index))
+            model.add_hint(model.get_int_var_from_proto_index(index), value)
+        return True
+    for var, value in placed:
+        model.add_hint(var, value)
+    return False
+
+
+def _placed_runs(run_model: RunModel, hint: Runs) -> list[tuple[cp_model.IntVar, int]]:
+    """(variable, value) for every run's start and length, the makespan, and (if variable) presence."""
+    placed: list[tuple[cp_model.IntVar, int]] = []
     last_end = 0
     for request in run_model.window.requests:
         runs = run_model.runs[request.request_id]
@@ -483,14 +509,14 @@ def add_hint(run_model: RunModel, hint: Runs) -> None:
         position = 0
         for k, run in enumerate(runs):
             start, length = given[k] if k < len(given) else (position, 0)
-            start = min(max(start, position), run_model.horizon - 1)
-            model.add_hint(run.start, start)
+            start = min(max(start, position), run_model.horizon)
+            placed.append((run.start, start))
             if not isinstance(run.length, int):
-                model.add_hint(run.length, length)
-                model.add_hint(run.present, int(length > 0))
+                placed.append((run.length, length))
             position = start + length
         last_end = max(last_end, position)
-    model.add_hint(run_model.makespan, min(last_end, run_model.horizon))
+    placed.append((run_model.makespan, min(last_end, run_model.horizon)))
+    return placed
 
 
 def solve_run_model(run_model: RunModel, *, time_limit: float, workers: int, seed: int = 0) -> RunSolution:

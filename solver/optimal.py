@@ -30,6 +30,7 @@ from solver.cpsat import (
     schedule_from_runs,
     solve_run_model,
 )
+from solver.packing import best_packing
 from solver.policies import parse_policy
 from solver.problem import Objective, Window
 from solver.schedule import Replay, Schedule, replay, schedule_from_steps, verify
@@ -158,8 +159,13 @@ def solve_optimal(
     hints: Mapping[str, Schedule] | None = None,
     horizon: int | None = None,
 ) -> OptimalResult:
-    """The best schedule CP-SAT finds in `time_limit` seconds, seeded with the best feasible hint."""
-    candidates = _feasible_hints(window, cost, objective, hints or {}, max_evictions)
+    """The best schedule CP-SAT finds in `time_limit` seconds, seeded with the best feasible hint (the
+    packing heuristic's schedule is added for GPU cost)."""
+    hints = dict(hints or {})
+    if not objective.needs_time:
+        order, runs = best_packing(window)
+        hints[f"packing({order})"] = schedule_from_runs(window, runs)
+    candidates = _feasible_hints(window, cost, objective, hints, max_evictions)
     best_name, best_schedule, best_replay = min(
         candidates, key=lambda c: c[2].objective(objective), default=("none", None, None)
     )
