@@ -146,7 +146,14 @@ class Publisher:
             state.backoff = min(self._max_backoff, doubled)
             state.retry_at = now + state.backoff
             if state.stats.failures == 1 or state.backoff == self._max_backoff:
-                logger.warning("shadow sink %r failed: %s; back-off %.2fs", state.sink, exc, state.backoff)
+                first_line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+                logger.warning(
+                    "shadow sink %r failed (%s: %s); back-off %.2fs",
+                    state.sink,
+                    type(exc).__name__,
+                    first_line,
+                    state.backoff,
+                )
             return
         state.backoff = 0.0
         state.stats.sent_batches += 1

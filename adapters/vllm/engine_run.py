@@ -34,6 +34,9 @@ class EngineSetup:
     enable_prefix_caching: bool = False
     max_model_len: int = 2048
     scheduler_cls: str | None = "adapters.vllm.MirrorScheduler"  # None = vLLM's stock scheduler
+    # On CPU this is the fraction of the NUMA node's memory that must be FREE at start-up (vLLM checks it);
+    # the KV cache itself is pinned by num_kv_blocks. 0.2 lets a few engines (or test sessions) coexist.
+    memory_fraction: float = 0.2
     model: Path = TINY_LLAMA
 
     def engine_args(self) -> Any:
@@ -44,7 +47,7 @@ class EngineSetup:
             load_format="dummy",
             skip_tokenizer_init=True,
             enforce_eager=True,
-            gpu_memory_utilization=0.5,
+            gpu_memory_utilization=self.memory_fraction,
             num_gpu_blocks_override=self.num_kv_blocks,
             max_model_len=min(self.max_model_len, (self.num_kv_blocks - 1) * CPU_BLOCK_SIZE),
             max_num_seqs=self.max_num_seqs,

@@ -1,0 +1,201 @@
+"""Engine overhead of the mirror hook: stock scheduler, hook with a shadow listening, hook with nobody there.
+
+Three real vLLM engines (CPU build, tiny Llama) run side by side in one process tree, identical but for the
+scheduler class and where the hook sends events: vLLM's stock `Scheduler`; `MirrorScheduler` streaming to a
+live gRPC ingest in this process; `MirrorScheduler` aimed at a closed port. The same workload (requests from
+the bundled Azure trace, all submitted at once) runs on each engine in turn, rotating the order every round
+so that machine-load drift spreads evenly; the median over rounds is compared.
+
+A second, quieter figure isolates the hook's own cost: vLLM's real Scheduler driven in-process (no model) with
+and without the hook, so the difference per step is the hook's CPU time on the engine's thread.
+
+    python benchmarks/hook_overhead.py [--rounds 7] [--requests 48]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from adapters.events import EngineStep
+from adapters.grpc_ingest import IngestServer
+from adapters.publisher import EventBatch
+from adapters.traces import bundled_trace, read_trace
+from adapters.vllm.engine_run import EngineSetup, drive, start_engine, stop_engine, trace_workload
+
+SETUP = EngineSetup(num_kv_blocks=64, max_num_seqs=16, max_num_batched_tokens=512)
+
+
+class CountingShadow:
+    """The listening side: decodes every batch (the ingest does) and counts what arrived."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.events: Counter[str] = Counter()
+        self.dropped_by_engine = 0
+
+    def __call__(self, batch: EventBatch) -> None:
+        with self.lock:
+            self.events.update(type(e).__name__ for e in batch.events)
+            self.dropped_by_engine = batch.dropped
+
+    @property
+    def steps(self) -> int:
+        with self.lock:
+            return self.events[EngineStep.__name__]
+
+
+@dataclass
+class Variant:
+    name: str
+    scheduler_cls: str | None
+    env: dict[str, str]
+    engine: object = None
+    walls: list[float] = field(default_factory=list)
+
+
+def _closed_port() -> str:
+    with IngestServer(lambda batch: None) as server:
+        return server.address  # ours a moment ago, closed once the block exits
+
+
+def run_engines(rounds: int, requests: int) -> list[Variant]:
+    shadow = CountingShadow()
+    ingest = IngestServer(shadow).start()
+    variants = [
+        Variant("stock vLLM Scheduler", None, {}),
+        Variant(
+            "hook, shadow listening", "adapters.vllm.MirrorScheduler", {"SHADOW_ADDRESS": ingest.address}
+        ),
+        Variant(
+            "hook, nobody listening", "adapters.vllm.MirrorScheduler", {"SHADOW_ADDRESS": _closed_port()}
+        ),
+    ]
+    trace = read_trace(bundled_trace("azure-conv"), limit=requests)
+    workload = trace_workload(trace.requests, seconds=0.0)  # all at once: the same batches on every engine
+    saved = dict(os.environ)
+    try:
+        for v in variants:
+            os.environ.clear()
+            os.environ.update(saved | v.env)
+            v.engine = start_engine(dataclasses.replace(SETUP, scheduler_cls=v.scheduler_cls))
+        os.environ.clear()
+        os.environ.update(saved)
+        for v in variants:  # warm-up round, not measured
+            drive(v.engine, workload, id_prefix="warm-")
+        steps_before = shadow.steps
+        for r in range(rounds):
+            order = variants[r % 3 :] + variants[: r % 3]
+            for v in order:
+                start = time.perf_counter()
+                drive(v.engine, workload, id_prefix=f"r{r}-")
+                v.walls.append(time.perf_counter() - start)
+        time.sleep(0.5)  # let the last batches reach the shadow
+        steps = (shadow.steps - steps_before) / rounds
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        for v in variants:
+            if v.engine is not None:
+                stop_engine(v.engine)
+        ingest.stop()
+    stock = statistics.median(variants[0].walls)
+    print(
+        f"\nworkload: {requests} Azure-conv requests scaled to the tiny model, all submitted at once; "
+        f"{steps:.0f} engine steps per run; median of {rounds} rounds, order rotated\n"
+    )
+    print(f"{'variant':26s} {'median run s':>12s} {'per step ms':>12s} {'vs stock':>9s}   runs (s)")
+    for v in variants:
+        median = statistics.median(v.walls)
+        runs = " ".join(f"{w:.3f}" for w in v.walls)
+        print(f"{v.name:26s} {median:12.3f} {median / steps * 1e3:12.3f} {median / stock - 1:+9.2%}   {runs}")
+    print(
+        f"\nshadow received {dict(shadow.events)}; engine-side drops reported: {shadow.dropped_by_engine}; "
+        f"ingest refusals: {ingest.stats.refused_malformed} malformed, "
+        f"{ingest.stats.refused_oversized} oversized"
+    )
+    return variants
+
+
+def hook_cpu_cost(steps: int = 3000) -> None:
+    """Per-step CPU time the hook adds on the engine's thread: vLLM's Scheduler, in-process, no model."""
+    from vllm import SamplingParams
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+    from vllm.v1.outputs import ModelRunnerOutput
+    from vllm.v1.request import Request
+    from vllm.v1.structured_output import StructuredOutputManager
+
+    from adapters.vllm import MirrorScheduler
+
+    config = SETUP.engine_args().create_engine_config()
+    blocks = 4096
+    config.cache_config.num_gpu_blocks = blocks
+    spec = FullAttentionSpec(block_size=128, num_kv_heads=2, head_size=64, dtype=config.model_config.dtype)
+
+    def per_step(cls: type, batch: int) -> float:
+        kv = KVCacheConfig(
+            num_blocks=blocks, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(["l"], spec)]
+        )
+        config.scheduler_config.max_num_seqs = batch
+        config.scheduler_config.max_num_batched_tokens = 8192
+        s = cls(
+            vllm_config=config,
+            kv_cache_config=kv,
+            structured_output_manager=StructuredOutputManager(config),
+            block_size=128,
+        )
+        for i in range(batch):
+            s.add_request(Request(f"q{i}", [3] * 16, SamplingParams(max_tokens=10**6, ignore_eos=True), None))
+
+        def step() -> None:
+            out = s.schedule()
+            ids = list(out.num_scheduled_tokens)
+            s.update_from_output(
+                out, ModelRunnerOutput(ids, {r: i for i, r in enumerate(ids)}, [[7]] * len(ids))
+            )
+
+        for _ in range(100):  # prefill and warm-up
+            step()
+        t = time.perf_counter()
+        for _ in range(steps):
+            step()
+        total = time.perf_counter() - t
+        s.shutdown()
+        return total / steps
+
+    shadow = CountingShadow()
+    with IngestServer(shadow) as ingest:
+        print("\nhook CPU time per step on the engine thread (vLLM Scheduler in-process, decode batches):")
+        for batch in (16, 256):
+            os.environ.pop("SHADOW_ADDRESS", None)
+            stock = min(per_step(Scheduler, batch) for _ in range(3))
+            os.environ["SHADOW_ADDRESS"] = ingest.address
+            hooked = min(per_step(MirrorScheduler, batch) for _ in range(3))
+            os.environ.pop("SHADOW_ADDRESS", None)
+            print(
+                f"  batch {batch:4d}: stock {stock * 1e6:8.1f} us/step, hooked {hooked * 1e6:8.1f} us/step, "
+                f"hook adds {(hooked - stock) * 1e6:6.1f} us/step"
+            )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--requests", type=int, default=48)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    run_engines(args.rounds, args.requests)
+    hook_cpu_cost()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
