@@ -348,14 +348,14 @@ class _Sim:
         if budget < 0:
             return None
         n_pref = len(self.running) - n_dec
-        prefilling = self.running[len(self.running) - n_pref:] if n_pref else []
-        if any(r.implicit for r in prefilling):
-            return None  # a prefilling request sits between decoders: the literal walk decides
+        prefilling = self.running[n_dec:] if n_pref else ()
         total = self.hist[-self.G % self.bs]
         needs: list[int] = []
         for r in prefilling:
+            if r.implicit:
+                return None  # a prefilling request sits between decoders: the literal walk decides
             if budget <= 0:
-                break
+                continue  # keep checking the order; vLLM's walk stops here
             n = r.prompt + r.gen - r.computed
             if 0 < thr < n:
                 n = thr
@@ -538,14 +538,12 @@ def _reorder(plan: tuple[list, list, int]) -> tuple[list, int, list]:
     return sched, n_dec, preempted
 
 
-def _order_key(policy: Policy, r: RequestArrival, arrival: int, index: int) -> tuple:
-    if policy.order == "priority":
+def _order_key(order: str, r: RequestArrival, arrival: int, index: int) -> tuple:
+    if order == "fcfs":
+        return (arrival, index)
+    if order == "priority":
         return (r.priority, arrival, index)
-    if policy.order == "prompt":
-        return (r.prompt_tokens, arrival, index)
-    if policy.order == "output":
-        return (r.output_tokens, arrival, index)
-    return (arrival, index)
+    return (r.prompt_tokens if order == "prompt" else r.output_tokens, arrival, index)
 
 
 def simulate(
@@ -586,9 +584,10 @@ def simulate(
                 f"{usable} KV blocks of {block_size} tokens"
             )
         arrival = round(r.time * PS_PER_S)
-        rec = RequestRecord(r.request_id, r.time, r.prompt_tokens, r.output_tokens, r.priority)
+        # The record's arrival is on the simulator's picosecond clock, so latencies are never negative.
+        rec = RequestRecord(r.request_id, arrival / PS_PER_S, r.prompt_tokens, r.output_tokens, r.priority)
         records.append(rec)
-        return _Req(r.request_id, arrival, r.prompt_tokens, r.output_tokens, _order_key(policy, r, arrival, index),
+        return _Req(r.request_id, arrival, r.prompt_tokens, r.output_tokens, _order_key(policy.order, r, arrival, index),
                     rec)
 
     for index, state in enumerate(initial_running):
