@@ -43,10 +43,20 @@ POLICIES = {
 }
 CANDIDATES_20 = [
     f"vllm(max_num_seqs={seqs},max_num_batched_tokens={tokens})"
-    for seqs in (64, 128, 256) for tokens in (2048, 4096, 8192)
+    for seqs in (64, 128, 256)
+    for tokens in (2048, 4096, 8192)
 ] + [
-    "vllm(long_prefill_token_threshold=512)", "vllm(policy=priority)", "vllm(eviction=false)", "vllm-v0",
-    "sarathi", "sarathi(max_num_batched_tokens=1024)", "orca", "lightllm", "sjf", "sof", "fastertransformer",
+    "vllm(long_prefill_token_threshold=512)",
+    "vllm(policy=priority)",
+    "vllm(eviction=false)",
+    "vllm-v0",
+    "sarathi",
+    "sarathi(max_num_batched_tokens=1024)",
+    "orca",
+    "lightllm",
+    "sjf",
+    "sof",
+    "fastertransformer",
 ]
 
 PROCESS_SCRIPT = """
@@ -85,13 +95,20 @@ def time_loop(requests, policy, cost, blocks, repeats):
 
 
 def time_process(n, policy):
-    out = subprocess.run([sys.executable, "-c", PROCESS_SCRIPT, str(n), policy], check=True,
-                         capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    out = subprocess.run(
+        [sys.executable, "-c", PROCESS_SCRIPT, str(n), policy],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     return json.loads(out.stdout)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--write", action="store_true", help="write benchmarks/RESULTS-replay.md")
     args = parser.parse_args()
@@ -120,15 +137,25 @@ def main() -> None:
             print(lines[-1], flush=True)
     whole = read_trace(resolve_trace("azure-conv")).requests
     started = time.perf_counter()
-    steps = sum(simulate(whole, p, cost, num_kv_blocks=blocks, block_size=16).num_steps for p in CANDIDATES_20)
+    steps = sum(
+        simulate(whole, p, cost, num_kv_blocks=blocks, block_size=16).num_steps for p in CANDIDATES_20
+    )
     hour = time.perf_counter() - started
-    lines += ["", f"The whole hour ({len(whole):,} requests) under 20 candidate configurations, one core: "
-                  f"{hour:.2f} s ({steps:,} simulated steps).", "", "Candidates: " + ", ".join(CANDIDATES_20)]
+    lines += [
+        "",
+        f"The whole hour ({len(whole):,} requests) under 20 candidate configurations, one core: "
+        f"{hour:.2f} s ({steps:,} simulated steps).",
+        "",
+        "Candidates: " + ", ".join(CANDIDATES_20),
+    ]
     print("\n".join(lines))
     if args.write:
         out = Path(__file__).with_name("RESULTS-replay.md")
-        out.write_text("# Replay speed against Vidur\n\nReproduce: `python benchmarks/replay_speed.py --write`\n\n"
-                       + "\n".join(lines) + "\n")
+        out.write_text(
+            "# Replay speed against Vidur\n\nReproduce: `python benchmarks/replay_speed.py --write`\n\n"
+            + "\n".join(lines)
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shadow",
         description="Shadow scheduler for vLLM: replays real traffic under alternative schedulers and an "
-                    "optimal one, and reports how far each is from the others.",
+        "optimal one, and reports how far each is from the others.",
     )
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     for name in COMMANDS:

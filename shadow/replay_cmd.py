@@ -43,36 +43,66 @@ class Setup:
 
 
 def add_trace_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("trace", help="a trace file (Azure, Mooncake, BurstGPT or Vidur format, detected from "
-                                      "its header) or a bundled name: azure-conv, azure-code, mooncake-conv")
+    parser.add_argument(
+        "trace",
+        help="a trace file (Azure, Mooncake, BurstGPT or Vidur format, detected from "
+        "its header) or a bundled name: azure-conv, azure-code, mooncake-conv",
+    )
     group = parser.add_argument_group("trace window")
     group.add_argument("--start", type=float, help="start of the time slice, seconds from the trace start")
-    group.add_argument("--end", type=float, help="end of the time slice (exclusive), seconds from the trace start")
+    group.add_argument(
+        "--end", type=float, help="end of the time slice (exclusive), seconds from the trace start"
+    )
     group.add_argument("--limit", type=int, help="keep the first N requests (after slicing)")
-    group.add_argument("--rate-scale", type=float, default=1.0,
-                       help="multiply the arrival rate (2 = arrivals twice as dense); default 1")
-    group.add_argument("--max-prompt-tokens", type=int, help="cap prompt lengths (capped requests are counted)")
-    group.add_argument("--max-output-tokens", type=int, help="cap output lengths (capped requests are counted)")
+    group.add_argument(
+        "--rate-scale",
+        type=float,
+        default=1.0,
+        help="multiply the arrival rate (2 = arrivals twice as dense); default 1",
+    )
+    group.add_argument(
+        "--max-prompt-tokens", type=int, help="cap prompt lengths (capped requests are counted)"
+    )
+    group.add_argument(
+        "--max-output-tokens", type=int, help="cap output lengths (capped requests are counted)"
+    )
 
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine being modelled")
-    group.add_argument("--model", default="llama-2-7b",
-                       help="a bundled model name or a path to a Hugging Face config.json (default llama-2-7b)")
-    group.add_argument("--gpu", default="a100", help="hardware: a100, h100, h200, l40s, a10g, cpu (default a100)")
+    group.add_argument(
+        "--model",
+        default="llama-2-7b",
+        help="a bundled model name or a path to a Hugging Face config.json (default llama-2-7b)",
+    )
+    group.add_argument(
+        "--gpu", default="a100", help="hardware: a100, h100, h200, l40s, a10g, cpu (default a100)"
+    )
     group.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
     group.add_argument("--block-size", type=int, default=16, help="KV block size in tokens (default 16)")
-    group.add_argument("--kv-blocks", type=int,
-                       help="KV blocks as vLLM counts them (num_gpu_blocks); default: computed from memory")
-    group.add_argument("--memory-fraction", type=float, default=0.9,
-                       help="gpu_memory_utilization used to compute the KV blocks (default 0.9)")
+    group.add_argument(
+        "--kv-blocks",
+        type=int,
+        help="KV blocks as vLLM counts them (num_gpu_blocks); default: computed from memory",
+    )
+    group.add_argument(
+        "--memory-fraction",
+        type=float,
+        default=0.9,
+        help="gpu_memory_utilization used to compute the KV blocks (default 0.9)",
+    )
     group.add_argument("--cost-profile", help="a profile file from `shadow profile`; default: roofline prior")
 
 
 def load_window(args: argparse.Namespace) -> Trace:
     return read_trace(
-        resolve_trace(args.trace), start=args.start, end=args.end, limit=args.limit, rate_scale=args.rate_scale,
-        max_prompt_tokens=args.max_prompt_tokens, max_output_tokens=args.max_output_tokens,
+        resolve_trace(args.trace),
+        start=args.start,
+        end=args.end,
+        limit=args.limit,
+        rate_scale=args.rate_scale,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_output_tokens=args.max_output_tokens,
     )
 
 
@@ -83,14 +113,20 @@ def engine_setup(args: argparse.Namespace) -> Setup:
         profile = load_profile(args.cost_profile)
         cost, source = profile.cost, f"profile {args.cost_profile} ({profile.model} on {profile.hardware})"
     else:
-        cost, source = roofline_prior(arch, hw, args.tp), f"roofline prior ({arch.name} on {hw.name}, TP {args.tp})"
+        cost, source = (
+            roofline_prior(arch, hw, args.tp),
+            f"roofline prior ({arch.name} on {hw.name}, TP {args.tp})",
+        )
     blocks = args.kv_blocks or kv_capacity_blocks(
-        arch, hw, tp=args.tp, block_size=args.block_size, memory_fraction=args.memory_fraction)
+        arch, hw, tp=args.tp, block_size=args.block_size, memory_fraction=args.memory_fraction
+    )
     return Setup(arch.name, hw.name, args.tp, args.block_size, blocks, cost, source)
 
 
 def replay_one(requests: list[RequestArrival], policy: str, setup: Setup) -> SimResult:
-    return simulate(requests, policy, setup.cost, num_kv_blocks=setup.num_kv_blocks, block_size=setup.block_size)
+    return simulate(
+        requests, policy, setup.cost, num_kv_blocks=setup.num_kv_blocks, block_size=setup.block_size
+    )
 
 
 def _replay_task(task: tuple[list[RequestArrival], str, Setup]) -> tuple[dict, float]:
@@ -99,13 +135,26 @@ def _replay_task(task: tuple[list[RequestArrival], str, Setup]) -> tuple[dict, f
     return result.summary(), time.perf_counter() - started
 
 
-def replay_all(requests: list[RequestArrival], policies: list[str], setup: Setup, *, jobs: int = 1,
-               progress: bool = False) -> list[dict]:
+def replay_all(
+    requests: list[RequestArrival],
+    policies: list[str],
+    setup: Setup,
+    *,
+    jobs: int = 1,
+    progress: bool = False,
+) -> list[dict]:
     """Simulate every policy; returns their summaries in the given order, each with its wall time."""
     tasks = [(requests, p, setup) for p in policies]
     rows: list[dict | None] = [None] * len(tasks)
-    with Progress(TextColumn("[bold]replaying[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=Console(stderr=True), disable=not progress, transient=True) as bar:
+    with Progress(
+        TextColumn("[bold]replaying[/] {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        disable=not progress,
+        transient=True,
+    ) as bar:
         task_id = bar.add_task("", total=len(tasks))
         if jobs > 1:
             with ProcessPoolExecutor(max_workers=jobs) as pool:
@@ -122,7 +171,11 @@ def replay_all(requests: list[RequestArrival], policies: list[str], setup: Setup
 
 
 def _fmt(value: float, scale: float = 1.0, digits: int = 2) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value * scale:.{digits}f}"
+    return (
+        "-"
+        if value is None or (isinstance(value, float) and math.isnan(value))
+        else f"{value * scale:.{digits}f}"
+    )
 
 
 def print_table(rows: list[dict], trace: Trace, setup: Setup, console: Console) -> None:
@@ -136,21 +189,47 @@ def print_table(rows: list[dict], trace: Trace, setup: Setup, console: Console) 
         console.print("[yellow]trace adjustments:[/] " + ", ".join(f"{k}: {v}" for k, v in changed.items()))
     base = rows[0]["gpu_seconds"] if rows else 0.0
     table = Table(header_style="bold", show_lines=False)
-    for column in ("policy", "GPU s", "vs first", "makespan s", "TTFT p50", "TTFT p99", "TPOT p50 ms",
-                   "TPOT p99 ms", "E2E p99", "preempt", "recomputed", "steps"):
-        table.add_column(column, justify="left" if column == "policy" else "right", no_wrap=True,
-                         min_width=min(len(column), 12))
+    for column in (
+        "policy",
+        "GPU s",
+        "vs first",
+        "makespan s",
+        "TTFT p50",
+        "TTFT p99",
+        "TPOT p50 ms",
+        "TPOT p99 ms",
+        "E2E p99",
+        "preempt",
+        "recomputed",
+        "steps",
+    ):
+        table.add_column(
+            column,
+            justify="left" if column == "policy" else "right",
+            no_wrap=True,
+            min_width=min(len(column), 12),
+        )
     for row in rows:
         gap = (row["gpu_seconds"] - base) / base * 100 if base else 0.0
         table.add_row(
-            row["policy"], _fmt(row["gpu_seconds"], digits=1), f"{gap:+.1f}%", _fmt(row["makespan_s"], digits=1),
-            _fmt(row["ttft_p50_s"]), _fmt(row["ttft_p99_s"]), _fmt(row["tpot_p50_s"], 1e3, 1),
-            _fmt(row["tpot_p99_s"], 1e3, 1), _fmt(row["e2e_p99_s"], digits=1), f"{row['preemptions']:,}",
-            f"{row['recomputed_tokens']:,}", f"{row['steps']:,}",
+            row["policy"],
+            _fmt(row["gpu_seconds"], digits=1),
+            f"{gap:+.1f}%",
+            _fmt(row["makespan_s"], digits=1),
+            _fmt(row["ttft_p50_s"]),
+            _fmt(row["ttft_p99_s"]),
+            _fmt(row["tpot_p50_s"], 1e3, 1),
+            _fmt(row["tpot_p99_s"], 1e3, 1),
+            _fmt(row["e2e_p99_s"], digits=1),
+            f"{row['preemptions']:,}",
+            f"{row['recomputed_tokens']:,}",
+            f"{row['steps']:,}",
         )
     console.print(table)
-    console.print("[dim]GPU s: engine busy time; TTFT/E2E in seconds; 'vs first': GPU time relative to the first "
-                  "policy.[/]")
+    console.print(
+        "[dim]GPU s: engine busy time; TTFT/E2E in seconds; 'vs first': GPU time relative to the first "
+        "policy.[/]"
+    )
 
 
 def _json_safe(row: dict) -> dict:
@@ -159,16 +238,20 @@ def _json_safe(row: dict) -> dict:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "replay", help="replay a trace under several schedulers and compare GPU time and latency",
+        "replay",
+        help="replay a trace under several schedulers and compare GPU time and latency",
         description="Replay a request trace through the cost-model simulator under each policy and print a "
-                    "comparison. A policy is a preset with optional settings, e.g. "
-                    "'vllm(max_num_seqs=64,max_num_batched_tokens=2048)'.",
+        "comparison. A policy is a preset with optional settings, e.g. "
+        "'vllm(max_num_seqs=64,max_num_batched_tokens=2048)'.",
     )
     add_trace_options(parser)
     add_engine_options(parser)
-    parser.add_argument("--policies", default=DEFAULT_POLICIES,
-                        help=f"comma-separated policies (default: {DEFAULT_POLICIES}); presets: vllm, vllm-v0, "
-                             "sarathi, orca, fastertransformer, lightllm, no-eviction, sjf, sof")
+    parser.add_argument(
+        "--policies",
+        default=DEFAULT_POLICIES,
+        help=f"comma-separated policies (default: {DEFAULT_POLICIES}); presets: vllm, vllm-v0, "
+        "sarathi, orca, fastertransformer, lightllm, no-eviction, sjf, sof",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="simulate policies in N processes (default 1)")
     parser.add_argument("--json", action="store_true", help="print a JSON list, one object per policy")
     parser.set_defaults(func=run)

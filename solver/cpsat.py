@@ -252,33 +252,39 @@ def _add_block_intervals(
     which the token count crosses a block boundary (offsets relative to the run's start)."""
     rid, remaining = request.request_id, request.remaining_outputs
     name = f"{rid}_{index}"
-    if isinstance(run.length, int):  # fixed run: every offset is a constant
-        target = request.target_tokens
-        blocks = -(-target // block_size)
+    if isinstance(run.target, int):  # a first run: its target, so every offset, is a constant
+        blocks: cp_model.LinearExprT = -(-run.target // block_size)
+        slack: cp_model.LinearExprT = blocks * block_size - run.target
+    else:
+        # An empty last run has the target prompt + output, one token past the peak.
+        blocks = model.new_int_var(0, -(-(request.peak_tokens + 1) // block_size), f"blocks_{name}")
+        slack = model.new_int_var(0, block_size - 1, f"slack_{name}")  # free slots in the last target block
+        model.add(blocks * block_size == run.target + slack)
+    if isinstance(run.length, int):
         intervals.append(model.new_fixed_size_interval_var(run.start, run.length, f"kv_{name}"))
-        demands.append(blocks)
-        first_crossing = blocks * block_size - target + 1
-        for offset in range(first_crossing, run.length, block_size):
-            intervals.append(
-                model.new_fixed_size_interval_var(run.start + offset, run.length - offset, f"kv_{name}")
-            )
-            demands.append(1)
-        return
-    # An empty last run has the target prompt + output, one token past the peak.
-    longest_target = request.peak_tokens + 1
-    blocks = model.new_int_var(0, -(-longest_target // block_size), f"blocks_{name}")
-    slack = model.new_int_var(0, block_size - 1, f"slack_{name}")  # free token slots in the last target block
-    model.add(blocks * block_size == run.target + slack)
-    intervals.append(
-        model.new_optional_interval_var(run.start, run.length, run.end, run.present, f"kv_{name}")
-    )
+    else:
+        intervals.append(
+            model.new_optional_interval_var(run.start, run.length, run.end, run.present, f"kv_{name}")
+        )
     demands.append(blocks)
     offset_limit = remaining + block_size
     for j in range(1, (remaining - 2) // block_size + 2):
         offset = slack + 1 + (j - 1) * block_size
-        # Unbounded above: when the run is too short to grow this block, its start lies past the run.
-        grows_at = model.new_int_var(0, horizon + offset_limit, f"grow_start_{name}_{j}")
-        model.add(grows_at == run.start + offset)
+        if isinstance(offset, int) and isinstance(run.length, int):
+            if offset < run.length:
+                intervals.append(
+                    model.new_fixed_size_interval_var(
+                        run.start + offset, run.length - offset, f"grow_{name}_{j}"
+                    )
+                )
+                demands.append(1)
+            continue
+        if isinstance(offset, int):
+            grows_at: cp_model.LinearExprT = run.start + offset
+        else:
+            # Unbounded above: when the run is too short to grow this block, its start lies past the run.
+            grows_at = model.new_int_var(0, horizon + offset_limit, f"grow_start_{name}_{j}")
+            model.add(grows_at == run.start + offset)
         held = model.new_bool_var(f"grow_{name}_{j}")
         model.add(run.length >= offset + 1).only_enforce_if(held)
         model.add(run.length <= offset).only_enforce_if(held.negated())

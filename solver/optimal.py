@@ -170,7 +170,7 @@ def solve_optimal(
         candidates, key=lambda c: c[2].objective(objective), default=("none", None, None)
     )
     if horizon is None:
-        horizon = _horizon(window, cost, objective, best_replay, best_schedule)
+        horizon = _horizon(window, cost, objective, best_replay)
     model = build_run_model(window, cost, objective, horizon=horizon, max_evictions=max_evictions)
     if best_schedule is not None:
         add_hint(model, runs_from_schedule(window, best_schedule))
@@ -195,6 +195,8 @@ def solve_optimal(
             class_bound -= objective.gpu * chunking_slack(window, cost)
         bound = max(bound, class_bound)
     scope = (SCOPE_ALL if exact_for_all else SCOPE_RUNS).format(e=max_evictions)
+    if horizon < _horizon(window, cost, objective, best_replay):
+        scope += f", within {horizon} batches"
     return OptimalResult(
         status=solution.status,
         objective_name=str(objective),
@@ -230,23 +232,14 @@ def _feasible_hints(
     return kept
 
 
-def _horizon(
-    window: Window,
-    cost: LinearCostModel,
-    objective: Objective,
-    known: Replay | None,
-    schedule: Schedule | None,
-) -> int:
-    """Batches the model may use. For GPU cost, a schedule better than a known one has fewer than
-    (known cost - constant part) / a batches; running requests one at a time needs sum(remaining) batches, so
-    that is never too few. For latency objectives the horizon is a margin over the known schedule's length."""
+def _horizon(window: Window, cost: LinearCostModel, objective: Objective, known: Replay | None) -> int:
+    """Batches the model may use, never too few for an optimal run-form schedule. Every batch of a run emits
+    a token, and a batch index no run uses only costs time, so sum(remaining outputs) batches always suffice.
+    For GPU cost alone a known schedule tightens that: one better than it has fewer than
+    (known cost + chunking slack - constant part) / a batches."""
     serial = sum(r.remaining_outputs for r in window.requests)
     longest = max(r.remaining_outputs for r in window.requests)
-    if known is None or schedule is None:
-        return serial
-    if objective.needs_time:
-        return max(longest, min(serial, math.ceil(1.25 * len(schedule)) + 2))
-    if cost.a <= 0:
+    if known is None or objective.needs_time or cost.a <= 0:
         return serial
     constant = sum(baseline_seconds(r, cost) for r in window.requests)
     within = (known.gpu_seconds + chunking_slack(window, cost) - constant) / cost.a

@@ -57,7 +57,9 @@ class Policy:
             raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")
         for name, allowed in (("order", Order), ("batching", Batching), ("admission", Admission)):
             if getattr(self, name) not in allowed.__args__:
-                raise ValueError(f"{name} must be one of {', '.join(allowed.__args__)}; got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"{name} must be one of {', '.join(allowed.__args__)}; got {getattr(self, name)!r}"
+                )
 
     def __str__(self) -> str:
         base = PRESETS[self.preset]
@@ -147,9 +149,18 @@ def _parse_value(name: str, text: str, kind: type) -> object:
     return text
 
 
-_FIELD_TYPES = {"max_num_seqs": int, "max_num_batched_tokens": int, "long_prefill_token_threshold": int,
-                "chunked_prefill": bool, "decode_first": bool, "eviction": bool, "watermark": float,
-                "order": str, "batching": str, "admission": str}
+_FIELD_TYPES = {
+    "max_num_seqs": int,
+    "max_num_batched_tokens": int,
+    "long_prefill_token_threshold": int,
+    "chunked_prefill": bool,
+    "decode_first": bool,
+    "eviction": bool,
+    "watermark": float,
+    "order": str,
+    "batching": str,
+    "admission": str,
+}
 
 
 def parse_policy(spec: str | Policy) -> Policy:

@@ -45,10 +45,24 @@ class RunningRequest:
 
 
 class _Req:
-    __slots__ = ("arrival", "base", "computed", "epoch", "gen", "implicit", "key", "output", "prompt", "rec",
-                 "reserve", "rid")
+    __slots__ = (
+        "arrival",
+        "base",
+        "computed",
+        "epoch",
+        "gen",
+        "implicit",
+        "key",
+        "output",
+        "prompt",
+        "rec",
+        "reserve",
+        "rid",
+    )
 
-    def __init__(self, rid: str, arrival: int, prompt: int, output: int, key: tuple, rec: RequestRecord) -> None:
+    def __init__(
+        self, rid: str, arrival: int, prompt: int, output: int, key: tuple, rec: RequestRecord
+    ) -> None:
         self.rid = rid
         self.arrival = arrival
         self.prompt = prompt
@@ -95,10 +109,19 @@ class _Waiting:
 
 
 class _Sim:
-    def __init__(self, policy: Policy, cost: LinearCostModel, num_kv_blocks: int, block_size: int,
-                 record_steps: bool, fast: bool) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        cost: LinearCostModel,
+        num_kv_blocks: int,
+        block_size: int,
+        record_steps: bool,
+        fast: bool,
+    ) -> None:
         if num_kv_blocks < 2 or block_size < 1:
-            raise ValueError(f"need num_kv_blocks >= 2 and block_size >= 1, got {num_kv_blocks}, {block_size}")
+            raise ValueError(
+                f"need num_kv_blocks >= 2 and block_size >= 1, got {num_kv_blocks}, {block_size}"
+            )
         self.p = policy
         self.bs = block_size
         self.num_blocks = num_kv_blocks
@@ -446,9 +469,16 @@ class _Sim:
         tokens = {r.rid: 1 for r in self.running if r.implicit} if n_dec else {}
         for r, n, _c in sched:
             tokens[r.rid] = n
-        self.step_log.append(StepRecord(
-            step=self.steps, start=start / PS_PER_S, duration=dt / PS_PER_S, scheduled_tokens=tokens,
-            preempted=tuple(r.rid for r in preempted), kv_blocks_used=self.used))
+        self.step_log.append(
+            StepRecord(
+                step=self.steps,
+                start=start / PS_PER_S,
+                duration=dt / PS_PER_S,
+                scheduled_tokens=tokens,
+                preempted=tuple(r.rid for r in preempted),
+                kv_blocks_used=self.used,
+            )
+        )
 
     # ---- closed-form decode stretches ----------------------------------------------------------------------
 
@@ -472,7 +502,9 @@ class _Sim:
         static_full = self.p.batching == "static"  # running is non-empty here: a static batch admits nothing
         if self.waiting.size and not (self.admission_blocked or static_full):
             return False
-        k = self.finish_heap[0][0] - self.G if self.finish_heap else 1  # heap may hold stale entries: safe bound
+        k = (
+            self.finish_heap[0][0] - self.G if self.finish_heap else 1
+        )  # heap may hold stale entries: safe bound
         k = max(k, 1)
         base_cost = self.ca + self.cb * n + self.cc * (self.sum_base + n * self.G + n)
         slope = self.cc * n  # each step reads n more KV tokens than the last
@@ -509,10 +541,15 @@ class _Sim:
         if self.record_steps:
             tokens = {r.rid: 1 for r in self.running}
             for j in range(k):
-                self.step_log.append(StepRecord(
-                    step=self.steps + j, start=(self.now + j * base_cost + slope * j * (j - 1) // 2) / PS_PER_S,
-                    duration=(base_cost + slope * j) / PS_PER_S, scheduled_tokens=dict(tokens),
-                    kv_blocks_used=self.used + self._blocks_for(j + 1)))
+                self.step_log.append(
+                    StepRecord(
+                        step=self.steps + j,
+                        start=(self.now + j * base_cost + slope * j * (j - 1) // 2) / PS_PER_S,
+                        duration=(base_cost + slope * j) / PS_PER_S,
+                        scheduled_tokens=dict(tokens),
+                        kv_blocks_used=self.used + self._blocks_for(j + 1),
+                    )
+                )
         self.used += blocks
         self.peak = max(self.peak, self.used)
         self.now += total
@@ -587,8 +624,14 @@ def simulate(
         # The record's arrival is on the simulator's picosecond clock, so latencies are never negative.
         rec = RequestRecord(r.request_id, arrival / PS_PER_S, r.prompt_tokens, r.output_tokens, r.priority)
         records.append(rec)
-        return _Req(r.request_id, arrival, r.prompt_tokens, r.output_tokens, _order_key(policy.order, r, arrival, index),
-                    rec)
+        return _Req(
+            r.request_id,
+            arrival,
+            r.prompt_tokens,
+            r.output_tokens,
+            _order_key(policy.order, r, arrival, index),
+            rec,
+        )
 
     for index, state in enumerate(initial_running):
         q = make(index, state.request)

@@ -24,8 +24,15 @@ def req(rid: str, t: float, prompt: int, output: int, priority: int = 0) -> Requ
 
 
 def run(requests, policy, *, blocks=1000, block_size=4, **kw):
-    return simulate(requests, policy, ONE_SECOND_STEPS, num_kv_blocks=blocks, block_size=block_size,
-                    record_steps=True, **kw)
+    return simulate(
+        requests,
+        policy,
+        ONE_SECOND_STEPS,
+        num_kv_blocks=blocks,
+        block_size=block_size,
+        record_steps=True,
+        **kw,
+    )
 
 
 def batches(result):
@@ -38,13 +45,16 @@ def by_id(result):
 
 # ---- hand-worked scenarios -------------------------------------------------------------------------------------
 
+
 def test_vllm_preempts_newest_and_readmits_when_whole_sequence_fits():
     # 3 usable blocks of 4 tokens (vLLM's null block is the 4th).
     res = run([req("a", 0, 4, 6), req("b", 0, 4, 3)], "vllm", blocks=4)
     assert batches(res) == [
         {"a": 4, "b": 4},  # both prompts fit: one block each
         {"a": 1},  # both decoders need a 2nd block, one is free: b (newest) is preempted
-        {"a": 1}, {"a": 1}, {"a": 1},  # b's 5 tokens need 2 blocks; only 1 is free
+        {"a": 1},
+        {"a": 1},
+        {"a": 1},  # b's 5 tokens need 2 blocks; only 1 is free
         {"a": 1},  # a takes its 3rd block and finishes
         {"b": 5},  # b recomputes prompt + its generated token
         {"b": 1},
@@ -110,7 +120,10 @@ def test_ranking_policies_order_the_waiting_queue():
     reqs = [req("long", 0, 8, 3), req("short", 0, 2, 2), req("mid", 0, 4, 1)]
     sjf = run(reqs, "sjf(max_num_seqs=1)")
     assert [next(iter(b)) for b in batches(sjf) if len(b) == 1 and next(iter(b.values())) > 1] == [
-        "short", "mid", "long"]
+        "short",
+        "mid",
+        "long",
+    ]
     sof = run(reqs, "sof(max_num_seqs=1)")
     assert batches(sof)[0] == {"mid": 4}
 
@@ -126,8 +139,16 @@ def test_priority_serves_lower_value_first_and_preempts_highest_value():
 
 def test_initial_running_state_continues_where_the_engine_was():
     state = RunningRequest(req("r", 0, 4, 4), computed_tokens=5, generated_tokens=2)
-    res = simulate([req("n", 10, 3, 1)], "vllm", ONE_SECOND_STEPS, num_kv_blocks=100, block_size=4,
-                   initial_running=[state], start_time=0.0, record_steps=True)
+    res = simulate(
+        [req("n", 10, 3, 1)],
+        "vllm",
+        ONE_SECOND_STEPS,
+        num_kv_blocks=100,
+        block_size=4,
+        initial_running=[state],
+        start_time=0.0,
+        record_steps=True,
+    )
     assert batches(res)[:2] == [{"r": 1}, {"r": 1}]
     assert by_id(res)["r"].finish == 2.0
     assert by_id(res)["n"].finish == 11.0  # idle until it arrives
@@ -140,24 +161,40 @@ def test_arrival_steps_feed_requests_by_engine_step():
 
 
 def test_bad_requests_are_refused_with_their_id():
-    with pytest.raises(ValueError, match="x.*output_tokens"):
+    with pytest.raises(ValueError, match=r"x.*output_tokens"):
         run([RequestArrival("x", 0, 4, None)], "vllm")
-    with pytest.raises(ValueError, match="big.*never fit"):
+    with pytest.raises(ValueError, match=r"big.*never fit"):
         run([req("big", 0, 100, 10)], "vllm", blocks=4)
 
 
 # ---- policy spelling ----------------------------------------------------------------------------------------
 
+
 def test_policy_spelling_round_trips():
-    for spec in ["vllm", "vllm(max_num_seqs=64,max_num_batched_tokens=2048)", "sarathi(eviction=false)",
-                 "vllm(order=priority,long_prefill_token_threshold=256)"]:
+    for spec in [
+        "vllm",
+        "vllm(max_num_seqs=64,max_num_batched_tokens=2048)",
+        "sarathi(eviction=false)",
+        "vllm(order=priority,long_prefill_token_threshold=256)",
+    ]:
         policy = parse_policy(spec)
         assert parse_policy(str(policy)) == policy
-    assert parse_policy("vllm(policy=priority,preemption=none)") == parse_policy("vllm(order=priority,eviction=false)")
+    assert parse_policy("vllm(policy=priority,preemption=none)") == parse_policy(
+        "vllm(order=priority,eviction=false)"
+    )
 
 
-@pytest.mark.parametrize("bad", ["nope", "vllm(max_num_seqs=abc)", "vllm(colour=red)", "vllm(max_num_seqs=0)",
-                                 "vllm(order=random)", "vllm(("])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "nope",
+        "vllm(max_num_seqs=abc)",
+        "vllm(colour=red)",
+        "vllm(max_num_seqs=0)",
+        "vllm(order=random)",
+        "vllm((",
+    ],
+)
 def test_bad_policy_specs_say_what_is_wrong(bad):
     with pytest.raises(ValueError):
         parse_policy(bad)
@@ -165,13 +202,15 @@ def test_bad_policy_specs_say_what_is_wrong(bad):
 
 # ---- invariants over random workloads ---------------------------------------------------------------------
 
-POLICY_KNOBS = st.fixed_dictionaries({
-    "preset": st.sampled_from(sorted(PRESETS)),
-    "max_num_seqs": st.integers(1, 12),
-    "max_num_batched_tokens": st.integers(8, 96),
-    "long_prefill_token_threshold": st.sampled_from([0, 0, 5, 17]),
-    "order": st.sampled_from(["fcfs", "fcfs", "priority", "prompt", "output"]),
-})
+POLICY_KNOBS = st.fixed_dictionaries(
+    {
+        "preset": st.sampled_from(sorted(PRESETS)),
+        "max_num_seqs": st.integers(1, 12),
+        "max_num_batched_tokens": st.integers(8, 96),
+        "long_prefill_token_threshold": st.sampled_from([0, 0, 5, 17]),
+        "order": st.sampled_from(["fcfs", "fcfs", "priority", "prompt", "output"]),
+    }
+)
 
 
 @st.composite
@@ -205,8 +244,9 @@ def test_invariants_and_fast_forward_equals_stepping(workload, knobs):
     reqs, block_size, blocks = workload
     policy = policy_from(dict(knobs))
     fast = simulate(reqs, policy, COST, num_kv_blocks=blocks, block_size=block_size, record_steps=True)
-    slow = simulate(reqs, policy, COST, num_kv_blocks=blocks, block_size=block_size, record_steps=True,
-                    fast_forward=False)
+    slow = simulate(
+        reqs, policy, COST, num_kv_blocks=blocks, block_size=block_size, record_steps=True, fast_forward=False
+    )
 
     # Every request finishes, in order of its own events.
     for r in fast.requests:
@@ -223,10 +263,11 @@ def test_invariants_and_fast_forward_equals_stepping(workload, knobs):
         if p.chunked_prefill:
             assert sum(s.scheduled_tokens.values()) <= p.max_num_batched_tokens
     if not p.eviction or p.admission == "future-peak":
-        assert sum(r.preemptions for r in fast.requests) == 0 or p.admission == "future-peak" and p.eviction
+        assert sum(r.preemptions for r in fast.requests) == 0 or (p.admission == "future-peak" and p.eviction)
     # The shortcuts are exact: same steps, same per-request records, same busy time.
     assert [(s.scheduled_tokens, s.preempted, s.start, s.duration, s.kv_blocks_used) for s in fast.steps] == [
-        (s.scheduled_tokens, s.preempted, s.start, s.duration, s.kv_blocks_used) for s in slow.steps]
+        (s.scheduled_tokens, s.preempted, s.start, s.duration, s.kv_blocks_used) for s in slow.steps
+    ]
     assert fast.requests == slow.requests
     assert fast.gpu_seconds == slow.gpu_seconds
     # Recording steps changes nothing.
