@@ -483,15 +483,17 @@ class _Sim:
     # ---- closed-form decode stretches ----------------------------------------------------------------------
 
     def _blocks_for(self, k: int) -> int:
-        """Blocks the implicit decoders allocate over the next k steps."""
-        q, s = divmod(k, self.bs)
+        """Blocks the implicit decoders allocate over the next k steps: each crosses a block boundary every
+        block_size steps, and in the first k mod block_size steps only those whose residue comes up do."""
+        bs = self.bs
+        q, s = divmod(k, bs)
         total = q * self.n_dec
         if s:
-            g = self.G
-            bs = self.bs
-            for rb, count in enumerate(self.hist):
-                if count and (-(rb + g)) % bs < s:
-                    total += count
+            # Residues crossing within s steps: (-G - o) mod bs for o < s, a circular range ending at -G mod bs.
+            end = -self.G % bs
+            first = end - s + 1
+            hist = self.hist
+            total += sum(hist[first : end + 1]) if first >= 0 else sum(hist[: end + 1]) + sum(hist[first:])
         return total
 
     def _fast_forward(self, next_arrival: int | None, next_arrival_step: int | None) -> bool:
@@ -502,26 +504,16 @@ class _Sim:
         static_full = self.p.batching == "static"  # running is non-empty here: a static batch admits nothing
         if self.waiting.size and not (self.admission_blocked or static_full):
             return False
-        k = (
-            self.finish_heap[0][0] - self.G if self.finish_heap else 1
-        )  # heap may hold stale entries: safe bound
-        k = max(k, 1)
+        # Steps until the next finish; a stale heap entry can only make the stretch shorter, never wrong.
+        k = max(self.finish_heap[0][0] - self.G, 1) if self.finish_heap else 1
         base_cost = self.ca + self.cb * n + self.cc * (self.sum_base + n * self.G + n)
         slope = self.cc * n  # each step reads n more KV tokens than the last
         if next_arrival_step is not None:
             k = min(k, next_arrival_step - self.steps)
         if next_arrival is not None:
-            # Largest j with start_j = now + j*base_cost + slope*j*(j-1)/2 < next_arrival; k = j + 1.
             gap = next_arrival - self.now
-            if slope:
-                hb = base_cost - slope / 2
-                j = int((-hb + math.sqrt(hb * hb + 2 * slope * gap)) / slope)
-            else:
-                j = gap // base_cost if base_cost else k
-            j = max(j + 2, 0)
-            while j > 0 and j * base_cost + slope * j * (j - 1) // 2 >= gap:
-                j -= 1
-            k = min(k, j + 1)
+            if (k - 1) * base_cost + slope * (k - 1) * (k - 2) // 2 >= gap:  # the arrival comes first
+                k = _steps_starting_before(gap, base_cost, slope)
         if k < 1:
             return False
         free = self.usable - self.used
@@ -568,6 +560,19 @@ class _Sim:
         if finished:
             self._finish(finished, end_s)
         return True
+
+
+def _steps_starting_before(gap: int, base: int, slope: int) -> int:
+    """How many steps start before `gap` when step j lasts base + slope*j: the count of j >= 0 with
+    j*base + slope*j*(j-1)/2 < gap. A float estimate, corrected with exact integer arithmetic."""
+    if slope:
+        hb = base - slope / 2
+        j = int((-hb + math.sqrt(hb * hb + 2 * slope * gap)) / slope) + 2
+    else:
+        j = gap // base + 2 if base else 0
+    while j > 0 and j * base + slope * j * (j - 1) // 2 >= gap:
+        j -= 1
+    return j + 1
 
 
 def _reorder(plan: tuple[list, list, int]) -> tuple[list, int, list]:
