@@ -61,13 +61,13 @@ class _Req:
     )
 
     def __init__(
-        self, rid: str, arrival: int, prompt: int, output: int, key: tuple, rec: RequestRecord
+        self, rid: str, arrival: int, prompt: int, output: int, key: tuple | None, rec: RequestRecord
     ) -> None:
         self.rid = rid
         self.arrival = arrival
         self.prompt = prompt
         self.output = output
-        self.key = key  # waiting-queue order key
+        self.key = key  # waiting-queue order key (None under FCFS)
         self.rec = rec
         self.gen = 0  # output tokens produced
         self.computed = 0  # KV tokens held (explicit requests only)
@@ -580,9 +580,9 @@ def _reorder(plan: tuple[list, list, int]) -> tuple[list, int, list]:
     return sched, n_dec, preempted
 
 
-def _order_key(order: str, r: RequestArrival, arrival: int, index: int) -> tuple:
+def _order_key(order: str, r: RequestArrival, arrival: int, index: int) -> tuple | None:
     if order == "fcfs":
-        return (arrival, index)
+        return None  # the FCFS queue is a deque in arrival order
     if order == "priority":
         return (r.priority, arrival, index)
     return (r.prompt_tokens if order == "prompt" else r.output_tokens, arrival, index)
@@ -658,7 +658,7 @@ def simulate(
         q = make(offset + index, r)
         when = arrival_steps[r.request_id] if arrival_steps is not None else q.arrival
         pending.append((when, offset + index, q))
-    pending.sort(key=lambda t: (t[0], t[1]))
+    pending.sort()  # (when, index, request): indices are unique, requests never compared
     if start_time is not None:
         sim.now = round(start_time * PS_PER_S)
     elif arrival_steps is None and (initial_running or pending):
