@@ -204,29 +204,34 @@ class _Sim:
             return self.reserved + r.reserve + wm <= self.usable
         if p.admission == "full-prompt" and _cdiv(r.prompt + r.gen, self.bs) + wm > free:
             return False
-        if p.admission == "future-peak" and self._projected_peak(r) + wm > self.usable:
+        if p.admission == "future-peak" and not self._peak_fits(r, self.usable - wm):
             return False
         return _cdiv(n, self.bs) + wm <= free
 
-    def _projected_peak(self, cand: _Req) -> int:
-        """LightLLM's check: the most blocks the running requests plus `cand` will hold at once if each runs to
-        its end (output lengths are known to the simulator), counting each at its full current sequence as if its
-        prefill were done. Rounded up per request."""
+    def _peak_fits(self, cand: _Req, limit: int) -> bool:
+        """LightLLM's check: will the running requests plus `cand` fit in `limit` blocks at their joint peak, if
+        each runs to its end (output lengths are known to the simulator)? Each is counted at its full current
+        sequence, as if its prefill were done."""
+        # Every job at its final size at once bounds the peak from above: if that fits, so does the peak.
+        finals = sum(r.prompt + r.output - 1 for r in self.running) + cand.prompt + cand.output - 1
+        if _cdiv(finals, self.bs) + len(self.running) <= limit:
+            return True
         jobs = []
         for r in [*self.running, cand]:
             gen = r.base + self.G - r.prompt + 1 if r.implicit else r.gen
             held = r.prompt + max(gen, 1) - 1 if r is not cand else r.prompt + gen
             jobs.append((r.prompt + r.output - 1 - held, held))
         jobs.sort()
-        peak, n = 0, len(jobs)
+        n = len(jobs)
         held_now = sum(h for _, h in jobs)
         for i, (left, held) in enumerate(jobs):
-            # When the i-th shortest finishes, requests i.. have each grown by `left` tokens.
+            # When the i-th shortest finishes, requests i.. have each grown by `left` tokens;
+            # sum of ceil(x_j / bs) over `live` requests <= ceil(sum x_j / bs) + live - 1.
             live = n - i
-            # sum of ceil(x_j / bs) over `live` requests <= ceil(sum x_j / bs) + live - 1
-            peak = max(peak, _cdiv(held_now + live * left, self.bs) + live - 1)
+            if _cdiv(held_now + live * left, self.bs) + live - 1 > limit:
+                return False
             held_now -= held
-        return peak
+        return True
 
     # ---- one step ------------------------------------------------------------------------------------------
 
@@ -390,8 +395,8 @@ class _Sim:
             budget -= n
         preempted: list[_Req] = []
         if total > self.usable - self.used:
-            if p.order != "fcfs" or not p.eviction:
-                return None
+            if p.order == "priority" or not p.eviction:
+                return None  # priority victims are not at the tail; the literal walk decides
             while total > self.usable - self.used:
                 victim = self.running.pop()
                 if sched and sched[-1][0] is victim:
