@@ -1,0 +1,105 @@
+"""Relaxation bounds never exceed a feasible schedule's cost; the packing heuristic's schedules are feasible."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from adapters.traces import read_trace, resolve_trace
+from costmodel.linear import LinearCostModel
+from solver.bounds import chunking_slack, min_batches, relaxation_bound
+from solver.bruteforce import SearchSpace, exhaustive_optimum
+from solver.cpsat import schedule_from_runs
+from solver.optimal import run_heuristics
+from solver.packing import ORDERS, best_packing, makespan, pack
+from solver.problem import EngineLimits, Objective, Window, WindowRequest
+from solver.schedule import verify
+
+EVERYTHING = SearchSpace(pause=True, chunking=True, max_evictions=1)
+
+windows = st.builds(
+    lambda shapes, spare, start: Window(
+        tuple(WindowRequest(f"r{i}", t, p, o) for i, (p, o, t) in enumerate(shapes)),
+        EngineLimits(kv_blocks=max(-(-(p + o - 1) // 2) for p, o, _ in shapes) + spare, block_size=2),
+        start=start,
+    ),
+    st.lists(st.tuples(st.integers(1, 4), st.integers(1, 3), st.floats(0, 2)), min_size=1, max_size=3),
+    st.integers(0, 3),
+    st.floats(0, 1),
+)
+costs = st.builds(
+    LinearCostModel,
+    st.floats(0, 1),
+    st.floats(0, 0.2),
+    st.floats(0, 0.05),
+    st.floats(0, 0.05),
+)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(window=windows, cost=costs)
+def test_gpu_bound_is_below_the_exhaustive_optimum_over_every_schedule(window, cost):
+    best, _ = exhaustive_optimum(window, cost, Objective(), EVERYTHING)
+    assert relaxation_bound(window, cost).gpu_seconds <= best + 1e-9
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(window=windows, cost=costs)
+def test_latency_bounds_are_below_the_exhaustive_optima(window, cost):
+    space = SearchSpace(pause=True, chunking=True, max_evictions=0)
+    bound = relaxation_bound(window, cost)
+    e2e, _ = exhaustive_optimum(window, cost, Objective(gpu=0.0, e2e=1.0), space)
+    ttft, _ = exhaustive_optimum(window, cost, Objective(gpu=0.0, ttft=1.0), space)
+    assert bound.mean_e2e <= e2e + 1e-9
+    assert bound.mean_ttft <= ttft + 1e-9
+
+
+def test_bound_is_tight_when_one_request_is_alone():
+    cost = LinearCostModel(a=1.0, b=0.1, c=0.01, d=0.0)
+    window = Window((WindowRequest("x", 0.0, 4, 3),), EngineLimits(kv_blocks=3, block_size=2))
+    best, _ = exhaustive_optimum(window, cost, Objective(), EVERYTHING)
+    assert relaxation_bound(window, cost).gpu_seconds == pytest.approx(best)
+    assert chunking_slack(window, cost) == 0.0  # no d term: a single-batch prefill is the cheapest
+
+
+@pytest.fixture(scope="module")
+def trace_window() -> Window:
+    trace = read_trace(resolve_trace("azure-conv"), limit=48, rate_scale=10, max_prompt_tokens=1500)
+    return Window.from_arrivals(trace.requests, EngineLimits(kv_blocks=300, block_size=16))
+
+
+def test_relaxation_is_below_every_heuristic_on_a_trace_window(trace_window):
+    cost = LinearCostModel(a=0.024, b=2.3e-4, c=1.7e-6, d=4e-8)
+    bound = relaxation_bound(trace_window, cost)
+    for objective in (Objective(), Objective(gpu=0, e2e=1), Objective(gpu=0, ttft=1)):
+        for h in run_heuristics(trace_window, cost, objective, ("vllm", "sarathi", "no-eviction", "sjf")):
+            assert h.replay.feasible
+            assert bound.objective(objective) <= h.objective, (h.policy, objective)
+
+
+def test_packings_are_feasible_and_no_shorter_than_the_bound(trace_window):
+    cost = LinearCostModel(a=0.024, b=2.3e-4, c=1.7e-6, d=0.0)
+    lower = min_batches(trace_window)
+    for order in ORDERS.values():
+        runs = pack(trace_window, order)
+        replayed = verify(schedule_from_runs(trace_window, runs), trace_window, cost)
+        assert len(replayed.batches) == makespan(runs) >= lower
+        assert replayed.recomputed_tokens == 0
+    name, runs = best_packing(trace_window)
+    assert makespan(runs) == min(makespan(pack(trace_window, order)) for order in ORDERS.values())
+    assert name in ORDERS
+
+
+def test_packing_keeps_running_requests_at_the_start():
+    window = Window(
+        (
+            WindowRequest("run", -1.0, 6, 4, computed_tokens=7, generated_tokens=2),
+            WindowRequest("new", 0.0, 5, 3),
+        ),
+        EngineLimits(kv_blocks=6, block_size=2),
+    )
+    runs = pack(window, ORDERS["longest"])
+    assert runs["run"] == [(0, 2)]
+    assert runs["new"][0][0] >= 1  # 8 tokens (4 blocks) + 5 tokens (3 blocks) do not fit together
+    verify(schedule_from_runs(window, runs), window, LinearCostModel(a=1.0, b=0.0, c=0.0))
