@@ -43,6 +43,9 @@ class IngestStats:
     refused_unauthenticated: int = 0
     sink_failures: int = 0
     dropped_by_source: dict[str, int] = field(default_factory=dict)  # the senders' own drop counters, latest
+    # Batches a sender sent that never arrived (sequence gaps), e.g. while this server was down: a sender
+    # cannot report those itself, since they were lost on the way here.
+    lost_batches_by_source: dict[str, int] = field(default_factory=dict)
 
 
 class IngestServer:
@@ -61,6 +64,7 @@ class IngestServer:
         self._token = token.encode() if token else None
         self._max_message_bytes = max_message_bytes
         self.stats = IngestStats()
+        self._last_sequence: dict[str, int] = {}  # per source, the highest batch sequence received
         self._stats_lock = threading.Lock()
         self._sink_lock = threading.Lock()
         self._server = grpc.server(
@@ -134,9 +138,15 @@ class IngestServer:
             logger.exception("ingest sink failed")
             self._refuse(context, "sink_failures", grpc.StatusCode.INTERNAL, f"sink failed: {exc}")
         with self._stats_lock:
-            self.stats.batches += 1
-            self.stats.events += len(batch.events)
-            self.stats.dropped_by_source[batch.source] = batch.dropped
+            stats = self.stats
+            stats.batches += 1
+            stats.events += len(batch.events)
+            stats.dropped_by_source[batch.source] = batch.dropped
+            last = self._last_sequence.get(batch.source, -1)
+            if batch.sequence > last + 1:  # equal sequences are the parts of one split batch
+                lost = stats.lost_batches_by_source.get(batch.source, 0)
+                stats.lost_batches_by_source[batch.source] = lost + batch.sequence - last - 1
+            self._last_sequence[batch.source] = max(last, batch.sequence)
         return pb.Ack(accepted=len(batch.events))
 
 

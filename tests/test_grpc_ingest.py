@@ -50,6 +50,15 @@ def test_batches_arrive_intact_on_loopback() -> None:
     assert sink.batches == [EventBatch(EVENTS, "engine-a", 7, 2)]
     assert server.stats.batches == 1 and server.stats.events == 4
     assert server.stats.dropped_by_source == {"engine-a": 2}
+    assert server.stats.lost_batches_by_source == {"engine-a": 7}  # sequences 0..6 never arrived
+
+
+def test_sequence_gaps_count_batches_lost_on_the_way() -> None:
+    with IngestServer(_Collect()) as server:
+        sink = GrpcSink(server.address)
+        for sequence in (0, 1, 1, 4, 5, 9):  # 1 twice: the halves of a split batch
+            sink(EventBatch(EVENTS[:1], "engine-b", sequence))
+    assert server.stats.lost_batches_by_source == {"engine-b": 2 + 3}
 
 
 def test_token_is_required_when_configured() -> None:

@@ -85,6 +85,9 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Session,
         os.environ.update(saved)
     yield s, engine
     stop_engine(engine)
+    from opentelemetry import trace
+
+    trace.get_tracer_provider().shutdown()  # vLLM installed it in this process; stop it exporting to a dead port
     s.otlp.stop()
     s.ingest.stop()
 
