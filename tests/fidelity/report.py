@@ -18,6 +18,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+# A sibling module: on sys.path both when run as a script and under pytest (tests/ is not a package).
+from self_replay import StepComparison, compare_steps, policy_spec, replay_in_step_space
+
 from adapters.events import RequestArrival
 from adapters.mirror_stream import MirroredRun, request_latencies
 from adapters.recorder import read_events
@@ -25,9 +28,6 @@ from adapters.traces import bundled_trace, read_trace
 from adapters.vllm.engine_run import EngineSetup, drive, start_engine, stop_engine, trace_workload
 from costmodel.calibration_report import CalibrationReport, calibrate
 from solver.simulator import simulate
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from self_replay import StepComparison, compare_steps, policy_spec, replay_in_step_space
 
 # (name, engine setup, number of trace requests). KV sizes are chosen so that preemption happens.
 CONFIGS: dict[str, EngineSetup] = {

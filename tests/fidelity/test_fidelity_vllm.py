@@ -7,14 +7,12 @@ step space: same requests, same token counts, same preemption victims, in every 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("vllm", reason="the CPU build of vLLM is installed by `make test`")
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import CONFIGS, evaluate
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
