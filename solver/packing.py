@@ -43,10 +43,14 @@ def pack(window: Window, order: Order) -> dict[str, list[tuple[int, int]]]:
     runs: dict[str, list[tuple[int, int]]] = {}
     running = [r for r in window.requests if r.running]
     waiting = sorted((r for r in window.requests if not r.running), key=order)
+    end = 0  # batches used so far: a request always fits from here on, so no start past it is tried
     for request in [*running, *waiting]:
         profile = kv_profile(request, limits.block_size)
-        start = 0 if request.running else _first_fit(usage, profile, limits.kv_blocks)
+        start = 0
+        if not request.running:
+            start = _first_fit(usage[: end + len(profile)], profile, limits.kv_blocks)
         usage[start : start + len(profile)] += profile
+        end = max(end, start + len(profile))
         runs[request.request_id] = [(start, request.remaining_outputs)]
     return runs
 
