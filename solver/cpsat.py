@@ -118,7 +118,6 @@ class RunSolution:
     objective_units: float  # the model's objective (nan without a solution)
     bound_units: float
     wall_seconds: float
-    branches: int
 
 
 def recompute_extra(request: WindowRequest, emitted: int, cost: LinearCostModel) -> float:
@@ -546,7 +545,6 @@ def solve_run_model(run_model: RunModel, *, time_limit: float, workers: int, see
         objective_units=solver.objective_value if found else math.nan,
         bound_units=solver.best_objective_bound,
         wall_seconds=solver.wall_time,
-        branches=solver.num_branches,
     )
 
 

@@ -174,19 +174,23 @@ def solve_optimal(
     if max_evictions > 0:
         # The model with evictions proves little (see the module docstring) but searches well from a good
         # start: the no-eviction optimum, found in a third of the time, is one of its solutions.
-        first = solve_optimal(
-            window,
-            cost,
-            objective,
-            max_evictions=0,
-            time_limit=time_limit / 3,
-            workers=workers,
-            seed=seed,
-            hints=hints,
-        )
-        hints["no-eviction optimum"] = first.schedule
-        time_limit -= first.solve_seconds
-        earlier_seconds = first.solve_seconds
+        try:
+            first = solve_optimal(
+                window,
+                cost,
+                objective,
+                max_evictions=0,
+                time_limit=time_limit / 3,
+                workers=workers,
+                seed=seed,
+                hints=hints,
+            )
+        except ValueError:  # running requests that cannot all keep their KV: only evictions make room
+            pass
+        else:
+            hints["no-eviction optimum"] = first.schedule
+            time_limit -= first.solve_seconds
+            earlier_seconds = first.solve_seconds
     candidates = _feasible_hints(window, cost, objective, hints, max_evictions)
     best_name, best_schedule, best_replay = min(
         candidates, key=lambda c: c[2].objective(objective), default=("none", None, None)

@@ -191,3 +191,19 @@ def test_objective_spelling():
         parse_objective("makespan")
     with pytest.raises(ValueError, match="bad objective term"):
         parse_objective("mix:gpu=1,foo=2")
+
+
+def test_running_requests_that_only_fit_with_an_eviction():
+    """Two running requests whose next tokens do not fit together: without eviction the run form has no
+    schedule (one would have to pause), with eviction the optimum drops one and recomputes it."""
+    requests = (
+        WindowRequest("decoding", -2.0, 3, 4, computed_tokens=4, generated_tokens=2),
+        WindowRequest("prefilling", -1.0, 5, 2, computed_tokens=2),
+    )
+    window = Window(requests, EngineLimits(kv_blocks=5, block_size=2), start=0.0)
+    with pytest.raises(ValueError, match="no schedule"):
+        solve_optimal(window, COST, GPU, max_evictions=0, time_limit=5, workers=2)
+    best, _ = exhaustive_optimum(window, COST, GPU, RUN_FORM[1])
+    result = cp_optimum(window, GPU, 1)
+    assert result.objective == pytest.approx(best, rel=REL)
+    assert result.summary()["preemptions"] == 1
