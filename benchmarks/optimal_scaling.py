@@ -171,7 +171,7 @@ def main() -> None:
         print(markdown_bounds(bounds), flush=True)
     rows = []
     for trace in args.traces.split(","):
-        for size in map(int, args.sizes.split(",")):
+        for size in map(int, filter(None, args.sizes.split(","))):
             for evictions in map(int, args.evictions.split(",")):
                 rows.append(row(trace, size, evictions, args.start, cost, kv_blocks, args.time_limit))
                 print(json.dumps(rows[-1]), flush=True)
