@@ -3,7 +3,7 @@
 The generated module is checked in so that installing the project needs protobuf only, not grpcio-tools
 (protoc).
     python -m adapters.proto.generate          # rewrite the generated files
-    python -m adapters.proto.generate --check  # exit 1 if they differ from what protoc makes now
+    python -m adapters.proto.generate --check  # exit 1 if they no longer match the .proto
 """
 
 from __future__ import annotations
@@ -31,24 +31,40 @@ def generate(out_dir: Path) -> None:
         path.write_text(LINT_MARKER + path.read_text())
 
 
-def stale_outputs() -> list[str]:
-    """Names of generated files whose checked-in text differs from a fresh generation."""
+def is_up_to_date() -> bool:
+    """Whether the checked-in module describes exactly what `shadow_events.proto` says now.
+
+    Compared as descriptors, not as text: protoc versions stamp their own version into the generated file,
+    and a check that failed on every new grpcio-tools would say nothing about the schema.
+    """
+    from google.protobuf import descriptor_pb2
+
+    from adapters.proto import shadow_events_pb2
+
     with tempfile.TemporaryDirectory() as tmp:
-        generate(Path(tmp))
-        return [
-            name
-            for name in OUTPUTS
-            if not (HERE / name).exists() or (HERE / name).read_bytes() != (Path(tmp) / name).read_bytes()
-        ]
+        out = Path(tmp) / "schema.bin"
+        from grpc_tools import protoc
+
+        if protoc.main(["protoc", f"-I{HERE}", f"--descriptor_set_out={out}", str(HERE / PROTO)]) != 0:
+            raise RuntimeError(f"protoc failed on {HERE / PROTO}")
+        fresh = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file[0]
+    checked_in = descriptor_pb2.FileDescriptorProto.FromString(shadow_events_pb2.DESCRIPTOR.serialized_pb)
+    # protoc fills in json_name for a descriptor set but leaves it out of the generated module's copy.
+    pending = list(fresh.message_type)
+    while pending:
+        message = pending.pop()
+        for f in message.field:
+            f.ClearField("json_name")
+        pending.extend(message.nested_type)
+    return fresh == checked_in
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only check that the generated files are fresh")
     if parser.parse_args(argv).check:
-        stale = stale_outputs()
-        if stale:
-            print(f"stale generated files: {', '.join(stale)}; run python -m adapters.proto.generate")
+        if not is_up_to_date():
+            print(f"{OUTPUTS[0]} does not match {PROTO}; run python -m adapters.proto.generate")
             return 1
         return 0
     generate(HERE)
