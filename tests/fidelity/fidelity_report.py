@@ -6,7 +6,7 @@ stream; replay it in step space through `solver` and compare step by step; calib
 the first half of the measured steps and report its error on the second half; replay in time with the
 calibrated model and report per-request TTFT and end-to-end errors.
 
-    python tests/fidelity/report.py            # all configurations, one table
+    python tests/fidelity/fidelity_report.py   # all configurations, one table
 """
 
 from __future__ import annotations
