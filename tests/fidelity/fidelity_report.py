@@ -29,11 +29,15 @@ from adapters.vllm.engine_run import EngineSetup, drive, start_engine, stop_engi
 from costmodel.calibration_report import CalibrationReport, calibrate
 from solver.simulator import simulate
 
-# (name, engine setup, number of trace requests). KV sizes are chosen so that preemption happens.
+# Engine configurations by name; KV sizes are chosen so that preemption happens.
 CONFIGS: dict[str, EngineSetup] = {
     "fcfs-kv12": EngineSetup(num_kv_blocks=12),
     "fcfs-kv16-threshold64": EngineSetup(num_kv_blocks=16, long_prefill_token_threshold=64),
     "fcfs-kv24-budget256": EngineSetup(num_kv_blocks=24, max_num_batched_tokens=256, max_num_seqs=16),
+    # Without chunked prefill a prompt must fit the budget whole, so the budget covers max_model_len.
+    "fcfs-kv16-unchunked": EngineSetup(
+        num_kv_blocks=16, enable_chunked_prefill=False, max_num_batched_tokens=2048
+    ),
     "priority-kv12": EngineSetup(num_kv_blocks=12, policy="priority"),
     "priority-kv16-threshold128": EngineSetup(
         num_kv_blocks=16, policy="priority", long_prefill_token_threshold=128
