@@ -90,8 +90,14 @@ def exhaustive_optimum(
                 found = (total, ((combo, start), *plan))
         return found
 
-    def _advance(states, combo, clock):
-        news, contexts, next_states = [], [], []
+    def _advance(
+        states: tuple[_RequestState, ...], combo: tuple[_Choice, ...], clock: float
+    ) -> tuple[tuple[_RequestState, ...], float, float, float] | None:
+        """Run one batch: the next states, its start and end, and what it adds to the objective (None if
+        its KV does not fit)."""
+        news: list[int] = []
+        contexts: list[int] = []
+        next_states: list[_RequestState] = []
         blocks = 0
         start = clock
         for request, state, choice in zip(requests, states, combo, strict=True):
