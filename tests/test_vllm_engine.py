@@ -23,7 +23,7 @@ from adapters.grpc_ingest import IngestServer
 from adapters.mirror_stream import MirroredRun
 from adapters.otlp import OtlpSpanReceiver
 from adapters.publisher import EventBatch
-from adapters.recorder import read_events
+from adapters.recorder import RecordingError, read_events
 from adapters.traces import bundled_trace, read_trace
 from adapters.vllm.engine_run import EngineSetup, drive, start_engine, stop_engine, trace_workload
 
@@ -67,6 +67,11 @@ class Session:
 
     def engine_recording(self) -> list[Event]:
         (path,) = [p for p in self.tmp.glob("*.jsonl") if p.stem != str(os.getpid())]
+        for _ in range(50):
+            try:
+                return list(read_events(path))
+            except RecordingError:  # read while the engine's publisher was halfway through writing a line
+                time.sleep(0.02)
         return list(read_events(path))
 
 
@@ -177,13 +182,16 @@ def test_engine_finishes_every_request_when_the_shadow_dies_mid_run(session) -> 
     threading.Timer(0.3, s.ingest.stop, kwargs={"grace": 0}).start()
     produced = drive(engine, requests, id_prefix="c")
     assert produced == {"c" + r.request_id: r.output_tokens for r in requests}
+
     # The recording, a second destination of the same publisher, still has the whole run ...
-    recorded = [
-        e for e in s.engine_recording() if isinstance(e, RequestFinish) and e.request_id.startswith("c")
-    ]
-    assert {_external(e.request_id): e.output_tokens for e in recorded} == produced
+    def recorded() -> list[RequestFinish]:
+        events = s.engine_recording()
+        return [e for e in events if isinstance(e, RequestFinish) and e.request_id.startswith("c")]
+
+    _wait_for(lambda: len(recorded()) >= len(requests))  # the publisher writes every few milliseconds
+    assert {_external(e.request_id): e.output_tokens for e in recorded()} == produced
     # ... while the dead shadow got only what was sent before it died.
     ingested = [
         e for e in s.ingested.mirror_events() if isinstance(e, RequestFinish) and e.request_id.startswith("c")
     ]
-    assert len(ingested) < len(recorded)
+    assert len(ingested) < len(recorded())
