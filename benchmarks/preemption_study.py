@@ -98,12 +98,15 @@ def part_b(cost, blocks: int, size: int, windows: int, rate_scale: float, time_l
                 [f"{p}(preemption={m})" for p in ("vllm", "sjf") for m in ("recompute", "none")],
             )
             hints = {h.policy: h.schedule for h in heuristics}
-            solved = {
-                evictions: solve_optimal(
-                    window, cost, GPU, max_evictions=evictions, time_limit=time_limit, workers=2, hints=hints
-                )
-                for evictions in (0, 1)
-            }
+            no_evict = solve_optimal(
+                window, cost, GPU, max_evictions=0, time_limit=time_limit, workers=2, hints=hints
+            )
+            # Every no-eviction schedule is a schedule with evictions: the eviction solve starts from it.
+            hints["no-eviction optimum"] = no_evict.schedule
+            evict = solve_optimal(
+                window, cost, GPU, max_evictions=1, time_limit=time_limit, workers=2, hints=hints
+            )
+            solved = {0: no_evict, 1: evict}
             row = {
                 "workload": workload,
                 "window": index,
@@ -139,18 +142,23 @@ def markdown_a(rows: list[dict]) -> str:
 
 
 def markdown_b(rows: list[dict]) -> str:
+    """The optimum's side: what its eviction solve found, and the most preemption could save it (the best
+    schedule without preemption against the proven bound with it)."""
     lines = [
         "| workload | window | vLLM | vLLM no-evict | SJF | SJF no-evict | optimum no-evict (gap) "
-        "| optimum with eviction [bound] | its preemptions | preemption saves, optimum |",
+        "| optimum with eviction [bound] | its preemptions | preemption could save the optimum at most |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        best_without = (
+            min(r["opt_no_evict"], r["opt_evict"]) if r["opt_evict_preemptions"] == 0 else r["opt_no_evict"]
+        )
         lines.append(
             f"| {r['workload']} | {r['window']} | {r['vllm(preemption=recompute)']:.2f} "
             f"| {r['vllm(preemption=none)']:.2f} | {r['sjf(preemption=recompute)']:.2f} "
             f"| {r['sjf(preemption=none)']:.2f} | {r['opt_no_evict']:.2f} ({100 * r['opt_no_evict_gap']:.2f}%) "
             f"| {r['opt_evict']:.2f} [{r['opt_evict_bound']:.2f}] | {r['opt_evict_preemptions']} "
-            f"| {100 * (1 - r['opt_evict'] / r['opt_no_evict']):.1f}% |"
+            f"| {100 * (1 - r['opt_evict_bound'] / best_without):.1f}% |"
         )
     return "\n".join(lines)
 
