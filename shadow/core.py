@@ -416,6 +416,7 @@ class ShadowCore:
             engine_steps=len(window.steps),
             actual_gpu_seconds=window.actual_gpu_seconds,
             cost_error=window.cost_error,
+            cost_samples=window.cost_samples,
             current=flight.candidates[0].label,
             fidelity=fidelity,
             candidates=tuple(outcomes),

@@ -123,6 +123,7 @@ class _Window:
     start_step: int
     cost: LinearCostModel
     cost_error: float
+    cost_samples: int
     running: list[tuple[str, int, int]]  # (id, computed, generated) at the start, running-queue order
     waiting: list[tuple[str, int]]  # (id, generated) at the start, queue order
     own: list[str] = field(default_factory=list)
@@ -336,6 +337,7 @@ class EngineTracker:
             self.stats.steps,
             self.calibrator.model(),
             self.calibrator.mape(),
+            self.calibrator.samples,
             running,
             waiting,
         )
@@ -449,6 +451,7 @@ class EngineTracker:
             observed=observed,
             cost=window.cost,
             cost_error=window.cost_error,
+            cost_samples=window.cost_samples,
             approximations=approximations,
         )
 

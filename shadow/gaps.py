@@ -42,6 +42,7 @@ class WindowEvaluation:
     engine_steps: int
     actual_gpu_seconds: float  # measured busy time while the window was open
     cost_error: float  # the calibrator's relative error when the window opened
+    cost_samples: int  # steps the cost model had been calibrated on when the window opened
     current: str  # label of the engine's configuration
     fidelity: Fidelity
     candidates: tuple[CandidateOutcome, ...]  # every other configuration tried

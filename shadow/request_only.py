@@ -149,6 +149,7 @@ class RequestOnlyTracker:
             observed=observed,
             cost=self._prior,
             cost_error=math.nan,
+            cost_samples=0,
         )
         self._next_index += 1
         return window

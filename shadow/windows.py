@@ -94,6 +94,7 @@ class TrafficWindow:
     observed: Mapping[str, ObservedRequest]  # own requests
     cost: LinearCostModel  # the calibrated cost model when the window opened: never fitted on its own steps
     cost_error: float  # the calibrator's running relative error then (nan before any measurement)
+    cost_samples: int  # engine steps the cost model had been calibrated on then
     approximations: int = 0  # requests whose modelling is approximate (aborted before their first token)
 
     @property
