@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from shadow.cli import main
 
 WINDOW = ["azure-code", "--limit", "10", "--gpu", "a10g", "--kv-blocks", "300", "--max-prompt-tokens", "2000"]
