@@ -213,7 +213,8 @@ def _print_tables(report: dict) -> None:
     )
     console.print(optimum)
     console.print(
-        f"bound holds for {report['bound_scope']}; relaxation bound {report['relaxation_bound']:.4f}"
+        f"bound holds for {report['bound_scope']}; relaxation bound {report['relaxation_bound']:.4f}",
+        soft_wrap=True,  # one line whatever the terminal's width: scripts grep for the scope
     )
     table = Table(title="heuristics on the same window")
     for column in (
