@@ -392,7 +392,10 @@ def _time_layer(
             model.add(begun >= max(scale.ticks(request.arrival - window.start), 0))
         if scale.e2e:
             finish = model.new_int_var(0, span + longest_batch, f"finish_{rid}")
-            model.add_element(last.end - 1, ends, finish)
+            # OR-Tools before 9.12 takes only a variable as an element index, not an affine expression.
+            last_batch = model.new_int_var(0, len(ends) - 1, f"last_batch_{rid}")
+            model.add(last_batch == last.end - 1)
+            model.add_element(last_batch, ends, finish)
             latency = latency + scale.e2e * finish
         if scale.ttft and request.generated_tokens == 0:
             first_token = model.new_int_var(0, span + longest_batch, f"first_{rid}")

@@ -82,7 +82,7 @@ class SchedulerSettings(_message.Message):
     watermark: float
     scheduler_reserve_full_isl: bool
     async_scheduling: bool
-    def __init__(self, policy: _Optional[str] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., enable_chunked_prefill: _Optional[bool] = ..., long_prefill_token_threshold: _Optional[int] = ..., enable_prefix_caching: _Optional[bool] = ..., max_model_len: _Optional[int] = ..., watermark: _Optional[float] = ..., scheduler_reserve_full_isl: _Optional[bool] = ..., async_scheduling: _Optional[bool] = ...) -> None: ...
+    def __init__(self, policy: _Optional[str] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., enable_chunked_prefill: bool = ..., long_prefill_token_threshold: _Optional[int] = ..., enable_prefix_caching: bool = ..., max_model_len: _Optional[int] = ..., watermark: _Optional[float] = ..., scheduler_reserve_full_isl: bool = ..., async_scheduling: bool = ...) -> None: ...
 
 class EngineInfo(_message.Message):
     __slots__ = ("model", "block_size", "num_kv_blocks", "scheduler", "engine", "model_config_json", "tensor_parallel_size")
