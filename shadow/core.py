@@ -296,8 +296,8 @@ class ShadowCore:
                 engine.tracker.expire()
                 engine.tracker.close_idle()
                 self._enqueue(engine)
+        self._expire_evaluations()  # first: a result that came after the limit is too late, however close
         self._collect()
-        self._expire_evaluations()
         self._submit()
 
     def flush(self) -> None:

@@ -1,0 +1,49 @@
+"""Shared by the shadow's tests: the recorded real-engine streams (tests/data/shadow) and small builders."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from adapters.events import EngineInfo, Event
+from adapters.publisher import EventBatch
+from adapters.recorder import read_batches, read_events
+from shadow.costs import engine_prior
+from shadow.engine_state import EngineTracker, TrackerLimits
+from shadow.windows import TrafficWindow, WindowRules
+
+STREAMS = Path(__file__).resolve().parent / "data" / "shadow"
+NAMES = ("fcfs-kv12", "priority-kv16", "fcfs-kv6-crowded")
+
+
+def events(name: str) -> list[Event]:
+    return list(read_events(STREAMS / f"{name}.jsonl.gz"))
+
+
+def batches(name: str) -> list[EventBatch]:
+    return list(read_batches(STREAMS / f"{name}.jsonl.gz"))
+
+
+def info_of(stream: list[Event]) -> EngineInfo:
+    info = stream[0]
+    assert isinstance(info, EngineInfo)
+    return info
+
+
+def tracker(info: EngineInfo, seconds: float = 0.5, **limits: float) -> EngineTracker:
+    return EngineTracker(
+        info,
+        rules=WindowRules(seconds=seconds),
+        prior=engine_prior(info, "cpu")[0],
+        limits=TrackerLimits(**limits),
+        clock=time.monotonic,
+    )
+
+
+def windows(name: str, seconds: float = 0.5) -> list[TrafficWindow]:
+    stream = events(name)
+    t = tracker(info_of(stream), seconds)
+    for event in stream[1:]:
+        t.apply(event)
+    t.flush()
+    return t.take_ready()

@@ -1,0 +1,97 @@
+"""The candidate grid: around the engine's own settings, valid for vLLM, bounded, current configuration first."""
+
+from __future__ import annotations
+
+import pytest
+
+from adapters.events import SchedulerSettings
+from shadow.candidates import SearchSpace, build_candidates, current_policy, flag_changes
+from solver.policies import parse_policy
+
+SETTINGS = SchedulerSettings(max_num_seqs=8, max_num_batched_tokens=512, max_model_len=2048)
+
+
+def test_the_current_configuration_comes_first_and_is_what_the_engine_runs() -> None:
+    candidates = build_candidates(SETTINGS)
+    current = candidates[0]
+    assert current.actionable and current.policy == current_policy(SETTINGS)
+    assert (current.policy.max_num_seqs, current.policy.max_num_batched_tokens) == (8, 512)
+    assert parse_policy(current.label) == current.policy  # labels are canonical spellings
+
+
+def test_the_default_grid_has_about_twenty_unique_candidates() -> None:
+    candidates = build_candidates(SETTINGS)
+    labels = [c.label for c in candidates]
+    assert len(labels) == len(set(labels)) == 19
+    seqs = {c.policy.max_num_seqs for c in candidates if c.policy.preset == "vllm"}
+    assert seqs == {4, 8, 16, 32}
+    # Other schedulers appear for reference, never as recommendations.
+    assert {c.policy.preset for c in candidates if not c.actionable} == {
+        "sarathi",
+        "orca",
+        "lightllm",
+        "sjf",
+        "no-eviction",
+    }
+
+
+def test_candidates_vllm_would_refuse_are_left_out() -> None:
+    settings = SchedulerSettings(max_num_seqs=256, max_num_batched_tokens=512, max_model_len=4096)
+    candidates = build_candidates(settings, SearchSpace(max_num_seqs_factors=(1, 4)))
+    for c in candidates:
+        if c.actionable:
+            assert c.policy.max_num_batched_tokens >= c.policy.max_num_seqs
+            assert c.policy.chunked_prefill or c.policy.max_num_batched_tokens >= 4096
+    assert not any(c.actionable and not c.policy.chunked_prefill for c in candidates)
+
+
+def test_the_grid_is_bounded() -> None:
+    space = SearchSpace(max_num_seqs_factors=tuple(range(1, 40)), max_candidates=25)
+    assert len(build_candidates(SETTINGS, space)) == 25
+
+
+def test_priority_engines_get_fcfs_as_the_alternative_and_keep_their_admission_rules() -> None:
+    settings = SchedulerSettings(policy="priority", scheduler_reserve_full_isl=False, watermark=0.01)
+    candidates = build_candidates(settings)
+    orders = {c.policy.order for c in candidates if c.actionable}
+    assert orders == {"priority", "fcfs"}
+    assert all(
+        c.policy.admission == "chunk" and c.policy.watermark == 0.01 for c in candidates if c.actionable
+    )
+
+
+def test_flag_changes_name_only_what_differs() -> None:
+    current = current_policy(SETTINGS)
+    candidate = parse_policy(
+        "vllm(max_num_seqs=16,max_num_batched_tokens=512,long_prefill_token_threshold=128)"
+    )
+    assert flag_changes(current, candidate) == ["--max-num-seqs 16", "--long-prefill-token-threshold 128"]
+    assert flag_changes(current, current) == []
+
+
+def test_extra_specs_are_checked_when_the_space_is_configured() -> None:
+    with pytest.raises(ValueError):
+        SearchSpace(extra=("vllm(max_num_seq=3)",))
+    with pytest.raises(ValueError):
+        SearchSpace(presets=("nonesuch",))
+    extra = build_candidates(SETTINGS, SearchSpace(extra=("vllm(max_num_seqs=1000)",)))
+    assert extra[-1].label == "vllm(max_num_seqs=1000)"
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        SETTINGS,
+        SchedulerSettings(policy="priority", long_prefill_token_threshold=64, enable_chunked_prefill=False),
+        SchedulerSettings(scheduler_reserve_full_isl=False, watermark=0.01),
+    ],
+)
+def test_the_current_policy_is_the_one_proven_step_for_step_against_vllm(settings: SchedulerSettings) -> None:
+    """tests/fidelity replays real engines with `policy_spec`; the shadow's self replay must be that policy."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "fidelity"))
+    from self_replay import policy_spec
+
+    assert current_policy(settings) == parse_policy(policy_spec(settings))

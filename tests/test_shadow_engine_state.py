@@ -1,0 +1,254 @@
+"""The per-engine request table and its windows, on mirror streams recorded from real vLLM engines.
+
+The strongest check: every window, replayed from the engine state the tracker rebuilt at its start, reproduces
+the engine's own steps exactly. Then loss: whatever is dropped, no window built on wrong state is evaluated,
+every skipped window is counted with its reason, and tracking recovers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from adapters.events import EngineInfo, EngineStep, RequestArrival, RequestFinish, SchedulerSettings
+from adapters.mirror_stream import MirroredRun, request_latencies
+from costmodel.linear import LinearCostModel
+from shadow.engine_state import (
+    BACKLOG,
+    ENGINE_SILENT,
+    LOST_EVENTS,
+    REQUEST_TIMEOUT,
+    EngineTracker,
+    TrackerLimits,
+)
+from shadow.evaluate import Slo, check_fidelity
+from shadow.windows import WindowRules
+from tests import shadow_support as support
+
+
+@pytest.mark.parametrize("name", support.NAMES)
+@pytest.mark.parametrize("seconds", [0.25, 1.0])
+def test_every_window_replays_the_engine_step_for_step_from_its_start_state(
+    name: str, seconds: float
+) -> None:
+    windows = support.windows(name, seconds)
+    assert len(windows) >= 5
+    for window in windows:
+        fidelity = check_fidelity(window, Slo())
+        assert fidelity.steps_compared == len(window.steps) > 0
+        assert fidelity.steps_matched == fidelity.steps_compared, fidelity.first_mismatch
+    # Windows start mid-flight: requests running, waiting, and preempted ones waiting to recompute.
+    assert sum(len(w.running) for w in windows) > 0 and sum(len(w.waiting) for w in windows) > 0
+
+
+def test_some_window_starts_with_a_preempted_request_waiting_to_recompute() -> None:
+    stream = support.events("priority-kv16")
+    prompts = {e.request_id: e.prompt_tokens for e in stream if isinstance(e, RequestArrival)}
+    windows = support.windows("priority-kv16", 0.25)
+    resumed = [r for w in windows for r in w.waiting if r.prompt_tokens > prompts[r.request_id]]
+    assert resumed, "the stream is meant to leave preempted requests waiting at some window start"
+
+
+@pytest.mark.parametrize("name", support.NAMES)
+def test_windows_account_for_every_request_step_and_second(name: str) -> None:
+    stream = support.events(name)
+    tracker = support.tracker(support.info_of(stream), 0.5)
+    for event in stream[1:]:
+        tracker.apply(event)
+    tracker.flush()
+    windows = tracker.take_ready()
+    run = MirroredRun.from_events(stream)
+    own = [r.request_id for w in windows for r in w.arrivals]
+    assert sorted(own) == sorted(r.request_id for r in run.requests)
+    assert sum(len(w.steps) for w in windows) == len(run.steps) == tracker.stats.steps
+    assert sum(w.actual_gpu_seconds for w in windows) == pytest.approx(sum(s.duration for s in run.steps))
+    assert [w.index for w in windows] == list(range(len(windows)))
+    assert tracker.stats.requests_finished == len(run.requests) and tracker.live_requests == 0
+    # Every output length the windows carry is the one the engine reported.
+    outputs = {r.request_id: r.output_tokens for r in run.requests}
+    assert all(r.output_tokens == outputs[r.request_id] for w in windows for r in w.arrivals)
+
+
+def test_observed_latencies_agree_with_the_stream_read_independently() -> None:
+    stream = support.events("fcfs-kv12")
+    expected = request_latencies(MirroredRun.from_events(stream))
+    observed = {rid: o for w in support.windows("fcfs-kv12") for rid, o in w.observed.items()}
+    assert observed.keys() == expected.keys()
+    for rid, o in observed.items():
+        assert o.ttft == pytest.approx(expected[rid].ttft) and o.e2e == pytest.approx(expected[rid].e2e)
+
+
+def _replay_with(stream, tracker, at: int, action) -> list:
+    for event in stream[1:at]:
+        tracker.apply(event)
+    action(tracker)
+    for event in stream[at:]:
+        tracker.apply(event)
+    tracker.flush()
+    return tracker.take_ready()
+
+
+def test_lost_events_skip_the_windows_that_depend_on_them_then_tracking_recovers() -> None:
+    stream = support.events("fcfs-kv12")
+    cut = len(stream) // 3
+    steps_before_cut = sum(isinstance(e, EngineStep) and bool(e.scheduled_tokens) for e in stream[:cut])
+    whole = support.windows("fcfs-kv12", 0.25)
+    tracker = support.tracker(support.info_of(stream), 0.25)
+    windows = _replay_with(stream, tracker, cut, lambda t: t.lost_events())
+    assert tracker.stats.windows_skipped[LOST_EVENTS] >= 1
+    assert 0 < len(windows) < len(whole)
+    assert all(check_fidelity(w, Slo()).step_match_ratio == 1.0 for w in windows)
+    assert any(w.steps[0].step > steps_before_cut for w in windows), "tracking never recovered"
+
+
+def test_an_arrival_that_never_came_taints_the_state_until_its_request_is_gone() -> None:
+    stream = support.events("fcfs-kv12")
+    victim = next(e for e in stream if isinstance(e, RequestArrival) and e.request_id.startswith("20-"))
+    kept = [e for e in stream if e is not victim]
+    tracker = support.tracker(support.info_of(stream), 0.25)
+    for event in kept[1:]:
+        tracker.apply(event)
+    tracker.flush()
+    windows = tracker.take_ready()
+    assert tracker.stats.unknown_requests == 1 and tracker.stats.windows_skipped[LOST_EVENTS] >= 1
+    assert victim.request_id not in {r.request.request_id for w in windows for r in w.running}
+    assert all(check_fidelity(w, Slo()).step_match_ratio == 1.0 for w in windows)
+    assert windows and tracker.live_requests == 0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+INFO = EngineInfo(
+    "m", 16, 64, SchedulerSettings(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=1024)
+)
+COST = LinearCostModel(a=1e-3, b=1e-5, c=1e-7)
+
+
+def _tracker(clock: Clock, **limits: float) -> EngineTracker:
+    return EngineTracker(
+        INFO, rules=WindowRules(seconds=5.0), prior=COST, limits=TrackerLimits(**limits), clock=clock
+    )
+
+
+def test_a_request_that_makes_no_progress_is_given_up_and_its_windows_are_skipped() -> None:
+    clock = Clock()
+    t = _tracker(clock, request_stall_seconds=30.0)
+    t.apply(RequestArrival("stuck", 0.0, 10, max_tokens=100))
+    t.apply(RequestArrival("busy", 0.0, 10, max_tokens=100))
+    t.apply(EngineStep(0, 0.0, 0.5, {"stuck": 10, "busy": 10}))
+    for i in range(1, 60):  # "busy" decodes for a minute of engine time; "stuck" is never scheduled again
+        t.apply(EngineStep(i, float(i), 0.5, {"busy": 1}))
+        t.expire()
+    assert t.stats.requests_timed_out == 1
+    assert t.stats.windows_skipped[REQUEST_TIMEOUT] >= 1
+    assert t.live_requests == 1
+    t.apply(EngineStep(60, 60.0, 0.5, {"busy": 1}, finished=("busy",)))
+    t.flush()
+    ready = t.take_ready()
+    assert ready and all("stuck" not in {r.request.request_id for r in w.running} for w in ready)
+    # A later step naming the given-up request is a request we no longer know: counted, never evaluated.
+    t.apply(EngineStep(61, 61.0, 0.5, {"stuck": 1}))
+    assert t.stats.unknown_requests == 1
+
+
+def test_a_silent_engine_s_live_requests_are_abandoned() -> None:
+    stream = support.events("fcfs-kv12")
+    clock = Clock()
+    info = support.info_of(stream)
+    t = EngineTracker(
+        info,
+        rules=WindowRules(seconds=0.25),
+        prior=COST,
+        limits=TrackerLimits(engine_silence_seconds=120.0),
+        clock=clock,
+    )
+    for event in stream[1 : len(stream) // 2]:
+        t.apply(event)
+    live = t.live_requests
+    assert live > 0
+    clock.now += 60
+    t.expire()
+    assert t.live_requests == live  # quiet, not yet silent
+    clock.now += 61
+    t.expire()
+    assert t.live_requests == 0 and t.stats.requests_abandoned == live
+    assert t.stats.windows_skipped[ENGINE_SILENT] >= 1
+
+
+def test_closed_windows_beyond_the_bound_are_dropped_oldest_first_and_counted() -> None:
+    stream = support.events("fcfs-kv12")
+    t = support.tracker(support.info_of(stream), 0.02, max_pending_windows=2)
+    for event in stream[1:]:
+        t.apply(event)
+        assert t.pending_windows <= 3  # two closed, one open
+    t.flush()
+    ready = t.take_ready()
+    assert t.stats.windows_skipped[BACKLOG] > 0
+    assert len(ready) + t.stats.windows_skipped[BACKLOG] == t.stats.windows_closed
+    assert all(check_fidelity(w, Slo()).step_match_ratio == 1.0 for w in ready)
+
+
+def test_a_full_table_rejects_arrivals_and_stops_trusting_the_state() -> None:
+    clock = Clock()
+    t = _tracker(clock, max_live_requests=3)
+    for i in range(5):
+        t.apply(RequestArrival(f"r{i}", 0.0, 10))
+    assert t.stats.requests_arrived == 3 and t.stats.requests_rejected == 2
+    t.apply(EngineStep(0, 0.0, 0.1, {"r0": 10, "r3": 10}))  # the engine holds r3; we do not
+    assert t.stats.unknown_requests == 1
+    t.flush()
+    assert t.take_ready() == []
+
+
+def test_a_request_aborted_before_it_ran_leaves_no_trace_in_the_window() -> None:
+    clock = Clock()
+    t = _tracker(clock)
+    t.apply(RequestArrival("gone", 0.0, 10))
+    t.apply(RequestArrival("kept", 0.0, 10))
+    t.apply(RequestFinish("gone", 0.1, 0, "abort"))
+    t.apply(EngineStep(0, 0.2, 0.1, {"kept": 10}, finished=("kept",)))
+    t.apply(RequestFinish("kept", 0.3, 1))
+    t.flush()
+    (window,) = t.take_ready()
+    assert [r.request_id for r in window.arrivals] == ["kept"] and window.approximations == 0
+    assert t.live_requests == 0 and t.stats.requests_finished == 2
+
+
+def test_an_arrival_announced_twice_counts_once() -> None:
+    t = _tracker(Clock())
+    arrival = RequestArrival("a", 0.0, 10)
+    t.apply(arrival)
+    t.apply(dataclasses.replace(arrival))
+    assert t.stats.requests_arrived == 1 and t.live_requests == 1
+
+
+def test_the_window_rules_close_on_time_or_on_requests() -> None:
+    rules = WindowRules(seconds=2.0, requests=3)
+    assert rules.full(2.0, 0, 0) and rules.full(0.1, 3, 0) and not rules.full(1.9, 2, 10)
+    assert WindowRules(seconds=None, requests=5, max_requests=8).full(0.0, 2, 6)
+    with pytest.raises(ValueError):
+        WindowRules(seconds=None, requests=None)
+
+
+def test_victims_of_one_step_wait_in_vllm_s_order_nearest_the_running_head_first() -> None:
+    """vLLM pops victims off the running queue's tail and puts each at the waiting queue's front."""
+    t = _tracker(Clock())
+    for rid in ("a", "b", "c"):
+        t.apply(RequestArrival(rid, 0.0, 16))
+    t.apply(EngineStep(0, 0.0, 0.1, {"a": 16, "b": 16, "c": 16}))
+    t.apply(EngineStep(1, 0.1, 0.1, {"a": 1}, preempted=("c", "b")))  # a set: no order on the wire
+    t.flush()  # the next window starts at this boundary
+    t.apply(RequestArrival("d", 0.2, 16))
+    t.apply(EngineStep(2, 0.2, 0.1, {"a": 1, "b": 17, "c": 17, "d": 16}, finished=("a", "b", "c", "d")))
+    t.flush()
+    windows = t.take_ready()
+    assert [r.request_id for r in windows[-1].waiting] == ["b", "c"]
+    # Each comes back as the recomputation it will do: prompt plus its one token, one token left to emit.
+    assert [(r.prompt_tokens, r.output_tokens) for r in windows[-1].waiting] == [(17, 1), (17, 1)]
