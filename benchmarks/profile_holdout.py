@@ -2,9 +2,10 @@
 
 For a profile file written by `shadow profile` (the shipped CPU profile of the tiny model by default), or for a
 fresh measurement (`--measure`), prints per batch kind (prefill-heavy, decode-heavy, mixed):
-  - INFERMAX's linear model fitted to the measurements: error on the batches it was fitted to, and 5-fold
-    hold-out error (each batch predicted by a fit that did not see it);
-  - the candidate richer model, the linear one plus a cost per request, hold-out;
+  - the linear model fitted to the measurements (time = a + b*T + c*K + d*P + e*R, the terms selected by BIC):
+    error on the batches it was fitted to, and 5-fold hold-out error (each batch predicted by a fit that did
+    not see it);
+  - INFERMAX's form, the same fit without the per-request term e*R, hold-out: what that term buys;
   - the roofline prior of the profile's hardware entry, both as the linear model the shadow uses before
     calibration and as the raw roofline it is fitted to (so its linearisation and its assumptions can be told
     apart), with the bias (mean signed error; positive = predicts too slow);
@@ -17,6 +18,10 @@ difference between two measurements of all layers (the noise floor).
     python benchmarks/profile_holdout.py --profile FILE.json              # any profile from `shadow profile`
     python benchmarks/profile_holdout.py --measure --model tiny-llama --seed 1
     python benchmarks/profile_holdout.py --layer-check --model tiny-llama
+    python benchmarks/profile_holdout.py --refit "why"                    # refit the profile file in place
+
+`--refit` rewrites the profile file with the current cost model fitted to the measurements the file carries,
+validated against the roofline prior of its hardware entry, without measuring again; its provenance says so.
 """
 
 from __future__ import annotations
@@ -37,10 +42,12 @@ from costmodel.profiler import (
     BATCH_KINDS,
     Measurement,
     ProfileSettings,
-    batch_predictors,
+    feature_matrix,
     holdout_errors,
     load_measurements,
+    refit_profile_run,
     run_profile,
+    save_profile_run,
 )
 from costmodel.roofline import roofline_batch_time, roofline_prior
 
@@ -57,14 +64,14 @@ def _pct(values: np.ndarray, signed: bool = False) -> str:
 
 def report_errors(measurements: Sequence[Measurement], arch: ModelArchitecture, hardware: str) -> None:
     hw = get_hardware(hardware)
-    predictors = batch_predictors([m.batch for m in measurements])
+    features = feature_matrix([m.batch for m in measurements])
     times = np.array([m.seconds for m in measurements])
     kinds = np.array([m.batch.kind for m in measurements])
-    fitted = fit_linear(predictors[:, :3], times)
-    fit = np.abs(fitted.predict(predictors[:, :3]) - times) / times
-    held_out = holdout_errors(predictors, times)
-    richer = holdout_errors(predictors, times, per_request=True)
-    prior = (roofline_prior(arch, hw).predict(predictors[:, :3]) - times) / times
+    fitted = fit_linear(features, times)
+    fit = np.abs(fitted.predict(features) - times) / times
+    held_out = holdout_errors(features, times)
+    without_e = holdout_errors(features, times, with_request_term=False)
+    prior = (roofline_prior(arch, hw).predict(features) - times) / times
     raw = np.array(
         [roofline_batch_time(arch, hw, m.batch.new_tokens, m.batch.context_tokens) for m in measurements]
     )
@@ -72,14 +79,14 @@ def report_errors(measurements: Sequence[Measurement], arch: ModelArchitecture, 
     spread = np.array([(max(m.repeats_s) - min(m.repeats_s)) / m.seconds for m in measurements])
     print(f"\n{arch.name} on {hw.name}: {len(times)} batches; fitted {fitted}\n")
     print(
-        "| batch kind | batches | linear fit | linear hold-out | + per-request term, hold-out | "
+        "| batch kind | batches | linear fit | linear hold-out | without e·R, hold-out | "
         f"prior ({hw.name}) | prior bias | raw roofline | raw roofline bias | repeat spread (median) |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for kind, chosen in _rows(kinds):
         print(
             f"| {kind} | {chosen.sum()} | {_pct(fit[chosen])} | {_pct(held_out[chosen])} | "
-            f"{_pct(richer[chosen])} | {_pct(np.abs(prior[chosen]))} | {_pct(prior[chosen], True)} | "
+            f"{_pct(without_e[chosen])} | {_pct(np.abs(prior[chosen]))} | {_pct(prior[chosen], True)} | "
             f"{_pct(np.abs(raw[chosen]))} | {_pct(raw[chosen], True)} | {np.median(spread[chosen]) * 100:.1f}% |"
         )
 
@@ -118,6 +125,9 @@ def main() -> None:
     parser.add_argument("--model", default="tiny-llama", help="with --measure or --layer-check")
     parser.add_argument("--hardware", default="cpu", help="hardware entry of the prior (default cpu)")
     parser.add_argument("--seed", type=int, default=0, help="grid seed, with --measure or --layer-check")
+    parser.add_argument(
+        "--refit", metavar="NOTE", help="refit --profile in place to its measurements; NOTE says why"
+    )
     args = parser.parse_args()
     settings = ProfileSettings(seed=args.seed)
     if args.layer_check:
@@ -129,6 +139,12 @@ def main() -> None:
         report_errors(run.measurements, arch, args.hardware)
         return
     data = json.loads(args.profile.read_text())
+    if args.refit:
+        hardware = get_hardware(data["hardware"])
+        prior = roofline_prior(load_model(data["model"]), hardware)
+        run = refit_profile_run(args.profile, prior=prior, prior_hardware=hardware.name, note=args.refit)
+        save_profile_run(run, args.profile)
+        data = json.loads(args.profile.read_text())
     print(f"{args.profile}: {data['provenance']}")
     report_errors(load_measurements(args.profile), load_model(data["model"]), data["hardware"])
 

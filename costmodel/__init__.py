@@ -6,6 +6,7 @@ from costmodel.architecture import ModelArchitecture, available_models, load_mod
 from costmodel.hardware import HARDWARE, Hardware, get_hardware
 from costmodel.kv import kv_capacity_blocks
 from costmodel.linear import (
+    BatchFeatures,
     LinearCostModel,
     OnlineCalibrator,
     batch_features,
@@ -23,6 +24,7 @@ from costmodel.roofline import (
 
 __all__ = [
     "HARDWARE",
+    "BatchFeatures",
     "CostProfile",
     "Hardware",
     "LinearCostModel",

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from adapters.events import EngineStep
-from costmodel.linear import LinearCostModel, batch_features, fit_linear
+from costmodel.linear import MIN_SAMPLES, BatchFeatures, LinearCostModel, batch_features, fit_linear
 
 
 def step_features(steps: Sequence[EngineStep]) -> np.ndarray:
-    """(T, K, P) per non-empty step, in order (see `costmodel.linear`), from the mirrored steps."""
+    """(T, K, P, R) per non-empty step, in order (see `costmodel.linear`), from the mirrored steps."""
     computed: dict[str, int] = {}
     rows = []
     for step in steps:
@@ -32,7 +32,7 @@ def step_features(steps: Sequence[EngineStep]) -> np.ndarray:
                 computed[request_id] = computed.get(request_id, 0) + n
         for request_id in step.finished:
             computed.pop(request_id, None)
-    return np.asarray(rows, dtype=float).reshape(-1, 3)
+    return np.asarray(rows, dtype=float).reshape(-1, len(BatchFeatures._fields))
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +48,8 @@ class CalibrationReport:
         return (
             f"fit on {self.train_steps} steps, tested on {self.test_steps}: MAPE {self.mape:.1%}, "
             f"median APE {self.median_ape:.1%} "
-            f"(a={m.a:.3g}s b={m.b:.3g}s/token c={m.c:.3g}s/KV-token d={m.d:.3g})"
+            f"(a={m.a:.3g}s b={m.b:.3g}s/token c={m.c:.3g}s/KV-token d={m.d:.3g}s/pair "
+            f"e={m.e:.3g}s/request)"
         )
 
 
@@ -59,7 +60,7 @@ def calibrate(steps: Sequence[EngineStep], train_fraction: float = 0.5) -> Calib
     features = step_features(steps)
     times = np.asarray([s.duration for s in steps if s.scheduled_tokens], dtype=float)
     split = int(len(times) * train_fraction)
-    if split < 5 or len(times) - split < 1:
+    if split < MIN_SAMPLES or len(times) - split < 1:
         raise ValueError(f"{len(times)} non-empty steps are too few to fit on {train_fraction:.0%} and test")
     model = fit_linear(features[:split], times[:split])
     errors = np.abs(model.predict(features[split:]) - times[split:]) / times[split:]

@@ -1,10 +1,20 @@
-"""INFERMAX's linear batch-time model: its form, its offline fit, and its online calibration.
+"""INFERMAX's linear batch-time model, with a per-request term: its form, its offline fit, and its online
+calibration.
 
-time = a + b*T + c*K + d*P for a non-empty batch, where over the requests in the batch
+time = a + b*T + c*K + d*P + e*R for a non-empty batch, where over the requests in the batch with new > 0
   T = sum of new tokens (what the matmuls process),
   K = sum of context_after = ctx_before + new (the KV entries attention reads),
   P = sum over requests with new > 1 of new * (ctx_before + new) (the quadratic query-by-key work of prefill
-      chunks; a decode token's attention is already counted by K).
+      chunks; a decode token's attention is already counted by K),
+  R = the number of requests (what each costs whatever its tokens: its row of the LM head, its sampling over
+      the vocabulary, its metadata and attention call).
+INFERMAX's published form is the first four terms. e*R was added because T cannot tell a decode's token, which
+brings its own LM-head row and sampling, from a prefill chunk's token, which shares one with the whole chunk.
+Calibrated on a real vLLM engine's mirrored steps (`costmodel.calibration_report`; CPU, tiny Llama,
+32000-token vocabulary), the four-term fit was off by ~12% on later steps and the five-term one by ~7%; on the
+profiler's measurements of the same model the hold-out error halved (benchmarks/RESULTS-profile.md). Where the
+per-request cost is negligible (a large model on a GPU, whose LM head streams its weights once per step
+whatever R), the fit drops e.
 
 Fits minimise RELATIVE squared error: step times span three orders of magnitude (a decode step of a few ms, a
 long prefill of hundreds), the steps that matter most in number are the short ones, and the simulator's
@@ -16,31 +26,47 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike
 
 from costmodel.nnls import nnls
 
-COEFFICIENTS = ("a", "b", "c", "d")
-_MIN_SAMPLES = 5  # one more than the most coefficients, so a fit always has a residual to judge it by
+COEFFICIENTS = ("a", "b", "c", "d", "e")
+_OPTIONAL_COEFFICIENTS = ("d", "e")  # absent from older profile files: 0
+MIN_SAMPLES = len(COEFFICIENTS) + 1  # one more than the most coefficients: a fit always has a residual
 # Step shapes the prior speaks for: decode batches small and large on short and long contexts, prefills from
-# scratch and on cached context, and a chunked-prefill mix. All four features vary independently across them.
+# scratch and on cached context, several new prompts batched together, and a chunked-prefill mix. All five
+# features vary independently across them: R = T on decodes, R = 1 on a single prefill, and the batched
+# prompts separate R from both.
 _REFERENCE_BATCHES = [
     *(([1] * size, [ctx] * size) for size in (1, 16, 128) for ctx in (256, 4096)),
     *(([chunk], [ctx]) for chunk in (128, 2048) for ctx in (0, 4096)),
+    ([256] * 8, [0] * 8),
+    ([64] * 4, [1024] * 4),
     ([512] + [1] * 32, [0] + [1024] * 32),
 ]
 
 
+class BatchFeatures(NamedTuple):
+    """(T, K, P, R) of a batch: see the module docstring."""
+
+    tokens: int  # T
+    kv_tokens: int  # K
+    attention_units: int  # P
+    requests: int  # R
+
+
 @dataclass(frozen=True, slots=True)
 class LinearCostModel:
-    """INFERMAX's batch-time model: time = a + b*T + c*K + d*P for a non-empty batch (0 for an empty one)."""
+    """time = a + b*T + c*K + d*P + e*R for a non-empty batch, 0 for an empty one (module docstring)."""
 
     a: float  # seconds per non-empty batch (weights read, launch overheads)
     b: float  # seconds per token processed in the batch (T = sum of new tokens)
     c: float  # seconds per KV token attended (K = sum over requests of context_after = ctx_before + new)
     d: float = 0.0  # seconds per unit of multi-token attention: P = sum over new > 1 of new * (ctx + new)
+    e: float = 0.0  # seconds per request in the batch (R = requests with new > 0)
 
     def __post_init__(self) -> None:
         for name in COEFFICIENTS:
@@ -51,19 +77,23 @@ class LinearCostModel:
 
     def batch_time(self, new_tokens: Sequence[int], context_tokens: Sequence[int]) -> float:
         """Seconds for one step; `context_tokens[i]` is what request i already holds in KV before the step."""
-        t, k, p = batch_features(new_tokens, context_tokens)
-        return self.time_from_features(t, k, p)
+        return self.time_from_features(*batch_features(new_tokens, context_tokens))
 
-    def time_from_features(self, total_tokens: int, kv_tokens: int, attention_units: int) -> float:
-        """The same time from features a caller maintains incrementally (a simulator's hot loop)."""
+    def time_from_features(
+        self, total_tokens: int, kv_tokens: int, attention_units: int, requests: int
+    ) -> float:
+        """The same time from features a caller maintains incrementally (a simulator's hot loop). `requests`
+        has no default: a caller that forgot it would silently lose the per-request cost."""
         if total_tokens == 0:
             return 0.0
-        return self.a + self.b * total_tokens + self.c * kv_tokens + self.d * attention_units
+        return (
+            self.a + self.b * total_tokens + self.c * kv_tokens + self.d * attention_units + self.e * requests
+        )
 
     def predict(self, features: ArrayLike) -> np.ndarray:
-        """Vectorised batch times for an (n, 3) array of (T, K, P) rows."""
+        """Vectorised batch times for an (n, 4) array of (T, K, P, R) rows."""
         x = _feature_matrix(features)
-        times = self.a + x @ np.array([self.b, self.c, self.d])
+        times = self.a + x @ np.array([self.b, self.c, self.d, self.e])
         return np.where(x[:, 0] > 0, times, 0.0)
 
     def to_dict(self) -> dict[str, float]:
@@ -71,46 +101,52 @@ class LinearCostModel:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, float]) -> LinearCostModel:
-        unknown = set(data) - set(COEFFICIENTS)
-        if unknown or not {"a", "b", "c"} <= set(data):
-            raise ValueError(f"a linear cost model needs keys a, b, c (and optionally d), got {sorted(data)}")
+        """From `to_dict`'s form; d and e may be absent (files written before the model had them)."""
+        required = set(COEFFICIENTS) - set(_OPTIONAL_COEFFICIENTS)
+        if set(data) - set(COEFFICIENTS) or not required <= set(data):
+            raise ValueError(
+                f"a linear cost model needs keys a, b, c (and optionally d, e), got {sorted(data)}"
+            )
         return cls(**{name: float(value) for name, value in data.items()})
 
 
-def batch_features(new_tokens: Sequence[int], context_tokens: Sequence[int]) -> tuple[int, int, int]:
-    """(T, K, P) of a batch: see the module docstring. Requests with 0 new tokens contribute nothing."""
+def batch_features(new_tokens: Sequence[int], context_tokens: Sequence[int]) -> BatchFeatures:
+    """(T, K, P, R) of a batch: see the module docstring. Requests with 0 new tokens contribute nothing."""
     if len(new_tokens) != len(context_tokens):
         raise ValueError(f"{len(new_tokens)} new-token counts but {len(context_tokens)} context lengths")
-    total = kv = attention = 0
+    total = kv = attention = requests = 0
     for new, ctx in zip(new_tokens, context_tokens, strict=True):
         if new == 0:
             continue
         after = ctx + new
         total += new
         kv += after
+        requests += 1
         if new > 1:
             attention += new * after
-    return total, kv, attention
+    return BatchFeatures(total, kv, attention, requests)
 
 
 def fit_linear(
-    features: ArrayLike, times: ArrayLike, *, with_attention_term: bool | None = None
+    features: ArrayLike,
+    times: ArrayLike,
+    *,
+    with_attention_term: bool | None = None,
+    with_request_term: bool | None = None,
 ) -> LinearCostModel:
-    """Non-negative relative least-squares fit of (a, b, c[, d]) to measured batch times.
+    """Non-negative relative least-squares fit of (a, b, c[, d][, e]) to measured batch times, from an
+    (n, 4) array of (T, K, P, R) rows.
 
-    `with_attention_term=None` keeps d only if it lowers the Bayesian information criterion: the P feature is
-    strongly correlated with T and K on most workloads, and an unneeded d soaks up noise and extrapolates
-    badly to context lengths the data did not cover.
+    A term whose flag is None is kept only if it lowers the Bayesian information criterion, so with both None
+    the fit is the best of the four forms by BIC. P is strongly correlated with T and K on most workloads, and
+    R is T on pure decode and 1 on single prefills: an unneeded term soaks up noise and extrapolates badly to
+    batches the data did not cover. True or False forces the term in or out.
     """
     x, y = _validated_samples(features, times)
-    if with_attention_term is not None:
-        return _fit(x, y, with_attention_term)[0]
-    without, rss_without = _fit(x, y, False)
-    with_d, rss_with = _fit(x, y, True)
-    n = len(y)
-    if _bic(rss_with, n, 4) < _bic(rss_without, n, 3):
-        return with_d
-    return without
+    attention = (False, True) if with_attention_term is None else (with_attention_term,)
+    request = (False, True) if with_request_term is None else (with_request_term,)
+    fits = [_fit(x, y, with_d, with_e) for with_d in attention for with_e in request]
+    return min(fits, key=lambda fit: _bic(fit[1], len(y), fit[2]))[0]
 
 
 def cross_validated_mape(
@@ -118,22 +154,28 @@ def cross_validated_mape(
     times: ArrayLike,
     *,
     with_attention_term: bool | None = None,
+    with_request_term: bool | None = None,
     folds: int = 5,
     seed: int = 0,
 ) -> float:
     """Mean absolute percentage error of `fit_linear` on held-out samples (k-fold): the error to expect on
-    batches the fit has not seen, which is what a profile reports."""
+    batches the fit has not seen, which is what a profile reports. Each fold selects its own form."""
     x, y = _validated_samples(features, times)
     smallest_training_set = len(y) - math.ceil(len(y) / folds)
-    if folds < 2 or smallest_training_set < _MIN_SAMPLES:
+    if folds < 2 or smallest_training_set < MIN_SAMPLES:
         raise ValueError(
-            f"{folds}-fold validation of {len(y)} samples leaves training sets under {_MIN_SAMPLES} samples"
+            f"{folds}-fold validation of {len(y)} samples leaves training sets under {MIN_SAMPLES} samples"
         )
     order = np.random.default_rng(seed).permutation(len(y))
     errors = np.empty(len(y))
     for held_out in np.array_split(order, folds):
         train = np.setdiff1d(order, held_out)
-        model = fit_linear(x[train], y[train], with_attention_term=with_attention_term)
+        model = fit_linear(
+            x[train],
+            y[train],
+            with_attention_term=with_attention_term,
+            with_request_term=with_request_term,
+        )
         errors[held_out] = np.abs(model.predict(x[held_out]) - y[held_out]) / y[held_out]
     return float(errors.mean())
 
@@ -141,14 +183,21 @@ def cross_validated_mape(
 class OnlineCalibrator:
     """Live calibration of a linear cost model from an engine's measured step times.
 
-    Exponentially weighted recursive least squares on relative errors, O(1) per step (a 4x4 system). The prior
+    Exponentially weighted recursive least squares on relative errors, O(1) per step (a 5x5 system). The prior
     enters as pseudo-measurements: `prior_weight` steps' worth of the prior's own predictions, spread over a
     fixed set of typical step shapes. A penalty in prediction space, unlike a ridge on each coefficient, lets
     the data move what it determines and holds what it does not: a few prefills cannot inflate the
     per-KV-token coefficient and so wreck the prediction of a large decode batch, and a long run of pure
-    decode (P always 0) leaves prefill predictions where the prior put them. The prior is never forgotten, so
-    the estimate cannot wind up while one kind of step dominates; with the default forgetting it weighs
-    about 1/1000 of the recent data once that has built up.
+    decode (P always 0, R always T) leaves prefill predictions about where the prior put them. It also lets a
+    prior without a per-request cost (e = 0) learn one: nothing pins e itself, only the prior's predictions.
+    The prior is never forgotten, so the estimate cannot wind up while one kind of step dominates; with the
+    default forgetting it weighs about 1/1000 of the recent data once that has built up.
+
+    What pure decode leaves open, d and the split of a decode's cost between b and e, the prior's predictions
+    settle, and they compensate the other coefficients' errors: when the data raises the intercept a, keeping
+    short prefills near their prior predictions moves per-token cost from b into e, so long prefills are then
+    predicted below the prior (14% below a Llama-2-7B roofline prior with a 60% higher intercept). The first
+    steps with prefills separate b from e again.
     """
 
     def __init__(
@@ -158,7 +207,7 @@ class OnlineCalibrator:
             raise ValueError(f"forgetting must be in (0, 1], got {forgetting}")
         if not prior_weight > 0:
             raise ValueError(f"prior_weight must be positive, got {prior_weight}")
-        self._prior = np.array([prior.a, prior.b, prior.c, prior.d])
+        self._prior = np.array([getattr(prior, name) for name in COEFFICIENTS])
         reference = np.array(
             [(1.0, *batch_features(new, ctx)) for new, ctx in _REFERENCE_BATCHES], dtype=float
         )
@@ -168,8 +217,9 @@ class OnlineCalibrator:
         weighted = reference / predicted[:, None]
         self._prior_information = prior_weight * weighted.T @ weighted / len(reference)
         self._forgetting = forgetting
-        self._information = np.zeros((4, 4))  # sum of lambda^age * w x x^T
-        self._moment = np.zeros(4)  # sum of lambda^age * w x y
+        size = len(COEFFICIENTS)
+        self._information = np.zeros((size, size))  # sum of lambda^age * w x x^T
+        self._moment = np.zeros(size)  # sum of lambda^age * w x y
         self._effective_samples = 0.0  # sum of lambda^age
         self._coefficients = self._prior.copy()
         self._error_sum = 0.0  # sum of lambda^age * |prediction - y| / y, predictions made before each update
@@ -183,12 +233,12 @@ class OnlineCalibrator:
         self, new_tokens: Sequence[int], context_tokens: Sequence[int], measured_seconds: float
     ) -> None:
         """Fold in one measured step: score the current model on it first, then refit."""
-        t, k, p = batch_features(new_tokens, context_tokens)
-        if t == 0:
+        features = batch_features(new_tokens, context_tokens)
+        if features.tokens == 0:
             raise ValueError("an empty batch has no measured compute time to learn from")
         if not (math.isfinite(measured_seconds) and measured_seconds > 0):
             raise ValueError(f"measured step time must be finite and positive, got {measured_seconds}")
-        x = np.array([1.0, t, k, p])
+        x = np.array([1.0, *features], dtype=float)
         lam = self._forgetting
         self._error_sum = (
             lam * self._error_sum + abs(self._coefficients @ x - measured_seconds) / measured_seconds
@@ -213,7 +263,7 @@ class OnlineCalibrator:
     def _solve(self) -> np.ndarray:
         system = self._information + self._prior_information
         rhs = self._moment + self._prior_information @ self._prior
-        # Jacobi scaling keeps the 4x4 system well conditioned although P^2 can be 1e14 times 1^2.
+        # Jacobi scaling keeps the 5x5 system well conditioned although P^2 can be 1e14 times 1^2.
         scale = np.sqrt(np.diag(system))
         scaled_system = system / np.outer(scale, scale)
         scaled_rhs = rhs / scale
@@ -227,8 +277,8 @@ class OnlineCalibrator:
 
 def _feature_matrix(features: ArrayLike) -> np.ndarray:
     x = np.asarray(features, dtype=float)
-    if x.ndim != 2 or x.shape[1] != 3:
-        raise ValueError(f"features must be an (n, 3) array of (T, K, P) rows, got shape {x.shape}")
+    if x.ndim != 2 or x.shape[1] != len(BatchFeatures._fields):
+        raise ValueError(f"features must be an (n, 4) array of (T, K, P, R) rows, got shape {x.shape}")
     return x
 
 
@@ -237,26 +287,44 @@ def _validated_samples(features: ArrayLike, times: ArrayLike) -> tuple[np.ndarra
     y = np.asarray(times, dtype=float)
     if y.shape != (x.shape[0],):
         raise ValueError(f"{x.shape[0]} feature rows but times of shape {y.shape}")
-    if len(y) < _MIN_SAMPLES:
-        raise ValueError(f"a fit of up to 4 coefficients needs at least {_MIN_SAMPLES} samples, got {len(y)}")
+    if len(y) < MIN_SAMPLES:
+        raise ValueError(
+            f"a fit of up to {len(COEFFICIENTS)} coefficients needs at least {MIN_SAMPLES} samples, "
+            f"got {len(y)}"
+        )
     if not (np.all(np.isfinite(x)) and np.all(x >= 0)):
         raise ValueError("features must be finite and non-negative")
-    if np.any(x[:, 0] <= 0):
+    tokens, requests = x[:, 0], x[:, 3]
+    if np.any(tokens <= 0):
         raise ValueError(
             "every sample must be a non-empty batch (T > 0): empty batches take no time by definition"
         )
+    # Every request in a batch computes at least one token. A row that breaks this is not a batch's features
+    # (columns in another order, or R missing from rows built for the four-coefficient model).
+    if np.any((requests < 1) | (requests > tokens)):
+        raise ValueError("every sample needs 1 <= R <= T: each request in a batch computes a token")
     if not (np.all(np.isfinite(y)) and np.all(y > 0)):
         raise ValueError("times must be finite and positive")
     return x, y
 
 
-def _fit(x: np.ndarray, y: np.ndarray, with_attention_term: bool) -> tuple[LinearCostModel, float]:
-    """NNLS on rows divided by their measured time; returns the model and its relative residual sum."""
-    design = np.column_stack([np.ones(len(y)), x if with_attention_term else x[:, :2]])
+def _fit(
+    x: np.ndarray, y: np.ndarray, with_attention_term: bool, with_request_term: bool
+) -> tuple[LinearCostModel, float, int]:
+    """NNLS on rows divided by their measured time; returns the model, its relative residual sum and its
+    number of coefficients."""
+    columns = [0, 1]  # of x's (T, K, P, R)
+    if with_attention_term:
+        columns.append(2)
+    if with_request_term:
+        columns.append(3)
+    design = np.column_stack([np.ones(len(y)), x[:, columns]])
     relative = design / y[:, None]
-    coefficients = nnls(relative, np.ones(len(y)))
-    rss = float(np.sum((relative @ coefficients - 1.0) ** 2))
-    return LinearCostModel(*(float(v) for v in coefficients)), rss
+    solution = nnls(relative, np.ones(len(y)))
+    rss = float(np.sum((relative @ solution - 1.0) ** 2))
+    coefficients = np.zeros(len(COEFFICIENTS))
+    coefficients[[0, *(column + 1 for column in columns)]] = solution
+    return LinearCostModel(*(float(v) for v in coefficients)), rss, len(solution)
 
 
 def _bic(rss: float, samples: int, parameters: int) -> float:

@@ -2,7 +2,7 @@
 
 Lawson and Hanson's active-set method ("Solving Least Squares Problems", 1974, chapter 23), the algorithm
 behind `scipy.optimize.nnls`, written here so the cost model needs numpy only. The problems it serves are tiny
-(4 columns), so clarity wins over speed.
+(at most 5 columns), so clarity wins over speed.
 """
 
 from __future__ import annotations

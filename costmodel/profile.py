@@ -3,6 +3,9 @@
 `shadow replay --cost-profile FILE` loads one. The file names its model, hardware and tensor-parallel degree,
 so a caller can refuse a profile made for another deployment, and carries the fit's hold-out error, so every
 number computed with it can show its uncertainty.
+
+Version 2 added the per-request coefficient e to "coefficients" (see `costmodel.linear`). Version 1 files,
+whose coefficients are a, b, c and d, still load, with e = 0: the model they were fitted with.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from numpy.typing import ArrayLike
 from costmodel.linear import LinearCostModel, cross_validated_mape, fit_linear
 
 FORMAT = "shadow-cost-profile"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,11 +51,14 @@ class CostProfile:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CostProfile:
-        if data.get("format") != FORMAT or data.get("version") != VERSION:
+        if data.get("format") != FORMAT or data.get("version") not in READABLE_VERSIONS:
+            versions = " or ".join(map(str, READABLE_VERSIONS))
             raise ValueError(
-                f"not a {FORMAT} version {VERSION} file (format={data.get('format')!r}, "
+                f"not a {FORMAT} version {versions} file (format={data.get('format')!r}, "
                 f"version={data.get('version')!r})"
             )
+        if data["version"] == 1 and "e" in data["coefficients"]:
+            raise ValueError(f"a {FORMAT} version 1 file has no per-request coefficient e")
         holdout = data["holdout_mape"]
         return cls(
             model=str(data["model"]),
@@ -67,7 +74,8 @@ class CostProfile:
 def fit_profile(
     features: ArrayLike, times: ArrayLike, *, model: str, hardware: str, tp: int, provenance: str
 ) -> CostProfile:
-    """Fit the linear model to measured (T, K, P) features and step times, and measure its hold-out error."""
+    """Fit the linear model to measured (T, K, P, R) features and step times (BIC selects which of d and e it
+    keeps), and measure its hold-out error."""
     cost = fit_linear(features, times)
     holdout = cross_validated_mape(features, times)
     return CostProfile(model, hardware, tp, cost, holdout, len(np.asarray(times)), provenance)

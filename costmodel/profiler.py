@@ -2,8 +2,9 @@
 
 `run_profile` builds the model of an architecture with a few of its decoder layers, times its forward pass
 over a jittered grid of batch compositions (prefill chunks, decode batches, chunked-prefill mixes; short to
-long contexts), scales the times to the full layer count, fits INFERMAX's linear model and reports its
-hold-out error per kind of batch, beside the roofline prior's and that of a candidate richer model.
+long contexts), scales the times to the full layer count, fits the linear model and reports its hold-out error
+per kind of batch, beside the roofline prior's and that of INFERMAX's form without the per-request term (what
+that term buys on this device). `refit_profile_run` refits a saved profile to the measurements it carries.
 
 What one timed step is, and why:
   - The layers are vLLM's Llama-family layer in plain torch: fused QKV projection, rotary embedding, the new
@@ -47,8 +48,7 @@ import torch.nn.functional as F
 
 from costmodel.architecture import ModelArchitecture
 from costmodel.hardware import Hardware
-from costmodel.linear import LinearCostModel, batch_features, fit_linear
-from costmodel.nnls import nnls
+from costmodel.linear import BatchFeatures, LinearCostModel, batch_features, fit_linear
 from costmodel.profile import CostProfile, fit_profile
 
 PREFILL_HEAVY, DECODE_HEAVY, MIXED = "prefill-heavy", "decode-heavy", "mixed"
@@ -95,7 +95,7 @@ class BatchShape:
         return PREFILL_HEAVY if decodes == 0 else MIXED
 
     @property
-    def features(self) -> tuple[int, int, int]:
+    def features(self) -> BatchFeatures:
         return batch_features(self.new_tokens, self.context_tokens)
 
     def to_runs(self) -> list[list[int]]:
@@ -633,48 +633,47 @@ def measure(
 @dataclass(frozen=True, slots=True)
 class KindErrors:
     """Mean absolute percentage errors on one kind of batch (or "all"): the fitted model on the samples it
-    was fitted to and on held-out ones; the candidate richer model on held-out ones; and the roofline prior,
-    fitted to no measurement at all."""
+    was fitted to and on held-out ones; INFERMAX's form (no per-request term) on held-out ones; and the
+    roofline prior, fitted to no measurement at all."""
 
     kind: str
     samples: int
     fit_mape: float
     holdout_mape: float
-    per_request_holdout_mape: float  # INFERMAX's model plus a cost per request: see `fit_per_request`
+    without_request_term_holdout_mape: float  # the fit forced to e = 0, hold-out: what e buys here
     prior_mape: float | None
     prior_bias: float | None  # mean signed relative error; positive: the prior predicts too slow
 
+    @property
+    def per_request_holdout_mape(self) -> float:
+        """Transitional: `shadow profile`'s table (shadow/profile_cmd.py) still reads this name from when the
+        per-request term was only a candidate beside the fit. It is in the fit now, so its hold-out error is
+        the fit's. Remove once that table reads `holdout_mape` and `without_request_term_holdout_mape`."""
+        return self.holdout_mape
 
-def batch_predictors(batches: Sequence[BatchShape]) -> np.ndarray:
-    """(n, 4) rows of (T, K, P, R): the linear model's features and the number of requests."""
-    return np.array([(*b.features, len(b.requests)) for b in batches], dtype=float)
 
-
-def fit_per_request(predictors: np.ndarray, times: np.ndarray) -> np.ndarray:
-    """Coefficients (a, b, c, d, e) of time = a + b*T + c*K + d*P + e*R, the candidate richer model: R, the
-    requests in the batch, prices what each request costs whatever its tokens (its row of the LM head and
-    its sampling, its attention call), which T cannot tell apart from a prefill token. Non-negative
-    relative least squares, as `fit_linear`."""
-    design = np.column_stack([np.ones(len(times)), predictors])
-    return nnls(design / times[:, None], np.ones(len(times)))
+def feature_matrix(batches: Sequence[BatchShape]) -> np.ndarray:
+    """(n, 4) rows of the batches' (T, K, P, R), as `LinearCostModel.predict` and `fit_linear` take them."""
+    return np.array([b.features for b in batches], dtype=float).reshape(-1, len(BatchFeatures._fields))
 
 
 def holdout_errors(
-    predictors: np.ndarray, times: np.ndarray, *, per_request: bool = False, folds: int = 5, seed: int = 0
+    features: np.ndarray,
+    times: np.ndarray,
+    *,
+    with_request_term: bool | None = None,
+    folds: int = 5,
+    seed: int = 0,
 ) -> np.ndarray:
     """Each batch's relative error |predicted - measured| / measured under a fit that did not see it: k-fold
-    over the (T, K, P, R) `predictors`, with the folds of `cross_validated_mape` (so the mean for the linear
-    model is the profile's hold-out MAPE). `per_request` validates `fit_per_request` instead."""
+    over the (T, K, P, R) `features`, with the folds of `cross_validated_mape` (so the mean is the profile's
+    hold-out MAPE under the same `with_request_term`)."""
     order = np.random.default_rng(seed).permutation(len(times))
     errors = np.empty(len(times))
     for held_out in np.array_split(order, folds):
         train = np.setdiff1d(order, held_out)
-        if per_request:
-            coefficients = fit_per_request(predictors[train], times[train])
-            predicted = coefficients[0] + predictors[held_out] @ coefficients[1:]
-        else:
-            predicted = fit_linear(predictors[train, :3], times[train]).predict(predictors[held_out, :3])
-        errors[held_out] = np.abs(predicted - times[held_out]) / times[held_out]
+        model = fit_linear(features[train], times[train], with_request_term=with_request_term)
+        errors[held_out] = np.abs(model.predict(features[held_out]) - times[held_out]) / times[held_out]
     return errors
 
 
@@ -687,13 +686,13 @@ def kind_errors(
     seed: int = 0,
 ) -> list[KindErrors]:
     """Errors per batch kind present, then over all batches."""
-    predictors = batch_predictors([m.batch for m in measurements])
+    features = feature_matrix([m.batch for m in measurements])
     times = np.array([m.seconds for m in measurements])
     kinds = np.array([m.batch.kind for m in measurements])
-    fit = np.abs(fitted.predict(predictors[:, :3]) - times) / times
-    held_out = holdout_errors(predictors, times, folds=folds, seed=seed)
-    richer = holdout_errors(predictors, times, per_request=True, folds=folds, seed=seed)
-    signed_prior = None if prior is None else (prior.predict(predictors[:, :3]) - times) / times
+    fit = np.abs(fitted.predict(features) - times) / times
+    held_out = holdout_errors(features, times, folds=folds, seed=seed)
+    without_e = holdout_errors(features, times, with_request_term=False, folds=folds, seed=seed)
+    signed_prior = None if prior is None else (prior.predict(features) - times) / times
     rows = []
     for kind in [*(k for k in BATCH_KINDS if k in kinds), "all"]:
         chosen = kinds == kind if kind != "all" else np.ones(len(times), dtype=bool)
@@ -703,7 +702,7 @@ def kind_errors(
                 samples=int(chosen.sum()),
                 fit_mape=float(fit[chosen].mean()),
                 holdout_mape=float(held_out[chosen].mean()),
-                per_request_holdout_mape=float(richer[chosen].mean()),
+                without_request_term_holdout_mape=float(without_e[chosen].mean()),
                 prior_mape=None if signed_prior is None else float(np.abs(signed_prior[chosen]).mean()),
                 prior_bias=None if signed_prior is None else float(signed_prior[chosen].mean()),
             )
@@ -787,7 +786,7 @@ def run_profile(
         )
         del model  # free the weights and cache before fitting
 
-    features = np.array([m.batch.features for m in measurements], dtype=float)
+    features = feature_matrix([m.batch for m in measurements])
     times = np.array([m.seconds for m in measurements])
     provenance = (
         f"shadow profile: {device_name}, torch {torch.__version__}, {settings.dtype}, "
@@ -842,7 +841,40 @@ def save_profile_run(run: ProfileRun, path: str | Path) -> None:
 
 def load_measurements(path: str | Path) -> list[Measurement]:
     """The measurements a profile file written by `save_profile_run` carries."""
+    return _measurements(json.loads(Path(path).read_text()), path)
+
+
+def refit_profile_run(
+    path: str | Path,
+    *,
+    prior: LinearCostModel | None = None,
+    prior_hardware: str | None = None,
+    note: str = "",
+) -> ProfileRun:
+    """A profile file written by `save_profile_run` (any format version), refitted to the measurements it
+    carries without measuring again: for when the cost model's form or its fit changes. Measurements,
+    settings, model, hardware and tensor-parallel degree are kept; the provenance keeps how the measurements
+    were made and adds that the coefficients were refitted, when, and `note`. The validation is redone
+    against `prior` (the file's own prior was fitted in the old form too); None leaves it out."""
     data = json.loads(Path(path).read_text())
+    measurements = _measurements(data, path)
+    refitted = (
+        f"refitted {datetime.datetime.now(datetime.UTC):%Y-%m-%d} to these measurements, not re-measured"
+    )
+    profile = fit_profile(
+        feature_matrix([m.batch for m in measurements]),
+        np.array([m.seconds for m in measurements]),
+        model=str(data["model"]),
+        hardware=str(data["hardware"]),
+        tp=int(data["tp"]),
+        provenance=f"{data['provenance']}; {refitted}" + (f": {note}" if note else ""),
+    )
+    errors = kind_errors(measurements, profile.cost, prior)
+    settings = ProfileSettings(**data["settings"])
+    return ProfileRun(profile, tuple(measurements), tuple(errors), prior, prior_hardware, settings)
+
+
+def _measurements(data: dict[str, Any], path: str | Path) -> list[Measurement]:
     if "measurements" not in data:
         raise ValueError(f"{path} carries no measurements (not written by `shadow profile`)")
     return [Measurement.from_dict(m) for m in data["measurements"]]

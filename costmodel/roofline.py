@@ -3,7 +3,8 @@
 A step is split into phases that run one after another on the GPU; each phase is bound by its compute time or
 its memory time at achievable (not peak) rates, plus a kernel latency floor:
   matmuls     the layers' projections and MLP/experts over all T new tokens (weights streamed once per step),
-  LM head     the vocabulary projection of each request's last position only,
+  LM head     the vocabulary projection of each request's last position only (its weights streamed once
+              per step, its FLOPs per request: the source of the prior's per-request coefficient e),
   attention   QK^T and AV over every request's context (FlashAttention: K and V read once per step),
   elementwise norms, rotary embedding, activation and residual adds: pure memory traffic plus launch latency,
   all-reduce  two per layer under tensor parallelism,
@@ -164,9 +165,11 @@ def representative_batches(
     max_context: int, kv_capacity_tokens: int, max_batched_tokens: int = 8192
 ) -> list[tuple[list[int], list[int]]]:
     """(new_tokens, context_tokens) of the step shapes a serving engine runs: pure decode of 1-256 requests at
-    short to long contexts, single prefills and prefill chunks on top of cached context, and chunked-prefill
-    steps mixing one chunk with decodes. Steps that would hold more KV than the cache has are left out: a fit
-    that spends its accuracy on batches no engine can run is a worse prior."""
+    short to long contexts, single prefills and prefill chunks on top of cached context, several new prompts
+    prefilled together, and chunked-prefill steps mixing one chunk with decodes. The batched prompts are what
+    tells the per-request cost from the per-token one: the number of requests R equals the tokens T on every
+    decode batch and is 1 on every single prefill. Steps that would hold more KV than the cache has are left
+    out: a fit that spends its accuracy on batches no engine can run is a worse prior."""
     contexts = [c for c in (128, 512, 1024, 2048, 4096, 8192, 16384) if c < max_context] or [max_context // 2]
     batches: list[tuple[list[int], list[int]]] = []
     for size in (1, 2, 4, 8, 16, 32, 64, 128, 256):
@@ -177,6 +180,10 @@ def representative_batches(
         for ctx in [0, *contexts]:
             if ctx + chunk <= max_context:
                 batches.append(([chunk], [ctx]))
+    for chunk in chunks:
+        for prompts in (4, 16):
+            if chunk // prompts >= 16:
+                batches.append(([chunk // prompts] * prompts, [0] * prompts))
     for chunk in (c for c in (256, 512, 1024, 2048) if c in chunks):
         for decodes in (8, 32, 128):
             if chunk + decodes <= max_batched_tokens:
@@ -194,8 +201,12 @@ def roofline_prior(
     max_batched_tokens: int = 8192,
     memory_fraction: float = 0.9,
 ) -> LinearCostModel:
-    """INFERMAX's linear model fitted to roofline times over `representative_batches`: the cost model to use
-    before the engine has produced measurements, and the prior that online calibration starts from."""
+    """The linear model (`costmodel.linear`) fitted to roofline times over `representative_batches`: the cost
+    model to use before the engine has produced measurements, and the prior that online calibration starts
+    from. Its per-request coefficient e is what the LM head's per-row FLOPs add to its weight streaming: on a
+    GPU the streaming dominates until hundreds of rows, so e comes out negligible or is dropped by the fit's
+    BIC selection; on a CPU core it is a large part of a decode. The sampler's per-request work is not in
+    the roofline (its fixed step overhead stands for sampling), so calibration adds that part of e."""
     capacity = kv_capacity_blocks(
         arch,
         hw,

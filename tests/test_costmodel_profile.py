@@ -11,7 +11,7 @@ PROFILE = CostProfile(
     model="llama-2-7b",
     hardware="A100-80GB-SXM",
     tp=1,
-    cost=LinearCostModel(a=9e-3, b=3.5e-5, c=3.5e-7, d=1e-8),
+    cost=LinearCostModel(a=9e-3, b=3.5e-5, c=3.5e-7, d=1e-8, e=2e-5),
     holdout_mape=0.071,
     samples=1234,
     provenance="vLLM 0.32 on 1xA100, azure-conv trace",
@@ -23,8 +23,23 @@ def test_round_trip(tmp_path: Path) -> None:
     save_profile(PROFILE, path)
     assert load_profile(path) == PROFILE
     data = json.loads(path.read_text())
-    assert data["format"] == "shadow-cost-profile"
-    assert data["coefficients"] == {"a": 9e-3, "b": 3.5e-5, "c": 3.5e-7, "d": 1e-8}
+    assert (data["format"], data["version"]) == ("shadow-cost-profile", 2)
+    assert data["coefficients"] == {"a": 9e-3, "b": 3.5e-5, "c": 3.5e-7, "d": 1e-8, "e": 2e-5}
+
+
+def test_version_1_files_load_without_the_per_request_term(tmp_path: Path) -> None:
+    """A file written before the model had e: its coefficients are the 4-term model it was fitted with."""
+    path = tmp_path / "v1.json"
+    old = {
+        **PROFILE.to_dict(),
+        "version": 1,
+        "coefficients": {"a": 9e-3, "b": 3.5e-5, "c": 3.5e-7, "d": 1e-8},
+    }
+    path.write_text(json.dumps(old))
+    assert load_profile(path).cost == LinearCostModel(a=9e-3, b=3.5e-5, c=3.5e-7, d=1e-8, e=0.0)
+    path.write_text(json.dumps({**old, "coefficients": PROFILE.cost.to_dict()}))
+    with pytest.raises(ValueError, match="version 1 file has no per-request coefficient"):
+        load_profile(path)
 
 
 def test_unmeasured_holdout_error_round_trips_as_null(tmp_path: Path) -> None:
@@ -38,7 +53,7 @@ def test_unmeasured_holdout_error_round_trips_as_null(tmp_path: Path) -> None:
 def test_other_files_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "other.json"
     path.write_text(json.dumps({**PROFILE.to_dict(), "version": 99}))
-    with pytest.raises(ValueError, match="shadow-cost-profile version 1"):
+    with pytest.raises(ValueError, match="shadow-cost-profile version 1 or 2"):
         load_profile(path)
     path.write_text(json.dumps({"a": 1.0}))
     with pytest.raises(ValueError, match="not a shadow-cost-profile"):
@@ -50,11 +65,13 @@ def test_fit_profile_records_the_fit_and_its_holdout_error() -> None:
     rng = np.random.default_rng(0)
     batches = [([1] * int(n), [int(c)] * int(n)) for n, c in rng.integers(1, 128, size=(40, 2))]
     batches += [([int(n)], [0]) for n in rng.integers(64, 4096, size=20)]
+    batches += [([int(n)] * 8, [0] * 8) for n in rng.integers(8, 512, size=10)]  # prompts batched together
     features = np.array([batch_features(new, ctx) for new, ctx in batches], dtype=float)
     times = truth.predict(features) * (1 + 0.02 * rng.standard_normal(len(batches)))
     profile = fit_profile(
         features, times, model="llama-2-7b", hardware="A100-80GB-SXM", tp=1, provenance="test"
     )
-    assert profile.samples == 60
+    assert profile.samples == 70
     assert 0.005 < profile.holdout_mape < 0.04
     assert profile.cost.a == pytest.approx(truth.a, rel=0.1)
+    assert profile.cost.e == pytest.approx(truth.e, rel=0.3)

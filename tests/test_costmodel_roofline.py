@@ -137,11 +137,41 @@ def test_representative_batches_cover_decode_prefill_and_mixes_within_capacity()
     assert all(max(c + n for n, c in zip(new, ctx, strict=True)) <= 4096 for new, ctx in batches)
     decode = [b for b in batches if set(b[0]) == {1}]
     prefill = [b for b in batches if len(b[0]) == 1 and b[0][0] > 1]
-    mixed = [b for b in batches if len(b[0]) > 1 and max(b[0]) > 1]
-    assert decode and prefill and mixed
+    prompts = [b for b in batches if len(b[0]) > 1 and min(b[0]) > 1]
+    mixed = [b for b in batches if len(b[0]) > 1 and min(b[0]) == 1 < max(b[0])]
+    assert decode and prefill and prompts and mixed
     assert max(len(new) for new, _ in decode) == 256
     # a model with a 2k context gets no 4k prefills
     assert all(sum(new) <= 2048 for new, ctx in representative_batches(2048, 10**9) if len(new) == 1)
+
+
+def test_representative_batches_vary_requests_independently_of_tokens() -> None:
+    """R = T on decodes and R = 1 on single prefills; batched prompts give steps of the same tokens with
+    1, 4 and 16 requests, without which the per-request coefficient would rest on the mixes alone."""
+    requests_by_tokens: dict[int, set[int]] = {}
+    for new, ctx in representative_batches(4096, kv_capacity_tokens=10**9):
+        features = batch_features(new, ctx)
+        requests_by_tokens.setdefault(features.tokens, set()).add(features.requests)
+    assert {1, 4, 16} <= requests_by_tokens[1024]
+    assert sum(len(r) >= 3 for r in requests_by_tokens.values()) >= 4
+
+
+def test_prior_prices_the_lm_head_per_request_where_it_matters() -> None:
+    """The tiny model's LM head (32000 x 256) is a large part of a decode on a CPU core: the prior's e is the
+    roofline's marginal LM-head cost per row, which grows from the 1-to-16 to the 1-to-256 row slope (the
+    soft roofline's memory part fades). On a GPU a 7B model's LM head streams once per step and a row costs
+    under 1 us of compute: the prior's e is negligible, or dropped."""
+    tiny, cpu = load_model("tiny-llama"), get_hardware("cpu")
+
+    def lm_head_per_row(rows: int) -> float:
+        many, one = (roofline_step(tiny, cpu, [16] * rows, [0] * rows), roofline_step(tiny, cpu, [16], [0]))
+        return (many.lm_head - one.lm_head) / (rows - 1)
+
+    e = roofline_prior(tiny, cpu).e
+    assert lm_head_per_row(16) < e < lm_head_per_row(256)
+    for arch, hw in ((LLAMA_2_7B, A100), (load_model("llama-3-8b"), H100)):
+        prior = roofline_prior(arch, hw)
+        assert prior.e * 256 < 0.01 * prior.batch_time([1] * 256, [1024] * 256)
 
 
 def test_prior_batch_time_grows_with_work() -> None:

@@ -4,6 +4,7 @@ its validation agrees with the cost model's own hold-out error. Small shapes, on
 from __future__ import annotations
 
 import dataclasses
+import json
 import statistics
 from collections.abc import Iterator
 
@@ -14,7 +15,7 @@ torch = pytest.importorskip("torch")
 
 from costmodel.architecture import load_model  # noqa: E402
 from costmodel.linear import LinearCostModel, cross_validated_mape  # noqa: E402
-from costmodel.profile import load_profile  # noqa: E402
+from costmodel.profile import CostProfile, load_profile  # noqa: E402
 from costmodel.profiler import (  # noqa: E402
     BATCH_KINDS,
     DECODE_HEAVY,
@@ -24,16 +25,18 @@ from costmodel.profiler import (  # noqa: E402
     PREFILL_HEAVY,
     BatchShape,
     Measurement,
+    ProfileRun,
     ProfileSettings,
     RandomWeightModel,
     Timing,
     batch_grid,
-    batch_predictors,
+    feature_matrix,
     holdout_errors,
     kind_errors,
     load_measurements,
     match_hardware_name,
     measure,
+    refit_profile_run,
     run_profile,
     save_profile_run,
     time_step,
@@ -62,7 +65,7 @@ def test_batch_kinds_and_run_length_form() -> None:
     assert mixed.kind == MIXED
     assert BatchShape(((1, 5), (1, 9))).kind == DECODE_HEAVY
     assert BatchShape(((16, 0), (8, 32))).kind == PREFILL_HEAVY
-    assert mixed.features == (103, 100 + 51 + 51 + 71, 100 * 100)
+    assert mixed.features == (103, 100 + 51 + 51 + 71, 100 * 100, 4)
     assert mixed.to_runs() == [[100, 0, 1], [1, 50, 2], [1, 70, 1]]
     assert BatchShape.from_runs(mixed.to_runs()) == mixed
     with pytest.raises(ValueError):
@@ -208,24 +211,30 @@ def _synthetic(truth: LinearCostModel, noise: float) -> list[Measurement]:
 
 
 def test_holdout_errors_are_the_profiles_cross_validated_mape() -> None:
-    measurements = _synthetic(LinearCostModel(4e-3, 3e-5, 5e-7, 1e-8), noise=0.05)
-    predictors = batch_predictors([m.batch for m in measurements])
+    measurements = _synthetic(LinearCostModel(4e-3, 3e-5, 5e-7, 1e-8, 1e-4), noise=0.05)
+    features = feature_matrix([m.batch for m in measurements])
+    assert features.shape == (len(measurements), 4)
     times = np.array([m.seconds for m in measurements])
-    errors = holdout_errors(predictors, times)
-    assert errors.mean() == pytest.approx(cross_validated_mape(predictors[:, :3], times))
+    errors = holdout_errors(features, times)
+    assert errors.mean() == pytest.approx(cross_validated_mape(features, times))
     assert 0.02 < errors.mean() < 0.08
+    without_e = holdout_errors(features, times, with_request_term=False)
+    assert without_e.mean() == pytest.approx(cross_validated_mape(features, times, with_request_term=False))
 
 
 def test_kind_errors_separate_the_fit_from_a_biased_prior() -> None:
-    truth = LinearCostModel(4e-3, 3e-5, 5e-7, 1e-8)
+    truth = LinearCostModel(4e-3, 3e-5, 5e-7, 1e-8, 1e-4)
     measurements = _synthetic(truth, noise=0.0)
     slow_prior = LinearCostModel(*(1.5 * v for v in truth.to_dict().values()))
     rows = {r.kind: r for r in kind_errors(measurements, truth, slow_prior)}
     assert list(rows) == [*BATCH_KINDS, "all"]
     assert rows["all"].samples == len(measurements) == sum(rows[k].samples for k in BATCH_KINDS)
     for row in rows.values():
-        assert row.fit_mape < 1e-9 and row.holdout_mape < 1e-6 and row.per_request_holdout_mape < 1e-6
+        assert row.fit_mape < 1e-9 and row.holdout_mape < 1e-6
         assert row.prior_mape == pytest.approx(0.5) and row.prior_bias == pytest.approx(0.5)
+    # Without e the fit misses what each request costs: most on decodes, where R is largest against T.
+    assert rows["decode-heavy"].without_request_term_holdout_mape > 0.03
+    assert rows["all"].per_request_holdout_mape == rows["all"].holdout_mape  # shadow profile's old name
 
 
 # ---- a whole profile
@@ -248,6 +257,37 @@ def test_profile_of_the_tiny_model_on_this_cpu(tmp_path) -> None:
     loaded = load_measurements(path)
     assert [m.batch for m in loaded] == [m.batch for m in run.measurements]
     assert [m.seconds for m in loaded] == pytest.approx([m.seconds for m in run.measurements], rel=1e-5)
+
+
+def test_a_saved_profile_refits_to_its_own_measurements(tmp_path) -> None:
+    """A profile saved in format version 1, before the model had e, refitted without timing anything: the new
+    fit and its validation against the given prior, the provenance saying so, measurements and settings
+    kept."""
+    truth = LinearCostModel(4e-3, 3e-5, 5e-7, 1e-8, 1e-4)
+    measurements = tuple(_synthetic(truth, noise=0.02))
+    old_fit = LinearCostModel(5e-3, 4e-5, 5e-7, 1e-8)
+    old = CostProfile("tiny-llama", "CPU-2core", 1, old_fit, 0.2, len(measurements), "shadow profile: test")
+    path = tmp_path / "old.json"
+    save_profile_run(ProfileRun(old, measurements, (), None, None, ProfileSettings(layers=2, seed=5)), path)
+    data = json.loads(path.read_text())
+    coefficients = {name: data["coefficients"][name] for name in "abcd"}
+    path.write_text(json.dumps({**data, "version": 1, "coefficients": coefficients}))
+    assert load_profile(path).cost == old_fit
+
+    slow_prior = LinearCostModel(*(1.5 * v for v in truth.to_dict().values()))
+    run = refit_profile_run(path, prior=slow_prior, prior_hardware="CPU-2core", note="with e")
+    assert run.profile.cost.e == pytest.approx(truth.e, rel=0.1)
+    assert run.profile.holdout_mape < 0.03 < run.errors[-1].without_request_term_holdout_mape
+    assert run.profile.provenance.startswith("shadow profile: test; refitted ")
+    assert run.profile.provenance.endswith("to these measurements, not re-measured: with e")
+    assert [m.batch for m in run.measurements] == [m.batch for m in measurements]
+    assert run.settings == ProfileSettings(layers=2, seed=5) and run.prior == slow_prior
+    assert run.errors[-1].prior_bias == pytest.approx(0.5, abs=0.03)
+
+    refitted = tmp_path / "refitted.json"
+    save_profile_run(run, refitted)
+    assert json.loads(refitted.read_text())["version"] == 2
+    assert load_profile(refitted) == run.profile
 
 
 def test_hardware_names_match_only_the_parts_in_the_table() -> None:

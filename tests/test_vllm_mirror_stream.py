@@ -46,19 +46,20 @@ def test_latencies_come_from_the_steps_that_completed_prefill_and_produced_the_l
 
 def test_step_features_rebuild_context_through_preemption_and_finish() -> None:
     run = MirroredRun.from_events(STREAM)
-    # (T, K, P): K sums context after the step; P sums new * context_after over multi-token chunks.
+    # (T, K, P, R): K sums context after the step; P sums new * context_after over multi-token chunks; R
+    # counts the requests in the step.
     assert step_features(run.steps).tolist() == [
-        [3, 3, 9],
-        [3, 4 + 2, 4],  # a decodes at 4; b prefills 2
-        [3, 3 + 2, 4],  # b decodes at 3; c's first chunk of 2
-        [2, 4, 8],  # c's second chunk
-        [3, 3, 9],  # b recomputes from scratch after its preemption
-        [1, 4, 0],
+        [3, 3, 9, 1],
+        [3, 4 + 2, 4, 2],  # a decodes at 4; b prefills 2
+        [3, 3 + 2, 4, 2],  # b decodes at 3; c's first chunk of 2
+        [2, 4, 8, 1],  # c's second chunk
+        [3, 3, 9, 1],  # b recomputes from scratch after its preemption
+        [1, 4, 0, 1],
     ]
 
 
 def test_calibration_recovers_a_known_model_and_reports_error_on_later_steps() -> None:
-    truth = LinearCostModel(a=0.004, b=3e-5, c=2e-7, d=0.0)
+    truth = LinearCostModel(a=0.004, b=3e-5, c=2e-7, d=0.0, e=4e-4)
     rng = np.random.default_rng(0)
     steps = []
     context: dict[str, int] = {}
@@ -73,5 +74,7 @@ def test_calibration_recovers_a_known_model_and_reports_error_on_later_steps() -
     report = calibrate(steps, train_fraction=0.5)
     assert (report.train_steps, report.test_steps) == (200, 200)
     assert report.mape < 1e-6 and report.model.a == pytest.approx(truth.a, rel=1e-6)
+    assert report.model.e == pytest.approx(truth.e, rel=1e-6)
+    assert "e=0.0004s/request" in report.describe()
     with pytest.raises(ValueError):
         calibrate(steps[:6])
