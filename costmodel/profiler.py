@@ -644,13 +644,6 @@ class KindErrors:
     prior_mape: float | None
     prior_bias: float | None  # mean signed relative error; positive: the prior predicts too slow
 
-    @property
-    def per_request_holdout_mape(self) -> float:
-        """Transitional: `shadow profile`'s table (shadow/profile_cmd.py) still reads this name from when the
-        per-request term was only a candidate beside the fit. It is in the fit now, so its hold-out error is
-        the fit's. Remove once that table reads `holdout_mape` and `without_request_term_holdout_mape`."""
-        return self.holdout_mape
-
 
 def feature_matrix(batches: Sequence[BatchShape]) -> np.ndarray:
     """(n, 4) rows of the batches' (T, K, P, R), as `LinearCostModel.predict` and `fit_linear` take them."""

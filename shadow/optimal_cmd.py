@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _setup(args: argparse.Namespace) -> Setup:
     setup = engine_setup(args)
-    if args.cost_profile or args.keep_attention_term or setup.cost.d == 0:
+    if args.cost_profile or args.keep_attention_term or (setup.cost.d == 0 and setup.cost.e == 0):
         return setup
     arch, hw = load_model(args.model), get_hardware(args.gpu)
     return dataclasses.replace(
@@ -145,13 +145,14 @@ def _setup(args: argparse.Namespace) -> Setup:
 
 
 def roofline_without_attention_term(arch, hw, tp: int) -> LinearCostModel:
-    """The roofline prior's fit (same batches) with d = 0: prefill chunking then never lowers GPU cost, so the
-    CP-SAT bound holds for every schedule, and the heuristics are replayed on this same model."""
+    """The roofline prior's fit (same batches) with d = 0 and e = 0: prefill chunking then never lowers GPU cost,
+    so the CP-SAT bound holds for every schedule, CP-SAT prices every term, and the heuristics are replayed on
+    this same model."""
     capacity = kv_capacity_blocks(arch, hw, tp=tp, block_size=1)
     batches = representative_batches(arch.max_position_embeddings, capacity, 8192)
     features = np.array([batch_features(new, ctx) for new, ctx in batches], dtype=float)
     times = np.array([roofline_batch_time(arch, hw, new, ctx, tp=tp) for new, ctx in batches])
-    return fit_linear(features, times, with_attention_term=False)
+    return fit_linear(features, times, with_attention_term=False, with_request_term=False)
 
 
 def _report(

@@ -151,7 +151,7 @@ def print_report(result: ProfileRun, path: Path, console: Console) -> None:
         "batches",
         "linear fit MAPE",
         "linear hold-out MAPE",
-        "+ per-request term, hold-out",
+        "without e·R, hold-out",
         f"{prior_name} MAPE",
         "prior bias",
     ):
@@ -162,7 +162,7 @@ def print_report(result: ProfileRun, path: Path, console: Console) -> None:
             str(row.samples),
             _percent(row.fit_mape),
             _percent(row.holdout_mape),
-            _percent(row.per_request_holdout_mape),
+            _percent(row.without_request_term_holdout_mape),
             _percent(row.prior_mape),
             _percent(row.prior_bias, signed=True),
         )
@@ -170,13 +170,13 @@ def print_report(result: ProfileRun, path: Path, console: Console) -> None:
     cost = profile.cost
     console.print(
         f"fitted: {cost.a * 1e3:.4g} ms per step + {cost.b * 1e6:.4g} us per new token + "
-        f"{cost.c * 1e9:.4g} ns per KV token attended + {cost.d * 1e9:.4g} ns per prefill query-key pair"
+        f"{cost.c * 1e9:.4g} ns per KV token attended + {cost.d * 1e9:.4g} ns per prefill query-key pair + "
+        f"{cost.e * 1e6:.4g} us per request"
     )
     console.print(
         "[dim]MAPE: mean absolute percentage error of step times; hold-out: 5-fold, each batch predicted by a "
-        "fit without it; per-request term: a richer model, time + e * requests, that profile files do not "
-        "hold yet, shown to tell whether it would pay; prior bias: mean signed error, positive = predicts "
-        "too slow.[/]"
+        "fit without it; without e·R: the same fit with no per-request term, to show what that term buys; "
+        "prior bias: mean signed error, positive = predicts too slow.[/]"
     )
     console.print(f"wrote {path}; use it with: shadow replay TRACE --cost-profile {path}")
 

@@ -131,6 +131,7 @@ class _Sim:
         self.cb = round(cost.b * PS_PER_S)
         self.cc = round(cost.c * PS_PER_S)
         self.cd = round(cost.d * PS_PER_S)
+        self.ce = round(cost.e * PS_PER_S)
         self.record_steps = record_steps
         self.fast = fast
         self.running: list[_Req] = []
@@ -425,7 +426,7 @@ class _Sim:
         if tokens == 0:
             return
         start = self.now
-        dt = self.ca + self.cb * tokens + self.cc * kv + self.cd * attn
+        dt = self.ca + self.cb * tokens + self.cc * kv + self.cd * attn + self.ce * (n_dec + len(sched))
         self.now += dt
         self.busy += dt
         self.tokens += tokens
@@ -511,7 +512,7 @@ class _Sim:
             return False
         # Steps until the next finish; a stale heap entry can only make the stretch shorter, never wrong.
         k = max(self.finish_heap[0][0] - self.G, 1) if self.finish_heap else 1
-        base_cost = self.ca + self.cb * n + self.cc * (self.sum_base + n * self.G + n)
+        base_cost = self.ca + (self.cb + self.ce) * n + self.cc * (self.sum_base + n * self.G + n)
         slope = self.cc * n  # each step reads n more KV tokens than the last
         if next_arrival_step is not None:
             k = min(k, next_arrival_step - self.steps)

@@ -235,7 +235,7 @@ def policy_from(knobs) -> str:
     return f"{preset}({','.join(f'{k}={v}' for k, v in knobs.items())})"
 
 
-COST = LinearCostModel(a=0.004, b=3e-5, c=2e-7, d=1e-9)
+COST = LinearCostModel(a=0.004, b=3e-5, c=2e-7, d=1e-9, e=1.5e-4)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -273,3 +273,23 @@ def test_invariants_and_fast_forward_equals_stepping(workload, knobs):
     # Recording steps changes nothing.
     plain = simulate(reqs, policy, COST, num_kv_blocks=blocks, block_size=block_size)
     assert plain.requests == fast.requests and plain.num_steps == len(fast.steps)
+
+
+def test_step_time_prices_every_term_of_the_cost_model():
+    # One 4-token prefill, then a decode step of two requests at contexts 4 and 2.
+    cost = LinearCostModel(a=1.0, b=0.1, c=0.01, d=0.001, e=0.5)
+    res = simulate(
+        [req("a", 0, 4, 2), req("b", 0, 2, 1)],
+        "vllm",
+        cost,
+        num_kv_blocks=100,
+        block_size=4,
+        record_steps=True,
+    )
+    first = res.steps[0]  # a: 4 new on 0 context, b: 2 new on 0 context
+    assert first.scheduled_tokens == {"a": 4, "b": 2}
+    expected = 1.0 + 0.1 * 6 + 0.01 * (4 + 2) + 0.001 * (4 * 4 + 2 * 2) + 0.5 * 2
+    assert first.duration == pytest.approx(expected, abs=1e-12)
+    second = res.steps[1]  # a decodes one token on 4 of context
+    assert second.duration == pytest.approx(1.0 + 0.1 + 0.01 * 5 + 0.5, abs=1e-12)
+    assert res.gpu_seconds == pytest.approx(first.duration + second.duration, abs=1e-12)
