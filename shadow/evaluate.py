@@ -255,12 +255,21 @@ def solve_window_optimum(
     problem = optimal_problem(window)
     if not problem.requests:
         return OptimalOutcome("relaxation", "EMPTY", 0.0, 0.0, "no requests", 0.0)
-    if len(problem.requests) > max_requests:
+
+    def relaxed(status: str) -> OptimalOutcome:
         bound = relaxation_bound(problem, window.cost).gpu_seconds
         return OptimalOutcome(
-            "relaxation", "BOUND", bound, math.nan, "every schedule", time.perf_counter() - started
+            "relaxation", status, bound, math.nan, "every schedule", time.perf_counter() - started
         )
-    result = solve_optimal(problem, window.cost, GPU_COST, time_limit=time_limit, workers=workers)
+
+    if len(problem.requests) > max_requests:
+        return relaxed("BOUND")
+    try:
+        result = solve_optimal(problem, window.cost, GPU_COST, time_limit=time_limit, workers=workers)
+    except (
+        ValueError
+    ):  # CP-SAT found no schedule in time and no heuristic's was usable: the bound still holds
+        return relaxed("NO_SOLUTION")
     return OptimalOutcome(
         "cp-sat",
         result.status,

@@ -39,12 +39,14 @@ class Sequencer:
     def __init__(
         self, *, max_held: int = 64, max_wait: float = 1.0, clock: Callable[[], float] = time.monotonic
     ) -> None:
+        # Until the sender's batch 0 is seen, or the wait for it is given up, the stream has no start:
+        # batches are held, since under reordering the first to arrive need not be the first sent.
         if max_held < 1 or max_wait <= 0:
             raise ValueError("max_held must be >= 1 and max_wait > 0")
         self._max_held = max_held
         self._max_wait = max_wait
         self._clock = clock
-        self._expected: int | None = None  # next sequence number to deliver; None before the first batch
+        self._expected: int | None = None  # next sequence number to deliver; None until the start is known
         self._held: dict[int, tuple[EventBatch, float]] = {}  # sequence -> (batch, when it arrived)
         self._gap = False  # a loss is pending report with the next delivery
         self.stats = SequenceStats()
@@ -54,12 +56,9 @@ class Sequencer:
         return len(self._held)
 
     def push(self, batch: EventBatch) -> list[Delivery]:
-        if self._expected is None:
-            # The first batch seen starts the stream. Anything before it (a shadow started after the engine,
-            # or restarted) is unknown: a loss, unless this is the sender's very first batch.
-            self._expected = batch.sequence
-            self._gap = batch.sequence != 0
-        if batch.sequence < self._expected or batch.sequence in self._held:
+        if self._expected is None and batch.sequence == 0:
+            self._expected = 0  # the sender's first batch: the stream starts here, nothing missed
+        if (self._expected is not None and batch.sequence < self._expected) or batch.sequence in self._held:
             self.stats.late_batches += 1
             self.stats.late_events += len(batch.events)
             return []
@@ -77,7 +76,7 @@ class Sequencer:
 
     def _release(self) -> list[Delivery]:
         out = []
-        while self._expected in self._held:
+        while self._expected is not None and self._expected in self._held:
             batch, _ = self._held.pop(self._expected)
             self._expected += 1
             out.append(self._deliver(batch))
@@ -85,8 +84,10 @@ class Sequencer:
 
     def _give_up(self) -> list[Delivery]:
         first_held = min(self._held)
-        assert self._expected is not None  # set by the first push; _held is empty before it
-        self.stats.lost_batches += first_held - self._expected
+        if self._expected is not None:
+            self.stats.lost_batches += first_held - self._expected
+        # Joining a stream mid-way (a shadow started after the engine, or restarted) is a loss too: what came
+        # before is unknown, but not counted, since nobody knows how many batches that was.
         self._expected = first_held
         self._gap = True
         return self._release()

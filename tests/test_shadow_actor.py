@@ -1,0 +1,156 @@
+"""The shadow as a named Ray actor on a real local Ray cluster: ingest through its handle, evaluation as Ray
+tasks, death and restart, and export through Ray's own metrics agent."""
+
+from __future__ import annotations
+
+import socket
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from adapters.ray_transport import RayActorSink  # noqa: E402
+from shadow.actor import find_shadow_actor, start_shadow_actor  # noqa: E402
+from shadow.core import EvaluationSettings, ShadowConfig  # noqa: E402
+from shadow.service import ServiceConfig  # noqa: E402
+from shadow.windows import WindowRules  # noqa: E402
+from tests import shadow_support as support  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+NAMESPACE = "shadow-actor-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    metrics_port = free_port()
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        namespace=NAMESPACE,
+        log_to_driver=False,
+        _metrics_export_port=metrics_port,
+        _system_config={"metrics_report_interval_ms": 500},
+    )
+    yield metrics_port
+    ray.shutdown()
+
+
+def config(tmp_path: Path, **overrides) -> ServiceConfig:
+    shadow = ShadowConfig(
+        windows=WindowRules(seconds=0.5),
+        hardware="cpu",
+        evaluation=EvaluationSettings(optimal_time_limit=0.5, optimal_max_requests=24),
+    )
+    return ServiceConfig(
+        shadow=shadow,
+        grpc_address=f"127.0.0.1:{free_port()}",
+        metrics_port=free_port(),
+        state_path=str(tmp_path / "engines.json"),
+        tick_seconds=0.1,
+        **overrides,
+    )
+
+
+def wait(condition, timeout: float = 60.0, every: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(every)
+
+
+def evaluated(handle) -> int:
+    return sum(e.windows_evaluated for e in ray.get(handle.snapshot.remote()).engines)
+
+
+def test_batches_through_the_ray_handle_are_evaluated_as_ray_tasks(cluster, tmp_path: Path) -> None:
+    handle = start_shadow_actor(config(tmp_path), name="shadow-a", namespace=NAMESPACE)
+    try:
+        sink = RayActorSink("shadow-a", namespace=NAMESPACE)
+        for batch in support.batches("fcfs-kv12"):
+            sink(batch)
+        sink.close()
+        ray.get(handle.flush.remote())
+        wait(lambda: ray.get(handle.idle.remote()) and evaluated(handle) >= 5)
+        snapshot = ray.get(handle.snapshot.remote())
+        (engine,) = snapshot.engines
+        assert snapshot.batches == {"ray": len(support.batches("fcfs-kv12"))}
+        assert engine.last.fidelity.step_match_ratio == 1.0
+        assert set(engine.last.task_locations) == {ray.get_runtime_context().get_node_id()}
+        assert find_shadow_actor("shadow-a", NAMESPACE).ping.remote() is not None
+    finally:
+        ray.kill(handle, no_restart=True)
+
+
+def test_a_killed_actor_is_restarted_finds_its_engines_again_and_keeps_evaluating(
+    cluster, tmp_path: Path
+) -> None:
+    cfg = config(tmp_path)
+    handle = start_shadow_actor(cfg, name="shadow-b", namespace=NAMESPACE)
+    try:
+        batches = support.batches("fcfs-kv12")
+        sink = RayActorSink("shadow-b", namespace=NAMESPACE, max_in_flight=0, timeout=10)
+        for batch in batches[:20]:
+            sink(batch)
+        wait(lambda: Path(cfg.state_path).exists())
+        actor_id = ray.get(handle.ping.remote())
+        before = ray.get(handle.snapshot.remote())
+        ray.kill(handle, no_restart=False)  # the process dies; Ray starts a new one with the same arguments
+
+        def restarted() -> bool:
+            try:
+                return ray.get(handle.snapshot.remote(), timeout=5).started_at != before.started_at
+            except ray.exceptions.RayError:
+                return False
+
+        wait(restarted, timeout=60, every=0.5)
+        assert ray.get(handle.ping.remote()) == actor_id  # the same actor, in a new process
+        lost = 0
+        for batch in batches[20:]:
+            try:
+                sink(batch)
+            except Exception:  # a batch sent while the sink re-finds the actor: the sender counts it
+                lost += 1
+        sink.close()
+        ray.get(handle.flush.remote())
+        wait(lambda: ray.get(handle.idle.remote()) and evaluated(handle) >= 1)
+        snapshot = ray.get(handle.snapshot.remote())
+        assert snapshot.addresses == before.addresses  # the same ports: senders find it where it was
+        assert "no_engine_info" not in snapshot.unattributed_drops
+        (engine,) = snapshot.engines
+        assert engine.last.fidelity.step_match_ratio == 1.0 and lost <= 1
+    finally:
+        ray.kill(handle, no_restart=True)
+
+
+def test_metrics_also_reach_ray_s_metrics_agent(cluster, tmp_path: Path) -> None:
+    handle = start_shadow_actor(
+        config(tmp_path, ray_metrics=True, ray_metrics_seconds=0.2), name="shadow-c", namespace=NAMESPACE
+    )
+    try:
+        for batch in support.batches("priority-kv16"):
+            ray.get(handle.ingest.remote(batch))
+        finished = ray.get(handle.snapshot.remote()).engines[0].tracker.requests_finished
+        url = f"http://127.0.0.1:{cluster}/metrics"
+
+        def exported() -> bool:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                text = response.read().decode()
+            return any(
+                line.startswith("ray_vllm_shadow_requests_finished_total{")
+                and line.endswith(f" {finished:.1f}")
+                for line in text.splitlines()
+            )
+
+        wait(exported, timeout=60, every=1.0)
+    finally:
+        ray.kill(handle, no_restart=True)

@@ -1,0 +1,202 @@
+"""The exporter: names and labels that pass promtool, bounded label sets, values that agree with the stream,
+and a real Prometheus server scraping the endpoint and answering queries."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from adapters.events import EngineStep, RequestFinish
+from shadow.core import EvaluationSettings, ShadowConfig, ShadowCore
+from shadow.exporter import MetricsServer, exposition
+from shadow.recommend import Goal
+from shadow.snapshot import ShadowSnapshot
+from shadow.tasks import LocalTasks
+from shadow.windows import WindowRules
+from tests import shadow_support as support
+
+NAME = "fcfs-kv12"
+
+
+@pytest.fixture(scope="module")
+def snapshot() -> ShadowSnapshot:
+    config = ShadowConfig(
+        windows=WindowRules(seconds=0.5),
+        hardware="cpu",
+        evaluation=EvaluationSettings(optimal_time_limit=0.5, optimal_max_requests=24),
+        goal=Goal(min_windows=2, min_calibration_steps=50),
+    )
+    core = ShadowCore(config, LocalTasks())
+    for batch in support.batches(NAME):
+        core.ingest(batch, "grpc")
+    core.flush()
+    deadline = time.monotonic() + 60
+    core.tick()
+    while not core.idle() and time.monotonic() < deadline:
+        time.sleep(0.02)
+        core.tick()
+    return core.snapshot(refused={"grpc": {"malformed": 2, "oversized": 1}})
+
+
+def samples(text: str) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append(sample)
+    return out
+
+
+def value(found: dict[str, list], name: str, **labels: str) -> float:
+    matches = [s.value for s in found[name] if all(s.labels.get(k) == v for k, v in labels.items())]
+    assert len(matches) == 1, (name, labels, matches)
+    return matches[0]
+
+
+@pytest.mark.integration
+def test_the_exposition_passes_promtool(snapshot: ShadowSnapshot) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool comes with the Debian package `prometheus` (make test installs it)")
+    result = subprocess.run(
+        [promtool, "check", "metrics"],
+        input=exposition(snapshot),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0 and not result.stdout.strip() and not result.stderr.strip(), result
+
+
+def test_every_series_has_the_prefix_and_engine_series_join_vllm_s_labels(snapshot: ShadowSnapshot) -> None:
+    engine = snapshot.engines[0]
+    candidates = set(engine.candidates)
+    for family in text_string_to_metric_families(exposition(snapshot)):
+        assert family.name.startswith("vllm_shadow_")
+        for sample in family.samples:
+            if "candidate" in sample.labels and family.name != "vllm_shadow_recommendation":
+                assert sample.labels["candidate"] in candidates, sample
+            if family.name not in {
+                "vllm_shadow_start_time_seconds",
+                "vllm_shadow_batches_received",
+                "vllm_shadow_events_received",
+                "vllm_shadow_batches_refused",
+                "vllm_shadow_events_unattributed",
+                "vllm_shadow_evaluation_windows",
+            }:
+                assert {"model_name", "engine"} <= sample.labels.keys(), sample
+
+
+def test_the_label_sets_are_bounded_by_the_candidate_grid(snapshot: ShadowSnapshot) -> None:
+    found = samples(exposition(snapshot))
+    n = len(snapshot.engines[0].candidates)
+    assert 0 < len(found["vllm_shadow_window_simulated_gpu_seconds"]) <= n
+    assert 0 < len(found["vllm_shadow_window_gap_ratio"]) <= 3 * n
+    assert len(found.get("vllm_shadow_window_ttft_seconds", [])) <= 3 * n
+    assert sum(len(v) for v in found.values()) < 40 * n
+
+
+def test_values_agree_with_the_recorded_stream(snapshot: ShadowSnapshot) -> None:
+    stream = support.events(NAME)
+    steps = [e for e in stream if isinstance(e, EngineStep) and e.scheduled_tokens]
+    engine = snapshot.engines[0]
+    labels = {"model_name": engine.model_name, "engine": engine.engine}
+    found = samples(exposition(snapshot))
+    assert value(found, "vllm_shadow_requests_finished_total", **labels) == sum(
+        isinstance(e, RequestFinish) for e in stream
+    )
+    assert value(found, "vllm_shadow_engine_steps_total", **labels) == len(steps)
+    assert value(found, "vllm_shadow_actual_gpu_seconds_total", **labels) == pytest.approx(
+        sum(s.duration for s in steps)
+    )
+    assert value(found, "vllm_shadow_windows_evaluated_total", **labels) == engine.windows_evaluated > 0
+    assert value(found, "vllm_shadow_self_replay_step_match_ratio", **labels) == 1.0
+    assert value(found, "vllm_shadow_batches_refused_total", transport="grpc", reason="malformed") == 2
+    current = value(found, "vllm_shadow_window_simulated_gpu_seconds", candidate=engine.current, **labels)
+    assert current == pytest.approx(engine.last.fidelity.self_replay.gpu_seconds)
+    assert (
+        value(found, "vllm_shadow_window_gap_ratio", candidate=engine.current, objective="gpu", **labels) == 0
+    )
+    bound = value(found, "vllm_shadow_window_optimal_bound_gpu_seconds", **labels)
+    assert 0 < bound <= current * (1 + 1e-6)  # the simulator keeps time in whole picoseconds
+    info = value(found, "vllm_shadow_config_info", candidate=engine.current, **labels)
+    assert info == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _query(port: int, promql: str) -> list:
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+    with urllib.request.urlopen(url, timeout=5) as response:
+        body = json.loads(response.read())
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+@pytest.mark.integration
+def test_a_real_prometheus_scrapes_the_endpoint_and_answers_gap_queries(
+    snapshot: ShadowSnapshot, tmp_path: Path
+) -> None:
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip(
+            "the Prometheus server comes with the Debian package `prometheus` (make test installs it)"
+        )
+    server = MetricsServer(lambda: snapshot)
+    prom_port = _free_port()
+    (tmp_path / "prometheus.yml").write_text(
+        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: shadow\n"
+        f"    static_configs:\n      - targets: ['127.0.0.1:{server.port}']\n"
+    )
+    process = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{prom_port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        engine = snapshot.engines[0]
+        deadline = time.monotonic() + 60
+        result: list = []
+        while time.monotonic() < deadline:
+            try:
+                result = _query(prom_port, "vllm_shadow_requests_finished_total")
+            except OSError:
+                result = []
+            if result:
+                break
+            time.sleep(0.5)
+        assert result and float(result[0]["value"][1]) == engine.tracker.requests_finished
+        assert result[0]["metric"]["model_name"] == engine.model_name
+        # The cumulative GPU gap of every candidate against the current configuration, as a dashboard asks it.
+        gaps = _query(
+            prom_port,
+            "1 - vllm_shadow_simulated_gpu_seconds_total / on(model_name, engine) group_left "
+            f'vllm_shadow_simulated_gpu_seconds_total{{candidate="{engine.current}"}}',
+        )
+        by_candidate = {g["metric"]["candidate"]: float(g["value"][1]) for g in gaps}
+        assert by_candidate[engine.current] == 0.0
+        assert by_candidate.keys() == engine.simulated_gpu_seconds.keys()
+        current = engine.simulated_gpu_seconds[engine.current]
+        for label, seconds in engine.simulated_gpu_seconds.items():
+            assert by_candidate[label] == pytest.approx(1 - seconds / current)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        server.stop()
