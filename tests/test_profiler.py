@@ -234,7 +234,6 @@ def test_kind_errors_separate_the_fit_from_a_biased_prior() -> None:
         assert row.prior_mape == pytest.approx(0.5) and row.prior_bias == pytest.approx(0.5)
     # Without e the fit misses what each request costs: most on decodes, where R is largest against T.
     assert rows["decode-heavy"].without_request_term_holdout_mape > 0.03
-    assert rows["all"].per_request_holdout_mape == rows["all"].holdout_mape  # shadow profile's old name
 
 
 # ---- a whole profile

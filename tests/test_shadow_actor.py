@@ -34,6 +34,7 @@ def free_port() -> int:
 def cluster():
     metrics_port = free_port()
     ray.init(
+        address="local",  # always a fresh cluster, never one another process left running on this machine
         num_cpus=2,
         include_dashboard=False,
         namespace=NAMESPACE,
