@@ -9,7 +9,15 @@ from importlib import import_module
 from adapters.traces import TraceError
 
 # Subcommands, in the order `--help` lists them.
-COMMANDS = ("shadow.replay_cmd", "shadow.optimal_cmd", "shadow.profile_cmd")
+COMMANDS = (
+    "shadow.demo_cmd",
+    "shadow.replay_cmd",
+    "shadow.optimal_cmd",
+    "shadow.profile_cmd",
+    "shadow.serve_cmd",
+    "shadow.status_cmd",
+    "shadow.report_cmd",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
