@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import math
 import os
 import socket
@@ -99,7 +98,9 @@ def run(args: argparse.Namespace) -> int:
     console = Console(file=os.fdopen(os.dup(1), "w", buffering=1))
     if not console.is_terminal:
         console.width = 160  # a log keeps its table columns
-    if importlib.util.find_spec("vllm") is None:
+    try:
+        import vllm  # noqa: F401 - the engine imports it anyway; a broken install fails here, not mid-run
+    except ImportError:
         console.print(INSTALL_HINT)
         return 2
     if args.duration <= 0 or args.rate <= 0:

