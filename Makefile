@@ -27,9 +27,11 @@ $(VENV)/.vllm: $(VENV)/.core
 	$(PIP) install --quiet -e '.[test,ray]'
 	touch $@
 
-# promtool and a real Prometheus server for the exporter and rule tests (Debian package; CI runs as root).
-$(VENV)/.prometheus:
-	command -v promtool >/dev/null || { apt-get update -qq && apt-get install -y -qq prometheus >/dev/null; }
+# A real Prometheus server (and promtool) for the exporter, rule and dashboard tests, and headless Chromium for the
+# report test: Debian packages (CI runs as root).
+$(VENV)/.system:
+	command -v promtool >/dev/null && command -v chromium >/dev/null || { \
+	  apt-get update -qq && apt-get install -y -qq prometheus chromium >/dev/null; }
 	touch $@
 
 engine: $(VENV)/.vllm
@@ -37,7 +39,7 @@ engine: $(VENV)/.vllm
 demo: $(VENV)/.core
 	$(BIN)/shadow replay azure-conv --limit 2000 --policies 'vllm,vllm-v0,sarathi,orca,no-eviction,sjf'
 
-test: $(VENV)/.vllm $(VENV)/.prometheus
+test: $(VENV)/.vllm $(VENV)/.system
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
