@@ -160,7 +160,9 @@ def recommend(history: Sequence[WindowEvaluation], candidates: Sequence[Candidat
     evidence.sort(key=lambda e: (-e.lower_bound if not math.isnan(e.lower_bound) else math.inf, e.label))
     if len(history) < goal.min_windows:
         return Verdict(
-            None, f"{len(history)} of {goal.min_windows} windows evaluated so far", tuple(evidence)
+            None,
+            f"{len(history)} of {goal.min_windows} windows evaluated with a calibrated cost model so far",
+            tuple(evidence),
         )
     error = _finite_mean([window_error(e, goal) for e in history])
     exact = [e.fidelity.step_match_ratio for e in history if e.fidelity.steps_compared]

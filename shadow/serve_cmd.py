@@ -22,7 +22,7 @@ from adapters.recorder import event_from_json
 from shadow.actor import DEFAULT_NAME, DEFAULT_NAMESPACE, start_shadow_actor
 from shadow.console import status_view
 from shadow.options import add_shadow_options, shadow_config
-from shadow.service import ServiceConfig, default_state_path
+from shadow.service import ServiceConfig, address_path, default_state_path
 
 DEFAULT_GRPC_PORT = 50151
 DEFAULT_METRICS_PORT = 9400
@@ -121,6 +121,9 @@ def run(args: argparse.Namespace) -> int:
     )
     console = Console(stderr=True)
     handle = start_shadow_actor(config, name=args.name, namespace=args.namespace, detached=args.detached)
+    address_file = address_path(args.namespace, args.name)
+    address_file.parent.mkdir(parents=True, exist_ok=True)
+    address_file.write_text(ray.get_runtime_context().gcs_address)
     snapshot = ray.get(handle.snapshot.remote())
     for what, where in sorted(snapshot.addresses.items()):
         console.print(f"[bold]{what}[/] {where}")
@@ -146,5 +149,6 @@ def run(args: argparse.Namespace) -> int:
         try:
             ray.get(handle.close.remote(), timeout=10)
         finally:
+            address_file.unlink(missing_ok=True)
             ray.shutdown()
     return 0

@@ -51,6 +51,12 @@ def default_state_path(name: str) -> str:
     return str(Path(tempfile.gettempdir()) / "vllm-shadow" / f"{name}-engines.json")
 
 
+def address_path(namespace: str, name: str) -> Path:
+    """Where `shadow serve` leaves the address of its Ray cluster for `shadow status`: Ray's own "auto" picks
+    whichever cluster on the machine started last, which need not be the shadow's."""
+    return Path(tempfile.gettempdir()) / "vllm-shadow" / f"{namespace}-{name}.ray-address"
+
+
 class ShadowService:
     def __init__(self, config: ServiceConfig, runner: TaskRunner) -> None:
         self.config = config

@@ -11,6 +11,7 @@ from rich.live import Live
 
 from shadow.actor import DEFAULT_NAME, DEFAULT_NAMESPACE, find_shadow_actor
 from shadow.console import status_view
+from shadow.service import address_path
 from shadow.snapshot import to_json
 
 
@@ -21,7 +22,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Connect to the Ray cluster of a running `shadow serve` (or `shadow demo`) and print its "
         "current state.",
     )
-    parser.add_argument("--ray-address", default="auto", help="the cluster to join (default auto)")
+    parser.add_argument(
+        "--ray-address", help="the cluster to join (default: the one `shadow serve` recorded, else auto)"
+    )
     parser.add_argument("--name", default=DEFAULT_NAME, help=f"actor name (default {DEFAULT_NAME})")
     parser.add_argument(
         "--namespace", default=DEFAULT_NAMESPACE, help=f"Ray namespace (default {DEFAULT_NAMESPACE})"
@@ -34,12 +37,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import ray
 
+    address = args.ray_address
+    recorded = address_path(args.namespace, args.name)
+    if address is None:
+        address = recorded.read_text().strip() if recorded.exists() else "auto"
     try:
-        ray.init(address=args.ray_address, namespace=args.namespace, log_to_driver=False)
+        ray.init(address=address, namespace=args.namespace, log_to_driver=False)
     except ConnectionError as exc:
-        raise ValueError(
-            f"no Ray cluster at {args.ray_address!r}: is `shadow serve` running? ({exc})"
-        ) from None
+        raise ValueError(f"no Ray cluster at {address!r}: is `shadow serve` running? ({exc})") from None
     try:
         try:
             handle = find_shadow_actor(args.name, args.namespace)

@@ -1,0 +1,250 @@
+"""How many engines one core of the shadow keeps up with, at 20 candidate configurations per window.
+
+An engine's mirror stream is made the way a production engine would make it, at production scale: the
+bundled Azure conversation trace served by Llama-2-7B on an A100 (roofline cost, vLLM defaults, KV capacity
+from memory), with the simulator standing in for the engine. (The shadow cannot tell: a stream is arrivals,
+steps with their batches, preemptions and finishes, and finishes.) Then, on one pinned core:
+
+  ingest      the stream through the shadow's core (sequencing, request table, windows, calibration), no
+              evaluation: CPU seconds per second of engine traffic;
+  evaluate    every window as the shadow evaluates it: the self replay in step space and in time, and the
+              candidates of the grid (20 configurations in all, the current one included), plus the
+              relaxation bound of the optimum (CP-SAT runs on its own budget; see RESULTS-shadow.md);
+              CPU seconds per window, so windows per second;
+  end to end  N engines' streams through one core (ingest, then every window evaluated on one worker
+              thread) against the traffic time they cover.
+
+Engines per core = 1 / (ingest seconds per traffic second + evaluation seconds per window / window length).
+
+    python benchmarks/shadow_scale.py                  # 10 s windows, 600 s of traffic per engine
+    python benchmarks/shadow_scale.py --engines 100 --seconds 60 --json results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from adapters.events import EngineInfo, EngineStep, Event, RequestArrival, RequestFinish, SchedulerSettings
+from adapters.publisher import EventBatch
+from adapters.traces import read_trace, resolve_trace
+from costmodel.architecture import load_model
+from costmodel.hardware import get_hardware
+from costmodel.kv import kv_capacity_blocks
+from costmodel.roofline import roofline_prior
+from shadow.candidates import SearchSpace, build_candidates
+from shadow.core import EvaluationSettings, ShadowConfig, ShadowCore
+from shadow.engine_state import EngineTracker
+from shadow.evaluate import Slo, check_fidelity, run_candidates, solve_window_optimum
+from shadow.tasks import LocalTasks
+from shadow.windows import WindowRules
+from solver.simulator import simulate
+
+MODEL, GPU, BLOCK = "llama-2-7b", "a100", 16
+SPACE = SearchSpace(extra=("vllm(max_num_seqs=512,max_num_batched_tokens=16384)",))  # 20 with the defaults
+SLO = Slo(ttft_seconds=2.0, tpot_seconds=0.1)
+
+
+def engine_stream(seconds: float, rate_scale: float) -> tuple[list[Event], EngineInfo]:
+    """A mirror stream of `seconds` of the trace served by the modelled engine, in the hook's order."""
+    arch = load_model(MODEL)
+    hw = get_hardware(GPU)
+    settings = SchedulerSettings(max_model_len=4096)
+    cost = roofline_prior(arch, hw, 1, max_batched_tokens=settings.max_num_batched_tokens)
+    blocks = kv_capacity_blocks(arch, hw, block_size=BLOCK)
+    trace = read_trace(resolve_trace("azure-conv"), end=seconds / rate_scale, rate_scale=rate_scale)
+    requests = [
+        dataclasses.replace(
+            r, prompt_tokens=min(r.prompt_tokens, 3000), output_tokens=min(r.output_tokens or 1, 1000)
+        )
+        for r in trace.requests
+    ]
+    policy = (
+        f"vllm(max_num_seqs={settings.max_num_seqs},max_num_batched_tokens={settings.max_num_batched_tokens})"
+    )
+    result = simulate(requests, policy, cost, num_kv_blocks=blocks, block_size=BLOCK, record_steps=True)
+    steps = result.steps or []
+    starts = [s.start for s in steps]
+    ends = {round(s.start + s.duration, 9): i for i, s in enumerate(steps)}
+    arrivals_at: dict[int, list[RequestArrival]] = defaultdict(list)
+    finishes_at: dict[int, list[RequestFinish]] = defaultdict(list)
+    records = {r.request_id: r for r in result.requests}
+    for r in requests:
+        # The simulator feeds a request to the first step starting at or after its arrival.
+        arrivals_at[bisect.bisect_left(starts, records[r.request_id].arrival)].append(
+            RequestArrival(r.request_id, r.time, r.prompt_tokens, max_tokens=r.output_tokens)
+        )
+        end = ends[round(records[r.request_id].finish, 9)]
+        finishes_at[end].append(RequestFinish(r.request_id, records[r.request_id].finish, r.output_tokens))
+    config = json.loads(
+        (Path(__file__).resolve().parent.parent / "costmodel/data/models/llama-2-7b.json").read_text()
+    )
+    info = EngineInfo(MODEL, BLOCK, blocks, settings, "0", config)
+    events: list[Event] = [info]
+    for i, step in enumerate(steps):
+        events += arrivals_at.get(i, [])
+        events += finishes_at.get(i, [])
+        events.append(
+            EngineStep(
+                i,
+                step.start,
+                step.duration,
+                step.scheduled_tokens,
+                step.preempted,
+                finished=tuple(f.request_id for f in finishes_at.get(i, [])),
+            )
+        )
+    return events, info
+
+
+def batches_of(events: list[Event], source: str, engine: str, size: int = 1024) -> list[EventBatch]:
+    """The stream as a publisher sends it, relabelled as engine `engine`."""
+    relabelled = [dataclasses.replace(e, engine=engine) if isinstance(e, EngineInfo) else e for e in events]
+    return [
+        EventBatch(relabelled[i : i + size], source, n) for n, i in enumerate(range(0, len(relabelled), size))
+    ]
+
+
+def pin_to_one_core() -> int:
+    core = min(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {core})
+    return core
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=float, default=600.0, help="traffic per engine (default 600)")
+    parser.add_argument("--window-seconds", type=float, default=10.0)
+    parser.add_argument("--rate-scale", type=float, default=1.0, help="denser arrivals than the trace's")
+    parser.add_argument("--engines", type=int, default=20, help="engines in the end-to-end run (default 20)")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    core_id = pin_to_one_core()
+
+    started = time.perf_counter()
+    events, info = engine_stream(args.seconds, args.rate_scale)
+    steps = sum(isinstance(e, EngineStep) for e in events)
+    requests = sum(isinstance(e, RequestArrival) for e in events)
+    traffic = max(e.start_time + e.duration for e in events if isinstance(e, EngineStep))
+    print(
+        f"stream: {requests} requests, {steps} steps, {len(events)} events over {traffic:.0f}s of engine time "
+        f"({MODEL} on {GPU}, {info.num_kv_blocks} KV blocks; made in {time.perf_counter() - started:.1f}s); "
+        f"pinned to core {core_id}",
+        flush=True,
+    )
+    rules = WindowRules(seconds=args.window_seconds)
+    candidates = build_candidates(info.scheduler, SPACE)
+    assert len(candidates) == 20, len(candidates)
+
+    # Ingest alone.
+    tracker_prior = roofline_prior(load_model(MODEL), get_hardware(GPU), 1)
+    t0 = time.process_time()
+    tracker = EngineTracker(info, rules=rules, prior=tracker_prior, clock=time.monotonic)
+    for event in events[1:]:
+        tracker.apply(event)
+    tracker.flush()
+    ingest_cpu = time.process_time() - t0
+    windows = tracker.take_ready()
+
+    # Evaluation of every window: self replay (step space and time), the 19 other candidates, the bound.
+    per_window, matched, compared, sizes = [], 0, 0, []
+    others = [c.policy for c in candidates[1:]]
+    for window in windows:
+        t0 = time.process_time()
+        fidelity = check_fidelity(window, SLO)
+        run_candidates(window, others, SLO)
+        solve_window_optimum(window, time_limit=1.0, max_requests=0)
+        per_window.append(time.process_time() - t0)
+        matched += fidelity.steps_matched
+        compared += fidelity.steps_compared
+        sizes.append(window.num_requests)
+    eval_cpu = statistics.fmean(per_window)
+    ingest_per_second = ingest_cpu / traffic
+    engines_per_core = 1 / (ingest_per_second + eval_cpu / args.window_seconds)
+    print(
+        f"ingest: {ingest_cpu:.2f} CPU s for {traffic:.0f} s of traffic ({len(events) / ingest_cpu:,.0f} events/s): "
+        f"{ingest_per_second * 1e3:.2f} ms per engine-second",
+        flush=True,
+    )
+    print(
+        f"evaluate: {len(windows)} windows of {statistics.fmean(sizes):.0f} requests (max {max(sizes)}), "
+        f"{eval_cpu * 1e3:.1f} ms CPU each (p90 {sorted(per_window)[int(0.9 * len(per_window))] * 1e3:.1f} ms) "
+        f"for 20 configurations: {1 / eval_cpu:.1f} windows/s per core; self replay {matched}/{compared} steps",
+        flush=True,
+    )
+    print(
+        f"=> one core keeps up with {engines_per_core:.0f} engines (20 candidates, {args.window_seconds:g} s windows)"
+    )
+
+    # End to end: N engines through the core on one worker thread, against the traffic time they cover.
+    config = ShadowConfig(
+        windows=rules,
+        space=SPACE,
+        hardware=GPU,
+        evaluation=EvaluationSettings(optimal=False, candidate_tasks=1, max_in_flight=1, max_queued=100_000),
+    )
+    shadow = ShadowCore(config, LocalTasks(1))
+    streams = [batches_of(events, f"host:{n}", str(n)) for n in range(args.engines)]
+    t0, c0 = time.perf_counter(), time.process_time()
+    for group in zip(*streams, strict=True):
+        for batch in group:
+            shadow.ingest(batch)
+        shadow.tick()
+    shadow.flush()
+    while not shadow.idle():
+        shadow.tick()
+        time.sleep(0.001)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    snapshot = shadow.snapshot()
+    evaluated = sum(e.windows_evaluated for e in snapshot.engines)
+    skipped = sum(sum(e.windows_skipped.values()) for e in snapshot.engines)
+    print(
+        f"end to end: {args.engines} engines x {traffic:.0f} s of traffic on one core in {wall:.1f} s wall "
+        f"({cpu:.1f} s CPU): {evaluated} windows evaluated, {skipped} skipped, "
+        f"{evaluated / wall:.1f} windows/s; {args.engines * traffic / wall:.0f} engine-seconds per second",
+        flush=True,
+    )
+    results = {
+        "model": MODEL,
+        "gpu": GPU,
+        "traffic_seconds": traffic,
+        "requests": requests,
+        "steps": steps,
+        "events": len(events),
+        "window_seconds": args.window_seconds,
+        "windows": len(windows),
+        "mean_window_requests": statistics.fmean(sizes),
+        "ingest_cpu_seconds": ingest_cpu,
+        "ingest_events_per_second": len(events) / ingest_cpu,
+        "evaluation_cpu_seconds_per_window": eval_cpu,
+        "windows_per_second_per_core": 1 / eval_cpu,
+        "engines_per_core_at_20_candidates": engines_per_core,
+        "self_replay_steps_matched": [matched, compared],
+        "end_to_end": {
+            "engines": args.engines,
+            "wall_seconds": wall,
+            "cpu_seconds": cpu,
+            "windows_evaluated": evaluated,
+            "windows_skipped": skipped,
+            "engine_seconds_per_second": args.engines * traffic / wall,
+        },
+    }
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
