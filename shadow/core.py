@@ -65,13 +65,16 @@ class EvaluationSettings:
     optimal: bool = True
     optimal_time_limit: float = 5.0
     optimal_max_requests: int = 64  # larger windows get the relaxation bound only
+    # CP-SAT on every k-th window of an engine, the relaxation bound on the others: a solve costs up to its
+    # time limit of CPU, which at many engines is more than all the simulations together.
+    optimal_every: int = 1
     optimal_workers: int = 1
     timeout_seconds: float = 60.0  # a window whose tasks take longer is cancelled and counted
     max_in_flight: int = 4  # windows evaluating at once
     max_queued: int = 64  # windows waiting to be evaluated; beyond this the oldest is dropped
 
     def __post_init__(self) -> None:
-        if self.candidate_tasks < 1 or self.max_in_flight < 1 or self.max_queued < 1:
+        if min(self.candidate_tasks, self.max_in_flight, self.max_queued, self.optimal_every) < 1:
             raise ValueError(f"evaluation bounds must be >= 1: {self}")
         if self.timeout_seconds <= 0 or self.optimal_time_limit <= 0:
             raise ValueError("time limits must be positive")
@@ -346,7 +349,9 @@ class ShadowCore:
                         solve_window_optimum,
                         shared,
                         time_limit=settings.optimal_time_limit,
-                        max_requests=settings.optimal_max_requests,
+                        max_requests=settings.optimal_max_requests
+                        if window.index % settings.optimal_every == 0
+                        else 0,
                         workers=settings.optimal_workers,
                     )
                 )

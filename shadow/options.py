@@ -64,6 +64,12 @@ def add_shadow_options(parser: argparse.ArgumentParser, *, window_seconds: float
         help="larger windows get the relaxation bound only (default 64)",
     )
     group.add_argument(
+        "--optimal-every",
+        type=int,
+        default=1,
+        help="CP-SAT on every k-th window, the relaxation bound on the others (default 1: every window)",
+    )
+    group.add_argument(
         "--evaluation-timeout",
         type=float,
         default=60.0,
@@ -116,6 +122,7 @@ def shadow_config(args: argparse.Namespace) -> ShadowConfig:
             optimal=not args.no_optimal,
             optimal_time_limit=args.optimal_time_limit,
             optimal_max_requests=args.optimal_max_requests,
+            optimal_every=args.optimal_every,
             timeout_seconds=args.evaluation_timeout,
         ),
         hardware=args.hardware,
