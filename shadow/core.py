@@ -520,6 +520,7 @@ class ShadowCore:
             optimal_failures=engine.optimal_failures,
             evaluation_seconds=engine.eval_seconds.copy(),
             last=engine.last,
+            recent=tuple(engine.history),
             simulated_gpu_seconds=dict(engine.simulated),
             actual_gpu_seconds=engine.actual,
             optimal_bound_gpu_seconds=engine.optimal_bound,

@@ -72,6 +72,9 @@ class EngineSnapshot:
     optimal_failures: int
     evaluation_seconds: Histogram
     last: WindowEvaluation | None
+    recent: tuple[
+        WindowEvaluation, ...
+    ]  # the recommendation's evidence: recent windows, current configuration
     # Sums over evaluated windows (since the configuration last changed): simulated GPU seconds per candidate
     # (the current configuration's self replay included), measured busy time, and the optimal bound.
     simulated_gpu_seconds: dict[str, float]
