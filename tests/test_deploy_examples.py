@@ -184,7 +184,12 @@ def test_ray_cluster_config_matches_rays_schema_and_starts_the_shadow() -> None:
 @pytest.fixture(scope="module")
 def serve_llm():
     pytest.importorskip("ray.serve.llm")
-    return importlib.import_module("deploy.ray.serve_llm")
+    import ray
+
+    yield importlib.import_module("deploy.ray.serve_llm")
+    # Building a Serve application starts a local Ray; later tests start their own clusters.
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def test_ray_serve_llm_config_carries_the_mirror_hook(serve_llm) -> None:

@@ -33,6 +33,8 @@ class EventCollector:
 @pytest.fixture(scope="module")
 def ray_cluster():
     # address="local": always a fresh cluster, never one another process left running on this machine.
+    if ray.is_initialized():
+        ray.shutdown()
     ray.init(address="local", num_cpus=1, namespace=NAMESPACE, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
