@@ -62,7 +62,7 @@ def engine_stream(seconds: float, rate_scale: float) -> tuple[list[Event], Engin
     settings = SchedulerSettings(max_model_len=4096)
     cost = roofline_prior(arch, hw, 1, max_batched_tokens=settings.max_num_batched_tokens)
     blocks = kv_capacity_blocks(arch, hw, block_size=BLOCK)
-    trace = read_trace(resolve_trace("azure-conv"), end=seconds / rate_scale, rate_scale=rate_scale)
+    trace = read_trace(resolve_trace("azure-conv"), end=seconds * rate_scale, rate_scale=rate_scale)
     requests = [
         dataclasses.replace(
             r, prompt_tokens=min(r.prompt_tokens, 3000), output_tokens=min(r.output_tokens or 1, 1000)
@@ -75,7 +75,7 @@ def engine_stream(seconds: float, rate_scale: float) -> tuple[list[Event], Engin
     result = simulate(requests, policy, cost, num_kv_blocks=blocks, block_size=BLOCK, record_steps=True)
     steps = result.steps or []
     starts = [s.start for s in steps]
-    ends = {round(s.start + s.duration, 9): i for i, s in enumerate(steps)}
+    ends = [s.start + s.duration for s in steps]
     arrivals_at: dict[int, list[RequestArrival]] = defaultdict(list)
     finishes_at: dict[int, list[RequestFinish]] = defaultdict(list)
     records = {r.request_id: r for r in result.requests}
@@ -84,7 +84,9 @@ def engine_stream(seconds: float, rate_scale: float) -> tuple[list[Event], Engin
         arrivals_at[bisect.bisect_left(starts, records[r.request_id].arrival)].append(
             RequestArrival(r.request_id, r.time, r.prompt_tokens, max_tokens=r.output_tokens)
         )
-        end = ends[round(records[r.request_id].finish, 9)]
+        end = bisect.bisect_left(
+            ends, records[r.request_id].finish - 1e-9
+        )  # the step that emitted its last token
         finishes_at[end].append(RequestFinish(r.request_id, records[r.request_id].finish, r.output_tokens))
     config = json.loads(
         (Path(__file__).resolve().parent.parent / "costmodel/data/models/llama-2-7b.json").read_text()

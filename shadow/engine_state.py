@@ -30,6 +30,7 @@ REQUEST_TIMEOUT = "request_timeout"
 ENGINE_SILENT = "engine_silent"
 ENGINE_RESTART = "engine_restart"
 BACKLOG = "backlog"
+TOO_LARGE = "too_large"
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +39,9 @@ class TrackerLimits:
     max_pending_windows: int = 32  # closed windows waiting for their requests to finish
     request_stall_seconds: float = 300.0  # engine clock without progress before a request is given up
     engine_silence_seconds: float = 120.0  # shadow clock without events before live state is dropped
+    # Steps fed to the online calibrator per second of engine time: each update refits the model (~0.2 ms),
+    # and an engine runs 10-100 steps a second; 20 a second is 1,200 measurements a minute.
+    calibration_steps_per_second: float = 20.0
 
 
 DEFAULT_LIMITS = TrackerLimits()
@@ -126,17 +130,19 @@ class _Window:
     cost_samples: int
     running: list[tuple[str, int, int]]  # (id, computed, generated) at the start, running-queue order
     waiting: list[tuple[str, int]]  # (id, generated) at the start, queue order
+    # The engine held more requests at the start than a window may: the window only marks time (no state,
+    # no steps kept) and is counted as skipped when it closes. Evaluating it would cost more than it is worth.
+    too_large: bool = False
     own: list[str] = field(default_factory=list)
     steps: list[EngineStep] = field(default_factory=list)
+    start_time: float = math.nan  # the engine clock at its first step
+    arrived: int = 0  # requests that arrived while it was open
+    traffic: int = 0  # arrivals and steps seen while open
     end_step: int = -1
     pending: set[str] = field(default_factory=set)  # requests not finished yet (once closed)
 
     def request_ids(self) -> list[str]:
         return [r for r, _, _ in self.running] + [r for r, _ in self.waiting] + self.own
-
-    @property
-    def start_time(self) -> float:
-        return self.steps[0].start_time if self.steps else math.nan
 
 
 class EngineTracker:
@@ -168,6 +174,7 @@ class EngineTracker:
         self._ready: list[TrafficWindow] = []
         self._next_index = first_index
         self._tainted_live = 0
+        self._next_calibration = -math.inf  # engine clock
         self.last_event_at = clock()  # shadow clock
 
     # ---- reading --------------------------------------------------------------------------------------------
@@ -221,8 +228,11 @@ class EngineTracker:
         self._waiting.append(event.request_id)
         self.stats.requests_arrived += 1
         if self._open is not None:
-            self._open.own.append(event.request_id)
-            request.refs += 1
+            self._open.traffic += 1
+            self._open.arrived += 1
+            if not self._open.too_large:
+                self._open.own.append(event.request_id)
+                request.refs += 1
 
     def _finish_reported(self, event: RequestFinish) -> None:
         request = self._requests.get(event.request_id)
@@ -269,13 +279,19 @@ class EngineTracker:
                 request.generated += 1
                 if request.generated == 1:
                     request.first_token = end
-        if self._tainted_live == 0 and step.duration > 0:
+        if self._tainted_live == 0 and step.duration > 0 and end >= self._next_calibration:
             self.calibrator.update(new_tokens, context, step.duration)
+            self._next_calibration = end + 1.0 / self.limits.calibration_steps_per_second
         self.stats.steps += 1
         self.stats.actual_gpu_seconds += step.duration
         self.stats.last_step_end = end
-        if self._open is not None:
-            self._open.steps.append(step)
+        window = self._open
+        if window is not None:
+            window.traffic += 1
+            if math.isnan(window.start_time):
+                window.start_time = step.start_time
+            if not window.too_large:
+                window.steps.append(step)
         self._finish_listed(step, end)
         self._maybe_close(end)
 
@@ -324,6 +340,13 @@ class EngineTracker:
     def _ensure_open(self) -> None:
         if self._open is not None or self._tainted_live:
             return
+        if self.live_requests >= self.rules.max_requests:
+            self._open = _Window(
+                self._next_index, self.stats.steps, self.calibrator.model(), math.nan, 0, [], []
+            )
+            self._open.too_large = True
+            self._next_index += 1
+            return
         requests = self._requests
         running = [(r, requests[r].computed, requests[r].generated) for r in self._running]
         order = list(self._waiting)
@@ -347,9 +370,9 @@ class EngineTracker:
         window = self._open
         if window is None:
             return
-        elapsed = now - window.start_time if window.steps else 0.0
+        elapsed = 0.0 if math.isnan(window.start_time) else now - window.start_time
         carried = len(window.running) + len(window.waiting)
-        if self.rules.full(elapsed, len(window.own), carried):
+        if self.rules.full(elapsed, window.arrived, carried):
             self._close()
             self._ensure_open()
 
@@ -371,6 +394,9 @@ class EngineTracker:
     def _close(self) -> None:
         window, self._open = self._open, None
         assert window is not None
+        if window.too_large:
+            self._drop(window, TOO_LARGE)
+            return
         if not window.own and not window.steps:
             self._unref(window)
             return
@@ -390,7 +416,7 @@ class EngineTracker:
             self._unref(window)
 
     def _drop(self, window: _Window, reason: str) -> None:
-        if window.own or window.steps:  # a window that saw no traffic is no loss
+        if window.traffic:  # a window that saw no traffic is no loss
             self.stats.windows_skipped[reason] += 1
         self._unref(window)
 
