@@ -36,8 +36,8 @@ $(VENV)/.system:
 
 engine: $(VENV)/.vllm
 
-demo: $(VENV)/.core
-	$(BIN)/shadow replay azure-conv --limit 2000 --policies 'vllm,vllm-v0,sarathi,orca,no-eviction,sjf'
+demo: $(VENV)/.vllm
+	$(BIN)/shadow demo
 
 test: $(VENV)/.vllm $(VENV)/.system
 	$(BIN)/ruff check .
