@@ -140,7 +140,7 @@ def _evidence(candidate: Candidate, history: Sequence[WindowEvaluation], goal: G
         stderr,
         mean - goal.z * stderr,
         sum(s > 0 for s in scores),
-        statistics.fmean(attainment) if attainment else math.nan,
+        _finite_mean(attainment),  # a window with no requests of its own has no attainment: skip it
     )
 
 
