@@ -183,7 +183,8 @@ def main() -> int:
     print(
         f"evaluate: {len(windows)} windows of {statistics.fmean(sizes):.0f} requests (max {max(sizes)}), "
         f"{eval_cpu * 1e3:.1f} ms CPU each (p90 {sorted(per_window)[int(0.9 * len(per_window))] * 1e3:.1f} ms) "
-        f"for 20 configurations: {1 / eval_cpu:.1f} windows/s per core; self replay {matched}/{compared} steps",
+        f"for 20 configurations: {1 / eval_cpu:.1f} windows/s per core; self replay {matched}/{compared} steps; "
+        f"not evaluated: {dict(tracker.stats.windows_skipped) or 'none'}",
         flush=True,
     )
     print(
@@ -211,10 +212,14 @@ def main() -> int:
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     snapshot = shadow.snapshot()
     evaluated = sum(e.windows_evaluated for e in snapshot.engines)
-    skipped = sum(sum(e.windows_skipped.values()) for e in snapshot.engines)
+    reasons: dict[str, int] = defaultdict(int)
+    for e in snapshot.engines:
+        for reason, n in e.windows_skipped.items():
+            reasons[reason] += n
+    skipped = sum(reasons.values())
     print(
         f"end to end: {args.engines} engines x {traffic:.0f} s of traffic on one core in {wall:.1f} s wall "
-        f"({cpu:.1f} s CPU): {evaluated} windows evaluated, {skipped} skipped, "
+        f"({cpu:.1f} s CPU): {evaluated} windows evaluated, {skipped} skipped {dict(reasons) or ''}, "
         f"{evaluated / wall:.1f} windows/s; {args.engines * traffic / wall:.0f} engine-seconds per second",
         flush=True,
     )
@@ -227,6 +232,7 @@ def main() -> int:
         "events": len(events),
         "window_seconds": args.window_seconds,
         "windows": len(windows),
+        "windows_not_evaluated": dict(tracker.stats.windows_skipped),
         "mean_window_requests": statistics.fmean(sizes),
         "ingest_cpu_seconds": ingest_cpu,
         "ingest_events_per_second": len(events) / ingest_cpu,
@@ -239,7 +245,7 @@ def main() -> int:
             "wall_seconds": wall,
             "cpu_seconds": cpu,
             "windows_evaluated": evaluated,
-            "windows_skipped": skipped,
+            "windows_skipped": dict(reasons),
             "engine_seconds_per_second": args.engines * traffic / wall,
         },
     }

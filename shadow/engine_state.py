@@ -37,7 +37,11 @@ TOO_LARGE = "too_large"
 class TrackerLimits:
     max_live_requests: int = 100_000  # requests held (live, or finished but still needed by a window)
     max_pending_windows: int = 32  # closed windows waiting for their requests to finish
-    request_stall_seconds: float = 300.0  # engine clock without progress before a request is given up
+    # Engine-clock time a RUNNING request may go unscheduled before it is given up. vLLM schedules its running
+    # requests every step unless the budget runs out, so this only catches a stream that lost the request's
+    # end. Waiting requests have no such limit: under overload they may wait for minutes, and a dead engine is
+    # caught by engine_silence_seconds.
+    request_stall_seconds: float = 300.0
     engine_silence_seconds: float = 120.0  # shadow clock without events before live state is dropped
     # Steps fed to the online calibrator per second of engine time: each update refits the model (~0.2 ms),
     # and an engine runs 10-100 steps a second; 20 a second is 1,200 measurements a minute.
@@ -55,7 +59,7 @@ class TrackerStats:
     actual_gpu_seconds: float = 0.0  # sum of measured non-empty step durations
     requests_arrived: int = 0
     requests_finished: int = 0
-    requests_timed_out: int = 0  # no progress for request_stall_seconds
+    requests_timed_out: int = 0  # running, unscheduled for request_stall_seconds
     requests_abandoned: int = 0  # live when the engine went silent or restarted
     requests_rejected: int = 0  # arrivals beyond max_live_requests
     unknown_requests: int = 0  # ids in steps or finishes that never arrived (their arrival was lost)
@@ -495,12 +499,11 @@ class EngineTracker:
             return
         now = self._engine_now()
         deadline = now - self.limits.request_stall_seconds
-        stalled = [r for r in (*self._running, *self._waiting) if self._requests[r].last_progress < deadline]
+        stalled = [r for r in self._running if self._requests[r].last_progress < deadline]
         if stalled:
             self.stats.requests_timed_out += sum(not self._requests[r].tainted for r in stalled)
             gone = set(stalled)
             self._running = [r for r in self._running if r not in gone]
-            self._waiting = deque(r for r in self._waiting if r not in gone)
             self._drop_windows_with(gone, REQUEST_TIMEOUT)
             for request_id in stalled:
                 self._give_up(self._requests[request_id])

@@ -143,19 +143,22 @@ def test_a_request_that_makes_no_progress_is_given_up_and_its_windows_are_skippe
     t = _tracker(clock, request_stall_seconds=30.0)
     t.apply(RequestArrival("stuck", 0.0, 10, max_tokens=100))
     t.apply(RequestArrival("busy", 0.0, 10, max_tokens=100))
+    t.apply(RequestArrival("queued", 0.0, 10, max_tokens=100))  # waits the whole minute, never scheduled
     t.apply(EngineStep(0, 0.0, 0.5, {"stuck": 10, "busy": 10}))
     for i in range(1, 60):  # "busy" decodes for a minute of engine time; "stuck" is never scheduled again
         t.apply(EngineStep(i, float(i), 0.5, {"busy": 1}))
         t.expire()
     assert t.stats.requests_timed_out == 1
     assert t.stats.windows_skipped[REQUEST_TIMEOUT] >= 1
-    assert t.live_requests == 1
+    assert t.live_requests == 2  # "queued" waits as long as it takes: only running requests stall
     t.apply(EngineStep(60, 60.0, 0.5, {"busy": 1}, finished=("busy",)))
+    t.apply(EngineStep(61, 61.0, 0.5, {"queued": 10}, finished=("queued",)))
     t.flush()
     ready = t.take_ready()
     assert ready and all("stuck" not in {r.request.request_id for r in w.running} for w in ready)
+    assert t.stats.requests_finished == 2 and t.live_requests == 0
     # A later step naming the given-up request is a request we no longer know: counted, never evaluated.
-    t.apply(EngineStep(61, 61.0, 0.5, {"stuck": 1}))
+    t.apply(EngineStep(62, 62.0, 0.5, {"stuck": 1}))
     assert t.stats.unknown_requests == 1
 
 
