@@ -18,9 +18,9 @@ from typing import NoReturn
 
 import grpc
 
-from adapters.proto import shadow_events_pb2 as pb
-from adapters.publisher import BatchSink, EventBatch
-from adapters.wire import WireError, decode_batch, encode_batch
+from vllm_shadow.adapters.proto import shadow_events_pb2 as pb
+from vllm_shadow.adapters.publisher import BatchSink, EventBatch
+from vllm_shadow.adapters.wire import WireError, decode_batch, encode_batch
 
 logger = logging.getLogger(__name__)
 

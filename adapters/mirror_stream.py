@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from adapters.events import EngineInfo, EngineStep, Event, RequestArrival, RequestFinish
+from vllm_shadow.adapters.events import EngineInfo, EngineStep, Event, RequestArrival, RequestFinish
 
 
 @dataclass(slots=True)

@@ -21,8 +21,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from adapters.events import Event, RequestArrival, RequestFinish
-from adapters.publisher import BatchSink, EventBatch
+from vllm_shadow.adapters.events import Event, RequestArrival, RequestFinish
+from vllm_shadow.adapters.publisher import BatchSink, EventBatch
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from adapters.events import Event
+from vllm_shadow.adapters.events import Event
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import ray
 
-from adapters.publisher import EventBatch
+from vllm_shadow.adapters.publisher import EventBatch
 
 
 class RayActorSink:

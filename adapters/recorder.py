@@ -17,8 +17,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from adapters.events import EngineInfo, EngineStep, Event, RequestArrival, RequestFinish, SchedulerSettings
-from adapters.publisher import EventBatch
+from vllm_shadow.adapters.events import (
+    EngineInfo,
+    EngineStep,
+    Event,
+    RequestArrival,
+    RequestFinish,
+    SchedulerSettings,
+)
+from vllm_shadow.adapters.publisher import EventBatch
 
 FORMAT = "shadow-events"
 VERSION = 1

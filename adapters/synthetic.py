@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from adapters.events import RequestArrival
-from adapters.traces import Trace
+from vllm_shadow.adapters.events import RequestArrival
+from vllm_shadow.adapters.traces import Trace
 
 # Lengths are clipped below this so that rounding a far log-normal tail can never overflow int64.
 _MAX_TOKENS = 2**62

@@ -46,7 +46,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import NamedTuple
 
-from adapters.events import RequestArrival
+from vllm_shadow.adapters.events import RequestArrival
 
 MOONCAKE_BLOCK_TOKENS = 512  # prompt tokens covered by one Mooncake hash id
 _NS_PER_S = 1_000_000_000
@@ -467,7 +467,7 @@ def bundled_trace(name: str) -> Path:
         filename = BUNDLED_TRACES[name]
     except KeyError:
         raise ValueError(f"no bundled trace {name!r}; bundled traces: {', '.join(BUNDLED_TRACES)}") from None
-    resource = files("adapters") / "data" / "traces" / filename
+    resource = files("vllm_shadow.adapters") / "data" / "traces" / filename
     # The readers need a real file; a zipped install would hand back a zip entry instead.
     if not isinstance(resource, Path) or not resource.is_file():
         raise FileNotFoundError(f"bundled trace {name!r} is not a file on disk: {resource}")

@@ -10,9 +10,16 @@ import json
 
 from google.protobuf.message import DecodeError
 
-from adapters.events import EngineInfo, EngineStep, Event, RequestArrival, RequestFinish, SchedulerSettings
-from adapters.proto import shadow_events_pb2 as pb
-from adapters.publisher import EventBatch
+from vllm_shadow.adapters.events import (
+    EngineInfo,
+    EngineStep,
+    Event,
+    RequestArrival,
+    RequestFinish,
+    SchedulerSettings,
+)
+from vllm_shadow.adapters.proto import shadow_events_pb2 as pb
+from vllm_shadow.adapters.publisher import EventBatch
 
 
 class WireError(ValueError):

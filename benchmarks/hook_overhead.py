@@ -24,11 +24,11 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from adapters.events import EngineStep
-from adapters.grpc_ingest import IngestServer
-from adapters.publisher import EventBatch
-from adapters.traces import bundled_trace, read_trace
-from adapters.vllm.engine_run import EngineSetup, drive, start_engine, stop_engine, trace_workload
+from vllm_shadow.adapters.events import EngineStep
+from vllm_shadow.adapters.grpc_ingest import IngestServer
+from vllm_shadow.adapters.publisher import EventBatch
+from vllm_shadow.adapters.traces import bundled_trace, read_trace
+from vllm_shadow.adapters.vllm.engine_run import EngineSetup, drive, start_engine, stop_engine, trace_workload
 
 SETUP = EngineSetup(num_kv_blocks=64, max_num_seqs=16, max_num_batched_tokens=512)
 
@@ -72,10 +72,10 @@ def run_engines(rounds: int, requests: int) -> list[Variant]:
     variants = [
         Variant("stock vLLM Scheduler", None, {}),
         Variant(
-            "hook, shadow listening", "adapters.vllm.MirrorScheduler", {"SHADOW_ADDRESS": ingest.address}
+            "hook, shadow listening", "vllm_shadow.MirrorScheduler", {"SHADOW_ADDRESS": ingest.address}
         ),
         Variant(
-            "hook, nobody listening", "adapters.vllm.MirrorScheduler", {"SHADOW_ADDRESS": _closed_port()}
+            "hook, nobody listening", "vllm_shadow.MirrorScheduler", {"SHADOW_ADDRESS": _closed_port()}
         ),
     ]
     trace = read_trace(bundled_trace("azure-conv"), limit=requests)
@@ -138,7 +138,7 @@ def hook_cpu_cost(steps: int = 2000) -> None:
     from vllm.v1.request import Request
     from vllm.v1.structured_output import StructuredOutputManager
 
-    from adapters.vllm import MirrorScheduler
+    from vllm_shadow.adapters.vllm import MirrorScheduler
 
     config = SETUP.engine_args().create_engine_config()
     blocks = 8192

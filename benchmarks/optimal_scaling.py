@@ -3,8 +3,9 @@
 Target (DESIGN.md): windows of 64 requests proven within 1% in 60 s on 2 cores.
 
 The engine is Llama-2-7B on one A10G (24 GB): 933 KV blocks of 16 tokens as vLLM counts them (932 usable,
-~14.9k tokens), from `costmodel.kv`, and the roofline prior refitted without its d term (so the bound holds for
-every schedule; see `solver.optimal`). That scale is chosen so that a window is a real packing problem: the
+~14.9k tokens), from `vllm_shadow.costmodel.kv`, and the roofline prior refitted without its d term (so the
+bound holds for
+every schedule; see `vllm_shadow.solver.optimal`). That scale is chosen so that a window is a real packing problem: the
 Azure code prompts (median ~1.5k tokens) and conversation requests (~1k + ~130) let about ten requests hold KV
 at once, so a 64-request window needs several generations of requests and memory decides the batch count. On
 an 80 GB A100 the same windows fit whole and the optimum is simply "run everything at once" (batches = the
@@ -15,7 +16,7 @@ Columns: batches (optimum's), the model's size, the solve time (the limit when n
 total GPU cost and on its schedule-dependent part (a x batches + recompute: the constant b*T + c*K of the
 requests' own tokens taken out), and how far vLLM's own schedule is above the optimum.
 
-Windows too large for CP-SAT (1,000 requests) get the relaxation bound of `solver.bounds`, set
+Windows too large for CP-SAT (1,000 requests) get the relaxation bound of `vllm_shadow.solver.bounds`, set
 against the packing heuristic's schedule (an upper bound on the optimum) and vLLM's.
 
     python benchmarks/optimal_scaling.py                 # prints markdown tables
@@ -28,17 +29,17 @@ import argparse
 import json
 import time
 
-from adapters.traces import read_trace, resolve_trace
-from costmodel.architecture import load_model
-from costmodel.hardware import get_hardware
-from costmodel.kv import kv_capacity_blocks
-from shadow.optimal_cmd import roofline_without_attention_term
-from solver.bounds import relaxation_bound
-from solver.cpsat import baseline_seconds, schedule_from_runs
-from solver.optimal import run_heuristics, solve_optimal
-from solver.packing import best_packing
-from solver.problem import EngineLimits, Objective, Window
-from solver.schedule import verify
+from vllm_shadow.adapters.traces import read_trace, resolve_trace
+from vllm_shadow.cli.optimal import roofline_without_attention_term
+from vllm_shadow.costmodel.architecture import load_model
+from vllm_shadow.costmodel.hardware import get_hardware
+from vllm_shadow.costmodel.kv import kv_capacity_blocks
+from vllm_shadow.solver.bounds import relaxation_bound
+from vllm_shadow.solver.cpsat import baseline_seconds, schedule_from_runs
+from vllm_shadow.solver.optimal import run_heuristics, solve_optimal
+from vllm_shadow.solver.packing import best_packing
+from vllm_shadow.solver.problem import EngineLimits, Objective, Window
+from vllm_shadow.solver.schedule import verify
 
 GPU = Objective()
 

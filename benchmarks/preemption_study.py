@@ -27,14 +27,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from adapters.traces import read_trace, resolve_trace
-from costmodel.architecture import load_model
-from costmodel.hardware import get_hardware
-from costmodel.kv import kv_capacity_blocks
-from shadow.optimal_cmd import roofline_without_attention_term
-from solver.optimal import run_heuristics, solve_optimal
-from solver.problem import EngineLimits, Objective, Window
-from solver.simulator import simulate
+from vllm_shadow.adapters.traces import read_trace, resolve_trace
+from vllm_shadow.cli.optimal import roofline_without_attention_term
+from vllm_shadow.costmodel.architecture import load_model
+from vllm_shadow.costmodel.hardware import get_hardware
+from vllm_shadow.costmodel.kv import kv_capacity_blocks
+from vllm_shadow.solver.optimal import run_heuristics, solve_optimal
+from vllm_shadow.solver.problem import EngineLimits, Objective, Window
+from vllm_shadow.solver.simulator import simulate
 
 GPU = Objective()
 WORKLOADS = {  # name -> (trace, read_trace options)

@@ -35,10 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
-from costmodel.architecture import ModelArchitecture, load_model
-from costmodel.hardware import get_hardware
-from costmodel.linear import fit_linear
-from costmodel.profiler import (
+from vllm_shadow.costmodel.architecture import ModelArchitecture, load_model
+from vllm_shadow.costmodel.hardware import get_hardware
+from vllm_shadow.costmodel.linear import fit_linear
+from vllm_shadow.costmodel.profiler import (
     BATCH_KINDS,
     Measurement,
     ProfileSettings,
@@ -49,9 +49,9 @@ from costmodel.profiler import (
     run_profile,
     save_profile_run,
 )
-from costmodel.roofline import roofline_batch_time, roofline_prior
+from vllm_shadow.costmodel.roofline import roofline_batch_time, roofline_prior
 
-SHIPPED = Path(str(resources.files("costmodel") / "data" / "profiles" / "tiny-llama-cpu.json"))
+SHIPPED = Path(str(resources.files("vllm_shadow.costmodel") / "data" / "profiles" / "tiny-llama-cpu.json"))
 
 
 def _rows(kinds: np.ndarray) -> list[tuple[str, np.ndarray]]:

@@ -25,12 +25,12 @@ import sys
 import time
 from pathlib import Path
 
-from adapters.traces import read_trace, resolve_trace
-from costmodel.architecture import load_model
-from costmodel.hardware import get_hardware
-from costmodel.kv import kv_capacity_blocks
-from costmodel.roofline import roofline_prior
-from solver.simulator import simulate
+from vllm_shadow.adapters.traces import read_trace, resolve_trace
+from vllm_shadow.costmodel.architecture import load_model
+from vllm_shadow.costmodel.hardware import get_hardware
+from vllm_shadow.costmodel.kv import kv_capacity_blocks
+from vllm_shadow.costmodel.roofline import roofline_prior
+from vllm_shadow.solver.simulator import simulate
 
 VIDUR = {  # requests -> (batches, loop seconds (low, high), process seconds (low, high), peak memory GB)
     10_000: (33_035, (7.4, 7.8), (11.6, 12.0), 1.6),
@@ -62,12 +62,12 @@ CANDIDATES_20 = [
 PROCESS_SCRIPT = """
 import json, resource, sys, time
 t0 = time.perf_counter()
-from adapters.traces import read_trace, resolve_trace
-from costmodel.architecture import load_model
-from costmodel.hardware import get_hardware
-from costmodel.kv import kv_capacity_blocks
-from costmodel.roofline import roofline_prior
-from solver.simulator import simulate
+from vllm_shadow.adapters.traces import read_trace, resolve_trace
+from vllm_shadow.costmodel.architecture import load_model
+from vllm_shadow.costmodel.hardware import get_hardware
+from vllm_shadow.costmodel.kv import kv_capacity_blocks
+from vllm_shadow.costmodel.roofline import roofline_prior
+from vllm_shadow.solver.simulator import simulate
 arch, hw = load_model("llama-2-7b"), get_hardware("a100")
 trace = read_trace(resolve_trace("azure-conv"), limit=int(sys.argv[1]))
 res = simulate(trace.requests, sys.argv[2], roofline_prior(arch, hw, 1),

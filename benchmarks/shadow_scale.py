@@ -35,20 +35,27 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from adapters.events import EngineInfo, EngineStep, Event, RequestArrival, RequestFinish, SchedulerSettings
-from adapters.publisher import EventBatch
-from adapters.traces import read_trace, resolve_trace
-from costmodel.architecture import load_model
-from costmodel.hardware import get_hardware
-from costmodel.kv import kv_capacity_blocks
-from costmodel.roofline import roofline_prior
-from shadow.candidates import SearchSpace, build_candidates
-from shadow.core import EvaluationSettings, ShadowConfig, ShadowCore
-from shadow.engine_state import EngineTracker
-from shadow.evaluate import Slo, check_fidelity, run_candidates, solve_window_optimum
-from shadow.tasks import LocalTasks
-from shadow.windows import WindowRules
-from solver.simulator import simulate
+from vllm_shadow.adapters.events import (
+    EngineInfo,
+    EngineStep,
+    Event,
+    RequestArrival,
+    RequestFinish,
+    SchedulerSettings,
+)
+from vllm_shadow.adapters.publisher import EventBatch
+from vllm_shadow.adapters.traces import read_trace, resolve_trace
+from vllm_shadow.costmodel.architecture import load_model
+from vllm_shadow.costmodel.hardware import get_hardware
+from vllm_shadow.costmodel.kv import kv_capacity_blocks
+from vllm_shadow.costmodel.roofline import roofline_prior
+from vllm_shadow.evaluation.candidates import SearchSpace, build_candidates
+from vllm_shadow.evaluation.evaluate import Slo, check_fidelity, run_candidates, solve_window_optimum
+from vllm_shadow.runtime.core import EvaluationSettings, ShadowConfig, ShadowCore
+from vllm_shadow.runtime.tasks import LocalTasks
+from vllm_shadow.solver.simulator import simulate
+from vllm_shadow.tracking.engine_state import EngineTracker
+from vllm_shadow.tracking.windows import WindowRules
 
 MODEL, GPU, BLOCK = "llama-2-7b", "a100", 16
 SPACE = SearchSpace(extra=("vllm(max_num_seqs=512,max_num_batched_tokens=16384)",))  # 20 with the defaults

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from costmodel.architecture import ModelArchitecture, load_model
-from costmodel.hardware import Hardware, get_hardware
-from costmodel.roofline import allreduce_seconds, roofline_prior, roofline_step
+from vllm_shadow.costmodel.architecture import ModelArchitecture, load_model
+from vllm_shadow.costmodel.hardware import Hardware, get_hardware
+from vllm_shadow.costmodel.roofline import allreduce_seconds, roofline_prior, roofline_step
 
 DATA = Path(__file__).parent / "data" / "vidur-profiling"
 MATMUL_OPS = ("attn_pre_proj", "attn_post_proj", "mlp_up_proj", "mlp_down_proj")

@@ -2,10 +2,10 @@
 hardware specifications, a roofline prior, INFERMAX's linear batch-time model with its offline fit and online
 calibration, KV-cache capacity, and cost-profile files."""
 
-from costmodel.architecture import ModelArchitecture, available_models, load_model
-from costmodel.hardware import HARDWARE, Hardware, get_hardware
-from costmodel.kv import kv_capacity_blocks
-from costmodel.linear import (
+from vllm_shadow.costmodel.architecture import ModelArchitecture, available_models, load_model
+from vllm_shadow.costmodel.hardware import HARDWARE, Hardware, get_hardware
+from vllm_shadow.costmodel.kv import kv_capacity_blocks
+from vllm_shadow.costmodel.linear import (
     BatchFeatures,
     LinearCostModel,
     OnlineCalibrator,
@@ -13,8 +13,8 @@ from costmodel.linear import (
     cross_validated_mape,
     fit_linear,
 )
-from costmodel.profile import CostProfile, fit_profile, load_profile, save_profile
-from costmodel.roofline import (
+from vllm_shadow.costmodel.profile import CostProfile, fit_profile, load_profile, save_profile
+from vllm_shadow.costmodel.roofline import (
     RooflineAssumptions,
     StepTime,
     roofline_batch_time,

@@ -20,7 +20,7 @@ from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral")
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-_BUNDLED = resources.files("costmodel") / "data" / "models"
+_BUNDLED = resources.files("vllm_shadow.costmodel") / "data" / "models"
 
 
 @dataclass(frozen=True, slots=True)

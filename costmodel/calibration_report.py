@@ -13,12 +13,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from adapters.events import EngineStep
-from costmodel.linear import MIN_SAMPLES, BatchFeatures, LinearCostModel, batch_features, fit_linear
+from vllm_shadow.adapters.events import EngineStep
+from vllm_shadow.costmodel.linear import (
+    MIN_SAMPLES,
+    BatchFeatures,
+    LinearCostModel,
+    batch_features,
+    fit_linear,
+)
 
 
 def step_features(steps: Sequence[EngineStep]) -> np.ndarray:
-    """(T, K, P, R) per non-empty step, in order (see `costmodel.linear`), from the mirrored steps."""
+    """(T, K, P, R) per non-empty step, in order (see `vllm_shadow.costmodel.linear`), from the mirrored steps."""
     computed: dict[str, int] = {}
     rows = []
     for step in steps:

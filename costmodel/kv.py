@@ -9,8 +9,8 @@ what-if questions ("how many blocks at TP 2 on an H100?").
 
 from __future__ import annotations
 
-from costmodel.architecture import ModelArchitecture
-from costmodel.hardware import GIB, Hardware
+from vllm_shadow.costmodel.architecture import ModelArchitecture
+from vllm_shadow.costmodel.hardware import GIB, Hardware
 
 # vLLM's start-up log reports 0.2-1 GiB of "non-torch memory" on single-GPU NVIDIA deployments (more with CUDA
 # graphs captured for many batch sizes); the upper end is reserved so the estimate errs towards fewer blocks.

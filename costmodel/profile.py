@@ -4,7 +4,7 @@
 so a caller can refuse a profile made for another deployment, and carries the fit's hold-out error, so every
 number computed with it can show its uncertainty.
 
-Version 2 added the per-request coefficient e to "coefficients" (see `costmodel.linear`). Version 1 files,
+Version 2 added the per-request coefficient e to "coefficients" (see `vllm_shadow.costmodel.linear`). Version 1 files,
 whose coefficients are a, b, c and d, still load, with e = 0: the model they were fitted with.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from costmodel.linear import LinearCostModel, cross_validated_mape, fit_linear
+from vllm_shadow.costmodel.linear import LinearCostModel, cross_validated_mape, fit_linear
 
 FORMAT = "shadow-cost-profile"
 VERSION = 2

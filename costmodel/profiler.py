@@ -46,10 +46,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from costmodel.architecture import ModelArchitecture
-from costmodel.hardware import Hardware
-from costmodel.linear import BatchFeatures, LinearCostModel, batch_features, fit_linear
-from costmodel.profile import CostProfile, fit_profile
+from vllm_shadow.costmodel.architecture import ModelArchitecture
+from vllm_shadow.costmodel.hardware import Hardware
+from vllm_shadow.costmodel.linear import BatchFeatures, LinearCostModel, batch_features, fit_linear
+from vllm_shadow.costmodel.profile import CostProfile, fit_profile
 
 PREFILL_HEAVY, DECODE_HEAVY, MIXED = "prefill-heavy", "decode-heavy", "mixed"
 BATCH_KINDS = (PREFILL_HEAVY, DECODE_HEAVY, MIXED)

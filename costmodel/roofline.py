@@ -41,10 +41,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from costmodel.architecture import ModelArchitecture
-from costmodel.hardware import Hardware
-from costmodel.kv import kv_capacity_blocks
-from costmodel.linear import LinearCostModel, batch_features, fit_linear
+from vllm_shadow.costmodel.architecture import ModelArchitecture
+from vllm_shadow.costmodel.hardware import Hardware
+from vllm_shadow.costmodel.kv import kv_capacity_blocks
+from vllm_shadow.costmodel.linear import LinearCostModel, batch_features, fit_linear
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,7 +201,8 @@ def roofline_prior(
     max_batched_tokens: int = 8192,
     memory_fraction: float = 0.9,
 ) -> LinearCostModel:
-    """The linear model (`costmodel.linear`) fitted to roofline times over `representative_batches`: the cost
+    """The linear model (`vllm_shadow.costmodel.linear`) fitted to roofline times over
+    `representative_batches`: the cost
     model to use before the engine has produced measurements, and the prior that online calibration starts
     from. Its per-request coefficient e is what the LM head's per-row FLOPs add to its weight streaming: on a
     GPU the streaming dominates until hundreds of rows, so e comes out negligible or is dropped by the fit's

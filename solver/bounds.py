@@ -16,8 +16,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from costmodel.linear import LinearCostModel
-from solver.problem import Objective, Window, WindowRequest, cdiv
+from vllm_shadow.costmodel.linear import LinearCostModel
+from vllm_shadow.solver.problem import Objective, Window, WindowRequest, cdiv
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,9 +13,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 
-from costmodel.linear import LinearCostModel
-from solver.problem import Objective, Window
-from solver.schedule import Batch, Schedule
+from vllm_shadow.costmodel.linear import LinearCostModel
+from vllm_shadow.solver.problem import Objective, Window
+from vllm_shadow.solver.schedule import Batch, Schedule
 
 # Per request: (KV tokens held, output tokens emitted, evictions so far).
 _RequestState = tuple[int, int, int]

@@ -10,7 +10,7 @@ cost is `a * (number of batches) + (recompute cost)` plus a constant. Batch time
 objective needs wall-clock time (latency terms): then a per-batch time layer is added.
 
 What the run form leaves out, and why that loses nothing for GPU cost with d = 0 and no binding token budget
-or sequence cap (the defaults: these are settings, not hardware; see `solver.optimal` for d > 0):
+or sequence cap (the defaults: these are settings, not hardware; see `vllm_shadow.solver.optimal` for d > 0):
   * pausing a request that holds KV: moving its steps to the last batches before its finish, contiguously,
     keeps its finish and lowers its KV in every batch (its progress is behind the original's everywhere);
   * chunked prefill: merging a prefill's chunks into its last chunk's batch holds less KV earlier and lowers
@@ -34,10 +34,10 @@ from dataclasses import dataclass
 
 from ortools.sat.python import cp_model
 
-from costmodel.linear import LinearCostModel
-from solver.bounds import prefill_extra_bound, request_work_seconds, single_batch_prefill_extra
-from solver.problem import Objective, Window, WindowRequest
-from solver.schedule import Batch, Schedule
+from vllm_shadow.costmodel.linear import LinearCostModel
+from vllm_shadow.solver.bounds import prefill_extra_bound, request_work_seconds, single_batch_prefill_extra
+from vllm_shadow.solver.problem import Objective, Window, WindowRequest
+from vllm_shadow.solver.schedule import Batch, Schedule
 
 Runs = Mapping[str, Sequence[tuple[int, int]]]  # request id -> runs as (first batch index, batches)
 

@@ -3,9 +3,9 @@
 `solve_optimal` returns a schedule that the verifier has replayed (never one merely believed feasible),
 its objective as the verifier computed it, and a lower bound with the schedules it holds for (`bound_scope`):
   * GPU cost, d = 0, token budget and sequence cap unlimited: every schedule with at most `max_evictions`
-    recompute preemptions per request (the run form loses nothing: see `solver.cpsat`);
+    recompute preemptions per request (the run form loses nothing: see `vllm_shadow.solver.cpsat`);
   * GPU cost with d > 0: the same, after subtracting the most any prefill chunking could save
-    (`solver.bounds.chunking_slack`), because the run form prefills in one batch;
+    (`vllm_shadow.solver.bounds.chunking_slack`), because the run form prefills in one batch;
   * otherwise (latency terms, or a binding budget or cap): schedules that never pause a running request and
     prefill in one batch, with at most `max_evictions` preemptions per request.
 `relaxation_bound` holds for every schedule whatsoever and costs nothing to compute; it backs the bound up
@@ -24,9 +24,9 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from costmodel.linear import LinearCostModel
-from solver.bounds import chunking_slack, relaxation_bound
-from solver.cpsat import (
+from vllm_shadow.costmodel.linear import LinearCostModel
+from vllm_shadow.solver.bounds import chunking_slack, relaxation_bound
+from vllm_shadow.solver.cpsat import (
     RunModel,
     add_hint,
     baseline_seconds,
@@ -35,11 +35,11 @@ from solver.cpsat import (
     schedule_from_runs,
     solve_run_model,
 )
-from solver.packing import best_packing
-from solver.policies import parse_policy
-from solver.problem import Objective, Window
-from solver.schedule import Replay, Schedule, replay, schedule_from_steps, verify
-from solver.simulator import RunningRequest, simulate
+from vllm_shadow.solver.packing import best_packing
+from vllm_shadow.solver.policies import parse_policy
+from vllm_shadow.solver.problem import Objective, Window
+from vllm_shadow.solver.schedule import Replay, Schedule, replay, schedule_from_steps, verify
+from vllm_shadow.solver.simulator import RunningRequest, simulate
 
 DEFAULT_HEURISTICS = (
     "vllm",
@@ -273,7 +273,7 @@ def _horizon(window: Window, cost: LinearCostModel, objective: Objective, known:
 
 
 def _run_form_is_exact(window: Window, objective: Objective) -> bool:
-    """True when no schedule outside the run form can do better (see `solver.cpsat`'s docstring)."""
+    """True when no schedule outside the run form can do better (see `vllm_shadow.solver.cpsat`'s docstring)."""
     limits = window.limits
     unlimited = limits.max_num_seqs >= len(window.requests) and limits.max_num_batched_tokens >= sum(
         r.peak_tokens for r in window.requests

@@ -5,7 +5,7 @@ KV footprint that grows one block every `block_size` batches, the footprints of 
 cache, and the cost is `a` per batch plus a constant. Placing requests in a fixed order, each at the first
 batch where its whole profile fits (the serial schedule-generation scheme of project scheduling), gives a
 feasible run-form schedule in O(requests x batches); trying a few orders and keeping the best gives CP-SAT a
-strong warm start, and gives windows too large for CP-SAT an upper bound to set against `solver.bounds`.
+strong warm start, and gives windows too large for CP-SAT an upper bound to set against `vllm_shadow.solver.bounds`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from solver.problem import Window, WindowRequest
+from vllm_shadow.solver.problem import Window, WindowRequest
 
 Order = Callable[[WindowRequest], tuple]
 

@@ -2,7 +2,8 @@
 
 INFERMAX's view is that the schedulers people compare (vLLM, Sarathi-Serve, Orca, FasterTransformer, LightLLM,
 ranking variants, no-eviction) are settings of one loop over a waiting queue and a running queue. `Policy` holds
-those settings; `solver.simulator` runs the loop. A policy is spelled as a preset with keyword overrides, e.g.
+those settings; `vllm_shadow.solver.simulator` runs the loop. A policy is spelled as a preset with keyword
+overrides, e.g.
 `vllm(max_num_seqs=64,max_num_batched_tokens=2048)`; `str(policy)` gives back the canonical spelling, which the
 live shadow uses as the candidate label.
 """
@@ -21,7 +22,7 @@ Admission = Literal["chunk", "full-prompt", "future-peak"]
 
 @dataclass(frozen=True, slots=True)
 class Policy:
-    """Knobs of the one scheduling loop (see `solver.simulator` for what each does)."""
+    """Knobs of the one scheduling loop (see `vllm_shadow.solver.simulator` for what each does)."""
 
     preset: str = "vllm"
     max_num_seqs: int = 256

@@ -12,7 +12,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from adapters.events import RequestArrival
+from vllm_shadow.adapters.events import RequestArrival
 
 UNLIMITED = 2**31 - 1  # a token budget or sequence cap that never binds
 

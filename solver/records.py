@@ -1,6 +1,7 @@
 """What a simulation returns: per-request records, optional per-step records, and aggregates.
 
-`StepRecord` mirrors `adapters.events.EngineStep` so a simulated step and a mirrored real step compare field by
+`StepRecord` mirrors `vllm_shadow.adapters.events.EngineStep` so a simulated step and a mirrored real step
+compare field by
 field; `SimResult.summary()` is the row a replay table prints.
 """
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from costmodel.linear import LinearCostModel
-from solver.problem import Objective, Window
-from solver.records import StepRecord
+from vllm_shadow.costmodel.linear import LinearCostModel
+from vllm_shadow.solver.problem import Objective, Window
+from vllm_shadow.solver.records import StepRecord
 
 _TIME_TOLERANCE = 1e-9  # seconds: float sums of batch times may differ in the last bits
 

@@ -23,10 +23,10 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from adapters.events import RequestArrival
-from costmodel.linear import LinearCostModel
-from solver.policies import Policy, parse_policy
-from solver.records import RequestRecord, SimResult, StepRecord
+from vllm_shadow.adapters.events import RequestArrival
+from vllm_shadow.costmodel.linear import LinearCostModel
+from vllm_shadow.solver.policies import Policy, parse_policy
+from vllm_shadow.solver.records import RequestRecord, SimResult, StepRecord
 
 PS_PER_S = 10**12  # time is kept in integer picoseconds so that closed-form sums equal step-by-step sums
 

@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 import yaml
 
-from adapters.events import EngineStep, Event, RequestArrival, RequestFinish
-from adapters.publisher import EventBatch
+from vllm_shadow.adapters.events import EngineStep, Event, RequestArrival, RequestFinish
+from vllm_shadow.adapters.publisher import EventBatch
 
 DATA = Path(__file__).resolve().parent / "data" / "deploy"
 VLLM_METRICS = DATA / "fcfs-kv12-vllm-metrics.jsonl.gz"

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from adapters.events import EngineInfo, EngineStep, RequestArrival, RequestFinish, SchedulerSettings
-from adapters.publisher import EventBatch
+from vllm_shadow.adapters.events import (
+    EngineInfo,
+    EngineStep,
+    RequestArrival,
+    RequestFinish,
+    SchedulerSettings,
+)
+from vllm_shadow.adapters.publisher import EventBatch
 
 INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 COUNT = st.integers(min_value=0, max_value=2**40)

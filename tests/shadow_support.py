@@ -5,12 +5,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from adapters.events import EngineInfo, Event
-from adapters.publisher import EventBatch
-from adapters.recorder import read_batches, read_events
-from shadow.costs import engine_prior
-from shadow.engine_state import EngineTracker, TrackerLimits
-from shadow.windows import TrafficWindow, WindowRules
+from vllm_shadow.adapters.events import EngineInfo, Event
+from vllm_shadow.adapters.publisher import EventBatch
+from vllm_shadow.adapters.recorder import read_batches, read_events
+from vllm_shadow.evaluation.costs import engine_prior
+from vllm_shadow.tracking.engine_state import EngineTracker, TrackerLimits
+from vllm_shadow.tracking.windows import TrafficWindow, WindowRules
 
 STREAMS = Path(__file__).resolve().parent / "data" / "shadow"
 NAMES = ("fcfs-kv12", "priority-kv16", "fcfs-kv6-crowded")

@@ -6,15 +6,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adapters.traces import read_trace, resolve_trace
-from costmodel.linear import LinearCostModel
-from solver.bounds import chunking_slack, min_batches, relaxation_bound
-from solver.bruteforce import SearchSpace, exhaustive_optimum
-from solver.cpsat import schedule_from_runs
-from solver.optimal import run_heuristics
-from solver.packing import ORDERS, best_packing, makespan, pack
-from solver.problem import EngineLimits, Objective, Window, WindowRequest
-from solver.schedule import verify
+from vllm_shadow.adapters.traces import read_trace, resolve_trace
+from vllm_shadow.costmodel.linear import LinearCostModel
+from vllm_shadow.solver.bounds import chunking_slack, min_batches, relaxation_bound
+from vllm_shadow.solver.bruteforce import SearchSpace, exhaustive_optimum
+from vllm_shadow.solver.cpsat import schedule_from_runs
+from vllm_shadow.solver.optimal import run_heuristics
+from vllm_shadow.solver.packing import ORDERS, best_packing, makespan, pack
+from vllm_shadow.solver.problem import EngineLimits, Objective, Window, WindowRequest
+from vllm_shadow.solver.schedule import verify
 
 EVERYTHING = SearchSpace(pause=True, chunking=True, max_evictions=1)
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from shadow.cli import main
+from vllm_shadow.cli.main import main
 
 REPLAY_KEYS = {
     "policy",
@@ -115,6 +115,6 @@ def test_malformed_trace_error_names_file_line_and_field(tmp_path, capsys):
 
 def test_console_script_help_lists_commands():
     out = subprocess.run(
-        [sys.executable, "-m", "shadow.cli", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "vllm_shadow.cli.main", "--help"], capture_output=True, text=True, check=True
     )
     assert "replay" in out.stdout

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import costmodel
-from costmodel.architecture import ModelArchitecture, available_models, load_model
+from vllm_shadow import costmodel
+from vllm_shadow.costmodel.architecture import ModelArchitecture, available_models, load_model
 
 LLAMA_2_7B = load_model("llama-2-7b")
 

@@ -1,8 +1,8 @@
 import pytest
 
-from costmodel.architecture import load_model
-from costmodel.hardware import HARDWARE, get_hardware
-from costmodel.kv import kv_capacity_blocks, peak_activation_bytes
+from vllm_shadow.costmodel.architecture import load_model
+from vllm_shadow.costmodel.hardware import HARDWARE, get_hardware
+from vllm_shadow.costmodel.kv import kv_capacity_blocks, peak_activation_bytes
 
 LLAMA_2_7B = load_model("llama-2-7b")
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from costmodel.linear import (
+from vllm_shadow.costmodel.linear import (
     BatchFeatures,
     LinearCostModel,
     OnlineCalibrator,

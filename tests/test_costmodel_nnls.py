@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from costmodel.nnls import nnls
+from vllm_shadow.costmodel.nnls import nnls
 
 
 def _kkt_violation(a: np.ndarray, b: np.ndarray, x: np.ndarray) -> float:

@@ -4,8 +4,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from costmodel.linear import LinearCostModel, batch_features
-from costmodel.profile import CostProfile, fit_profile, load_profile, save_profile
+from vllm_shadow.costmodel.linear import LinearCostModel, batch_features
+from vllm_shadow.costmodel.profile import CostProfile, fit_profile, load_profile, save_profile
 
 PROFILE = CostProfile(
     model="llama-2-7b",

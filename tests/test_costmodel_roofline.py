@@ -5,11 +5,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from costmodel.architecture import load_model
-from costmodel.hardware import get_hardware
-from costmodel.kv import kv_capacity_blocks
-from costmodel.linear import batch_features, cross_validated_mape
-from costmodel.roofline import (
+from vllm_shadow.costmodel.architecture import load_model
+from vllm_shadow.costmodel.hardware import get_hardware
+from vllm_shadow.costmodel.kv import kv_capacity_blocks
+from vllm_shadow.costmodel.linear import batch_features, cross_validated_mape
+from vllm_shadow.costmodel.roofline import (
     DEFAULT_ASSUMPTIONS,
     representative_batches,
     roofline_batch_time,

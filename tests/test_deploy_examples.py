@@ -14,13 +14,13 @@ from typing import Any
 import pytest
 import yaml
 
-from shadow.cli import build_parser
-from shadow.serve_cmd import service_config
+from vllm_shadow.cli.main import build_parser
+from vllm_shadow.cli.serve import service_config
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "kubernetes"
 RAY = ROOT / "deploy" / "ray"
-MIRROR = "adapters.vllm.MirrorScheduler"
+MIRROR = "vllm_shadow.MirrorScheduler"
 K8S_VERSION = "1.33"
 
 

@@ -8,10 +8,10 @@ import time
 import grpc
 import pytest
 
-from adapters.events import EngineInfo, EngineStep, RequestArrival, RequestFinish
-from adapters.grpc_ingest import PUBLISH_METHOD, TOKEN_METADATA_KEY, GrpcSink, IngestServer
-from adapters.publisher import EventBatch, Publisher
-from adapters.wire import encode_batch
+from vllm_shadow.adapters.events import EngineInfo, EngineStep, RequestArrival, RequestFinish
+from vllm_shadow.adapters.grpc_ingest import PUBLISH_METHOD, TOKEN_METADATA_KEY, GrpcSink, IngestServer
+from vllm_shadow.adapters.publisher import EventBatch, Publisher
+from vllm_shadow.adapters.wire import encode_batch
 
 EVENTS = [
     EngineInfo("tiny", 128, 64),

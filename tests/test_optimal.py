@@ -9,13 +9,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adapters.traces import read_trace, resolve_trace
-from costmodel.linear import LinearCostModel
-from solver.bruteforce import SearchSpace, exhaustive_optimum
-from solver.cpsat import build_run_model, runs_from_schedule, schedule_from_runs, solve_run_model
-from solver.optimal import run_heuristics, solve_optimal
-from solver.problem import EngineLimits, Objective, Window, WindowRequest, parse_objective
-from solver.schedule import verify
+from vllm_shadow.adapters.traces import read_trace, resolve_trace
+from vllm_shadow.costmodel.linear import LinearCostModel
+from vllm_shadow.solver.bruteforce import SearchSpace, exhaustive_optimum
+from vllm_shadow.solver.cpsat import build_run_model, runs_from_schedule, schedule_from_runs, solve_run_model
+from vllm_shadow.solver.optimal import run_heuristics, solve_optimal
+from vllm_shadow.solver.problem import EngineLimits, Objective, Window, WindowRequest, parse_objective
+from vllm_shadow.solver.schedule import verify
 
 COST = LinearCostModel(a=1.0, b=0.1, c=0.01, d=0.0)
 GPU = Objective()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from shadow.cli import main
+from vllm_shadow.cli.main import main
 
 WINDOW = ["azure-code", "--limit", "10", "--gpu", "a10g", "--kv-blocks", "300", "--max-prompt-tokens", "2000"]
 

@@ -11,9 +11,9 @@ from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
-from adapters.events import RequestArrival, RequestFinish
-from adapters.otlp import OtlpSpanReceiver
-from adapters.publisher import EventBatch
+from vllm_shadow.adapters.events import RequestArrival, RequestFinish
+from vllm_shadow.adapters.otlp import OtlpSpanReceiver
+from vllm_shadow.adapters.publisher import EventBatch
 
 
 class _Collect:

@@ -13,10 +13,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from costmodel.architecture import load_model  # noqa: E402
-from costmodel.linear import LinearCostModel, cross_validated_mape  # noqa: E402
-from costmodel.profile import CostProfile, load_profile  # noqa: E402
-from costmodel.profiler import (  # noqa: E402
+from vllm_shadow.costmodel.architecture import load_model  # noqa: E402
+from vllm_shadow.costmodel.linear import LinearCostModel, cross_validated_mape  # noqa: E402
+from vllm_shadow.costmodel.profile import CostProfile, load_profile  # noqa: E402
+from vllm_shadow.costmodel.profiler import (  # noqa: E402
     BATCH_KINDS,
     DECODE_HEAVY,
     DECODE_PADDING,

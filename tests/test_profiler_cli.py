@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import costmodel
-from costmodel.linear import batch_features, fit_linear
-from costmodel.profile import load_profile
-from shadow.cli import main
+from vllm_shadow import costmodel
+from vllm_shadow.cli.main import main
+from vllm_shadow.costmodel.linear import batch_features, fit_linear
+from vllm_shadow.costmodel.profile import load_profile
 
-SHIPPED = Path(str(resources.files("costmodel") / "data" / "profiles" / "tiny-llama-cpu.json"))
+SHIPPED = Path(str(resources.files("vllm_shadow.costmodel") / "data" / "profiles" / "tiny-llama-cpu.json"))
 SMALL_GRID = ["--max-batched-tokens", "128", "--max-context", "256", "--max-decodes", "8"]
 
 
@@ -28,7 +28,7 @@ def _replay_gpu_seconds(capsys, *extra: str) -> list[float]:
 
 def test_without_torch_the_command_says_how_to_install_it(monkeypatch, capsys, tmp_path) -> None:
     monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` fail as if it were not installed
-    monkeypatch.delitem(sys.modules, "costmodel.profiler", raising=False)
+    monkeypatch.delitem(sys.modules, "vllm_shadow.costmodel.profiler", raising=False)
     monkeypatch.delattr(costmodel, "profiler", raising=False)
     out = tmp_path / "profile.json"
     assert main(["profile", "--model", "tiny-llama", "--out", str(out)]) == 2
@@ -70,7 +70,7 @@ def test_a_model_too_big_for_the_hardware_is_profiled_without_a_prior(capsys, tm
     """Profiling builds a few layers, so it runs where the whole model would not fit (Llama-3-70B on one
     H100); the roofline prior, which sizes the KV cache of the whole model, is then left out, with the why."""
     pytest.importorskip("torch")
-    config = json.loads((resources.files("costmodel") / "data" / "models" / "tiny-llama.json").read_text())
+    config = json.loads((resources.files("vllm_shadow.costmodel") / "data" / "models" / "tiny-llama.json").read_text())
     config["num_hidden_layers"] = 40_000  # 29 billion parameters: more than the CPU entry's memory
     (tmp_path / "huge").mkdir()
     (tmp_path / "huge" / "config.json").write_text(json.dumps(config))

@@ -19,22 +19,22 @@ from pathlib import Path
 
 import pytest
 
-from adapters.events import EngineInfo
-from adapters.publisher import EventBatch
-from adapters.traces import bundled_trace, read_trace
-from adapters.vllm.engine_run import trace_workload
-from costmodel.profile import load_profile
 from deploy.generate import DASHBOARD_DIR, DASHBOARDS, RULES_DIR
 from deploy.prometheus import rules
-from shadow.core import EvaluationSettings, ShadowConfig
-from shadow.evaluate import Slo
-from shadow.recommend import Goal
-from shadow.report.replayed import replayed_stream
-from shadow.service import ServiceConfig, ShadowService
-from shadow.tasks import LocalTasks
-from shadow.windows import WindowRules
 from tests import deploy_support as support
 from tests import shadow_support
+from vllm_shadow.adapters.events import EngineInfo
+from vllm_shadow.adapters.publisher import EventBatch
+from vllm_shadow.adapters.traces import bundled_trace, read_trace
+from vllm_shadow.adapters.vllm.engine_run import trace_workload
+from vllm_shadow.costmodel.profile import load_profile
+from vllm_shadow.evaluation.evaluate import Slo
+from vllm_shadow.evaluation.recommend import Goal
+from vllm_shadow.report.replayed import replayed_stream
+from vllm_shadow.runtime.core import EvaluationSettings, ShadowConfig
+from vllm_shadow.runtime.service import ServiceConfig, ShadowService
+from vllm_shadow.runtime.tasks import LocalTasks
+from vllm_shadow.tracking.windows import WindowRules
 
 pytestmark = pytest.mark.integration
 

@@ -10,11 +10,11 @@ import yaml
 
 from deploy.generate import RULES_DIR
 from deploy.prometheus import rules
-from shadow.core import ShadowConfig, ShadowCore
-from shadow.exporter import exposition
-from shadow.tasks import LocalTasks
-from shadow.windows import WindowRules
 from tests import deploy_support, shadow_support
+from vllm_shadow.readout.exporter import exposition
+from vllm_shadow.runtime.core import ShadowConfig, ShadowCore
+from vllm_shadow.runtime.tasks import LocalTasks
+from vllm_shadow.tracking.windows import WindowRules
 
 PROMETHEUS = Path(__file__).resolve().parents[1] / "deploy" / "prometheus"
 

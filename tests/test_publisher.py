@@ -5,8 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
-from adapters.events import EngineStep
-from adapters.publisher import EventBatch, Publisher
+from vllm_shadow.adapters.events import EngineStep
+from vllm_shadow.adapters.publisher import EventBatch, Publisher
 
 
 def _step(i: int) -> EngineStep:

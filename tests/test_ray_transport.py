@@ -8,9 +8,9 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from adapters.events import EngineStep, RequestArrival  # noqa: E402
-from adapters.publisher import EventBatch, Publisher  # noqa: E402
-from adapters.ray_transport import RayActorSink  # noqa: E402
+from vllm_shadow.adapters.events import EngineStep, RequestArrival  # noqa: E402
+from vllm_shadow.adapters.publisher import EventBatch, Publisher  # noqa: E402
+from vllm_shadow.adapters.ray_transport import RayActorSink  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

@@ -10,9 +10,9 @@ from event_strategies import batches
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adapters.events import EngineStep, RequestArrival
-from adapters.publisher import EventBatch
-from adapters.recorder import Recorder, RecordingError, read_batches, read_events
+from vllm_shadow.adapters.events import EngineStep, RequestArrival
+from vllm_shadow.adapters.publisher import EventBatch
+from vllm_shadow.adapters.recorder import Recorder, RecordingError, read_batches, read_events
 
 
 @given(st.lists(batches, max_size=4), st.sampled_from(["run.jsonl", "run.jsonl.gz"]))

@@ -10,8 +10,8 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from shadow.cli import main
 from tests import deploy_support, shadow_support
+from vllm_shadow.cli.main import main
 
 pytestmark = pytest.mark.integration
 

@@ -12,12 +12,12 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from adapters.ray_transport import RayActorSink  # noqa: E402
-from shadow.actor import find_shadow_actor, start_shadow_actor  # noqa: E402
-from shadow.core import EvaluationSettings, ShadowConfig  # noqa: E402
-from shadow.service import ServiceConfig  # noqa: E402
-from shadow.windows import WindowRules  # noqa: E402
 from tests import shadow_support as support  # noqa: E402
+from vllm_shadow.adapters.ray_transport import RayActorSink  # noqa: E402
+from vllm_shadow.runtime.actor import find_shadow_actor, start_shadow_actor  # noqa: E402
+from vllm_shadow.runtime.core import EvaluationSettings, ShadowConfig  # noqa: E402
+from vllm_shadow.runtime.service import ServiceConfig  # noqa: E402
+from vllm_shadow.tracking.windows import WindowRules  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from adapters.events import SchedulerSettings
-from shadow.candidates import SearchSpace, build_candidates, current_policy, flag_changes
-from solver.policies import parse_policy
+from vllm_shadow.adapters.events import SchedulerSettings
+from vllm_shadow.evaluation.candidates import SearchSpace, build_candidates, current_policy, flag_changes
+from vllm_shadow.solver.policies import parse_policy
 
 SETTINGS = SchedulerSettings(max_num_seqs=8, max_num_batched_tokens=512, max_model_len=2048)
 

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from shadow import demo_cmd, serve_cmd, status_cmd
+from vllm_shadow.cli import demo as demo_cmd
+from vllm_shadow.cli import serve as serve_cmd
+from vllm_shadow.cli import status as status_cmd
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,9 +8,11 @@ import time
 
 import pytest
 
-from adapters.events import EngineInfo, RequestArrival, RequestFinish
-from adapters.publisher import EventBatch
-from shadow.core import (
+from tests import shadow_support as support
+from vllm_shadow.adapters.events import EngineInfo, RequestArrival, RequestFinish
+from vllm_shadow.adapters.publisher import EventBatch
+from vllm_shadow.evaluation.recommend import Goal
+from vllm_shadow.runtime.core import (
     DUPLICATE_SOURCE,
     EVALUATION_BACKLOG,
     EVALUATION_ERROR,
@@ -20,11 +22,9 @@ from shadow.core import (
     ShadowConfig,
     ShadowCore,
 )
-from shadow.engine_state import ENGINE_RESTART, LOST_EVENTS
-from shadow.recommend import Goal
-from shadow.tasks import LocalTasks
-from shadow.windows import WindowRules
-from tests import shadow_support as support
+from vllm_shadow.runtime.tasks import LocalTasks
+from vllm_shadow.tracking.engine_state import ENGINE_RESTART, LOST_EVENTS
+from vllm_shadow.tracking.windows import WindowRules
 
 FAST = EvaluationSettings(optimal_time_limit=0.5, optimal_max_requests=24)
 

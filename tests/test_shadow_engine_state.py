@@ -11,10 +11,18 @@ import dataclasses
 
 import pytest
 
-from adapters.events import EngineInfo, EngineStep, RequestArrival, RequestFinish, SchedulerSettings
-from adapters.mirror_stream import MirroredRun, request_latencies
-from costmodel.linear import LinearCostModel
-from shadow.engine_state import (
+from tests import shadow_support as support
+from vllm_shadow.adapters.events import (
+    EngineInfo,
+    EngineStep,
+    RequestArrival,
+    RequestFinish,
+    SchedulerSettings,
+)
+from vllm_shadow.adapters.mirror_stream import MirroredRun, request_latencies
+from vllm_shadow.costmodel.linear import LinearCostModel
+from vllm_shadow.evaluation.evaluate import Slo, check_fidelity
+from vllm_shadow.tracking.engine_state import (
     BACKLOG,
     ENGINE_SILENT,
     LOST_EVENTS,
@@ -23,9 +31,7 @@ from shadow.engine_state import (
     EngineTracker,
     TrackerLimits,
 )
-from shadow.evaluate import Slo, check_fidelity
-from shadow.windows import WindowRules
-from tests import shadow_support as support
+from vllm_shadow.tracking.windows import WindowRules
 
 
 @pytest.mark.parametrize("name", support.NAMES)

@@ -7,8 +7,9 @@ import math
 
 import pytest
 
-from shadow.candidates import current_policy
-from shadow.evaluate import (
+from tests import shadow_support as support
+from vllm_shadow.evaluation.candidates import current_policy
+from vllm_shadow.evaluation.evaluate import (
     LatencySummary,
     Slo,
     check_fidelity,
@@ -16,8 +17,7 @@ from shadow.evaluate import (
     run_candidates,
     solve_window_optimum,
 )
-from shadow.gaps import relative_gap
-from tests import shadow_support as support
+from vllm_shadow.evaluation.results import relative_gap
 
 OTHERS = ["vllm(max_num_seqs=2,max_num_batched_tokens=256)", "sarathi", "lightllm", "sjf", "vllm-v0"]
 

@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from adapters.events import EngineStep, RequestFinish
-from shadow.core import EvaluationSettings, ShadowConfig, ShadowCore
-from shadow.exporter import MetricsServer, exposition
-from shadow.recommend import Goal
-from shadow.snapshot import ShadowSnapshot
-from shadow.tasks import LocalTasks
-from shadow.windows import WindowRules
 from tests import shadow_support as support
+from vllm_shadow.adapters.events import EngineStep, RequestFinish
+from vllm_shadow.evaluation.recommend import Goal
+from vllm_shadow.readout.exporter import MetricsServer, exposition
+from vllm_shadow.readout.snapshot import ShadowSnapshot
+from vllm_shadow.runtime.core import EvaluationSettings, ShadowConfig, ShadowCore
+from vllm_shadow.runtime.tasks import LocalTasks
+from vllm_shadow.tracking.windows import WindowRules
 
 NAME = "fcfs-kv12"
 

@@ -13,14 +13,14 @@ ray = pytest.importorskip("ray")
 
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from adapters.events import EngineInfo  # noqa: E402
-from adapters.publisher import EventBatch  # noqa: E402
-from adapters.ray_transport import RayActorSink  # noqa: E402
-from shadow.actor import start_shadow_actor  # noqa: E402
-from shadow.core import EvaluationSettings, ShadowConfig  # noqa: E402
-from shadow.service import ServiceConfig  # noqa: E402
-from shadow.windows import WindowRules  # noqa: E402
 from tests import shadow_support as support  # noqa: E402
+from vllm_shadow.adapters.events import EngineInfo  # noqa: E402
+from vllm_shadow.adapters.publisher import EventBatch  # noqa: E402
+from vllm_shadow.adapters.ray_transport import RayActorSink  # noqa: E402
+from vllm_shadow.runtime.actor import start_shadow_actor  # noqa: E402
+from vllm_shadow.runtime.core import EvaluationSettings, ShadowConfig  # noqa: E402
+from vllm_shadow.runtime.service import ServiceConfig  # noqa: E402
+from vllm_shadow.tracking.windows import WindowRules  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

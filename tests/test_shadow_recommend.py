@@ -6,12 +6,12 @@ import math
 
 import pytest
 
-from adapters.events import SchedulerSettings
-from shadow.candidates import build_candidates
-from shadow.evaluate import CandidateOutcome, Fidelity, LatencySummary, Slo
-from shadow.gaps import WindowEvaluation
-from shadow.recommend import Goal, recommend
-from shadow.windows import EngineKey
+from vllm_shadow.adapters.events import SchedulerSettings
+from vllm_shadow.evaluation.candidates import build_candidates
+from vllm_shadow.evaluation.evaluate import CandidateOutcome, Fidelity, LatencySummary, Slo
+from vllm_shadow.evaluation.recommend import Goal, recommend
+from vllm_shadow.evaluation.results import WindowEvaluation
+from vllm_shadow.tracking.windows import EngineKey
 
 SETTINGS = SchedulerSettings(max_num_seqs=8, max_num_batched_tokens=512, max_model_len=2048)
 CANDIDATES = build_candidates(SETTINGS)

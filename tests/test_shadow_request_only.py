@@ -6,13 +6,13 @@ import dataclasses
 import math
 import time
 
-from adapters.events import RequestArrival, RequestFinish
-from adapters.mirror_stream import MirroredRun
-from costmodel.linear import LinearCostModel
-from shadow.evaluate import Slo, check_fidelity
-from shadow.request_only import RequestOnlyTracker
-from shadow.windows import WindowRules
 from tests import shadow_support as support
+from vllm_shadow.adapters.events import RequestArrival, RequestFinish
+from vllm_shadow.adapters.mirror_stream import MirroredRun
+from vllm_shadow.costmodel.linear import LinearCostModel
+from vllm_shadow.evaluation.evaluate import Slo, check_fidelity
+from vllm_shadow.tracking.request_only import RequestOnlyTracker
+from vllm_shadow.tracking.windows import WindowRules
 
 COST = LinearCostModel(a=5e-3, b=4e-5, c=1e-7)
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from adapters.events import RequestArrival
-from adapters.publisher import EventBatch
-from shadow.sequencing import Sequencer
+from vllm_shadow.adapters.events import RequestArrival
+from vllm_shadow.adapters.publisher import EventBatch
+from vllm_shadow.tracking.sequencing import Sequencer
 
 
 class Clock:

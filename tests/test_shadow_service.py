@@ -10,17 +10,17 @@ from pathlib import Path
 import grpc
 import pytest
 
-from adapters.events import RequestArrival
-from adapters.grpc_ingest import PUBLISH_METHOD, TOKEN_METADATA_KEY, GrpcSink
-from adapters.proto import shadow_events_pb2 as pb
-from adapters.publisher import EventBatch
-from adapters.wire import encode_batch
-from shadow.core import NO_ENGINE_INFO, EvaluationSettings, ShadowConfig
-from shadow.engine_state import LOST_EVENTS
-from shadow.service import ServiceConfig, ShadowService
-from shadow.tasks import LocalTasks
-from shadow.windows import WindowRules
 from tests import shadow_support as support
+from vllm_shadow.adapters.events import RequestArrival
+from vllm_shadow.adapters.grpc_ingest import PUBLISH_METHOD, TOKEN_METADATA_KEY, GrpcSink
+from vllm_shadow.adapters.proto import shadow_events_pb2 as pb
+from vllm_shadow.adapters.publisher import EventBatch
+from vllm_shadow.adapters.wire import encode_batch
+from vllm_shadow.runtime.core import NO_ENGINE_INFO, EvaluationSettings, ShadowConfig
+from vllm_shadow.runtime.service import ServiceConfig, ShadowService
+from vllm_shadow.runtime.tasks import LocalTasks
+from vllm_shadow.tracking.engine_state import LOST_EVENTS
+from vllm_shadow.tracking.windows import WindowRules
 
 SHADOW = ShadowConfig(
     windows=WindowRules(seconds=0.5), hardware="cpu", evaluation=EvaluationSettings(optimal=False)

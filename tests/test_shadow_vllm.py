@@ -14,15 +14,15 @@ pytest.importorskip("vllm", reason="the CPU build of vLLM is installed by `make 
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
-from adapters.events import EngineStep, RequestFinish
-from adapters.recorder import read_events
-from adapters.traces import bundled_trace, read_trace
-from adapters.vllm.engine_run import EngineSetup, drive, start_engine, stop_engine, trace_workload
-from shadow.core import EvaluationSettings, ShadowConfig
-from shadow.engine_state import ENGINE_SILENT, TrackerLimits
-from shadow.service import ServiceConfig, ShadowService
-from shadow.tasks import LocalTasks
-from shadow.windows import WindowRules
+from vllm_shadow.adapters.events import EngineStep, RequestFinish
+from vllm_shadow.adapters.recorder import read_events
+from vllm_shadow.adapters.traces import bundled_trace, read_trace
+from vllm_shadow.adapters.vllm.engine_run import EngineSetup, drive, start_engine, stop_engine, trace_workload
+from vllm_shadow.runtime.core import EvaluationSettings, ShadowConfig
+from vllm_shadow.runtime.service import ServiceConfig, ShadowService
+from vllm_shadow.runtime.tasks import LocalTasks
+from vllm_shadow.tracking.engine_state import ENGINE_SILENT, TrackerLimits
+from vllm_shadow.tracking.windows import WindowRules
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

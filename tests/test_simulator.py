@@ -11,10 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adapters.events import RequestArrival
-from costmodel.linear import LinearCostModel
-from solver.policies import PRESETS, parse_policy
-from solver.simulator import RunningRequest, simulate
+from vllm_shadow.adapters.events import RequestArrival
+from vllm_shadow.costmodel.linear import LinearCostModel
+from vllm_shadow.solver.policies import PRESETS, parse_policy
+from vllm_shadow.solver.simulator import RunningRequest, simulate
 
 ONE_SECOND_STEPS = LinearCostModel(a=1.0, b=0.0, c=0.0, d=0.0)
 

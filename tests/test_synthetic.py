@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from adapters.synthetic import (
+from vllm_shadow.adapters.synthetic import (
     Empirical,
     Fixed,
     Gamma,
@@ -18,7 +18,7 @@ from adapters.synthetic import (
     generate,
     resample,
 )
-from adapters.traces import Trace, bundled_trace, read_trace
+from vllm_shadow.adapters.traces import Trace, bundled_trace, read_trace
 
 
 def gaps_of(trace: Trace) -> np.ndarray:

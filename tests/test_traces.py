@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapters.traces import (
+from vllm_shadow.adapters.traces import (
     BUNDLED_TRACES,
     MOONCAKE_BLOCK_TOKENS,
     Reason,

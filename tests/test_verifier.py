@@ -7,11 +7,18 @@ import re
 
 import pytest
 
-from adapters.events import RequestArrival
-from costmodel.linear import LinearCostModel
-from solver.problem import EngineLimits, Window, WindowRequest
-from solver.schedule import Batch, InfeasibleSchedule, Schedule, replay, schedule_from_steps, verify
-from solver.simulator import simulate
+from vllm_shadow.adapters.events import RequestArrival
+from vllm_shadow.costmodel.linear import LinearCostModel
+from vllm_shadow.solver.problem import EngineLimits, Window, WindowRequest
+from vllm_shadow.solver.schedule import (
+    Batch,
+    InfeasibleSchedule,
+    Schedule,
+    replay,
+    schedule_from_steps,
+    verify,
+)
+from vllm_shadow.solver.simulator import simulate
 
 COST = LinearCostModel(a=1.0, b=0.1, c=0.01, d=0.001)
 

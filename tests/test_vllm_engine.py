@@ -18,14 +18,14 @@ import pytest
 
 pytest.importorskip("vllm", reason="the CPU build of vLLM is installed by `make test`")
 
-from adapters.events import EngineInfo, EngineStep, Event, RequestArrival, RequestFinish
-from adapters.grpc_ingest import IngestServer
-from adapters.mirror_stream import MirroredRun
-from adapters.otlp import OtlpSpanReceiver
-from adapters.publisher import EventBatch
-from adapters.recorder import RecordingError, read_events
-from adapters.traces import bundled_trace, read_trace
-from adapters.vllm.engine_run import EngineSetup, drive, start_engine, stop_engine, trace_workload
+from vllm_shadow.adapters.events import EngineInfo, EngineStep, Event, RequestArrival, RequestFinish
+from vllm_shadow.adapters.grpc_ingest import IngestServer
+from vllm_shadow.adapters.mirror_stream import MirroredRun
+from vllm_shadow.adapters.otlp import OtlpSpanReceiver
+from vllm_shadow.adapters.publisher import EventBatch
+from vllm_shadow.adapters.recorder import RecordingError, read_events
+from vllm_shadow.adapters.traces import bundled_trace, read_trace
+from vllm_shadow.adapters.vllm.engine_run import EngineSetup, drive, start_engine, stop_engine, trace_workload
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -77,7 +77,7 @@ class Session:
 
 @pytest.fixture(scope="module")
 def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Session, object]]:
-    from adapters.vllm.stat_logger import ShadowStatLogger
+    from vllm_shadow.adapters.vllm.stat_logger import ShadowStatLogger
 
     s = Session(tmp_path_factory.mktemp("shadow"))
     saved = dict(os.environ)

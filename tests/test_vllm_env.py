@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from adapters.grpc_ingest import GrpcSink
-from adapters.recorder import Recorder
-from adapters.vllm.env import DEFAULT_QUEUE_CAPACITY, ShadowEnv
+from vllm_shadow.adapters.grpc_ingest import GrpcSink
+from vllm_shadow.adapters.recorder import Recorder
+from vllm_shadow.adapters.vllm.env import DEFAULT_QUEUE_CAPACITY, ShadowEnv
 
 
 def test_nothing_set_means_no_publisher() -> None:

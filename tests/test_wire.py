@@ -11,10 +11,10 @@ from event_strategies import batches
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapters.events import EngineStep
-from adapters.proto import shadow_events_pb2 as pb
-from adapters.publisher import EventBatch
-from adapters.wire import WireError, decode_batch, encode_batch
+from vllm_shadow.adapters.events import EngineStep
+from vllm_shadow.adapters.proto import shadow_events_pb2 as pb
+from vllm_shadow.adapters.publisher import EventBatch
+from vllm_shadow.adapters.wire import WireError, decode_batch, encode_batch
 
 
 @given(batches)
@@ -73,7 +73,7 @@ def test_generated_protobuf_module_is_up_to_date() -> None:
     pytest.importorskip("grpc_tools", reason="grpcio-tools is a test dependency (see pyproject's test extra)")
     # In its own interpreter: protoc's C++ crashed the test process once vLLM and torch were loaded in it.
     check = subprocess.run(
-        [sys.executable, "-m", "adapters.proto.generate", "--check"],
+        [sys.executable, "-m", "vllm_shadow.adapters.proto.generate", "--check"],
         capture_output=True,
         text=True,
         cwd=Path(__file__).resolve().parent.parent,

@@ -2,8 +2,8 @@
 
 The generated module is checked in so that installing the project needs protobuf only, not grpcio-tools
 (protoc).
-    python -m adapters.proto.generate          # rewrite the generated files
-    python -m adapters.proto.generate --check  # exit 1 if they no longer match the .proto
+    python -m vllm_shadow.adapters.proto.generate          # rewrite the generated files
+    python -m vllm_shadow.adapters.proto.generate --check  # exit 1 if they no longer match the .proto
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def is_up_to_date() -> bool:
     """
     from google.protobuf import descriptor_pb2
 
-    from adapters.proto import shadow_events_pb2
+    from vllm_shadow.adapters.proto import shadow_events_pb2
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "schema.bin"
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="only check that the generated files are fresh")
     if parser.parse_args(argv).check:
         if not is_up_to_date():
-            print(f"{OUTPUTS[0]} does not match {PROTO}; run python -m adapters.proto.generate")
+            print(f"{OUTPUTS[0]} does not match {PROTO}; run python -m vllm_shadow.adapters.proto.generate")
             return 1
         return 0
     generate(HERE)

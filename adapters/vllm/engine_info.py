@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from adapters.events import EngineInfo, SchedulerSettings
+from vllm_shadow.adapters.events import EngineInfo, SchedulerSettings
 
 
 def scheduler_settings(vllm_config: Any) -> SchedulerSettings:

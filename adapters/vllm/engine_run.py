@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapters.events import RequestArrival
+from vllm_shadow.adapters.events import RequestArrival
 
 TINY_LLAMA = Path(__file__).resolve().parent.parent / "data" / "tiny-llama"
 CPU_BLOCK_SIZE = 128  # vLLM's KV block size on the CPU platform
@@ -33,7 +33,7 @@ class EngineSetup:
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = False
     max_model_len: int = 2048
-    scheduler_cls: str | None = "adapters.vllm.MirrorScheduler"  # None = vLLM's stock scheduler
+    scheduler_cls: str | None = "vllm_shadow.MirrorScheduler"  # None = vLLM's stock scheduler
     # On CPU this is the fraction of the NUMA node's memory that must be FREE at start-up (vLLM checks it);
     # the KV cache itself is pinned by num_kv_blocks. 0.2 lets a few engines (or test sessions) coexist.
     memory_fraction: float = 0.2

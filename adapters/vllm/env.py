@@ -17,7 +17,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from adapters.publisher import BatchSink, Publisher
+from vllm_shadow.adapters.publisher import BatchSink, Publisher
 
 DEFAULT_QUEUE_CAPACITY = 100_000
 
@@ -56,15 +56,15 @@ class ShadowEnv:
         # Imported on demand: an engine that only records should not load grpc or ray.
         sinks: list[BatchSink] = []
         if self.record:
-            from adapters.recorder import Recorder
+            from vllm_shadow.adapters.recorder import Recorder
 
             sinks.append(Recorder(self.record.replace("{pid}", str(os.getpid()))))
         if self.address:
-            from adapters.grpc_ingest import GrpcSink
+            from vllm_shadow.adapters.grpc_ingest import GrpcSink
 
             sinks.append(GrpcSink(self.address, token=self.token))
         if self.ray_actor:
-            from adapters.ray_transport import RayActorSink
+            from vllm_shadow.adapters.ray_transport import RayActorSink
 
             sinks.append(RayActorSink(self.ray_actor, namespace=self.ray_namespace))
         return sinks

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from adapters.events import EngineStep, Event, RequestArrival, RequestFinish
+from vllm_shadow.adapters.events import EngineStep, Event, RequestArrival, RequestFinish
 
 
 @dataclass(slots=True)

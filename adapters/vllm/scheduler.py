@@ -1,6 +1,6 @@
 """The mirror hook: vLLM's own V1 scheduler, unchanged, that also reports every arrival, step and finish.
 
-Use `adapters.vllm.MirrorScheduler` as `--scheduler-cls` / `scheduler_cls=` (also inside Ray Serve LLM's
+Use `vllm_shadow.MirrorScheduler` as `--scheduler-cls` / `scheduler_cls=` (also inside Ray Serve LLM's
 `engine_kwargs`). Match vLLM's own choice of scheduler: `MirrorAsyncScheduler` where async scheduling is on
 (the default on GPUs in vLLM 0.32), `MirrorScheduler` where it is off (always on the CPU platform, or with
 `--no-async-scheduling`). Using the sync class under async scheduling still works but costs vLLM's overlap.
@@ -21,11 +21,11 @@ from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
-from adapters.events import RequestArrival
-from adapters.publisher import Publisher
-from adapters.vllm.engine_info import engine_info
-from adapters.vllm.env import ShadowEnv
-from adapters.vllm.mirror import StepMirror
+from vllm_shadow.adapters.events import RequestArrival
+from vllm_shadow.adapters.publisher import Publisher
+from vllm_shadow.adapters.vllm.engine_info import engine_info
+from vllm_shadow.adapters.vllm.env import ShadowEnv
+from vllm_shadow.adapters.vllm.mirror import StepMirror
 
 logger = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from typing import Any
 from vllm.config import VllmConfig
 from vllm.v1.metrics.loggers import StatLoggerBase
 
-from adapters.events import RequestArrival, RequestFinish
-from adapters.vllm.engine_info import engine_info
-from adapters.vllm.env import ShadowEnv
+from vllm_shadow.adapters.events import RequestArrival, RequestFinish
+from vllm_shadow.adapters.vllm.engine_info import engine_info
+from vllm_shadow.adapters.vllm.env import ShadowEnv
 
 logger = logging.getLogger(__name__)
 

@@ -134,7 +134,7 @@ ALERTS = [
         "warning",
         f"{ENGINE_LABEL}: vLLM serves requests but the shadow receives no events from it",
         "vLLM reports finished requests for this engine while the shadow has applied no mirror event for it "
-        "(or is not running). Check that the engine runs with --scheduler-cls adapters.vllm.MirrorScheduler and "
+        "(or is not running). Check that the engine runs with --scheduler-cls vllm_shadow.MirrorScheduler and "
         "SHADOW_ADDRESS (or SHADOW_RAY_ACTOR), and that the shadow is up.",
         guard=f"unless {ON_ENGINE} ({EVENTS} > 0)",
     ),

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from ray.serve import Application
     from ray.serve.llm import LLMConfig
 
-MIRROR_SCHEDULER = "adapters.vllm.MirrorScheduler"
+MIRROR_SCHEDULER = "vllm_shadow.MirrorScheduler"
 SHADOW_ACTOR = "vllm-shadow"  # `shadow serve --name` (its default)
 SHADOW_NAMESPACE = "vllm-shadow"  # `shadow serve --namespace` (its default)
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"

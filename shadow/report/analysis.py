@@ -8,11 +8,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from adapters.events import EngineInfo, EngineStep, Event
-from shadow.candidates import Candidate, build_candidates
-from shadow.costs import engine_prior
-from shadow.engine_state import EngineTracker
-from shadow.evaluate import (
+from vllm_shadow.adapters.events import EngineInfo, EngineStep, Event
+from vllm_shadow.evaluation.candidates import Candidate, build_candidates
+from vllm_shadow.evaluation.costs import engine_prior
+from vllm_shadow.evaluation.evaluate import (
     CandidateOutcome,
     Slo,
     candidate_outcome,
@@ -20,9 +19,10 @@ from shadow.evaluate import (
     simulate_window,
     solve_window_optimum,
 )
-from shadow.gaps import WindowEvaluation
-from shadow.recommend import Goal, Verdict, recommend
-from shadow.windows import TrafficWindow, WindowRules
+from vllm_shadow.evaluation.recommend import Goal, Verdict, recommend
+from vllm_shadow.evaluation.results import WindowEvaluation
+from vllm_shadow.tracking.engine_state import EngineTracker
+from vllm_shadow.tracking.windows import TrafficWindow, WindowRules
 
 
 @dataclass(slots=True)

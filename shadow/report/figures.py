@@ -13,10 +13,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from shadow.evaluate import optimal_problem
-from shadow.optimal_cmd import plot_schedules
-from shadow.report.analysis import StreamAnalysis
-from solver.optimal import GPU_COST, run_heuristics, solve_optimal
+from vllm_shadow.cli.optimal import plot_schedules
+from vllm_shadow.evaluation.evaluate import optimal_problem
+from vllm_shadow.report.analysis import StreamAnalysis
+from vllm_shadow.solver.optimal import GPU_COST, run_heuristics, solve_optimal
 
 
 def _png(fig: plt.Figure) -> bytes:

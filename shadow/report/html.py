@@ -6,8 +6,8 @@ import base64
 import math
 from html import escape
 
-from shadow.report.analysis import StreamAnalysis
-from shadow.report.figures import gap_figure, kv_figure, latency_figure, schedule_figure
+from vllm_shadow.report.analysis import StreamAnalysis
+from vllm_shadow.report.figures import gap_figure, kv_figure, latency_figure, schedule_figure
 
 STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 24px auto; max-width: 1220px; color: #1d2330; }

@@ -13,10 +13,10 @@ import bisect
 import dataclasses
 from collections.abc import Sequence
 
-from adapters.events import EngineInfo, EngineStep, Event, RequestArrival, RequestFinish
-from costmodel.linear import LinearCostModel
-from shadow.candidates import current_policy
-from solver.simulator import simulate
+from vllm_shadow.adapters.events import EngineInfo, EngineStep, Event, RequestArrival, RequestFinish
+from vllm_shadow.costmodel.linear import LinearCostModel
+from vllm_shadow.evaluation.candidates import current_policy
+from vllm_shadow.solver.simulator import simulate
 
 # Order of events at the same instant, as the engine emits them: a request arriving at a step's start time
 # is seen by that step; a request finishing ends with the step that finished it.

@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from adapters.events import EngineStep, SchedulerSettings
-from adapters.mirror_stream import MirroredRun
-from costmodel.linear import LinearCostModel
-from solver.records import SimResult, StepRecord
-from solver.simulator import simulate
+from vllm_shadow.adapters.events import EngineStep, SchedulerSettings
+from vllm_shadow.adapters.mirror_stream import MirroredRun
+from vllm_shadow.costmodel.linear import LinearCostModel
+from vllm_shadow.solver.records import SimResult, StepRecord
+from vllm_shadow.solver.simulator import simulate
 
 
 def policy_spec(settings: SchedulerSettings) -> str:

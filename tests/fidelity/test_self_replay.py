@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from self_replay import compare_steps, policy_spec
 
-from adapters.events import EngineStep, SchedulerSettings
-from solver.policies import parse_policy
-from solver.records import StepRecord
+from vllm_shadow.adapters.events import EngineStep, SchedulerSettings
+from vllm_shadow.solver.policies import parse_policy
+from vllm_shadow.solver.records import StepRecord
 
 REAL = [
     EngineStep(0, 0.0, 0.01, {"a": 100, "b": 50}),

@@ -1,0 +1,154 @@
+"""`shadow serve`: the production service. A named Ray actor with gRPC ingest and a /metrics endpoint.
+
+Engines reach it through the mirror hook's environment (SHADOW_ADDRESS=host:port for gRPC, or
+SHADOW_RAY_ACTOR=name with SHADOW_RAY_NAMESPACE for engines inside the same Ray cluster). Endpoints bind to
+loopback unless `--host` says otherwise; ports are fixed so that a restarted actor is found where it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+
+from vllm_shadow.adapters.events import EngineInfo
+from vllm_shadow.adapters.recorder import event_from_json
+from vllm_shadow.cli.options import add_shadow_options, shadow_config
+from vllm_shadow.readout.console import status_view
+from vllm_shadow.runtime.actor import DEFAULT_NAME, DEFAULT_NAMESPACE, start_shadow_actor
+from vllm_shadow.runtime.service import ServiceConfig, address_path, default_state_path
+
+DEFAULT_GRPC_PORT = 50151
+DEFAULT_METRICS_PORT = 9400
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="run the shadow: a Ray actor with gRPC ingest and a Prometheus endpoint",
+        description="Run the shadow as a named Ray actor: it ingests the mirror streams of vLLM engines, "
+        "evaluates every window under the candidate configurations and the optimum as Ray tasks, and exports "
+        "the gaps and its recommendation on /metrics.",
+    )
+    ray_group = parser.add_argument_group("Ray")
+    ray_group.add_argument(
+        "--ray-address", help="join an existing cluster ('auto' or host:port); default: start a local one"
+    )
+    ray_group.add_argument("--num-cpus", type=int, help="CPUs of the local cluster (default: all)")
+    ray_group.add_argument("--name", default=DEFAULT_NAME, help=f"actor name (default {DEFAULT_NAME})")
+    ray_group.add_argument(
+        "--namespace", default=DEFAULT_NAMESPACE, help=f"Ray namespace (default {DEFAULT_NAMESPACE})"
+    )
+    ray_group.add_argument(
+        "--detached",
+        action="store_true",
+        help="leave the actor running after this command exits (needs --ray-address)",
+    )
+    ray_group.add_argument(
+        "--ray-metrics", action="store_true", help="also export through Ray's metrics agent"
+    )
+    net = parser.add_argument_group("endpoints")
+    net.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: loopback only)")
+    net.add_argument(
+        "--grpc-port",
+        type=int,
+        default=DEFAULT_GRPC_PORT,
+        help=f"gRPC ingest port (default {DEFAULT_GRPC_PORT})",
+    )
+    net.add_argument(
+        "--metrics-port",
+        type=int,
+        default=DEFAULT_METRICS_PORT,
+        help=f"/metrics port (default {DEFAULT_METRICS_PORT})",
+    )
+    net.add_argument("--otlp-port", type=int, help="also receive vLLM's OTLP spans on this port")
+    net.add_argument(
+        "--otlp-engine-info",
+        help="JSON file with the EngineInfo of the engine whose spans arrive (spans do not carry its settings)",
+    )
+    net.add_argument(
+        "--token-env", default="SHADOW_TOKEN", help="environment variable with the gRPC shared secret"
+    )
+    net.add_argument("--state-file", help="where engine announcements survive a restart (default: temp dir)")
+    add_shadow_options(parser)
+    parser.add_argument("--watch", action="store_true", help="show a live status view")
+    parser.set_defaults(func=run)
+
+
+def _engine_info(path: str | None) -> EngineInfo | None:
+    if path is None:
+        return None
+    info = event_from_json(json.loads(Path(path).read_text()) | {"type": "info"})
+    assert isinstance(info, EngineInfo)
+    return info
+
+
+def service_config(args: argparse.Namespace) -> ServiceConfig:
+    config = shadow_config(args)
+    assumed = _engine_info(args.otlp_engine_info)
+    if assumed is not None:
+        config = dataclasses.replace(config, assumed_engine=assumed)
+    return ServiceConfig(
+        shadow=config,
+        grpc_address=f"{args.host}:{args.grpc_port}",
+        grpc_token=os.environ.get(args.token_env) or None,
+        otlp_address=f"{args.host}:{args.otlp_port}" if args.otlp_port is not None else None,
+        metrics_host=args.host,
+        metrics_port=args.metrics_port,
+        state_path=args.state_file or default_state_path(args.name),
+        ray_metrics=args.ray_metrics,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import ray
+
+    if args.detached and not args.ray_address:
+        raise ValueError("--detached needs --ray-address: a local cluster ends with this command")
+    config = service_config(args)
+    ray.init(
+        address=args.ray_address,
+        num_cpus=None if args.ray_address else args.num_cpus,
+        namespace=args.namespace,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
+    console = Console(stderr=True)
+    handle = start_shadow_actor(config, name=args.name, namespace=args.namespace, detached=args.detached)
+    address_file = address_path(args.namespace, args.name)
+    address_file.parent.mkdir(parents=True, exist_ok=True)
+    address_file.write_text(ray.get_runtime_context().gcs_address)
+    snapshot = ray.get(handle.snapshot.remote())
+    for what, where in sorted(snapshot.addresses.items()):
+        console.print(f"[bold]{what}[/] {where}")
+    console.print(
+        f"engines: SHADOW_ADDRESS={snapshot.addresses.get('grpc')} (gRPC) or "
+        f"SHADOW_RAY_ACTOR={args.name} SHADOW_RAY_NAMESPACE={args.namespace}, with "
+        "--scheduler-cls vllm_shadow.MirrorScheduler"
+    )
+    if args.detached:
+        return 0
+    try:
+        if args.watch:
+            with Live(status_view(snapshot), console=console, refresh_per_second=2) as live:
+                while True:
+                    time.sleep(1.0)
+                    live.update(status_view(ray.get(handle.snapshot.remote())))
+        else:
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        console.print("stopping")
+    finally:
+        try:
+            ray.get(handle.close.remote(), timeout=10)
+        finally:
+            address_file.unlink(missing_ok=True)
+            ray.shutdown()
+    return 0

@@ -1,0 +1,280 @@
+"""Evaluate one window: the self replay (fidelity), the candidate configurations, and the optimum.
+
+Pure functions of a `TrafficWindow`, run as Ray tasks (or in any executor): no I/O, no shared state. Every
+simulation starts from the engine state at the window start and serves the window's requests to completion;
+latency is summarised over the window's own requests (those carried in have their first token in the past).
+
+Fidelity is measured two ways. In step space the current configuration is replayed with each request fed
+before the same engine step at which it really arrived, and the first steps are compared with the engine's
+own, batch by batch (same requests, same token counts, same preemption victims). In time, the replay runs on
+the cost model alone, and its per-request latencies are compared with what the engine delivered. Candidates
+are compared with the time replay, on the same cost model, so that the model's error partly cancels.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from vllm_shadow.adapters.events import RequestArrival
+from vllm_shadow.evaluation.candidates import current_policy
+from vllm_shadow.solver.bounds import relaxation_bound
+from vllm_shadow.solver.optimal import GPU_COST, solve_optimal
+from vllm_shadow.solver.policies import Policy, parse_policy
+from vllm_shadow.solver.problem import EngineLimits, Window, WindowRequest
+from vllm_shadow.solver.records import SimResult
+from vllm_shadow.solver.simulator import simulate
+from vllm_shadow.tracking.windows import TrafficWindow
+
+
+@dataclass(frozen=True, slots=True)
+class Slo:
+    """Latency targets per request; a request attains the SLO when it meets every target that is set."""
+
+    ttft_seconds: float | None = None
+    tpot_seconds: float | None = None
+
+    @property
+    def defined(self) -> bool:
+        return self.ttft_seconds is not None or self.tpot_seconds is not None
+
+    def met(self, ttft: float, tpot: float) -> bool:
+        if self.ttft_seconds is not None and not ttft <= self.ttft_seconds:
+            return False
+        # A one-token output has no TPOT: nothing to miss.
+        return self.tpot_seconds is None or math.isnan(tpot) or tpot <= self.tpot_seconds
+
+
+@dataclass(frozen=True, slots=True)
+class LatencySummary:
+    requests: int
+    ttft: tuple[float, float, float]  # p50, p90, p99 seconds
+    tpot: tuple[float, float, float]
+    e2e: tuple[float, float, float]
+    slo_attainment: float  # share of requests meeting the SLO; nan without an SLO
+
+    @classmethod
+    def of(
+        cls, ttft: Sequence[float], tpot: Sequence[float], e2e: Sequence[float], slo: Slo
+    ) -> LatencySummary:
+        attained = [slo.met(a, b) for a, b in zip(ttft, tpot, strict=True)]
+        return cls(
+            requests=len(e2e),
+            ttft=_quantiles(ttft),
+            tpot=_quantiles(tpot),
+            e2e=_quantiles(e2e),
+            slo_attainment=sum(attained) / len(attained) if slo.defined and attained else math.nan,
+        )
+
+
+def _quantiles(values: Iterable[float]) -> tuple[float, float, float]:
+    arr = np.asarray([v for v in values if not math.isnan(v)], dtype=float)
+    if arr.size == 0:
+        return (math.nan, math.nan, math.nan)
+    p50, p90, p99 = np.percentile(arr, [50, 90, 99])
+    return float(p50), float(p90), float(p99)
+
+
+@dataclass(frozen=True, slots=True)
+class CandidateOutcome:
+    label: str
+    gpu_seconds: float  # simulated busy time to serve the window; nan if the simulation failed
+    latency: LatencySummary | None
+    preemptions: int = 0
+    steps: int = 0
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Fidelity:
+    steps_compared: int  # the engine's non-empty steps in the window
+    steps_matched: int  # of those, identical in the step-space replay
+    first_mismatch: str  # "" when every step matched
+    gpu_error_ratio: float  # |replayed - measured| / measured busy time over those steps
+    ttft_error_ratio: float  # median per-request relative error of the time replay
+    e2e_error_ratio: float
+    actual: LatencySummary  # what the engine delivered
+    self_replay: CandidateOutcome  # the current configuration replayed in time on the cost model
+
+    @property
+    def step_match_ratio(self) -> float:
+        return self.steps_matched / self.steps_compared if self.steps_compared else math.nan
+
+
+@dataclass(frozen=True, slots=True)
+class OptimalOutcome:
+    method: str  # "cp-sat", or "relaxation" for windows too large to model
+    status: str
+    bound_gpu_seconds: float  # no schedule (in `scope`) serves the window in less busy time
+    best_gpu_seconds: float  # the best schedule found (verified); nan with only a bound
+    scope: str
+    solve_seconds: float
+
+
+# ---- simulation -----------------------------------------------------------------------------------------------
+
+
+def _fresh(window: TrafficWindow) -> list[RequestArrival]:
+    return [*window.waiting, *window.arrivals]
+
+
+def simulate_window(window: TrafficWindow, policy: Policy | str, *, step_space: bool = False) -> SimResult:
+    """Serve the window's requests from its start state under `policy`. In step space each request enters
+    before the same engine step as it really did, and steps are recorded for comparison."""
+    arrival_steps = None
+    if step_space:
+        if window.arrival_steps is None:
+            raise ValueError("a request-only window has no steps to replay against")
+        arrival_steps = {r.request_id: 0 for r in window.waiting} | dict(window.arrival_steps)
+    return simulate(
+        _fresh(window),
+        policy,
+        window.cost,
+        num_kv_blocks=window.info.num_kv_blocks,
+        block_size=window.info.block_size,
+        initial_running=window.running,
+        start_time=0.0,
+        record_steps=step_space,
+        arrival_steps=arrival_steps,
+    )
+
+
+def candidate_outcome(window: TrafficWindow, label: str, result: SimResult, slo: Slo) -> CandidateOutcome:
+    own = {r.request_id for r in window.arrivals}
+    records = [r for r in result.requests if r.request_id in own]
+    latency = LatencySummary.of(
+        [r.ttft for r in records], [r.tpot for r in records], [r.e2e for r in records], slo
+    )
+    return CandidateOutcome(
+        label=label,
+        gpu_seconds=result.gpu_seconds,
+        latency=latency,
+        preemptions=sum(r.preemptions for r in result.requests),
+        steps=result.num_steps,
+    )
+
+
+def run_candidates(
+    window: TrafficWindow, policies: Sequence[Policy | str], slo: Slo
+) -> list[CandidateOutcome]:
+    """Simulate each policy on the window. A failing policy is reported, not raised: one bad candidate must
+    not cost the window its other results."""
+    out = []
+    for spec in policies:
+        policy = parse_policy(spec)
+        try:
+            out.append(candidate_outcome(window, str(policy), simulate_window(window, policy), slo))
+        except (ValueError, RuntimeError, AssertionError) as exc:
+            out.append(CandidateOutcome(str(policy), math.nan, None, error=f"{type(exc).__name__}: {exc}"))
+    return out
+
+
+def _median_relative_error(pairs: Iterable[tuple[float, float]]) -> float:
+    errors = [abs(sim - real) / real for sim, real in pairs if real > 0 and not math.isnan(sim + real)]
+    return statistics.median(errors) if errors else math.nan
+
+
+def check_fidelity(window: TrafficWindow, slo: Slo) -> Fidelity:
+    """Self replay of the engine's current configuration, in step space and in time."""
+    current = current_policy(window.info.scheduler)
+    timed = simulate_window(window, current)
+    self_replay = candidate_outcome(window, str(current), timed, slo)
+    observed = window.observed
+    actual = LatencySummary.of(
+        [o.ttft for o in observed.values()],
+        [o.tpot for o in observed.values()],
+        [o.e2e for o in observed.values()],
+        slo,
+    )
+    replayed = {r.request_id: r for r in timed.requests if r.request_id in observed}
+    ttft_error = _median_relative_error(
+        (replayed[i].ttft, o.ttft) for i, o in observed.items() if i in replayed
+    )
+    e2e_error = _median_relative_error((replayed[i].e2e, o.e2e) for i, o in observed.items() if i in replayed)
+
+    compared = matched = 0
+    first_mismatch = ""
+    gpu_error = math.nan
+    if window.exact and window.steps:
+        simulated = simulate_window(window, current, step_space=True).steps or []
+        compared = len(window.steps)
+        for i, real in enumerate(window.steps):
+            sim = simulated[i] if i < len(simulated) else None
+            if (
+                sim is not None
+                and sim.scheduled_tokens == real.scheduled_tokens
+                and set(sim.preempted) == set(real.preempted)
+            ):
+                matched += 1
+            elif not first_mismatch:
+                first_mismatch = (
+                    f"step {i}: engine ran {real.scheduled_tokens} preempting {list(real.preempted)}; replay ran "
+                    f"{sim.scheduled_tokens if sim else 'nothing'} preempting {list(sim.preempted) if sim else []}"
+                )
+        measured = window.actual_gpu_seconds
+        replayed_busy = math.fsum(s.duration for s in simulated[:compared])
+        gpu_error = abs(replayed_busy - measured) / measured if measured > 0 else math.nan
+    return Fidelity(compared, matched, first_mismatch, gpu_error, ttft_error, e2e_error, actual, self_replay)
+
+
+# ---- the optimum ----------------------------------------------------------------------------------------------
+
+
+def optimal_problem(window: TrafficWindow) -> Window:
+    """The window as the optimal scheduler's problem: unlimited budget and sequence cap (they are settings,
+    so the bound holds for every configuration the shadow could recommend), the engine's real KV capacity."""
+    requests = [
+        WindowRequest(
+            r.request.request_id,
+            r.request.time,
+            r.request.prompt_tokens,
+            r.request.output_tokens or 1,
+            r.computed_tokens,
+            r.generated_tokens,
+        )
+        for r in window.running
+    ]
+    requests += [
+        WindowRequest(a.request_id, a.time, a.prompt_tokens, a.output_tokens or 1) for a in _fresh(window)
+    ]
+    limits = EngineLimits(kv_blocks=window.info.num_kv_blocks - 1, block_size=window.info.block_size)
+    return Window(tuple(requests), limits, start=0.0)
+
+
+def solve_window_optimum(
+    window: TrafficWindow, *, time_limit: float, max_requests: int, workers: int = 1
+) -> OptimalOutcome:
+    """CP-SAT's optimum and bound for GPU cost when the window is small enough to model in `time_limit`;
+    otherwise the relaxation bound alone, which holds for every schedule and costs O(tokens)."""
+    started = time.perf_counter()
+    problem = optimal_problem(window)
+    if not problem.requests:
+        return OptimalOutcome("relaxation", "EMPTY", 0.0, 0.0, "no requests", 0.0)
+
+    def relaxed(status: str) -> OptimalOutcome:
+        bound = relaxation_bound(problem, window.cost).gpu_seconds
+        return OptimalOutcome(
+            "relaxation", status, bound, math.nan, "every schedule", time.perf_counter() - started
+        )
+
+    if len(problem.requests) > max_requests:
+        return relaxed("BOUND")
+    try:
+        result = solve_optimal(problem, window.cost, GPU_COST, time_limit=time_limit, workers=workers)
+    except (
+        ValueError
+    ):  # CP-SAT found no schedule in time and no heuristic's was usable: the bound still holds
+        return relaxed("NO_SOLUTION")
+    return OptimalOutcome(
+        "cp-sat",
+        result.status,
+        result.bound,
+        result.objective,
+        result.bound_scope,
+        time.perf_counter() - started,
+    )

@@ -1,0 +1,88 @@
+"""One evaluated window: every configuration's outcome side by side, and the gaps between them.
+
+Gap of a candidate on a window, per metric: (current - candidate) / current, where "current" is the self
+replay of the engine's configuration on the same cost model. Positive means the candidate would have done
+better. The optimal gap is the same with the optimum's lower bound: the most any scheduler could have saved.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from vllm_shadow.evaluation.evaluate import CandidateOutcome, Fidelity, OptimalOutcome
+from vllm_shadow.tracking.windows import EngineKey
+
+METRICS = ("gpu", "ttft_p99", "tpot_p99")
+
+
+def metric_value(outcome: CandidateOutcome, metric: str) -> float:
+    if metric == "gpu":
+        return outcome.gpu_seconds
+    if outcome.latency is None:
+        return math.nan
+    if metric == "ttft_p99":
+        return outcome.latency.ttft[2]
+    if metric == "tpot_p99":
+        return outcome.latency.tpot[2]
+    raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+
+
+def relative_gap(current: float, other: float) -> float:
+    return (current - other) / current if current > 0 and not math.isnan(other) else math.nan
+
+
+@dataclass(frozen=True, slots=True)
+class WindowEvaluation:
+    engine: EngineKey
+    index: int
+    start_time: float  # engine clock
+    requests: int  # the window's own requests
+    carried: int  # requests carried in from before the window
+    engine_steps: int
+    actual_gpu_seconds: float  # measured busy time while the window was open
+    cost_error: float  # the calibrator's relative error when the window opened
+    cost_samples: int  # steps the cost model had been calibrated on when the window opened
+    current: str  # label of the engine's configuration
+    fidelity: Fidelity
+    candidates: tuple[CandidateOutcome, ...]  # every other configuration tried
+    optimal: OptimalOutcome | None
+    evaluation_seconds: float  # from submission to the last task's result
+    task_locations: tuple[str, ...]  # where its tasks ran (Ray node ids)
+
+    def outcomes(self) -> list[CandidateOutcome]:
+        return [self.fidelity.self_replay, *self.candidates]
+
+    def outcome(self, label: str) -> CandidateOutcome | None:
+        return next((o for o in self.outcomes() if o.label == label), None)
+
+    def gap(self, label: str, metric: str) -> float:
+        other = self.outcome(label)
+        if other is None:
+            return math.nan
+        return relative_gap(metric_value(self.fidelity.self_replay, metric), metric_value(other, metric))
+
+    @property
+    def optimal_gap(self) -> float:
+        """The share of the self replay's GPU time that no scheduler could have saved beyond (an upper bound
+        on any configuration's saving on this window)."""
+        if self.optimal is None:
+            return math.nan
+        return relative_gap(self.fidelity.self_replay.gpu_seconds, self.optimal.bound_gpu_seconds)
+
+    def replay_error(self, metric: str) -> float:
+        """How far the self replay is from what the engine really did, for `metric` (relative)."""
+        f = self.fidelity
+        if metric == "gpu":
+            return f.gpu_error_ratio
+        real = metric_value_actual(f, metric)
+        return abs(metric_value(f.self_replay, metric) - real) / real if real > 0 else math.nan
+
+
+def metric_value_actual(fidelity: Fidelity, metric: str) -> float:
+    latency = fidelity.actual
+    if metric == "ttft_p99":
+        return latency.ttft[2]
+    if metric == "tpot_p99":
+        return latency.tpot[2]
+    raise ValueError(f"no measured value for {metric!r}")

@@ -1,0 +1,62 @@
+"""The shadow as a named Ray actor: the production deployment and the demo's.
+
+The actor hosts a `ShadowService` whose window evaluations run as Ray tasks spread over the cluster. It is
+named (engines' `RayActorSink` find it with `ray.get_actor(name, namespace=...)`), optionally detached so it
+outlives the process that started it, restarted by Ray if its process dies (its counters start again; the
+engines it hears from are remembered in the state file), and threaded, so that ingest calls, status reads and
+the maintenance loop never wait on one another. It takes no CPU of its own from Ray's accounting: its work is
+bookkeeping, and the CPUs belong to the evaluation tasks. It is pinned to the node that starts it (softly),
+because its endpoints bind that node's loopback by default.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from vllm_shadow.runtime.ray_tasks import RayTasks
+from vllm_shadow.runtime.service import ServiceConfig, ShadowService
+
+DEFAULT_NAME = "vllm-shadow"
+DEFAULT_NAMESPACE = "vllm-shadow"
+
+
+class ShadowActor(ShadowService):
+    def __init__(self, config: ServiceConfig, task_cpus: float = 1.0) -> None:
+        super().__init__(config, RayTasks(num_cpus=task_cpus))
+
+    def ping(self) -> str:
+        return ray.get_runtime_context().get_actor_id()
+
+
+def start_shadow_actor(
+    config: ServiceConfig,
+    *,
+    name: str = DEFAULT_NAME,
+    namespace: str = DEFAULT_NAMESPACE,
+    detached: bool = False,
+    task_cpus: float = 1.0,
+    max_concurrency: int = 16,
+) -> Any:
+    """Start the named actor (Ray must be initialised) and wait until it is up; returns its handle."""
+    options: dict[str, Any] = dict(
+        name=name,
+        namespace=namespace,
+        num_cpus=0,
+        max_restarts=-1,
+        max_concurrency=max_concurrency,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=True
+        ),
+    )
+    if detached:
+        options["lifetime"] = "detached"
+    handle = ray.remote(ShadowActor).options(**options).remote(config, task_cpus)
+    ray.get(handle.ping.remote())
+    return handle
+
+
+def find_shadow_actor(name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE) -> Any:
+    return ray.get_actor(name, namespace=namespace)

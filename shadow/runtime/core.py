@@ -1,0 +1,528 @@
+"""The shadow's core: ingest, per-engine tracking, the evaluation queue, results and recommendations.
+
+Ingest is the hot path and does bookkeeping only: reorder a sender's batches, route each event to its engine's
+tracker, O(1) per token count. Everything slow happens in `tick()`, called from a maintenance thread: closing
+idle windows, time-outs, handing ready windows to the task runner, collecting results, recommending. Task
+submission and result assembly run outside the lock, so evaluation never holds up ingest. Every bound is
+explicit (reorder buffer, live requests, closed windows, queued and in-flight evaluations) and every loss is
+counted with a reason.
+
+Engines are keyed by vLLM's own labels (model name, engine index). A sender announces its engine with an
+`EngineInfo`; what it sends next tells its kind: steps (the mirror hook) or finished-request reports (OTLP
+spans, the stat-logger plugin, whose arrivals carry their output length). A mirror outranks a request-only
+sender for the same engine; a new sender of the same kind for the same engine is the engine restarted.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from copy import deepcopy
+from dataclasses import dataclass, field
+
+from vllm_shadow.adapters.events import EngineInfo, EngineStep, Event, RequestArrival
+from vllm_shadow.adapters.publisher import EventBatch
+from vllm_shadow.evaluation.candidates import Candidate, SearchSpace, build_candidates
+from vllm_shadow.evaluation.costs import engine_prior
+from vllm_shadow.evaluation.evaluate import (
+    CandidateOutcome,
+    Fidelity,
+    OptimalOutcome,
+    check_fidelity,
+    run_candidates,
+    solve_window_optimum,
+)
+from vllm_shadow.evaluation.recommend import Goal, Verdict, recommend
+from vllm_shadow.evaluation.results import WindowEvaluation
+from vllm_shadow.readout.snapshot import EngineSnapshot, Histogram, ShadowSnapshot
+from vllm_shadow.runtime.tasks import TaskResult, TaskRunner
+from vllm_shadow.tracking.engine_state import ENGINE_RESTART, EngineTracker, TrackerLimits
+from vllm_shadow.tracking.request_only import RequestOnlyTracker
+from vllm_shadow.tracking.sequencing import Sequencer, SequenceStats
+from vllm_shadow.tracking.windows import EngineKey, TrafficWindow, WindowRules
+
+logger = logging.getLogger(__name__)
+
+STEPS, REQUESTS = "steps", "requests"
+# Skip reasons of the evaluation stage (the trackers have their own).
+EVALUATION_BACKLOG = "evaluation_backlog"
+EVALUATION_TIMEOUT = "evaluation_timeout"
+EVALUATION_ERROR = "evaluation_error"
+SUPERSEDED = "superseded"
+# Reasons for events that reach no engine.
+NO_ENGINE_INFO = "no_engine_info"
+DUPLICATE_SOURCE = "duplicate_source"
+
+
+@dataclass(frozen=True, slots=True)
+class EvaluationSettings:
+    candidate_tasks: int = 2  # tasks the candidates of one window are split into
+    optimal: bool = True
+    optimal_time_limit: float = 5.0
+    optimal_max_requests: int = 64  # larger windows get the relaxation bound only
+    # CP-SAT on every k-th window of an engine, the relaxation bound on the others: a solve costs up to its
+    # time limit of CPU, which at many engines is more than all the simulations together.
+    optimal_every: int = 1
+    optimal_workers: int = 1
+    timeout_seconds: float = 60.0  # a window whose tasks take longer is cancelled and counted
+    max_in_flight: int = 4  # windows evaluating at once
+    max_queued: int = 64  # windows waiting to be evaluated; beyond this the oldest is dropped
+
+    def __post_init__(self) -> None:
+        if min(self.candidate_tasks, self.max_in_flight, self.max_queued, self.optimal_every) < 1:
+            raise ValueError(f"evaluation bounds must be >= 1: {self}")
+        if self.timeout_seconds <= 0 or self.optimal_time_limit <= 0:
+            raise ValueError("time limits must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowConfig:
+    windows: WindowRules = field(default_factory=WindowRules)
+    limits: TrackerLimits = field(default_factory=TrackerLimits)
+    space: SearchSpace = field(default_factory=SearchSpace)
+    goal: Goal = field(default_factory=Goal)
+    evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
+    hardware: str = "h100"  # for the cost prior, until calibration takes over
+    reorder_batches: int = 64
+    reorder_seconds: float = 1.0
+    assumed_engine: EngineInfo | None = None  # for senders that never announce an engine (OTLP spans)
+
+
+Tracker = EngineTracker | RequestOnlyTracker
+
+
+@dataclass(slots=True)
+class _Source:
+    name: str
+    transport: str
+    sequencer: Sequencer
+    info: EngineInfo | None = None
+    engine: _Engine | None = None
+    ignored: bool = False  # a request-only observer of an engine whose mirror we already have
+
+
+@dataclass(slots=True)
+class _Engine:
+    key: EngineKey
+    source: str
+    mode: str
+    tracker: Tracker
+    candidates: list[Candidate]
+    cost_prior: str
+    restarts: int = 0
+    lag: float = math.nan
+    evaluated: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    candidate_failures: int = 0
+    optimal_failures: int = 0
+    eval_seconds: Histogram = field(default_factory=Histogram)
+    history: deque[WindowEvaluation] = field(default_factory=deque)
+    last: WindowEvaluation | None = None
+    simulated: dict[str, float] = field(default_factory=dict)
+    actual: float = 0.0
+    optimal_bound: float = 0.0
+    verdict: Verdict | None = None
+
+    @property
+    def current(self) -> str:
+        return self.candidates[0].label
+
+    def reset_results(self) -> None:
+        """The configuration changed: evidence gathered under the old one says nothing about the new one."""
+        self.history.clear()
+        self.simulated.clear()
+        self.actual = self.optimal_bound = 0.0
+        self.verdict = None
+
+
+@dataclass(slots=True)
+class _InFlight:
+    window: TrafficWindow
+    candidates: list[Candidate]
+    futures: list[Future[TaskResult]]
+    submitted: float  # monotonic
+
+
+class ShadowCore:
+    def __init__(
+        self,
+        config: ShadowConfig,
+        runner: TaskRunner,
+        *,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self._runner = runner
+        self._clock = clock
+        self._monotonic = monotonic
+        self._lock = threading.Lock()
+        self._sources: dict[str, _Source] = {}
+        self._engines: dict[EngineKey, _Engine] = {}
+        self._queue: deque[TrafficWindow] = deque()
+        self._in_flight: list[_InFlight] = []
+        self._candidates: dict[object, list[Candidate]] = {}  # by scheduler settings
+        self._batches: Counter[str] = Counter()
+        self._events: Counter[str] = Counter()
+        self._unattributed: Counter[str] = Counter()
+        self._evaluated = 0
+        self.started_at = clock()
+
+    # ---- ingest (hot path) ----------------------------------------------------------------------------------
+
+    def ingest(self, batch: EventBatch, transport: str = "ray") -> int:
+        """Take one batch from any transport. Never waits on evaluation."""
+        with self._lock:
+            self._batches[transport] += 1
+            self._events[transport] += len(batch.events)
+            source = self._sources.get(batch.source)
+            if source is None:
+                source = _Source(
+                    batch.source,
+                    transport,
+                    Sequencer(max_held=self.config.reorder_batches, max_wait=self.config.reorder_seconds),
+                )
+                self._sources[batch.source] = source
+            for delivery in source.sequencer.push(batch):
+                self._deliver(source, delivery.batch, delivery.gap_before)
+        return len(batch.events)
+
+    def _deliver(self, source: _Source, batch: EventBatch, gap_before: bool) -> None:
+        if gap_before and source.engine is not None:
+            source.engine.tracker.lost_events()
+        last_step_end = math.nan
+        for event in batch.events:
+            self._route(source, event)
+            if isinstance(event, EngineStep):
+                last_step_end = event.start_time + event.duration
+        if source.engine is not None and last_step_end == last_step_end:
+            source.engine.lag = self._clock() - last_step_end
+
+    def _route(self, source: _Source, event: Event) -> None:
+        if isinstance(event, EngineInfo):
+            self._announce(source, event)
+            return
+        if source.ignored:
+            self._unattributed[DUPLICATE_SOURCE] += 1
+            return
+        if source.info is None:
+            if self.config.assumed_engine is None:
+                self._unattributed[NO_ENGINE_INFO] += 1
+                return
+            source.info = self.config.assumed_engine
+        if source.engine is None:
+            reports_finished = isinstance(event, RequestArrival) and event.output_tokens is not None
+            self._attach(source, REQUESTS if reports_finished else STEPS)
+            if source.engine is None:
+                self._unattributed[DUPLICATE_SOURCE] += 1
+                return
+        source.engine.tracker.apply(event)
+
+    def _announce(self, source: _Source, info: EngineInfo) -> None:
+        if source.info == info:
+            return  # announced again
+        if source.engine is not None:  # the same sender, a different engine: it was restarted in place
+            source.engine.tracker.abandon(ENGINE_RESTART)
+            source.engine.restarts += 1
+            source.engine.source = ""  # re-attached below, on its next event
+            source.engine = None
+        source.info = info
+        source.ignored = False
+
+    def _attach(self, source: _Source, mode: str) -> None:
+        assert source.info is not None
+        key = EngineKey.of(source.info)
+        existing = self._engines.get(key)
+        restarted = False
+        if existing is not None and existing.source and existing.source != source.name:
+            if existing.mode == STEPS and mode == REQUESTS:
+                source.ignored = True  # the mirror sees more; this sender only reports finished requests
+                return
+            reason = SUPERSEDED if existing.mode == REQUESTS and mode == STEPS else ENGINE_RESTART
+            restarted = reason == ENGINE_RESTART
+            existing.tracker.abandon(reason)
+            stale = self._sources.get(existing.source)
+            if stale is not None:
+                stale.engine = None
+                stale.ignored = reason == SUPERSEDED
+        tracker_cls = EngineTracker if mode == STEPS else RequestOnlyTracker
+        prior, prior_source = engine_prior(source.info, self.config.hardware)
+        tracker = tracker_cls(
+            source.info,
+            rules=self.config.windows,
+            prior=prior,
+            limits=self.config.limits,
+            first_index=existing.tracker.next_index if existing is not None else 0,
+            clock=self._monotonic,
+        )
+        candidates = self._candidates_for(source.info)
+        if existing is None:
+            engine = _Engine(key, source.name, mode, tracker, candidates, prior_source)
+            self._engines[key] = engine
+        else:
+            engine = existing
+            old = existing.tracker
+            tracker.stats = old.stats  # counters run on across restarts, as Prometheus expects
+            if (
+                mode == STEPS
+                and old.info.model_config == source.info.model_config
+                and (old.info.tensor_parallel_size == source.info.tensor_parallel_size)
+            ):
+                tracker.calibrator = old.calibrator  # same model, same hardware: same step times
+            if engine.current != candidates[0].label:
+                engine.reset_results()
+            engine.restarts += restarted
+            engine.source, engine.mode, engine.tracker = source.name, mode, tracker
+            engine.candidates, engine.cost_prior = candidates, prior_source
+        source.engine = engine
+
+    def _candidates_for(self, info: EngineInfo) -> list[Candidate]:
+        settings = info.scheduler
+        if settings not in self._candidates:
+            self._candidates[settings] = build_candidates(settings, self.config.space)
+        return self._candidates[settings]
+
+    # ---- maintenance ----------------------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Time-outs, idle windows, evaluation. Call it often (the service does, every few hundred ms)."""
+        with self._lock:
+            for source in self._sources.values():
+                for delivery in source.sequencer.expire():
+                    self._deliver(source, delivery.batch, delivery.gap_before)
+            for engine in self._engines.values():
+                engine.tracker.expire()
+                engine.tracker.close_idle()
+                self._enqueue(engine)
+        self._expire_evaluations()  # first: a result that came after the limit is too late, however close
+        self._collect()
+        self._submit()
+
+    def flush(self) -> None:
+        """Close every open window now (the end of a run), so that its requests are evaluated."""
+        with self._lock:
+            for engine in self._engines.values():
+                engine.tracker.flush()
+                self._enqueue(engine)
+
+    def idle(self) -> bool:
+        """No window is queued or evaluating."""
+        with self._lock:
+            return not self._queue and not self._in_flight
+
+    def _enqueue(self, engine: _Engine) -> None:
+        for window in engine.tracker.take_ready():
+            self._queue.append(window)
+        while len(self._queue) > self.config.evaluation.max_queued:
+            dropped = self._queue.popleft()
+            self._engine_skip(dropped.engine, EVALUATION_BACKLOG)
+
+    def _engine_skip(self, key: EngineKey, reason: str) -> None:
+        engine = self._engines.get(key)
+        if engine is not None:
+            engine.skipped[reason] += 1
+
+    def _submit(self) -> None:
+        settings = self.config.evaluation
+        slo = self.config.goal.slo
+        while True:
+            with self._lock:
+                if not self._queue or len(self._in_flight) >= settings.max_in_flight:
+                    return
+                window = self._queue.popleft()
+                candidates = self._candidates_for(window.info)
+            # Outside the lock: putting a window into Ray's object store and submitting tasks takes time.
+            others = [c.policy for c in candidates[1:]]
+            shared = self._runner.share(window)
+            futures = [self._runner.submit(check_fidelity, shared, slo)]
+            chunks = max(1, min(settings.candidate_tasks, len(others)))
+            for i in range(chunks):
+                futures.append(self._runner.submit(run_candidates, shared, others[i::chunks], slo))
+            if settings.optimal:
+                futures.append(
+                    self._runner.submit(
+                        solve_window_optimum,
+                        shared,
+                        time_limit=settings.optimal_time_limit,
+                        max_requests=settings.optimal_max_requests
+                        if window.index % settings.optimal_every == 0
+                        else 0,
+                        workers=settings.optimal_workers,
+                    )
+                )
+            with self._lock:
+                self._in_flight.append(_InFlight(window, candidates, futures, self._monotonic()))
+
+    def _expire_evaluations(self) -> None:
+        limit = self.config.evaluation.timeout_seconds
+        now = self._monotonic()
+        with self._lock:
+            late = [f for f in self._in_flight if now - f.submitted > limit]
+            self._in_flight = [f for f in self._in_flight if f not in late]
+            for flight in late:
+                self._engine_skip(flight.window.engine, EVALUATION_TIMEOUT)
+        for flight in late:
+            for future in flight.futures:
+                self._runner.cancel(future)
+
+    def _collect(self) -> None:
+        with self._lock:
+            done = [f for f in self._in_flight if all(fut.done() for fut in f.futures)]
+            self._in_flight = [f for f in self._in_flight if f not in done]
+        for flight in done:
+            evaluation, candidate_failures, optimal_failed = self._assemble(flight)
+            with self._lock:
+                engine = self._engines.get(flight.window.engine)
+                if engine is None:
+                    continue
+                if evaluation is None:
+                    engine.skipped[EVALUATION_ERROR] += 1
+                    continue
+                engine.candidate_failures += candidate_failures
+                engine.optimal_failures += optimal_failed
+                self._record(engine, evaluation)
+
+    def _assemble(self, flight: _InFlight) -> tuple[WindowEvaluation | None, int, bool]:
+        """The window's evaluation from its tasks' results; None if the self replay failed."""
+        settings = self.config.evaluation
+        results: list[TaskResult | None] = []
+        for future in flight.futures:
+            try:
+                results.append(future.result(timeout=0))
+            except Exception:  # a task's failure is the window's, never the shadow's
+                logger.exception(
+                    "evaluation task failed for %s window %d", flight.window.engine, flight.window.index
+                )
+                results.append(None)
+        fidelity_result = results[0]
+        if fidelity_result is None:
+            return None, 0, False
+        fidelity: Fidelity = fidelity_result.value
+        optimal_result = results[-1] if settings.optimal else None
+        candidate_results = results[1:-1] if settings.optimal else results[1:]
+        outcomes: list[CandidateOutcome] = []
+        for result in candidate_results:
+            if result is not None:
+                outcomes.extend(result.value)
+        failures = sum(bool(o.error) for o in outcomes) + sum(r is None for r in candidate_results)
+        optimal: OptimalOutcome | None = optimal_result.value if optimal_result is not None else None
+        window = flight.window
+        evaluation = WindowEvaluation(
+            engine=window.engine,
+            index=window.index,
+            start_time=window.start_time,
+            requests=len(window.arrivals),
+            carried=len(window.running) + len(window.waiting),
+            engine_steps=len(window.steps),
+            actual_gpu_seconds=window.actual_gpu_seconds,
+            cost_error=window.cost_error,
+            cost_samples=window.cost_samples,
+            current=flight.candidates[0].label,
+            fidelity=fidelity,
+            candidates=tuple(outcomes),
+            optimal=optimal,
+            evaluation_seconds=self._monotonic() - flight.submitted,
+            task_locations=tuple(r.location for r in results if r is not None),
+        )
+        return evaluation, failures, settings.optimal and optimal is None
+
+    def _record(self, engine: _Engine, evaluation: WindowEvaluation) -> None:
+        engine.evaluated += 1
+        self._evaluated += 1
+        engine.eval_seconds.observe(evaluation.evaluation_seconds)
+        engine.last = evaluation
+        if evaluation.current != engine.current:
+            return  # evaluated under a configuration the engine no longer runs
+        engine.history.append(evaluation)
+        while len(engine.history) > self.config.goal.history:
+            engine.history.popleft()
+        for outcome in evaluation.outcomes():
+            if not math.isnan(outcome.gpu_seconds):
+                engine.simulated[outcome.label] = (
+                    engine.simulated.get(outcome.label, 0.0) + outcome.gpu_seconds
+                )
+        engine.actual += evaluation.actual_gpu_seconds
+        if evaluation.optimal is not None:
+            engine.optimal_bound += evaluation.optimal.bound_gpu_seconds
+        engine.verdict = recommend(list(engine.history), engine.candidates, self.config.goal)
+
+    # ---- reading --------------------------------------------------------------------------------------------
+
+    def engine_infos(self) -> dict[str, EngineInfo]:
+        """Each sender's announcement (kept across a restart of the shadow: senders announce only once)."""
+        with self._lock:
+            return {name: s.info for name, s in self._sources.items() if s.info is not None}
+
+    def restore(self, infos: dict[str, EngineInfo]) -> None:
+        with self._lock:
+            for name, info in infos.items():
+                source = self._sources.setdefault(
+                    name,
+                    _Source(
+                        name,
+                        "restored",
+                        Sequencer(max_held=self.config.reorder_batches, max_wait=self.config.reorder_seconds),
+                    ),
+                )
+                source.info = source.info or info
+
+    def snapshot(self, refused: dict[str, dict[str, int]] | None = None) -> ShadowSnapshot:
+        with self._lock:
+            engines = tuple(
+                self._engine_snapshot(e) for e in sorted(self._engines.values(), key=lambda e: e.key)
+            )
+            return ShadowSnapshot(
+                taken_at=self._clock(),
+                started_at=self.started_at,
+                engines=engines,
+                batches=dict(self._batches),
+                events=dict(self._events),
+                refused=refused or {},
+                unattributed_drops=dict(self._unattributed),
+                queued_windows=len(self._queue),
+                in_flight_windows=len(self._in_flight),
+                windows_evaluated=self._evaluated,
+            )
+
+    def _engine_snapshot(self, engine: _Engine) -> EngineSnapshot:
+        tracker = engine.tracker
+        stats = tracker.stats
+        source = self._sources.get(engine.source)
+        sequence = source.sequencer.stats if source is not None else SequenceStats()
+
+        return EngineSnapshot(
+            model_name=engine.key.model_name,
+            engine=engine.key.engine,
+            source=engine.source,
+            mode=engine.mode,
+            info=tracker.info,
+            current=engine.current,
+            current_flags=tuple(engine.candidates[0].policy.vllm_flags()),
+            candidates=tuple(c.label for c in engine.candidates),
+            cost_prior=engine.cost_prior,
+            cost=tracker.calibrator.model(),
+            cost_error=tracker.calibrator.mape(),
+            calibration_steps=tracker.calibrator.samples,
+            tracker=deepcopy(stats),
+            sequence=deepcopy(sequence),
+            live_requests=tracker.live_requests,
+            pending_windows=tracker.pending_windows,
+            restarts=engine.restarts,
+            ingest_lag_seconds=engine.lag,
+            windows_evaluated=engine.evaluated,
+            evaluation_skipped=dict(engine.skipped),
+            candidate_failures=engine.candidate_failures,
+            optimal_failures=engine.optimal_failures,
+            evaluation_seconds=engine.eval_seconds.copy(),
+            last=engine.last,
+            recent=tuple(engine.history),
+            simulated_gpu_seconds=dict(engine.simulated),
+            actual_gpu_seconds=engine.actual,
+            optimal_bound_gpu_seconds=engine.optimal_bound,
+            verdict=engine.verdict,
+        )

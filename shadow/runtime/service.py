@@ -1,0 +1,199 @@
+"""The shadow as a running service: the core, its ingest endpoints, its metrics endpoint, its maintenance loop.
+
+One process hosts it (the Ray actor in `vllm_shadow.runtime.actor`, or any process that wants one). Ingest arrives three
+ways, all into the same core: `ingest(batch)` called directly (the Ray handle transport), the gRPC ingest
+server (adapters.grpc_ingest), and an OTLP span receiver (adapters.otlp). Everything binds to loopback unless
+told otherwise. A maintenance thread drives the core's `tick()`, mirrors metrics into Ray's metrics system when
+asked, and keeps the engines' announcements in a state file: an engine announces itself once, so a restarted
+shadow would otherwise not know what the engines it keeps hearing from are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vllm_shadow.adapters.events import EngineInfo
+from vllm_shadow.adapters.grpc_ingest import DEFAULT_MAX_MESSAGE_BYTES, IngestServer
+from vllm_shadow.adapters.otlp import OtlpSpanReceiver
+from vllm_shadow.adapters.publisher import EventBatch
+from vllm_shadow.adapters.recorder import event_from_json, event_to_json
+from vllm_shadow.readout.exporter import MetricsServer
+from vllm_shadow.readout.snapshot import ShadowSnapshot
+from vllm_shadow.runtime.core import ShadowConfig, ShadowCore
+from vllm_shadow.runtime.tasks import TaskRunner
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    shadow: ShadowConfig = field(default_factory=ShadowConfig)
+    grpc_address: str | None = "127.0.0.1:0"  # None: no gRPC ingest
+    grpc_token: str | None = None
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    otlp_address: str | None = None  # None: no OTLP receiver
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = 0  # None: no HTTP endpoint; 0: any free port
+    tick_seconds: float = 0.25
+    state_path: str | None = None  # where engine announcements are kept across restarts; None: not kept
+    ray_metrics: bool = False  # also export through ray.util.metrics (as ray_vllm_shadow_*)
+    ray_metrics_seconds: float = 5.0
+
+
+def default_state_path(name: str) -> str:
+    return str(Path(tempfile.gettempdir()) / "vllm-shadow" / f"{name}-engines.json")
+
+
+def address_path(namespace: str, name: str) -> Path:
+    """Where `shadow serve` leaves the address of its Ray cluster for `shadow status`: Ray's own "auto" picks
+    whichever cluster on the machine started last, which need not be the shadow's."""
+    return Path(tempfile.gettempdir()) / "vllm-shadow" / f"{namespace}-{name}.ray-address"
+
+
+class ShadowService:
+    def __init__(self, config: ServiceConfig, runner: TaskRunner) -> None:
+        self.config = config
+        self.core = ShadowCore(config.shadow, runner)
+        self._runner = runner
+        self._state_path = Path(config.state_path) if config.state_path else None
+        self._saved_infos: dict[str, EngineInfo] = {}
+        if self._state_path is not None:
+            self._saved_infos = _load_infos(self._state_path)
+            self.core.restore(self._saved_infos)
+        self._grpc: IngestServer | None = None
+        self._otlp: OtlpSpanReceiver | None = None
+        self._metrics: MetricsServer | None = None
+        self._ray_metrics = None
+        try:
+            if config.grpc_address is not None:
+                self._grpc = IngestServer(
+                    lambda batch: self.core.ingest(batch, "grpc"),
+                    address=config.grpc_address,
+                    token=config.grpc_token,
+                    max_message_bytes=config.max_message_bytes,
+                ).start()
+            if config.otlp_address is not None:
+                self._otlp = OtlpSpanReceiver(
+                    lambda batch: self.core.ingest(batch, "otlp"), address=config.otlp_address
+                ).start()
+            if config.metrics_port is not None:
+                self._metrics = MetricsServer(
+                    self.snapshot, host=config.metrics_host, port=config.metrics_port
+                )
+            if config.ray_metrics:
+                from vllm_shadow.readout.ray_metrics import RayMetricsMirror
+
+                self._ray_metrics = RayMetricsMirror()
+        except Exception:
+            self.close()
+            raise
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="shadow-maintenance", daemon=True)
+        self._thread.start()
+
+    # ---- the service's interface (also the Ray actor's methods) ----------------------------------------------
+
+    def ingest(self, batch: EventBatch) -> int:
+        return self.core.ingest(batch, "ray")
+
+    def snapshot(self) -> ShadowSnapshot:
+        snapshot = self.core.snapshot(refused=self._refused())
+        return _with_addresses(snapshot, self.addresses())
+
+    def addresses(self) -> dict[str, str]:
+        out = {}
+        if self._grpc is not None:
+            out["grpc"] = self._grpc.address
+        if self._otlp is not None:
+            out["otlp"] = self._otlp.address
+        if self._metrics is not None:
+            out["metrics"] = self._metrics.url
+        return out
+
+    def flush(self) -> None:
+        """Close every open window now (the end of a run)."""
+        self.core.flush()
+
+    def idle(self) -> bool:
+        return self.core.idle()
+
+    def close(self) -> None:
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
+            self._thread.join(timeout=5)
+        for server in (self._grpc, self._otlp):
+            if server is not None:
+                server.stop(grace=0.5)
+        if self._metrics is not None:
+            self._metrics.stop()
+        self._runner.shutdown()
+
+    # ---- internals ------------------------------------------------------------------------------------------
+
+    def _refused(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        if self._grpc is not None:
+            s = self._grpc.stats
+            out["grpc"] = {
+                "malformed": s.refused_malformed,
+                "oversized": s.refused_oversized,
+                "unauthenticated": s.refused_unauthenticated,
+                "sink_failure": s.sink_failures,
+            }
+        if self._otlp is not None:
+            s = self._otlp.stats
+            out["otlp"] = {
+                "malformed": s.refused_malformed,
+                "sink_failure": s.sink_failures,
+                "incomplete_span": s.incomplete_spans,
+            }
+        return out
+
+    def _loop(self) -> None:
+        since_ray_push = 0.0
+        while not self._stop.wait(self.config.tick_seconds):
+            try:
+                self.core.tick()
+                self._save_infos()
+                since_ray_push += self.config.tick_seconds
+                if self._ray_metrics is not None and since_ray_push >= self.config.ray_metrics_seconds:
+                    since_ray_push = 0.0
+                    self._ray_metrics.push(self.snapshot())
+            except Exception:  # the loop must outlive any one failure; the failure is logged
+                logger.exception("shadow maintenance failed")
+
+    def _save_infos(self) -> None:
+        if self._state_path is None:
+            return
+        infos = self.core.engine_infos()
+        if infos == self._saved_infos:
+            return
+        self._state_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({name: event_to_json(info) for name, info in infos.items()}))
+        os.replace(tmp, self._state_path)  # atomic: a crash mid-write leaves the previous file
+        self._saved_infos = infos
+
+
+def _load_infos(path: Path) -> dict[str, EngineInfo]:
+    try:
+        raw = json.loads(path.read_text())
+        infos = {name: event_from_json(obj) for name, obj in raw.items()}
+    except FileNotFoundError:
+        return {}
+    except (ValueError, TypeError, AttributeError) as exc:
+        logger.warning("ignoring unreadable shadow state %s: %s", path, exc)
+        return {}
+    return {name: info for name, info in infos.items() if isinstance(info, EngineInfo)}
+
+
+def _with_addresses(snapshot: ShadowSnapshot, addresses: dict[str, str]) -> ShadowSnapshot:
+    return dataclasses.replace(snapshot, addresses=addresses)

@@ -1,0 +1,557 @@
+"""One engine's live request table, rebuilt from its mirror stream, and the windows cut from it.
+
+The tracker keeps vLLM's own bookkeeping: per request the KV tokens computed and the tokens emitted, the
+running queue in admission order (preemption evicts from its tail), the waiting queue (arrivals appended,
+preempted requests put back at the front; ordered by (priority, arrival) under the priority policy). A step
+is applied as vLLM applied it: preemptions first, then admissions in the step's own order, then tokens, then
+finishes. So at every step boundary the tracker can say exactly what the engine held, which is what a window
+needs to be replayed from its start.
+
+Trust is explicit. Lost events (a gap in the sender's batch numbers, events the sender dropped, a request id
+never announced) make every live request's state unknown ("tainted"): windows that depend on it are dropped,
+and no new window opens until the tainted requests are gone. Every drop is counted with its reason.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from vllm_shadow.adapters.events import EngineInfo, EngineStep, Event, RequestArrival, RequestFinish
+from vllm_shadow.costmodel.linear import LinearCostModel, OnlineCalibrator
+from vllm_shadow.solver.simulator import RunningRequest
+from vllm_shadow.tracking.windows import EngineKey, ObservedRequest, TrafficWindow, WindowRules
+
+# Why a window was not evaluated (the `reason` label of the skipped-windows counter).
+LOST_EVENTS = "lost_events"
+REQUEST_TIMEOUT = "request_timeout"
+ENGINE_SILENT = "engine_silent"
+ENGINE_RESTART = "engine_restart"
+BACKLOG = "backlog"
+TOO_LARGE = "too_large"
+
+
+@dataclass(frozen=True, slots=True)
+class TrackerLimits:
+    max_live_requests: int = 100_000  # requests held (live, or finished but still needed by a window)
+    max_pending_windows: int = 32  # closed windows waiting for their requests to finish
+    # Engine-clock time a RUNNING request may go unscheduled before it is given up. vLLM schedules its running
+    # requests every step unless the budget runs out, so this only catches a stream that lost the request's
+    # end. Waiting requests have no such limit: under overload they may wait for minutes, and a dead engine is
+    # caught by engine_silence_seconds.
+    request_stall_seconds: float = 300.0
+    engine_silence_seconds: float = 120.0  # shadow clock without events before live state is dropped
+    # Steps fed to the online calibrator per second of engine time: each update refits the model (~0.2 ms),
+    # and an engine runs 10-100 steps a second; 20 a second is 1,200 measurements a minute.
+    calibration_steps_per_second: float = 20.0
+
+
+DEFAULT_LIMITS = TrackerLimits()
+
+
+@dataclass(slots=True)
+class TrackerStats:
+    events: Counter[str] = field(default_factory=Counter)  # by kind: arrival, finish, step, info
+    steps: int = 0  # non-empty steps
+    empty_steps: int = 0
+    actual_gpu_seconds: float = 0.0  # sum of measured non-empty step durations
+    requests_arrived: int = 0
+    requests_finished: int = 0
+    requests_timed_out: int = 0  # running, unscheduled for request_stall_seconds
+    requests_abandoned: int = 0  # live when the engine went silent or restarted
+    requests_rejected: int = 0  # arrivals beyond max_live_requests
+    unknown_requests: int = 0  # ids in steps or finishes that never arrived (their arrival was lost)
+    late_requests: int = 0  # request-only sources: reported after their window was evaluated
+    inconsistencies: int = 0  # a finish whose output count disagrees with the tokens the steps emitted
+    approximations: int = 0  # requests modelled approximately in an evaluated window
+    windows_closed: int = 0
+    windows_ready: int = 0
+    windows_skipped: Counter[str] = field(default_factory=Counter)
+    last_step_end: float = math.nan  # engine clock
+
+
+class _Request:
+    __slots__ = (
+        "arrival",
+        "arrival_step",
+        "computed",
+        "finish",
+        "finished",
+        "first_token",
+        "generated",
+        "last_progress",
+        "max_tokens",
+        "priority",
+        "prompt",
+        "refs",
+        "reported_output",
+        "request_id",
+        "tainted",
+    )
+
+    def __init__(self, event: RequestArrival, arrival_step: int, now: float, tainted: bool = False) -> None:
+        self.request_id = event.request_id
+        self.arrival = event.time
+        self.arrival_step = arrival_step
+        self.prompt = event.prompt_tokens
+        self.max_tokens = event.max_tokens
+        self.priority = event.priority
+        self.computed = 0
+        self.generated = 0
+        self.first_token = math.nan
+        self.finish = math.nan
+        self.finished = False
+        self.reported_output: int | None = None
+        self.last_progress = now
+        self.refs = 0  # windows (open or closed) that need this request's data
+        self.tainted = tainted  # state unknown: events about it were lost
+
+    @property
+    def output(self) -> int:
+        return self.reported_output if self.reported_output is not None else self.generated
+
+    def arrival_event(
+        self, t0: float, *, prompt: int | None = None, output: int | None = None
+    ) -> RequestArrival:
+        return RequestArrival(
+            self.request_id,
+            self.arrival - t0,
+            self.prompt if prompt is None else prompt,
+            self.output if output is None else output,
+            self.max_tokens,
+            self.priority,
+        )
+
+
+@dataclass(slots=True)
+class _Window:
+    index: int
+    start_step: int
+    cost: LinearCostModel
+    cost_error: float
+    cost_samples: int
+    running: list[tuple[str, int, int]]  # (id, computed, generated) at the start, running-queue order
+    waiting: list[tuple[str, int]]  # (id, generated) at the start, queue order
+    # The engine held more requests at the start than a window may: the window only marks time (no state,
+    # no steps kept) and is counted as skipped when it closes. Evaluating it would cost more than it is worth.
+    too_large: bool = False
+    own: list[str] = field(default_factory=list)
+    steps: list[EngineStep] = field(default_factory=list)
+    start_time: float = math.nan  # the engine clock at its first step
+    arrived: int = 0  # requests that arrived while it was open
+    traffic: int = 0  # arrivals and steps seen while open
+    end_step: int = -1
+    pending: set[str] = field(default_factory=set)  # requests not finished yet (once closed)
+
+    def request_ids(self) -> list[str]:
+        return [r for r, _, _ in self.running] + [r for r, _ in self.waiting] + self.own
+
+
+class EngineTracker:
+    """Applies one engine's events in stream order. Not thread-safe: the owner serialises calls."""
+
+    def __init__(
+        self,
+        info: EngineInfo,
+        *,
+        rules: WindowRules,
+        prior: LinearCostModel,
+        limits: TrackerLimits = DEFAULT_LIMITS,
+        first_index: int = 0,
+        clock: Callable[[], float],
+    ) -> None:
+        self.info = info
+        self.key = EngineKey.of(info)
+        self.rules = rules
+        self.limits = limits
+        self.stats = TrackerStats()
+        self.calibrator = OnlineCalibrator(prior)
+        self._clock = clock
+        self._priority = info.scheduler.policy == "priority"
+        self._requests: dict[str, _Request] = {}
+        self._running: list[str] = []
+        self._waiting: deque[str] = deque()
+        self._open: _Window | None = None
+        self._closed: deque[_Window] = deque()
+        self._ready: list[TrafficWindow] = []
+        self._next_index = first_index
+        self._tainted_live = 0
+        self._next_calibration = -math.inf  # engine clock
+        self.last_event_at = clock()  # shadow clock
+
+    # ---- reading --------------------------------------------------------------------------------------------
+
+    @property
+    def live_requests(self) -> int:
+        return len(self._running) + len(self._waiting)
+
+    @property
+    def next_index(self) -> int:
+        return self._next_index
+
+    @property
+    def pending_windows(self) -> int:
+        return len(self._closed) + (self._open is not None)
+
+    def take_ready(self) -> list[TrafficWindow]:
+        ready, self._ready = self._ready, []
+        return ready
+
+    # ---- events ---------------------------------------------------------------------------------------------
+
+    def apply(self, event: Event) -> None:
+        self.last_event_at = self._clock()
+        if isinstance(event, EngineStep):
+            self.stats.events["step"] += 1
+            self._step(event)
+        elif isinstance(event, RequestArrival):
+            self.stats.events["arrival"] += 1
+            self._arrival(event)
+        elif isinstance(event, RequestFinish):
+            self.stats.events["finish"] += 1
+            self._finish_reported(event)
+        elif isinstance(event, EngineInfo):
+            self.stats.events["info"] += 1  # the same announcement again (a restart is the caller's business)
+
+    def lost_events(self) -> None:
+        """Events were lost just before the next one: nothing tracked so far can be trusted."""
+        self._taint_all(LOST_EVENTS)
+
+    def _arrival(self, event: RequestArrival) -> None:
+        if event.request_id in self._requests:
+            return  # announced twice (a resent batch): the first one counts
+        if len(self._requests) >= self.limits.max_live_requests:
+            self.stats.requests_rejected += 1
+            self._taint_all(LOST_EVENTS)  # the engine now holds a request we do not: the state is unknown
+            return
+        self._ensure_open()
+        request = _Request(event, self.stats.steps, self._engine_now())
+        self._requests[event.request_id] = request
+        self._waiting.append(event.request_id)
+        self.stats.requests_arrived += 1
+        if self._open is not None:
+            self._open.traffic += 1
+            self._open.arrived += 1
+            if not self._open.too_large:
+                self._open.own.append(event.request_id)
+                request.refs += 1
+
+    def _finish_reported(self, event: RequestFinish) -> None:
+        request = self._requests.get(event.request_id)
+        if request is None:
+            self.stats.unknown_requests += 1
+            return
+        request.reported_output = event.output_tokens
+        if event.request_id in self._waiting and request.generated == 0 and request.computed == 0:
+            # Aborted before it ever ran: no step will name it again.
+            self._waiting.remove(event.request_id)
+            self._finalize(request, event.time)
+
+    def _step(self, step: EngineStep) -> None:
+        if not step.scheduled_tokens:
+            self.stats.empty_steps += 1
+            self._finish_listed(step, step.start_time + step.duration)
+            return
+        end = step.start_time + step.duration
+        requests = self._requests
+        for request_id in step.scheduled_tokens:
+            if request_id not in requests:
+                # Its arrival was lost: from here on, what the engine holds is not what we hold.
+                self.stats.unknown_requests += 1
+                self._taint_all(LOST_EVENTS)
+                placeholder = _Request(RequestArrival(request_id, step.start_time, 1), -1, end, tainted=True)
+                requests[request_id] = placeholder
+                self._running.append(request_id)
+                self._tainted_live += 1
+        self._ensure_open()
+        if step.preempted:
+            self._preempt(step.preempted)
+        running = set(self._running)
+        new_tokens, context = [], []
+        for request_id, n in step.scheduled_tokens.items():
+            request = requests[request_id]
+            if request_id not in running:  # admitted this step: new, or resumed after preemption
+                self._waiting.remove(request_id)
+                self._running.append(request_id)
+            new_tokens.append(n)
+            context.append(request.computed)
+            request.computed += n
+            request.last_progress = end
+            if request.computed >= request.prompt + request.generated:  # the batch sampled a token
+                request.generated += 1
+                if request.generated == 1:
+                    request.first_token = end
+        if self._tainted_live == 0 and step.duration > 0 and end >= self._next_calibration:
+            self.calibrator.update(new_tokens, context, step.duration)
+            self._next_calibration = end + 1.0 / self.limits.calibration_steps_per_second
+        self.stats.steps += 1
+        self.stats.actual_gpu_seconds += step.duration
+        self.stats.last_step_end = end
+        window = self._open
+        if window is not None:
+            window.traffic += 1
+            if math.isnan(window.start_time):
+                window.start_time = step.start_time
+            if not window.too_large:
+                window.steps.append(step)
+        self._finish_listed(step, end)
+        self._maybe_close(end)
+
+    def _preempt(self, preempted: tuple[str, ...]) -> None:
+        # vLLM evicts from the running queue's tail and puts each victim at the waiting queue's front, so the
+        # victim nearest the head ends up first; the step's set of victims does not carry that order itself.
+        position = {r: i for i, r in enumerate(self._running)}
+        victims = sorted((r for r in preempted if r in position), key=position.__getitem__, reverse=True)
+        gone = set(victims)
+        self._running = [r for r in self._running if r not in gone]
+        for request_id in victims:
+            self._requests[request_id].computed = 0
+            self._waiting.appendleft(request_id)
+
+    def _finish_listed(self, step: EngineStep, end: float) -> None:
+        for request_id in step.finished:
+            request = self._requests.get(request_id)
+            if request is None or request.finished:
+                continue
+            if request_id in self._running:
+                self._running.remove(request_id)
+            elif request_id in self._waiting:
+                self._waiting.remove(request_id)
+            if request.reported_output is not None and request.reported_output != request.generated:
+                self.stats.inconsistencies += 1
+            self._finalize(request, end)
+
+    def _finalize(self, request: _Request, when: float) -> None:
+        request.finished = True
+        request.finish = when
+        if request.tainted:
+            self._tainted_live -= 1
+        else:
+            self.stats.requests_finished += 1
+        for window in list(self._closed):
+            window.pending.discard(request.request_id)
+        self._release_ready()
+        self._forget(request)
+
+    def _forget(self, request: _Request) -> None:
+        if request.finished and request.refs <= 0:
+            self._requests.pop(request.request_id, None)
+
+    # ---- windows --------------------------------------------------------------------------------------------
+
+    def _ensure_open(self) -> None:
+        if self._open is not None or self._tainted_live:
+            return
+        if self.live_requests >= self.rules.max_requests:
+            self._open = _Window(
+                self._next_index, self.stats.steps, self.calibrator.model(), math.nan, 0, [], []
+            )
+            self._open.too_large = True
+            self._next_index += 1
+            return
+        requests = self._requests
+        running = [(r, requests[r].computed, requests[r].generated) for r in self._running]
+        order = list(self._waiting)
+        if self._priority:
+            order.sort(key=lambda r: (requests[r].priority, requests[r].arrival))
+        waiting = [(r, requests[r].generated) for r in order]
+        for request_id in (*self._running, *order):
+            requests[request_id].refs += 1
+        self._open = _Window(
+            self._next_index,
+            self.stats.steps,
+            self.calibrator.model(),
+            self.calibrator.mape(),
+            self.calibrator.samples,
+            running,
+            waiting,
+        )
+        self._next_index += 1
+
+    def _maybe_close(self, now: float) -> None:
+        window = self._open
+        if window is None:
+            return
+        elapsed = 0.0 if math.isnan(window.start_time) else now - window.start_time
+        carried = len(window.running) + len(window.waiting)
+        if self.rules.full(elapsed, window.arrived, carried):
+            self._close()
+            self._ensure_open()
+
+    def close_idle(self) -> None:
+        """Close the open window if it holds requests and the engine has been silent for `idle_seconds`."""
+        window = self._open
+        if (
+            window is not None
+            and window.own
+            and self._clock() - self.last_event_at >= self.rules.idle_seconds
+        ):
+            self._close()
+
+    def flush(self) -> None:
+        """Close the open window now (the end of a run)."""
+        if self._open is not None:
+            self._close()
+
+    def _close(self) -> None:
+        window, self._open = self._open, None
+        assert window is not None
+        if window.too_large:
+            self._drop(window, TOO_LARGE)
+            return
+        if not window.own and not window.steps:
+            self._unref(window)
+            return
+        window.end_step = self.stats.steps
+        window.pending = {r for r in window.request_ids() if not self._requests[r].finished}
+        self.stats.windows_closed += 1
+        self._closed.append(window)
+        while len(self._closed) > self.limits.max_pending_windows:
+            self._drop(self._closed.popleft(), BACKLOG)
+        self._release_ready()
+
+    def _release_ready(self) -> None:
+        while self._closed and not self._closed[0].pending:
+            window = self._closed.popleft()
+            self._ready.append(self._build(window))
+            self.stats.windows_ready += 1
+            self._unref(window)
+
+    def _drop(self, window: _Window, reason: str) -> None:
+        if window.traffic:  # a window that saw no traffic is no loss
+            self.stats.windows_skipped[reason] += 1
+        self._unref(window)
+
+    def _unref(self, window: _Window) -> None:
+        for request_id in window.request_ids():
+            request = self._requests.get(request_id)
+            if request is not None:
+                request.refs -= 1
+                self._forget(request)
+
+    def _build(self, window: _Window) -> TrafficWindow:
+        requests = self._requests
+        t0 = window.start_time
+        if math.isnan(t0):  # no step ran while it was open: start at its first arrival
+            t0 = min((requests[r].arrival for r in window.own), default=0.0)
+        approximations = 0
+        running = []
+        for request_id, computed, generated in window.running:
+            request = requests[request_id]
+            output = request.output
+            if output <= generated:  # aborted right at the window start: let it emit one more token
+                output, approximations = generated + 1, approximations + 1
+            running.append(RunningRequest(request.arrival_event(t0, output=output), computed, generated))
+        waiting = []
+        for request_id, generated in window.waiting:
+            request = requests[request_id]
+            output = request.output
+            if output <= generated:
+                output, approximations = generated + 1, approximations + 1
+            # A preempted request recomputes its prompt and what it had emitted, then emits the rest.
+            waiting.append(
+                request.arrival_event(t0, prompt=request.prompt + generated, output=output - generated)
+            )
+        arrivals, arrival_steps, observed = [], {}, {}
+        for request_id in window.own:
+            request = requests[request_id]
+            output = request.output
+            if output < 1:
+                if request.computed == 0 and request.generated == 0:
+                    continue  # aborted before it ever ran: it never touched the engine
+                output, approximations = 1, approximations + 1  # aborted mid-prefill
+            arrivals.append(request.arrival_event(t0, output=output))
+            arrival_steps[request_id] = request.arrival_step - window.start_step
+            observed[request_id] = ObservedRequest(
+                request.first_token - request.arrival, request.finish - request.arrival, output
+            )
+        self.stats.approximations += approximations
+        return TrafficWindow(
+            engine=self.key,
+            index=window.index,
+            info=self.info,
+            start_time=t0,
+            running=tuple(running),
+            waiting=tuple(waiting),
+            arrivals=tuple(arrivals),
+            arrival_steps=arrival_steps,
+            steps=tuple(window.steps),
+            observed=observed,
+            cost=window.cost,
+            cost_error=window.cost_error,
+            cost_samples=window.cost_samples,
+            approximations=approximations,
+        )
+
+    # ---- time-outs and loss ---------------------------------------------------------------------------------
+
+    def _engine_now(self) -> float:
+        last = self.stats.last_step_end
+        return last if last == last else -math.inf
+
+    def expire(self) -> None:
+        """Give up on stalled requests (engine clock) and on a silent engine's live state (shadow clock)."""
+        if self.live_requests and self._clock() - self.last_event_at > self.limits.engine_silence_seconds:
+            self.stats.requests_abandoned += self.live_requests - self._tainted_live
+            self._discard_live(ENGINE_SILENT)
+            return
+        now = self._engine_now()
+        deadline = now - self.limits.request_stall_seconds
+        stalled = [r for r in self._running if self._requests[r].last_progress < deadline]
+        if stalled:
+            self.stats.requests_timed_out += sum(not self._requests[r].tainted for r in stalled)
+            gone = set(stalled)
+            self._running = [r for r in self._running if r not in gone]
+            self._drop_windows_with(gone, REQUEST_TIMEOUT)
+            for request_id in stalled:
+                self._give_up(self._requests[request_id])
+
+    def abandon(self, reason: str = ENGINE_RESTART) -> None:
+        """The engine is gone (restarted): count its live requests and drop every window that waits on them."""
+        self.stats.requests_abandoned += self.live_requests - self._tainted_live
+        self._discard_live(reason)
+        if self._open is not None:
+            window, self._open = self._open, None
+            self._drop(window, reason)
+
+    def _discard_live(self, reason: str) -> None:
+        live = set(self._running) | set(self._waiting)
+        self._running, self._waiting = [], deque()
+        self._drop_windows_with(live, reason)
+        for request_id in live:
+            self._give_up(self._requests[request_id])
+
+    def _give_up(self, request: _Request) -> None:
+        if request.tainted:
+            self._tainted_live -= 1
+        request.finished = True
+        request.tainted = False
+        self._forget(request)
+
+    def _drop_windows_with(self, request_ids: set[str], reason: str) -> None:
+        kept = deque()
+        for window in self._closed:
+            if window.pending & request_ids:
+                self._drop(window, reason)
+            else:
+                kept.append(window)
+        self._closed = kept
+        if self._open is not None and request_ids.intersection(self._open.request_ids()):
+            window, self._open = self._open, None
+            self._drop(window, reason)
+        self._release_ready()
+
+    def _taint_all(self, reason: str) -> None:
+        for window in self._closed:
+            self._drop(window, reason)
+        self._closed.clear()
+        if self._open is not None:
+            window, self._open = self._open, None
+            self._drop(window, reason)
+        for request_id in (*self._running, *self._waiting):
+            request = self._requests[request_id]
+            if not request.tainted:
+                request.tainted = True
+                self._tainted_live += 1
