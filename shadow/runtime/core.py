@@ -185,7 +185,11 @@ class ShadowCore:
                 source = _Source(
                     batch.source,
                     transport,
-                    Sequencer(max_held=self.config.reorder_batches, max_wait=self.config.reorder_seconds),
+                    Sequencer(
+                        max_held=self.config.reorder_batches,
+                        max_wait=self.config.reorder_seconds,
+                        clock=self._monotonic,
+                    ),
                 )
                 self._sources[batch.source] = source
             for delivery in source.sequencer.push(batch):
@@ -466,7 +470,11 @@ class ShadowCore:
                     _Source(
                         name,
                         "restored",
-                        Sequencer(max_held=self.config.reorder_batches, max_wait=self.config.reorder_seconds),
+                        Sequencer(
+                            max_held=self.config.reorder_batches,
+                            max_wait=self.config.reorder_seconds,
+                            clock=self._monotonic,
+                        ),
                     ),
                 )
                 source.info = source.info or info
