@@ -12,12 +12,12 @@ from __future__ import annotations
 import hmac
 import logging
 import threading
-from concurrent import futures
 from dataclasses import dataclass, field
 from typing import NoReturn
 
 import grpc
 
+from vllm_shadow.adapters.grpc_server import UnaryServer
 from vllm_shadow.adapters.proto import shadow_events_pb2 as pb
 from vllm_shadow.adapters.publisher import BatchSink, EventBatch
 from vllm_shadow.adapters.wire import WireError, decode_batch, encode_batch
@@ -48,7 +48,7 @@ class IngestStats:
     lost_batches_by_source: dict[str, int] = field(default_factory=dict)
 
 
-class IngestServer:
+class IngestServer(UnaryServer):
     """Receives event batches over gRPC and hands them to `sink`. Refusals never stop the server."""
 
     def __init__(
@@ -67,36 +67,16 @@ class IngestServer:
         self._last_sequence: dict[str, int] = {}  # per source, the highest batch sequence received
         self._stats_lock = threading.Lock()
         self._sink_lock = threading.Lock()
-        self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="shadow-ingest"),
-            options=[("grpc.max_receive_message_length", max_message_bytes * _TRANSPORT_HEADROOM)],
-        )
-        handler = grpc.unary_unary_rpc_method_handler(
+        super().__init__(
+            SERVICE,
+            "Publish",
             self._publish,
-            request_deserializer=None,  # raw bytes: we decode, so a bad message gets our status and count
-            response_serializer=pb.Ack.SerializeToString,
+            pb.Ack.SerializeToString,
+            address=address,
+            max_receive_bytes=max_message_bytes * _TRANSPORT_HEADROOM,
+            max_workers=max_workers,
+            thread_name_prefix="shadow-ingest",
         )
-        self._server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(SERVICE, {"Publish": handler}),)
-        )
-        self.port = self._server.add_insecure_port(address)
-        if self.port == 0:
-            raise OSError(f"cannot bind the ingest server to {address}")
-        host = address.rsplit(":", 1)[0]
-        self.address = f"{host}:{self.port}"
-
-    def start(self) -> IngestServer:
-        self._server.start()
-        return self
-
-    def stop(self, grace: float | None = 1.0) -> None:
-        self._server.stop(grace).wait()
-
-    def __enter__(self) -> IngestServer:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._stats_lock:

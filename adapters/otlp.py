@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +21,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 
 from vllm_shadow.adapters.events import Event, RequestArrival, RequestFinish
+from vllm_shadow.adapters.grpc_server import UnaryServer
 from vllm_shadow.adapters.publisher import BatchSink, EventBatch
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def span_events(span: Any) -> list[Event] | None:
     ]
 
 
-class OtlpSpanReceiver:
+class OtlpSpanReceiver(UnaryServer):
     """Serves OTLP/gRPC `TraceService/Export` on loopback by default; hands converted events to `sink`."""
 
     def __init__(
@@ -92,35 +92,16 @@ class OtlpSpanReceiver:
         self._sequence = 0
         self._lock = threading.Lock()
         self.stats = OtlpStats()
-        self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="shadow-otlp"),
-            options=[("grpc.max_receive_message_length", max_message_bytes)],
-        )
-        handler = grpc.unary_unary_rpc_method_handler(
+        super().__init__(
+            SERVICE,
+            "Export",
             self._export,
-            request_deserializer=None,  # raw bytes, so a malformed export gets our status and count
-            response_serializer=ExportTraceServiceResponse.SerializeToString,
+            ExportTraceServiceResponse.SerializeToString,
+            address=address,
+            max_receive_bytes=max_message_bytes,
+            max_workers=2,
+            thread_name_prefix="shadow-otlp",
         )
-        self._server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(SERVICE, {"Export": handler}),)
-        )
-        self.port = self._server.add_insecure_port(address)
-        if self.port == 0:
-            raise OSError(f"cannot bind the OTLP receiver to {address}")
-        self.address = f"{address.rsplit(':', 1)[0]}:{self.port}"
-
-    def start(self) -> OtlpSpanReceiver:
-        self._server.start()
-        return self
-
-    def stop(self, grace: float | None = 1.0) -> None:
-        self._server.stop(grace).wait()
-
-    def __enter__(self) -> OtlpSpanReceiver:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     def _export(self, data: bytes, context: grpc.ServicerContext) -> ExportTraceServiceResponse:
         request = ExportTraceServiceRequest()
