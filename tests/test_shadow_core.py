@@ -4,11 +4,11 @@ several engines, restarts, duplicates, and every bound and loss counted."""
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import pytest
 
 from tests import shadow_support as support
+from tests.waiting import ManualClock, drain
 from vllm_shadow.adapters.events import EngineInfo, RequestArrival, RequestFinish
 from vllm_shadow.adapters.publisher import EventBatch
 from vllm_shadow.evaluation.recommend import Goal
@@ -37,16 +37,6 @@ def config(**evaluation) -> ShadowConfig:
         goal=Goal(min_windows=2, min_calibration_steps=50),
         reorder_seconds=0.05,
     )
-
-
-def drain(core: ShadowCore, timeout: float = 60.0) -> None:
-    core.flush()
-    deadline = time.monotonic() + timeout
-    core.tick()
-    while not core.idle():
-        assert time.monotonic() < deadline, "evaluation did not finish"
-        time.sleep(0.02)
-        core.tick()
 
 
 def relabel(batches: list[EventBatch], source: str, engine: str) -> list[EventBatch]:
@@ -91,11 +81,19 @@ def test_reordered_batches_give_the_same_windows() -> None:
 
 def test_a_lost_batch_is_counted_and_only_the_windows_it_touches_are_skipped() -> None:
     stream = support.batches("fcfs-kv12")
-    core = ShadowCore(config(optimal=False), LocalTasks())
+    clock = ManualClock()
+    # Room to hold every batch after the gap, and a wait no test run outlasts: only the core's clock gives the
+    # missing batch up.
+    settings = dataclasses.replace(config(optimal=False), reorder_batches=len(stream), reorder_seconds=60.0)
+    core = ShadowCore(settings, LocalTasks(), monotonic=clock)
     for i, batch in enumerate(stream):
         if i != len(stream) // 2:
             core.ingest(batch)
-    time.sleep(0.1)  # past reorder_seconds: the gap is given up on the next tick
+    core.tick()
+    assert core.snapshot().engines[0].sequence.lost_batches == 0  # still waiting for the missing batch
+    clock.advance(settings.reorder_seconds + 1)
+    core.tick()
+    assert core.snapshot().engines[0].sequence.lost_batches == 1  # given up on, and the rest delivered
     drain(core)
     (engine,) = core.snapshot().engines
     assert engine.sequence.lost_batches == 1
