@@ -10,7 +10,7 @@ time = a + b*T + c*K + d*P + e*R for a non-empty batch, where over the requests 
       the vocabulary, its metadata and attention call).
 INFERMAX's published form is the first four terms. e*R was added because T cannot tell a decode's token, which
 brings its own LM-head row and sampling, from a prefill chunk's token, which shares one with the whole chunk.
-Calibrated on a real vLLM engine's mirrored steps (`vllm_shadow.costmodel.calibration_report`; CPU, tiny Llama,
+Calibrated on a real vLLM engine's mirrored steps (`tests/support/calibration_report.py`; CPU, tiny Llama,
 32000-token vocabulary), the four-term fit was off by ~12% on later steps and the five-term one by ~7%; on the
 profiler's measurements of the same model the hold-out error halved (benchmarks/RESULTS-profile.md). Where the
 per-request cost is negligible (a large model on a GPU, whose LM head streams its weights once per step

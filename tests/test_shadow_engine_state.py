@@ -12,6 +12,7 @@ import dataclasses
 import pytest
 
 from tests import shadow_support as support
+from tests.support.mirror_stream import MirroredRun, request_latencies
 from vllm_shadow.adapters.events import (
     EngineInfo,
     EngineStep,
@@ -19,7 +20,6 @@ from vllm_shadow.adapters.events import (
     RequestFinish,
     SchedulerSettings,
 )
-from vllm_shadow.adapters.mirror_stream import MirroredRun, request_latencies
 from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.evaluation.evaluate import Slo, check_fidelity
 from vllm_shadow.tracking.engine_state import (

@@ -18,9 +18,9 @@ import pytest
 
 pytest.importorskip("vllm", reason="the CPU build of vLLM is installed by `make test`")
 
+from tests.support.mirror_stream import MirroredRun
 from vllm_shadow.adapters.events import EngineInfo, EngineStep, Event, RequestArrival, RequestFinish
 from vllm_shadow.adapters.grpc_ingest import IngestServer
-from vllm_shadow.adapters.mirror_stream import MirroredRun
 from vllm_shadow.adapters.otlp import OtlpSpanReceiver
 from vllm_shadow.adapters.publisher import EventBatch
 from vllm_shadow.adapters.recorder import RecordingError, read_events

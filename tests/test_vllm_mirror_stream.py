@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests.support.calibration_report import calibrate, step_features
+from tests.support.mirror_stream import MirroredRun, request_latencies
 from vllm_shadow.adapters.events import EngineInfo, EngineStep, RequestArrival, RequestFinish
-from vllm_shadow.adapters.mirror_stream import MirroredRun, request_latencies
-from vllm_shadow.costmodel.calibration_report import calibrate, step_features
 from vllm_shadow.costmodel.linear import LinearCostModel
 
 # The order the mirror guarantees: an arrival follows the step before the one that could first schedule it.

@@ -22,11 +22,11 @@ from pathlib import Path
 from self_replay import StepComparison, compare_steps, policy_spec, replay_in_step_space
 
 from vllm_shadow.adapters.events import RequestArrival
-from vllm_shadow.adapters.mirror_stream import MirroredRun, request_latencies
+from tests.support.mirror_stream import MirroredRun, request_latencies
 from vllm_shadow.adapters.recorder import read_events
 from vllm_shadow.adapters.traces import bundled_trace, read_trace
 from vllm_shadow.adapters.vllm.engine_run import EngineSetup, drive, start_engine, stop_engine, trace_workload
-from vllm_shadow.costmodel.calibration_report import CalibrationReport, calibrate
+from tests.support.calibration_report import CalibrationReport, calibrate
 from vllm_shadow.solver.simulator import simulate
 
 # Engine configurations by name; KV sizes are chosen so that preemption happens.

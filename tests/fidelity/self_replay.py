@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from vllm_shadow.adapters.events import EngineStep, SchedulerSettings
-from vllm_shadow.adapters.mirror_stream import MirroredRun
+from tests.support.mirror_stream import MirroredRun
 from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.solver.records import SimResult, StepRecord
 from vllm_shadow.solver.simulator import simulate

@@ -1,4 +1,5 @@
-"""Calibrate the linear cost model on an engine's own measured steps, and say how well it predicts the rest.
+"""Test oracle: calibrate the linear cost model on an engine's own measured steps, and say how well it
+predicts the rest.
 
 The mirror stream gives each step's batch (tokens per request) and measured duration, but not each request's
 context length: that is rebuilt here by replaying the stream's bookkeeping (a request's KV grows by what it

@@ -1,4 +1,5 @@
-"""Reassemble a mirrored engine run from its event stream: what a self replay needs to reproduce it.
+"""Test oracle: reassemble a whole mirrored engine run from its event stream, independently of the shadow's
+tracker (which does the same job window by window), to check the tracker and to replay a run in step space.
 
 The mirror (adapters.vllm.mirror) orders the stream so that an arrival follows the event of the step
 before the one that could first schedule it. `MirroredRun.from_events` turns that into `arrival_steps` in the
@@ -14,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from vllm_shadow.adapters.events import EngineInfo, EngineStep, Event, RequestArrival, RequestFinish
+from vllm_shadow.solver.records import RequestRecord
 
 
 @dataclass(slots=True)
@@ -59,24 +61,10 @@ class MirroredRun:
         return [r for r in self.requests if r.request_id in self.finishes]
 
 
-@dataclass(frozen=True, slots=True)
-class RequestLatency:
-    request_id: str
-    arrival: float
-    first_token: float  # end of the step that completed its prefill (the first output token is sampled there)
-    finish: float  # end of the step that produced its last token
-
-    @property
-    def ttft(self) -> float:
-        return self.first_token - self.arrival
-
-    @property
-    def e2e(self) -> float:
-        return self.finish - self.arrival
-
-
-def request_latencies(run: MirroredRun) -> dict[str, RequestLatency]:
-    """TTFT and end-to-end latency of every finished request, on the engine's clock, from the step stream."""
+def request_latencies(run: MirroredRun) -> dict[str, RequestRecord]:
+    """What the engine delivered to every finished request, on the engine's clock, from the step stream: its
+    first token at the end of the step that completed its prefill, its finish at the end of the step that
+    produced its last token."""
     prompt = {r.request_id: r.prompt_tokens for r in run.requests}
     computed: dict[str, int] = {}
     first_token: dict[str, float] = {}
@@ -93,7 +81,15 @@ def request_latencies(run: MirroredRun) -> dict[str, RequestLatency]:
         for request_id in step.finished:
             finish[request_id] = end
     return {
-        r.request_id: RequestLatency(r.request_id, r.time, first_token[r.request_id], finish[r.request_id])
+        r.request_id: RequestRecord(
+            r.request_id,
+            r.time,
+            r.prompt_tokens,
+            r.output_tokens or 0,
+            r.priority,
+            first_token=first_token[r.request_id],
+            finish=finish[r.request_id],
+        )
         for r in run.requests
         if r.request_id in first_token and r.request_id in finish
     }
