@@ -1,9 +1,8 @@
 """Serve the shadow's metrics on a Prometheus endpoint (prometheus-client).
 
-A custom collector renders `vllm_shadow.readout.metrics` from a fresh snapshot at each scrape: there is no
-second copy of
-the state to go stale, and a label set that disappears (a candidate grid that changed with the engine's
-configuration) disappears from the exposition too.
+A custom collector renders `vllm_shadow.readout.metrics` (the families `metric_table` declares) from a fresh
+snapshot at each scrape: there is no second copy of the state to go stale, and a label set that disappears
+(a candidate grid that changed with the engine's configuration) disappears from the exposition too.
 """
 
 from __future__ import annotations
@@ -26,23 +25,25 @@ from vllm_shadow.readout.snapshot import ShadowSnapshot
 
 
 def _render(family: Family) -> Metric:
-    labels = list(family.label_names)
-    if family.kind == "counter":
-        metric = CounterMetricFamily(family.name.removesuffix("_total"), family.doc, labels=labels)
-    elif family.kind == "gauge":
-        metric = GaugeMetricFamily(family.name, family.doc, labels=labels)
-    elif family.kind == "info":
-        metric = InfoMetricFamily(family.name.removesuffix("_info"), family.doc, labels=labels)
+    spec = family.spec
+    labels = list(spec.labels)
+    # prometheus-client adds the `_total` and `_info` suffixes itself: the table's full names lose them here.
+    if spec.kind == "counter":
+        metric = CounterMetricFamily(spec.name.removesuffix("_total"), spec.help, labels=labels)
+    elif spec.kind == "gauge":
+        metric = GaugeMetricFamily(spec.name, spec.help, labels=labels)
+    elif spec.kind == "info":
+        metric = InfoMetricFamily(spec.name.removesuffix("_info"), spec.help, labels=labels)
         for sample in family.samples:
             metric.add_metric(list(sample.labels), {})
         return metric
-    elif family.kind == "histogram":
-        metric = HistogramMetricFamily(family.name, family.doc, labels=labels)
+    elif spec.kind == "histogram":
+        metric = HistogramMetricFamily(spec.name, spec.help, labels=labels)
         for h in family.histograms:
             metric.add_metric(list(h.labels), [(le, float(n)) for le, n in h.buckets], h.total)
         return metric
     else:
-        raise ValueError(f"unknown metric kind {family.kind!r}")
+        raise ValueError(f"unknown metric kind {spec.kind!r}")
     for sample in family.samples:
         metric.add_metric(list(sample.labels), sample.value)
     return metric

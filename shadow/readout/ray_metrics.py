@@ -5,7 +5,8 @@ Ray's metrics agent on each node exports them with its own prefix, so `vllm_shad
 values; Ray counters only go up by increments, so the mirror keeps the last value it pushed and adds the
 difference (a smaller value means the shadow restarted: the whole value is added). A histogram is pushed as
 two counters, observations and their total (`x_seconds` becomes `xs_total` and `x_seconds_total`): Ray
-histograms take observations, not buckets, and a rate ratio of the two is the mean.
+histograms take observations, not buckets, and a rate ratio of the two is the mean. The names are the
+table's (`MetricSpec.ray_metrics`), so that the dashboards and rules can check theirs against it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Any
 
 from ray.util import metrics as ray_metrics
 
-from vllm_shadow.readout.metrics import Family, metric_families
+from vllm_shadow.readout.metric_table import MetricSpec
+from vllm_shadow.readout.metrics import metric_families
 from vllm_shadow.readout.snapshot import ShadowSnapshot
 
 
@@ -25,30 +27,33 @@ class RayMetricsMirror:
 
     def push(self, snapshot: ShadowSnapshot) -> None:
         for family in metric_families(snapshot):
-            if family.kind == "histogram":
+            spec = family.spec
+            if spec.kind == "histogram":
+                observations, total = spec.ray_metrics
                 for h in family.histograms:
-                    plural = family.name.removesuffix("_seconds") + "s"
-                    self._count(plural, family, h.labels, float(h.buckets[-1][1]))
-                    self._count(family.name, family, h.labels, h.total)
-            elif family.kind == "counter":
+                    self._count(observations, spec, h.labels, float(h.buckets[-1][1]))
+                    self._count(total, spec, h.labels, h.total)
+            elif spec.kind == "counter":
+                (name,) = spec.ray_metrics
                 for sample in family.samples:
-                    self._count(family.name.removesuffix("_total"), family, sample.labels, sample.value)
+                    self._count(name, spec, sample.labels, sample.value)
             else:
+                (name,) = spec.ray_metrics
                 for sample in family.samples:
-                    gauge = self._metric(ray_metrics.Gauge, family.name, family)
-                    gauge.set(sample.value, tags=dict(zip(family.label_names, sample.labels, strict=True)))
+                    gauge = self._metric(ray_metrics.Gauge, name, spec)
+                    gauge.set(sample.value, tags=dict(zip(spec.labels, sample.labels, strict=True)))
 
-    def _metric(self, cls: type, name: str, family: Family) -> Any:
+    def _metric(self, cls: type, name: str, spec: MetricSpec) -> Any:
         metric = self._metrics.get(name)
         if metric is None:
-            metric = self._metrics[name] = cls(name, description=family.doc, tag_keys=family.label_names)
+            metric = self._metrics[name] = cls(name, description=spec.help, tag_keys=spec.labels)
         return metric
 
-    def _count(self, name: str, family: Family, labels: tuple[str, ...], value: float) -> None:
+    def _count(self, name: str, spec: MetricSpec, labels: tuple[str, ...], value: float) -> None:
         key = (name, labels)
         previous = self._pushed.get(key, 0.0)
         delta = value - previous if value >= previous else value
         self._pushed[key] = value
         if delta > 0:
-            counter = self._metric(ray_metrics.Counter, name, family)
-            counter.inc(delta, tags=dict(zip(family.label_names, labels, strict=True)))
+            counter = self._metric(ray_metrics.Counter, name, spec)
+            counter.inc(delta, tags=dict(zip(spec.labels, labels, strict=True)))
