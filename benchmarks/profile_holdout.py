@@ -38,7 +38,7 @@ import numpy as np
 from vllm_shadow.costmodel.architecture import ModelArchitecture, load_model
 from vllm_shadow.costmodel.hardware import get_hardware
 from vllm_shadow.costmodel.linear import fit_linear
-from vllm_shadow.costmodel.profiler import (
+from vllm_shadow.costmodel.profiling import (
     BATCH_KINDS,
     Measurement,
     ProfileSettings,

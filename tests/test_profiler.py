@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 from vllm_shadow.costmodel.architecture import load_model  # noqa: E402
 from vllm_shadow.costmodel.linear import LinearCostModel, cross_validated_mape  # noqa: E402
 from vllm_shadow.costmodel.profile import CostProfile, load_profile  # noqa: E402
-from vllm_shadow.costmodel.profiler import (  # noqa: E402
+from vllm_shadow.costmodel.profiling import (  # noqa: E402
     BATCH_KINDS,
     DECODE_HEAVY,
     DECODE_PADDING,

@@ -28,8 +28,9 @@ def _replay_gpu_seconds(capsys, *extra: str) -> list[float]:
 
 def test_without_torch_the_command_says_how_to_install_it(monkeypatch, capsys, tmp_path) -> None:
     monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` fail as if it were not installed
-    monkeypatch.delitem(sys.modules, "vllm_shadow.costmodel.profiler", raising=False)
-    monkeypatch.delattr(costmodel, "profiler", raising=False)
+    for name in [m for m in sys.modules if m.startswith("vllm_shadow.costmodel.profiling")]:
+        monkeypatch.delitem(sys.modules, name)  # imported by an earlier test: import it afresh, without torch
+    monkeypatch.delattr(costmodel, "profiling", raising=False)
     out = tmp_path / "profile.json"
     assert main(["profile", "--model", "tiny-llama", "--out", str(out)]) == 2
     error = capsys.readouterr().err

@@ -27,7 +27,7 @@ from vllm_shadow.costmodel.hardware import get_hardware
 from vllm_shadow.costmodel.roofline import roofline_prior
 
 if TYPE_CHECKING:
-    from vllm_shadow.costmodel.profiler import ProfileRun
+    from vllm_shadow.costmodel.profiling import ProfileRun
 
 INSTALL_HINT = (
     "shadow profile needs torch, an optional dependency: pip install 'shadow-scheduler[profile]' "
@@ -82,18 +82,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        from vllm_shadow.costmodel import profiler
+        from vllm_shadow.costmodel import profiling
     except ModuleNotFoundError as exc:
         if exc.name != "torch":
             raise
         print(f"shadow: error: {INSTALL_HINT}", file=sys.stderr)
         return 2
     arch = load_model(args.model)
-    profiler.check_supported(arch)
+    profiling.check_supported(arch)
     out = Path(args.out)
     if not out.parent.is_dir():
         raise FileNotFoundError(f"--out {out}: directory {out.parent} does not exist")
-    hardware_name = args.hardware or profiler.device_hardware_name(args.device)
+    hardware_name = args.hardware or profiling.device_hardware_name(args.device)
     hardware = get_hardware(hardware_name) if hardware_name else None
     stderr = Console(stderr=True)
     prior = None
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
             prior = roofline_prior(arch, hardware)
         except ValueError as exc:  # e.g. the whole model does not fit the device, though its few layers do
             stderr.print(f"[yellow]no roofline prior to compare with:[/] {exc}")
-    settings = profiler.ProfileSettings(
+    settings = profiling.ProfileSettings(
         device=args.device,
         dtype=args.dtype,
         layers=args.layers,
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         transient=True,
     ) as bar:
         task = bar.add_task("", total=None)
-        result = profiler.run_profile(
+        result = profiling.run_profile(
             arch,
             settings,
             hardware=hardware,
@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
             command=_command(args, settings.layers_for(arch)),
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
-    profiler.save_profile_run(result, out)
+    profiling.save_profile_run(result, out)
     console = Console()
     if not console.is_terminal:
         console.width = 150  # a piped report keeps its table's columns rather than wrapping them to 80
