@@ -11,6 +11,7 @@ import yaml
 from deploy.generate import RULES_DIR
 from deploy.prometheus import rules
 from tests import deploy_support, shadow_support
+from tests.waiting import drain
 from vllm_shadow.readout.exporter import exposition
 from vllm_shadow.runtime.core import ShadowConfig, ShadowCore
 from vllm_shadow.runtime.tasks import LocalTasks
@@ -65,10 +66,7 @@ def test_exporter_output_passes_promtool_check_metrics() -> None:
     core = ShadowCore(ShadowConfig(windows=WindowRules(seconds=1.0), hardware="cpu"), LocalTasks(1))
     for batch in shadow_support.batches("fcfs-kv12"):
         core.ingest(batch)
-    core.flush()
-    while not core.idle():
-        core.tick()
-    core.tick()
+    drain(core)
     text = exposition(core.snapshot())
     assert "vllm_shadow_window_gap_ratio{" in text and "vllm_shadow_self_replay_step_match_ratio{" in text
     binary = deploy_support.require("promtool")

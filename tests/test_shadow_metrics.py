@@ -7,7 +7,6 @@ import json
 import shutil
 import socket
 import subprocess
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests import shadow_support as support
+from tests.waiting import drain, wait_until
 from vllm_shadow.adapters.events import EngineStep, RequestFinish
 from vllm_shadow.evaluation.recommend import Goal
 from vllm_shadow.readout.exporter import MetricsServer, exposition
@@ -38,12 +38,7 @@ def snapshot() -> ShadowSnapshot:
     core = ShadowCore(config, LocalTasks())
     for batch in support.batches(NAME):
         core.ingest(batch, "grpc")
-    core.flush()
-    deadline = time.monotonic() + 60
-    core.tick()
-    while not core.idle() and time.monotonic() < deadline:
-        time.sleep(0.02)
-        core.tick()
+    drain(core)
     return core.snapshot(refused={"grpc": {"malformed": 2, "oversized": 1}})
 
 
@@ -172,17 +167,15 @@ def test_a_real_prometheus_scrapes_the_endpoint_and_answers_gap_queries(
     )
     try:
         engine = snapshot.engines[0]
-        deadline = time.monotonic() + 60
-        result: list = []
-        while time.monotonic() < deadline:
+
+        def scraped() -> list:
             try:
-                result = _query(prom_port, "vllm_shadow_requests_finished_total")
-            except OSError:
-                result = []
-            if result:
-                break
-            time.sleep(0.5)
-        assert result and float(result[0]["value"][1]) == engine.tracker.requests_finished
+                return _query(prom_port, "vllm_shadow_requests_finished_total")
+            except OSError:  # not listening yet
+                return []
+
+        result = wait_until(scraped, 60, "Prometheus to scrape the shadow", every=0.5)
+        assert float(result[0]["value"][1]) == engine.tracker.requests_finished
         assert result[0]["metric"]["model_name"] == engine.model_name
         # The cumulative GPU gap of every candidate against the current configuration, as a dashboard asks it.
         gaps = _query(
