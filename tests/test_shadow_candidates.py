@@ -86,12 +86,25 @@ def test_extra_specs_are_checked_when_the_space_is_configured() -> None:
         SchedulerSettings(scheduler_reserve_full_isl=False, watermark=0.01),
     ],
 )
-def test_the_current_policy_is_the_one_proven_step_for_step_against_vllm(settings: SchedulerSettings) -> None:
-    """tests/fidelity replays real engines with `policy_spec`; the shadow's self replay must be that policy."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent / "fidelity"))
-    from self_replay import policy_spec
-
-    assert current_policy(settings) == parse_policy(policy_spec(settings))
+def test_the_current_policy_carries_every_setting_the_engine_reports(settings: SchedulerSettings) -> None:
+    """The self replay (and tests/fidelity's replay of real engines) runs this policy: every scheduler setting
+    the engine announces must reach it, and its label must spell it back."""
+    policy = current_policy(settings)
+    assert (policy.preset, policy.order, policy.max_num_seqs, policy.max_num_batched_tokens) == (
+        "vllm",
+        settings.policy,
+        settings.max_num_seqs,
+        settings.max_num_batched_tokens,
+    )
+    assert (
+        policy.long_prefill_token_threshold,
+        policy.watermark,
+        policy.admission,
+        policy.chunked_prefill,
+    ) == (
+        settings.long_prefill_token_threshold,
+        settings.watermark,
+        "full-prompt" if settings.scheduler_reserve_full_isl else "chunk",
+        settings.enable_chunked_prefill,
+    )
+    assert parse_policy(str(policy)) == policy

@@ -23,6 +23,7 @@ import numpy as np
 
 from vllm_shadow.adapters.events import RequestArrival
 from vllm_shadow.evaluation.candidates import current_policy
+from vllm_shadow.evaluation.step_match import compare_steps
 from vllm_shadow.solver.bounds import relaxation_bound
 from vllm_shadow.solver.optimal import GPU_COST, solve_optimal
 from vllm_shadow.solver.policies import Policy, parse_policy
@@ -203,19 +204,11 @@ def check_fidelity(window: TrafficWindow, slo: Slo) -> Fidelity:
     if window.exact and window.steps:
         simulated = simulate_window(window, current, step_space=True).steps or []
         compared = len(window.steps)
-        for i, real in enumerate(window.steps):
-            sim = simulated[i] if i < len(simulated) else None
-            if (
-                sim is not None
-                and sim.scheduled_tokens == real.scheduled_tokens
-                and set(sim.preempted) == set(real.preempted)
-            ):
-                matched += 1
-            elif not first_mismatch:
-                first_mismatch = (
-                    f"step {i}: engine ran {real.scheduled_tokens} preempting {list(real.preempted)}; replay ran "
-                    f"{sim.scheduled_tokens if sim else 'nothing'} preempting {list(sim.preempted) if sim else []}"
-                )
+        # The replay serves the window's requests to completion: its steps beyond the window's are not compared.
+        comparison = compare_steps(window.steps, simulated[:compared])
+        matched = comparison.matched
+        first = comparison.first_mismatch
+        first_mismatch = first.describe() if first is not None else ""
         measured = window.actual_gpu_seconds
         replayed_busy = math.fsum(s.duration for s in simulated[:compared])
         gpu_error = abs(replayed_busy - measured) / measured if measured > 0 else math.nan

@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="the CPU build of vLLM is installed by `make test`")
 
-from fidelity_report import CONFIGS, evaluate
+from tests.fidelity.fidelity_report import CONFIGS, evaluate
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

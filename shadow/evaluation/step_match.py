@@ -1,9 +1,8 @@
-"""Self replay of a mirrored engine run through `solver`'s vLLM policy, and the step-by-step comparison.
+"""The step comparison: the engine's real steps against the simulator's, batch by batch.
 
-The replay uses the engine's own settings (from its EngineInfo), the arrivals and real output lengths, and
-feeds each request before the same non-empty step at which the engine received it; only the policy decides
-the rest. A step matches when the same requests ran with the same token counts and the same requests were
-preempted.
+The i-th non-empty engine step is compared with the i-th simulated step. A step matches when the same requests
+ran with the same token counts and the same requests were preempted. Empty engine steps (vLLM runs one each
+time it drains its last request, to tell the workers what finished) decide nothing a simulator must match.
 """
 
 from __future__ import annotations
@@ -11,45 +10,29 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from vllm_shadow.adapters.events import EngineStep, SchedulerSettings
-from tests.support.mirror_stream import MirroredRun
-from vllm_shadow.costmodel.linear import LinearCostModel
-from vllm_shadow.solver.records import SimResult, StepRecord
-from vllm_shadow.solver.simulator import simulate
+from vllm_shadow.adapters.events import EngineStep
 
-
-def policy_spec(settings: SchedulerSettings) -> str:
-    """The `solver` policy that stands for an engine's scheduler settings."""
-    return (
-        f"vllm(max_num_seqs={settings.max_num_seqs},max_num_batched_tokens={settings.max_num_batched_tokens},"
-        f"long_prefill_token_threshold={settings.long_prefill_token_threshold},policy={settings.policy},"
-        f"chunked_prefill={settings.enable_chunked_prefill},watermark={settings.watermark},"
-        f"admission={'full-prompt' if settings.scheduler_reserve_full_isl else 'chunk'})"
-    )
-
-
-def replay_in_step_space(run: MirroredRun, cost: LinearCostModel) -> SimResult:
-    if run.info is None:
-        raise ValueError("the mirrored run has no EngineInfo: cannot know the engine's settings")
-    return simulate(
-        run.finished_requests,
-        policy_spec(run.info.scheduler),
-        cost,
-        num_kv_blocks=run.info.num_kv_blocks,
-        block_size=run.info.block_size,
-        record_steps=True,
-        arrival_steps=run.arrival_steps,
-    )
+MEMBERSHIP, TOKENS, PREEMPTION = "membership", "tokens", "preemption"
+MISSING_IN_SIM, EXTRA_IN_SIM = "missing-in-sim", "extra-in-sim"
 
 
 @dataclass(frozen=True, slots=True)
 class StepMismatch:
     index: int  # position among non-empty steps
-    kinds: tuple[str, ...]  # "membership", "tokens", "preemption", "missing-in-sim", "extra-in-sim"
+    kinds: tuple[str, ...]  # MEMBERSHIP, TOKENS, PREEMPTION, MISSING_IN_SIM, EXTRA_IN_SIM
     real: dict[str, int] | None
     simulated: dict[str, int] | None
     real_preempted: tuple[str, ...] = ()
     simulated_preempted: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        """What each side ran, as the shadow's status and metrics report the first mismatch of a window."""
+        real = f"engine ran {self.real if self.real is not None else 'nothing'}"
+        simulated = f"replay ran {self.simulated if self.simulated is not None else 'nothing'}"
+        return (
+            f"step {self.index}: {real} preempting {list(self.real_preempted)}; "
+            f"{simulated} preempting {list(self.simulated_preempted)}"
+        )
 
 
 @dataclass(slots=True)
@@ -80,7 +63,7 @@ class StepComparison:
         )
 
 
-def compare_steps(real: Sequence[EngineStep], simulated: Sequence[StepRecord]) -> StepComparison:
+def compare_steps(real: Sequence[EngineStep], simulated: Sequence[EngineStep]) -> StepComparison:
     """Compare the i-th non-empty real step with the i-th simulated step, for every i."""
     real = [s for s in real if s.scheduled_tokens]
     result = StepComparison(len(real), len(simulated), 0)
@@ -88,18 +71,24 @@ def compare_steps(real: Sequence[EngineStep], simulated: Sequence[StepRecord]) -
         r = real[i] if i < len(real) else None
         s = simulated[i] if i < len(simulated) else None
         if r is None or s is None:
-            kind = "extra-in-sim" if r is None else "missing-in-sim"
             result.mismatches.append(
-                StepMismatch(i, (kind,), r.scheduled_tokens if r else None, s.scheduled_tokens if s else None)
+                StepMismatch(
+                    i,
+                    (EXTRA_IN_SIM if r is None else MISSING_IN_SIM,),
+                    r.scheduled_tokens if r else None,
+                    s.scheduled_tokens if s else None,
+                    r.preempted if r else (),
+                    s.preempted if s else (),
+                )
             )
             continue
         kinds = []
         if r.scheduled_tokens.keys() != s.scheduled_tokens.keys():
-            kinds.append("membership")
+            kinds.append(MEMBERSHIP)
         elif r.scheduled_tokens != s.scheduled_tokens:
-            kinds.append("tokens")
+            kinds.append(TOKENS)
         if set(r.preempted) != set(s.preempted):
-            kinds.append("preemption")
+            kinds.append(PREEMPTION)
         if kinds:
             result.mismatches.append(
                 StepMismatch(

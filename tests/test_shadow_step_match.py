@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from self_replay import compare_steps, policy_spec
-
-from vllm_shadow.adapters.events import EngineStep, SchedulerSettings
-from vllm_shadow.solver.policies import parse_policy
-from vllm_shadow.solver.records import StepRecord
+from vllm_shadow.adapters.events import EngineStep
+from vllm_shadow.evaluation.step_match import compare_steps
 
 REAL = [
     EngineStep(0, 0.0, 0.01, {"a": 100, "b": 50}),
@@ -16,8 +13,8 @@ REAL = [
 ]
 
 
-def _sim(*steps: tuple[dict[str, int], tuple[str, ...]]) -> list[StepRecord]:
-    return [StepRecord(i, 0.0, 0.01, tokens, preempted) for i, (tokens, preempted) in enumerate(steps)]
+def _sim(*steps: tuple[dict[str, int], tuple[str, ...]]) -> list[EngineStep]:
+    return [EngineStep(i, 0.0, 0.01, tokens, preempted) for i, (tokens, preempted) in enumerate(steps)]
 
 
 def test_identical_runs_match_and_empty_real_steps_are_skipped() -> None:
@@ -45,31 +42,15 @@ def test_a_short_simulation_is_a_mismatch() -> None:
     assert result.matched == 1 and [m.kinds for m in result.mismatches] == [("missing-in-sim",)] * 2
 
 
-def test_policy_spec_carries_every_setting_the_engine_reports() -> None:
-    settings = SchedulerSettings(
-        policy="priority",
-        max_num_seqs=8,
-        max_num_batched_tokens=512,
-        long_prefill_token_threshold=64,
-        watermark=0.01,
-        scheduler_reserve_full_isl=False,
-        enable_chunked_prefill=False,
+def test_a_mismatch_says_what_each_side_ran() -> None:
+    """The first mismatch of a window, as the shadow reports it, names both batches and both victims."""
+    diverged = compare_steps(REAL, _sim(({"a": 100, "b": 50}, ()), ({"a": 1, "b": 1}, ()), ({"a": 1}, ())))
+    assert diverged.first_mismatch is not None
+    assert diverged.first_mismatch.describe() == (
+        "step 2: engine ran {'a': 1} preempting ['b']; replay ran {'a': 1} preempting []"
     )
-    policy = parse_policy(policy_spec(settings))
-    assert (policy.preset, policy.order, policy.max_num_seqs, policy.max_num_batched_tokens) == (
-        "vllm",
-        "priority",
-        8,
-        512,
-    )
-    assert (
-        policy.long_prefill_token_threshold,
-        policy.watermark,
-        policy.admission,
-        policy.chunked_prefill,
-    ) == (
-        64,
-        0.01,
-        "chunk",
-        False,
+    short = compare_steps(REAL, _sim(({"a": 100, "b": 50}, ())))
+    assert short.first_mismatch is not None
+    assert short.first_mismatch.describe() == (
+        "step 1: engine ran {'a': 1, 'b': 1} preempting []; replay ran nothing preempting []"
     )
