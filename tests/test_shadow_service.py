@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import time
 import urllib.request
 from pathlib import Path
 
@@ -11,15 +10,16 @@ import grpc
 import pytest
 
 from tests import shadow_support as support
+from tests.waiting import wait_until
 from vllm_shadow.adapters.events import RequestArrival
 from vllm_shadow.adapters.grpc_ingest import PUBLISH_METHOD, TOKEN_METADATA_KEY, GrpcSink
 from vllm_shadow.adapters.proto import shadow_events_pb2 as pb
 from vllm_shadow.adapters.publisher import EventBatch
 from vllm_shadow.adapters.wire import encode_batch
-from vllm_shadow.runtime.core import NO_ENGINE_INFO, EvaluationSettings, ShadowConfig
+from vllm_shadow.runtime.core import EvaluationSettings, ShadowConfig
 from vllm_shadow.runtime.service import ServiceConfig, ShadowService
 from vllm_shadow.runtime.tasks import LocalTasks
-from vllm_shadow.tracking.engine_state import LOST_EVENTS
+from vllm_shadow.tracking.reasons import SkipReason, UnattributedReason
 from vllm_shadow.tracking.windows import WindowRules
 
 SHADOW = ShadowConfig(
@@ -39,10 +39,7 @@ def service(tmp_path: Path | None = None, **overrides) -> ShadowService:
 
 def wait_evaluated(s: ShadowService, timeout: float = 30.0) -> None:
     s.flush()
-    deadline = time.monotonic() + timeout
-    while not s.idle() or not s.snapshot().engines:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(lambda: s.idle() and s.snapshot().engines, timeout, "the service to evaluate every window")
 
 
 def raw_publish(address: str, data: bytes, token: str | None = None) -> grpc.StatusCode:
@@ -121,10 +118,7 @@ def test_engine_announcements_survive_a_restart_of_the_shadow(tmp_path: Path) ->
     try:
         for batch in batches[:10]:
             first.ingest(batch)
-        deadline = time.monotonic() + 5
-        while not (tmp_path / "engines.json").exists():
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until((tmp_path / "engines.json").exists, 5, "the service to write its state file")
     finally:
         first.close()
     second = service(tmp_path)
@@ -133,17 +127,17 @@ def test_engine_announcements_survive_a_restart_of_the_shadow(tmp_path: Path) ->
             second.ingest(batch)
         wait_evaluated(second)
         snapshot = second.snapshot()
-        assert NO_ENGINE_INFO not in snapshot.unattributed_drops
+        assert UnattributedReason.NO_ENGINE_INFO not in snapshot.unattributed_drops
         (engine,) = snapshot.engines
         assert engine.tracker.unknown_requests > 0 and engine.windows_evaluated >= 1
         assert engine.last.fidelity.step_match_ratio == 1.0
-        assert engine.windows_skipped.get(LOST_EVENTS, 0) + engine.windows_evaluated >= 1
+        assert engine.windows_skipped.get(SkipReason.LOST_EVENTS, 0) + engine.windows_evaluated >= 1
     finally:
         second.close()
     without_state = service()
     try:
         for batch in batches[len(batches) // 3 :]:
             without_state.ingest(batch)
-        assert without_state.snapshot().unattributed_drops[NO_ENGINE_INFO] > 0
+        assert without_state.snapshot().unattributed_drops[UnattributedReason.NO_ENGINE_INFO] > 0
     finally:
         without_state.close()
