@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import grpc
 import pytest
 
+from tests.waiting import wait_until
 from vllm_shadow.adapters.events import EngineInfo, EngineStep, RequestArrival, RequestFinish
 from vllm_shadow.adapters.grpc_ingest import PUBLISH_METHOD, TOKEN_METADATA_KEY, GrpcSink, IngestServer
 from vllm_shadow.adapters.publisher import EventBatch, Publisher
@@ -118,13 +118,14 @@ def test_publisher_to_a_dead_address_counts_failures_without_blocking() -> None:
     with IngestServer(_Collect()) as server:
         address = server.address  # a port that was just ours, now closed
     publisher = Publisher([GrpcSink(address, timeout=0.2)], flush_interval=0.005, max_backoff=0.05)
-    started = time.perf_counter()
     for i in range(1000):
         publisher.publish(EngineStep(i, 0.0, 0.0, {"r": 1}))
-    assert time.perf_counter() - started < 0.5
-    time.sleep(0.3)
-    publisher.close()
+    # Every event taken at once: publish queues and returns, the dead address is the delivery thread's problem
+    # (what that costs an engine is measured by benchmarks/hook_overhead.py, with a hook aimed at a closed port).
+    assert publisher.accepted == 1000 and publisher.dropped == 0
     (stats,) = publisher.sink_stats()
+    wait_until(lambda: stats.lost_events == 1000, 10, "the publisher to count every event as lost")
+    publisher.close()
     assert stats.failures >= 1 and stats.sent_events == 0 and stats.lost_events == 1000
 
 
