@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 ray = pytest.importorskip("ray")
 
+from tests.waiting import wait_until  # noqa: E402
 from vllm_shadow.adapters.events import EngineStep, RequestArrival  # noqa: E402
 from vllm_shadow.adapters.publisher import EventBatch, Publisher  # noqa: E402
 from vllm_shadow.adapters.ray_transport import RayActorSink  # noqa: E402
@@ -28,6 +27,14 @@ class EventCollector:
 
     def events(self) -> list:
         return [e for b in self.batches for e in b.events]
+
+
+def _named(name: str) -> bool:
+    try:
+        ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:  # no live actor holds the name
+        return False
+    return True
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +65,7 @@ def test_a_killed_actor_is_counted_and_a_restarted_one_is_found(ray_cluster) -> 
     sink = RayActorSink("shadow-b", namespace=NAMESPACE, max_in_flight=0, timeout=5)
     sink(EventBatch([RequestArrival("before", 0.0, 1)]))
     ray.kill(actor)
-    time.sleep(0.5)
+    wait_until(lambda: not _named("shadow-b"), 30, "Ray to release the killed actor's name")
     with pytest.raises(Exception):  # noqa: B017 - Ray reports a dead actor with several exception types
         sink(EventBatch([RequestArrival("lost", 0.0, 1)]))
     revived = EventCollector.options(name="shadow-b", namespace=NAMESPACE).remote()
