@@ -8,7 +8,7 @@ import math
 import pytest
 
 from tests import shadow_support as support
-from vllm_shadow.evaluation.candidates import current_policy
+from vllm_shadow.evaluation.candidates import build_candidates, current_policy
 from vllm_shadow.evaluation.evaluate import (
     LatencySummary,
     Slo,
@@ -18,6 +18,13 @@ from vllm_shadow.evaluation.evaluate import (
     solve_window_optimum,
 )
 from vllm_shadow.evaluation.results import relative_gap
+from vllm_shadow.evaluation.window import (
+    EvaluationSettings,
+    TaskOutputs,
+    assemble_evaluation,
+    evaluate_window,
+    plan_tasks,
+)
 
 OTHERS = ["vllm(max_num_seqs=2,max_num_batched_tokens=256)", "sarathi", "lightllm", "sjf", "vllm-v0"]
 
@@ -97,3 +104,44 @@ def test_request_only_windows_have_no_steps_to_compare(windows) -> None:
     fidelity = check_fidelity(blind, Slo())
     assert fidelity.steps_compared == 0 and math.isnan(fidelity.step_match_ratio)
     assert math.isnan(fidelity.gpu_error_ratio) and not math.isnan(fidelity.e2e_error_ratio)
+
+
+def test_a_window_evaluates_the_same_however_its_candidates_are_split_into_tasks(windows) -> None:
+    """The live core splits candidates across tasks, the report runs them in one: the same evaluation."""
+    window = windows["priority-kv16"][2]
+    candidates = build_candidates(window.info.scheduler)
+    one, three = (
+        evaluate_window(window, candidates, EvaluationSettings(candidate_tasks=n, optimal=False), Slo())
+        for n in (1, 3)
+    )
+    assert one.fidelity == three.fidelity and one.optimal is None
+    assert sorted(one.candidates, key=lambda o: o.label) == sorted(three.candidates, key=lambda o: o.label)
+    assert [o.label for o in one.outcomes()] == [c.label for c in candidates]  # the current one first
+    assert (one.current, one.requests, one.engine_steps) == (
+        candidates[0].label,
+        len(window.arrivals),
+        len(window.steps),
+    )
+    assert all(not o.requests for o in one.outcomes())  # per-request records only when asked for
+    kept = evaluate_window(
+        window, candidates[:2], EvaluationSettings(optimal=False, keep_requests=True), Slo()
+    )
+    own = sorted(r.request_id for r in window.arrivals)
+    assert all(sorted(r.request_id for r in o.requests) == own for o in kept.outcomes())
+
+
+def test_the_assembly_counts_what_failed_and_needs_the_self_replay(windows) -> None:
+    window = windows["fcfs-kv12"][1]
+    candidates = build_candidates(window.info.scheduler)
+    settings = EvaluationSettings(candidate_tasks=2)
+    tasks = plan_tasks(window, candidates, settings, Slo())
+    assert len(tasks.candidates) == 2 and tasks.optimal is not None
+    fidelity = tasks.fidelity.run(window)
+    chunk = tasks.candidates[0].run(window)
+    outputs = TaskOutputs(fidelity, (chunk, None), None, ("here", "here"))
+    assembled = assemble_evaluation(window, candidates, settings, outputs, 0.5)
+    assert assembled.evaluation is not None and assembled.evaluation.candidates == tuple(chunk)
+    assert assembled.candidate_failures == 1 + sum(bool(o.error) for o in chunk)
+    assert assembled.optimal_failed and assembled.evaluation.task_locations == ("here", "here")
+    lost = assemble_evaluation(window, candidates, settings, dataclasses.replace(outputs, fidelity=None), 0.5)
+    assert lost.evaluation is None

@@ -28,7 +28,7 @@ from vllm_shadow.solver.bounds import relaxation_bound
 from vllm_shadow.solver.optimal import GPU_COST, solve_optimal
 from vllm_shadow.solver.policies import Policy, parse_policy
 from vllm_shadow.solver.problem import EngineLimits, Window, WindowRequest
-from vllm_shadow.solver.records import SimResult
+from vllm_shadow.solver.records import RequestRecord, SimResult
 from vllm_shadow.solver.simulator import simulate
 from vllm_shadow.tracking.windows import TrafficWindow
 
@@ -89,6 +89,8 @@ class CandidateOutcome:
     preemptions: int = 0
     steps: int = 0
     error: str = ""
+    # The window's own requests as simulated, when the evaluation is asked to keep them (the report).
+    requests: tuple[RequestRecord, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +147,9 @@ def simulate_window(window: TrafficWindow, policy: Policy | str, *, step_space: 
     )
 
 
-def candidate_outcome(window: TrafficWindow, label: str, result: SimResult, slo: Slo) -> CandidateOutcome:
+def candidate_outcome(
+    window: TrafficWindow, label: str, result: SimResult, slo: Slo, *, keep_requests: bool = False
+) -> CandidateOutcome:
     own = {r.request_id for r in window.arrivals}
     records = [r for r in result.requests if r.request_id in own]
     latency = LatencySummary.of(
@@ -157,11 +161,12 @@ def candidate_outcome(window: TrafficWindow, label: str, result: SimResult, slo:
         latency=latency,
         preemptions=sum(r.preemptions for r in result.requests),
         steps=result.num_steps,
+        requests=tuple(records) if keep_requests else (),
     )
 
 
 def run_candidates(
-    window: TrafficWindow, policies: Sequence[Policy | str], slo: Slo
+    window: TrafficWindow, policies: Sequence[Policy | str], slo: Slo, *, keep_requests: bool = False
 ) -> list[CandidateOutcome]:
     """Simulate each policy on the window. A failing policy is reported, not raised: one bad candidate must
     not cost the window its other results."""
@@ -169,7 +174,8 @@ def run_candidates(
     for spec in policies:
         policy = parse_policy(spec)
         try:
-            out.append(candidate_outcome(window, str(policy), simulate_window(window, policy), slo))
+            result = simulate_window(window, policy)
+            out.append(candidate_outcome(window, str(policy), result, slo, keep_requests=keep_requests))
         except (ValueError, RuntimeError, AssertionError) as exc:
             out.append(CandidateOutcome(str(policy), math.nan, None, error=f"{type(exc).__name__}: {exc}"))
     return out
@@ -180,11 +186,11 @@ def _median_relative_error(pairs: Iterable[tuple[float, float]]) -> float:
     return statistics.median(errors) if errors else math.nan
 
 
-def check_fidelity(window: TrafficWindow, slo: Slo) -> Fidelity:
+def check_fidelity(window: TrafficWindow, slo: Slo, *, keep_requests: bool = False) -> Fidelity:
     """Self replay of the engine's current configuration, in step space and in time."""
     current = current_policy(window.info.scheduler)
     timed = simulate_window(window, current)
-    self_replay = candidate_outcome(window, str(current), timed, slo)
+    self_replay = candidate_outcome(window, str(current), timed, slo, keep_requests=keep_requests)
     observed = window.observed
     actual = LatencySummary.of(
         [o.ttft for o in observed.values()],

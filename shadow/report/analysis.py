@@ -3,32 +3,19 @@ needs and the live shadow does not: every window's evaluation and every simulate
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from vllm_shadow.adapters.events import EngineInfo, EngineStep, Event
 from vllm_shadow.evaluation.candidates import Candidate, build_candidates
 from vllm_shadow.evaluation.costs import engine_prior
-from vllm_shadow.evaluation.evaluate import (
-    CandidateOutcome,
-    Slo,
-    candidate_outcome,
-    check_fidelity,
-    simulate_window,
-    solve_window_optimum,
-)
 from vllm_shadow.evaluation.recommend import Goal, Verdict, recommend
 from vllm_shadow.evaluation.results import WindowEvaluation
+from vllm_shadow.evaluation.window import EvaluationSettings, evaluate_window
+from vllm_shadow.solver.records import RequestRecord
 from vllm_shadow.tracking.engine_state import EngineTracker
 from vllm_shadow.tracking.windows import TrafficWindow, WindowRules
-
-
-@dataclass(slots=True)
-class Latencies:
-    ttft: list[float] = field(default_factory=list)
-    tpot: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +24,8 @@ class StreamAnalysis:
     candidates: list[Candidate]
     windows: list[TrafficWindow]
     evaluations: list[WindowEvaluation]
-    latencies: dict[str, Latencies]  # per candidate label, over every window's own requests
+    # Per candidate label, every window's own requests as that configuration served them in simulation.
+    simulated_requests: dict[str, list[RequestRecord]]
     steps: list[EngineStep]  # the engine's own steps, as mirrored
     verdict: Verdict
 
@@ -66,59 +54,18 @@ def analyse(
     tracker.flush()
     windows = tracker.take_ready()
     candidates = build_candidates(info.scheduler)
-    latencies = {c.label: Latencies() for c in candidates}
-    evaluations = [
-        _evaluate(w, candidates, goal.slo, latencies, optimal_time_limit, optimal_max_requests)
-        for w in windows
-    ]
+    settings = EvaluationSettings(
+        candidate_tasks=1,
+        optimal_time_limit=optimal_time_limit,
+        optimal_max_requests=optimal_max_requests,
+        keep_requests=True,
+    )
+    evaluations = [evaluate_window(w, candidates, settings, goal.slo) for w in windows]
+    simulated_requests: dict[str, list[RequestRecord]] = {c.label: [] for c in candidates}
+    for evaluation in evaluations:
+        for outcome in evaluation.outcomes():
+            simulated_requests[outcome.label].extend(outcome.requests)
     # The live shadow's verdict at the end of the stream: the same recent history, the same rules.
     verdict = recommend(evaluations[-goal.history :], candidates, goal)
     steps = [e for e in events if isinstance(e, EngineStep) and e.scheduled_tokens]
-    return StreamAnalysis(info, candidates, windows, evaluations, latencies, steps, verdict)
-
-
-def _evaluate(
-    window: TrafficWindow,
-    candidates: list[Candidate],
-    slo: Slo,
-    latencies: dict[str, Latencies],
-    optimal_time_limit: float,
-    optimal_max_requests: int,
-) -> WindowEvaluation:
-    started = time.perf_counter()
-    fidelity = check_fidelity(window, slo)
-    own = {r.request_id for r in window.arrivals}
-    outcomes: list[CandidateOutcome] = []
-    for candidate in candidates:
-        try:
-            result = simulate_window(window, candidate.policy)
-        except (
-            ValueError,
-            RuntimeError,
-            AssertionError,
-        ) as exc:  # a failing candidate costs no other
-            outcomes.append(CandidateOutcome(candidate.label, math.nan, None, error=str(exc)))
-            continue
-        outcomes.append(candidate_outcome(window, candidate.label, result, slo))
-        for record in result.requests:
-            if record.request_id in own:
-                latencies[candidate.label].ttft.append(record.ttft)
-                latencies[candidate.label].tpot.append(record.tpot)
-    optimal = solve_window_optimum(window, time_limit=optimal_time_limit, max_requests=optimal_max_requests)
-    return WindowEvaluation(
-        engine=window.engine,
-        index=window.index,
-        start_time=window.start_time,
-        requests=len(window.arrivals),
-        carried=len(window.running) + len(window.waiting),
-        engine_steps=len(window.steps),
-        actual_gpu_seconds=window.actual_gpu_seconds,
-        cost_error=window.cost_error,
-        cost_samples=window.cost_samples,
-        current=candidates[0].label,
-        fidelity=fidelity,
-        candidates=tuple(outcomes[1:]),  # outcomes[0] is the current configuration: the self replay's
-        optimal=optimal,
-        evaluation_seconds=time.perf_counter() - started,
-        task_locations=("report",),
-    )
+    return StreamAnalysis(info, candidates, windows, evaluations, simulated_requests, steps, verdict)

@@ -39,7 +39,8 @@ def latency_figure(analysis: StreamAnalysis) -> bytes:
     for axis, metric, unit in ((axes[0], "ttft", "TTFT (s)"), (axes[1], "tpot", "TPOT (ms)")):
         scale = 1e3 if metric == "tpot" else 1.0
         data = [
-            [v * scale for v in getattr(analysis.latencies[label], metric) if not math.isnan(v)] or [math.nan]
+            [v * scale for r in analysis.simulated_requests[label] if not math.isnan(v := getattr(r, metric))]
+            or [math.nan]
             for label in labels
         ]
         axis.boxplot(data, vert=False, showfliers=False, widths=0.6)

@@ -142,10 +142,19 @@ class _Engine:
 
 @dataclass(slots=True)
 class _InFlight:
+    """A window's evaluation tasks, submitted: one future per task of `evaluation.window.plan_tasks`."""
+
     window: TrafficWindow
     candidates: list[Candidate]
-    futures: list[Future[TaskResult]]
+    fidelity: Future[TaskResult]
+    candidate_chunks: list[Future[TaskResult]]
+    optimal: Future[TaskResult] | None
     submitted: float  # monotonic
+
+    @property
+    def futures(self) -> list[Future[TaskResult]]:
+        optimal = [] if self.optimal is None else [self.optimal]
+        return [self.fidelity, *self.candidate_chunks, *optimal]
 
 
 class ShadowCore:
@@ -341,26 +350,22 @@ class ShadowCore:
                 window = self._queue.popleft()
                 candidates = self._candidates_for(window.info)
             # Outside the lock: putting a window into Ray's object store and submitting tasks takes time.
-            others = [c.policy for c in candidates[1:]]
+            tasks = plan_tasks(window, candidates, settings, slo)
             shared = self._runner.share(window)
-            futures = [self._runner.submit(check_fidelity, shared, slo)]
-            chunks = max(1, min(settings.candidate_tasks, len(others)))
-            for i in range(chunks):
-                futures.append(self._runner.submit(run_candidates, shared, others[i::chunks], slo))
-            if settings.optimal:
-                futures.append(
-                    self._runner.submit(
-                        solve_window_optimum,
-                        shared,
-                        time_limit=settings.optimal_time_limit,
-                        max_requests=settings.optimal_max_requests
-                        if window.index % settings.optimal_every == 0
-                        else 0,
-                        workers=settings.optimal_workers,
-                    )
-                )
+
+            def submit(task: WindowTask, shared: object = shared) -> Future[TaskResult]:
+                return self._runner.submit(task.fn, shared, *task.args, **task.kwargs)
+
+            flight = _InFlight(
+                window,
+                candidates,
+                fidelity=submit(tasks.fidelity),
+                candidate_chunks=[submit(task) for task in tasks.candidates],
+                optimal=submit(tasks.optimal) if tasks.optimal is not None else None,
+                submitted=self._monotonic(),
+            )
             with self._lock:
-                self._in_flight.append(_InFlight(window, candidates, futures, self._monotonic()))
+                self._in_flight.append(flight)
 
     def _expire_evaluations(self) -> None:
         limit = self.config.evaluation.timeout_seconds
@@ -379,7 +384,8 @@ class ShadowCore:
             done = [f for f in self._in_flight if all(fut.done() for fut in f.futures)]
             self._in_flight = [f for f in self._in_flight if f not in done]
         for flight in done:
-            evaluation, candidate_failures, optimal_failed = self._assemble(flight)
+            assembled = self._assemble(flight)
+            evaluation = assembled.evaluation
             with self._lock:
                 engine = self._engines.get(flight.window.engine)
                 if engine is None:
