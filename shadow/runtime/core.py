@@ -29,19 +29,20 @@ from vllm_shadow.adapters.events import EngineInfo, EngineStep, Event, RequestAr
 from vllm_shadow.adapters.publisher import EventBatch
 from vllm_shadow.evaluation.candidates import Candidate, SearchSpace, build_candidates
 from vllm_shadow.evaluation.costs import engine_prior
-from vllm_shadow.evaluation.evaluate import (
-    CandidateOutcome,
-    Fidelity,
-    OptimalOutcome,
-    check_fidelity,
-    run_candidates,
-    solve_window_optimum,
-)
 from vllm_shadow.evaluation.recommend import Goal, Verdict, recommend
 from vllm_shadow.evaluation.results import WindowEvaluation
+from vllm_shadow.evaluation.window import (
+    AssembledEvaluation,
+    EvaluationSettings,
+    TaskOutputs,
+    WindowTask,
+    assemble_evaluation,
+    plan_tasks,
+)
 from vllm_shadow.readout.snapshot import EngineSnapshot, Histogram, ShadowSnapshot
 from vllm_shadow.runtime.tasks import TaskResult, TaskRunner
-from vllm_shadow.tracking.engine_state import ENGINE_RESTART, EngineTracker, TrackerLimits
+from vllm_shadow.tracking.engine_state import EngineTracker, TrackerLimits
+from vllm_shadow.tracking.reasons import SkipReason, UnattributedReason
 from vllm_shadow.tracking.request_only import RequestOnlyTracker
 from vllm_shadow.tracking.sequencing import Sequencer, SequenceStats
 from vllm_shadow.tracking.windows import EngineKey, TrafficWindow, WindowRules
@@ -49,35 +50,6 @@ from vllm_shadow.tracking.windows import EngineKey, TrafficWindow, WindowRules
 logger = logging.getLogger(__name__)
 
 STEPS, REQUESTS = "steps", "requests"
-# Skip reasons of the evaluation stage (the trackers have their own).
-EVALUATION_BACKLOG = "evaluation_backlog"
-EVALUATION_TIMEOUT = "evaluation_timeout"
-EVALUATION_ERROR = "evaluation_error"
-SUPERSEDED = "superseded"
-# Reasons for events that reach no engine.
-NO_ENGINE_INFO = "no_engine_info"
-DUPLICATE_SOURCE = "duplicate_source"
-
-
-@dataclass(frozen=True, slots=True)
-class EvaluationSettings:
-    candidate_tasks: int = 2  # tasks the candidates of one window are split into
-    optimal: bool = True
-    optimal_time_limit: float = 5.0
-    optimal_max_requests: int = 64  # larger windows get the relaxation bound only
-    # CP-SAT on every k-th window of an engine, the relaxation bound on the others: a solve costs up to its
-    # time limit of CPU, which at many engines is more than all the simulations together.
-    optimal_every: int = 1
-    optimal_workers: int = 1
-    timeout_seconds: float = 60.0  # a window whose tasks take longer is cancelled and counted
-    max_in_flight: int = 4  # windows evaluating at once
-    max_queued: int = 64  # windows waiting to be evaluated; beyond this the oldest is dropped
-
-    def __post_init__(self) -> None:
-        if min(self.candidate_tasks, self.max_in_flight, self.max_queued, self.optimal_every) < 1:
-            raise ValueError(f"evaluation bounds must be >= 1: {self}")
-        if self.timeout_seconds <= 0 or self.optimal_time_limit <= 0:
-            raise ValueError("time limits must be positive")
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,18 +193,18 @@ class ShadowCore:
             self._announce(source, event)
             return
         if source.ignored:
-            self._unattributed[DUPLICATE_SOURCE] += 1
+            self._unattributed[UnattributedReason.DUPLICATE_SOURCE] += 1
             return
         if source.info is None:
             if self.config.assumed_engine is None:
-                self._unattributed[NO_ENGINE_INFO] += 1
+                self._unattributed[UnattributedReason.NO_ENGINE_INFO] += 1
                 return
             source.info = self.config.assumed_engine
         if source.engine is None:
             reports_finished = isinstance(event, RequestArrival) and event.output_tokens is not None
             self._attach(source, REQUESTS if reports_finished else STEPS)
             if source.engine is None:
-                self._unattributed[DUPLICATE_SOURCE] += 1
+                self._unattributed[UnattributedReason.DUPLICATE_SOURCE] += 1
                 return
         source.engine.tracker.apply(event)
 
@@ -240,7 +212,7 @@ class ShadowCore:
         if source.info == info:
             return  # announced again
         if source.engine is not None:  # the same sender, a different engine: it was restarted in place
-            source.engine.tracker.abandon(ENGINE_RESTART)
+            source.engine.tracker.abandon(SkipReason.ENGINE_RESTART)
             source.engine.restarts += 1
             source.engine.source = ""  # re-attached below, on its next event
             source.engine = None
@@ -256,13 +228,17 @@ class ShadowCore:
             if existing.mode == STEPS and mode == REQUESTS:
                 source.ignored = True  # the mirror sees more; this sender only reports finished requests
                 return
-            reason = SUPERSEDED if existing.mode == REQUESTS and mode == STEPS else ENGINE_RESTART
-            restarted = reason == ENGINE_RESTART
+            reason = (
+                SkipReason.SUPERSEDED
+                if existing.mode == REQUESTS and mode == STEPS
+                else SkipReason.ENGINE_RESTART
+            )
+            restarted = reason == SkipReason.ENGINE_RESTART
             existing.tracker.abandon(reason)
             stale = self._sources.get(existing.source)
             if stale is not None:
                 stale.engine = None
-                stale.ignored = reason == SUPERSEDED
+                stale.ignored = reason == SkipReason.SUPERSEDED
         tracker_cls = EngineTracker if mode == STEPS else RequestOnlyTracker
         prior, prior_source = engine_prior(source.info, self.config.hardware)
         tracker = tracker_cls(
@@ -333,9 +309,9 @@ class ShadowCore:
             self._queue.append(window)
         while len(self._queue) > self.config.evaluation.max_queued:
             dropped = self._queue.popleft()
-            self._engine_skip(dropped.engine, EVALUATION_BACKLOG)
+            self._engine_skip(dropped.engine, SkipReason.EVALUATION_BACKLOG)
 
-    def _engine_skip(self, key: EngineKey, reason: str) -> None:
+    def _engine_skip(self, key: EngineKey, reason: SkipReason) -> None:
         engine = self._engines.get(key)
         if engine is not None:
             engine.skipped[reason] += 1
@@ -374,7 +350,7 @@ class ShadowCore:
             late = [f for f in self._in_flight if now - f.submitted > limit]
             self._in_flight = [f for f in self._in_flight if f not in late]
             for flight in late:
-                self._engine_skip(flight.window.engine, EVALUATION_TIMEOUT)
+                self._engine_skip(flight.window.engine, SkipReason.EVALUATION_TIMEOUT)
         for flight in late:
             for future in flight.futures:
                 self._runner.cancel(future)
@@ -391,55 +367,41 @@ class ShadowCore:
                 if engine is None:
                     continue
                 if evaluation is None:
-                    engine.skipped[EVALUATION_ERROR] += 1
+                    engine.skipped[SkipReason.EVALUATION_ERROR] += 1
                     continue
-                engine.candidate_failures += candidate_failures
-                engine.optimal_failures += optimal_failed
+                engine.candidate_failures += assembled.candidate_failures
+                engine.optimal_failures += assembled.optimal_failed
                 self._record(engine, evaluation)
 
-    def _assemble(self, flight: _InFlight) -> tuple[WindowEvaluation | None, int, bool]:
-        """The window's evaluation from its tasks' results; None if the self replay failed."""
-        settings = self.config.evaluation
-        results: list[TaskResult | None] = []
-        for future in flight.futures:
-            try:
-                results.append(future.result(timeout=0))
-            except Exception:  # a task's failure is the window's, never the shadow's
-                logger.exception(
-                    "evaluation task failed for %s window %d", flight.window.engine, flight.window.index
-                )
-                results.append(None)
-        fidelity_result = results[0]
-        if fidelity_result is None:
-            return None, 0, False
-        fidelity: Fidelity = fidelity_result.value
-        optimal_result = results[-1] if settings.optimal else None
-        candidate_results = results[1:-1] if settings.optimal else results[1:]
-        outcomes: list[CandidateOutcome] = []
-        for result in candidate_results:
-            if result is not None:
-                outcomes.extend(result.value)
-        failures = sum(bool(o.error) for o in outcomes) + sum(r is None for r in candidate_results)
-        optimal: OptimalOutcome | None = optimal_result.value if optimal_result is not None else None
-        window = flight.window
-        evaluation = WindowEvaluation(
-            engine=window.engine,
-            index=window.index,
-            start_time=window.start_time,
-            requests=len(window.arrivals),
-            carried=len(window.running) + len(window.waiting),
-            engine_steps=len(window.steps),
-            actual_gpu_seconds=window.actual_gpu_seconds,
-            cost_error=window.cost_error,
-            cost_samples=window.cost_samples,
-            current=flight.candidates[0].label,
-            fidelity=fidelity,
-            candidates=tuple(outcomes),
-            optimal=optimal,
-            evaluation_seconds=self._monotonic() - flight.submitted,
-            task_locations=tuple(r.location for r in results if r is not None),
+    def _assemble(self, flight: _InFlight) -> AssembledEvaluation:
+        """The window's evaluation from its tasks' results (none if the self replay failed)."""
+        fidelity = self._task_result(flight, flight.fidelity)
+        chunks = [self._task_result(flight, future) for future in flight.candidate_chunks]
+        optimal = self._task_result(flight, flight.optimal) if flight.optimal is not None else None
+        returned = [r for r in (fidelity, *chunks, optimal) if r is not None]
+        outputs = TaskOutputs(
+            fidelity=fidelity.value if fidelity is not None else None,
+            candidates=tuple(r.value if r is not None else None for r in chunks),
+            optimal=optimal.value if optimal is not None else None,
+            locations=tuple(r.location for r in returned),
         )
-        return evaluation, failures, settings.optimal and optimal is None
+        return assemble_evaluation(
+            flight.window,
+            flight.candidates,
+            self.config.evaluation,
+            outputs,
+            self._monotonic() - flight.submitted,
+        )
+
+    @staticmethod
+    def _task_result(flight: _InFlight, future: Future[TaskResult]) -> TaskResult | None:
+        try:
+            return future.result(timeout=0)
+        except Exception:  # a task's failure is the window's, never the shadow's
+            logger.exception(
+                "evaluation task failed for %s window %d", flight.window.engine, flight.window.index
+            )
+            return None
 
     def _record(self, engine: _Engine, evaluation: WindowEvaluation) -> None:
         engine.evaluated += 1
