@@ -12,18 +12,9 @@ from tests.waiting import ManualClock, drain
 from vllm_shadow.adapters.events import EngineInfo, RequestArrival, RequestFinish
 from vllm_shadow.adapters.publisher import EventBatch
 from vllm_shadow.evaluation.recommend import Goal
-from vllm_shadow.runtime.core import (
-    DUPLICATE_SOURCE,
-    EVALUATION_BACKLOG,
-    EVALUATION_ERROR,
-    EVALUATION_TIMEOUT,
-    NO_ENGINE_INFO,
-    EvaluationSettings,
-    ShadowConfig,
-    ShadowCore,
-)
+from vllm_shadow.runtime.core import EvaluationSettings, ShadowConfig, ShadowCore
 from vllm_shadow.runtime.tasks import LocalTasks
-from vllm_shadow.tracking.engine_state import ENGINE_RESTART, LOST_EVENTS
+from vllm_shadow.tracking.reasons import SkipReason, UnattributedReason
 from vllm_shadow.tracking.windows import WindowRules
 
 FAST = EvaluationSettings(optimal_time_limit=0.5, optimal_max_requests=24)
@@ -97,7 +88,7 @@ def test_a_lost_batch_is_counted_and_only_the_windows_it_touches_are_skipped() -
     drain(core)
     (engine,) = core.snapshot().engines
     assert engine.sequence.lost_batches == 1
-    assert engine.windows_skipped.get(LOST_EVENTS, 0) >= 1
+    assert engine.windows_skipped.get(SkipReason.LOST_EVENTS, 0) >= 1
     assert engine.windows_evaluated >= 2
     assert engine.last.fidelity.step_match_ratio == 1.0
 
@@ -129,7 +120,7 @@ def test_an_engine_restarted_mid_run_is_counted_and_tracked_afresh() -> None:
     (engine,) = core.snapshot().engines
     assert engine.restarts == 1 and engine.source == "host:restarted"
     assert engine.tracker.requests_abandoned == live
-    assert engine.windows_skipped.get(ENGINE_RESTART, 0) >= 1
+    assert engine.windows_skipped.get(SkipReason.ENGINE_RESTART, 0) >= 1
     assert engine.windows_evaluated >= 5 and engine.last.fidelity.step_match_ratio == 1.0
 
 
@@ -143,14 +134,14 @@ def test_a_request_only_sender_beside_the_mirror_is_ignored_and_counted() -> Non
     core.ingest(EventBatch(reports, "stat-logger", 0))
     snapshot = core.snapshot()
     assert len(snapshot.engines) == 1 and snapshot.engines[0].mode == "steps"
-    assert snapshot.unattributed_drops[DUPLICATE_SOURCE] == 2
+    assert snapshot.unattributed_drops[UnattributedReason.DUPLICATE_SOURCE] == 2
 
 
 def test_events_from_a_sender_that_never_announced_its_engine_are_counted() -> None:
     core = ShadowCore(config(), LocalTasks())
     core.ingest(EventBatch([RequestArrival("x", 0.0, 10)], "anonymous", 0))
     snapshot = core.snapshot()
-    assert snapshot.engines == () and snapshot.unattributed_drops == {NO_ENGINE_INFO: 1}
+    assert snapshot.engines == () and snapshot.unattributed_drops == {UnattributedReason.NO_ENGINE_INFO: 1}
 
 
 def test_windows_beyond_the_evaluation_queue_are_dropped_and_counted() -> None:
@@ -159,7 +150,7 @@ def test_windows_beyond_the_evaluation_queue_are_dropped_and_counted() -> None:
         core.ingest(batch)
     drain(core)
     (engine,) = core.snapshot().engines
-    dropped = engine.windows_skipped[EVALUATION_BACKLOG]
+    dropped = engine.windows_skipped[SkipReason.EVALUATION_BACKLOG]
     assert dropped > 0 and engine.windows_evaluated + dropped == engine.tracker.windows_ready
 
 
@@ -169,7 +160,7 @@ def test_an_evaluation_past_its_time_limit_is_given_up_and_counted() -> None:
         core.ingest(batch)
     drain(core)
     (engine,) = core.snapshot().engines
-    assert engine.windows_skipped[EVALUATION_TIMEOUT] == engine.tracker.windows_ready
+    assert engine.windows_skipped[SkipReason.EVALUATION_TIMEOUT] == engine.tracker.windows_ready
     assert engine.windows_evaluated == 0
 
 
@@ -184,7 +175,7 @@ def test_a_window_the_simulator_cannot_replay_is_an_evaluation_error_not_a_crash
         core.ingest(batch)
     drain(core)
     (engine,) = core.snapshot().engines
-    assert engine.windows_skipped[EVALUATION_ERROR] >= 1
+    assert engine.windows_skipped[SkipReason.EVALUATION_ERROR] >= 1
 
 
 def test_cp_sat_runs_on_every_k_th_window_and_the_bound_on_all() -> None:

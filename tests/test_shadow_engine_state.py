@@ -22,15 +22,8 @@ from vllm_shadow.adapters.events import (
 )
 from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.evaluation.evaluate import Slo, check_fidelity
-from vllm_shadow.tracking.engine_state import (
-    BACKLOG,
-    ENGINE_SILENT,
-    LOST_EVENTS,
-    REQUEST_TIMEOUT,
-    TOO_LARGE,
-    EngineTracker,
-    TrackerLimits,
-)
+from vllm_shadow.tracking.engine_state import EngineTracker, TrackerLimits
+from vllm_shadow.tracking.reasons import SkipReason
 from vllm_shadow.tracking.windows import WindowRules
 
 
@@ -103,7 +96,7 @@ def test_lost_events_skip_the_windows_that_depend_on_them_then_tracking_recovers
     whole = support.windows("fcfs-kv12", 0.25)
     tracker = support.tracker(support.info_of(stream), 0.25)
     windows = _replay_with(stream, tracker, cut, lambda t: t.lost_events())
-    assert tracker.stats.windows_skipped[LOST_EVENTS] >= 1
+    assert tracker.stats.windows_skipped[SkipReason.LOST_EVENTS] >= 1
     assert 0 < len(windows) < len(whole)
     assert all(check_fidelity(w, Slo()).step_match_ratio == 1.0 for w in windows)
     assert any(w.steps[0].step > steps_before_cut for w in windows), "tracking never recovered"
@@ -118,7 +111,7 @@ def test_an_arrival_that_never_came_taints_the_state_until_its_request_is_gone()
         tracker.apply(event)
     tracker.flush()
     windows = tracker.take_ready()
-    assert tracker.stats.unknown_requests == 1 and tracker.stats.windows_skipped[LOST_EVENTS] >= 1
+    assert tracker.stats.unknown_requests == 1 and tracker.stats.windows_skipped[SkipReason.LOST_EVENTS] >= 1
     assert victim.request_id not in {r.request.request_id for w in windows for r in w.running}
     assert all(check_fidelity(w, Slo()).step_match_ratio == 1.0 for w in windows)
     assert windows and tracker.live_requests == 0
@@ -155,7 +148,7 @@ def test_a_request_that_makes_no_progress_is_given_up_and_its_windows_are_skippe
         t.apply(EngineStep(i, float(i), 0.5, {"busy": 1}))
         t.expire()
     assert t.stats.requests_timed_out == 1
-    assert t.stats.windows_skipped[REQUEST_TIMEOUT] >= 1
+    assert t.stats.windows_skipped[SkipReason.REQUEST_TIMEOUT] >= 1
     assert t.live_requests == 2  # "queued" waits as long as it takes: only running requests stall
     t.apply(EngineStep(60, 60.0, 0.5, {"busy": 1}, finished=("busy",)))
     t.apply(EngineStep(61, 61.0, 0.5, {"queued": 10}, finished=("queued",)))
@@ -189,7 +182,7 @@ def test_a_silent_engine_s_live_requests_are_abandoned() -> None:
     clock.now += 61
     t.expire()
     assert t.live_requests == 0 and t.stats.requests_abandoned == live
-    assert t.stats.windows_skipped[ENGINE_SILENT] >= 1
+    assert t.stats.windows_skipped[SkipReason.ENGINE_SILENT] >= 1
 
 
 def test_closed_windows_beyond_the_bound_are_dropped_oldest_first_and_counted() -> None:
@@ -200,8 +193,8 @@ def test_closed_windows_beyond_the_bound_are_dropped_oldest_first_and_counted() 
         assert t.pending_windows <= 3  # two closed, one open
     t.flush()
     ready = t.take_ready()
-    assert t.stats.windows_skipped[BACKLOG] > 0
-    assert len(ready) + t.stats.windows_skipped[BACKLOG] == t.stats.windows_closed
+    assert t.stats.windows_skipped[SkipReason.BACKLOG] > 0
+    assert len(ready) + t.stats.windows_skipped[SkipReason.BACKLOG] == t.stats.windows_closed
     assert all(check_fidelity(w, Slo()).step_match_ratio == 1.0 for w in ready)
 
 
@@ -274,7 +267,7 @@ def test_an_engine_holding_more_than_a_window_may_gets_time_marking_windows_coun
         t.apply(event)
     t.flush()
     ready = t.take_ready()
-    skipped = t.stats.windows_skipped[TOO_LARGE]
+    skipped = t.stats.windows_skipped[SkipReason.TOO_LARGE]
     assert skipped > 0 and ready
     assert all(w.num_requests <= 4 + len(w.arrivals) for w in ready)
     assert all(check_fidelity(w, Slo()).step_match_ratio == 1.0 for w in ready)

@@ -21,7 +21,8 @@ from vllm_shadow.adapters.vllm.engine_run import EngineSetup, drive, start_engin
 from vllm_shadow.runtime.core import EvaluationSettings, ShadowConfig
 from vllm_shadow.runtime.service import ServiceConfig, ShadowService
 from vllm_shadow.runtime.tasks import LocalTasks
-from vllm_shadow.tracking.engine_state import ENGINE_SILENT, TrackerLimits
+from vllm_shadow.tracking.engine_state import TrackerLimits
+from vllm_shadow.tracking.reasons import SkipReason
 from vllm_shadow.tracking.windows import WindowRules
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -134,4 +135,5 @@ def test_requests_in_flight_when_the_engine_dies_are_counted_once_it_falls_silen
     )
     after = service.snapshot().engines[0]
     assert after.live_requests == 0
-    assert after.windows_skipped.get(ENGINE_SILENT, 0) == before.windows_skipped.get(ENGINE_SILENT, 0) + 1
+    silent = SkipReason.ENGINE_SILENT
+    assert after.windows_skipped.get(silent, 0) == before.windows_skipped.get(silent, 0) + 1

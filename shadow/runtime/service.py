@@ -28,6 +28,7 @@ from vllm_shadow.readout.exporter import MetricsServer
 from vllm_shadow.readout.snapshot import ShadowSnapshot
 from vllm_shadow.runtime.core import ShadowConfig, ShadowCore
 from vllm_shadow.runtime.tasks import TaskRunner
+from vllm_shadow.tracking.reasons import RefusalReason
 
 logger = logging.getLogger(__name__)
 
@@ -143,17 +144,17 @@ class ShadowService:
         if self._grpc is not None:
             s = self._grpc.stats
             out["grpc"] = {
-                "malformed": s.refused_malformed,
-                "oversized": s.refused_oversized,
-                "unauthenticated": s.refused_unauthenticated,
-                "sink_failure": s.sink_failures,
+                RefusalReason.MALFORMED: s.refused_malformed,
+                RefusalReason.OVERSIZED: s.refused_oversized,
+                RefusalReason.UNAUTHENTICATED: s.refused_unauthenticated,
+                RefusalReason.SINK_FAILURE: s.sink_failures,
             }
         if self._otlp is not None:
             s = self._otlp.stats
             out["otlp"] = {
-                "malformed": s.refused_malformed,
-                "sink_failure": s.sink_failures,
-                "incomplete_span": s.incomplete_spans,
+                RefusalReason.MALFORMED: s.refused_malformed,
+                RefusalReason.SINK_FAILURE: s.sink_failures,
+                RefusalReason.INCOMPLETE_SPAN: s.incomplete_spans,
             }
         return out
 

@@ -22,15 +22,8 @@ from dataclasses import dataclass, field
 from vllm_shadow.adapters.events import EngineInfo, EngineStep, Event, RequestArrival, RequestFinish
 from vllm_shadow.costmodel.linear import LinearCostModel, OnlineCalibrator
 from vllm_shadow.solver.simulator import RunningRequest
+from vllm_shadow.tracking.reasons import SkipReason
 from vllm_shadow.tracking.windows import EngineKey, ObservedRequest, TrafficWindow, WindowRules
-
-# Why a window was not evaluated (the `reason` label of the skipped-windows counter).
-LOST_EVENTS = "lost_events"
-REQUEST_TIMEOUT = "request_timeout"
-ENGINE_SILENT = "engine_silent"
-ENGINE_RESTART = "engine_restart"
-BACKLOG = "backlog"
-TOO_LARGE = "too_large"
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,14 +210,15 @@ class EngineTracker:
 
     def lost_events(self) -> None:
         """Events were lost just before the next one: nothing tracked so far can be trusted."""
-        self._taint_all(LOST_EVENTS)
+        self._taint_all(SkipReason.LOST_EVENTS)
 
     def _arrival(self, event: RequestArrival) -> None:
         if event.request_id in self._requests:
             return  # announced twice (a resent batch): the first one counts
         if len(self._requests) >= self.limits.max_live_requests:
             self.stats.requests_rejected += 1
-            self._taint_all(LOST_EVENTS)  # the engine now holds a request we do not: the state is unknown
+            # The engine now holds a request we do not: the state is unknown.
+            self._taint_all(SkipReason.LOST_EVENTS)
             return
         self._ensure_open()
         request = _Request(event, self.stats.steps, self._engine_now())
@@ -260,7 +254,7 @@ class EngineTracker:
             if request_id not in requests:
                 # Its arrival was lost: from here on, what the engine holds is not what we hold.
                 self.stats.unknown_requests += 1
-                self._taint_all(LOST_EVENTS)
+                self._taint_all(SkipReason.LOST_EVENTS)
                 placeholder = _Request(RequestArrival(request_id, step.start_time, 1), -1, end, tainted=True)
                 requests[request_id] = placeholder
                 self._running.append(request_id)
@@ -399,7 +393,7 @@ class EngineTracker:
         window, self._open = self._open, None
         assert window is not None
         if window.too_large:
-            self._drop(window, TOO_LARGE)
+            self._drop(window, SkipReason.TOO_LARGE)
             return
         if not window.own and not window.steps:
             self._unref(window)
@@ -409,7 +403,7 @@ class EngineTracker:
         self.stats.windows_closed += 1
         self._closed.append(window)
         while len(self._closed) > self.limits.max_pending_windows:
-            self._drop(self._closed.popleft(), BACKLOG)
+            self._drop(self._closed.popleft(), SkipReason.BACKLOG)
         self._release_ready()
 
     def _release_ready(self) -> None:
@@ -419,7 +413,7 @@ class EngineTracker:
             self.stats.windows_ready += 1
             self._unref(window)
 
-    def _drop(self, window: _Window, reason: str) -> None:
+    def _drop(self, window: _Window, reason: SkipReason) -> None:
         if window.traffic:  # a window that saw no traffic is no loss
             self.stats.windows_skipped[reason] += 1
         self._unref(window)
@@ -495,7 +489,7 @@ class EngineTracker:
         """Give up on stalled requests (engine clock) and on a silent engine's live state (shadow clock)."""
         if self.live_requests and self._clock() - self.last_event_at > self.limits.engine_silence_seconds:
             self.stats.requests_abandoned += self.live_requests - self._tainted_live
-            self._discard_live(ENGINE_SILENT)
+            self._discard_live(SkipReason.ENGINE_SILENT)
             return
         now = self._engine_now()
         deadline = now - self.limits.request_stall_seconds
@@ -504,11 +498,11 @@ class EngineTracker:
             self.stats.requests_timed_out += sum(not self._requests[r].tainted for r in stalled)
             gone = set(stalled)
             self._running = [r for r in self._running if r not in gone]
-            self._drop_windows_with(gone, REQUEST_TIMEOUT)
+            self._drop_windows_with(gone, SkipReason.REQUEST_TIMEOUT)
             for request_id in stalled:
                 self._give_up(self._requests[request_id])
 
-    def abandon(self, reason: str = ENGINE_RESTART) -> None:
+    def abandon(self, reason: SkipReason = SkipReason.ENGINE_RESTART) -> None:
         """The engine is gone (restarted): count its live requests and drop every window that waits on them."""
         self.stats.requests_abandoned += self.live_requests - self._tainted_live
         self._discard_live(reason)
@@ -516,7 +510,7 @@ class EngineTracker:
             window, self._open = self._open, None
             self._drop(window, reason)
 
-    def _discard_live(self, reason: str) -> None:
+    def _discard_live(self, reason: SkipReason) -> None:
         live = set(self._running) | set(self._waiting)
         self._running, self._waiting = [], deque()
         self._drop_windows_with(live, reason)
@@ -530,7 +524,7 @@ class EngineTracker:
         request.tainted = False
         self._forget(request)
 
-    def _drop_windows_with(self, request_ids: set[str], reason: str) -> None:
+    def _drop_windows_with(self, request_ids: set[str], reason: SkipReason) -> None:
         kept = deque()
         for window in self._closed:
             if window.pending & request_ids:
@@ -543,7 +537,7 @@ class EngineTracker:
             self._drop(window, reason)
         self._release_ready()
 
-    def _taint_all(self, reason: str) -> None:
+    def _taint_all(self, reason: SkipReason) -> None:
         for window in self._closed:
             self._drop(window, reason)
         self._closed.clear()

@@ -15,13 +15,8 @@ from collections.abc import Callable
 
 from vllm_shadow.adapters.events import EngineInfo, Event, RequestArrival, RequestFinish
 from vllm_shadow.costmodel.linear import LinearCostModel, OnlineCalibrator
-from vllm_shadow.tracking.engine_state import (
-    DEFAULT_LIMITS,
-    ENGINE_RESTART,
-    LOST_EVENTS,
-    TrackerLimits,
-    TrackerStats,
-)
+from vllm_shadow.tracking.engine_state import DEFAULT_LIMITS, TrackerLimits, TrackerStats
+from vllm_shadow.tracking.reasons import SkipReason
 from vllm_shadow.tracking.windows import EngineKey, ObservedRequest, TrafficWindow, WindowRules
 
 DEFAULT_SECONDS = 10.0  # when the rules only count requests: arrival order is unknown until finishes arrive
@@ -162,7 +157,7 @@ class RequestOnlyTracker:
 
     def lost_events(self) -> None:
         if self._done:  # the windows being filled now are missing requests we will never see
-            self.stats.windows_skipped[LOST_EVENTS] += 1
+            self.stats.windows_skipped[SkipReason.LOST_EVENTS] += 1
             self._emitted_until = max(a.time for a, _ in self._done)
             self._done = []
 
@@ -181,7 +176,7 @@ class RequestOnlyTracker:
             del self._arrivals[request_id]
         self.stats.requests_timed_out += len(stale)
 
-    def abandon(self, reason: str = ENGINE_RESTART) -> None:
+    def abandon(self, reason: SkipReason = SkipReason.ENGINE_RESTART) -> None:
         self.stats.requests_abandoned += len(self._arrivals)
         self._arrivals.clear()
         if self._done:
