@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vllm_shadow.tracking.reasons import SkipReason
+
 ENGINE = "model_name, engine"
-# Candidates vLLM can run by changing flags are the `vllm(...)` policies (shadow.candidates). `[(]` matches a
-# parenthesis without a backslash, which would need escaping differently in YAML, JSON and PromQL strings.
+# Candidates vLLM can run by changing flags are the `vllm(...)` policies (vllm_shadow.evaluation.candidates).
+# `[(]` matches a parenthesis without a backslash, which would need escaping differently in YAML, JSON and
+# PromQL strings.
 ACTIONABLE = 'candidate=~"vllm[(].*"'
 
 
@@ -133,16 +136,16 @@ def lost_rate(s: Scope) -> str:
 
 
 def backlog_skip_rate(s: Scope) -> str:
-    """Windows the evaluation stage gave up on (queue full, time-out) per second."""
-    skipped = s.s("windows_skipped_total", 'reason=~"evaluation_backlog|evaluation_timeout"')
-    # A reason's series appears with its first skip: until then the rate is 0 for every evaluated engine.
-    evaluated = f"sum by ({ENGINE}) ({s.rate(s.s('windows_evaluated_total'))})"
-    return f"sum by ({ENGINE}) ({s.rate(skipped)}) or on({ENGINE}) 0 * {evaluated}"
+    """Windows the evaluation stage gave up on (queue full, time-out) per second. The exporter emits every
+    skip reason from the start, so this is 0, not absent, for an engine that never skipped."""
+    given_up = "|".join((SkipReason.EVALUATION_BACKLOG, SkipReason.EVALUATION_TIMEOUT))
+    skipped = s.s("windows_skipped_total", f'reason=~"{given_up}"')
+    return f"sum by ({ENGINE}) ({s.rate(skipped)})"
 
 
 def evaluation_mean_seconds(s: Scope) -> str:
     """Mean wall time to evaluate a window. Directly scraped it is a histogram (`_sum`, `_count`); through Ray
-    it is two counters (`evaluation_seconds_total`, `evaluations_total`, see shadow.ray_metrics): the name
+    it is two counters (`evaluation_seconds_total`, `evaluations_total`, see vllm_shadow.readout.ray_metrics): the name
     regexes take whichever exists, so one expression serves both."""
     total = _named(f"{s.shadow}evaluation_seconds_(sum|total)", s.selector)
     count = _named(f"{s.shadow}(evaluation_seconds_count|evaluations_total)", s.selector)

@@ -1,14 +1,18 @@
-"""The checked-in dashboards are what the generator writes, and hold together as Grafana dashboards."""
+"""The checked-in dashboards are what the generator writes, and hold together as Grafana dashboards; every
+shadow metric a dashboard or rule names is one the metric table declares."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
+from pathlib import Path
 
 import pytest
 
 from deploy import generate
 from deploy.generate import DASHBOARD_DIR, DASHBOARDS
+from vllm_shadow.readout import metric_table
 
 BOARDS = sorted(DASHBOARDS)
 
@@ -75,3 +79,75 @@ def test_the_vllm_joins_are_on_model_name_and_engine() -> None:
     joins = [t["expr"] for _, t in targets(load("vllm-shadow-engine.json")) if "${vllm}" in t["expr"]]
     assert len(joins) >= 4
     assert any("${metrics}" in expr and "on(model_name, engine)" in expr for expr in joins)
+
+
+# ---- every metric named is declared ------------------------------------------------------------------------------
+
+# A shadow series name after its prefix: word characters, and the `(a|b)` alternations of a `__name__=~` regex.
+_NAME = r"((?:\w|\([\w|]+\))+)"
+_VARIABLE = re.compile(r"\$\{metrics\}" + _NAME)  # a dashboard's, for either scrape
+_LITERAL = re.compile(r"(?<![\w:$])(ray_)?vllm_shadow_" + _NAME)  # a rule file's (never a recorded `x:y:z`)
+PROMETHEUS = metric_table.prometheus_series()
+RAY = metric_table.ray_series()
+
+
+def _expand(pattern: str) -> list[str]:
+    """`a_(b|c)` -> [`a_b`, `a_c`]."""
+    parts = re.split(r"\(([\w|]+)\)", pattern)
+    options = [part.split("|") if i % 2 else [part] for i, part in enumerate(parts)]
+    return ["".join(choice) for choice in itertools.product(*options)]
+
+
+def undeclared(text: str) -> list[str]:
+    """The shadow series `text` names that the table does not declare. A `${metrics}` name serves both scrapes,
+    so it must exist directly and through Ray (an alternation in at least one of its forms, and each of its
+    alternatives in one scrape or the other); a literal name must exist in its own scrape."""
+    bad = []
+    for pattern in _VARIABLE.findall(text):
+        names = _expand(pattern)
+        if not any("vllm_shadow_" + n in PROMETHEUS for n in names):
+            bad.append("vllm_shadow_" + pattern)
+        if not any("ray_vllm_shadow_" + n in RAY for n in names):
+            bad.append("ray_vllm_shadow_" + pattern)
+        bad += [
+            n for n in names if "vllm_shadow_" + n not in PROMETHEUS and "ray_vllm_shadow_" + n not in RAY
+        ]
+    for ray, pattern in _LITERAL.findall(text):
+        declared = RAY if ray else PROMETHEUS
+        bad += [f"{ray}vllm_shadow_{n}" for n in _expand(pattern) if f"{ray}vllm_shadow_{n}" not in declared]
+    return bad
+
+
+def generated_and_tested_files() -> dict[Path, str]:
+    files = generate.generated()
+    tests = generate.ROOT / "prometheus" / "tests" / "vllm-shadow.test.yml"
+    return files | {tests: tests.read_text()}
+
+
+@pytest.mark.parametrize("path", sorted(generated_and_tested_files()), ids=lambda p: p.name)
+def test_every_shadow_metric_a_dashboard_or_rule_names_is_declared(path: Path) -> None:
+    text = generated_and_tested_files()[path]
+    assert _VARIABLE.search(text) or _LITERAL.search(text), "no shadow metric found: the patterns are stale"
+    assert undeclared(text) == []
+
+
+def test_an_undeclared_name_is_caught_in_either_form() -> None:
+    assert undeclared("rate(${metrics}windows_skipped_total[5m])") == []
+    assert undeclared('{__name__=~"${metrics}evaluation_seconds_(sum|total)"}') == []
+    assert undeclared("${metrics}windows_dropped_total") == [
+        "vllm_shadow_windows_dropped_total",
+        "ray_vllm_shadow_windows_dropped_total",
+        "windows_dropped_total",
+    ]
+    # The histogram's `_sum` exists only directly: a dashboard naming it alone breaks the Ray form.
+    assert undeclared("${metrics}evaluation_seconds_sum") == ["ray_vllm_shadow_evaluation_seconds_sum"]
+    # An alternation must find its series in both forms, and each alternative must exist in one of them.
+    assert undeclared('{__name__=~"${metrics}evaluation_seconds_(sum|mean)"}') == [
+        "ray_vllm_shadow_evaluation_seconds_(sum|mean)",
+        "evaluation_seconds_mean",
+    ]
+    assert undeclared("ray_vllm_shadow_evaluation_seconds_count > vllm_shadow_evaluations_total") == [
+        "ray_vllm_shadow_evaluation_seconds_count",
+        "vllm_shadow_evaluations_total",
+    ]
+    assert undeclared("engine:vllm_shadow_gpu_gap_best:ratio_rate30m") == []  # a recorded series, not ours

@@ -10,6 +10,7 @@ import subprocess
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -18,10 +19,13 @@ from tests import shadow_support as support
 from tests.waiting import drain, wait_until
 from vllm_shadow.adapters.events import EngineStep, RequestFinish
 from vllm_shadow.evaluation.recommend import Goal
+from vllm_shadow.readout import metric_table, ray_metrics
 from vllm_shadow.readout.exporter import MetricsServer, exposition
+from vllm_shadow.readout.metrics import metric_families
 from vllm_shadow.readout.snapshot import ShadowSnapshot
 from vllm_shadow.runtime.core import EvaluationSettings, ShadowConfig, ShadowCore
 from vllm_shadow.runtime.tasks import LocalTasks
+from vllm_shadow.tracking.reasons import RefusalReason, SkipReason, UnattributedReason
 from vllm_shadow.tracking.windows import WindowRules
 
 NAME = "fcfs-kv12"
@@ -124,6 +128,91 @@ def test_values_agree_with_the_recorded_stream(snapshot: ShadowSnapshot) -> None
     assert 0 < bound <= current * (1 + 1e-6)  # the simulator keeps time in whole picoseconds
     info = value(found, "vllm_shadow_config_info", candidate=engine.current, **labels)
     assert info == 1
+
+
+def test_every_family_exported_is_the_table_s_declaration(snapshot: ShadowSnapshot) -> None:
+    """Name, type, help and labels come from the one table; every sample name is one it declares."""
+    declared = metric_table.prometheus_series()
+    seen = set()
+    for family in text_string_to_metric_families(exposition(snapshot)):
+        spec = metric_table.BY_NAME[family.name + ("_total" if family.type == "counter" else "")]
+        seen.add(spec.name)
+        # The text format has no info type: an info family is the gauge `x_info` fixed at 1.
+        assert family.type == ("gauge" if spec.kind == "info" else spec.kind), spec.name
+        assert family.documentation == spec.help
+        for sample in family.samples:
+            assert sample.name in declared, sample.name
+            assert set(sample.labels) - {"le"} == set(spec.labels), sample
+    # All of them but those that need an SLO (the fixture sets none) or a recommendation (it has none yet).
+    needs_recommendation = {
+        spec.name
+        for spec in metric_table.METRICS
+        if spec.name.startswith("vllm_shadow_recommendation_") and not spec.name.endswith("_available")
+    }
+    assert snapshot.engines[0].verdict is not None and snapshot.engines[0].verdict.recommendation is None
+    assert set(metric_table.BY_NAME) - seen == needs_recommendation | {
+        "vllm_shadow_window_observed_slo_attainment_ratio"
+    }
+
+
+def test_every_reason_is_exported_at_zero_before_it_happens(snapshot: ShadowSnapshot) -> None:
+    found = samples(exposition(snapshot))
+    engine = snapshot.engines[0]
+    labels = {"model_name": engine.model_name, "engine": engine.engine}
+    for reason in SkipReason:
+        counted = engine.windows_skipped.get(reason, 0)
+        assert value(found, "vllm_shadow_windows_skipped_total", reason=reason, **labels) == counted
+    assert {s.labels["reason"] for s in found["vllm_shadow_events_unattributed_total"]} == set(
+        UnattributedReason
+    )
+    refused = {s.labels["reason"]: s.value for s in found["vllm_shadow_batches_refused_total"]}
+    assert refused == {r: {"malformed": 2, "oversized": 1}.get(r, 0) for r in RefusalReason}
+    for family in metric_families(snapshot):
+        if family.spec.reasons is not None:
+            reasons = {sample.labels[family.spec.labels.index("reason")] for sample in family.samples}
+            assert reasons == set(family.spec.reasons), family.spec.name
+
+
+class _FakeRayMetric:
+    registered: ClassVar[dict[str, _FakeRayMetric]] = {}
+
+    def __init__(self, name: str, description: str, tag_keys: tuple[str, ...]) -> None:
+        self.name, self.description, self.tag_keys = name, description, tag_keys
+        self.points: list[tuple[float, dict[str, str]]] = []
+        _FakeRayMetric.registered[name] = self
+
+    def inc(self, value: float, tags: dict[str, str]) -> None:
+        assert value > 0  # as Ray's own Counter.inc insists
+        self._record(value, tags)
+
+    def set(self, value: float, tags: dict[str, str]) -> None:
+        self._record(value, tags)
+
+    def _record(self, value: float, tags: dict[str, str]) -> None:
+        assert set(tags) == set(self.tag_keys)
+        self.points.append((value, tags))
+
+
+def test_the_ray_mirror_registers_the_table_s_names_and_counters_from_zero(
+    snapshot: ShadowSnapshot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _FakeRayMetric.registered = {}
+    fake = type("FakeRayMetrics", (), {"Counter": _FakeRayMetric, "Gauge": _FakeRayMetric})
+    monkeypatch.setattr(ray_metrics, "ray_metrics", fake)
+    mirror = ray_metrics.RayMetricsMirror()
+    mirror.push(snapshot)
+    declared = {name: spec for spec in metric_table.METRICS for name in spec.ray_metrics}
+    assert _FakeRayMetric.registered and set(_FakeRayMetric.registered) <= set(declared)
+    for name, metric in _FakeRayMetric.registered.items():
+        assert (metric.description, metric.tag_keys) == (declared[name].help, declared[name].labels)
+    skipped = _FakeRayMetric.registered["vllm_shadow_windows_skipped"]
+    assert {tags["reason"] for _, tags in skipped.points} == set(SkipReason)
+    # A second push of the same snapshot adds nothing: counters only take increments.
+    counts = {name: len(metric.points) for name, metric in _FakeRayMetric.registered.items()}
+    mirror.push(snapshot)
+    for name, metric in _FakeRayMetric.registered.items():
+        if declared[name].kind in ("counter", "histogram"):
+            assert len(metric.points) == counts[name], name
 
 
 def _free_port() -> int:

@@ -26,8 +26,9 @@ LOST = "engine:vllm_shadow_events_lost:rate10m"
 GIVEN_UP = "engine:vllm_shadow_windows_given_up:rate15m"
 VLLM_REQUESTS = "engine:vllm_requests:rate5m"
 
-# Thresholds. The step-match floor is the recommender's own (shadow.recommend.Goal.min_step_match): below it
-# the shadow stops recommending, and the dashboards should say why.
+# Thresholds. The step-match floor is the recommender's own
+# (vllm_shadow.evaluation.recommend.Goal.min_step_match): below it the shadow stops recommending, and the
+# dashboards should say why.
 GAP_THRESHOLD = 0.10
 STEP_MATCH_FLOOR = 0.95
 REPLAY_ERROR_CEILING = 0.25

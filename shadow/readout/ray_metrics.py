@@ -51,9 +51,15 @@ class RayMetricsMirror:
 
     def _count(self, name: str, spec: MetricSpec, labels: tuple[str, ...], value: float) -> None:
         key = (name, labels)
+        first = key not in self._pushed
         previous = self._pushed.get(key, 0.0)
         delta = value - previous if value >= previous else value
         self._pushed[key] = value
+        tags = dict(zip(spec.labels, labels, strict=True))
         if delta > 0:
-            counter = self._metric(ray_metrics.Counter, name, spec)
-            counter.inc(delta, tags=dict(zip(spec.labels, labels, strict=True)))
+            self._metric(ray_metrics.Counter, name, spec).inc(delta, tags=tags)
+        elif first:
+            # A series must exist from the start at 0, like the direct exposition's (every reason of a counter
+            # is exported before it happens, so rules need no fallback for an absent series). Ray's inc()
+            # refuses 0; its _record() is what inc() records an increment with.
+            self._metric(ray_metrics.Counter, name, spec)._record(0.0, tags=tags)
