@@ -81,8 +81,8 @@ def engine_stream(seconds: float, rate_scale: float) -> tuple[list[Event], Engin
     )
     result = simulate(requests, policy, cost, num_kv_blocks=blocks, block_size=BLOCK, record_steps=True)
     steps = result.steps or []
-    starts = [s.start for s in steps]
-    ends = [s.start + s.duration for s in steps]
+    starts = [s.start_time for s in steps]
+    ends = [s.start_time + s.duration for s in steps]
     arrivals_at: dict[int, list[RequestArrival]] = defaultdict(list)
     finishes_at: dict[int, list[RequestFinish]] = defaultdict(list)
     records = {r.request_id: r for r in result.requests}
@@ -106,7 +106,7 @@ def engine_stream(seconds: float, rate_scale: float) -> tuple[list[Event], Engin
         events.append(
             EngineStep(
                 i,
-                step.start,
+                step.start_time,
                 step.duration,
                 step.scheduled_tokens,
                 step.preempted,

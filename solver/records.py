@@ -1,8 +1,9 @@
 """What a simulation returns: per-request records, optional per-step records, and aggregates.
 
-`StepRecord` mirrors `vllm_shadow.adapters.events.EngineStep` so a simulated step and a mirrored real step
-compare field by
-field; `SimResult.summary()` is the row a replay table prints.
+A simulated step is an `EngineStep`, the event schema's own step type, so that a simulated step and a mirrored
+real step compare field by field. `RequestRecord` is the one per-request latency record: the simulator's, the
+report's and the test oracles' (what a real engine delivered). `SimResult.summary()` is the row a replay table
+prints.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from vllm_shadow.adapters.events import EngineStep
 
 
 @dataclass(slots=True)
@@ -41,17 +44,6 @@ class RequestRecord:
         return (self.finish - self.first_token) / (self.output_tokens - 1)
 
 
-@dataclass(frozen=True, slots=True)
-class StepRecord:
-    step: int
-    start: float
-    duration: float
-    scheduled_tokens: dict[str, int]  # request id -> tokens computed in this step
-    preempted: tuple[str, ...] = ()
-    finished: tuple[str, ...] = ()
-    kv_blocks_used: int = 0  # blocks held after the step's allocations
-
-
 def _quantiles(values: list[float]) -> tuple[float, float, float]:
     arr = np.asarray([v for v in values if v == v], dtype=float)
     if arr.size == 0:
@@ -67,7 +59,7 @@ class SimResult:
     gpu_seconds: float  # sum of batch times: the engine's busy time
     num_steps: int
     peak_kv_blocks: int
-    steps: list[StepRecord] | None = None
+    steps: list[EngineStep] | None = None
     tokens_processed: int = 0  # every token computed, recomputation included
 
     def summary(self) -> dict[str, float | int | str]:

@@ -18,9 +18,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from vllm_shadow.adapters.events import EngineStep
 from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.solver.problem import Objective, Window
-from vllm_shadow.solver.records import StepRecord
 
 _TIME_TOLERANCE = 1e-9  # seconds: float sums of batch times may differ in the last bits
 
@@ -201,7 +201,7 @@ def verify(schedule: Schedule, window: Window, cost: LinearCostModel) -> Replay:
     return result
 
 
-def schedule_from_steps(steps: Sequence[StepRecord]) -> Schedule:
+def schedule_from_steps(steps: Sequence[EngineStep]) -> Schedule:
     """A simulated (or mirrored) step log as a schedule: same batches, evictions where the steps preempted.
 
     Start times are left to the verifier (as early as allowed): a simulator never idles while work is waiting,

@@ -23,10 +23,10 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from vllm_shadow.adapters.events import RequestArrival
+from vllm_shadow.adapters.events import EngineStep, RequestArrival
 from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.solver.policies import Policy, parse_policy
-from vllm_shadow.solver.records import RequestRecord, SimResult, StepRecord
+from vllm_shadow.solver.records import RequestRecord, SimResult
 
 PS_PER_S = 10**12  # time is kept in integer picoseconds so that closed-form sums equal step-by-step sums
 
@@ -151,7 +151,7 @@ class _Sim:
         self.hist = [0] * block_size
         self.finish_heap: list[tuple[int, int, int, _Req]] = []
         self.admission_blocked = False  # last step's admission failed in a way a decode stretch cannot undo
-        self.step_log: list[StepRecord] = []
+        self.step_log: list[EngineStep] = []
 
     # ---- implicit decoders ---------------------------------------------------------------------------------
 
@@ -476,9 +476,9 @@ class _Sim:
         for r, n, _c in sched:
             tokens[r.rid] = n
         self.step_log.append(
-            StepRecord(
+            EngineStep(
                 step=self.steps,
-                start=start / PS_PER_S,
+                start_time=start / PS_PER_S,
                 duration=dt / PS_PER_S,
                 scheduled_tokens=tokens,
                 preempted=tuple(r.rid for r in preempted),
@@ -540,9 +540,9 @@ class _Sim:
             tokens = {r.rid: 1 for r in self.running}
             for j in range(k):
                 self.step_log.append(
-                    StepRecord(
+                    EngineStep(
                         step=self.steps + j,
-                        start=(self.now + j * base_cost + slope * j * (j - 1) // 2) / PS_PER_S,
+                        start_time=(self.now + j * base_cost + slope * j * (j - 1) // 2) / PS_PER_S,
                         duration=(base_cost + slope * j) / PS_PER_S,
                         scheduled_tokens=dict(tokens),
                         kv_blocks_used=self.used + self._blocks_for(j + 1),

@@ -13,7 +13,7 @@ import bisect
 import dataclasses
 from collections.abc import Sequence
 
-from vllm_shadow.adapters.events import EngineInfo, EngineStep, Event, RequestArrival, RequestFinish
+from vllm_shadow.adapters.events import EngineInfo, Event, RequestArrival, RequestFinish
 from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.evaluation.candidates import current_policy
 from vllm_shadow.solver.simulator import simulate
@@ -37,7 +37,7 @@ def replayed_stream(
     )
     steps = result.steps or []
     # The simulator records when a request finished, not in which step: the step that ended at that time.
-    ends = [s.start + s.duration for s in steps]
+    ends = [s.start_time + s.duration for s in steps]
     finished_in: dict[int, list[str]] = {}
     for record in result.requests:
         index = bisect.bisect_left(ends, record.finish - 1e-9)
@@ -55,16 +55,9 @@ def replayed_stream(
         timed.append(
             (record.finish, _FINISH, RequestFinish(record.request_id, record.finish, record.output_tokens))
         )
-    for i, s in enumerate(steps):
-        step = EngineStep(
-            s.step,
-            s.start,
-            s.duration,
-            dict(s.scheduled_tokens),
-            preempted=tuple(s.preempted),
-            finished=tuple(finished_in.get(i, ())),
-            kv_blocks_used=s.kv_blocks_used,
+    for i, step in enumerate(steps):
+        timed.append(
+            (step.start_time, _STEP, dataclasses.replace(step, finished=tuple(finished_in.get(i, ()))))
         )
-        timed.append((s.start, _STEP, step))
     timed.sort(key=lambda item: (item[0], item[1]))
     return [info, *(event for _, _, event in timed)]
