@@ -10,6 +10,7 @@ import itertools
 import os
 import threading
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ from vllm_shadow.adapters.events import EngineInfo, EngineStep, Event, RequestAr
 from vllm_shadow.adapters.grpc_ingest import IngestServer
 from vllm_shadow.adapters.otlp import OtlpSpanReceiver
 from vllm_shadow.adapters.publisher import EventBatch
-from vllm_shadow.adapters.recorder import RecordingError, read_events
+from vllm_shadow.adapters.recorder import RecordingError, RecordingTruncatedWarning, read_events
 from vllm_shadow.adapters.traces import bundled_trace, read_trace
 from vllm_shadow.adapters.vllm.engine_run import EngineSetup, drive, start_engine, stop_engine, trace_workload
 
@@ -69,8 +70,10 @@ class Session:
         (path,) = [p for p in self.tmp.glob("*.jsonl") if p.stem != str(os.getpid())]
         for _ in range(50):
             try:
-                return list(read_events(path))
-            except RecordingError:  # read while the engine's publisher was halfway through writing a line
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error", RecordingTruncatedWarning)
+                    return list(read_events(path))
+            except (RecordingError, RecordingTruncatedWarning):  # read while a line was half written
                 time.sleep(0.02)
         return list(read_events(path))
 
