@@ -15,6 +15,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.waiting import wait_until
 from vllm_shadow.adapters.events import EngineStep, Event, RequestArrival, RequestFinish
 from vllm_shadow.adapters.publisher import EventBatch
 
@@ -71,13 +73,42 @@ class Prometheus:
 
     def wait_until_scraping(self, timeout: float = 30.0) -> None:
         """Until every target has been scraped once: traffic played before that would go unseen."""
-        deadline = time.monotonic() + timeout
-        while not (health := self.targets_health()) or any(h != "up" for _, h in health):
-            assert time.monotonic() < deadline, self.get("/api/v1/targets")
-            time.sleep(0.2)
+
+        def all_up() -> bool:
+            health = self.targets_health()
+            return bool(health) and all(h == "up" for _, h in health)
+
+        wait_until(
+            all_up, timeout, lambda: f"every target scraped once: {self.get('/api/v1/targets')}", every=0.2
+        )
+
+    def wait_until_settled(self, scrapes: int = 2, timeout: float = 30.0) -> None:
+        """Until every target has been scraped `scrapes` more times from now and every rule group evaluated
+        since the latest scrape: queries then see the final state of what they watch, rules included."""
+
+        def scrape_counts() -> dict[tuple[str, str], float]:
+            found = self.query("count_over_time(up[1h])")
+            return {(r["metric"]["job"], r["metric"]["instance"]): float(r["value"][1]) for r in found}
+
+        before = scrape_counts()
+        wait_until(
+            lambda: all(scrape_counts().get(target, 0) >= seen + scrapes for target, seen in before.items()),
+            timeout,
+            f"{scrapes} more scrapes of every target",
+        )
+        latest = max(_seconds(t["lastScrape"]) for t in self.get("/api/v1/targets")["activeTargets"])
+        wait_until(
+            lambda: all(_seconds(g["lastEvaluation"]) > latest for g in self.get("/api/v1/rules")["groups"]),
+            timeout,
+            "every rule group to evaluate after those scrapes",
+        )
 
     def targets_health(self) -> list[tuple[str, str]]:
         return sorted((t["labels"]["job"], t["health"]) for t in self.get("/api/v1/targets")["activeTargets"])
+
+
+def _seconds(rfc3339: str) -> float:
+    return datetime.fromisoformat(rfc3339).timestamp()
 
 
 @contextmanager
@@ -109,16 +140,19 @@ def prometheus(
     )
     server = Prometheus(f"http://127.0.0.1:{port}")
     try:
-        deadline = time.monotonic() + 30
-        while True:
+
+        def ready() -> bool:
+            if process.poll() is not None:
+                raise RuntimeError(f"prometheus exited:\n{(tmp / 'prometheus.log').read_text()}")
             try:
                 urllib.request.urlopen(f"{server.url}/-/ready", timeout=1).close()
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    log_text = (tmp / "prometheus.log").read_text()
-                    raise RuntimeError(f"prometheus did not start:\n{log_text}") from None
-                time.sleep(0.2)
+            except OSError:  # not listening yet
+                return False
+            return True
+
+        wait_until(
+            ready, 30, lambda: f"prometheus to start:\n{(tmp / 'prometheus.log').read_text()}", every=0.2
+        )
         yield server
     finally:
         process.terminate()
@@ -173,6 +207,8 @@ def play(
                     if sequence not in skip_batches:
                         sink(EventBatch(batch, source, sequence))
                     sequence, batch = sequence + 1, []
+                # Real time on purpose: Prometheus scrapes and evaluates rules on the wall clock, which no test
+                # can move, so the traffic it watches must happen in it.
                 time.sleep(max(0.0, at - time.time()))
                 due = max(at, time.time()) + batch_seconds
             batch.append(event)

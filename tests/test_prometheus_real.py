@@ -23,6 +23,7 @@ from deploy.generate import DASHBOARD_DIR, DASHBOARDS, RULES_DIR
 from deploy.prometheus import rules
 from tests import deploy_support as support
 from tests import shadow_support
+from tests.waiting import wait_until
 from vllm_shadow.adapters.events import EngineInfo
 from vllm_shadow.adapters.publisher import EventBatch
 from vllm_shadow.adapters.traces import bundled_trace, read_trace
@@ -142,15 +143,13 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[support.
             recorded.ingest(EventBatch(shadow_support.events("fcfs-kv12")[1:4], "unannounced", 0))
             for player in players:
                 player.join(timeout=60)
-            deadline = time.monotonic() + 120
+                assert not player.is_alive(), f"{player.name} did not finish playing in time"
             for service in (recorded, replayed):
                 service.flush()
-                while not service.idle() and time.monotonic() < deadline:
-                    time.sleep(0.5)
-                assert service.idle(), "the shadow did not finish evaluating in time"
+                wait_until(service.idle, 120, "the shadow to evaluate every window", every=0.5)
             engines = replayed.snapshot().engines
             assert engines[0].verdict and engines[0].verdict.recommendation, engines[0].verdict
-            time.sleep(4)  # a few more scrapes and rule evaluations of the final state
+            prometheus.wait_until_settled()  # scrapes and rule evaluations of the final state
             yield prometheus, started
     finally:
         for closing in (recorded.close, replayed.close, vllm.close):

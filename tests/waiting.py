@@ -7,7 +7,6 @@ under test (a reorder buffer giving up on a gap, an idle engine) passes on a `Ma
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from typing import Protocol, TypeVar
@@ -17,15 +16,18 @@ import pytest
 T = TypeVar("T")
 
 
-def wait_until(condition: Callable[[], T], timeout: float, what: str, *, every: float = 0.02) -> T:
+def wait_until(
+    condition: Callable[[], T], timeout: float, what: str | Callable[[], str], *, every: float = 0.02
+) -> T:
     """Poll `condition` until it returns something truthy, and return that; fail the test after `timeout`
-    seconds, saying `what` it waited for. The condition may do work between polls (tick a core, for one)."""
+    seconds, saying `what` it waited for (a callable is asked then, for the state it gave up in). The
+    condition may do work between polls (tick a core, for one)."""
     deadline = time.monotonic() + timeout
-    pause = threading.Event()  # never set: its wait is the poll interval, and nothing here reads as a sleep
     while not (result := condition()):
         if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout:g}s waiting for {what}", pytrace=False)
-        pause.wait(every)
+            described = what() if callable(what) else what
+            pytest.fail(f"timed out after {timeout:g}s waiting for {described}", pytrace=False)
+        time.sleep(every)  # the poll interval: the one pause in the tests that is not waiting on time itself
     return result
 
 
