@@ -23,6 +23,44 @@ _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 _BUNDLED = resources.files("vllm_shadow.costmodel") / "data" / "models"
 
 
+class ModelConfigError(ValueError):
+    """A model config that describes no supported model; the message names the file (if any) and the field."""
+
+    def __init__(self, path: str | Path | None, field: str | None, problem: str) -> None:
+        self.path = None if path is None else str(path)
+        self.field = field
+        self.problem = problem
+        message = f"field {field!r}: {problem}" if field else problem
+        super().__init__(message if path is None else f"{path}: {message}")
+
+
+def _json_text(value: object) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _positive_int(config: dict[str, Any], key: str, default: int | None = None) -> int:
+    """`config[key]`, a positive integer; `default` when absent or null (a required field has none)."""
+    value = config.get(key)
+    if value is None:
+        if default is None:
+            raise ModelConfigError(None, key, "missing")
+        return default
+    # `type(...) is int` because bool is an int subclass, and `true` is no layer count.
+    if type(value) is not int or value <= 0:
+        raise ModelConfigError(None, key, f"expected a positive integer, got {_json_text(value)}")
+    return value
+
+
+def _flag(config: dict[str, Any], key: str, default: bool) -> bool:
+    value = config.get(key)
+    if value is None:
+        return default
+    if type(value) is not bool:  # "false" is truthy: a string here would silently turn the feature on
+        raise ModelConfigError(None, key, f"expected true or false, got {_json_text(value)}")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class ModelArchitecture:
     name: str
@@ -76,45 +114,67 @@ class ModelArchitecture:
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any], name: str | None = None) -> ModelArchitecture:
+        """Raises `ModelConfigError` (a ValueError naming the field) on a config this module cannot model."""
+        if not isinstance(config, dict):
+            raise ModelConfigError(None, None, f"expected a JSON object, got {_json_text(config)}")
         model_type = config.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
+            raise ModelConfigError(
+                None,
+                "model_type",
+                f"model_type {_json_text(model_type)} is not supported; "
+                f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}",
             )
-        hidden = config["hidden_size"]
-        heads = config["num_attention_heads"]
+        hidden = _positive_int(config, "hidden_size")
+        heads = _positive_int(config, "num_attention_heads")
         # Newer transformers write "dtype"; configs old enough to have neither were float16 checkpoints.
         dtype = config.get("torch_dtype") or config.get("dtype") or "float16"
-        if dtype not in _DTYPE_BYTES:
-            raise ValueError(f"unsupported dtype {dtype!r}; supported: {', '.join(_DTYPE_BYTES)}")
+        if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES:
+            raise ModelConfigError(
+                None,
+                "torch_dtype",
+                f"unsupported dtype {_json_text(dtype)}; supported: {', '.join(_DTYPE_BYTES)}",
+            )
         # Llama's attention_bias puts biases on q, k, v and o; Qwen2 always has q, k, v biases and none on o.
-        attention_bias = bool(config.get("attention_bias", False))
+        attention_bias = _flag(config, "attention_bias", False)
         qwen2 = model_type == "qwen2"
         # Qwen2 configs carry a sliding_window value that only applies when use_sliding_window is set.
-        window = config.get("sliding_window") if config.get("use_sliding_window", not qwen2) else None
-        max_positions = config.get("max_position_embeddings") or config.get("max_sequence_length")
-        if max_positions is None:
-            raise ValueError("config has neither max_position_embeddings nor max_sequence_length")
-        return cls(
-            name=name or config.get("_name_or_path") or model_type,
-            model_type=model_type,
-            num_layers=config["num_hidden_layers"],
-            hidden_size=hidden,
-            num_heads=heads,
-            # Llama 1 configs predate GQA and omit the key: one KV head per query head.
-            num_kv_heads=config.get("num_key_value_heads") or heads,
-            head_dim=config.get("head_dim") or hidden // heads,
-            intermediate_size=config["intermediate_size"],
-            vocab_size=config["vocab_size"],
-            max_position_embeddings=max_positions,
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            qkv_bias=attention_bias or qwen2,
-            o_bias=attention_bias,
-            num_experts=config.get("num_local_experts") or 1,
-            experts_per_token=config.get("num_experts_per_tok") or 1,
-            sliding_window=window,
-            dtype_bytes=_DTYPE_BYTES[dtype],
-        )
+        use_window = _flag(config, "use_sliding_window", not qwen2)
+        window = _positive_int(config, "sliding_window", 0) or None if use_window else None
+        if config.get("max_position_embeddings") is not None:
+            max_positions = _positive_int(config, "max_position_embeddings")
+        elif config.get("max_sequence_length") is not None:
+            max_positions = _positive_int(config, "max_sequence_length")
+        else:
+            raise ModelConfigError(
+                None, None, "config has neither max_position_embeddings nor max_sequence_length"
+            )
+        label = name or config.get("_name_or_path") or model_type
+        try:
+            return cls(
+                name=str(label),
+                model_type=model_type,
+                num_layers=_positive_int(config, "num_hidden_layers"),
+                hidden_size=hidden,
+                num_heads=heads,
+                # Llama 1 configs predate GQA and omit the key: one KV head per query head.
+                num_kv_heads=_positive_int(config, "num_key_value_heads", heads),
+                head_dim=_positive_int(config, "head_dim", hidden // heads),
+                intermediate_size=_positive_int(config, "intermediate_size"),
+                vocab_size=_positive_int(config, "vocab_size"),
+                max_position_embeddings=max_positions,
+                tie_word_embeddings=_flag(config, "tie_word_embeddings", False),
+                qkv_bias=attention_bias or qwen2,
+                o_bias=attention_bias,
+                num_experts=_positive_int(config, "num_local_experts", 1),
+                experts_per_token=_positive_int(config, "num_experts_per_tok", 1),
+                sliding_window=window,
+                dtype_bytes=_DTYPE_BYTES[dtype],
+            )
+        except ModelConfigError:
+            raise
+        except ValueError as error:  # shapes that do not fit together, e.g. heads and KV heads
+            raise ModelConfigError(None, None, str(error)) from None
 
     # ---- parameters and bytes
 
@@ -262,8 +322,7 @@ def load_model(name_or_path: str | Path) -> ModelArchitecture:
     if path.is_dir():
         path = path / "config.json"
     if path.is_file():
-        name = path.parent.name if path.name == "config.json" else path.stem
-        return ModelArchitecture.from_hf_config(json.loads(path.read_text()), name=name)
+        return _load_config(path, path.parent.name if path.name == "config.json" else path.stem)
     bundled = _BUNDLED / f"{name_or_path}.json"
     if bundled.is_file():
         return ModelArchitecture.from_hf_config(json.loads(bundled.read_text()), name=str(name_or_path))
@@ -271,3 +330,17 @@ def load_model(name_or_path: str | Path) -> ModelArchitecture:
         f"{name_or_path!r} is neither a config.json, a directory holding one, nor a bundled model "
         f"({', '.join(available_models())})"
     )
+
+
+def _load_config(path: Path, name: str) -> ModelArchitecture:
+    """The model a `config.json` describes; `ModelConfigError` naming the file (and field) otherwise."""
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise ModelConfigError(path, None, f"not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except ValueError as error:  # JSONDecodeError, and integers too long to convert
+        raise ModelConfigError(path, None, f"not JSON: {error}") from None
+    try:
+        return ModelArchitecture.from_hf_config(config, name=name)
+    except ModelConfigError as error:
+        raise ModelConfigError(path, error.field, error.problem) from None

@@ -11,6 +11,7 @@ whose coefficients are a, b, c and d, still load, with e = 0: the model they wer
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,58 @@ from vllm_shadow.costmodel.linear import LinearCostModel, cross_validated_mape, 
 FORMAT = "shadow-cost-profile"
 VERSION = 2
 READABLE_VERSIONS = (1, 2)
+
+
+class ProfileError(ValueError):
+    """A file that is no readable cost profile; the message names the file (if any) and the field."""
+
+    def __init__(self, path: str | Path | None, field: str | None, problem: str) -> None:
+        self.path = None if path is None else str(path)
+        self.field = field
+        self.problem = problem
+        message = f"field {field!r}: {problem}" if field else problem
+        super().__init__(message if path is None else f"{path}: {message}")
+
+
+def _json_text(value: object) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _field(data: Mapping[str, Any], key: str) -> Any:
+    if key not in data:
+        raise ProfileError(None, key, "missing")
+    return data[key]
+
+
+def _string(data: Mapping[str, Any], key: str) -> str:
+    value = _field(data, key)
+    if type(value) is not str:
+        raise ProfileError(None, key, f"expected a string, got {_json_text(value)}")
+    return value
+
+
+def _count(data: Mapping[str, Any], key: str, *, positive: bool) -> int:
+    value = _field(data, key)
+    # `type(...) is int` because bool is an int subclass.
+    if type(value) is not int or value < int(positive):
+        kind = "a positive" if positive else "a non-negative"
+        raise ProfileError(None, key, f"expected {kind} integer, got {_json_text(value)}")
+    return value
+
+
+def _coefficients(data: Mapping[str, Any]) -> LinearCostModel:
+    values = _field(data, "coefficients")
+    if type(values) is not dict:
+        raise ProfileError(None, "coefficients", f"expected a JSON object, got {_json_text(values)}")
+    for name, value in values.items():
+        if type(value) not in (int, float) or not abs(value) < math.inf:  # no float(): ints may be huge
+            problem = f"{name} must be a finite number, got {_json_text(value)}"
+            raise ProfileError(None, "coefficients", problem)
+    try:
+        return LinearCostModel.from_dict(values)
+    except (ValueError, OverflowError) as error:  # unknown or missing keys, a negative or huge value
+        raise ProfileError(None, "coefficients", str(error)) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,23 +104,35 @@ class CostProfile:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CostProfile:
+        """Raises `ProfileError` (a ValueError naming the field) on anything but a readable profile."""
+        if not isinstance(data, Mapping):
+            raise ProfileError(None, None, f"expected a JSON object, got {_json_text(data)}")
         if data.get("format") != FORMAT or data.get("version") not in READABLE_VERSIONS:
             versions = " or ".join(map(str, READABLE_VERSIONS))
-            raise ValueError(
+            raise ProfileError(
+                None,
+                None,
                 f"not a {FORMAT} version {versions} file (format={data.get('format')!r}, "
-                f"version={data.get('version')!r})"
+                f"version={data.get('version')!r})",
             )
+        cost = _coefficients(data)
         if data["version"] == 1 and "e" in data["coefficients"]:
-            raise ValueError(f"a {FORMAT} version 1 file has no per-request coefficient e")
-        holdout = data["holdout_mape"]
+            raise ProfileError(
+                None, "coefficients", f"a {FORMAT} version 1 file has no per-request coefficient e"
+            )
+        holdout = _field(data, "holdout_mape")
+        # A hold-out error is a fraction; the bound keeps float() from overflowing on a huge integer.
+        if holdout is not None and (type(holdout) not in (int, float) or not 0 <= holdout < 1e300):
+            problem = f"expected a finite number >= 0 or null, got {_json_text(holdout)}"
+            raise ProfileError(None, "holdout_mape", problem)
         return cls(
-            model=str(data["model"]),
-            hardware=str(data["hardware"]),
-            tp=int(data["tp"]),
-            cost=LinearCostModel.from_dict(data["coefficients"]),
+            model=_string(data, "model"),
+            hardware=_string(data, "hardware"),
+            tp=_count(data, "tp", positive=True),
+            cost=cost,
             holdout_mape=None if holdout is None else float(holdout),
-            samples=int(data["samples"]),
-            provenance=str(data["provenance"]),
+            samples=_count(data, "samples", positive=False),
+            provenance=_string(data, "provenance"),
         )
 
 
@@ -86,4 +151,18 @@ def save_profile(profile: CostProfile, path: str | Path) -> None:
 
 
 def load_profile(path: str | Path) -> CostProfile:
-    return CostProfile.from_dict(json.loads(Path(path).read_text()))
+    """The profile in `path`; `ProfileError` naming the file (and field) when it holds none."""
+    try:
+        data = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise
+    except OSError as error:  # a directory, no permission
+        raise ProfileError(path, None, f"cannot be read: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        raise ProfileError(path, None, f"not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except ValueError as error:  # JSONDecodeError, and integers too long to convert
+        raise ProfileError(path, None, f"not JSON: {error}") from None
+    try:
+        return CostProfile.from_dict(data)
+    except ProfileError as error:
+        raise ProfileError(path, error.field, error.problem) from None

@@ -1,12 +1,19 @@
+import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vllm_shadow import costmodel
-from vllm_shadow.costmodel.architecture import ModelArchitecture, available_models, load_model
+from vllm_shadow.costmodel.architecture import (
+    ModelArchitecture,
+    ModelConfigError,
+    available_models,
+    load_model,
+)
 
 LLAMA_2_7B = load_model("llama-2-7b")
 
@@ -199,3 +206,100 @@ def test_inconsistent_shapes_are_refused() -> None:
 
 def _fields(arch: ModelArchitecture) -> dict:
     return {name: getattr(arch, name) for name in ModelArchitecture.__dataclass_fields__}
+
+
+# --- foreign and damaged configs (issue 13, item 9) ---------------------------------------------------------
+
+
+def _write_config(tmp_path: Path, content: str | bytes) -> Path:
+    path = tmp_path / "config.json"
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("content", "field", "fragment"),
+    [
+        ("[1, 2]", None, "expected a JSON object"),
+        ('{"model_type": "llama",', None, "not JSON"),
+        (b"\xff\xfe{}", None, "not UTF-8"),
+    ],
+)
+def test_a_config_file_that_is_no_json_object_is_refused_naming_it(
+    tmp_path: Path, content: str, field: str | None, fragment: str
+) -> None:
+    path = _write_config(tmp_path, content)
+    with pytest.raises(ModelConfigError, match="^" + re.escape(str(path))) as caught:
+        load_model(path)
+    assert caught.value.field == field and fragment in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "fragment"),
+    [
+        ("num_attention_heads", "32", "expected a positive integer"),
+        ("num_attention_heads", 0, "expected a positive integer"),
+        ("hidden_size", 4096.0, "expected a positive integer"),
+        ("num_hidden_layers", True, "expected a positive integer"),
+        ("num_hidden_layers", None, "missing"),
+        ("vocab_size", -1, "expected a positive integer"),
+        ("num_key_value_heads", "8", "expected a positive integer"),
+        ("head_dim", [128], "expected a positive integer"),
+        ("torch_dtype", ["bfloat16"], "unsupported dtype"),
+        ("tie_word_embeddings", "false", "expected true or false"),
+        ("sliding_window", "4096", "expected a positive integer"),
+        ("num_key_value_heads", 5, "KV groups"),
+    ],
+)
+def test_a_bad_field_is_refused_naming_the_file_and_the_field(
+    tmp_path: Path, field: str, value: object, fragment: str
+) -> None:
+    config = {**_config("mistral-7b"), field: value}
+    if value is None:
+        del config[field]
+    path = _write_config(tmp_path, json.dumps(config))
+    with pytest.raises(ModelConfigError, match="^" + re.escape(str(path))) as caught:
+        load_model(path)
+    assert caught.value.field == (None if fragment == "KV groups" else field)
+    assert fragment in str(caught.value)
+
+
+def _config_values() -> st.SearchStrategy:
+    scalars = st.none() | st.booleans() | st.integers(-5, 2**70) | st.floats() | st.text(max_size=8)
+    return scalars | st.lists(scalars, max_size=2)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_config_loads_or_is_refused_with_a_model_config_error(
+    tmp_path: Path, data: st.DataObject
+) -> None:
+    base = _config(data.draw(st.sampled_from(["mistral-7b", "qwen2-7b", "mixtral-8x7b", "llama-2-7b"])))
+    changes = data.draw(
+        st.dictionaries(st.sampled_from([*sorted(base), "head_dim"]), _config_values(), max_size=3)
+    )
+    config = {**base, **changes}
+    text = json.dumps(config)
+    if data.draw(st.booleans()):  # or a truncation of it, or any bytes
+        text = text[: data.draw(st.integers(0, len(text)))]
+    path = _write_config(tmp_path, text)
+    try:
+        arch = load_model(path)
+    except ModelConfigError as error:
+        assert str(error).startswith(str(path))
+    else:
+        assert arch.num_params > 0 and arch.kv_bytes_per_token() > 0
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=st.binary(max_size=200))
+def test_arbitrary_bytes_are_refused_with_a_model_config_error(tmp_path: Path, content: bytes) -> None:
+    path = _write_config(tmp_path, content)
+    with pytest.raises(ModelConfigError, match="^" + re.escape(str(path))):
+        load_model(path)
+
+
+@pytest.mark.parametrize("name", ["llama-2-7b", "mistral-7b", "qwen2-7b", "mixtral-8x7b", "tiny-llama"])
+def test_a_bundled_config_round_trips_through_a_file(tmp_path: Path, name: str) -> None:
+    path = _write_config(tmp_path, json.dumps(_config(name)))
+    assert load_model(path) == dataclasses.replace(load_model(name), name=tmp_path.name)

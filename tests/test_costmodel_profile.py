@@ -1,11 +1,14 @@
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from vllm_shadow.costmodel.linear import LinearCostModel, batch_features
-from vllm_shadow.costmodel.profile import CostProfile, fit_profile, load_profile, save_profile
+from vllm_shadow.costmodel.profile import CostProfile, ProfileError, fit_profile, load_profile, save_profile
 
 PROFILE = CostProfile(
     model="llama-2-7b",
@@ -75,3 +78,78 @@ def test_fit_profile_records_the_fit_and_its_holdout_error() -> None:
     assert 0.005 < profile.holdout_mape < 0.04
     assert profile.cost.a == pytest.approx(truth.a, rel=0.1)
     assert profile.cost.e == pytest.approx(truth.e, rel=0.3)
+
+
+# --- foreign and damaged files (issue 13, item 9) -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "field", "fragment"),
+    [
+        ('{"format": "shadow-cost-profile",', None, "not JSON"),
+        ("[1, 2]", None, "expected a JSON object"),
+        ("", None, "not JSON"),
+        (b"\xff\x00", None, "not UTF-8"),
+        (json.dumps({**PROFILE.to_dict(), "tp": "1"}), "tp", "positive integer"),
+        (json.dumps({**PROFILE.to_dict(), "tp": 0}), "tp", "positive integer"),
+        (json.dumps({**PROFILE.to_dict(), "samples": 1.5}), "samples", "non-negative integer"),
+        (json.dumps({**PROFILE.to_dict(), "holdout_mape": "7%"}), "holdout_mape", "number"),
+        (json.dumps({**PROFILE.to_dict(), "coefficients": [1, 2, 3]}), "coefficients", "JSON object"),
+        (json.dumps({**PROFILE.to_dict(), "coefficients": {"a": "x", "b": 1, "c": 1}}), "coefficients", "a"),
+        (
+            '{"format": "shadow-cost-profile", "version": 2, "coefficients": {"a": NaN, "b": 0, "c": 0}}',
+            "coefficients",
+            "finite",
+        ),
+        (json.dumps({k: v for k, v in PROFILE.to_dict().items() if k != "model"}), "model", "missing"),
+    ],
+)
+def test_a_bad_profile_file_is_refused_naming_it_and_the_field(
+    tmp_path: Path, content: str | bytes, field: str | None, fragment: str
+) -> None:
+    path = tmp_path / "profile.json"
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    with pytest.raises(ProfileError, match="^" + re.escape(str(path))) as caught:
+        load_profile(path)
+    assert caught.value.field == field and fragment in str(caught.value)
+
+
+def test_a_directory_is_refused_naming_it(tmp_path: Path) -> None:
+    with pytest.raises(ProfileError, match="^" + re.escape(str(tmp_path))):
+        load_profile(tmp_path)
+
+
+_VALUES = st.none() | st.booleans() | st.integers(-3, 2**1100) | st.floats() | st.text(max_size=6)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_profile_loads_or_is_refused_with_a_profile_error(tmp_path: Path, data: st.DataObject) -> None:
+    profile = PROFILE.to_dict()
+    keys = st.sampled_from(sorted(profile))
+    profile |= data.draw(st.dictionaries(keys, _VALUES | st.lists(_VALUES, max_size=2), max_size=2))
+    coefficients = dict(PROFILE.cost.to_dict())
+    coefficients |= data.draw(st.dictionaries(st.sampled_from("abcdez"), _VALUES, max_size=2))
+    if isinstance(profile["coefficients"], dict):
+        profile["coefficients"] = coefficients
+    text = json.dumps(profile)
+    if data.draw(st.booleans()):
+        text = text[: data.draw(st.integers(0, len(text)))]
+    path = tmp_path / "p.json"
+    path.write_text(text)
+    try:
+        loaded = load_profile(path)
+    except ProfileError as error:
+        assert str(error).startswith(str(path))
+    else:
+        save_profile(loaded, path)
+        assert load_profile(path) == loaded
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=st.binary(max_size=200))
+def test_arbitrary_bytes_are_refused_with_a_profile_error(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "p.json"
+    path.write_bytes(content)
+    with pytest.raises(ProfileError, match="^" + re.escape(str(path))):
+        load_profile(path)
