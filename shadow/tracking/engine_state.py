@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 
 from vllm_shadow.adapters.events import EngineInfo, EngineStep, Event, RequestArrival, RequestFinish
 from vllm_shadow.costmodel.linear import LinearCostModel, OnlineCalibrator
+from vllm_shadow.solver.records import RequestRecord
 from vllm_shadow.solver.simulator import RunningRequest
 from vllm_shadow.tracking.reasons import SkipReason
-from vllm_shadow.tracking.windows import EngineKey, ObservedRequest, TrafficWindow, WindowRules
+from vllm_shadow.tracking.windows import EngineKey, TrafficWindow, WindowRules
 
 
 @dataclass(frozen=True, slots=True)
@@ -456,10 +457,17 @@ class EngineTracker:
                 if request.computed == 0 and request.generated == 0:
                     continue  # aborted before it ever ran: it never touched the engine
                 output, approximations = 1, approximations + 1  # aborted mid-prefill
-            arrivals.append(request.arrival_event(t0, output=output))
+            arrival = request.arrival_event(t0, output=output)
+            arrivals.append(arrival)
             arrival_steps[request_id] = request.arrival_step - window.start_step
-            observed[request_id] = ObservedRequest(
-                request.first_token - request.arrival, request.finish - request.arrival, output
+            observed[request_id] = RequestRecord(
+                request_id,
+                arrival.time,
+                arrival.prompt_tokens,
+                output,
+                arrival.priority,
+                first_token=request.first_token - t0,
+                finish=request.finish - t0,
             )
         self.stats.approximations += approximations
         return TrafficWindow(

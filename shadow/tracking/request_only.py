@@ -15,9 +15,10 @@ from collections.abc import Callable
 
 from vllm_shadow.adapters.events import EngineInfo, Event, RequestArrival, RequestFinish
 from vllm_shadow.costmodel.linear import LinearCostModel, OnlineCalibrator
+from vllm_shadow.solver.records import RequestRecord
 from vllm_shadow.tracking.engine_state import DEFAULT_LIMITS, TrackerLimits, TrackerStats
 from vllm_shadow.tracking.reasons import SkipReason
-from vllm_shadow.tracking.windows import EngineKey, ObservedRequest, TrafficWindow, WindowRules
+from vllm_shadow.tracking.windows import EngineKey, TrafficWindow, WindowRules
 
 DEFAULT_SECONDS = 10.0  # when the rules only count requests: arrival order is unknown until finishes arrive
 
@@ -133,8 +134,10 @@ class RequestOnlyTracker:
             )
             for a, _ in done
         )
-        observed = {
-            a.request_id: ObservedRequest(math.nan, finish - a.time, a.output_tokens or 1)
+        observed = {  # no first token: a request-only source does not say when it came
+            a.request_id: RequestRecord(
+                a.request_id, a.time - t0, a.prompt_tokens, a.output_tokens or 1, a.priority, finish=finish - t0
+            )
             for a, finish in done
         }
         window = TrafficWindow(

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from vllm_shadow.adapters.events import EngineInfo, EngineStep, RequestArrival
 from vllm_shadow.costmodel.linear import LinearCostModel
+from vllm_shadow.solver.records import RequestRecord
 from vllm_shadow.solver.simulator import RunningRequest
 
 
@@ -63,21 +64,6 @@ class WindowRules:
 
 
 @dataclass(frozen=True, slots=True)
-class ObservedRequest:
-    """What the engine really delivered for one of the window's own requests (seconds)."""
-
-    ttft: float  # nan when the source does not say (request-only sources)
-    e2e: float
-    output_tokens: int
-
-    @property
-    def tpot(self) -> float:
-        if self.output_tokens <= 1 or math.isnan(self.ttft):
-            return math.nan
-        return (self.e2e - self.ttft) / (self.output_tokens - 1)
-
-
-@dataclass(frozen=True, slots=True)
 class TrafficWindow:
     engine: EngineKey
     index: int  # 0, 1, 2, ... per engine (restarts included)
@@ -91,7 +77,9 @@ class TrafficWindow:
     # Own request -> non-empty engine steps run in the window before it arrived; None for sources without steps.
     arrival_steps: Mapping[str, int] | None
     steps: tuple[EngineStep, ...]  # the engine's real non-empty steps while the window was open
-    observed: Mapping[str, ObservedRequest]  # own requests
+    # Own requests as the engine really served them, in the simulator's record: its first token and finish
+    # (first_token is nan for request-only sources, which do not say; preemptions are not counted here).
+    observed: Mapping[str, RequestRecord]
     cost: LinearCostModel  # the calibrated cost model when the window opened: never fitted on its own steps
     cost_error: float  # the calibrator's running relative error then (nan before any measurement)
     cost_samples: int  # engine steps the cost model had been calibrated on then
