@@ -4,7 +4,6 @@ tasks, death and restart, and export through Ray's own metrics agent."""
 from __future__ import annotations
 
 import socket
-import time
 import urllib.request
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from tests import shadow_support as support  # noqa: E402
+from tests.waiting import wait_until  # noqa: E402
 from vllm_shadow.adapters.ray_transport import RayActorSink  # noqa: E402
 from vllm_shadow.runtime.actor import find_shadow_actor, start_shadow_actor  # noqa: E402
 from vllm_shadow.runtime.core import EvaluationSettings, ShadowConfig  # noqa: E402
@@ -62,13 +62,6 @@ def config(tmp_path: Path, **overrides) -> ServiceConfig:
     )
 
 
-def wait(condition, timeout: float = 60.0, every: float = 0.2) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(every)
-
-
 def evaluated(handle) -> int:
     return sum(e.windows_evaluated for e in ray.get(handle.snapshot.remote()).engines)
 
@@ -81,13 +74,19 @@ def test_batches_through_the_ray_handle_are_evaluated_as_ray_tasks(cluster, tmp_
             sink(batch)
         sink.close()
         ray.get(handle.flush.remote())
-        wait(lambda: ray.get(handle.idle.remote()) and evaluated(handle) >= 5)
+        wait_until(
+            lambda: ray.get(handle.idle.remote()) and evaluated(handle) >= 5,
+            60,
+            "five windows evaluated",
+            every=0.2,
+        )
         snapshot = ray.get(handle.snapshot.remote())
         (engine,) = snapshot.engines
         assert snapshot.batches == {"ray": len(support.batches("fcfs-kv12"))}
         assert engine.last.fidelity.step_match_ratio == 1.0
         assert set(engine.last.task_locations) == {ray.get_runtime_context().get_node_id()}
-        assert find_shadow_actor("shadow-a", NAMESPACE).ping.remote() is not None
+        found = find_shadow_actor("shadow-a", NAMESPACE)
+        assert ray.get(found.ping.remote()) == ray.get(handle.ping.remote())  # by name, the same actor's id
     finally:
         ray.kill(handle, no_restart=True)
 
@@ -102,7 +101,7 @@ def test_a_killed_actor_is_restarted_finds_its_engines_again_and_keeps_evaluatin
         sink = RayActorSink("shadow-b", namespace=NAMESPACE, max_in_flight=0, timeout=10)
         for batch in batches[:20]:
             sink(batch)
-        wait(lambda: Path(cfg.state_path).exists())
+        wait_until(Path(cfg.state_path).exists, 60, "the actor to write its state file", every=0.2)
         actor_id = ray.get(handle.ping.remote())
         before = ray.get(handle.snapshot.remote())
         ray.kill(handle, no_restart=False)  # the process dies; Ray starts a new one with the same arguments
@@ -113,7 +112,7 @@ def test_a_killed_actor_is_restarted_finds_its_engines_again_and_keeps_evaluatin
             except ray.exceptions.RayError:
                 return False
 
-        wait(restarted, timeout=60, every=0.5)
+        wait_until(restarted, 60, "Ray to restart the killed actor", every=0.5)
         assert ray.get(handle.ping.remote()) == actor_id  # the same actor, in a new process
         lost = 0
         for batch in batches[20:]:
@@ -123,7 +122,12 @@ def test_a_killed_actor_is_restarted_finds_its_engines_again_and_keeps_evaluatin
                 lost += 1
         sink.close()
         ray.get(handle.flush.remote())
-        wait(lambda: ray.get(handle.idle.remote()) and evaluated(handle) >= 1)
+        wait_until(
+            lambda: ray.get(handle.idle.remote()) and evaluated(handle) >= 1,
+            60,
+            "a window evaluated",
+            every=0.2,
+        )
         snapshot = ray.get(handle.snapshot.remote())
         assert snapshot.addresses == before.addresses  # the same ports: senders find it where it was
         assert "no_engine_info" not in snapshot.unattributed_drops
@@ -152,6 +156,6 @@ def test_metrics_also_reach_ray_s_metrics_agent(cluster, tmp_path: Path) -> None
                 for line in text.splitlines()
             )
 
-        wait(exported, timeout=60, every=1.0)
+        wait_until(exported, 60, "Ray's metrics agent to export the finished count", every=1.0)
     finally:
         ray.kill(handle, no_restart=True)
