@@ -25,7 +25,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
-from vllm_shadow.cli.options import add_shadow_options, shadow_config
+from vllm_shadow.cli.options import add_shadow_options, add_tiny_engine_options, shadow_config
 from vllm_shadow.readout.console import status_view, summary_view
 from vllm_shadow.runtime.service import ServiceConfig
 
@@ -52,13 +52,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     traffic = parser.add_argument_group("traffic and engine")
     traffic.add_argument("--duration", type=float, default=60.0, help="seconds of traffic (default 60)")
     traffic.add_argument("--rate", type=float, default=3.5, help="requests per second (default 3.5)")
-    traffic.add_argument(
-        "--kv-blocks", type=int, default=64, help="engine KV blocks of 128 tokens (default 64)"
-    )
-    traffic.add_argument("--max-num-seqs", type=int, default=2, help="the engine's max_num_seqs (default 2)")
-    traffic.add_argument(
-        "--max-num-batched-tokens", type=int, default=256, help="the engine's token budget (default 256)"
-    )
+    add_tiny_engine_options(traffic)
     traffic.add_argument(
         "--metrics-port", type=int, default=0, help="/metrics port on 127.0.0.1 (default: free)"
     )
@@ -66,8 +60,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--drain-timeout", type=float, default=60.0, help="seconds to wait for the last windows"
     )
     traffic.add_argument("--no-live", action="store_true", help="plain progress lines instead of a live view")
-    add_shadow_options(parser, window_seconds=8.0)
-    parser.set_defaults(func=run, hardware="cpu", optimal_time_limit=2.0, optimal_max_requests=40)
+    add_shadow_options(
+        parser, window_seconds=8.0, hardware="cpu", optimal_time_limit=2.0, optimal_max_requests=40
+    )
+    parser.set_defaults(func=run)
 
 
 def _free_port() -> int:

@@ -1,9 +1,25 @@
-"""Command-line options shared by `shadow serve` and `shadow demo`: windows, search space, objective, optimum."""
+"""The option groups that more than one command takes, and what turns them into the objects the commands use.
+
+- trace window and engine being modelled: `shadow replay` and `shadow optimal`;
+- the replayed or demonstrated tiny engine: `shadow demo` and `shadow report`;
+- windows and evaluation: `shadow serve` and `shadow demo` (window length, cost prior and CP-SAT limits also
+  `shadow report`);
+- where the shadow's Ray actor lives: `shadow serve` and `shadow status`.
+A command's own options stay in its module; no command imports another's.
+"""
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
+from vllm_shadow.adapters.traces import Trace, read_trace, resolve_trace
+from vllm_shadow.costmodel.architecture import load_model
+from vllm_shadow.costmodel.hardware import get_hardware
+from vllm_shadow.costmodel.kv import kv_capacity_blocks
+from vllm_shadow.costmodel.linear import LinearCostModel
+from vllm_shadow.costmodel.profile import load_profile
+from vllm_shadow.costmodel.roofline import roofline_prior
 from vllm_shadow.evaluation.candidates import SearchSpace
 from vllm_shadow.evaluation.evaluate import Slo
 from vllm_shadow.evaluation.recommend import Goal
@@ -11,21 +27,190 @@ from vllm_shadow.runtime.core import EvaluationSettings, ShadowConfig
 from vllm_shadow.solver.policies import split_policies
 from vllm_shadow.tracking.windows import WindowRules
 
+# ---- trace window and engine being modelled: `shadow replay` and `shadow optimal` ---------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Setup:
+    """Everything a replay needs besides the requests and the policy: the engine being modelled."""
+
+    model: str
+    gpu: str
+    tp: int
+    block_size: int
+    num_kv_blocks: int
+    cost: LinearCostModel
+    cost_source: str
+
+
+def add_trace_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "trace",
+        help="a trace file (Azure, Mooncake, BurstGPT or Vidur format, detected from "
+        "its header) or a bundled name: azure-conv, azure-code, mooncake-conv",
+    )
+    group = parser.add_argument_group("trace window")
+    group.add_argument("--start", type=float, help="start of the time slice, seconds from the trace start")
+    group.add_argument(
+        "--end", type=float, help="end of the time slice (exclusive), seconds from the trace start"
+    )
+    group.add_argument("--limit", type=int, help="keep the first N requests (after slicing)")
+    group.add_argument(
+        "--rate-scale",
+        type=float,
+        default=1.0,
+        help="multiply the arrival rate (2 = arrivals twice as dense); default 1",
+    )
+    group.add_argument(
+        "--max-prompt-tokens", type=int, help="cap prompt lengths (capped requests are counted)"
+    )
+    group.add_argument(
+        "--max-output-tokens", type=int, help="cap output lengths (capped requests are counted)"
+    )
+
+
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine being modelled")
+    group.add_argument(
+        "--model",
+        default="llama-2-7b",
+        help="a bundled model name or a path to a Hugging Face config.json (default llama-2-7b)",
+    )
+    group.add_argument(
+        "--gpu", default="a100", help="hardware: a100, h100, h200, l40s, a10g, cpu (default a100)"
+    )
+    group.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
+    group.add_argument("--block-size", type=int, default=16, help="KV block size in tokens (default 16)")
+    group.add_argument(
+        "--kv-blocks",
+        type=int,
+        help="KV blocks as vLLM counts them (num_gpu_blocks); default: computed from memory",
+    )
+    group.add_argument(
+        "--memory-fraction",
+        type=float,
+        default=0.9,
+        help="gpu_memory_utilization used to compute the KV blocks (default 0.9)",
+    )
+    group.add_argument("--cost-profile", help="a profile file from `shadow profile`; default: roofline prior")
+
+
+def load_window(args: argparse.Namespace) -> Trace:
+    return read_trace(
+        resolve_trace(args.trace),
+        start=args.start,
+        end=args.end,
+        limit=args.limit,
+        rate_scale=args.rate_scale,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_output_tokens=args.max_output_tokens,
+    )
+
+
+def engine_setup(args: argparse.Namespace) -> Setup:
+    arch = load_model(args.model)
+    hw = get_hardware(args.gpu)
+    if args.cost_profile:
+        profile = load_profile(args.cost_profile)
+        cost, source = profile.cost, f"profile {args.cost_profile} ({profile.model} on {profile.hardware})"
+    else:
+        cost, source = (
+            roofline_prior(arch, hw, args.tp),
+            f"roofline prior ({arch.name} on {hw.name}, TP {args.tp})",
+        )
+    blocks = args.kv_blocks or kv_capacity_blocks(
+        arch, hw, tp=args.tp, block_size=args.block_size, memory_fraction=args.memory_fraction
+    )
+    return Setup(arch.name, hw.name, args.tp, args.block_size, blocks, cost, source)
+
+
+# ---- windows and evaluation: `shadow serve` and `shadow demo` -------------------------------------------------
+
 OBJECTIVES = {"gpu": "gpu", "ttft": "ttft_p99", "tpot": "tpot_p99"}
 
 
-def add_shadow_options(parser: argparse.ArgumentParser, *, window_seconds: float = 10.0) -> None:
-    group = parser.add_argument_group("windows and evaluation")
+# ---- the tiny engine of `shadow demo` and of a replayed `shadow report` -----------------------------------------
+
+
+def add_tiny_engine_options(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--max-num-seqs", type=int, default=2, help="the engine's max_num_seqs (default 2)")
+    group.add_argument(
+        "--max-num-batched-tokens", type=int, default=256, help="the engine's token budget (default 256)"
+    )
+    group.add_argument(
+        "--kv-blocks", type=int, default=64, help="the engine's KV blocks of 128 tokens (default 64)"
+    )
+
+
+# ---- where the shadow's Ray actor lives: `shadow serve` and `shadow status` ------------------------------------
+
+
+def add_actor_options(group: argparse._ArgumentGroup, *, ray_address_help: str) -> None:
+    # Imported here: the actor's module imports Ray, which only the commands that reach the actor need.
+    from vllm_shadow.runtime.actor import DEFAULT_NAME, DEFAULT_NAMESPACE
+
+    group.add_argument("--ray-address", help=ray_address_help)
+    group.add_argument("--name", default=DEFAULT_NAME, help=f"actor name (default {DEFAULT_NAME})")
+    group.add_argument(
+        "--namespace", default=DEFAULT_NAMESPACE, help=f"Ray namespace (default {DEFAULT_NAMESPACE})"
+    )
+
+
+# ---- windows and evaluation -----------------------------------------------------------------------------------
+
+
+def add_window_options(
+    group: argparse._ArgumentGroup,
+    *,
+    window_seconds: float,
+    hardware: str,
+    optimal_time_limit: float,
+    optimal_max_requests: int,
+) -> None:
+    """Window length, cost prior and CP-SAT limits: what every command that evaluates windows takes."""
     group.add_argument(
         "--window-seconds",
         type=float,
         default=window_seconds,
         help=f"close a window after this much engine time (default {window_seconds:g})",
     )
-    group.add_argument("--window-requests", type=int, help="or after this many requests arrived")
     group.add_argument(
-        "--hardware", default="h100", help="hardware for the cost prior until calibration (default h100)"
+        "--hardware",
+        default=hardware,
+        help=f"hardware for the cost prior until calibration (default {hardware})",
     )
+    group.add_argument(
+        "--optimal-time-limit",
+        type=float,
+        default=optimal_time_limit,
+        help=f"CP-SAT seconds per window (default {optimal_time_limit:g})",
+    )
+    group.add_argument(
+        "--optimal-max-requests",
+        type=int,
+        default=optimal_max_requests,
+        help=f"larger windows get the relaxation bound only (default {optimal_max_requests})",
+    )
+
+
+def add_shadow_options(
+    parser: argparse.ArgumentParser,
+    *,
+    window_seconds: float = 10.0,
+    hardware: str = "h100",
+    optimal_time_limit: float = 5.0,
+    optimal_max_requests: int = 64,
+) -> None:
+    """Everything the live shadow is configured by (`shadow_config` reads it)."""
+    group = parser.add_argument_group("windows and evaluation")
+    add_window_options(
+        group,
+        window_seconds=window_seconds,
+        hardware=hardware,
+        optimal_time_limit=optimal_time_limit,
+        optimal_max_requests=optimal_max_requests,
+    )
+    group.add_argument("--window-requests", type=int, help="or close it after this many requests arrived")
     group.add_argument(
         "--candidates",
         default="",
@@ -54,15 +239,6 @@ def add_shadow_options(parser: argparse.ArgumentParser, *, window_seconds: float
         "--min-windows", type=int, default=3, help="windows of evidence before recommending (default 3)"
     )
     group.add_argument("--no-optimal", action="store_true", help="skip the optimum and its bounds")
-    group.add_argument(
-        "--optimal-time-limit", type=float, default=5.0, help="CP-SAT seconds per window (default 5)"
-    )
-    group.add_argument(
-        "--optimal-max-requests",
-        type=int,
-        default=64,
-        help="larger windows get the relaxation bound only (default 64)",
-    )
     group.add_argument(
         "--optimal-every",
         type=int,

@@ -8,119 +8,19 @@ import math
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from vllm_shadow.adapters.events import RequestArrival
-from vllm_shadow.adapters.traces import Trace, read_trace, resolve_trace
-from vllm_shadow.costmodel.architecture import load_model
-from vllm_shadow.costmodel.hardware import get_hardware
-from vllm_shadow.costmodel.kv import kv_capacity_blocks
-from vllm_shadow.costmodel.linear import LinearCostModel
-from vllm_shadow.costmodel.profile import load_profile
-from vllm_shadow.costmodel.roofline import roofline_prior
+from vllm_shadow.adapters.traces import Trace
+from vllm_shadow.cli.options import Setup, add_engine_options, add_trace_options, engine_setup, load_window
 from vllm_shadow.solver.policies import parse_policy, split_policies
 from vllm_shadow.solver.records import SimResult
 from vllm_shadow.solver.simulator import simulate
 
 DEFAULT_POLICIES = "vllm,vllm-v0,sarathi,orca,lightllm,no-eviction,sjf"
-
-
-@dataclass(frozen=True, slots=True)
-class Setup:
-    """Everything a replay needs besides the requests and the policy: the engine being modelled."""
-
-    model: str
-    gpu: str
-    tp: int
-    block_size: int
-    num_kv_blocks: int
-    cost: LinearCostModel
-    cost_source: str
-
-
-def add_trace_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "trace",
-        help="a trace file (Azure, Mooncake, BurstGPT or Vidur format, detected from "
-        "its header) or a bundled name: azure-conv, azure-code, mooncake-conv",
-    )
-    group = parser.add_argument_group("trace window")
-    group.add_argument("--start", type=float, help="start of the time slice, seconds from the trace start")
-    group.add_argument(
-        "--end", type=float, help="end of the time slice (exclusive), seconds from the trace start"
-    )
-    group.add_argument("--limit", type=int, help="keep the first N requests (after slicing)")
-    group.add_argument(
-        "--rate-scale",
-        type=float,
-        default=1.0,
-        help="multiply the arrival rate (2 = arrivals twice as dense); default 1",
-    )
-    group.add_argument(
-        "--max-prompt-tokens", type=int, help="cap prompt lengths (capped requests are counted)"
-    )
-    group.add_argument(
-        "--max-output-tokens", type=int, help="cap output lengths (capped requests are counted)"
-    )
-
-
-def add_engine_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("engine being modelled")
-    group.add_argument(
-        "--model",
-        default="llama-2-7b",
-        help="a bundled model name or a path to a Hugging Face config.json (default llama-2-7b)",
-    )
-    group.add_argument(
-        "--gpu", default="a100", help="hardware: a100, h100, h200, l40s, a10g, cpu (default a100)"
-    )
-    group.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
-    group.add_argument("--block-size", type=int, default=16, help="KV block size in tokens (default 16)")
-    group.add_argument(
-        "--kv-blocks",
-        type=int,
-        help="KV blocks as vLLM counts them (num_gpu_blocks); default: computed from memory",
-    )
-    group.add_argument(
-        "--memory-fraction",
-        type=float,
-        default=0.9,
-        help="gpu_memory_utilization used to compute the KV blocks (default 0.9)",
-    )
-    group.add_argument("--cost-profile", help="a profile file from `shadow profile`; default: roofline prior")
-
-
-def load_window(args: argparse.Namespace) -> Trace:
-    return read_trace(
-        resolve_trace(args.trace),
-        start=args.start,
-        end=args.end,
-        limit=args.limit,
-        rate_scale=args.rate_scale,
-        max_prompt_tokens=args.max_prompt_tokens,
-        max_output_tokens=args.max_output_tokens,
-    )
-
-
-def engine_setup(args: argparse.Namespace) -> Setup:
-    arch = load_model(args.model)
-    hw = get_hardware(args.gpu)
-    if args.cost_profile:
-        profile = load_profile(args.cost_profile)
-        cost, source = profile.cost, f"profile {args.cost_profile} ({profile.model} on {profile.hardware})"
-    else:
-        cost, source = (
-            roofline_prior(arch, hw, args.tp),
-            f"roofline prior ({arch.name} on {hw.name}, TP {args.tp})",
-        )
-    blocks = args.kv_blocks or kv_capacity_blocks(
-        arch, hw, tp=args.tp, block_size=args.block_size, memory_fraction=args.memory_fraction
-    )
-    return Setup(arch.name, hw.name, args.tp, args.block_size, blocks, cost, source)
 
 
 def replay_one(requests: list[RequestArrival], policy: str, setup: Setup) -> SimResult:

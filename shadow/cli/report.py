@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from importlib.resources import files
 from pathlib import Path
 
 from vllm_shadow.adapters.events import EngineInfo, SchedulerSettings
 from vllm_shadow.adapters.recorder import read_events
+from vllm_shadow.cli.options import add_tiny_engine_options, add_window_options
 
-DEFAULT_PROFILE = (
-    Path(__file__).resolve().parent.parent / "costmodel" / "data" / "profiles" / "tiny-llama-cpu.json"
-)
+# The measured CPU profile of the tiny model, shipped as package data of the cost model.
+DEFAULT_PROFILE = files("vllm_shadow.costmodel") / "data" / "profiles" / "tiny-llama-cpu.json"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -25,19 +26,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("stream", nargs="?", help="a recorded mirror stream (.jsonl or .jsonl.gz)")
     parser.add_argument("-o", "--output", default="shadow-report.html", help="HTML file to write")
-    parser.add_argument("--window-seconds", type=float, default=1.0, help="window length (default 1 s)")
-    parser.add_argument("--hardware", default="cpu", help="cost prior until calibration (default cpu)")
-    parser.add_argument("--optimal-time-limit", type=float, default=2.0, help="CP-SAT seconds per window")
-    parser.add_argument("--optimal-max-requests", type=int, default=40, help="larger windows: bound only")
+    add_window_options(
+        parser.add_argument_group("windows and evaluation"),
+        window_seconds=1.0,
+        hardware="cpu",
+        optimal_time_limit=2.0,
+        optimal_max_requests=40,
+    )
     replay = parser.add_argument_group("replay a trace instead (the simulator plays the engine)")
     replay.add_argument("--trace", help="a bundled trace name or a trace file")
     replay.add_argument("--limit", type=int, default=120, help="requests of the trace (default 120)")
     replay.add_argument(
         "--seconds", type=float, default=12.0, help="squeeze the arrivals into this many seconds"
     )
-    replay.add_argument("--max-num-seqs", type=int, default=2, help="the replayed engine's max_num_seqs")
-    replay.add_argument("--max-num-batched-tokens", type=int, default=256, help="its token budget")
-    replay.add_argument("--kv-blocks", type=int, default=64, help="its KV blocks of 128 tokens")
+    add_tiny_engine_options(replay)
     parser.set_defaults(func=run)
 
 
@@ -71,6 +73,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give a recorded stream or --trace, not both")
     if args.stream:
         events, source = list(read_events(args.stream)), f"recorded stream {Path(args.stream).name}"
+        if not events:
+            raise ValueError(f"{args.stream}: no events to report (the recording holds only its header)")
+        if not isinstance(events[0], EngineInfo):
+            raise ValueError(f"{args.stream}: the first event is not the engine's announcement (EngineInfo)")
     else:
         events = _replayed(args)
         source = f"{args.trace} replayed ({args.limit} requests in {args.seconds:g} s) by the simulator"

@@ -19,9 +19,9 @@ from rich.live import Live
 
 from vllm_shadow.adapters.events import EngineInfo
 from vllm_shadow.adapters.recorder import event_from_json
-from vllm_shadow.cli.options import add_shadow_options, shadow_config
+from vllm_shadow.cli.options import add_actor_options, add_shadow_options, shadow_config
 from vllm_shadow.readout.console import status_view
-from vllm_shadow.runtime.actor import DEFAULT_NAME, DEFAULT_NAMESPACE, start_shadow_actor
+from vllm_shadow.runtime.actor import start_shadow_actor
 from vllm_shadow.runtime.service import ServiceConfig, address_path, default_state_path
 
 DEFAULT_GRPC_PORT = 50151
@@ -37,14 +37,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "the gaps and its recommendation on /metrics.",
     )
     ray_group = parser.add_argument_group("Ray")
-    ray_group.add_argument(
-        "--ray-address", help="join an existing cluster ('auto' or host:port); default: start a local one"
+    add_actor_options(
+        ray_group,
+        ray_address_help="join an existing cluster ('auto' or host:port); default: start a local one",
     )
     ray_group.add_argument("--num-cpus", type=int, help="CPUs of the local cluster (default: all)")
-    ray_group.add_argument("--name", default=DEFAULT_NAME, help=f"actor name (default {DEFAULT_NAME})")
-    ray_group.add_argument(
-        "--namespace", default=DEFAULT_NAMESPACE, help=f"Ray namespace (default {DEFAULT_NAMESPACE})"
-    )
     ray_group.add_argument(
         "--detached",
         action="store_true",

@@ -9,9 +9,10 @@ import time
 from rich.console import Console
 from rich.live import Live
 
+from vllm_shadow.cli.options import add_actor_options
 from vllm_shadow.readout.console import status_view
 from vllm_shadow.readout.snapshot import to_json
-from vllm_shadow.runtime.actor import DEFAULT_NAME, DEFAULT_NAMESPACE, find_shadow_actor
+from vllm_shadow.runtime.actor import find_shadow_actor
 from vllm_shadow.runtime.service import address_path
 
 
@@ -22,12 +23,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Connect to the Ray cluster of a running `shadow serve` (or `shadow demo`) and print its "
         "current state.",
     )
-    parser.add_argument(
-        "--ray-address", help="the cluster to join (default: the one `shadow serve` recorded, else auto)"
-    )
-    parser.add_argument("--name", default=DEFAULT_NAME, help=f"actor name (default {DEFAULT_NAME})")
-    parser.add_argument(
-        "--namespace", default=DEFAULT_NAMESPACE, help=f"Ray namespace (default {DEFAULT_NAMESPACE})"
+    add_actor_options(
+        parser.add_argument_group("the shadow to ask"),
+        ray_address_help="the cluster to join (default: the one `shadow serve` recorded, else auto)",
     )
     parser.add_argument("--json", action="store_true", help="print the full snapshot as JSON")
     parser.add_argument("--watch", action="store_true", help="refresh every second until interrupted")

@@ -13,9 +13,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from vllm_shadow.cli.optimal import plot_schedules
 from vllm_shadow.evaluation.evaluate import optimal_problem
 from vllm_shadow.report.analysis import StreamAnalysis
+from vllm_shadow.report.schedule_plot import plot_schedules
 from vllm_shadow.solver.optimal import GPU_COST, run_heuristics, solve_optimal
 
 
