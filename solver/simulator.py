@@ -1,18 +1,20 @@
 """Iteration-level simulator: replays requests through one scheduling loop, step by step.
 
-Each step the policy picks the batch (tokens per request) under the KV blocks, the token budget and the sequence
-cap; the cost model gives the step's time; prefill chunks advance, a completed prefill or a decode step emits one
-token, a preempted request drops its KV and later recomputes everything it had (vLLM V1 has no swap).
+Each step the policy picks the batch (new tokens per request) under the KV blocks, the token budget and the
+sequence cap; the cost model gives the step's time; prefill chunks advance, a completed prefill or a decode step
+emits one token, a preempted request drops its KV and later recomputes everything it had (vLLM V1 has no swap).
 
-The loop is vLLM V1's `Scheduler.schedule()` (0.32) written out literally (`_schedule_literal`), so that the
-`vllm` preset can be proven step-for-step against a real engine. Two exact shortcuts make it fast enough to
-replay every window under tens of candidates:
-  * decoding requests are kept implicitly: their computed-token count is `base + G`, where G counts steps, so
-    a step in which every decoder runs costs O(1) for all of them (`_schedule_fast`);
+The loop is vLLM V1's `Scheduler.schedule()` (vllm/v1/core/sched/scheduler.py, 0.32) written out literally
+(`Simulator._schedule_literal`), with vLLM's names, so that the `vllm` preset can be proven step for step against
+a real engine. Two exact shortcuts make it fast enough to replay every window under tens of candidates:
+  * decoding requests are tracked implicitly: an implicit decoder's num_computed_tokens is
+    `decode_base + decode_steps`, where `decode_steps` counts the steps in which the implicit decoders ran, so a
+    step in which every decoder runs costs O(1) for all of them (`Simulator._step_fast`);
   * a stretch of pure-decode steps with no arrival, finish, preemption or admission is advanced in closed form
-    (`_fast_forward`): block crossings come from a histogram of `base mod block_size`, step times from an
-    arithmetic series.
-Both are exact: times are integer picoseconds, and tests compare them with plain stepping.
+    (`Simulator._fast_forward`): block crossings come from a histogram of `decode_base mod block_size`, step
+    times from an arithmetic series.
+Both are exact: times are integer picoseconds (so a closed-form sum equals the step-by-step sum to the last
+digit), and tests compare them with plain stepping.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import math
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from vllm_shadow.adapters.events import EngineStep, RequestArrival
 from vllm_shadow.costmodel.linear import LinearCostModel
@@ -31,7 +34,8 @@ from vllm_shadow.solver.records import RequestRecord, SimResult
 PS_PER_S = 10**12  # time is kept in integer picoseconds so that closed-form sums equal step-by-step sums
 
 
-def _cdiv(a: int, b: int) -> int:
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division, as vLLM's `cdiv`: the blocks that `a` tokens occupy."""
     return -(-a // b)
 
 
@@ -44,554 +48,782 @@ class RunningRequest:
     generated_tokens: int  # output tokens produced so far
 
 
-class _Req:
+class _Request:
+    """One request in the simulator, named as vLLM's `Request`. A request is either explicit (its
+    `num_computed_tokens` and `num_output_tokens` are its own) or an implicit decoder (both follow from
+    `decode_base` and the simulator's `decode_steps`; see `Simulator._num_computed_tokens`)."""
+
     __slots__ = (
-        "arrival",
-        "base",
-        "computed",
-        "epoch",
-        "gen",
-        "implicit",
-        "key",
-        "output",
-        "prompt",
-        "rec",
-        "reserve",
-        "rid",
+        "arrival_time",
+        "decode_base",
+        "finish_epoch",
+        "implicit_decoder",
+        "max_tokens",
+        "num_computed_tokens",
+        "num_output_tokens",
+        "num_prompt_tokens",
+        "num_reserved_blocks",
+        "queue_key",
+        "record",
+        "request_id",
     )
 
     def __init__(
-        self, rid: str, arrival: int, prompt: int, output: int, key: tuple | None, rec: RequestRecord
+        self,
+        request_id: str,
+        arrival_time: int,
+        num_prompt_tokens: int,
+        max_tokens: int,
+        queue_key: tuple | None,
+        record: RequestRecord,
     ) -> None:
-        self.rid = rid
-        self.arrival = arrival
-        self.prompt = prompt
-        self.output = output
-        self.key = key  # waiting-queue order key (None under FCFS)
-        self.rec = rec
-        self.gen = 0  # output tokens produced
-        self.computed = 0  # KV tokens held (explicit requests only)
-        self.implicit = False  # decoding with computed == base + G
-        self.base = 0
-        self.epoch = 0  # bumps invalidate this request's entries in the finish heap
-        self.reserve = 0  # blocks reserved at admission (no-eviction mode)
+        self.request_id = request_id
+        self.arrival_time = arrival_time  # integer picoseconds
+        self.num_prompt_tokens = num_prompt_tokens
+        self.max_tokens = max_tokens  # the known output length: it finishes when it has produced this many
+        self.queue_key = queue_key  # waiting-queue order key (None under FCFS)
+        self.record = record
+        self.num_output_tokens = 0  # output tokens produced (explicit requests only)
+        self.num_computed_tokens = 0  # tokens whose KV is held (explicit requests only)
+        self.implicit_decoder = False  # decoding with num_computed_tokens == decode_base + decode_steps
+        self.decode_base = 0
+        self.finish_epoch = 0  # bumped on every change of state: invalidates its entries in the finish heap
+        self.num_reserved_blocks = 0  # blocks reserved at admission (no-eviction mode)
 
 
-class _Waiting:
-    """The waiting queue: FCFS deque (preempted go to the front) or a heap on the policy's order key."""
+# One scheduled piece of work: (request, num_new_tokens, num_computed_tokens before the step). A plain tuple,
+# not a NamedTuple: one is built per prefill chunk in the hot loop, and its fields are only ever unpacked.
+ScheduledChunk = tuple[_Request, int, int]
+
+
+class StepPlan(NamedTuple):
+    """What the literal `schedule()` decided for one step, in `Simulator._apply`'s argument order: the explicit
+    requests' chunks, the requests it preempted, and how many implicit decoders run one token each (all of
+    them, or none in a prefill-only step)."""
+
+    scheduled: list[ScheduledChunk]
+    preempted: list[_Request]
+    num_implicit_decoders: int
+
+
+class _WaitingQueue:
+    """The waiting queue: FCFS deque (preempted go to the front, as vLLM's `prepend_request`) or a heap on the
+    policy's order key."""
 
     def __init__(self, ordered: bool) -> None:
         self.ordered = ordered
-        self.fifo: deque[_Req] = deque()
-        self.heap: list[tuple[tuple, _Req]] = []
+        self.fifo: deque[_Request] = deque()
+        self.heap: list[tuple[tuple, _Request]] = []
         self.size = 0  # an attribute, not __len__: it is read on every step
 
-    def add(self, r: _Req) -> None:
+    def add_request(self, request: _Request) -> None:
         self.size += 1
         if self.ordered:
-            heapq.heappush(self.heap, (r.key, r))
+            heapq.heappush(self.heap, (request.queue_key, request))
         else:
-            self.fifo.append(r)
+            self.fifo.append(request)
 
-    def add_preempted(self, r: _Req) -> None:
+    def prepend_request(self, request: _Request) -> None:
         self.size += 1
         if self.ordered:
-            heapq.heappush(self.heap, (r.key, r))
+            heapq.heappush(self.heap, (request.queue_key, request))
         else:
-            self.fifo.appendleft(r)
+            self.fifo.appendleft(request)
 
-    def peek(self) -> _Req:
+    def peek_request(self) -> _Request:
         return self.heap[0][1] if self.ordered else self.fifo[0]
 
-    def pop(self) -> _Req:
+    def pop_request(self) -> _Request:
         self.size -= 1
         return heapq.heappop(self.heap)[1] if self.ordered else self.fifo.popleft()
 
 
-class _Sim:
+class Simulator:
+    """One engine's scheduler and KV cache under `policy`, with step times from `cost`."""
+
     def __init__(
         self,
         policy: Policy,
         cost: LinearCostModel,
         num_kv_blocks: int,
         block_size: int,
-        record_steps: bool,
-        fast: bool,
+        *,
+        record_steps: bool = False,
+        fast_forward: bool = True,
     ) -> None:
         if num_kv_blocks < 2 or block_size < 1:
             raise ValueError(
                 f"need num_kv_blocks >= 2 and block_size >= 1, got {num_kv_blocks}, {block_size}"
             )
-        self.p = policy
-        self.bs = block_size
-        self.num_blocks = num_kv_blocks
-        self.usable = num_kv_blocks - 1  # vLLM reserves one null block
-        self.wm_blocks = int(policy.watermark * num_kv_blocks)
-        self.ca = round(cost.a * PS_PER_S)
-        self.cb = round(cost.b * PS_PER_S)
-        self.cc = round(cost.c * PS_PER_S)
-        self.cd = round(cost.d * PS_PER_S)
-        self.ce = round(cost.e * PS_PER_S)
+        self.policy = policy
+        self.block_size = block_size
+        self.num_kv_blocks = num_kv_blocks
+        self.num_usable_blocks = num_kv_blocks - 1  # vLLM reserves one null block
+        self.watermark_blocks = int(policy.watermark * num_kv_blocks)
+        # The cost model's terms in integer picoseconds (see LinearCostModel: a + b*T + c*K + d*P + e*R).
+        self.step_ps = round(cost.a * PS_PER_S)  # per non-empty step
+        self.token_ps = round(cost.b * PS_PER_S)  # per new token
+        self.kv_token_ps = round(cost.c * PS_PER_S)  # per KV token attended
+        self.attention_pair_ps = round(cost.d * PS_PER_S)  # per prefill query-key pair
+        self.request_ps = round(cost.e * PS_PER_S)  # per request in the step
         self.record_steps = record_steps
-        self.fast = fast
-        self.running: list[_Req] = []
-        self.waiting = _Waiting(policy.order != "fcfs")
-        self.used = 0  # blocks held
-        self.reserved = 0  # blocks reserved by admitted requests (no-eviction mode)
-        self.now = 0
-        self.busy = 0
-        self.steps = 0
-        self.peak = 0
-        self.tokens = 0
-        self.seq = 0
-        # Implicit decoders: computed = base + G; hist counts them by base mod block size.
-        self.G = 0
-        self.n_dec = 0
-        self.sum_base = 0
-        self.hist = [0] * block_size
-        self.finish_heap: list[tuple[int, int, int, _Req]] = []
+        self.fast = fast_forward
+        self.running: list[_Request] = []
+        self.waiting = _WaitingQueue(policy.order != "fcfs")
+        self.num_used_blocks = 0
+        self.num_reserved_blocks = 0  # blocks reserved by admitted requests (no-eviction mode)
+        self.now = 0  # picoseconds
+        self.busy_ps = 0
+        self.num_steps = 0
+        self.peak_used_blocks = 0
+        self.num_tokens_processed = 0
+        # Implicit decoders. Invariant: each one's num_computed_tokens == decode_base + decode_steps and
+        # num_output_tokens == num_computed_tokens - num_prompt_tokens + 1 (every computed token but the last
+        # sampled one). The sums below let a step of all of them be priced, and their block crossings counted,
+        # without visiting any of them.
+        self.decode_steps = 0
+        self.num_implicit_decoders = 0
+        self.sum_decode_base = 0
+        self.decode_base_residues = [
+            0
+        ] * block_size  # implicit decoders counted by decode_base mod block_size
+        # (decode_steps at which it finishes, tie-break sequence, finish_epoch when pushed, request)
+        self.finish_heap: list[tuple[int, int, int, _Request]] = []
+        self.finish_heap_pushes = 0
         self.admission_blocked = False  # last step's admission failed in a way a decode stretch cannot undo
         self.step_log: list[EngineStep] = []
 
+    # ---- the driver ----------------------------------------------------------------------------------------
+
+    def add_running(self, request: _Request, num_computed_tokens: int, num_output_tokens: int) -> None:
+        """Put a request that already holds KV at the tail of the running queue (the initial state)."""
+        request.num_output_tokens = num_output_tokens
+        request.num_computed_tokens = num_computed_tokens
+        if (
+            not 0 <= num_computed_tokens <= request.num_prompt_tokens + num_output_tokens
+            or num_output_tokens >= request.max_tokens
+        ):
+            raise ValueError(
+                f"initial request {request.request_id}: inconsistent state computed={num_computed_tokens} "
+                f"gen={num_output_tokens}"
+            )
+        if not self.policy.eviction:
+            request.num_reserved_blocks = cdiv(
+                request.num_prompt_tokens + request.max_tokens - 1, self.block_size
+            )
+            self.num_reserved_blocks += request.num_reserved_blocks
+        self.running.append(request)
+        self.num_used_blocks += cdiv(num_computed_tokens, self.block_size)
+        if num_output_tokens > 0 and num_computed_tokens == request.num_prompt_tokens + num_output_tokens - 1:
+            self._to_implicit(request)
+
+    def run(self, arrival_whens: list[int], arriving: list[_Request], *, by_step: bool) -> None:
+        """Step the engine until the `arriving` requests and those in the queues have finished. `arrival_whens`
+        (ascending, one per arriving request) are times in picoseconds: the step starting now sees what arrived
+        by now; or, `by_step`, the engine step count at which each enters the waiting queue. Two plain lists
+        rather than one of records: they are read on every step."""
+        num_arrivals = len(arriving)
+        next_arrival = 0
+        while True:
+            clock = self.num_steps if by_step else self.now
+            fed = False
+            while next_arrival < num_arrivals and arrival_whens[next_arrival] <= clock:
+                self.waiting.add_request(arriving[next_arrival])
+                next_arrival += 1
+                fed = True
+            if fed:
+                self.admission_blocked = False
+            if not self.running and not self.waiting.size:
+                if next_arrival == num_arrivals:
+                    return
+                next_arrival = self._feed_idle(arrival_whens, arriving, next_arrival, by_step)
+                continue
+            if self.fast:
+                upcoming = arrival_whens[next_arrival] if next_arrival < num_arrivals else None
+                if self._fast_forward(None if by_step else upcoming, upcoming if by_step else None):
+                    continue
+                if self._step_fast():
+                    continue
+            plan = self._schedule_literal()
+            if not plan.scheduled and not plan.num_implicit_decoders:
+                if plan.preempted:
+                    continue  # the step only preempted; the next one admits
+                if next_arrival < num_arrivals:  # nothing fits until something arrives
+                    next_arrival = self._feed_idle(arrival_whens, arriving, next_arrival, by_step)
+                    continue
+                raise RuntimeError(
+                    f"scheduler {self.policy} is stuck: {len(self.running)} running, {self.waiting.size} "
+                    f"waiting, {self.num_usable_blocks - self.num_used_blocks} free blocks"
+                )
+            self._apply(*plan)
+            for request in self.running:  # hand decoders the literal walk made explicit back to the fast path
+                if (
+                    not request.implicit_decoder
+                    and request.num_output_tokens > 0
+                    and request.num_computed_tokens
+                    == request.num_prompt_tokens + request.num_output_tokens - 1
+                ):
+                    self._to_implicit(request)
+
+    def _feed_idle(
+        self, arrival_whens: list[int], arriving: list[_Request], next_arrival: int, by_step: bool
+    ) -> int:
+        """Idle engine: jump to the next arrival (in time mode) and feed everything that arrives with it."""
+        when = arrival_whens[next_arrival]
+        if not by_step:
+            self.now = max(self.now, when)
+        while next_arrival < len(arriving) and arrival_whens[next_arrival] == when:
+            self.waiting.add_request(arriving[next_arrival])
+            next_arrival += 1
+        self.admission_blocked = False
+        return next_arrival
+
     # ---- implicit decoders ---------------------------------------------------------------------------------
 
-    def _make_implicit(self, r: _Req) -> None:
-        """r has just become a decoder (computed == prompt + gen - 1) at the current G."""
-        r.implicit = True
-        r.base = r.computed - self.G
-        r.epoch += 1
-        self.n_dec += 1
-        self.sum_base += r.base
-        self.hist[r.base % self.bs] += 1
-        self.seq += 1
-        heapq.heappush(self.finish_heap, (r.prompt + r.output - 1 - r.base, self.seq, r.epoch, r))
+    def _to_implicit(self, request: _Request) -> None:
+        """`request` has just become a decoder (num_computed_tokens == num_tokens - 1) at the current
+        decode_steps: from now on it advances with decode_steps, and the finish heap says when it is done."""
+        request.implicit_decoder = True
+        request.decode_base = request.num_computed_tokens - self.decode_steps
+        request.finish_epoch += 1
+        self.num_implicit_decoders += 1
+        self.sum_decode_base += request.decode_base
+        self.decode_base_residues[request.decode_base % self.block_size] += 1
+        self.finish_heap_pushes += 1
+        # It finishes when num_computed_tokens reaches num_prompt_tokens + max_tokens - 1.
+        heapq.heappush(
+            self.finish_heap,
+            (
+                request.num_prompt_tokens + request.max_tokens - 1 - request.decode_base,
+                self.finish_heap_pushes,
+                request.finish_epoch,
+                request,
+            ),
+        )
 
-    def _make_explicit(self, r: _Req) -> None:
-        r.computed = r.base + self.G
-        r.gen = r.computed - r.prompt + 1  # the decode invariant: every computed token but the last sampled
-        r.implicit = False
-        r.epoch += 1
-        self.n_dec -= 1
-        self.sum_base -= r.base
-        self.hist[r.base % self.bs] -= 1
+    def _to_explicit(self, request: _Request) -> None:
+        request.num_computed_tokens = request.decode_base + self.decode_steps
+        # The decode invariant: every computed token but the last sampled one.
+        request.num_output_tokens = request.num_computed_tokens - request.num_prompt_tokens + 1
+        request.implicit_decoder = False
+        request.finish_epoch += 1
+        self.num_implicit_decoders -= 1
+        self.sum_decode_base -= request.decode_base
+        self.decode_base_residues[request.decode_base % self.block_size] -= 1
 
-    def _computed(self, r: _Req) -> int:
-        return r.base + self.G if r.implicit else r.computed
+    def _num_computed_tokens(self, request: _Request) -> int:
+        if request.implicit_decoder:
+            return request.decode_base + self.decode_steps
+        return request.num_computed_tokens
+
+    def _num_output_tokens(self, request: _Request) -> int:
+        if request.implicit_decoder:
+            return request.decode_base + self.decode_steps - request.num_prompt_tokens + 1
+        return request.num_output_tokens
+
+    def _is_decoding(self, request: _Request) -> bool:
+        return request.implicit_decoder or (
+            request.num_output_tokens > 0
+            and request.num_computed_tokens == request.num_prompt_tokens + request.num_output_tokens - 1
+        )
 
     # ---- queue operations ----------------------------------------------------------------------------------
 
-    def _preempt(self, r: _Req) -> None:
-        """Recompute preemption: drop all KV; the request goes back to the waiting queue."""
-        if r.implicit:
-            self._make_explicit(r)
-        self.used -= _cdiv(r.computed, self.bs)
-        r.rec.preemptions += 1
-        r.rec.recomputed_tokens += r.computed
-        r.computed = 0
-        self.waiting.add_preempted(r)
+    def _preempt_request(self, request: _Request) -> None:
+        """Recompute preemption: drop all KV; the request goes back to the front of the waiting queue."""
+        if request.implicit_decoder:
+            self._to_explicit(request)
+        self.num_used_blocks -= cdiv(request.num_computed_tokens, self.block_size)
+        request.record.preemptions += 1
+        request.record.recomputed_tokens += request.num_computed_tokens
+        request.num_computed_tokens = 0
+        self.waiting.prepend_request(request)
         self.admission_blocked = False
 
-    def _free(self, r: _Req) -> None:
-        self.used -= _cdiv(self._computed(r), self.bs)
-        self.reserved -= r.reserve
-        if r.implicit:
-            self._make_explicit(r)
+    def _free_request(self, request: _Request) -> None:
+        self.num_used_blocks -= cdiv(self._num_computed_tokens(request), self.block_size)
+        self.num_reserved_blocks -= request.num_reserved_blocks
+        if request.implicit_decoder:
+            self._to_explicit(request)
 
-    def _admission_fits(self, r: _Req, n: int, free: int) -> bool:
-        wm = self.wm_blocks if self.running else 0
-        p = self.p
-        if not p.eviction:
-            r.reserve = _cdiv(r.prompt + r.output - 1, self.bs)
-            return self.reserved + r.reserve + wm <= self.usable
-        if p.admission == "full-prompt" and _cdiv(r.prompt + r.gen, self.bs) + wm > free:
+    def _admission_fits(self, request: _Request, num_new_tokens: int, num_free_blocks: int) -> bool:
+        watermark = self.watermark_blocks if self.running else 0
+        policy = self.policy
+        if not policy.eviction:
+            request.num_reserved_blocks = cdiv(
+                request.num_prompt_tokens + request.max_tokens - 1, self.block_size
+            )
+            return (
+                self.num_reserved_blocks + request.num_reserved_blocks + watermark <= self.num_usable_blocks
+            )
+        if (
+            policy.admission == "full-prompt"
+            and cdiv(request.num_prompt_tokens + request.num_output_tokens, self.block_size) + watermark
+            > num_free_blocks
+        ):
             return False
-        if p.admission == "future-peak" and not self._peak_fits(r, self.usable - wm):
+        if policy.admission == "future-peak" and not self._peak_fits(
+            request, self.num_usable_blocks - watermark
+        ):
             return False
-        return _cdiv(n, self.bs) + wm <= free
+        return cdiv(num_new_tokens, self.block_size) + watermark <= num_free_blocks
 
-    def _peak_fits(self, cand: _Req, limit: int) -> bool:
-        """LightLLM's check: will the running requests plus `cand` fit in `limit` blocks at their joint peak, if
-        each runs to its end (output lengths are known to the simulator)? Each is counted at its full current
-        sequence, as if its prefill were done."""
+    def _peak_fits(self, candidate: _Request, limit: int) -> bool:
+        """LightLLM's check: will the running requests plus `candidate` fit in `limit` blocks at their joint
+        peak, if each runs to its end (output lengths are known to the simulator)? Each is counted at its full
+        current sequence, as if its prefill were done."""
+        block_size = self.block_size
         # Every job at its final size at once bounds the peak from above: if that fits, so does the peak.
-        finals = sum(r.prompt + r.output - 1 for r in self.running) + cand.prompt + cand.output - 1
-        if _cdiv(finals, self.bs) + len(self.running) <= limit:
+        final_tokens = (
+            sum(r.num_prompt_tokens + r.max_tokens - 1 for r in self.running)
+            + candidate.num_prompt_tokens
+            + candidate.max_tokens
+            - 1
+        )
+        if cdiv(final_tokens, block_size) + len(self.running) <= limit:
             return True
-        jobs = []
-        for r in [*self.running, cand]:
-            gen = r.base + self.G - r.prompt + 1 if r.implicit else r.gen
-            held = r.prompt + max(gen, 1) - 1 if r is not cand else r.prompt + gen
-            jobs.append((r.prompt + r.output - 1 - held, held))
+        jobs = []  # (tokens left to grow, tokens held now)
+        for r in [*self.running, candidate]:
+            num_output_tokens = self._num_output_tokens(r)
+            if r is candidate:
+                held = r.num_prompt_tokens + num_output_tokens
+            else:
+                held = r.num_prompt_tokens + max(num_output_tokens, 1) - 1
+            jobs.append((r.num_prompt_tokens + r.max_tokens - 1 - held, held))
         jobs.sort()
-        n = len(jobs)
-        held_now = sum(h for _, h in jobs)
+        num_jobs = len(jobs)
+        held_now = sum(held for _, held in jobs)
         for i, (left, held) in enumerate(jobs):
             # When the i-th shortest finishes, requests i.. have each grown by `left` tokens;
-            # sum of ceil(x_j / bs) over `live` requests <= ceil(sum x_j / bs) + live - 1.
-            live = n - i
-            if _cdiv(held_now + live * left, self.bs) + live - 1 > limit:
+            # sum of ceil(x_j / block_size) over `live` requests <= ceil(sum x_j / block_size) + live - 1.
+            live = num_jobs - i
+            if cdiv(held_now + live * left, block_size) + live - 1 > limit:
                 return False
             held_now -= held
         return True
 
     # ---- one step ------------------------------------------------------------------------------------------
 
-    def _threshold(self) -> int:
-        thr = self.p.long_prefill_token_threshold
+    def _long_prefill_token_threshold(self) -> int:
+        threshold = self.policy.long_prefill_token_threshold
         # vLLM: when only one request is eligible there is nobody to starve, so the cap is lifted.
-        return thr if len(self.running) + self.waiting.size > 1 else 0
+        return threshold if len(self.running) + self.waiting.size > 1 else 0
 
-    def _admit(self, budget: int, sched: list[tuple[_Req, int, int]], thr: int) -> int:
-        """Pass 2: admit waiting requests in queue order; returns the budget left. Records whether admission
-        stopped for a reason that a stretch of pure decoding cannot undo (the fast-forward's precondition)."""
-        p = self.p
+    def _schedule_waiting(
+        self, token_budget: int, scheduled: list[ScheduledChunk], long_prefill_token_threshold: int
+    ) -> int:
+        """vLLM's second pass: admit waiting requests in queue order; returns the token budget left. Records
+        whether admission stopped for a reason that a stretch of pure decoding cannot undo (the fast-forward's
+        precondition)."""
+        policy = self.policy
         blocked = False
-        while budget > 0 and self.waiting.size:
-            if len(self.running) >= p.max_num_seqs:
+        while token_budget > 0 and self.waiting.size:
+            if len(self.running) >= policy.max_num_seqs:
                 blocked = True
                 break
-            r = self.waiting.peek()
-            n = r.prompt + r.gen  # a resumed request recomputes its generated tokens too
-            if 0 < thr < n:
-                n = thr
-            if not p.chunked_prefill and n > budget and (budget < p.max_num_batched_tokens or sched):
+            request = self.waiting.peek_request()
+            # A resumed request recomputes its generated tokens too: num_tokens = prompt + output so far.
+            num_new_tokens = request.num_prompt_tokens + request.num_output_tokens
+            if 0 < long_prefill_token_threshold < num_new_tokens:
+                num_new_tokens = long_prefill_token_threshold
+            if (
+                not policy.chunked_prefill
+                and num_new_tokens > token_budget
+                and (token_budget < policy.max_num_batched_tokens or scheduled)
+            ):
                 # Lasting only if no prefill chunk took budget this step: a decode stretch leaves it as is.
-                blocked = not sched
+                blocked = not scheduled
                 break
-            n = min(n, budget) if p.chunked_prefill else n
-            if not self._admission_fits(r, n, self.usable - self.used):
-                r.reserve = 0
+            if policy.chunked_prefill:
+                num_new_tokens = min(num_new_tokens, token_budget)
+            if not self._admission_fits(
+                request, num_new_tokens, self.num_usable_blocks - self.num_used_blocks
+            ):
+                request.num_reserved_blocks = 0
                 blocked = True
                 break
-            self.waiting.pop()
-            self.reserved += r.reserve
-            self.running.append(r)
-            self.used += _cdiv(n, self.bs)
-            sched.append((r, n, 0))
-            budget -= n
-        self.admission_blocked = blocked and p.admission != "future-peak"
-        return budget
+            self.waiting.pop_request()
+            self.num_reserved_blocks += request.num_reserved_blocks
+            self.running.append(request)
+            self.num_used_blocks += cdiv(num_new_tokens, self.block_size)
+            scheduled.append((request, num_new_tokens, 0))
+            token_budget -= num_new_tokens
+        self.admission_blocked = blocked and policy.admission != "future-peak"
+        return token_budget
 
-    def _schedule_literal(self) -> tuple[list[tuple[_Req, int, int]], list[_Req], int]:
-        """vLLM V1's schedule(), walked request by request. Returns (explicit scheduled (req, tokens, ctx),
-        preempted, decoders run). Implicit decoders that run stay implicit; those that do not are made explicit."""
-        p = self.p
-        budget = p.max_num_batched_tokens
-        thr = self._threshold()
-        sched: list[tuple[_Req, int, int]] = []
-        ran: dict[int, int] = {}  # implicit decoders scheduled: id -> blocks allocated
-        preempted: list[_Req] = []
-        static_admit = p.batching == "static" and not self.running
+    def _schedule_literal(self) -> StepPlan:
+        """vLLM V1's `schedule()`, walked request by request: first the RUNNING requests (preempting from the
+        tail, or the worst priority, when one cannot allocate its blocks), then the WAITING ones if nothing was
+        preempted. Implicit decoders that run stay implicit; those that do not are made explicit."""
+        policy = self.policy
+        token_budget = policy.max_num_batched_tokens
+        long_prefill_token_threshold = self._long_prefill_token_threshold()
+        scheduled: list[ScheduledChunk] = []
+        scheduled_decoders: dict[int, int] = {}  # implicit decoders scheduled: id -> blocks allocated
+        preempted_reqs: list[_Request] = []
+        static_admit = policy.batching == "static" and not self.running
         self.admission_blocked = False
 
-        if p.batching == "prefill-first" and self.waiting.size:
-            self._admit(budget, sched, thr)
-            if sched:
-                return sched, preempted, 0  # a prefill-only step: the decoders wait
+        if policy.batching == "prefill-first" and self.waiting.size:
+            self._schedule_waiting(token_budget, scheduled, long_prefill_token_threshold)
+            if scheduled:
+                return StepPlan(scheduled, preempted_reqs, 0)  # a prefill-only step: the decoders wait
 
-        if p.decode_first:
-            decoding = [r for r in self.running if self._decoding(r)]
-            self.running[:] = decoding + [r for r in self.running if not self._decoding(r)]
-        i = 0
-        while i < len(self.running) and budget > 0:
-            r = self.running[i]
-            c = self._computed(r)
-            n = r.prompt + self._gen(r) - c
-            if 0 < thr < n:
-                n = thr
-            n = min(n, budget)
-            if n <= 0:
-                i += 1
+        if policy.decode_first:
+            decoding = [r for r in self.running if self._is_decoding(r)]
+            self.running[:] = decoding + [r for r in self.running if not self._is_decoding(r)]
+        req_index = 0
+        while req_index < len(self.running) and token_budget > 0:
+            request = self.running[req_index]
+            num_computed_tokens = self._num_computed_tokens(request)
+            num_tokens = request.num_prompt_tokens + self._num_output_tokens(request)
+            num_new_tokens = num_tokens - num_computed_tokens
+            if 0 < long_prefill_token_threshold < num_new_tokens:
+                num_new_tokens = long_prefill_token_threshold
+            num_new_tokens = min(num_new_tokens, token_budget)
+            if num_new_tokens <= 0:
+                req_index += 1
                 continue
-            need = _cdiv(c + n, self.bs) - _cdiv(c, self.bs)
-            while need > self.usable - self.used:
-                if not p.eviction:
+            # allocate_slots: the blocks its new tokens spill into.
+            num_new_blocks = cdiv(num_computed_tokens + num_new_tokens, self.block_size) - cdiv(
+                num_computed_tokens, self.block_size
+            )
+            while num_new_blocks > self.num_usable_blocks - self.num_used_blocks:
+                if not policy.eviction:
                     raise AssertionError("no-eviction admission reserved too little KV")  # an invariant
-                if p.order == "priority":
-                    victim = max(self.running, key=lambda q: (q.rec.priority, q.arrival))
-                    idx = self.running.index(victim)
-                    del self.running[idx]
-                    if idx < i:
-                        i -= 1
-                    budget += self._unschedule(victim, sched, ran)
+                if policy.order == "priority":
+                    preempted_req = max(self.running, key=lambda r: (r.record.priority, r.arrival_time))
+                    victim_index = self.running.index(preempted_req)
+                    del self.running[victim_index]
+                    if victim_index < req_index:
+                        req_index -= 1
+                    token_budget += self._unschedule(preempted_req, scheduled, scheduled_decoders)
                 else:
-                    victim = self.running.pop()
-                self._preempt(victim)
-                preempted.append(victim)
-                if victim is r:
-                    break
-            if preempted and preempted[-1] is r:
+                    preempted_req = self.running.pop()
+                self._preempt_request(preempted_req)
+                preempted_reqs.append(preempted_req)
+                if preempted_req is request:
+                    break  # no more request to preempt: it cannot be scheduled
+            if preempted_reqs and preempted_reqs[-1] is request:
                 break
-            self.used += need
-            if r.implicit:
-                ran[id(r)] = need
+            self.num_used_blocks += num_new_blocks
+            if request.implicit_decoder:
+                scheduled_decoders[id(request)] = num_new_blocks
             else:
-                sched.append((r, n, c))
-            budget -= n
-            i += 1
-        self._freeze_decoders(ran)
-        if not preempted and (p.batching == "continuous" or static_admit):
-            self._admit(budget, sched, thr)
-        return sched, preempted, self.n_dec
+                scheduled.append((request, num_new_tokens, num_computed_tokens))
+            token_budget -= num_new_tokens
+            req_index += 1
+        self._freeze_decoders(scheduled_decoders)
+        if not preempted_reqs and (policy.batching == "continuous" or static_admit):
+            self._schedule_waiting(token_budget, scheduled, long_prefill_token_threshold)
+        return StepPlan(scheduled, preempted_reqs, self.num_implicit_decoders)
 
-    def _unschedule(self, victim: _Req, sched: list[tuple[_Req, int, int]], ran: dict[int, int]) -> int:
+    def _unschedule(
+        self, victim: _Request, scheduled: list[ScheduledChunk], scheduled_decoders: dict[int, int]
+    ) -> int:
         """Undo a priority victim's allocation made earlier in this step; returns the tokens given back."""
-        if id(victim) in ran:
-            self.used -= ran.pop(id(victim))
+        if id(victim) in scheduled_decoders:
+            self.num_used_blocks -= scheduled_decoders.pop(id(victim))
             return 1
-        for j, (q, m, c) in enumerate(sched):
-            if q is victim:
-                self.used -= _cdiv(c + m, self.bs) - _cdiv(c, self.bs)
-                del sched[j]
-                return m
+        for j, (request, num_new_tokens, num_computed_tokens) in enumerate(scheduled):
+            if request is victim:
+                self.num_used_blocks -= cdiv(num_computed_tokens + num_new_tokens, self.block_size) - cdiv(
+                    num_computed_tokens, self.block_size
+                )
+                del scheduled[j]
+                return num_new_tokens
         return 0
 
-    def _freeze_decoders(self, ran: dict[int, int]) -> None:
-        """Implicit decoders advance with G; those that do not run this step must leave the implicit set."""
-        if len(ran) != self.n_dec:
-            for r in self.running:
-                if r.implicit and id(r) not in ran:
-                    self._make_explicit(r)
+    def _freeze_decoders(self, scheduled_decoders: dict[int, int]) -> None:
+        """Implicit decoders advance with decode_steps; those that do not run this step must leave the
+        implicit set, or they would advance without running."""
+        if len(scheduled_decoders) != self.num_implicit_decoders:
+            for request in self.running:
+                if request.implicit_decoder and id(request) not in scheduled_decoders:
+                    self._to_explicit(request)
 
-    def _decoding(self, r: _Req) -> bool:
-        return r.implicit or (r.gen > 0 and r.computed == r.prompt + r.gen - 1)
-
-    def _gen(self, r: _Req) -> int:
-        return r.base + self.G - r.prompt + 1 if r.implicit else r.gen
-
-    def _schedule_fast(self) -> tuple[list[tuple[_Req, int, int]], list[_Req], int] | None:
-        """The common step in O(prefilling + admitted + preempted): every implicit decoder runs one token and
-        the prefill chunks, all at the tail of the running queue, share the rest of the budget. Under FCFS,
-        victims come from the tail, so vLLM's walk (preempt lazily when a request cannot allocate) pops exactly
-        the victims that an eager "pop until the step's total need fits" pops: prefix needs never exceed the
-        total. Returns (explicit scheduled, preempted, decoders run), or None when the literal walk must decide."""
-        p = self.p
-        sched: list[tuple[_Req, int, int]] = []
-        thr = self._threshold()
-        if p.batching == "prefill-first" and self.waiting.size:
-            self._admit(p.max_num_batched_tokens, sched, thr)
-            if sched:
-                return sched, [], 0  # a prefill-only step: the decoders wait
-        n_dec = self.n_dec
-        budget = p.max_num_batched_tokens - n_dec
-        if budget < 0:
-            return None
-        n_pref = len(self.running) - n_dec
-        prefilling = self.running[n_dec:] if n_pref else ()
-        total = self.hist[-self.G % self.bs]
-        needs: list[int] = []
-        for r in prefilling:
-            if r.implicit:
-                return None  # a prefilling request sits between decoders: the literal walk decides
-            if budget <= 0:
+    def _step_fast(self) -> bool:
+        """Schedule and run the common step in O(prefilling + admitted + preempted): every implicit decoder runs
+        one token and the prefill chunks, all at the tail of the running queue, share the rest of the budget.
+        Under FCFS, victims come from the tail, so vLLM's walk (preempt lazily when a request cannot allocate)
+        pops exactly the victims that an eager "pop until the step's total need fits" pops: prefix needs never
+        exceed the total. Returns False, having run nothing, when the literal walk must decide. (It runs the
+        step itself rather than return a StepPlan: this is the hot path, and a plan object per step costs more
+        than the rest of the call's bookkeeping.)"""
+        policy = self.policy
+        block_size = self.block_size
+        scheduled: list[ScheduledChunk] = []
+        long_prefill_token_threshold = self._long_prefill_token_threshold()
+        if policy.batching == "prefill-first" and self.waiting.size:
+            self._schedule_waiting(policy.max_num_batched_tokens, scheduled, long_prefill_token_threshold)
+            if scheduled:
+                self._apply(scheduled, [], 0)  # a prefill-only step: the decoders wait
+                return True
+        num_decoders = self.num_implicit_decoders
+        token_budget = policy.max_num_batched_tokens - num_decoders
+        if token_budget < 0:
+            return False
+        prefilling = self.running[num_decoders:] if len(self.running) > num_decoders else ()
+        # The decoders whose next token opens a new block: those with decode_base = -decode_steps mod block_size.
+        num_new_blocks = self.decode_base_residues[-self.decode_steps % block_size]
+        chunk_blocks: list[int] = []
+        for request in prefilling:
+            if request.implicit_decoder:
+                return False  # a prefilling request sits between decoders: the literal walk decides
+            if token_budget <= 0:
                 continue  # keep checking the order; vLLM's walk stops here
-            n = r.prompt + r.gen - r.computed
-            if 0 < thr < n:
-                n = thr
-            n = min(n, budget)
-            need = _cdiv(r.computed + n, self.bs) - _cdiv(r.computed, self.bs)
-            sched.append((r, n, r.computed))
-            needs.append(need)
-            total += need
-            budget -= n
-        preempted: list[_Req] = []
-        if total > self.usable - self.used:
-            if p.order == "priority" or not p.eviction:
-                return None  # priority victims are not at the tail; the literal walk decides
-            while total > self.usable - self.used:
-                victim = self.running.pop()
-                if sched and sched[-1][0] is victim:
-                    sched.pop()
-                    total -= needs.pop()
-                elif victim.implicit and (victim.base + self.G) % self.bs == 0:
-                    total -= 1
-                self._preempt(victim)
-                preempted.append(victim)
-        self.used += total
-        if not preempted and (p.batching == "continuous" or (p.batching == "static" and not self.running)):
-            self._admit(budget, sched, thr)
-        return sched, preempted, self.n_dec
+            num_computed_tokens = request.num_computed_tokens
+            num_new_tokens = request.num_prompt_tokens + request.num_output_tokens - num_computed_tokens
+            if 0 < long_prefill_token_threshold < num_new_tokens:
+                num_new_tokens = long_prefill_token_threshold
+            num_new_tokens = min(num_new_tokens, token_budget)
+            blocks = cdiv(num_computed_tokens + num_new_tokens, block_size) - cdiv(
+                num_computed_tokens, block_size
+            )
+            scheduled.append((request, num_new_tokens, num_computed_tokens))
+            chunk_blocks.append(blocks)
+            num_new_blocks += blocks
+            token_budget -= num_new_tokens
+        preempted_reqs: list[_Request] = []
+        if num_new_blocks > self.num_usable_blocks - self.num_used_blocks:
+            if policy.order == "priority" or not policy.eviction:
+                return False  # priority victims are not at the tail; the literal walk decides
+            while num_new_blocks > self.num_usable_blocks - self.num_used_blocks:
+                preempted_req = self.running.pop()
+                if scheduled and scheduled[-1][0] is preempted_req:
+                    scheduled.pop()
+                    num_new_blocks -= chunk_blocks.pop()
+                elif (
+                    preempted_req.implicit_decoder
+                    and (preempted_req.decode_base + self.decode_steps) % block_size == 0
+                ):
+                    num_new_blocks -= 1  # it would have opened a block
+                self._preempt_request(preempted_req)
+                preempted_reqs.append(preempted_req)
+        self.num_used_blocks += num_new_blocks
+        if not preempted_reqs and (
+            policy.batching == "continuous" or (policy.batching == "static" and not self.running)
+        ):
+            self._schedule_waiting(token_budget, scheduled, long_prefill_token_threshold)
+        num_decoders = self.num_implicit_decoders
+        if not (scheduled or preempted_reqs or num_decoders):
+            return False  # nothing to run: the literal walk decides
+        self._apply(scheduled, preempted_reqs, num_decoders)
+        return True
 
-    def _apply(self, sched: list[tuple[_Req, int, int]], n_dec: int, preempted: list[_Req]) -> None:
-        """Charge the step's time, advance tokens, emit tokens, finish requests. `n_dec` implicit decoders ran
-        (all of them, or none in a prefill-only step)."""
-        tokens = n_dec
-        kv = self.sum_base + n_dec * (self.G + 1) if n_dec else 0
-        attn = 0
-        for _r, n, c in sched:
-            tokens += n
-            kv += c + n
-            if n > 1:
-                attn += n * (c + n)
-        if tokens == 0:
+    def _apply(
+        self, scheduled: list[ScheduledChunk], preempted_reqs: list[_Request], num_decoders: int
+    ) -> None:
+        """Run a scheduled step: charge its time, advance tokens, emit tokens, finish requests. `num_decoders`
+        implicit decoders run one token each (all of them, or none in a prefill-only step)."""
+        num_scheduled_tokens = num_decoders
+        # KV tokens attended: each implicit decoder attends decode_base + decode_steps + 1 after this step.
+        kv_tokens = self.sum_decode_base + num_decoders * (self.decode_steps + 1) if num_decoders else 0
+        attention_pairs = 0
+        for _request, num_new_tokens, num_computed_tokens in scheduled:
+            num_scheduled_tokens += num_new_tokens
+            kv_tokens += num_computed_tokens + num_new_tokens
+            if num_new_tokens > 1:
+                attention_pairs += num_new_tokens * (num_computed_tokens + num_new_tokens)
+        if num_scheduled_tokens == 0:
             return
         start = self.now
-        dt = self.ca + self.cb * tokens + self.cc * kv + self.cd * attn + self.ce * (n_dec + len(sched))
-        self.now += dt
-        self.busy += dt
-        self.tokens += tokens
-        self.peak = max(self.peak, self.used)
+        duration = (
+            self.step_ps
+            + self.token_ps * num_scheduled_tokens
+            + self.kv_token_ps * kv_tokens
+            + self.attention_pair_ps * attention_pairs
+            + self.request_ps * (num_decoders + len(scheduled))
+        )
+        self.now += duration
+        self.busy_ps += duration
+        self.num_tokens_processed += num_scheduled_tokens
+        self.peak_used_blocks = max(self.peak_used_blocks, self.num_used_blocks)
         if self.record_steps:
-            self._log_step(start, dt, sched, n_dec, preempted)
-        self.steps += 1
-        if n_dec:
-            self.G += 1  # the implicit decoders advance one token
+            self._log_step(start, duration, scheduled, num_decoders, preempted_reqs)
+        self.num_steps += 1
+        if num_decoders:
+            self.decode_steps += 1  # the implicit decoders advance one token
         end_s = self.now / PS_PER_S
-        finished: list[_Req] = []
-        for r, n, _c in sched:
-            rec = r.rec
-            if rec.first_scheduled != rec.first_scheduled:
-                rec.first_scheduled = start / PS_PER_S
-            r.computed += n
-            if r.computed == r.prompt + r.gen:  # the chunk reached the end: a token is sampled
-                r.gen += 1
-                if r.gen == 1:
-                    rec.first_token = end_s
-                if r.gen == r.output:
-                    finished.append(r)
+        finished: list[_Request] = []
+        for request, num_new_tokens, _num_computed_tokens in scheduled:
+            record = request.record
+            if record.first_scheduled != record.first_scheduled:  # NaN: never scheduled before
+                record.first_scheduled = start / PS_PER_S
+            request.num_computed_tokens += num_new_tokens
+            # The chunk reached the end of num_tokens: a token is sampled.
+            if request.num_computed_tokens == request.num_prompt_tokens + request.num_output_tokens:
+                request.num_output_tokens += 1
+                if request.num_output_tokens == 1:
+                    record.first_token = end_s
+                if request.num_output_tokens == request.max_tokens:
+                    finished.append(request)
                 else:
-                    self._make_implicit(r)
-        heap = self.finish_heap
-        while heap and heap[0][0] <= self.G:
-            _g, _s, epoch, r = heapq.heappop(heap)
-            if r.epoch == epoch and r.implicit:
-                finished.append(r)
+                    self._to_implicit(request)
+        finish_heap = self.finish_heap
+        while finish_heap and finish_heap[0][0] <= self.decode_steps:
+            _at, _seq, finish_epoch, request = heapq.heappop(finish_heap)
+            if request.finish_epoch == finish_epoch and request.implicit_decoder:
+                finished.append(request)
         if finished:
-            self._finish(finished, end_s)
+            self._finish_requests(finished, end_s)
 
-    def _finish(self, finished: list[_Req], end_s: float) -> None:
-        for r in finished:
-            r.rec.finish = end_s
-            self._free(r)
+    def _finish_requests(self, finished: list[_Request], end_s: float) -> None:
+        for request in finished:
+            request.record.finish = end_s
+            self._free_request(request)
         if len(finished) > 8:
             done = {id(r) for r in finished}
             self.running = [r for r in self.running if id(r) not in done]
         else:
-            for r in finished:
-                self.running.remove(r)
+            for request in finished:
+                self.running.remove(request)
         self.admission_blocked = False
 
-    def _log_step(self, start: int, dt: int, sched, n_dec: int, preempted: list[_Req]) -> None:
-        tokens = {r.rid: 1 for r in self.running if r.implicit} if n_dec else {}
-        for r, n, _c in sched:
-            tokens[r.rid] = n
+    def _log_step(
+        self,
+        start: int,
+        duration: int,
+        scheduled: list[ScheduledChunk],
+        num_decoders: int,
+        preempted_reqs: list[_Request],
+    ) -> None:
+        num_scheduled_tokens = (
+            {r.request_id: 1 for r in self.running if r.implicit_decoder} if num_decoders else {}
+        )
+        for request, num_new_tokens, _num_computed_tokens in scheduled:
+            num_scheduled_tokens[request.request_id] = num_new_tokens
         self.step_log.append(
             EngineStep(
-                step=self.steps,
+                step=self.num_steps,
                 start_time=start / PS_PER_S,
-                duration=dt / PS_PER_S,
-                scheduled_tokens=tokens,
-                preempted=tuple(r.rid for r in preempted),
-                kv_blocks_used=self.used,
+                duration=duration / PS_PER_S,
+                scheduled_tokens=num_scheduled_tokens,
+                preempted=tuple(r.request_id for r in preempted_reqs),
+                kv_blocks_used=self.num_used_blocks,
             )
         )
 
     # ---- closed-form decode stretches ----------------------------------------------------------------------
 
-    def _blocks_for(self, k: int) -> int:
-        """Blocks the implicit decoders allocate over the next k steps: each crosses a block boundary every
-        block_size steps, and in the first k mod block_size steps only those whose residue comes up do."""
-        bs = self.bs
-        q, s = divmod(k, bs)
-        total = q * self.n_dec
-        if s:
-            # Residues crossing within s steps: (-G - o) mod bs for o < s, a circular range ending at -G mod bs.
-            end = -self.G % bs
-            first = end - s + 1
-            hist = self.hist
-            total += sum(hist[first : end + 1]) if first >= 0 else sum(hist[: end + 1]) + sum(hist[first:])
+    def _decode_blocks_over(self, num_steps: int) -> int:
+        """Blocks the implicit decoders allocate over the next `num_steps` steps: each crosses a block boundary
+        every block_size steps, and in the first num_steps mod block_size steps only those whose residue comes
+        up do."""
+        block_size = self.block_size
+        full_cycles, rest = divmod(num_steps, block_size)
+        total = full_cycles * self.num_implicit_decoders
+        if rest:
+            # Residues crossing within `rest` steps: (-decode_steps - o) mod block_size for o < rest, a circular
+            # range ending at -decode_steps mod block_size.
+            end = -self.decode_steps % block_size
+            first = end - rest + 1
+            residues = self.decode_base_residues
+            if first >= 0:
+                total += sum(residues[first : end + 1])
+            else:
+                total += sum(residues[: end + 1]) + sum(residues[first:])
         return total
 
-    def _fast_forward(self, next_arrival: int | None, next_arrival_step: int | None) -> bool:
+    def _fast_forward(self, next_arrival_time: int | None, next_arrival_step: int | None) -> bool:
         """Advance k >= 1 pure-decode steps at once when nothing but decoding can happen. Returns True if it did."""
-        n = self.n_dec
-        if n == 0 or n != len(self.running) or n > self.p.max_num_batched_tokens:
+        num_decoders = self.num_implicit_decoders
+        if (
+            num_decoders == 0
+            or num_decoders != len(self.running)
+            or num_decoders > self.policy.max_num_batched_tokens
+        ):
             return False
-        static_full = self.p.batching == "static"  # running is non-empty here: a static batch admits nothing
+        static_full = (
+            self.policy.batching == "static"
+        )  # running is non-empty here: a static batch admits nothing
         if self.waiting.size and not (self.admission_blocked or static_full):
             return False
         # Steps until the next finish; a stale heap entry can only make the stretch shorter, never wrong.
-        k = max(self.finish_heap[0][0] - self.G, 1) if self.finish_heap else 1
-        base_cost = self.ca + (self.cb + self.ce) * n + self.cc * (self.sum_base + n * self.G + n)
-        slope = self.cc * n  # each step reads n more KV tokens than the last
+        k = max(self.finish_heap[0][0] - self.decode_steps, 1) if self.finish_heap else 1
+        # Step j of the stretch lasts first_step_ps + slope_ps * j: each step reads num_decoders more KV tokens.
+        first_step_ps = (
+            self.step_ps
+            + (self.token_ps + self.request_ps) * num_decoders
+            + self.kv_token_ps * (self.sum_decode_base + num_decoders * self.decode_steps + num_decoders)
+        )
+        slope_ps = self.kv_token_ps * num_decoders
         if next_arrival_step is not None:
-            k = min(k, next_arrival_step - self.steps)
-        if next_arrival is not None:
-            gap = next_arrival - self.now
-            if (k - 1) * base_cost + slope * (k - 1) * (k - 2) // 2 >= gap:  # the arrival comes first
-                k = _steps_starting_before(gap, base_cost, slope)
+            k = min(k, next_arrival_step - self.num_steps)
+        if next_arrival_time is not None:
+            gap = next_arrival_time - self.now
+            if (k - 1) * first_step_ps + slope_ps * (k - 1) * (k - 2) // 2 >= gap:  # the arrival comes first
+                k = _steps_starting_before(gap, first_step_ps, slope_ps)
         if k < 1:
             return False
-        free = self.usable - self.used
-        if n * _cdiv(k, self.bs) > free and self._blocks_for(k) > free:
-            lo, hi = 0, k  # largest k whose allocations all fit
+        num_free_blocks = self.num_usable_blocks - self.num_used_blocks
+        if (
+            num_decoders * cdiv(k, self.block_size) > num_free_blocks
+            and self._decode_blocks_over(k) > num_free_blocks
+        ):
+            lo, hi = 0, k  # the largest k whose allocations all fit
             while lo < hi:
                 mid = (lo + hi + 1) // 2
-                if self._blocks_for(mid) <= free:
+                if self._decode_blocks_over(mid) <= num_free_blocks:
                     lo = mid
                 else:
                     hi = mid - 1
             k = lo
             if k < 1:
                 return False
-        blocks = self._blocks_for(k)
-        total = k * base_cost + slope * k * (k - 1) // 2
+        num_new_blocks = self._decode_blocks_over(k)
+        total_ps = k * first_step_ps + slope_ps * k * (k - 1) // 2
         if self.record_steps:
-            tokens = {r.rid: 1 for r in self.running}
+            num_scheduled_tokens = {r.request_id: 1 for r in self.running}
             for j in range(k):
                 self.step_log.append(
                     EngineStep(
-                        step=self.steps + j,
-                        start_time=(self.now + j * base_cost + slope * j * (j - 1) // 2) / PS_PER_S,
-                        duration=(base_cost + slope * j) / PS_PER_S,
-                        scheduled_tokens=dict(tokens),
-                        kv_blocks_used=self.used + self._blocks_for(j + 1),
+                        step=self.num_steps + j,
+                        start_time=(self.now + j * first_step_ps + slope_ps * j * (j - 1) // 2) / PS_PER_S,
+                        duration=(first_step_ps + slope_ps * j) / PS_PER_S,
+                        scheduled_tokens=dict(num_scheduled_tokens),
+                        kv_blocks_used=self.num_used_blocks + self._decode_blocks_over(j + 1),
                     )
                 )
-        self.used += blocks
-        self.peak = max(self.peak, self.used)
-        self.now += total
-        self.busy += total
-        self.tokens += n * k
-        self.steps += k
-        self.G += k
+        self.num_used_blocks += num_new_blocks
+        self.peak_used_blocks = max(self.peak_used_blocks, self.num_used_blocks)
+        self.now += total_ps
+        self.busy_ps += total_ps
+        self.num_tokens_processed += num_decoders * k
+        self.num_steps += k
+        self.decode_steps += k
         end_s = self.now / PS_PER_S
         finished = []
-        heap = self.finish_heap
-        while heap and heap[0][0] <= self.G:
-            _g, _s, epoch, r = heapq.heappop(heap)
-            if r.epoch == epoch and r.implicit:
-                r.gen = r.output
-                finished.append(r)
+        finish_heap = self.finish_heap
+        while finish_heap and finish_heap[0][0] <= self.decode_steps:
+            _at, _seq, finish_epoch, request = heapq.heappop(finish_heap)
+            if request.finish_epoch == finish_epoch and request.implicit_decoder:
+                request.num_output_tokens = request.max_tokens
+                finished.append(request)
         if finished:
-            self._finish(finished, end_s)
+            self._finish_requests(finished, end_s)
         return True
 
 
-def _steps_starting_before(gap: int, base: int, slope: int) -> int:
-    """How many steps start before `gap` when step j lasts base + slope*j: the count of j >= 0 with
-    j*base + slope*j*(j-1)/2 < gap. A float estimate, corrected with exact integer arithmetic."""
+def _steps_starting_before(gap: int, first_step: int, slope: int) -> int:
+    """How many steps start before `gap` when step j lasts first_step + slope*j: the count of j >= 0 with
+    j*first_step + slope*j*(j-1)/2 < gap. A float estimate, corrected with exact integer arithmetic."""
     if slope:
-        hb = base - slope / 2
-        j = int((-hb + math.sqrt(hb * hb + 2 * slope * gap)) / slope) + 2
+        half = first_step - slope / 2
+        j = int((-half + math.sqrt(half * half + 2 * slope * gap)) / slope) + 2
     else:
-        j = gap // base + 2 if base else 0
-    while j > 0 and j * base + slope * j * (j - 1) // 2 >= gap:
+        j = gap // first_step + 2 if first_step else 0
+    while j > 0 and j * first_step + slope * j * (j - 1) // 2 >= gap:
         j -= 1
     return j + 1
 
 
-def _reorder(plan: tuple[list, list, int]) -> tuple[list, int, list]:
-    sched, preempted, n_dec = plan
-    return sched, n_dec, preempted
-
-
-def _order_key(order: str, r: RequestArrival, arrival: int, index: int) -> tuple | None:
+def _queue_key(order: str, request: RequestArrival, arrival_time: int, index: int) -> tuple | None:
     if order == "fcfs":
         return None  # the FCFS queue is a deque in arrival order
     if order == "priority":
-        return (r.priority, arrival, index)
-    return (r.prompt_tokens if order == "prompt" else r.output_tokens, arrival, index)
+        return (request.priority, arrival_time, index)
+    return (request.prompt_tokens if order == "prompt" else request.output_tokens, arrival_time, index)
 
 
 def simulate(
@@ -616,119 +848,64 @@ def simulate(
     `fast_forward=False` steps through the literal loop every time (the reference the shortcuts are tested on).
     """
     policy = parse_policy(policy)
-    sim = _Sim(policy, cost, num_kv_blocks, block_size, record_steps, fast_forward)
+    sim = Simulator(
+        policy, cost, num_kv_blocks, block_size, record_steps=record_steps, fast_forward=fast_forward
+    )
     records: list[RequestRecord] = []
-    pending: list[tuple[int, int, _Req]] = []  # (arrival time or step, index, request), sorted
-    usable = num_kv_blocks - 1
+    num_usable_blocks = num_kv_blocks - 1
 
-    def make(index: int, r: RequestArrival) -> _Req:
+    def make(index: int, r: RequestArrival) -> _Request:
         if r.output_tokens is None or r.output_tokens < 1:
             raise ValueError(f"request {r.request_id}: output_tokens must be known and >= 1 to simulate")
         if r.prompt_tokens < 1:
             raise ValueError(f"request {r.request_id}: prompt_tokens must be >= 1")
-        if _cdiv(r.prompt_tokens + r.output_tokens - 1, block_size) > usable:
+        if cdiv(r.prompt_tokens + r.output_tokens - 1, block_size) > num_usable_blocks:
             raise ValueError(
                 f"request {r.request_id}: {r.prompt_tokens}+{r.output_tokens} tokens can never fit in "
-                f"{usable} KV blocks of {block_size} tokens"
+                f"{num_usable_blocks} KV blocks of {block_size} tokens"
             )
-        arrival = round(r.time * PS_PER_S)
+        arrival_time = round(r.time * PS_PER_S)
         # The record's arrival is on the simulator's picosecond clock, so latencies are never negative.
-        rec = RequestRecord(r.request_id, arrival / PS_PER_S, r.prompt_tokens, r.output_tokens, r.priority)
+        rec = RequestRecord(
+            r.request_id, arrival_time / PS_PER_S, r.prompt_tokens, r.output_tokens, r.priority
+        )
         records.append(rec)
-        return _Req(
+        return _Request(
             r.request_id,
-            arrival,
+            arrival_time,
             r.prompt_tokens,
             r.output_tokens,
-            _order_key(policy.order, r, arrival, index),
+            _queue_key(policy.order, r, arrival_time, index),
             rec,
         )
 
     for index, state in enumerate(initial_running):
-        q = make(index, state.request)
-        q.gen = state.generated_tokens
-        q.computed = state.computed_tokens
-        if not 0 <= q.computed <= q.prompt + q.gen or q.gen >= q.output:
-            raise ValueError(f"initial request {q.rid}: inconsistent state computed={q.computed} gen={q.gen}")
-        if not policy.eviction:
-            q.reserve = _cdiv(q.prompt + q.output - 1, block_size)
-            sim.reserved += q.reserve
-        sim.running.append(q)
-        sim.used += _cdiv(q.computed, block_size)
-        if q.gen > 0 and q.computed == q.prompt + q.gen - 1:
-            sim._make_implicit(q)
-    if sim.used > usable:
-        raise ValueError(f"initial requests hold {sim.used} blocks, more than the {usable} available")
+        sim.add_running(make(index, state.request), state.computed_tokens, state.generated_tokens)
+    if sim.num_used_blocks > num_usable_blocks:
+        raise ValueError(
+            f"initial requests hold {sim.num_used_blocks} blocks, more than the {num_usable_blocks} available"
+        )
     offset = len(initial_running)
+    pending: list[tuple[int, int, _Request]] = []  # (arrival time or step, index, request)
     for index, r in enumerate(requests):
-        q = make(offset + index, r)
-        when = arrival_steps[r.request_id] if arrival_steps is not None else q.arrival
-        pending.append((when, offset + index, q))
-    pending.sort()  # (when, index, request): indices are unique, requests never compared
+        request = make(offset + index, r)
+        when = arrival_steps[r.request_id] if arrival_steps is not None else request.arrival_time
+        pending.append((when, offset + index, request))
+    pending.sort()  # indices are unique: requests are never compared
+    arrival_whens = [when for when, _index, _request in pending]
     if start_time is not None:
         sim.now = round(start_time * PS_PER_S)
     elif arrival_steps is None and (initial_running or pending):
-        sim.now = min([q.arrival for q in sim.running] + [t for t, _i, _q in pending[:1]])
+        sim.now = min([r.arrival_time for r in sim.running] + arrival_whens[:1])
 
-    def feed_next(i: int) -> int:
-        """Idle engine: jump to the next arrival (in time mode) and feed everything that arrives with it."""
-        when = pending[i][0]
-        if arrival_steps is None:
-            sim.now = max(sim.now, when)
-        while i < total and pending[i][0] == when:
-            sim.waiting.add(pending[i][2])
-            i += 1
-        sim.admission_blocked = False
-        return i
-
-    nxt = 0
-    total = len(pending)
-    while True:
-        # Feed arrivals: by time (the step starting now sees what arrived by now) or by step index.
-        clock = sim.steps if arrival_steps is not None else sim.now
-        fed = False
-        while nxt < total and pending[nxt][0] <= clock:
-            sim.waiting.add(pending[nxt][2])
-            nxt += 1
-            fed = True
-        if fed:
-            sim.admission_blocked = False
-        if not sim.running and not sim.waiting.size:
-            if nxt == total:
-                break
-            nxt = feed_next(nxt)
-            continue
-        if sim.fast:
-            next_t = pending[nxt][0] if nxt < total and arrival_steps is None else None
-            next_s = pending[nxt][0] if nxt < total and arrival_steps is not None else None
-            if sim._fast_forward(next_t, next_s):
-                continue
-            plan = sim._schedule_fast()
-            if plan is not None and (plan[0] or plan[1] or plan[2]):
-                sim._apply(*_reorder(plan))
-                continue
-        sched, preempted, n_ran = sim._schedule_literal()
-        if not sched and not n_ran:
-            if preempted:
-                continue  # the step only preempted; the next one admits
-            if nxt < total:  # nothing fits until something arrives
-                nxt = feed_next(nxt)
-                continue
-            raise RuntimeError(
-                f"scheduler {policy} is stuck: {len(sim.running)} running, {sim.waiting.size} waiting, "
-                f"{sim.usable - sim.used} free blocks"
-            )
-        sim._apply(sched, n_ran, preempted)
-        for r in sim.running:  # hand decoders the walk made explicit back to the fast path
-            if not r.implicit and r.gen > 0 and r.computed == r.prompt + r.gen - 1:
-                sim._make_implicit(r)
+    sim.run(arrival_whens, [request for _when, _index, request in pending], by_step=arrival_steps is not None)
 
     return SimResult(
         policy=str(policy),
         requests=records,
-        gpu_seconds=sim.busy / PS_PER_S,
-        num_steps=sim.steps,
-        peak_kv_blocks=sim.peak,
+        gpu_seconds=sim.busy_ps / PS_PER_S,
+        num_steps=sim.num_steps,
+        peak_kv_blocks=sim.peak_used_blocks,
         steps=sim.step_log if record_steps else None,
-        tokens_processed=sim.tokens,
+        tokens_processed=sim.num_tokens_processed,
     )
