@@ -13,9 +13,12 @@ Formats are detected from the first line of the file, never from its name:
   ``num_decode_tokens``).
 
 Columns are found by name, so extra columns (Vidur's unnamed index, BurstGPT's session columns) are fine.
+A gzip-compressed file (recognised by its first bytes, whatever its name) is read as its decompressed text.
 
 Conventions every reader follows:
 
+- A time beyond a million years from the epoch (``MAX_TIME_S``) is malformed: no trace spans that, and the
+  float seconds a simulator works in could not hold it.
 - Times are seconds since the earliest row of the file, kept as integer nanoseconds until the end so that
   sorting and re-basing are exact; rows are sorted by time, ties keep file order.
 - A request id is the 1-based line number of its row in the file, the same number a `TraceError` reports.
@@ -28,11 +31,13 @@ Conventions every reader follows:
 from __future__ import annotations
 
 import csv
+import gzip
 import itertools
 import json
 import math
 import os
 import re
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -44,12 +49,15 @@ from importlib.resources import files
 from operator import attrgetter
 from pathlib import Path
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import IO, NamedTuple
 
 from vllm_shadow.adapters.events import RequestArrival
 
 MOONCAKE_BLOCK_TOKENS = 512  # prompt tokens covered by one Mooncake hash id
 _NS_PER_S = 1_000_000_000
+MAX_TIME_S = 31_557_600_000_000  # a million years: the bound on any timestamp, either side of the epoch
+_MAX_TIME_NS = MAX_TIME_S * _NS_PER_S
+_GZIP_MAGIC = b"\x1f\x8b"
 
 
 class TraceError(ValueError):
@@ -158,17 +166,23 @@ def _azure_time_ns(text: str) -> int:
     return ns
 
 
+def _in_range(ns: int) -> int:
+    if not -_MAX_TIME_NS <= ns <= _MAX_TIME_NS:
+        raise ValueError(ns)
+    return ns
+
+
 def _seconds_ns(text: str) -> int:
     """Nanoseconds in a decimal number of seconds, rounded to the nanosecond."""
     whole, dot, frac = text.partition(".")
     if whole.isdigit() and (not dot or (frac.isdigit() and len(frac) <= 9)):
-        return int(whole) * _NS_PER_S + (int(frac) * 10 ** (9 - len(frac)) if frac else 0)
+        return _in_range(int(whole) * _NS_PER_S + (int(frac) * 10 ** (9 - len(frac)) if frac else 0))
     # The rare forms (a sign, an exponent, the 17 digits pandas writes for a float) take exact decimals.
     try:
         value = Decimal(text.strip())
     except InvalidOperation:
         raise ValueError(text) from None
-    if not value.is_finite():
+    if not value.is_finite() or abs(value) > MAX_TIME_S:
         raise ValueError(text)
     return int((value * _NS_PER_S).to_integral_value())
 
@@ -271,11 +285,11 @@ def _json_time_ns(path: Path, line: int, obj: dict) -> int:
     if "timestamp" not in obj:
         raise TraceError(path, line, "timestamp", "missing")
     ms = obj["timestamp"]
-    if type(ms) is int:
-        return ms * 1_000_000
-    if type(ms) is float and math.isfinite(ms):
-        return round(ms * 1_000_000)
-    raise TraceError(path, line, "timestamp", f"expected a number of milliseconds, got {_json_text(ms)}")
+    # abs() < bound compares an int exactly, with no float conversion to overflow; NaN fails it too.
+    if type(ms) in (int, float) and abs(ms) <= MAX_TIME_S * 1000:
+        return ms * 1_000_000 if type(ms) is int else round(ms * 1_000_000)
+    expected = f"a number of milliseconds within ±{MAX_TIME_S * 1000:.0e}"
+    raise TraceError(path, line, "timestamp", f"expected {expected}, got {_json_text(ms)}")
 
 
 def _read_mooncake(path: Path, lines: Iterable[str]) -> list[_Row]:
@@ -288,6 +302,8 @@ def _read_mooncake(path: Path, lines: Iterable[str]) -> list[_Row]:
         except json.JSONDecodeError as error:
             problem = f"invalid JSON: {error.msg} at character {error.pos + 1}"
             raise TraceError(path, line, None, problem) from None
+        except ValueError as error:  # an integer too long to convert
+            raise TraceError(path, line, None, f"invalid JSON: {error}") from None
         if type(obj) is not dict:
             raise TraceError(path, line, None, f"expected a JSON object, got {_json_text(obj)}")
         time_ns = _json_time_ns(path, line, obj)
@@ -312,8 +328,17 @@ class _Parsed:
     block_tokens: int | None
 
 
+def _open_text(path: Path) -> IO[str]:
+    """The file as text, decompressed when its first bytes are gzip's."""
+    with path.open("rb") as probe:
+        compressed = probe.read(2) == _GZIP_MAGIC
+    if compressed:
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
+    return path.open(encoding="utf-8-sig", newline="")
+
+
 def _parse(path: Path) -> _Parsed:
-    with path.open(encoding="utf-8-sig", newline="") as f:
+    with _open_text(path) as f:
         first = f.readline()
         if not first:
             raise TraceError(path, 1, None, "empty file: expected a CSV header or a JSON line")
@@ -442,6 +467,14 @@ def read_trace(
         parsed = _parse(path)
     except UnicodeDecodeError as error:
         raise TraceError(path, None, None, f"not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except EOFError:  # a gzip stream without its end marker
+        raise TraceError(path, None, None, "compressed stream ends early (a truncated .gz?)") from None
+    except (gzip.BadGzipFile, zlib.error) as error:
+        raise TraceError(path, None, None, f"corrupt gzip data ({error})") from None
+    except csv.Error as error:  # e.g. a field over the csv module's size limit
+        raise TraceError(path, None, None, f"malformed CSV: {error}") from None
+    except (IsADirectoryError, PermissionError) as error:
+        raise TraceError(path, None, None, f"cannot be read: {error.strerror}") from None
     rows, base_ns, excluded = _select(parsed, sel)
     requests, modified = _to_requests(rows, base_ns, sel, parsed.block_tokens)
     return Trace(path, parsed.format, requests, excluded, modified, parsed.block_tokens)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import math
@@ -646,3 +647,100 @@ def test_every_row_is_accounted_for(
     assert trace.modified.get(Reason.ZERO_OUTPUT, 0) == sum(
         1 for r in trace.requests if case.rows[int(r.request_id) - 2][3] == "0"
     )
+
+
+# --- gzip, clocks beyond range, arbitrary bytes (issue 13, item 9) ------------------------------------------
+
+
+@settings(max_examples=100, deadline=None)
+@given(case=ANY_CASE)
+def test_a_gzipped_trace_reads_as_its_plain_text(
+    tmp_path_factory: pytest.TempPathFactory, case: Case
+) -> None:
+    directory = tmp_path_factory.mktemp("gz")
+    plain = write(directory, "t", case.text())
+    # Detected from the bytes, not the name: a .gz suffix is neither needed nor trusted.
+    compressed = write(directory, "t.data", gzip.compress(case.text().encode()))
+    assert read_trace(compressed).requests == read_trace(plain).requests
+
+
+def test_a_truncated_or_corrupt_gzipped_trace_is_a_trace_error(tmp_path: Path) -> None:
+    rows = "".join(f"{t},{100 + t},{t + 1}\n" for t in range(2000))
+    data = gzip.compress(("arrived_at,num_prefill_tokens,num_decode_tokens\n" + rows).encode())
+    for name, content in (("cut.gz", data[:-100]), ("bad.gz", data[:20] + b"\xff" * 30 + data[50:])):
+        path = write(tmp_path, name, content)
+        with pytest.raises(TraceError, match="^" + re.escape(str(path))):
+            read_trace(path)
+
+
+@pytest.mark.parametrize(
+    ("content", "field"),
+    [
+        (
+            '{"timestamp": 0, "input_length": 5, "output_length": 1}\n'
+            '{"timestamp": 1e300, "input_length": 5, "output_length": 1}\n',
+            "timestamp",
+        ),
+        ('{"timestamp": 1e308, "input_length": 5, "output_length": 1}\n', "timestamp"),
+        (
+            '{"timestamp": 0, "input_length": 5, "output_length": 1}\n'
+            '{"timestamp": ' + "9" * 400 + ', "input_length": 5, "output_length": 1}\n',
+            "timestamp",
+        ),
+        ("arrived_at,num_prefill_tokens,num_decode_tokens\n0,5,1\n1e400,5,1\n", "arrived_at"),
+        (f"{BURSTGPT_HEADER}\n0,ChatGPT,4,1,5,API log\n-1e30,ChatGPT,4,1,5,API log\n", "Timestamp"),
+    ],
+)
+def test_a_time_beyond_any_clock_is_a_trace_error_naming_line_and_field(
+    tmp_path: Path, content: str, field: str
+) -> None:
+    path = write(tmp_path, "t", content)
+    with pytest.raises(TraceError) as error:
+        read_trace(path)
+    assert (error.value.line, error.value.field) == (content.count("\n"), field)
+
+
+def test_a_json_integer_too_long_to_convert_is_a_trace_error(tmp_path: Path) -> None:
+    path = write(tmp_path, "t", '{"timestamp": 0, "input_length": ' + "9" * 5000 + ', "output_length": 1}\n')
+    with pytest.raises(TraceError, match=re.escape(f"{path}:1: ")):
+        read_trace(path)
+
+
+def test_a_directory_is_a_trace_error(tmp_path: Path) -> None:
+    with pytest.raises(TraceError, match="^" + re.escape(str(tmp_path))):
+        read_trace(tmp_path)
+
+
+@settings(max_examples=300, deadline=None)
+@given(content=st.binary(max_size=400), compress=st.booleans())
+def test_arbitrary_bytes_give_a_trace_or_a_trace_error(
+    tmp_path_factory: pytest.TempPathFactory, content: bytes, compress: bool
+) -> None:
+    path = write(tmp_path_factory.mktemp("fuzz"), "t", gzip.compress(content) if compress else content)
+    try:
+        trace = read_trace(path)
+    except TraceError as error:
+        assert str(error).startswith(str(path))
+    else:
+        assert all(math.isfinite(r.time) and r.time >= 0 for r in trace.requests)
+
+
+@settings(max_examples=200, deadline=None)
+@given(case=ANY_CASE, data=st.data())
+def test_any_truncation_or_byte_flip_gives_a_trace_or_a_trace_error(
+    tmp_path_factory: pytest.TempPathFactory, case: Case, data: st.DataObject
+) -> None:
+    content = bytearray(case.text().encode())
+    for _ in range(data.draw(st.integers(0, 3))):
+        content[data.draw(st.integers(0, len(content) - 1))] = data.draw(st.integers(0, 255))
+    content = content[: data.draw(st.integers(0, len(content)))]
+    if data.draw(st.booleans()):
+        content = bytearray(gzip.compress(bytes(content)))
+        content = content[: data.draw(st.integers(0, len(content)))]
+    path = write(tmp_path_factory.mktemp("cut"), "t", bytes(content))
+    try:
+        trace = read_trace(path)
+    except TraceError as error:
+        assert str(error).startswith(str(path))
+    else:
+        assert all(math.isfinite(r.time) and r.time >= 0 for r in trace.requests)
