@@ -9,7 +9,8 @@ from vllm_shadow.adapters.events import EngineInfo, Event
 from vllm_shadow.adapters.publisher import EventBatch
 from vllm_shadow.adapters.recorder import read_batches, read_events
 from vllm_shadow.evaluation.costs import engine_prior
-from vllm_shadow.tracking.engine_state import EngineTracker, TrackerLimits
+from vllm_shadow.tracking.engine_state import EngineTracker
+from vllm_shadow.tracking.tracker import TrackerLimits
 from vllm_shadow.tracking.windows import TrafficWindow, WindowRules
 
 STREAMS = Path(__file__).resolve().parent / "data" / "shadow"

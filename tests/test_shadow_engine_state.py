@@ -22,8 +22,9 @@ from vllm_shadow.adapters.events import (
 )
 from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.evaluation.evaluate import Slo, check_fidelity
-from vllm_shadow.tracking.engine_state import EngineTracker, TrackerLimits
+from vllm_shadow.tracking.engine_state import EngineTracker
 from vllm_shadow.tracking.reasons import SkipReason
+from vllm_shadow.tracking.tracker import TrackerLimits
 from vllm_shadow.tracking.windows import WindowRules
 
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import time
 import urllib.request
 
 import pytest
@@ -14,6 +13,7 @@ pytest.importorskip("vllm", reason="the CPU build of vLLM is installed by `make 
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.waiting import wait_until
 from vllm_shadow.adapters.events import EngineStep, RequestFinish
 from vllm_shadow.adapters.recorder import read_events
 from vllm_shadow.adapters.traces import bundled_trace, read_trace
@@ -21,8 +21,8 @@ from vllm_shadow.adapters.vllm.engine_run import EngineSetup, drive, start_engin
 from vllm_shadow.runtime.core import EvaluationSettings, ShadowConfig
 from vllm_shadow.runtime.service import ServiceConfig, ShadowService
 from vllm_shadow.runtime.tasks import LocalTasks
-from vllm_shadow.tracking.engine_state import TrackerLimits
 from vllm_shadow.tracking.reasons import SkipReason
+from vllm_shadow.tracking.tracker import TrackerLimits
 from vllm_shadow.tracking.windows import WindowRules
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -56,13 +56,6 @@ def session(tmp_path_factory: pytest.TempPathFactory):
     service.close()
 
 
-def wait(condition, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
-
-
 def scrape(service: ShadowService) -> dict[tuple[str, frozenset], float]:
     with urllib.request.urlopen(service.addresses()["metrics"], timeout=5) as response:
         text = response.read().decode()
@@ -83,9 +76,14 @@ def test_metrics_scraped_from_the_shadow_agree_with_the_engine_s_own_recording(s
     requests = trace_workload(read_trace(bundled_trace("azure-conv"), limit=24).requests, seconds=1.0)
     produced = drive(engine, requests)
     assert len(produced) == 24
-    wait(lambda: sum(e.tracker.requests_finished for e in service.snapshot().engines) == 24)
+    wait_until(
+        lambda: sum(e.tracker.requests_finished for e in service.snapshot().engines) == 24,
+        60,
+        "the shadow to see 24 requests finish",
+        every=0.1,
+    )
     service.flush()
-    wait(service.idle)
+    wait_until(service.idle, 60, "the shadow to evaluate every window", every=0.1)
     recorded = list(read_events(recording))
     steps = [e for e in recorded if isinstance(e, EngineStep) and e.scheduled_tokens]
     (engine_snapshot,) = service.snapshot().engines
@@ -120,18 +118,26 @@ def test_requests_in_flight_when_the_engine_dies_are_counted_once_it_falls_silen
             TokensPrompt(prompt_token_ids=[7] * 64),
             SamplingParams(max_tokens=1500, ignore_eos=True, detokenize=False),
         )
-    wait(lambda: service.snapshot().engines[0].tracker.steps > before.tracker.steps + 10, timeout=20)
+    wait_until(
+        lambda: service.snapshot().engines[0].tracker.steps > before.tracker.steps + 10,
+        20,
+        "ten more engine steps",
+        every=0.1,
+    )
     # The engine process dies mid-generation (a graceful shutdown would abort them, and say so): these
     # requests never finish.
     (core,) = [p for p in psutil.Process().children(recursive=True) if "EngineCore" in p.name()]
     core.kill()
     core.wait(timeout=10)
     assert service.snapshot().engines[0].live_requests == 3
-    wait(
+    # Real time: ShadowService takes no clock yet, so the engine's silence must pass on the wall clock.
+    wait_until(
         lambda: (
             service.snapshot().engines[0].tracker.requests_abandoned == before.tracker.requests_abandoned + 3
         ),
-        timeout=SILENCE + 10,
+        SILENCE + 10,
+        "the silent engine's three requests to be abandoned",
+        every=0.1,
     )
     after = service.snapshot().engines[0]
     assert after.live_requests == 0

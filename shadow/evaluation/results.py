@@ -1,4 +1,5 @@
-"""One evaluated window: every configuration's outcome side by side, and the gaps between them.
+"""The result of evaluating one window (`WindowEvaluation`): every configuration's outcome side by side, the
+measures read from them (`metric_value`), and the relative gaps between them.
 
 Gap of a candidate on a window, per metric: (current - candidate) / current, where "current" is the self
 replay of the engine's configuration on the same cost model. Positive means the candidate would have done
@@ -75,11 +76,12 @@ class WindowEvaluation:
         f = self.fidelity
         if metric == "gpu":
             return f.gpu_error_ratio
-        real = metric_value_actual(f, metric)
+        real = measured_value(f, metric)
         return abs(metric_value(f.self_replay, metric) - real) / real if real > 0 else math.nan
 
 
-def metric_value_actual(fidelity: Fidelity, metric: str) -> float:
+def measured_value(fidelity: Fidelity, metric: str) -> float:
+    """What the engine really delivered for a latency `metric` (GPU time is measured per window instead)."""
     latency = fidelity.actual
     if metric == "ttft_p99":
         return latency.ttft[2]

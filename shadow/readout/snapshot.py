@@ -12,8 +12,8 @@ from vllm_shadow.adapters.events import EngineInfo
 from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.evaluation.recommend import Verdict
 from vllm_shadow.evaluation.results import WindowEvaluation
-from vllm_shadow.tracking.engine_state import TrackerStats
 from vllm_shadow.tracking.sequencing import SequenceStats
+from vllm_shadow.tracking.tracker import TrackerStats
 
 # Evaluation wall time buckets (seconds): from a few simulations to a CP-SAT solve at its limit.
 EVALUATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

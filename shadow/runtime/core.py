@@ -41,10 +41,11 @@ from vllm_shadow.evaluation.window import (
 )
 from vllm_shadow.readout.snapshot import EngineSnapshot, Histogram, ShadowSnapshot
 from vllm_shadow.runtime.tasks import TaskResult, TaskRunner
-from vllm_shadow.tracking.engine_state import EngineTracker, TrackerLimits
+from vllm_shadow.tracking.engine_state import EngineTracker
 from vllm_shadow.tracking.reasons import SkipReason, UnattributedReason
 from vllm_shadow.tracking.request_only import RequestOnlyTracker
 from vllm_shadow.tracking.sequencing import Sequencer, SequenceStats
+from vllm_shadow.tracking.tracker import TrackerLimits, WindowTracker
 from vllm_shadow.tracking.windows import EngineKey, TrafficWindow, WindowRules
 
 logger = logging.getLogger(__name__)
@@ -65,9 +66,6 @@ class ShadowConfig:
     assumed_engine: EngineInfo | None = None  # for senders that never announce an engine (OTLP spans)
 
 
-Tracker = EngineTracker | RequestOnlyTracker
-
-
 @dataclass(slots=True)
 class _Source:
     name: str
@@ -83,7 +81,7 @@ class _Engine:
     key: EngineKey
     source: str
     mode: str
-    tracker: Tracker
+    tracker: WindowTracker
     candidates: list[Candidate]
     cost_prior: str
     restarts: int = 0

@@ -15,55 +15,17 @@ and no new window opens until the tainted requests are gone. Every drop is count
 from __future__ import annotations
 
 import math
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vllm_shadow.adapters.events import EngineInfo, EngineStep, Event, RequestArrival, RequestFinish
-from vllm_shadow.costmodel.linear import LinearCostModel, OnlineCalibrator
+from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.solver.records import RequestRecord
 from vllm_shadow.solver.simulator import RunningRequest
 from vllm_shadow.tracking.reasons import SkipReason
-from vllm_shadow.tracking.windows import EngineKey, TrafficWindow, WindowRules
-
-
-@dataclass(frozen=True, slots=True)
-class TrackerLimits:
-    max_live_requests: int = 100_000  # requests held (live, or finished but still needed by a window)
-    max_pending_windows: int = 32  # closed windows waiting for their requests to finish
-    # Engine-clock time a RUNNING request may go unscheduled before it is given up. vLLM schedules its running
-    # requests every step unless the budget runs out, so this only catches a stream that lost the request's
-    # end. Waiting requests have no such limit: under overload they may wait for minutes, and a dead engine is
-    # caught by engine_silence_seconds.
-    request_stall_seconds: float = 300.0
-    engine_silence_seconds: float = 120.0  # shadow clock without events before live state is dropped
-    # Steps fed to the online calibrator per second of engine time: each update refits the model (~0.2 ms),
-    # and an engine runs 10-100 steps a second; 20 a second is 1,200 measurements a minute.
-    calibration_steps_per_second: float = 20.0
-
-
-DEFAULT_LIMITS = TrackerLimits()
-
-
-@dataclass(slots=True)
-class TrackerStats:
-    events: Counter[str] = field(default_factory=Counter)  # by kind: arrival, finish, step, info
-    steps: int = 0  # non-empty steps
-    empty_steps: int = 0
-    actual_gpu_seconds: float = 0.0  # sum of measured non-empty step durations
-    requests_arrived: int = 0
-    requests_finished: int = 0
-    requests_timed_out: int = 0  # running, unscheduled for request_stall_seconds
-    requests_abandoned: int = 0  # live when the engine went silent or restarted
-    requests_rejected: int = 0  # arrivals beyond max_live_requests
-    unknown_requests: int = 0  # ids in steps or finishes that never arrived (their arrival was lost)
-    late_requests: int = 0  # request-only sources: reported after their window was evaluated
-    inconsistencies: int = 0  # a finish whose output count disagrees with the tokens the steps emitted
-    approximations: int = 0  # requests modelled approximately in an evaluated window
-    windows_closed: int = 0
-    windows_ready: int = 0
-    windows_skipped: Counter[str] = field(default_factory=Counter)
-    last_step_end: float = math.nan  # engine clock
+from vllm_shadow.tracking.tracker import DEFAULT_LIMITS, TrackerLimits, WindowTracker
+from vllm_shadow.tracking.windows import TrafficWindow, WindowRules
 
 
 class _Request:
@@ -120,7 +82,10 @@ class _Request:
 
 
 @dataclass(slots=True)
-class _Window:
+class _WindowBookkeeping:
+    """The tracker's own record of a window while it is open and until its requests finish: ids and the
+    state at its start, not the requests themselves. `_build` turns it into the `TrafficWindow` evaluated."""
+
     index: int
     start_step: int
     cost: LinearCostModel
@@ -143,7 +108,7 @@ class _Window:
         return [r for r, _, _ in self.running] + [r for r, _ in self.waiting] + self.own
 
 
-class EngineTracker:
+class EngineTracker(WindowTracker):
     """Applies one engine's events in stream order. Not thread-safe: the owner serialises calls."""
 
     def __init__(
@@ -156,24 +121,15 @@ class EngineTracker:
         first_index: int = 0,
         clock: Callable[[], float],
     ) -> None:
-        self.info = info
-        self.key = EngineKey.of(info)
-        self.rules = rules
-        self.limits = limits
-        self.stats = TrackerStats()
-        self.calibrator = OnlineCalibrator(prior)
-        self._clock = clock
+        super().__init__(info, rules=rules, prior=prior, limits=limits, first_index=first_index, clock=clock)
         self._priority = info.scheduler.policy == "priority"
         self._requests: dict[str, _Request] = {}
         self._running: list[str] = []
         self._waiting: deque[str] = deque()
-        self._open: _Window | None = None
-        self._closed: deque[_Window] = deque()
-        self._ready: list[TrafficWindow] = []
-        self._next_index = first_index
+        self._open: _WindowBookkeeping | None = None
+        self._closed: deque[_WindowBookkeeping] = deque()
         self._tainted_live = 0
         self._next_calibration = -math.inf  # engine clock
-        self.last_event_at = clock()  # shadow clock
 
     # ---- reading --------------------------------------------------------------------------------------------
 
@@ -182,16 +138,8 @@ class EngineTracker:
         return len(self._running) + len(self._waiting)
 
     @property
-    def next_index(self) -> int:
-        return self._next_index
-
-    @property
     def pending_windows(self) -> int:
         return len(self._closed) + (self._open is not None)
-
-    def take_ready(self) -> list[TrafficWindow]:
-        ready, self._ready = self._ready, []
-        return ready
 
     # ---- events ---------------------------------------------------------------------------------------------
 
@@ -340,7 +288,7 @@ class EngineTracker:
         if self._open is not None or self._tainted_live:
             return
         if self.live_requests >= self.rules.max_requests:
-            self._open = _Window(
+            self._open = _WindowBookkeeping(
                 self._next_index, self.stats.steps, self.calibrator.model(), math.nan, 0, [], []
             )
             self._open.too_large = True
@@ -354,7 +302,7 @@ class EngineTracker:
         waiting = [(r, requests[r].generated) for r in order]
         for request_id in (*self._running, *order):
             requests[request_id].refs += 1
-        self._open = _Window(
+        self._open = _WindowBookkeeping(
             self._next_index,
             self.stats.steps,
             self.calibrator.model(),
@@ -414,19 +362,19 @@ class EngineTracker:
             self.stats.windows_ready += 1
             self._unref(window)
 
-    def _drop(self, window: _Window, reason: SkipReason) -> None:
+    def _drop(self, window: _WindowBookkeeping, reason: SkipReason) -> None:
         if window.traffic:  # a window that saw no traffic is no loss
             self.stats.windows_skipped[reason] += 1
         self._unref(window)
 
-    def _unref(self, window: _Window) -> None:
+    def _unref(self, window: _WindowBookkeeping) -> None:
         for request_id in window.request_ids():
             request = self._requests.get(request_id)
             if request is not None:
                 request.refs -= 1
                 self._forget(request)
 
-    def _build(self, window: _Window) -> TrafficWindow:
+    def _build(self, window: _WindowBookkeeping) -> TrafficWindow:
         requests = self._requests
         t0 = window.start_time
         if math.isnan(t0):  # no step ran while it was open: start at its first arrival

@@ -14,17 +14,17 @@ import math
 from collections.abc import Callable
 
 from vllm_shadow.adapters.events import EngineInfo, Event, RequestArrival, RequestFinish
-from vllm_shadow.costmodel.linear import LinearCostModel, OnlineCalibrator
+from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.solver.records import RequestRecord
-from vllm_shadow.tracking.engine_state import DEFAULT_LIMITS, TrackerLimits, TrackerStats
 from vllm_shadow.tracking.reasons import SkipReason
-from vllm_shadow.tracking.windows import EngineKey, TrafficWindow, WindowRules
+from vllm_shadow.tracking.tracker import DEFAULT_LIMITS, TrackerLimits, WindowTracker
+from vllm_shadow.tracking.windows import TrafficWindow, WindowRules
 
 DEFAULT_SECONDS = 10.0  # when the rules only count requests: arrival order is unknown until finishes arrive
 
 
-class RequestOnlyTracker:
-    """Same interface as `EngineTracker`. Not thread-safe: the owner serialises calls."""
+class RequestOnlyTracker(WindowTracker):
+    """Not thread-safe: the owner serialises calls. Its calibrator is never updated: there are no step times."""
 
     def __init__(
         self,
@@ -36,39 +36,22 @@ class RequestOnlyTracker:
         first_index: int = 0,
         clock: Callable[[], float],
     ) -> None:
-        self.info = info
-        self.key = EngineKey.of(info)
-        self.rules = rules
-        self.limits = limits
-        self.stats = TrackerStats()
-        self.calibrator = OnlineCalibrator(prior)  # never updated: there are no step times
+        super().__init__(info, rules=rules, prior=prior, limits=limits, first_index=first_index, clock=clock)
         self._prior = prior
-        self._clock = clock
         self._seconds = rules.seconds or DEFAULT_SECONDS
         self._arrivals: dict[str, RequestArrival] = {}  # reported, finish not yet seen
         self._done: list[tuple[RequestArrival, float]] = []  # (arrival, finish time), not yet in a window
         self._origin = math.nan  # start of window 0 on the arrival clock
         self._emitted_until = -math.inf  # arrivals before this were already evaluated
         self._watermark = -math.inf  # latest finish time seen
-        self._ready: list[TrafficWindow] = []
-        self._next_index = first_index
-        self.last_event_at = clock()
 
     @property
     def live_requests(self) -> int:
         return len(self._arrivals)
 
     @property
-    def next_index(self) -> int:
-        return self._next_index
-
-    @property
     def pending_windows(self) -> int:
         return 1 if self._done else 0
-
-    def take_ready(self) -> list[TrafficWindow]:
-        ready, self._ready = self._ready, []
-        return ready
 
     def apply(self, event: Event) -> None:
         self.last_event_at = self._clock()
@@ -136,7 +119,12 @@ class RequestOnlyTracker:
         )
         observed = {  # no first token: a request-only source does not say when it came
             a.request_id: RequestRecord(
-                a.request_id, a.time - t0, a.prompt_tokens, a.output_tokens or 1, a.priority, finish=finish - t0
+                a.request_id,
+                a.time - t0,
+                a.prompt_tokens,
+                a.output_tokens or 1,
+                a.priority,
+                finish=finish - t0,
             )
             for a, finish in done
         }
