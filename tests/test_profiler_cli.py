@@ -34,7 +34,7 @@ def test_without_torch_the_command_says_how_to_install_it(monkeypatch, capsys, t
     out = tmp_path / "profile.json"
     assert main(["profile", "--model", "tiny-llama", "--out", str(out)]) == 2
     error = capsys.readouterr().err
-    assert "needs torch" in error and "pip install 'shadow-scheduler[profile]'" in error
+    assert "needs torch" in error and "pip install 'vllm-shadow[shadow,profile]'" in error
     assert not out.exists()
 
 

@@ -4,7 +4,7 @@ shadow actor that `shadow serve --ray-address auto --detached` started on the sa
 The hook goes in through `engine_kwargs` (vLLM's `scheduler_cls`); where to send the events goes in through the
 replicas' runtime environment (SHADOW_RAY_ACTOR / SHADOW_RAY_NAMESPACE, read by adapters/vllm/env.py), which
 Ray Serve LLM passes to the replica and the engine workers. Inside one Ray cluster the events travel as Ray
-actor calls, so neither a port nor a token is needed. The `shadow-scheduler` package must be installed on
+actor calls, so neither a port nor a token is needed. The `vllm-shadow` package must be installed on
 every node (cluster.yaml's setup_commands do it): vLLM imports the hook by name in the engine process.
 
 On the head node, from the repository root:

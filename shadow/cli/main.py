@@ -8,6 +8,18 @@ from importlib import import_module
 
 from vllm_shadow.adapters.traces import TraceError
 
+# The third-party packages the engine-side hook does not need, by the extra of the `vllm-shadow` distribution that
+# installs them: `pip install vllm-shadow` alone is the hook (grpcio and protobuf), for vLLM's environment.
+EXTRA_OF_PACKAGE = {
+    "numpy": "shadow",
+    "rich": "shadow",
+    "ortools": "shadow",
+    "matplotlib": "shadow",
+    "prometheus_client": "shadow",
+    "opentelemetry": "shadow",
+    "ray": "ray",
+}
+
 # Subcommands, in the order `--help` lists them.
 COMMANDS = (
     "vllm_shadow.cli.demo",
@@ -31,21 +43,51 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = import_module(name)
         except ModuleNotFoundError as exc:
-            if exc.name != name:  # a missing optional dependency of that command
+            hint = missing_extra_hint(exc)
+            if hint is None:
                 raise
+            _add_unavailable(subparsers, name.rsplit(".", 1)[-1], hint)
             continue
         module.add_parser(subparsers)
     return parser
 
 
+def missing_extra_hint(exc: ModuleNotFoundError) -> str | None:
+    """What to install when `exc` is a package of one of our extras; None when it is not."""
+    package = (exc.name or "").split(".")[0]
+    extra = EXTRA_OF_PACKAGE.get(package)
+    if extra is None:
+        return None
+    return f"{package} is missing: it comes with the {extra!r} extra: pip install 'vllm-shadow[{extra}]'"
+
+
+def _add_unavailable(subparsers: argparse._SubParsersAction, command: str, hint: str) -> None:
+    # Listed all the same, so that `shadow COMMAND` says what to install instead of "invalid choice".
+    # Its options are unknown: `main` lets them through (--help included) to this message.
+    parser = subparsers.add_parser(command, help=f"(not installed: {hint})", add_help=False)
+    parser.set_defaults(func=lambda _args: _fail(f"shadow {command} cannot run: {hint}"), unavailable=True)
+
+
+def _fail(message: str) -> int:
+    print(f"shadow: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "unavailable", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
     try:
         return args.func(args)
+    except ModuleNotFoundError as exc:  # a package a command imports only when it runs (Ray, say)
+        hint = missing_extra_hint(exc)
+        if hint is None:
+            raise
+        return _fail(hint)
     except (TraceError, ValueError, FileNotFoundError) as exc:
         print(f"shadow: error: {exc}", file=sys.stderr)
         return 2

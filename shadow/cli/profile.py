@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from vllm_shadow.costmodel.profiling import ProfileRun
 
 INSTALL_HINT = (
-    "shadow profile needs torch, an optional dependency: pip install 'shadow-scheduler[profile]' "
+    "shadow profile needs torch, an optional dependency: pip install 'vllm-shadow[shadow,profile]' "
     "(or install a torch build for your device, e.g. the CPU one: "
     "pip install torch --index-url https://download.pytorch.org/whl/cpu)"
 )
