@@ -118,9 +118,16 @@ def engine_setup(args: argparse.Namespace) -> Setup:
             roofline_prior(arch, hw, args.tp),
             f"roofline prior ({arch.name} on {hw.name}, TP {args.tp})",
         )
-    blocks = args.kv_blocks or kv_capacity_blocks(
-        arch, hw, tp=args.tp, block_size=args.block_size, memory_fraction=args.memory_fraction
-    )
+    # Only an absent --kv-blocks asks for the estimate: 0 must not quietly mean "compute them".
+    if args.kv_blocks is not None and args.kv_blocks < 1:
+        raise ValueError(
+            f"--kv-blocks must be >= 1, got {args.kv_blocks} (omit it to compute them from memory)"
+        )
+    blocks = args.kv_blocks
+    if blocks is None:
+        blocks = kv_capacity_blocks(
+            arch, hw, tp=args.tp, block_size=args.block_size, memory_fraction=args.memory_fraction
+        )
     return Setup(arch.name, hw.name, args.tp, args.block_size, blocks, cost, source)
 
 
@@ -159,15 +166,8 @@ def add_actor_options(group: argparse._ArgumentGroup, *, ray_address_help: str) 
 # ---- windows and evaluation -----------------------------------------------------------------------------------
 
 
-def add_window_options(
-    group: argparse._ArgumentGroup,
-    *,
-    window_seconds: float,
-    hardware: str,
-    optimal_time_limit: float,
-    optimal_max_requests: int,
-) -> None:
-    """Window length, cost prior and CP-SAT limits: what every command that evaluates windows takes."""
+def add_window_options(group: argparse._ArgumentGroup, *, window_seconds: float, hardware: str) -> None:
+    """Window length and cost prior: what every command that evaluates windows takes."""
     group.add_argument(
         "--window-seconds",
         type=float,
@@ -179,6 +179,12 @@ def add_window_options(
         default=hardware,
         help=f"hardware for the cost prior until calibration (default {hardware})",
     )
+
+
+def add_optimum_limits(
+    group: argparse._ArgumentGroup, *, optimal_time_limit: float, optimal_max_requests: int
+) -> None:
+    """How much CP-SAT may spend on a window: also what every command that evaluates windows takes."""
     group.add_argument(
         "--optimal-time-limit",
         type=float,
@@ -203,13 +209,7 @@ def add_shadow_options(
 ) -> None:
     """Everything the live shadow is configured by (`shadow_config` reads it)."""
     group = parser.add_argument_group("windows and evaluation")
-    add_window_options(
-        group,
-        window_seconds=window_seconds,
-        hardware=hardware,
-        optimal_time_limit=optimal_time_limit,
-        optimal_max_requests=optimal_max_requests,
-    )
+    add_window_options(group, window_seconds=window_seconds, hardware=hardware)
     group.add_argument("--window-requests", type=int, help="or close it after this many requests arrived")
     group.add_argument(
         "--candidates",
@@ -239,6 +239,9 @@ def add_shadow_options(
         "--min-windows", type=int, default=3, help="windows of evidence before recommending (default 3)"
     )
     group.add_argument("--no-optimal", action="store_true", help="skip the optimum and its bounds")
+    add_optimum_limits(
+        group, optimal_time_limit=optimal_time_limit, optimal_max_requests=optimal_max_requests
+    )
     group.add_argument(
         "--optimal-every",
         type=int,

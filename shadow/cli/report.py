@@ -10,7 +10,7 @@ from pathlib import Path
 
 from vllm_shadow.adapters.events import EngineInfo, SchedulerSettings
 from vllm_shadow.adapters.recorder import read_events
-from vllm_shadow.cli.options import add_tiny_engine_options, add_window_options
+from vllm_shadow.cli.options import add_optimum_limits, add_tiny_engine_options, add_window_options
 
 # The measured CPU profile of the tiny model, shipped as package data of the cost model.
 DEFAULT_PROFILE = files("vllm_shadow.costmodel") / "data" / "profiles" / "tiny-llama-cpu.json"
@@ -26,13 +26,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("stream", nargs="?", help="a recorded mirror stream (.jsonl or .jsonl.gz)")
     parser.add_argument("-o", "--output", default="shadow-report.html", help="HTML file to write")
-    add_window_options(
-        parser.add_argument_group("windows and evaluation"),
-        window_seconds=1.0,
-        hardware="cpu",
-        optimal_time_limit=2.0,
-        optimal_max_requests=40,
-    )
+    evaluation = parser.add_argument_group("windows and evaluation")
+    add_window_options(evaluation, window_seconds=1.0, hardware="cpu")
+    add_optimum_limits(evaluation, optimal_time_limit=2.0, optimal_max_requests=40)
     replay = parser.add_argument_group("replay a trace instead (the simulator plays the engine)")
     replay.add_argument("--trace", help="a bundled trace name or a trace file")
     replay.add_argument("--limit", type=int, default=120, help="requests of the trace (default 120)")
