@@ -132,6 +132,27 @@ def print_table(rows: list[dict], trace: Trace, setup: Setup, console: Console) 
     )
 
 
+def overload_note(rows: list[dict], trace: Trace, rate_scale: float = 1.0) -> str | None:
+    """A plain warning when a policy needs more engine time than the trace spans: arrivals then exceed what
+    the engine can serve, a queue builds up, and latencies measure the backlog."""
+    if trace.span <= 0:
+        return None
+    loads = {row["policy"]: row["gpu_seconds"] / trace.span for row in rows}
+    over = [policy for policy, load in loads.items() if load > 1.0]
+    if not over:
+        return None
+    worst = max(over, key=loads.__getitem__)
+    # Busy longer than the arrivals span proves the backlog. Under overload batches are as large as they get, so
+    # at a lower rate each request costs at least as much: rate_scale / load is an upper bound, not a target.
+    return (
+        f"arrivals exceed what this engine can serve under {', '.join(over)}: {worst} needs "
+        f"{loads[worst] * trace.span:,.0f} s of engine time for {trace.span:,.0f} s of arrivals "
+        f"(load {loads[worst]:.2f}), so a queue builds up and TTFT measures the backlog, not the scheduler. "
+        f"Keeping up needs --rate-scale under {rate_scale / loads[worst]:.2f} at the very least (smaller "
+        "batches cost more per request, so go lower), or more capacity (--gpu, --tp)."
+    )
+
+
 def _json_safe(row: dict) -> dict:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
 
@@ -166,11 +187,16 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.trace}: the selected window holds no requests")
     setup = engine_setup(args)
     rows = replay_all(trace.requests, policies, setup, jobs=args.jobs, progress=sys.stderr.isatty())
+    note = overload_note(rows, trace, args.rate_scale)
     if args.json:
         print(json.dumps([_json_safe(r) for r in rows], indent=2))
+        if note:
+            print(f"shadow: note: {note}", file=sys.stderr)
     else:
         console = Console()
         if not console.is_terminal:
             console.width = 150  # a piped table keeps its columns rather than wrapping them to 80
         print_table(rows, trace, setup, console)
+        if note:
+            console.print(f"[bold yellow]overloaded:[/] {note}")
     return 0
