@@ -5,10 +5,15 @@ batch of its own, in which the request holds ceil((target + t) / block_size) blo
 KV tokens, and must process its prompt once. Summing what that alone costs gives the bound:
   * batches: at least the longest request's remaining tokens, and at least the block-batches all requests
     need over the KV capacity (and the token and sequence totals over the budget and the cap);
-  * b*T + c*K + d*P: each request's own tokens, attention over its own context, and for a prefill split into
-    chunks the cheapest the d term could be made by any chunking (see `prefill_extra_bound`);
+  * b*T + c*K + d*P + e*R: each request's own tokens, attention over its own context, for a prefill split into
+    chunks the cheapest the d term could be made by any chunking (see `prefill_extra_bound`), and one
+    request-in-batch (e) per emission;
   * latency: a request alone on the engine, from the later of its arrival and the window start.
-O(total tokens); no solver. CP-SAT's bound is usually much tighter; this one is for windows too large for it.
+Under deadlines (`Deadlines`: latency SLOs, or the engine's own times) the batch count is raised further: the
+requests that arrive at or after s and must finish by t hold every one of their batches inside [s, t], so
+batches in disjoint intervals are distinct batches (a batch has a positive duration), and the bound is the best
+sum over disjoint intervals (`deadline_min_batches`). O(total tokens), plus O(n^2) for the deadlines; no
+solver. CP-SAT's bound is usually much tighter; this one is for windows too large for it.
 """
 
 from __future__ import annotations
@@ -16,8 +21,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.solver.problem import Objective, Window, WindowRequest, cdiv
+from vllm_shadow.solver.schedule import Deadlines
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,33 +63,75 @@ def chunking_slack(window: Window, cost: LinearCostModel) -> float:
 
 
 def request_work_seconds(request: WindowRequest, cost: LinearCostModel) -> float:
-    """b*T + c*K + d*P the request adds to the batches it runs in, at the least: own tokens, own context at
-    each emission, and the cheapest prefill chunking."""
+    """b*T + c*K + d*P + e*R the request adds to the batches it runs in, at the least: own tokens, own context
+    at each emission, the cheapest prefill chunking, and one batch per emission."""
     target, remaining = request.target_tokens, request.remaining_outputs
     tokens = target - request.computed_tokens + remaining - 1
     attended = _sum_range(target, target + remaining - 1)
-    return cost.b * tokens + cost.c * attended + prefill_extra_bound(request, cost)
+    return cost.b * tokens + cost.c * attended + prefill_extra_bound(request, cost) + cost.e * remaining
 
 
-def min_batches(window: Window) -> int:
+def _block_area(request: WindowRequest, block_size: int) -> int:
+    return sum(cdiv(request.target_tokens + t, block_size) for t in range(request.remaining_outputs))
+
+
+def min_batches(window: Window, deadlines: Deadlines | None = None) -> int:
     limits = window.limits
     requests = window.requests
-    area = sum(
-        sum(cdiv(r.target_tokens + t, limits.block_size) for t in range(r.remaining_outputs))
-        for r in requests
-    )
+    area = sum(_block_area(r, limits.block_size) for r in requests)
     emissions = sum(r.remaining_outputs for r in requests)
     tokens = sum(r.peak_tokens - r.computed_tokens for r in requests)
-    return max(
+    unconstrained = max(
         max((r.remaining_outputs for r in requests), default=0),
         cdiv(area, limits.kv_blocks),
         cdiv(emissions, limits.max_num_seqs),
         cdiv(tokens, limits.max_num_batched_tokens),
     )
+    if deadlines is None or not deadlines.finish:
+        return unconstrained
+    return max(unconstrained, deadline_min_batches(window, deadlines))
 
 
-def relaxation_bound(window: Window, cost: LinearCostModel) -> RelaxationBound:
-    batches = min_batches(window)
+def deadline_min_batches(window: Window, deadlines: Deadlines) -> int:
+    """The most batches that disjoint time intervals force: interval [s, t] holds every batch of the requests
+    that arrive at or after s (or the window start) and must finish by t, at least as many as the longest of
+    them emits and as their KV block-batches over the capacity (token and sequence totals likewise). Dynamic
+    programming over t in deadline order: best(t) = max(best(earlier t), best(up to s) + forced(s, t))."""
+    limits = window.limits
+    requests = [r for r in window.requests if r.request_id in deadlines.finish]
+    if not requests:
+        return 0
+    arrival = np.array([max(r.arrival, window.start) for r in requests])
+    due = np.array([deadlines.finish[r.request_id] for r in requests])
+    longest = np.array([r.remaining_outputs for r in requests])
+    area = np.array([_block_area(r, limits.block_size) for r in requests])
+    tokens = np.array([r.peak_tokens - r.computed_tokens for r in requests])
+    ends = np.unique(due)
+    best = np.zeros(len(ends), dtype=np.int64)  # best[k]: over intervals ending by ends[k]
+    for k, end in enumerate(ends):
+        inside = np.flatnonzero(due <= end)
+        order = inside[np.argsort(-arrival[inside], kind="stable")]  # latest arrival first
+        # forced[i]: batches the requests arriving at or after arrival[order[i]] force into [that, end].
+        forced = np.maximum.reduce(
+            [
+                np.maximum.accumulate(longest[order]),
+                -(-np.cumsum(area[order]) // limits.kv_blocks),
+                -(-np.cumsum(longest[order]) // limits.max_num_seqs),
+                -(-np.cumsum(tokens[order]) // limits.max_num_batched_tokens),
+            ]
+        )
+        # Intervals that end by this interval's start (a batch of one ends by the other's start).
+        before = np.searchsorted(ends, arrival[order], side="right") - 1
+        earlier = np.where(before >= 0, best[np.maximum(before, 0)], 0)
+        best[k] = max(best[k - 1] if k else 0, int((earlier + forced).max()))
+    return int(best[-1])
+
+
+def relaxation_bound(
+    window: Window, cost: LinearCostModel, deadlines: Deadlines | None = None
+) -> RelaxationBound:
+    """Holds for every schedule (that meets `deadlines`, when given: they raise the batch count)."""
+    batches = min_batches(window, deadlines)
     gpu = cost.a * batches + sum(request_work_seconds(r, cost) for r in window.requests)
     e2e, ttft = [], []
     for r in window.requests:
@@ -91,7 +141,12 @@ def relaxation_bound(window: Window, cost: LinearCostModel) -> RelaxationBound:
         if r.generated_tokens == 0:
             chunk = r.target_tokens - r.computed_tokens
             ttft.append(
-                wait + cost.a + cost.b * chunk + cost.c * r.target_tokens + prefill_extra_bound(r, cost)
+                wait
+                + cost.a
+                + cost.b * chunk
+                + cost.c * r.target_tokens
+                + prefill_extra_bound(r, cost)
+                + cost.e
             )
     return RelaxationBound(
         batches=batches,

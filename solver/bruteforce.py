@@ -1,7 +1,8 @@
 """Exhaustive search for the optimal schedule of a tiny window: the reference the CP-SAT model is tested on.
 
 It enumerates every batch the rules allow, from every reachable state, and keeps the best continuation
-(dynamic programming over states; time joins the state only when the objective depends on it). Nothing here is
+(dynamic programming over states; time joins the state only when the objective or deadlines depend on
+it). Nothing here is
 shared with the CP-SAT model: the two are separate readings of the same rules, and tests hold them equal.
 Exponential: meant for 2 to 4 requests of a few tokens.
 """
@@ -15,7 +16,7 @@ from functools import cache
 
 from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.solver.problem import Objective, Window
-from vllm_shadow.solver.schedule import Batch, Schedule
+from vllm_shadow.solver.schedule import Batch, Deadlines, Schedule
 
 # Per request: (KV tokens held, output tokens emitted, evictions so far).
 _RequestState = tuple[int, int, int]
@@ -38,15 +39,24 @@ class _Choice:
 
 
 def exhaustive_optimum(
-    window: Window, cost: LinearCostModel, objective: Objective, space: SearchSpace = SearchSpace()
+    window: Window,
+    cost: LinearCostModel,
+    objective: Objective,
+    space: SearchSpace = SearchSpace(),
+    deadlines: Deadlines | None = None,
 ) -> tuple[float, Schedule]:
-    """The optimal objective over `space` and a schedule reaching it (raises ValueError if none exists)."""
+    """The optimal objective over `space` (every request meeting `deadlines`, if given) and a schedule
+    reaching it (raises ValueError if none exists). Batches run as early as they may: delaying one never
+    helps a deadline, and GPU cost does not see time."""
     requests = window.requests
     limits = window.limits
     fresh = [r.generated_tokens == 0 for r in requests]
     e2e_weight = objective.e2e / len(requests)
     ttft_weight = objective.ttft / max(sum(fresh), 1)
-    timed = objective.needs_time
+    timed = objective.needs_time or deadlines is not None
+    inf = float("inf")
+    first_due = [deadlines.first_token.get(r.request_id, inf) if deadlines else inf for r in requests]
+    finish_due = [deadlines.finish.get(r.request_id, inf) if deadlines else inf for r in requests]
 
     def choices(i: int, state: _RequestState) -> list[_Choice]:
         computed, generated, evictions = state
@@ -121,8 +131,12 @@ def exhaustive_optimum(
             if choice.tokens and computed == request.prompt_tokens + generated:
                 generated += 1
                 if generated == 1 and fresh[i]:
+                    if end > first_due[i] + 1e-9:
+                        return None
                     increment += ttft_weight * (end - request.arrival)
                 if generated == request.output_tokens:
+                    if end > finish_due[i] + 1e-9:
+                        return None
                     increment += e2e_weight * (end - request.arrival)
                 next_states[i] = (computed, generated, evictions)
         return tuple(next_states), start, end, increment

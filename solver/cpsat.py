@@ -6,8 +6,12 @@ brings the request's KV to its target (the prompt, or the prompt plus its emitte
 preemption) and emits a token, then decodes one token per batch, every batch, until the request finishes or is
 evicted. A run is an interval on the axis of batch indices, and the KV it holds grows by one block every
 `block_size` batches, so KV capacity is one cumulative constraint over fixed-offset block intervals; GPU
-cost is `a * (number of batches) + (recompute cost)` plus a constant. Batch times enter only when the
-objective needs wall-clock time (latency terms): then a per-batch time layer is added.
+cost is `a * (number of batches) + (recompute cost)` plus a constant. The per-request term e*R of the cost
+model is part of that constant: in the run form a request is in exactly one batch per token it emits (a
+chunked prefill, outside the run form, only adds batches holding it). Batch times enter only when the
+objective needs wall-clock time (latency terms) or requests have deadlines (`Deadlines`: latency SLOs, or the
+engine's own times): then a per-batch time layer is added, and each request's first-token batch must end by
+its first-token deadline and its last batch by its finish deadline.
 
 What the run form leaves out, and why that loses nothing for GPU cost with d = 0 and no binding token budget
 or sequence cap (the defaults: these are settings, not hardware; see `vllm_shadow.solver.optimal` for d > 0):
@@ -17,16 +21,21 @@ or sequence cap (the defaults: these are settings, not hardware; see `vllm_shado
     K (sum of context_after), never adding a batch.
   * idle time and arrivals: GPU cost does not depend on when batches run, and a schedule delayed past the
     last arrival is feasible.
-For latency objectives the model is exact over schedules that never pause a running request (vLLM's own
-discipline) and prefill in one batch; its bound is the bound over that class.
+For latency objectives, and under deadlines, the model is exact over schedules that never pause a running
+request (vLLM's own discipline) and prefill in one batch; its bound is the bound over that class (with
+deadlines, pausing can save KV by slowing a request down after its first token).
 
 Integer costs: times are in ticks (`Scale.tick` seconds) and every coefficient is rounded down, so the model's
 objective never exceeds the true cost of the schedule it describes: CP-SAT's bound stays a valid bound. The
-verifier recomputes the chosen schedule's cost in floats.
+time layer rounds the same way (batch times down, arrivals down, deadlines up: a relaxation, so the bound
+holds), or with `conservative=True` the other way (times up, arrivals up, deadlines down), so that every
+schedule the model admits meets its deadlines in floats too. The verifier recomputes the chosen schedule's
+cost and times in floats.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Mapping, Sequence
@@ -37,7 +46,7 @@ from ortools.sat.python import cp_model
 from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.solver.bounds import prefill_extra_bound, request_work_seconds, single_batch_prefill_extra
 from vllm_shadow.solver.problem import Objective, Window, WindowRequest
-from vllm_shadow.solver.schedule import Batch, Schedule
+from vllm_shadow.solver.schedule import Batch, Deadlines, Schedule
 
 Runs = Mapping[str, Sequence[tuple[int, int]]]  # request id -> runs as (first batch index, batches)
 
@@ -59,15 +68,26 @@ class Scale:
     e2e: int  # per request, on its finish time
     ttft: int  # per fresh request, on its first-token time
     per_unit: float  # objective seconds per unit of the integer objective
+    conservative: bool = False  # the time layer rounds batch times up and deadlines down
 
     def ticks(self, seconds: float) -> int:
         return math.floor(seconds / self.tick + 1e-9)
+
+    def duration_ticks(self, seconds: float) -> int:
+        """A batch-time coefficient in the time layer: down (a relaxation), or up when conservative."""
+        return math.ceil(seconds / self.tick - 1e-9) if self.conservative else self.ticks(seconds)
+
+    def arrival_ticks(self, seconds: float) -> int:
+        return max(self.duration_ticks(seconds), 0)
+
+    def deadline_ticks(self, seconds: float) -> int:
+        return self.ticks(seconds) if self.conservative else math.ceil(seconds / self.tick - 1e-9)
 
 
 def choose_scale(window: Window, cost: LinearCostModel, objective: Objective) -> Scale:
     """A tick fine enough that the per-token coefficients survive rounding to integers (c, the smallest, to
     about 2%), and objective weights as integers with three significant digits of the smallest."""
-    positive = [v for v in (cost.a / 1e4, cost.b / 100, cost.c / 50) if v > 0]
+    positive = [v for v in (cost.a / 1e4, cost.b / 100, cost.c / 50, cost.e / 100) if v > 0]
     tick = min(positive, default=1e-6)
     n = len(window.requests)
     fresh = max(sum(r.generated_tokens == 0 for r in window.requests), 1)
@@ -101,6 +121,7 @@ class RunModel:
     runs: dict[str, list[_Run]]
     makespan: cp_model.IntVar
     timed: bool
+    deadlines: Deadlines | None = None
 
     @property
     def num_variables(self) -> int:
@@ -155,8 +176,11 @@ def build_run_model(
     horizon: int,
     max_evictions: int = 1,
     scale: Scale | None = None,
+    deadlines: Deadlines | None = None,
+    conservative: bool = False,
 ) -> RunModel:
-    """The run model of `window` over at most `horizon` batches."""
+    """The run model of `window` over at most `horizon` batches, every request meeting `deadlines` if given
+    (`conservative`: see the module docstring)."""
     if max_evictions < 0:
         raise ValueError("max_evictions must be >= 0")
     limits = window.limits
@@ -164,6 +188,8 @@ def build_run_model(
     if horizon < longest:
         raise ValueError(f"horizon {horizon} is shorter than the longest request ({longest} batches)")
     scale = scale or choose_scale(window, cost, objective)
+    if conservative != scale.conservative:
+        scale = dataclasses.replace(scale, conservative=conservative)
     model = cp_model.CpModel()
     makespan = model.new_int_var(longest, horizon, "batches")
     runs = {r.request_id: _request_runs(model, r, horizon, max_evictions, makespan) for r in window.requests}
@@ -183,12 +209,14 @@ def build_run_model(
 
     gpu_units = scale.ticks(cost.a) * makespan + _recompute_cost(model, window, cost, runs, scale)
     terms = [scale.gpu * gpu_units]
-    timed = objective.needs_time
+    timed = objective.needs_time or deadlines is not None
     if timed:
-        terms.append(_time_layer(model, window, cost, runs, makespan, horizon, scale))
+        terms.append(_time_layer(model, window, cost, runs, makespan, horizon, scale, deadlines))
     model.minimize(sum(terms))
-    _break_symmetries(model, window, runs, timed)
-    return RunModel(window, cost, objective, max_evictions, horizon, scale, model, runs, makespan, timed)
+    _break_symmetries(model, window, runs, timed, deadlines)
+    return RunModel(
+        window, cost, objective, max_evictions, horizon, scale, model, runs, makespan, timed, deadlines
+    )
 
 
 def _request_runs(
@@ -356,16 +384,18 @@ def _time_layer(
     makespan: cp_model.IntVar,
     horizon: int,
     scale: Scale,
+    deadlines: Deadlines | None,
 ) -> cp_model.LinearExprT:
-    """Per-batch start and duration, so that arrivals bind and finish times are seconds. Returns the latency
-    part of the objective (weighted finish and first-token ticks)."""
+    """Per-batch start and duration, so that arrivals and deadlines bind and finish times are seconds.
+    Returns the latency part of the objective (weighted finish and first-token ticks)."""
     requests = window.requests
-    a, b, c = scale.ticks(cost.a), scale.ticks(cost.b), scale.ticks(cost.c)
-    longest_batch = a + b * sum(r.peak_tokens for r in requests) + c * sum(r.peak_tokens for r in requests)
+    a, b, c = (scale.duration_ticks(v) for v in (cost.a, cost.b, cost.c))
+    e = scale.duration_ticks(cost.e)
+    longest_batch = a + (b + c) * sum(r.peak_tokens for r in requests) + e * len(requests)
     longest_batch += sum(
-        scale.ticks(recompute_extra(r, 0, cost) + baseline_seconds(r, cost)) for r in requests
+        scale.duration_ticks(recompute_extra(r, 0, cost) + baseline_seconds(r, cost)) for r in requests
     )
-    latest_arrival = max(max(scale.ticks(r.arrival - window.start), 0) for r in requests)
+    latest_arrival = max(scale.arrival_ticks(r.arrival - window.start) for r in requests)
     span = latest_arrival + horizon * longest_batch
     starts = [model.new_int_var(0, span, f"t_{j}") for j in range(horizon)]
     durations = [model.new_int_var(0, longest_batch, f"dt_{j}") for j in range(horizon)]
@@ -383,24 +413,31 @@ def _time_layer(
         if j:
             model.add(starts[j] >= ends[j - 1])
     latency: cp_model.LinearExprT = 0
+    first_due = deadlines.first_token if deadlines else {}
+    finish_due = deadlines.finish if deadlines else {}
     for request in requests:
         rid = request.request_id
         first, last = runs[rid][0], runs[rid][-1]
         if not request.running:
             begun = model.new_int_var(0, span, f"begin_{rid}")
             model.add_element(first.start, starts, begun)
-            model.add(begun >= max(scale.ticks(request.arrival - window.start), 0))
-        if scale.e2e:
+            model.add(begun >= scale.arrival_ticks(request.arrival - window.start))
+        if scale.e2e or rid in finish_due:
             finish = model.new_int_var(0, span + longest_batch, f"finish_{rid}")
             # OR-Tools before 9.12 takes only a variable as an element index, not an affine expression.
             last_batch = model.new_int_var(0, len(ends) - 1, f"last_batch_{rid}")
             model.add(last_batch == last.end - 1)
             model.add_element(last_batch, ends, finish)
             latency = latency + scale.e2e * finish
-        if scale.ttft and request.generated_tokens == 0:
+            if rid in finish_due:
+                model.add(finish <= scale.deadline_ticks(finish_due[rid] - window.start))
+        fresh = request.generated_tokens == 0
+        if fresh and (scale.ttft or rid in first_due):
             first_token = model.new_int_var(0, span + longest_batch, f"first_{rid}")
             model.add_element(first.start, ends, first_token)  # a fresh request's first run is never empty
             latency = latency + scale.ttft * first_token
+            if rid in first_due:
+                model.add(first_token <= scale.deadline_ticks(first_due[rid] - window.start))
     return latency
 
 
@@ -417,19 +454,21 @@ def _run_per_batch(
     """Adds to each batch's duration the ticks this run spends in it: b and c per token and context in decode
     batches; the first batch's whole b*T + c*K + d*P, looked up by the run's target."""
     rid = f"{request.request_id}_{k}"
-    b, c = scale.ticks(cost.b), scale.ticks(cost.c)
+    b, c, e = (scale.duration_ticks(v) for v in (cost.b, cost.c, cost.e))
     remaining = request.remaining_outputs
     if k == 0:
-        first_ticks: cp_model.LinearExprT = scale.ticks(_first_batch_seconds(request, 0, cost, k))
+        first_ticks: cp_model.LinearExprT = scale.duration_ticks(_first_batch_seconds(request, 0, cost, k))
         peak_first = first_ticks
     else:
-        table = [scale.ticks(_first_batch_seconds(request, g, cost, k)) for g in range(remaining)] + [0]
+        table = [
+            scale.duration_ticks(_first_batch_seconds(request, g, cost, k)) for g in range(remaining)
+        ] + [0]
         emitted = model.new_int_var(0, remaining, f"emitted_t_{rid}")
         model.add(emitted == run.emitted_before)
         first_ticks = model.new_int_var(0, max(table), f"first_ticks_{rid}")
         model.add_element(emitted, table, first_ticks)
         peak_first = max(table)
-    peak_decode = b + c * request.peak_tokens
+    peak_decode = b + c * request.peak_tokens + e
     for j in range(horizon):
         started = model.new_bool_var(f"started_{rid}_{j}")  # start <= j
         model.add(run.start <= j).only_enforce_if(started)
@@ -451,7 +490,7 @@ def _run_per_batch(
         model.add(first_part == 0).only_enforce_if(first.negated())
         decode_part = model.new_int_var(0, peak_decode, f"decode_part_{rid}_{j}")
         # A decode at batch j has context_after = target + (j - start).
-        model.add(decode_part == b + c * (run.target + j - run.start)).only_enforce_if(decoding)
+        model.add(decode_part == b + e + c * (run.target + j - run.start)).only_enforce_if(decoding)
         model.add(decode_part == 0).only_enforce_if(decoding.negated())
         work[j] += [first_part, decode_part]
 
@@ -459,24 +498,36 @@ def _run_per_batch(
 def _first_batch_seconds(
     request: WindowRequest, emitted: int, cost: LinearCostModel, run_index: int
 ) -> float:
-    """b*T + c*K + d*P of a run's first batch (without a)."""
+    """b*T + c*K + d*P + e of a run's first batch (without a)."""
     target = request.target_tokens + emitted
     context = request.computed_tokens if run_index == 0 else 0
     chunk = target - context
-    return cost.b * chunk + cost.c * target + (cost.d * chunk * target if chunk > 1 else 0.0)
+    return cost.b * chunk + cost.c * target + (cost.d * chunk * target if chunk > 1 else 0.0) + cost.e
 
 
 def _break_symmetries(
-    model: cp_model.CpModel, window: Window, runs: Mapping[str, list[_Run]], timed: bool
+    model: cp_model.CpModel,
+    window: Window,
+    runs: Mapping[str, list[_Run]],
+    timed: bool,
+    deadlines: Deadlines | None,
 ) -> None:
     """Fresh requests of the same shape are interchangeable (with arrivals, an earlier arrival can take a
-    later one's place): order their first runs."""
+    later one's place; with deadlines too only if its deadlines are no later): order their first runs."""
     groups: dict[tuple[int, int], list[WindowRequest]] = {}
     for r in window.requests:
         if not r.running:
             groups.setdefault((r.prompt_tokens, r.output_tokens), []).append(r)
+    inf = math.inf
     for group in groups.values():
         ordered = sorted(group, key=lambda r: r.arrival) if timed else group
+        if deadlines is not None:
+            keys = [
+                (deadlines.first_token.get(r.request_id, inf), deadlines.finish.get(r.request_id, inf))
+                for r in ordered
+            ]
+            if any(x[0] > y[0] or x[1] > y[1] for x, y in itertools.pairwise(keys)):
+                continue  # no order of this group is safe to impose
         for earlier, later in itertools.pairwise(ordered):
             model.add(runs[earlier.request_id][0].start <= runs[later.request_id][0].start)
 

@@ -6,10 +6,19 @@ its objective as the verifier computed it, and a lower bound with the schedules 
     recompute preemptions per request (the run form loses nothing: see `vllm_shadow.solver.cpsat`);
   * GPU cost with d > 0: the same, after subtracting the most any prefill chunking could save
     (`vllm_shadow.solver.bounds.chunking_slack`), because the run form prefills in one batch;
-  * otherwise (latency terms, or a binding budget or cap): schedules that never pause a running request and
-    prefill in one batch, with at most `max_evictions` preemptions per request.
-`relaxation_bound` holds for every schedule whatsoever and costs nothing to compute; it backs the bound up
-when CP-SAT proves little, and is the only bound for windows too large to model.
+  * otherwise (latency terms, deadlines, or a binding budget or cap): schedules that never pause a running
+    request and prefill in one batch, with at most `max_evictions` preemptions per request (and, with
+    deadlines, meeting them).
+`relaxation_bound` holds for every schedule whatsoever (that meets the deadlines) and costs nothing to compute;
+it backs the bound up when CP-SAT proves little, and is the only bound for windows too large to model.
+
+Deadlines ("the same service, cheaper"): by default every request must get its first token and finish no later
+than in the engine's own schedule (`engine_deadlines`, from the vLLM heuristic's replay of the window), or
+within the user's TTFT and TPOT limits (`slo_deadlines`). A window whose requests fall into busy periods (every
+request arriving before a time must finish by it) is solved period by period: no batch can span two, so the
+optimum and the bound are sums over them (`busy_periods`). Under deadlines the integer time layer is a
+relaxation (its bound holds); a schedule it finds that misses a deadline by a rounding error is re-solved on
+the conservative model, whose every schedule meets them (see `vllm_shadow.solver.cpsat`).
 
 With evictions allowed CP-SAT rarely proves much beyond the relaxation: a recompute preemption cuts a request's
 KV staircase into two pieces placed independently (the second starts where the first stopped, so it needs no
@@ -21,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -38,7 +48,15 @@ from vllm_shadow.solver.cpsat import (
 from vllm_shadow.solver.packing import best_packing
 from vllm_shadow.solver.policies import parse_policy
 from vllm_shadow.solver.problem import Objective, Window
-from vllm_shadow.solver.schedule import Replay, Schedule, replay, schedule_from_steps, verify
+from vllm_shadow.solver.schedule import (
+    Batch,
+    Deadlines,
+    Replay,
+    Schedule,
+    replay,
+    schedule_from_steps,
+    verify,
+)
 from vllm_shadow.solver.simulator import RunningRequest, simulate
 
 DEFAULT_HEURISTICS = (
@@ -68,6 +86,7 @@ class HeuristicRun:
     schedule: Schedule
     replay: Replay  # the verifier's replay: its violations are empty unless the simulator broke a rule
     objective: float
+    missed_deadlines: int = 0  # requests' first tokens and finishes later than the deadlines given
 
     @property
     def preemptions(self) -> int:
@@ -91,6 +110,8 @@ class OptimalResult:
     constraints: int
     solve_seconds: float  # CP-SAT's wall time, the no-eviction first pass included
     max_evictions: int
+    deadlines: Deadlines | None = None
+    periods: int = 1  # busy periods solved separately (see `busy_periods`)
 
     def summary(self) -> dict[str, object]:
         return {
@@ -99,6 +120,8 @@ class OptimalResult:
             "objective": self.objective,
             "bound": self.bound,
             "bound_scope": self.bound_scope,
+            "slo": self.deadlines.source if self.deadlines else "none",
+            "busy_periods": self.periods,
             "relaxation_bound": self.relaxation_bound,
             "gap": self.gap,
             "source": self.source,
@@ -123,9 +146,10 @@ def run_heuristics(
     policies: Sequence[str] = DEFAULT_HEURISTICS,
     *,
     settings: Mapping[str, int] | None = None,
+    deadlines: Deadlines | None = None,
 ) -> list[HeuristicRun]:
     """Each policy simulated on the window (with `settings` such as max_num_seqs applied to all), its step log
-    replayed by the verifier."""
+    replayed by the verifier (and the deadlines it misses counted, when given)."""
     fresh = [r for r in window.requests if not r.running]
     running = [
         RunningRequest(arrival, r.computed_tokens, r.generated_tokens)
@@ -148,8 +172,78 @@ def run_heuristics(
         )
         schedule = schedule_from_steps(result.steps or [])
         replayed = replay(schedule, window, cost)
-        runs.append(HeuristicRun(spec, schedule, replayed, replayed.objective(objective)))
+        missed = 0
+        if deadlines is not None:
+            missed = len(replay(schedule, window, cost, deadlines).violations) - len(replayed.violations)
+        runs.append(HeuristicRun(spec, schedule, replayed, replayed.objective(objective), missed))
     return runs
+
+
+def engine_deadlines(engine: Replay, source: str = "vllm's own schedule") -> Deadlines:
+    """Every request no later than in the engine's schedule: "the same service, cheaper"."""
+    if not engine.feasible:
+        raise ValueError(f"the engine's schedule is infeasible: {engine.violations[:3]}")
+    return Deadlines(dict(engine.first_token), dict(engine.finish), source)
+
+
+def slo_deadlines(window: Window, ttft: float | None, tpot: float | None) -> Deadlines:
+    """Per request: first token within `ttft` of arrival; finish by arrival + ttft + tpot x (output - 1) (a
+    request that meets both targets on every token finishes by then), or by arrival + tpot x output when only
+    the TPOT limit is set. Seconds."""
+    if ttft is None and tpot is None:
+        raise ValueError("an SLO needs a TTFT or a TPOT limit")
+    first, finish = {}, {}
+    for r in window.requests:
+        if ttft is not None and r.generated_tokens == 0:
+            first[r.request_id] = r.arrival + ttft
+        if tpot is not None:
+            lead = ttft if ttft is not None else tpot
+            finish[r.request_id] = r.arrival + lead + tpot * (r.output_tokens - 1)
+    parts = [f"{name}={value:g}s" for name, value in (("ttft", ttft), ("tpot", tpot)) if value is not None]
+    return Deadlines(first, finish, "SLO " + ",".join(parts))
+
+
+def scaled_deadlines(deadlines: Deadlines, window: Window, factor: float) -> Deadlines:
+    """Each request's allowance from its arrival times `factor` (a latency level of the Pareto view)."""
+    arrival = {r.request_id: r.arrival for r in window.requests}
+
+    def scale(times: Mapping[str, float]) -> dict[str, float]:
+        return {rid: arrival[rid] + factor * (t - arrival[rid]) for rid, t in times.items()}
+
+    return Deadlines(
+        scale(deadlines.first_token), scale(deadlines.finish), f"{factor:g} x ({deadlines.source})"
+    )
+
+
+def busy_periods(window: Window, deadlines: Deadlines) -> list[Window]:
+    """The window cut wherever every request that arrived before must finish by the next arrival: no batch
+    can hold requests of both sides (one side's batches end by the cut, the other's start after it)."""
+    ordered = sorted(window.requests, key=lambda r: (r.arrival, r.request_id))
+    periods: list[list] = []
+    due = -math.inf
+    for r in ordered:
+        finish = deadlines.finish.get(r.request_id, math.inf)
+        if periods and r.arrival >= due and not r.running:
+            periods.append([r])
+        else:
+            if not periods:
+                periods.append([])
+            periods[-1].append(r)
+        due = max(due, finish)
+    return [
+        Window(tuple(p), window.limits, window.start if k == 0 else p[0].arrival)
+        for k, p in enumerate(periods)
+    ]
+
+
+def restrict(schedule: Schedule, request_ids: set[str]) -> Schedule:
+    """The batches of `schedule` that hold the given requests, holding only them."""
+    batches = []
+    for b in schedule.batches:
+        tokens = {rid: n for rid, n in b.tokens.items() if rid in request_ids}
+        if tokens:
+            batches.append(Batch(tokens, tuple(rid for rid in b.evicted if rid in request_ids)))
+    return Schedule(tuple(batches))
 
 
 def solve_optimal(
@@ -163,10 +257,17 @@ def solve_optimal(
     seed: int = 0,
     hints: Mapping[str, Schedule] | None = None,
     horizon: int | None = None,
+    deadlines: Deadlines | None = None,
 ) -> OptimalResult:
     """The best schedule CP-SAT finds in `time_limit` seconds, seeded with the best feasible hint (the
-    packing heuristic's schedule is added for GPU cost)."""
+    packing heuristic's schedule is added for GPU cost), every request meeting `deadlines` if given."""
     hints = dict(hints or {})
+    if deadlines is not None and not objective.needs_time and horizon is None:
+        periods = busy_periods(window, deadlines)
+        if len(periods) > 1:
+            return _solve_periods(
+                window, periods, cost, objective, deadlines, hints, max_evictions, time_limit, workers, seed
+            )
     earlier_seconds = 0.0
     if not objective.needs_time:
         order, runs = best_packing(window)
@@ -184,6 +285,7 @@ def solve_optimal(
                 workers=workers,
                 seed=seed,
                 hints=hints,
+                deadlines=deadlines,
             )
         except ValueError:  # running requests that cannot all keep their KV: only evictions make room
             pass
@@ -191,29 +293,56 @@ def solve_optimal(
             hints["no-eviction optimum"] = first.schedule
             time_limit -= first.solve_seconds
             earlier_seconds = first.solve_seconds
-    candidates = _feasible_hints(window, cost, objective, hints, max_evictions)
+    candidates = _feasible_hints(window, cost, objective, hints, max_evictions, deadlines)
     best_name, best_schedule, best_replay = min(
         candidates, key=lambda c: c[2].objective(objective), default=("none", None, None)
     )
     if horizon is None:
         horizon = _horizon(window, cost, objective, best_replay)
-    model = build_run_model(window, cost, objective, horizon=horizon, max_evictions=max_evictions)
+    started = time.perf_counter()
+    model = build_run_model(
+        window, cost, objective, horizon=horizon, max_evictions=max_evictions, deadlines=deadlines
+    )
+    proof_limit = time_limit if deadlines is None else time_limit * 2 / 3
     if best_schedule is not None:
         add_hint(model, runs_from_schedule(window, best_schedule))
-    solution = solve_run_model(model, time_limit=time_limit, workers=workers, seed=seed)
+    solution = solve_run_model(model, time_limit=proof_limit, workers=workers, seed=seed)
+    wall = solution.wall_seconds
 
     source, schedule, replayed = best_name, best_schedule, best_replay
-    if solution.runs:
-        found = schedule_from_runs(window, solution.runs)
-        found_replay = verify(found, window, cost)  # a model bug must surface, never a wrong answer
+    found_runs = solution.runs
+    if found_runs and deadlines is not None:
+        found = schedule_from_runs(window, found_runs)
+        verify(found, window, cost)  # every rule but the deadlines holds, whatever the rounding
+        if not replay(found, window, cost, deadlines).feasible:
+            # Missed by a rounding error of the relaxed time layer: re-solve where times round up.
+            safe = build_run_model(
+                window,
+                cost,
+                objective,
+                horizon=horizon,
+                max_evictions=max_evictions,
+                deadlines=deadlines,
+                conservative=True,
+            )
+            add_hint(safe, found_runs)
+            remaining = max(time_limit - (time.perf_counter() - started), 1.0)
+            retry = solve_run_model(safe, time_limit=remaining, workers=workers, seed=seed)
+            wall += retry.wall_seconds
+            found_runs = retry.runs
+    if found_runs:
+        found = schedule_from_runs(window, found_runs)
+        found_replay = verify(
+            found, window, cost, deadlines
+        )  # a model bug must surface, never a wrong answer
         if replayed is None or found_replay.objective(objective) <= replayed.objective(objective):
             source, schedule, replayed = "cp-sat", found, found_replay
     if schedule is None or replayed is None:
         raise ValueError(f"no schedule found for the window (CP-SAT status {solution.status})")
 
     value = replayed.objective(objective)
-    relaxed = relaxation_bound(window, cost).objective(objective)
-    exact_for_all = _run_form_is_exact(window, objective)
+    relaxed = relaxation_bound(window, cost, deadlines).objective(objective)
+    exact_for_all = _run_form_is_exact(window, objective) and deadlines is None
     bound = relaxed
     if solution.status != "INFEASIBLE":  # CP-SAT's bound is valid whether or not it found a solution
         class_bound = _bound_seconds(model, solution.bound_units)
@@ -223,6 +352,8 @@ def solve_optimal(
     scope = (SCOPE_ALL if exact_for_all else SCOPE_RUNS).format(e=max_evictions)
     if horizon < _horizon(window, cost, objective, best_replay):
         scope += f", within {horizon} batches"
+    if deadlines is not None:
+        scope += f"; {deadlines.describe()}"
     return OptimalResult(
         status=solution.status,
         objective_name=str(objective),
@@ -237,8 +368,72 @@ def solve_optimal(
         horizon=horizon,
         variables=model.num_variables,
         constraints=model.num_constraints,
-        solve_seconds=earlier_seconds + solution.wall_seconds,
+        solve_seconds=earlier_seconds + wall,
         max_evictions=max_evictions,
+        deadlines=deadlines,
+    )
+
+
+def _solve_periods(
+    window: Window,
+    periods: Sequence[Window],
+    cost: LinearCostModel,
+    objective: Objective,
+    deadlines: Deadlines,
+    hints: Mapping[str, Schedule],
+    max_evictions: int,
+    time_limit: float,
+    workers: int,
+    seed: int,
+) -> OptimalResult:
+    """Each busy period solved on its own (time shared by size), the schedules joined and verified whole."""
+    total = len(window.requests)
+    parts = []
+    for period in periods:
+        ids = {r.request_id for r in period.requests}
+        parts.append(
+            solve_optimal(
+                period,
+                cost,
+                objective,
+                max_evictions=max_evictions,
+                time_limit=max(time_limit * len(ids) / total, 1.0),
+                workers=workers,
+                seed=seed,
+                hints={name: restrict(h, ids) for name, h in hints.items()},
+                deadlines=Deadlines(
+                    {k: v for k, v in deadlines.first_token.items() if k in ids},
+                    {k: v for k, v in deadlines.finish.items() if k in ids},
+                    deadlines.source,
+                ),
+            )
+        )
+    schedule = Schedule(tuple(b for part in parts for b in part.schedule.batches))
+    replayed = verify(schedule, window, cost, deadlines)
+    value = replayed.objective(objective)
+    relaxed = relaxation_bound(window, cost, deadlines).objective(objective)
+    bound = min(max(sum(p.bound for p in parts), relaxed), value)
+    statuses = {p.status for p in parts}
+    status = next(s for s in ("INFEASIBLE", "UNKNOWN", "FEASIBLE", "OPTIMAL") if s in statuses)
+    sources = {p.source for p in parts}
+    return OptimalResult(
+        status=status,
+        objective_name=str(objective),
+        objective=value,
+        bound=bound,
+        bound_scope=parts[0].bound_scope.split(", within")[0].split(";")[0] + f"; {deadlines.describe()}",
+        relaxation_bound=relaxed,
+        gap=(value - bound) / value if value > 0 else 0.0,
+        schedule=schedule,
+        replay=replayed,
+        source="cp-sat" if "cp-sat" in sources else "+".join(sorted(sources)),
+        horizon=sum(p.horizon for p in parts),
+        variables=sum(p.variables for p in parts),
+        constraints=sum(p.constraints for p in parts),
+        solve_seconds=sum(p.solve_seconds for p in parts),
+        max_evictions=max_evictions,
+        deadlines=deadlines,
+        periods=len(parts),
     )
 
 
@@ -248,11 +443,13 @@ def _feasible_hints(
     objective: Objective,
     hints: Mapping[str, Schedule],
     max_evictions: int,
+    deadlines: Deadlines | None = None,
 ) -> list[tuple[str, Schedule, Replay]]:
-    """Hints the verifier accepts and that preempt no request more than the model allows."""
+    """Hints the verifier accepts (deadlines included) and that preempt no request more than the model
+    allows."""
     kept = []
     for name, schedule in hints.items():
-        replayed = replay(schedule, window, cost)
+        replayed = replay(schedule, window, cost, deadlines)
         if replayed.feasible and max(replayed.evictions.values(), default=0) <= max_evictions:
             kept.append((name, schedule, replayed))
     return kept

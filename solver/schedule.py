@@ -9,7 +9,9 @@ model's own `batch_time` and the simulator's accounting:
     request frees its blocks after the step that emits its last token;
   * an eviction (recompute preemption) drops all of a request's KV before a batch; it must then recompute its
     prompt and every token it has emitted before emitting the next;
-  * a batch starts after the previous one ends and no earlier than the arrival of every request in it.
+  * a batch starts after the previous one ends and no earlier than the arrival of every request in it;
+  * with `Deadlines`, a request emits its first token and its last no later than its deadlines (latency SLOs,
+    or the times of the engine's own schedule).
 Nothing is assumed about how the schedule was made, so a corrupted schedule is reported, never repaired.
 """
 
@@ -39,6 +41,19 @@ class Schedule:
 
     def __len__(self) -> int:
         return len(self.batches)
+
+
+@dataclass(frozen=True, slots=True)
+class Deadlines:
+    """The latest time (seconds, on the window's clock) each request may emit its first token and its last.
+    A request missing from a mapping has no such deadline; a running request's first token is history."""
+
+    first_token: Mapping[str, float]
+    finish: Mapping[str, float]
+    source: str  # what the deadlines come from, e.g. "vllm's own schedule" or "ttft=0.5,tpot=0.05"
+
+    def describe(self) -> str:
+        return f"no request's first token or finish later than under {self.source}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +113,9 @@ class _State:
         return self.generated >= self.output
 
 
-def replay(schedule: Schedule, window: Window, cost: LinearCostModel) -> Replay:
+def replay(
+    schedule: Schedule, window: Window, cost: LinearCostModel, deadlines: Deadlines | None = None
+) -> Replay:
     """Replay `schedule` on `window`; every broken rule is listed in `violations` (empty: feasible)."""
     limits = window.limits
     states = {
@@ -176,6 +193,8 @@ def replay(schedule: Schedule, window: Window, cost: LinearCostModel) -> Replay:
     for rid, state in states.items():
         if not state.finished:
             violations.append(f"{rid}: emits {state.generated} of {state.output} output tokens")
+    if deadlines is not None:
+        violations += _missed_deadlines(deadlines, first_token, finish)
     fresh_work = sum(r.peak_tokens - r.computed_tokens for r in window.requests)
     recomputed = sum(s.processed for s in states.values()) - fresh_work
     e2e = [finish[r.request_id] - r.arrival for r in window.requests if r.request_id in finish]
@@ -193,9 +212,25 @@ def replay(schedule: Schedule, window: Window, cost: LinearCostModel) -> Replay:
     )
 
 
-def verify(schedule: Schedule, window: Window, cost: LinearCostModel) -> Replay:
+def _missed_deadlines(
+    deadlines: Deadlines, first_token: Mapping[str, float], finish: Mapping[str, float]
+) -> list[str]:
+    missed = []
+    for what, times, limits in (
+        ("first token", first_token, deadlines.first_token),
+        ("finish", finish, deadlines.finish),
+    ):
+        for rid, limit in limits.items():
+            if rid in times and times[rid] > limit + _TIME_TOLERANCE:
+                missed.append(f"{rid}: {what} at {times[rid]:.6f}s, after its deadline {limit:.6f}s")
+    return missed
+
+
+def verify(
+    schedule: Schedule, window: Window, cost: LinearCostModel, deadlines: Deadlines | None = None
+) -> Replay:
     """`replay`, raising `InfeasibleSchedule` unless every rule holds."""
-    result = replay(schedule, window, cost)
+    result = replay(schedule, window, cost, deadlines)
     if result.violations:
         raise InfeasibleSchedule(result.violations)
     return result

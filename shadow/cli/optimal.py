@@ -23,12 +23,15 @@ from vllm_shadow.solver.optimal import (
     DEFAULT_HEURISTICS,
     HeuristicRun,
     OptimalResult,
+    engine_deadlines,
     run_heuristics,
+    scaled_deadlines,
+    slo_deadlines,
     solve_optimal,
 )
 from vllm_shadow.solver.policies import split_policies
-from vllm_shadow.solver.problem import EngineLimits, Window, parse_objective
-from vllm_shadow.solver.schedule import Replay
+from vllm_shadow.solver.problem import EngineLimits, Objective, Window, parse_objective
+from vllm_shadow.solver.schedule import Deadlines, Replay, Schedule
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -64,6 +67,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="keep the roofline fit's d term; by default the roofline is refitted without it, which keeps the "
         "bound exact (see solver.optimal); a --cost-profile is always used as it is",
+    )
+    group.add_argument(
+        "--slo",
+        metavar="default|ttft=S,tpot=S",
+        help="latency constraints on the optimum: 'default' = no request's first token or finish later than in "
+        "vLLM's own schedule of the window; or per-request limits in seconds (first token within ttft of "
+        "arrival, finish by arrival + ttft + tpot x (output - 1))",
+    )
+    group.add_argument(
+        "--pareto",
+        metavar="LEVELS",
+        nargs="?",
+        const="1,1.5,2,4",
+        help="GPU time at several latency levels: each request's allowance under --slo (default: vLLM's) "
+        "times each factor, solved tightest first, each solve warm-started from the last (default 1,1.5,2,4)",
     )
     group.add_argument(
         "--policies",
@@ -107,20 +125,26 @@ def run(args: argparse.Namespace) -> int:
     if args.optimum_obeys_settings:
         limits = dataclasses.replace(limits, **settings)
     window = Window.from_arrivals(trace.requests, limits)
+    engine = run_heuristics(window, setup.cost, objective, ["vllm"], settings=settings)[0]
+    deadlines = _deadlines(args.slo, window, engine.replay) if args.slo or args.pareto else None
     heuristics = run_heuristics(
-        window, setup.cost, objective, split_policies(args.policies), settings=settings
+        window, setup.cost, objective, split_policies(args.policies), settings=settings, deadlines=deadlines
     )
-    result = solve_optimal(
-        window,
-        setup.cost,
-        objective,
-        max_evictions=0 if args.no_eviction else args.max_evictions,
-        time_limit=args.time_limit,
-        workers=args.workers,
-        seed=args.seed,
-        hints={h.policy: h.schedule for h in heuristics if h.replay.feasible},
-    )
+    hints = {h.policy: h.schedule for h in heuristics if h.replay.feasible}
+    hints.setdefault("vllm", engine.schedule)
+    options = {
+        "max_evictions": 0 if args.no_eviction else args.max_evictions,
+        "time_limit": args.time_limit,
+        "workers": args.workers,
+        "seed": args.seed,
+    }
+    frontier: list[dict] = []
+    if args.pareto and deadlines is not None:
+        frontier, hints = _pareto(args.pareto, window, setup.cost, objective, deadlines, hints, options)
+    result = solve_optimal(window, setup.cost, objective, hints=hints, deadlines=deadlines, **options)
     report = _report(args, setup, window, result, heuristics)
+    if args.pareto:
+        report["pareto"] = frontier
     if args.plot:
         vllm = next((h for h in heuristics if h.policy.startswith("vllm") and h.replay.feasible), None)
         if vllm is None:
@@ -131,6 +155,8 @@ def run(args: argparse.Namespace) -> int:
             [(f"{vllm.policy}", vllm.schedule, vllm.replay), ("optimal", result.schedule, result.replay)],
             report["title"],
         )
+        if frontier:
+            add_frontier(args.plot, frontier, vllm.replay)
     if args.json:
         json.dump(report, sys.stdout, indent=2, default=_json_value)
         print()
@@ -139,9 +165,92 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _deadlines(slo: str | None, window: Window, engine: Replay) -> Deadlines:
+    """`default` (or no --slo): vLLM's own times; otherwise `ttft=S,tpot=S` limits in seconds."""
+    if slo is None or slo.strip().lower() == "default":
+        return engine_deadlines(engine)
+    limits: dict[str, float] = {}
+    for item in filter(None, slo.split(",")):
+        name, _, value = item.partition("=")
+        name = name.strip().lower()
+        if name not in ("ttft", "tpot") or not value:
+            raise ValueError(f"bad SLO term {item!r}: expected default, or ttft=SECONDS and/or tpot=SECONDS")
+        limits[name] = float(value)
+    return slo_deadlines(window, limits.get("ttft"), limits.get("tpot"))
+
+
+def _pareto(
+    levels: str,
+    window: Window,
+    cost: LinearCostModel,
+    objective: Objective,
+    deadlines: Deadlines,
+    hints: dict[str, Schedule],
+    options: dict,
+) -> tuple[list[dict], dict[str, Schedule]]:
+    """The optimum at each latency level, tightest first: a schedule meeting tighter deadlines meets looser
+    ones, so each solve starts from the last one's schedule. Returns the frontier and the hints it grew."""
+    hints = dict(hints)
+    frontier: list[dict] = []
+    for factor in sorted(float(x) for x in levels.split(",") if x.strip()):
+        level = scaled_deadlines(deadlines, window, factor)
+        try:
+            point = solve_optimal(window, cost, objective, hints=hints, deadlines=level, **options)
+        except ValueError as error:  # no schedule meets this level, or none was found in time
+            frontier.append(
+                {"factor": factor, "slo": level.source, "status": "NO_SCHEDULE", "error": str(error)}
+            )
+            continue
+        hints[f"pareto {factor:g}"] = point.schedule
+        frontier.append(
+            {
+                "factor": factor,
+                "slo": level.source,
+                "status": point.status,
+                "objective": point.objective,
+                "bound": point.bound,
+                "gap": point.gap,
+                "gpu_seconds": point.replay.gpu_seconds,
+                "mean_ttft_s": point.replay.mean_ttft,
+                "mean_e2e_s": point.replay.mean_e2e,
+            }
+        )
+    return frontier, hints
+
+
+def add_frontier(path: str, frontier: list[dict], engine: Replay) -> None:
+    """Redraw the schedules figure at `path` with the Pareto frontier beside it: GPU seconds (optimum and
+    proven bound) against mean TTFT at each latency level, vLLM's own schedule as a point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    schedules = plt.imread(path)
+    solved = [p for p in frontier if "objective" in p]
+    fig, (left, right) = plt.subplots(
+        1, 2, figsize=(18, schedules.shape[0] / 110), gridspec_kw={"width_ratios": [2, 1]}
+    )
+    left.imshow(schedules)
+    left.axis("off")
+    ttft = [p["mean_ttft_s"] for p in solved]
+    right.plot(ttft, [p["gpu_seconds"] for p in solved], "o-", color="tab:blue", label="optimum")
+    right.plot(ttft, [p["bound"] for p in solved], "v--", color="tab:gray", label="proven bound")
+    for p, x in zip(solved, ttft, strict=True):
+        right.annotate(f"{p['factor']:g}x", (x, p["gpu_seconds"]), textcoords="offset points", xytext=(4, 4))
+    right.plot([engine.mean_ttft], [engine.gpu_seconds], "s", color="tab:orange", label="vLLM")
+    right.set_xlabel("mean TTFT (s) at each latency level")
+    right.set_ylabel("GPU seconds")
+    right.set_title("GPU time against latency (Pareto view)", fontsize=10)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _setup(args: argparse.Namespace) -> Setup:
     setup = engine_setup(args)
-    if args.cost_profile or args.keep_attention_term or (setup.cost.d == 0 and setup.cost.e == 0):
+    if args.cost_profile or args.keep_attention_term or setup.cost.d == 0:
         return setup
     arch, hw = load_model(args.model), get_hardware(args.gpu)
     return dataclasses.replace(
@@ -152,14 +261,14 @@ def _setup(args: argparse.Namespace) -> Setup:
 
 
 def roofline_without_attention_term(arch, hw, tp: int) -> LinearCostModel:
-    """The roofline prior's fit (same batches) with d = 0 and e = 0: prefill chunking then never lowers GPU cost,
-    so the CP-SAT bound holds for every schedule, CP-SAT prices every term, and the heuristics are replayed on
-    this same model."""
+    """The roofline prior's fit (same batches) with d = 0: prefill chunking then never lowers GPU cost, so the
+    CP-SAT bound holds for every schedule; the per-request term e is kept where the fit wants it (CP-SAT prices
+    it: see `vllm_shadow.solver.cpsat`). The heuristics are replayed on this same model."""
     capacity = kv_capacity_blocks(arch, hw, tp=tp, block_size=1)
     batches = representative_batches(arch.max_position_embeddings, capacity, 8192)
     features = np.array([batch_features(new, ctx) for new, ctx in batches], dtype=float)
     times = np.array([roofline_batch_time(arch, hw, new, ctx, tp=tp) for new, ctx in batches])
-    return fit_linear(features, times, with_attention_term=False, with_request_term=False)
+    return fit_linear(features, times, with_attention_term=False)
 
 
 def _report(
@@ -182,7 +291,7 @@ def _report(
         "cost_model": setup.cost.to_dict() | {"source": setup.cost_source},
         **result.summary(),
         "heuristics": {h.policy: h.objective for h in heuristics if h.replay.feasible},
-        "heuristics_detail": {h.policy: _replay_row(h.replay, h.objective) for h in heuristics},
+        "heuristics_detail": {h.policy: _heuristic_row(h) for h in heuristics},
     }
 
 
@@ -196,6 +305,10 @@ def _replay_row(replay: Replay, objective: float) -> dict:
         "preemptions": sum(replay.evictions.values()),
         "violations": list(replay.violations),
     }
+
+
+def _heuristic_row(h: HeuristicRun) -> dict:
+    return _replay_row(h.replay, h.objective) | {"missed_deadlines": h.missed_deadlines}
 
 
 def _json_value(value: object) -> object:
