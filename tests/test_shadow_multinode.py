@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import time
 
 import pytest
 
@@ -14,9 +13,11 @@ ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from tests import shadow_support as support  # noqa: E402
+from tests.waiting import wait_until  # noqa: E402
 from vllm_shadow.adapters.events import EngineInfo  # noqa: E402
 from vllm_shadow.adapters.publisher import EventBatch  # noqa: E402
 from vllm_shadow.adapters.ray_transport import RayActorSink  # noqa: E402
+from vllm_shadow.readout.snapshot import ShadowSnapshot  # noqa: E402
 from vllm_shadow.runtime.actor import start_shadow_actor  # noqa: E402
 from vllm_shadow.runtime.core import EvaluationSettings, ShadowConfig  # noqa: E402
 from vllm_shadow.runtime.service import ServiceConfig  # noqa: E402
@@ -68,16 +69,15 @@ def test_two_engines_windows_are_evaluated_on_both_nodes() -> None:
             sink.close()
         ray.get(handle.flush.remote())
         locations: set[str] = set()
-        deadline = time.monotonic() + 120
-        while True:
+
+        def evaluated() -> ShadowSnapshot | None:
             snapshot = ray.get(handle.snapshot.remote())
             for engine in snapshot.engines:
                 if engine.last is not None:
-                    locations.update(engine.last.task_locations)
-            if ray.get(handle.idle.remote()) and len(snapshot.engines) == 2:
-                break
-            assert time.monotonic() < deadline, "evaluation did not finish"
-            time.sleep(0.05)
+                    locations.update(engine.last.task_locations)  # every window's, not only the final one's
+            return snapshot if ray.get(handle.idle.remote()) and len(snapshot.engines) == 2 else None
+
+        snapshot = wait_until(evaluated, 120, "both engines' windows evaluated", every=0.05)
         assert [e.engine for e in snapshot.engines] == ["0", "1"]
         for e in snapshot.engines:
             assert e.windows_evaluated >= 3, (e.engine, e.windows_skipped, e.sequence)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-import time
 import warnings
 from collections import Counter
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ import pytest
 pytest.importorskip("vllm", reason="the CPU build of vLLM is installed by `make test`")
 
 from tests.support.mirror_stream import MirroredRun
+from tests.waiting import wait_until
 from vllm_shadow.adapters.events import EngineInfo, EngineStep, Event, RequestArrival, RequestFinish
 from vllm_shadow.adapters.grpc_ingest import IngestServer
 from vllm_shadow.adapters.otlp import OtlpSpanReceiver
@@ -68,14 +68,16 @@ class Session:
 
     def engine_recording(self) -> list[Event]:
         (path,) = [p for p in self.tmp.glob("*.jsonl") if p.stem != str(os.getpid())]
-        for _ in range(50):
+
+        def whole() -> list[Event] | None:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("error", RecordingTruncatedWarning)
                     return list(read_events(path))
             except (RecordingError, RecordingTruncatedWarning):  # read while a line was half written
-                time.sleep(0.02)
-        return list(read_events(path))
+                return None
+
+        return wait_until(whole, 1.0, f"a whole line at the end of {path}")
 
 
 @pytest.fixture(scope="module")
@@ -109,16 +111,14 @@ def _external(request_id: str) -> str:
     return request_id.rsplit("-", 1)[0]  # vLLM's internal id is <external>-<8 hex>
 
 
-def _wait_for(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
 def test_mirror_reports_every_arrival_step_and_finish_exactly(session) -> None:
     s, engine = session
     produced = drive(engine, _workload(0, 24), id_prefix="a")
-    _wait_for(lambda: sum(isinstance(e, RequestFinish) for e in s.ingested.mirror_events()) >= 24)
+    wait_until(
+        lambda: sum(isinstance(e, RequestFinish) for e in s.ingested.mirror_events()) >= 24,
+        10,
+        "the shadow to receive 24 finishes",
+    )
     events = [
         e
         for e in s.ingested.mirror_events()
@@ -163,7 +163,9 @@ def test_stat_logger_and_otlp_see_the_mirror_s_requests(session) -> None:
     s, engine = session
     produced = drive(engine, _workload(24, 12), id_prefix="b")
     trace.get_tracer_provider().force_flush()
-    _wait_for(lambda: sum(isinstance(e, RequestFinish) for e in s.spans.events) >= 12)
+    wait_until(
+        lambda: sum(isinstance(e, RequestFinish) for e in s.spans.events) >= 12, 10, "12 finishes over OTLP"
+    )
     mirror = {
         _external(e.request_id): e
         for e in s.engine_recording()
@@ -191,7 +193,8 @@ def test_engine_finishes_every_request_when_the_shadow_dies_mid_run(session) -> 
         events = s.engine_recording()
         return [e for e in events if isinstance(e, RequestFinish) and e.request_id.startswith("c")]
 
-    _wait_for(lambda: len(recorded()) >= len(requests))  # the publisher writes every few milliseconds
+    # The publisher writes every few milliseconds.
+    wait_until(lambda: len(recorded()) >= len(requests), 10, "every finish in the engine's recording")
     assert {_external(e.request_id): e.output_tokens for e in recorded()} == produced
     # ... while the dead shadow got only what was sent before it died.
     ingested = [
