@@ -21,6 +21,9 @@ class RequestArrival:
     max_tokens: int | None = None
     priority: int = 0  # vLLM semantics: lower value is served first
     prefix_block_hashes: tuple[int, ...] = ()  # equal hashes = shared prompt prefix blocks
+    # vLLM's own block hashes (`Request.block_hashes`, one per full block of the engine's block_size prompt
+    # tokens, chained), as ints: the prefix identity the simulator's prefix cache looks up.
+    block_hashes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +48,8 @@ class EngineStep:
     resumed: tuple[str, ...] = ()
     finished: tuple[str, ...] = ()
     kv_blocks_used: int = 0
+    # request id -> prompt tokens found in the prefix cache when it was admitted (or resumed) in this step
+    cached_tokens: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

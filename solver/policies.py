@@ -46,6 +46,9 @@ class Policy:
     eviction: bool = True
     # Fraction of KV blocks kept free when admitting (vLLM V1 default 0.0; V0 used 0.01).
     watermark: float = 0.0
+    # vLLM's automatic prefix caching: a request admitted reuses the cached full blocks of its prompt's prefix
+    # (and a resumed one its own surviving blocks); freed blocks stay cached until evicted (solver.kv_cache).
+    enable_prefix_caching: bool = False
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -54,6 +57,10 @@ class Policy:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if self.long_prefill_token_threshold < 0:
             raise ValueError("long_prefill_token_threshold must be >= 0")
+        if self.enable_prefix_caching and not self.eviction:
+            raise ValueError(
+                "enable_prefix_caching needs eviction: reserving blocks at admission ignores hits"
+            )
         if not 0.0 <= self.watermark < 1.0:
             raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")
         for name, allowed in (("order", Order), ("batching", Batching), ("admission", Admission)):
@@ -79,6 +86,8 @@ class Policy:
             "--enable-chunked-prefill" if self.chunked_prefill else "--no-enable-chunked-prefill",
             f"--scheduling-policy {self.order}",
         ]
+        if self.enable_prefix_caching:
+            flags.append("--enable-prefix-caching")
         if self.long_prefill_token_threshold:
             flags.append(f"--long-prefill-token-threshold {self.long_prefill_token_threshold}")
         return flags
@@ -117,7 +126,12 @@ PRESETS: dict[str, Policy] = {
     "sof": dataclasses.replace(_VLLM, preset="sof", order="output"),
 }
 
-_ALIASES = {"policy": "order", "enable_chunked_prefill": "chunked_prefill", "preemption": "eviction"}
+_ALIASES = {
+    "policy": "order",
+    "enable_chunked_prefill": "chunked_prefill",
+    "preemption": "eviction",
+    "prefix_caching": "enable_prefix_caching",
+}
 _SPEC = re.compile(r"^\s*([A-Za-z][\w-]*)\s*(?:\((.*)\))?\s*$")
 
 
@@ -157,6 +171,7 @@ _FIELD_TYPES = {
     "chunked_prefill": bool,
     "decode_first": bool,
     "eviction": bool,
+    "enable_prefix_caching": bool,
     "watermark": float,
     "order": str,
     "batching": str,

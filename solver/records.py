@@ -27,6 +27,7 @@ class RequestRecord:
     finish: float = float("nan")  # end of the step that produced its last output token
     preemptions: int = 0
     recomputed_tokens: int = 0  # tokens computed again after preemptions
+    num_cached_tokens: int = 0  # vLLM's name: prompt tokens found in the prefix cache at its first admission
 
     @property
     def ttft(self) -> float:

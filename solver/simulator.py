@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 from vllm_shadow.adapters.events import EngineStep, RequestArrival
 from vllm_shadow.costmodel.linear import LinearCostModel
+from vllm_shadow.solver.kv_cache import BlockPool, KVCacheBlock
 from vllm_shadow.solver.policies import Policy, parse_policy
 from vllm_shadow.solver.records import RequestRecord, SimResult
 
@@ -55,10 +56,14 @@ class _Request:
 
     __slots__ = (
         "arrival_time",
+        "block_hashes",
+        "cache_key",
         "decode_base",
         "finish_epoch",
+        "held_blocks",
         "implicit_decoder",
         "max_tokens",
+        "num_cached_blocks",
         "num_computed_tokens",
         "num_output_tokens",
         "num_prompt_tokens",
@@ -76,6 +81,8 @@ class _Request:
         max_tokens: int,
         queue_key: tuple | None,
         record: RequestRecord,
+        block_hashes: tuple[int, ...] = (),
+        cache_key: int = 0,
     ) -> None:
         self.request_id = request_id
         self.arrival_time = arrival_time  # integer picoseconds
@@ -89,6 +96,13 @@ class _Request:
         self.decode_base = 0
         self.finish_epoch = 0  # bumped on every change of state: invalidates its entries in the finish heap
         self.num_reserved_blocks = 0  # blocks reserved at admission (no-eviction mode)
+        # Prefix caching (see solver.kv_cache): vLLM's hashes of its full prompt blocks, the key of its private
+        # blocks' hashes, the cached blocks it holds as objects (a prefix of its block table: hits and blocks
+        # with a published hash) and vLLM's num_cached_block (its leading blocks that have a hash).
+        self.block_hashes = block_hashes
+        self.cache_key = cache_key
+        self.held_blocks: list[KVCacheBlock] = []
+        self.num_cached_blocks = 0
 
 
 # One scheduled piece of work: (request, num_new_tokens, num_computed_tokens before the step). A plain tuple,
@@ -191,6 +205,11 @@ class Simulator:
         self.finish_heap_pushes = 0
         self.admission_blocked = False  # last step's admission failed in a way a decode stretch cannot undo
         self.step_log: list[EngineStep] = []
+        # Prefix caching: num_used_blocks counts the blocks some request holds; a cached block nobody holds is
+        # free (and evictable), as in vLLM's pool. The hits of this step's admissions, for the step record.
+        self.caching = policy.enable_prefix_caching
+        self.block_pool = BlockPool()
+        self.step_cached_tokens: dict[str, int] = {}
 
     # ---- the driver ----------------------------------------------------------------------------------------
 
@@ -213,8 +232,25 @@ class Simulator:
             self.num_reserved_blocks += request.num_reserved_blocks
         self.running.append(request)
         self.num_used_blocks += cdiv(num_computed_tokens, self.block_size)
+        if self.caching:
+            self._hold_initial_blocks(request)
         if num_output_tokens > 0 and num_computed_tokens == request.num_prompt_tokens + num_output_tokens - 1:
             self._to_implicit(request)
+
+    def _hold_initial_blocks(self, request: _Request) -> None:
+        """An initial request's full blocks are cached; one whose hash another initial request already holds
+        is shared (held once), as the engine's own prefix cache would have it."""
+        pool = self.block_pool
+        num_full_blocks = request.num_computed_tokens // self.block_size
+        for block_hash in request.block_hashes[:num_full_blocks]:
+            block = pool.get_cached_block(block_hash)
+            if block is not None:
+                block.ref_cnt += 1
+                self.num_used_blocks -= 1
+            else:
+                block = pool.cache_full_block(block_hash)
+            request.held_blocks.append(block)
+        request.num_cached_blocks = num_full_blocks
 
     def run(self, arrival_whens: list[int], arriving: list[_Request], *, by_step: bool) -> None:
         """Step the engine until the `arriving` requests and those in the queues have finished. `arrival_whens`
@@ -306,6 +342,8 @@ class Simulator:
         request.num_output_tokens = request.num_computed_tokens - request.num_prompt_tokens + 1
         request.implicit_decoder = False
         request.finish_epoch += 1
+        # It cached every full block at the step that filled it (its blocks past the prompt are private).
+        request.num_cached_blocks = request.num_computed_tokens // self.block_size
         self.num_implicit_decoders -= 1
         self.sum_decode_base -= request.decode_base
         self.decode_base_residues[request.decode_base % self.block_size] -= 1
@@ -332,7 +370,10 @@ class Simulator:
         """Recompute preemption: drop all KV; the request goes back to the front of the waiting queue."""
         if request.implicit_decoder:
             self._to_explicit(request)
-        self.num_used_blocks -= cdiv(request.num_computed_tokens, self.block_size)
+        if self.caching:
+            self.num_used_blocks -= self._free_cached_blocks(request)
+        else:
+            self.num_used_blocks -= cdiv(request.num_computed_tokens, self.block_size)
         request.record.preemptions += 1
         request.record.recomputed_tokens += request.num_computed_tokens
         request.num_computed_tokens = 0
@@ -340,12 +381,77 @@ class Simulator:
         self.admission_blocked = False
 
     def _free_request(self, request: _Request) -> None:
+        if self.caching:
+            if request.implicit_decoder:
+                self._to_explicit(request)
+            self.num_used_blocks -= self._free_cached_blocks(request)
+            return
         self.num_used_blocks -= cdiv(self._num_computed_tokens(request), self.block_size)
         self.num_reserved_blocks -= request.num_reserved_blocks
         if request.implicit_decoder:
             self._to_explicit(request)
 
-    def _admission_fits(self, request: _Request, num_new_tokens: int, num_free_blocks: int) -> bool:
+    # ---- prefix caching (vLLM's KVCacheManager over solver.kv_cache.BlockPool) -----------------------------
+
+    def _free_cached_blocks(self, request: _Request) -> int:
+        """vLLM's `free`: the (explicit) request's blocks are released in reverse, so that its tail is evicted
+        first: the block without a hash goes to the front of the free queue, cached blocks nobody else holds
+        to its back. Returns how many blocks became free."""
+        pool = self.block_pool
+        pool.evict_to(self.num_usable_blocks - self.num_used_blocks)  # allocations so far came first
+        num_cached_blocks = request.num_cached_blocks
+        held_blocks = request.held_blocks
+        num_freed = cdiv(request.num_computed_tokens, self.block_size) - len(held_blocks)
+        key = request.cache_key
+        for index in range(num_cached_blocks - 1, len(held_blocks) - 1, -1):
+            pool.cache_free_block((key, index))
+        for block in reversed(held_blocks):
+            num_freed += pool.free_block(block)
+        request.held_blocks = []
+        request.num_cached_blocks = 0
+        return num_freed
+
+    def _cache_blocks(self, request: _Request, num_tokens: int) -> None:
+        """vLLM's `cache_blocks` at allocation: the request's blocks full once `num_tokens` are computed get
+        their hash. Those with a published hash join the cache now (others may hit them at once); private
+        ones are only counted (see solver.kv_cache)."""
+        num_full_blocks = num_tokens // self.block_size
+        if num_full_blocks <= request.num_cached_blocks:
+            return
+        held_blocks = request.held_blocks
+        block_hashes = request.block_hashes
+        for index in range(len(held_blocks), min(num_full_blocks, len(block_hashes))):
+            held_blocks.append(self.block_pool.cache_full_block(block_hashes[index]))
+        request.num_cached_blocks = num_full_blocks
+
+    def _find_longest_cache_hit(self, request: _Request, num_tokens: int) -> list[KVCacheBlock]:
+        """vLLM's `get_computed_blocks`: the cached full blocks of its prefix, at most num_tokens - 1 tokens
+        (the last token is always computed, to sample from). Past its published hashes come its own blocks
+        from before a preemption."""
+        pool = self.block_pool
+        max_num_blocks = (num_tokens - 1) // self.block_size
+        block_hashes = request.block_hashes
+        hit = pool.find_longest_cache_hit(list(block_hashes[:max_num_blocks])) if block_hashes else []
+        if len(hit) == len(block_hashes) < max_num_blocks and request.record.preemptions:
+            key = request.cache_key
+            for index in range(len(hit), max_num_blocks):
+                block = pool.get_cached_block((key, index))
+                if block is None:
+                    break
+                hit.append(block)
+        return hit
+
+    def _admission_fits(
+        self,
+        request: _Request,
+        num_new_tokens: int,
+        num_free_blocks: int,
+        num_computed_tokens: int = 0,
+        hit_blocks: Sequence[KVCacheBlock] = (),
+    ) -> bool:
+        """vLLM's `allocate_slots` checks for a waiting request whose prefix hit `hit_blocks`
+        (`num_computed_tokens`): hit blocks are not allocated again, but those nobody holds leave the free
+        queue, so they count as allocations."""
         watermark = self.watermark_blocks if self.running else 0
         policy = self.policy
         if not policy.eviction:
@@ -355,9 +461,13 @@ class Simulator:
             return (
                 self.num_reserved_blocks + request.num_reserved_blocks + watermark <= self.num_usable_blocks
             )
+        # Blocks a hit gives for free: held by another request already.
+        num_held_hit_blocks = sum(block.ref_cnt > 0 for block in hit_blocks) if hit_blocks else 0
         if (
             policy.admission == "full-prompt"
-            and cdiv(request.num_prompt_tokens + request.num_output_tokens, self.block_size) + watermark
+            and cdiv(request.num_prompt_tokens + request.num_output_tokens, self.block_size)
+            - num_held_hit_blocks
+            + watermark
             > num_free_blocks
         ):
             return False
@@ -365,7 +475,10 @@ class Simulator:
             request, self.num_usable_blocks - watermark
         ):
             return False
-        return cdiv(num_new_tokens, self.block_size) + watermark <= num_free_blocks
+        return (
+            cdiv(num_computed_tokens + num_new_tokens, self.block_size) - num_held_hit_blocks + watermark
+            <= num_free_blocks
+        )
 
     def _peak_fits(self, candidate: _Request, limit: int) -> bool:
         """LightLLM's check: will the running requests plus `candidate` fit in `limit` blocks at their joint
@@ -422,7 +535,13 @@ class Simulator:
                 break
             request = self.waiting.peek_request()
             # A resumed request recomputes its generated tokens too: num_tokens = prompt + output so far.
-            num_new_tokens = request.num_prompt_tokens + request.num_output_tokens
+            num_tokens = request.num_prompt_tokens + request.num_output_tokens
+            hit_blocks: list[KVCacheBlock] = []
+            if self.caching:
+                self.block_pool.evict_to(self.num_usable_blocks - self.num_used_blocks)
+                hit_blocks = self._find_longest_cache_hit(request, num_tokens)
+            num_computed_tokens = len(hit_blocks) * self.block_size
+            num_new_tokens = num_tokens - num_computed_tokens
             if 0 < long_prefill_token_threshold < num_new_tokens:
                 num_new_tokens = long_prefill_token_threshold
             if (
@@ -436,19 +555,45 @@ class Simulator:
             if policy.chunked_prefill:
                 num_new_tokens = min(num_new_tokens, token_budget)
             if not self._admission_fits(
-                request, num_new_tokens, self.num_usable_blocks - self.num_used_blocks
+                request,
+                num_new_tokens,
+                self.num_usable_blocks - self.num_used_blocks,
+                num_computed_tokens,
+                hit_blocks,
             ):
                 request.num_reserved_blocks = 0
-                blocked = True
+                # Under prefix caching, evictions during a decode stretch shorten a hit, and so the first chunk a
+                # chunk-sized admission must fit: only the full-sequence check is sure to stay unmet.
+                blocked = not self.caching or policy.admission == "full-prompt"
                 break
             self.waiting.pop_request()
             self.num_reserved_blocks += request.num_reserved_blocks
             self.running.append(request)
-            self.num_used_blocks += cdiv(num_new_tokens, self.block_size)
-            scheduled.append((request, num_new_tokens, 0))
+            if self.caching:
+                self._admit_with_hits(request, hit_blocks, num_computed_tokens + num_new_tokens)
+            else:
+                self.num_used_blocks += cdiv(num_new_tokens, self.block_size)
+            scheduled.append((request, num_new_tokens, num_computed_tokens))
             token_budget -= num_new_tokens
         self.admission_blocked = blocked and policy.admission != "future-peak"
         return token_budget
+
+    def _admit_with_hits(self, request: _Request, hit_blocks: list[KVCacheBlock], num_tokens: int) -> None:
+        """Allocate for an admitted request as vLLM does with prefix caching: touch the hit blocks, allocate
+        the rest up to `num_tokens`, cache the blocks that will be full."""
+        num_hit_tokens = len(hit_blocks) * self.block_size
+        self.num_used_blocks += (
+            self.block_pool.touch(hit_blocks) + cdiv(num_tokens, self.block_size) - len(hit_blocks)
+        )
+        request.held_blocks = hit_blocks
+        request.num_cached_blocks = len(hit_blocks)
+        request.num_computed_tokens = num_hit_tokens
+        record = request.record
+        if record.first_scheduled != record.first_scheduled:  # NaN: its first admission
+            record.num_cached_tokens = num_hit_tokens
+        if num_hit_tokens and self.record_steps:
+            self.step_cached_tokens[request.request_id] = num_hit_tokens
+        self._cache_blocks(request, num_tokens)
 
     def _schedule_literal(self) -> StepPlan:
         """vLLM V1's `schedule()`, walked request by request: first the RUNNING requests (preempting from the
@@ -507,9 +652,11 @@ class Simulator:
                 break
             self.num_used_blocks += num_new_blocks
             if request.implicit_decoder:
-                scheduled_decoders[id(request)] = num_new_blocks
+                scheduled_decoders[id(request)] = num_new_blocks  # private blocks: cached lazily
             else:
                 scheduled.append((request, num_new_tokens, num_computed_tokens))
+                if self.caching:
+                    self._cache_blocks(request, num_computed_tokens + num_new_tokens)
             token_budget -= num_new_tokens
             req_index += 1
         self._freeze_decoders(scheduled_decoders)
@@ -520,7 +667,11 @@ class Simulator:
     def _unschedule(
         self, victim: _Request, scheduled: list[ScheduledChunk], scheduled_decoders: dict[int, int]
     ) -> int:
-        """Undo a priority victim's allocation made earlier in this step; returns the tokens given back."""
+        """Undo a priority victim's allocation made earlier in this step; returns the tokens given back. With
+        prefix caching its blocks for this step stay allocated (and cached) until its preemption frees them, as
+        in vLLM, which frees a victim's whole block table."""
+        if self.caching:
+            return self._unschedule_cached(victim, scheduled, scheduled_decoders)
         if id(victim) in scheduled_decoders:
             self.num_used_blocks -= scheduled_decoders.pop(id(victim))
             return 1
@@ -532,6 +683,26 @@ class Simulator:
                 del scheduled[j]
                 return num_new_tokens
         return 0
+
+    def _unschedule_cached(
+        self, victim: _Request, scheduled: list[ScheduledChunk], scheduled_decoders: dict[int, int]
+    ) -> int:
+        num_new_tokens = 0
+        if scheduled_decoders.pop(id(victim), None) is not None:
+            self._to_explicit(victim)
+            num_new_tokens = 1
+        else:
+            for j, (request, num_new, _num_computed_tokens) in enumerate(scheduled):
+                if request is victim:
+                    del scheduled[j]
+                    num_new_tokens = num_new
+                    break
+        if num_new_tokens:
+            # Its block table covers this step's tokens; the preemption frees (and counts) all of it.
+            victim.num_computed_tokens += num_new_tokens
+            victim.record.recomputed_tokens -= num_new_tokens
+            self._cache_blocks(victim, victim.num_computed_tokens)
+        return num_new_tokens
 
     def _freeze_decoders(self, scheduled_decoders: dict[int, int]) -> None:
         """Implicit decoders advance with decode_steps; those that do not run this step must leave the
@@ -600,6 +771,9 @@ class Simulator:
                 self._preempt_request(preempted_req)
                 preempted_reqs.append(preempted_req)
         self.num_used_blocks += num_new_blocks
+        if self.caching:
+            for request, num_new_tokens, num_computed_tokens in scheduled:
+                self._cache_blocks(request, num_computed_tokens + num_new_tokens)
         if not preempted_reqs and (
             policy.batching == "continuous" or (policy.batching == "static" and not self.running)
         ):
@@ -700,8 +874,10 @@ class Simulator:
                 scheduled_tokens=num_scheduled_tokens,
                 preempted=tuple(r.request_id for r in preempted_reqs),
                 kv_blocks_used=self.num_used_blocks,
+                cached_tokens=self.step_cached_tokens,
             )
         )
+        self.step_cached_tokens = {}
 
     # ---- closed-form decode stretches ----------------------------------------------------------------------
 
@@ -876,6 +1052,8 @@ def simulate(
             r.output_tokens,
             _queue_key(policy.order, r, arrival_time, index),
             rec,
+            r.block_hashes,
+            index,
         )
 
     for index, state in enumerate(initial_running):

@@ -5,6 +5,7 @@ Scenarios use a cost model of exactly 1 second per step, so times read as step c
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 from vllm_shadow.adapters.events import RequestArrival
 from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.solver.policies import PRESETS, parse_policy
-from vllm_shadow.solver.simulator import RunningRequest, simulate
+from vllm_shadow.solver.simulator import RunningRequest, Simulator, simulate
 
 ONE_SECOND_STEPS = LinearCostModel(a=1.0, b=0.0, c=0.0, d=0.0)
 
@@ -293,3 +294,154 @@ def test_step_time_prices_every_term_of_the_cost_model():
     second = res.steps[1]  # a decodes one token on 4 of context
     assert second.duration == pytest.approx(1.0 + 0.1 + 0.01 * 5 + 0.5, abs=1e-12)
     assert res.gpu_seconds == pytest.approx(first.duration + second.duration, abs=1e-12)
+
+
+# ---- prefix caching (vLLM's KV cache manager) -------------------------------------------------------------
+
+CACHING = "vllm(enable_prefix_caching=true)"
+
+
+def hreq(rid: str, t: float, prompt: int, output: int, hashes: tuple[int, ...], priority: int = 0):
+    return RequestArrival(rid, t, prompt, output, priority=priority, block_hashes=hashes)
+
+
+def test_a_shared_prefix_is_computed_once_and_the_last_prompt_token_always():
+    # b shares a's two full prompt blocks: it computes only the token after them. c's whole prompt (8 tokens,
+    # two full blocks) hits, yet its last token is computed to sample from: it hits one block, computes 4.
+    reqs = [hreq("a", 0, 10, 2, (1, 2)), hreq("b", 5, 9, 2, (1, 2)), hreq("c", 10, 8, 1, (1, 2))]
+    res = run(reqs, CACHING, blocks=100)
+    assert batches(res) == [{"a": 10}, {"a": 1}, {"b": 1}, {"b": 1}, {"c": 4}]
+    assert [s.cached_tokens for s in res.steps] == [{}, {}, {"b": 8}, {}, {"c": 4}]
+    assert [by_id(res)[r].num_cached_tokens for r in "abc"] == [0, 8, 4]
+    # Off, nothing is shared: today's behaviour.
+    assert batches(run(reqs, "vllm", blocks=100))[2] == {"b": 9}
+
+
+def test_a_resumed_request_re_hits_its_own_surviving_blocks():
+    # 3 usable blocks of 4: at step 1 both decoders need a 2nd block, one is free, b is preempted. Its full
+    # block (its 4 prompt tokens) stays cached while free: on resume it computes only its last token again.
+    res = run([req("a", 0, 4, 3), req("b", 0, 4, 3)], CACHING, blocks=4)
+    plain = run([req("a", 0, 4, 3), req("b", 0, 4, 3)], "vllm", blocks=4)
+    assert res.steps[1].preempted == plain.steps[1].preempted == ("b",)
+    resumed = next(i for i, s in enumerate(res.steps) if i > 1 and "b" in s.scheduled_tokens)
+    assert res.steps[resumed].scheduled_tokens["b"] == 1 and res.steps[resumed].cached_tokens == {"b": 4}
+    assert next(s.scheduled_tokens["b"] for s in plain.steps[2:] if "b" in s.scheduled_tokens) == 5
+
+
+def test_freed_blocks_are_evicted_least_recently_freed_first_and_tail_first():
+    # 4 usable blocks of 2 tokens. a (blocks 1, 2) finishes, then b (3, 4); c needs 3 new blocks: the free queue
+    # holds a's blocks tail first (2, 1) then b's (4, 3); taking 3 evicts 2, 1 and 4. d = b's prompt hits 3 only.
+    reqs = [
+        hreq("a", 0, 4, 1, (1, 2)),
+        hreq("b", 1, 4, 1, (3, 4)),
+        hreq("c", 2, 6, 1, (5, 6, 7)),
+        hreq("d", 3, 5, 1, (3, 4)),
+        hreq("e", 4, 5, 1, (1, 2)),
+    ]
+    res = run(reqs, CACHING, blocks=5, block_size=2)
+    hits = {r.request_id: r.num_cached_tokens for r in res.requests}
+    assert hits == {"a": 0, "b": 0, "c": 0, "d": 2, "e": 0}
+
+
+def test_prefix_caching_needs_eviction():
+    with pytest.raises(ValueError, match="prefix_caching"):
+        parse_policy("no-eviction(enable_prefix_caching=true)")
+    assert "--enable-prefix-caching" in parse_policy(CACHING).vllm_flags()
+    assert parse_policy(str(parse_policy(CACHING))) == parse_policy(CACHING)
+
+
+@st.composite
+def prefix_workloads(draw):
+    """Requests drawn from a few prompt families: a family shares its first blocks (a system prompt), a request
+    shares a prefix of its family's chain and then has its own blocks (chained hashes stay consistent)."""
+    reqs, block_size, blocks = draw(workloads())
+    shared = []
+    for i, r in enumerate(reqs):
+        family = draw(st.integers(0, 3))
+        num_full = r.prompt_tokens // block_size
+        num_shared = draw(st.integers(0, num_full))
+        hashes = tuple(family * 1000 + j for j in range(num_shared)) + tuple(
+            -(i * 1000 + j) - 1 for j in range(num_shared, num_full)
+        )
+        shared.append(dataclasses.replace(r, block_hashes=hashes))
+    return shared, block_size, blocks
+
+
+CACHING_KNOBS = st.fixed_dictionaries(
+    {
+        "preset": st.sampled_from(["vllm", "vllm", "sarathi", "lightllm", "sjf", "vllm-v0"]),
+        "max_num_seqs": st.integers(1, 12),
+        "max_num_batched_tokens": st.integers(8, 96),
+        "long_prefill_token_threshold": st.sampled_from([0, 0, 5, 17]),
+        "order": st.sampled_from(["fcfs", "fcfs", "priority", "prompt"]),
+        "chunked_prefill": st.booleans(),
+        "enable_prefix_caching": st.sampled_from([True, True, False]),
+    }
+)
+
+
+def _check_kv_invariants(sim) -> None:
+    """Reference counts equal the running requests holding each block; held blocks are cached and out of the
+    free queue; the blocks in use are the distinct held blocks plus every request's private ones."""
+    holders: dict[int, int] = {}
+    blocks = {}
+    num_private = 0
+    for request in sim.running:
+        num_computed = sim._num_computed_tokens(request)
+        for block in request.held_blocks:
+            holders[id(block)] = holders.get(id(block), 0) + 1
+            blocks[id(block)] = block
+        num_private += math.ceil(num_computed / sim.block_size) - len(request.held_blocks)
+    for key, block in blocks.items():
+        assert block.ref_cnt == holders[key] and block.block_hash is not None
+        assert block not in sim.block_pool.free_block_queue
+    assert all(b.ref_cnt == 0 for b in sim.block_pool.free_block_queue)
+    assert sim.num_used_blocks == len(blocks) + num_private <= sim.num_usable_blocks
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(prefix_workloads(), CACHING_KNOBS)
+def test_prefix_caching_fast_paths_equal_stepping_and_keep_kv_invariants(workload, knobs):
+    reqs, block_size, blocks = workload
+    policy = policy_from(dict(knobs))
+    fast = simulate(reqs, policy, COST, num_kv_blocks=blocks, block_size=block_size, record_steps=True)
+    slow = simulate(
+        reqs, policy, COST, num_kv_blocks=blocks, block_size=block_size, record_steps=True, fast_forward=False
+    )
+    # Token conservation: what each admission found cached is work not done.
+    hits = [(request_id, n) for s in fast.steps for request_id, n in s.cached_tokens.items()]
+    expected = sum(r.prompt_tokens + r.output_tokens - 1 + r.recomputed_tokens for r in fast.requests)
+    assert fast.tokens_processed == expected - sum(n for _, n in hits)
+    first_hit: dict[str, int] = {}
+    for request_id, n in hits:
+        first_hit.setdefault(request_id, n)
+    assert all(r.num_cached_tokens <= first_hit.get(r.request_id, 0) for r in fast.requests)
+    assert knobs["enable_prefix_caching"] or not hits
+    for r in fast.requests:
+        assert r.arrival <= r.first_scheduled <= r.first_token <= r.finish, r
+    for s in fast.steps:
+        assert s.kv_blocks_used <= blocks - 1
+    step_view = [
+        (s.scheduled_tokens, s.preempted, s.start_time, s.duration, s.kv_blocks_used, s.cached_tokens)
+        for s in fast.steps
+    ]
+    assert step_view == [
+        (s.scheduled_tokens, s.preempted, s.start_time, s.duration, s.kv_blocks_used, s.cached_tokens)
+        for s in slow.steps
+    ]
+    assert fast.requests == slow.requests
+    assert fast.gpu_seconds == slow.gpu_seconds
+    # Reference counts and the used-block count hold after every step, on both paths.
+    with pytest.MonkeyPatch.context() as patch:
+        original = Simulator._apply
+
+        def checked(self, *args):
+            original(self, *args)
+            _check_kv_invariants(self)
+
+        patch.setattr(Simulator, "_apply", checked)
+        for fast_forward in (True, False):
+            again = simulate(
+                reqs, policy, COST, num_kv_blocks=blocks, block_size=block_size, fast_forward=fast_forward
+            )
+            assert again.requests == fast.requests
