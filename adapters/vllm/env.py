@@ -2,24 +2,70 @@
 
     SHADOW_ADDRESS=host:port        gRPC ingest of a shadow (adapters.grpc_ingest.IngestServer)
     SHADOW_TOKEN=secret             shared secret sent with every gRPC batch
-    SHADOW_RECORD=path[.gz]         record the stream to a file; `{pid}` in the path becomes the process id
+    SHADOW_RECORD=path[.gz]         record the stream to a file; `{pid}` in the path becomes the process id,
+                                    `{stream}` the writer's stream name (see `record_path`)
     SHADOW_RAY_ACTOR=name           a named Ray actor with an `ingest(batch)` method
     SHADOW_RAY_NAMESPACE=ns         its Ray namespace
     SHADOW_QUEUE_CAPACITY=100000    events buffered in the engine before new ones are dropped (and counted)
     SHADOW_ENGINE=label             the engine's label in EngineInfo (default: its data-parallel rank)
 
 With none of the destinations set, no publisher is created and the hooks only pass calls through.
+
+One file, one writer. Under `vllm serve` the hook runs in the engine-core process(es) and the stat-logger plugin
+in the API-server process; every writer of a recording names its stream, and `record_path` gives each stream
+its own file, so no two writers ever truncate or interleave one file. The engine core's request ids are the
+API server's with `-` and 8 random characters appended (vLLM's `InputProcessor.assign_request_id`);
+`api_request_id` maps one to the other, which joins the two streams.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from vllm_shadow.adapters.publisher import BatchSink, Publisher
 
 DEFAULT_QUEUE_CAPACITY = 100_000
+ENGINE_CORE = "engine-core"  # the mirror hook's process
+API_SERVER = "api-server"  # the stat-logger plugin's process under `vllm serve`
+_RECORD_SUFFIXES = re.compile(r"(\.jsonl)?(\.gz)?$")
+_ENGINE_CORE_SUFFIX = re.compile(r"-[0-9a-zA-Z]{8}$")
+
+
+@dataclass(frozen=True, slots=True)
+class RecordStream:
+    """Who writes a recording: the process role and the data-parallel engine index it reports."""
+
+    role: str = ENGINE_CORE
+    index: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.role if self.index == 0 else f"{self.role}-{self.index}"
+
+
+def record_path(template: str, stream: RecordStream = RecordStream(), pid: int | None = None) -> str:
+    """The file `stream` records to. `{pid}` and `{stream}` are filled in. Without `{stream}`, the first
+    engine core's hook writes the file as named and every other stream gets its name inserted before the
+    extension (`run.jsonl.gz` -> `run.api-server.jsonl.gz`); with `{pid}` the processes' files differ
+    already, and only a second stream in one process (a data-parallel engine's stat logger) is renamed."""
+    has_pid = "{pid}" in template
+    path = template.replace("{pid}", str(os.getpid() if pid is None else pid))
+    if "{stream}" in path:
+        return path.replace("{stream}", stream.name)
+    if stream == RecordStream() or (has_pid and stream.index == 0):
+        return path
+    suffixes = _RECORD_SUFFIXES.search(path)
+    assert suffixes is not None  # the pattern matches the empty end of any string
+    return f"{path[: suffixes.start()]}.{stream.name}{suffixes.group(0)}"
+
+
+def api_request_id(engine_core_request_id: str) -> str:
+    """The API server's id of a request (what the stat-logger plugin, OTLP spans and clients see) from the
+    engine core's (what the mirror hook sees): vLLM appends `-` and 8 random characters to make it unique."""
+    return _ENGINE_CORE_SUFFIX.sub("", engine_core_request_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,13 +98,14 @@ class ShadowEnv:
     def enabled(self) -> bool:
         return bool(self.address or self.record or self.ray_actor)
 
-    def sinks(self) -> list[BatchSink]:
+    def sinks(self, stream: RecordStream = RecordStream()) -> list[BatchSink]:
+        """`stream` names the writer (see `record_path`); it only changes the recording's file name."""
         # Imported on demand: an engine that only records should not load grpc or ray.
         sinks: list[BatchSink] = []
         if self.record:
             from vllm_shadow.adapters.recorder import Recorder
 
-            sinks.append(Recorder(self.record.replace("{pid}", str(os.getpid()))))
+            sinks.append(Recorder(record_path(self.record, stream)))
         if self.address:
             from vllm_shadow.adapters.grpc_ingest import GrpcSink
 
@@ -69,7 +116,7 @@ class ShadowEnv:
             sinks.append(RayActorSink(self.ray_actor, namespace=self.ray_namespace))
         return sinks
 
-    def publisher(self) -> Publisher | None:
+    def publisher(self, stream: RecordStream = RecordStream()) -> Publisher | None:
         if not self.enabled:
             return None
-        return Publisher(self.sinks(), capacity=self.queue_capacity)
+        return Publisher(self.sinks(stream), capacity=self.queue_capacity)

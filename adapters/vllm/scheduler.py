@@ -24,7 +24,7 @@ from vllm.v1.request import Request
 from vllm_shadow.adapters.events import RequestArrival
 from vllm_shadow.adapters.publisher import Publisher
 from vllm_shadow.adapters.vllm.engine_info import engine_info
-from vllm_shadow.adapters.vllm.env import ShadowEnv
+from vllm_shadow.adapters.vllm.env import ENGINE_CORE, RecordStream, ShadowEnv
 from vllm_shadow.adapters.vllm.mirror import StepMirror
 
 logger = logging.getLogger(__name__)
@@ -48,11 +48,13 @@ class _ShadowHook:
 
 
 def _attach(scheduler: Scheduler, env: ShadowEnv) -> _ShadowHook | None:
-    publisher = env.publisher()
+    rank = scheduler.vllm_config.parallel_config.data_parallel_index
+    # Each data-parallel engine core records to its own file (env.record_path); rank 0 to the one named.
+    publisher = env.publisher(RecordStream(ENGINE_CORE, rank))
     if publisher is None:
         return None
     hook = _ShadowHook(publisher)
-    engine = env.engine or str(scheduler.vllm_config.parallel_config.data_parallel_index)
+    engine = env.engine or str(rank)
     info = engine_info(
         scheduler.vllm_config, scheduler.kv_cache_config.num_blocks, scheduler.block_size, engine
     )

@@ -6,7 +6,8 @@ For engines whose scheduler class cannot be changed. Install the project next to
 would then run two). Destinations come from the SHADOW_* environment variables (adapters.vllm.env).
 
 It sees requests only once they finish, with external ids, prompt and output token counts and timings; no
-batches, no preemption victims, no per-step KV use.
+batches, no preemption victims, no per-step KV use. Where the engine also runs the mirror hook, the shadow
+keeps the hook's stream for that engine and ignores this one (it would count each request twice).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from vllm.v1.metrics.loggers import StatLoggerBase
 
 from vllm_shadow.adapters.events import RequestArrival, RequestFinish
 from vllm_shadow.adapters.vllm.engine_info import engine_info
-from vllm_shadow.adapters.vllm.env import ShadowEnv
+from vllm_shadow.adapters.vllm.env import API_SERVER, RecordStream, ShadowEnv
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,8 @@ class ShadowStatLogger(StatLoggerBase):
         self._vllm_config = vllm_config
         env = ShadowEnv.from_environ()
         self._engine = env.engine or str(engine_index)
-        self._publisher = env.publisher()
+        # Its own recording: under `vllm serve` it runs in the API server, the hook in the engine core.
+        self._publisher = env.publisher(RecordStream(API_SERVER, engine_index))
         self.errors = 0
         if self._publisher is not None:
             # vLLM never closes a stat logger; deliver what is queued when the process exits, while gRPC and
