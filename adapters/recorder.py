@@ -45,7 +45,7 @@ _TAGS: dict[type, str] = {
 }
 _TYPES = {tag: cls for cls, tag in _TAGS.items()}
 _FIELDS = {cls: {f.name for f in dataclasses.fields(cls)} for cls in _TAGS}
-_TUPLE_FIELDS = {"prefix_block_hashes", "preempted", "resumed", "finished"}
+_TUPLE_FIELDS = {"prefix_block_hashes", "block_hashes", "preempted", "resumed", "finished"}
 
 
 def _is_int(v: object) -> bool:
@@ -101,6 +101,7 @@ _CHECKS = {
         max_tokens=_is_opt_int,
         priority=_is_int,
         prefix_block_hashes=_is_ints,
+        block_hashes=_is_ints,
     ),
     RequestFinish: dict(request_id=_is_str, time=_is_finite, output_tokens=_is_int, reason=_is_str),
     EngineStep: dict(
@@ -112,6 +113,7 @@ _CHECKS = {
         resumed=_is_strs,
         finished=_is_strs,
         kv_blocks_used=_is_int,
+        cached_tokens=_is_token_map,
     ),
     EngineInfo: dict(
         model=_is_str,
