@@ -4,10 +4,15 @@ For engines that cannot be restarted with a hook: point `--otlp-traces-endpoint`
 one span per finished request (start = arrival, `gen_ai.latency.e2e` to the finish), so the shadow learns of a
 request only when it is done, with its external id and token counts; no steps, batches or preemptions. Events
 reach the sink in export order, not arrival order: consumers sort by time. Other spans are ignored (counted).
+
+With a token, an export must carry it in the `x-shadow-token` gRPC metadata, as gRPC ingest requires: set
+`OTEL_EXPORTER_OTLP_TRACES_HEADERS=x-shadow-token=<token>` in the engine's environment. An export without it is
+refused with UNAUTHENTICATED and counted, before its spans are decoded.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 import threading
 from dataclasses import dataclass
@@ -21,6 +26,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 
 from vllm_shadow.adapters.events import Event, RequestArrival, RequestFinish
+from vllm_shadow.adapters.grpc_ingest import TOKEN_METADATA_KEY
 from vllm_shadow.adapters.grpc_server import UnaryServer
 from vllm_shadow.adapters.publisher import BatchSink, EventBatch
 
@@ -42,6 +48,7 @@ class OtlpStats:
     ignored_spans: int = 0  # other span names
     incomplete_spans: int = 0  # llm_request spans without the attributes we need
     refused_malformed: int = 0
+    refused_unauthenticated: int = 0  # exports without the token, or with another
     sink_failures: int = 0
 
 
@@ -86,8 +93,10 @@ class OtlpSpanReceiver(UnaryServer):
         address: str = "127.0.0.1:0",
         max_message_bytes: int = 16 * 1024 * 1024,
         source: str = "otlp",
+        token: str | None = None,
     ) -> None:
         self._sink = sink
+        self._token = token.encode() if token else None
         self._source = source
         self._sequence = 0
         self._lock = threading.Lock()
@@ -103,7 +112,17 @@ class OtlpSpanReceiver(UnaryServer):
             thread_name_prefix="shadow-otlp",
         )
 
+    def _authenticated(self, context: grpc.ServicerContext) -> bool:
+        if self._token is None:
+            return True
+        sent = dict(context.invocation_metadata()).get(TOKEN_METADATA_KEY, "")
+        return hmac.compare_digest(sent.encode() if isinstance(sent, str) else sent, self._token)
+
     def _export(self, data: bytes, context: grpc.ServicerContext) -> ExportTraceServiceResponse:
+        if not self._authenticated(context):
+            with self._lock:
+                self.stats.refused_unauthenticated += 1
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, f"missing or wrong {TOKEN_METADATA_KEY} metadata")
         request = ExportTraceServiceRequest()
         try:
             request.ParseFromString(data)

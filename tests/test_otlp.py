@@ -71,3 +71,49 @@ def test_malformed_exports_are_refused_and_counted() -> None:
             export(b"\xff\xff\xff\xff", timeout=5)
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert receiver.stats.refused_malformed == 1
+
+
+def _export_request(address: str, request_id: str, headers: dict[str, str] | None) -> None:
+    """One finished request's span, exported by the SDK with these gRPC headers (what OTEL_EXPORTER_OTLP_
+    TRACES_HEADERS sets in an engine's environment); a refused export is the exporter's logged failure."""
+    provider = TracerProvider()
+    exporter = OTLPSpanExporter(endpoint=address, insecure=True, headers=headers, timeout=5)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    span = provider.get_tracer("vllm.test").start_span("llm_request")
+    span.set_attributes(
+        {
+            "gen_ai.request.id": request_id,
+            "gen_ai.usage.prompt_tokens": 1,
+            "gen_ai.usage.completion_tokens": 1,
+        }
+    )
+    span.end()
+    provider.shutdown()
+
+
+def test_a_receiver_with_a_token_refuses_exports_without_it_and_counts_them() -> None:
+    sink = _Collect()
+    with OtlpSpanReceiver(sink, token="s3cret") as receiver:
+        _export_request(receiver.address, "none", None)
+        _export_request(receiver.address, "wrong", {"x-shadow-token": "wrong"})
+        assert sink.batches == [] and receiver.stats.refused_unauthenticated == 2
+        assert receiver.stats.exports == 0
+        _export_request(receiver.address, "right", {"x-shadow-token": "s3cret"})
+    assert [e.request_id for b in sink.batches for e in b.events] == ["right", "right"]
+    assert receiver.stats.refused_unauthenticated == 2 and receiver.stats.exports == 1
+
+
+def test_a_raw_export_without_the_token_is_unauthenticated_not_malformed() -> None:
+    with (
+        OtlpSpanReceiver(_Collect(), token="s3cret") as receiver,
+        grpc.insecure_channel(receiver.address) as channel,
+    ):
+        export = channel.unary_unary(
+            "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+            request_serializer=None,
+            response_deserializer=None,
+        )
+        with pytest.raises(grpc.RpcError) as refused:
+            export(b"\xff\xff\xff\xff", timeout=5)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert receiver.stats.refused_unauthenticated == 1 and receiver.stats.refused_malformed == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -59,6 +60,53 @@ def test_serve_options_reach_the_shadow_s_configuration(tmp_path: Path) -> None:
     assert shadow.windows.requests == 64 and shadow.goal.ttft_p99 == 0.5 and shadow.goal.slo.ttft_seconds == 2
     assert shadow.space.extra == ("vllm(max_num_seqs=512)", "sarathi(max_num_batched_tokens=1024)")
     assert not shadow.evaluation.optimal
+
+
+def test_serve_warns_when_the_token_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SHADOW_TOKEN", raising=False)
+    args = parser().parse_args(["serve", "--otlp-port", "4317"])
+    warning = serve_cmd.token_warning(serve_cmd.service_config(args), args)
+    assert warning is not None and "$SHADOW_TOKEN is unset" in warning and "gRPC and OTLP ingest" in warning
+    monkeypatch.setenv("SHADOW_TOKEN", "s3cret")
+    config = serve_cmd.service_config(args)
+    assert config.grpc_token == "s3cret" and serve_cmd.token_warning(config, args) is None
+
+
+def test_serve_starts_its_ray_cluster_on_the_host_it_was_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    switched: list[bool] = []
+    monkeypatch.setattr(serve_cmd, "ray_single_machine_mode", lambda: switched.append(True))
+    loopback = serve_cmd.ray_init_options(parser().parse_args(["serve"]))
+    assert loopback["_node_ip_address"] == loopback["dashboard_host"] == "127.0.0.1" and switched == [True]
+    given = serve_cmd.ray_init_options(parser().parse_args(["serve", "--host", "10.1.2.3"]))
+    assert given["_node_ip_address"] == given["dashboard_host"] == "10.1.2.3" and switched == [True]
+    joined = serve_cmd.ray_init_options(parser().parse_args(["serve", "--ray-address", "auto"]))
+    assert "_node_ip_address" not in joined and joined["address"] == "auto"
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_ray_cluster_serve_starts_listens_on_loopback_only() -> None:
+    pytest.importorskip("ray")
+    # In a process of its own: single-machine mode is process-wide, and Ray is started once a process.
+    code = (
+        "import json, psutil, ray\n"
+        "from tests.test_shadow_cli import parser\n"
+        "from vllm_shadow.cli import serve\n"
+        "ray.init(**serve.ray_init_options(parser().parse_args(['serve', '--num-cpus', '1'])))\n"
+        "me = psutil.Process()\n"
+        "pids = {p.pid: p.name() for p in me.children(recursive=True)} | {me.pid: 'driver'}\n"
+        "print(json.dumps(sorted({(pids[c.pid], c.laddr.ip) for c in psutil.net_connections('inet')\n"
+        "    if c.status == psutil.CONN_LISTEN and c.pid in pids})))\n"
+        "ray.shutdown()\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=180, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    listening = json.loads(result.stdout.strip().splitlines()[-1])
+    processes = {name for name, _ in listening}
+    assert {"gcs_server", "raylet"} <= processes, listening  # Ray's own servers are among them
+    assert all(ip in ("127.0.0.1", "::1", "::ffff:127.0.0.1") for _, ip in listening), listening
 
 
 def test_serve_refuses_a_detached_actor_on_a_cluster_that_dies_with_it() -> None:

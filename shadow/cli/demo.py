@@ -27,7 +27,7 @@ from rich.text import Text
 
 from vllm_shadow.cli.options import add_shadow_options, add_tiny_engine_options, shadow_config
 from vllm_shadow.readout.console import status_view, summary_view
-from vllm_shadow.runtime.service import ServiceConfig
+from vllm_shadow.runtime.service import ServiceConfig, address_path
 
 INSTALL_HINT = """\
 The demo runs a real vLLM engine, and vLLM is not installed in this environment.
@@ -110,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         shadow=shadow_config(args),
         grpc_address=f"127.0.0.1:{_free_port()}",
         metrics_port=args.metrics_port or _free_port(),
+        address_path=str(address_path("vllm-shadow-demo", "vllm-shadow")),  # for `shadow status`
     )
     requests, description = _workload(args)
     started = time.monotonic()

@@ -153,8 +153,8 @@ def add_tiny_engine_options(group: argparse._ArgumentGroup) -> None:
 
 
 def add_actor_options(group: argparse._ArgumentGroup, *, ray_address_help: str) -> None:
-    # Imported here: the actor's module imports Ray, which only the commands that reach the actor need.
-    from vllm_shadow.runtime.actor import DEFAULT_NAME, DEFAULT_NAMESPACE
+    # Imported here, from the service's Ray-free module: only the commands that reach the actor import Ray.
+    from vllm_shadow.runtime.service import DEFAULT_NAME, DEFAULT_NAMESPACE
 
     group.add_argument("--ray-address", help=ray_address_help)
     group.add_argument("--name", default=DEFAULT_NAME, help=f"actor name (default {DEFAULT_NAME})")

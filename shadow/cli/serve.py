@@ -2,7 +2,10 @@
 
 Engines reach it through the mirror hook's environment (SHADOW_ADDRESS=host:port for gRPC, or
 SHADOW_RAY_ACTOR=name with SHADOW_RAY_NAMESPACE for engines inside the same Ray cluster). Endpoints bind to
-loopback unless `--host` says otherwise; ports are fixed so that a restarted actor is found where it was.
+loopback unless `--host` says otherwise; ports are fixed so that a restarted actor is found where it was. So does
+the local Ray cluster this command starts: Ray binds every interface of a node whose address is not loopback,
+and its own `_node_ip_address` turns loopback into the machine's address unless Ray runs in single-machine mode.
+A cluster joined with `--ray-address` binds what its own `ray start --node-ip-address` said.
 """
 
 from __future__ import annotations
@@ -21,11 +24,15 @@ from vllm_shadow.adapters.events import EngineInfo
 from vllm_shadow.adapters.recorder import event_from_json
 from vllm_shadow.cli.options import add_actor_options, add_shadow_options, shadow_config
 from vllm_shadow.readout.console import status_view
-from vllm_shadow.runtime.actor import start_shadow_actor
 from vllm_shadow.runtime.service import ServiceConfig, address_path, default_state_path
 
 DEFAULT_GRPC_PORT = 50151
 DEFAULT_METRICS_PORT = 9400
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+ALL_INTERFACES = ("0.0.0.0", "::", "")
+# Ray's switch for single-machine mode: its node address stays loopback (read when Ray is imported, and at
+# every look-up of the node address through ray._private.ray_constants).
+RAY_SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -100,7 +107,50 @@ def service_config(args: argparse.Namespace) -> ServiceConfig:
         metrics_port=args.metrics_port,
         state_path=args.state_file or default_state_path(args.name),
         ray_metrics=args.ray_metrics,
+        address_path=str(address_path(args.namespace, args.name)),
     )
+
+
+def token_warning(config: ServiceConfig, args: argparse.Namespace) -> str | None:
+    """What to tell the operator when ingest takes any sender: no token in the environment."""
+    if config.grpc_token is not None:
+        return None
+    endpoints = "gRPC" + (" and OTLP" if config.otlp_address is not None else "")
+    return (
+        f"warning: ${args.token_env} is unset: {endpoints} ingest on {args.host} takes batches from anyone "
+        f"who can reach it; set {args.token_env} here and in the engines' environment"
+    )
+
+
+def ray_init_options(args: argparse.Namespace) -> dict[str, object]:
+    """`ray.init`'s arguments: a local cluster binds `--host` (loopback by default), not every interface."""
+    options: dict[str, object] = dict(
+        address=args.ray_address,
+        namespace=args.namespace,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
+    if args.ray_address:
+        return options  # an existing cluster: its nodes bind what they were started with
+    options["num_cpus"] = args.num_cpus
+    if args.host in LOOPBACK_HOSTS:
+        ray_single_machine_mode()
+        options["_node_ip_address"] = options["dashboard_host"] = "127.0.0.1"
+    elif args.host not in ALL_INTERFACES:
+        options["_node_ip_address"] = options["dashboard_host"] = args.host
+    else:
+        options["dashboard_host"] = args.host
+    return options
+
+
+def ray_single_machine_mode() -> None:
+    """Keep Ray's node address on loopback, so that its processes (GCS, raylet, agents, workers) bind loopback:
+    through the environment for the processes Ray starts, and in Ray's constants for this one, which may have
+    imported Ray already."""
+    import ray._private.ray_constants as ray_constants
+
+    os.environ[RAY_SINGLE_MACHINE_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def run(args: argparse.Namespace) -> int:
@@ -108,19 +158,16 @@ def run(args: argparse.Namespace) -> int:
 
     if args.detached and not args.ray_address:
         raise ValueError("--detached needs --ray-address: a local cluster ends with this command")
+    from vllm_shadow.runtime.actor import start_shadow_actor
+
     config = service_config(args)
-    ray.init(
-        address=args.ray_address,
-        num_cpus=None if args.ray_address else args.num_cpus,
-        namespace=args.namespace,
-        include_dashboard=False,
-        log_to_driver=False,
-    )
     console = Console(stderr=True)
+    warning = token_warning(config, args)
+    if warning is not None:
+        console.print(f"[bold yellow]{warning}[/]")
+    ray.init(**ray_init_options(args))
+    # The actor publishes its address file itself (and again when Ray restarts it), for `shadow status`.
     handle = start_shadow_actor(config, name=args.name, namespace=args.namespace, detached=args.detached)
-    address_file = address_path(args.namespace, args.name)
-    address_file.parent.mkdir(parents=True, exist_ok=True)
-    address_file.write_text(ray.get_runtime_context().gcs_address)
     snapshot = ray.get(handle.snapshot.remote())
     for what, where in sorted(snapshot.addresses.items()):
         console.print(f"[bold]{what}[/] {where}")
@@ -146,6 +193,5 @@ def run(args: argparse.Namespace) -> int:
         try:
             ray.get(handle.close.remote(), timeout=10)
         finally:
-            address_file.unlink(missing_ok=True)
             ray.shutdown()
     return 0

@@ -17,10 +17,9 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from vllm_shadow.runtime.ray_tasks import RayTasks
-from vllm_shadow.runtime.service import ServiceConfig, ShadowService
+from vllm_shadow.runtime.service import DEFAULT_NAME, DEFAULT_NAMESPACE, ServiceConfig, ShadowService
 
-DEFAULT_NAME = "vllm-shadow"
-DEFAULT_NAMESPACE = "vllm-shadow"
+__all__ = ["DEFAULT_NAME", "DEFAULT_NAMESPACE", "ShadowActor", "find_shadow_actor", "start_shadow_actor"]
 
 
 class ShadowActor(ShadowService):

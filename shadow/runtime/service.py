@@ -5,7 +5,9 @@ ways, all into the same core: `ingest(batch)` called directly (the Ray handle tr
 server (adapters.grpc_ingest), and an OTLP span receiver (adapters.otlp). Everything binds to loopback unless
 told otherwise. A maintenance thread drives the core's `tick()`, mirrors metrics into Ray's metrics system when
 asked, and keeps the engines' announcements in a state file: an engine announces itself once, so a restarted
-shadow would otherwise not know what the engines it keeps hearing from are.
+shadow would otherwise not know what the engines it keeps hearing from are. When given an address file, the
+service publishes its snapshot on a loopback status endpoint and says where in that file (`shadow status`
+reads it). Its files live in the user's private directory (`runtime.user_files`), written atomically.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import dataclasses
 import json
 import logging
 import os
-import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,17 +29,22 @@ from vllm_shadow.adapters.recorder import event_from_json, event_to_json
 from vllm_shadow.readout.exporter import MetricsServer
 from vllm_shadow.readout.snapshot import ShadowSnapshot
 from vllm_shadow.runtime.core import ShadowConfig, ShadowCore
+from vllm_shadow.runtime.status_endpoint import AddressRecord, StatusServer, publish_address, withdraw_address
 from vllm_shadow.runtime.tasks import TaskRunner
+from vllm_shadow.runtime.user_files import UnsafePathError, read_own_file, user_dir, write_atomic
 from vllm_shadow.tracking.reasons import RefusalReason
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_NAME = "vllm-shadow"
+DEFAULT_NAMESPACE = "vllm-shadow"
 
 
 @dataclass(frozen=True, slots=True)
 class ServiceConfig:
     shadow: ShadowConfig = field(default_factory=ShadowConfig)
     grpc_address: str | None = "127.0.0.1:0"  # None: no gRPC ingest
-    grpc_token: str | None = None
+    grpc_token: str | None = None  # the shared secret of gRPC and OTLP ingest; None: any sender is taken
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     otlp_address: str | None = None  # None: no OTLP receiver
     metrics_host: str = "127.0.0.1"
@@ -46,16 +53,17 @@ class ServiceConfig:
     state_path: str | None = None  # where engine announcements are kept across restarts; None: not kept
     ray_metrics: bool = False  # also export through ray.util.metrics (as ray_vllm_shadow_*)
     ray_metrics_seconds: float = 5.0
+    address_path: str | None = None  # where to say where the status endpoint is; None: no status endpoint
 
 
 def default_state_path(name: str) -> str:
-    return str(Path(tempfile.gettempdir()) / "vllm-shadow" / f"{name}-engines.json")
+    return str(user_dir() / f"{name}-engines.json")
 
 
 def address_path(namespace: str, name: str) -> Path:
-    """Where `shadow serve` leaves the address of its Ray cluster for `shadow status`: Ray's own "auto" picks
-    whichever cluster on the machine started last, which need not be the shadow's."""
-    return Path(tempfile.gettempdir()) / "vllm-shadow" / f"{namespace}-{name}.ray-address"
+    """Where a running shadow says where `shadow status` finds it: in the user's private directory, so that
+    no other user can plant one."""
+    return user_dir() / f"{namespace}-{name}.address.json"
 
 
 class ShadowService:
@@ -71,6 +79,8 @@ class ShadowService:
         self._grpc: IngestServer | None = None
         self._otlp: OtlpSpanReceiver | None = None
         self._metrics: MetricsServer | None = None
+        self._status: StatusServer | None = None
+        self._address_path = Path(config.address_path) if config.address_path else None
         self._ray_metrics = None
         try:
             if config.grpc_address is not None:
@@ -82,7 +92,9 @@ class ShadowService:
                 ).start()
             if config.otlp_address is not None:
                 self._otlp = OtlpSpanReceiver(
-                    lambda batch: self.core.ingest(batch, "otlp"), address=config.otlp_address
+                    lambda batch: self.core.ingest(batch, "otlp"),
+                    address=config.otlp_address,
+                    token=config.grpc_token,
                 ).start()
             if config.metrics_port is not None:
                 self._metrics = MetricsServer(
@@ -92,6 +104,10 @@ class ShadowService:
                 from vllm_shadow.readout.ray_metrics import RayMetricsMirror
 
                 self._ray_metrics = RayMetricsMirror()
+            if self._address_path is not None:
+                self._status = StatusServer(self.snapshot)
+                record = AddressRecord(os.getpid(), self._status.url, self.addresses(), time.time())
+                publish_address(self._address_path, record)
         except Exception:
             self.close()
             raise
@@ -135,6 +151,10 @@ class ShadowService:
                 server.stop(grace=0.5)
         if self._metrics is not None:
             self._metrics.stop()
+        if self._status is not None:
+            if self._address_path is not None:
+                withdraw_address(self._address_path)
+            self._status.stop()
         self._runner.shutdown()
 
     # ---- internals ------------------------------------------------------------------------------------------
@@ -153,6 +173,7 @@ class ShadowService:
             s = self._otlp.stats
             out["otlp"] = {
                 RefusalReason.MALFORMED: s.refused_malformed,
+                RefusalReason.UNAUTHENTICATED: s.refused_unauthenticated,
                 RefusalReason.SINK_FAILURE: s.sink_failures,
                 RefusalReason.INCOMPLETE_SPAN: s.incomplete_spans,
             }
@@ -177,18 +198,19 @@ class ShadowService:
         infos = self.core.engine_infos()
         if infos == self._saved_infos:
             return
-        self._state_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({name: event_to_json(info) for name, info in infos.items()}))
-        os.replace(tmp, self._state_path)  # atomic: a crash mid-write leaves the previous file
+        # A fresh file renamed over the state file: never written through a link someone planted there.
+        write_atomic(self._state_path, json.dumps({name: event_to_json(i) for name, i in infos.items()}))
         self._saved_infos = infos
 
 
 def _load_infos(path: Path) -> dict[str, EngineInfo]:
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(read_own_file(path))
         infos = {name: event_from_json(obj) for name, obj in raw.items()}
     except FileNotFoundError:
+        return {}
+    except UnsafePathError as exc:
+        logger.warning("not trusting shadow state %s: %s", path, exc)
         return {}
     except (ValueError, TypeError, AttributeError) as exc:
         logger.warning("ignoring unreadable shadow state %s: %s", path, exc)
