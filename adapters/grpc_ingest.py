@@ -1,33 +1,42 @@
 """gRPC transport for event batches: the engine-side client sink and the shadow-side ingest server.
 
 One unary `Publish(EventBatch) -> Ack` call per batch (service `shadow.v1.EventIngest`, see the .proto), so
-each batch is accepted or refused on its own. The server binds loopback by default, limits message size,
-optionally requires a shared-secret token in the `x-shadow-token` metadata, and answers every refusal with a
-gRPC status (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAUTHENTICATED, INTERNAL for a failing sink) that it also
-counts. Decoded batches go to one sink callable, called from one thread at a time.
+each batch is accepted or refused on its own. The server binds loopback by default, limits message size and
+concurrent calls, optionally requires a shared-secret token in the `x-shadow-token` metadata (checked before the
+message is read, see `grpc_server`), and answers every refusal with a gRPC status that it also counts:
+INVALID_ARGUMENT for bytes that are not a batch or a batch with an impossible number (refused whole, see
+`adapters.validation`), RESOURCE_EXHAUSTED, UNAUTHENTICATED, INTERNAL for a failing sink. Decoded batches go to
+one sink callable, called from one thread at a time; the `Ack` counts the events the sink took, which excludes
+any it dropped (a late or duplicate batch).
 """
 
 from __future__ import annotations
 
-import hmac
+import dataclasses
 import logging
 import threading
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NoReturn
 
 import grpc
 
-from vllm_shadow.adapters.grpc_server import UnaryServer
+from vllm_shadow.adapters.events import Event
+from vllm_shadow.adapters.grpc_server import TOKEN_METADATA_KEY, UnaryServer
 from vllm_shadow.adapters.proto import shadow_events_pb2 as pb
-from vllm_shadow.adapters.publisher import BatchSink, EventBatch
+from vllm_shadow.adapters.publisher import EventBatch
+from vllm_shadow.adapters.validation import MAX_PARTS, InvalidBatch
 from vllm_shadow.adapters.wire import WireError, decode_batch, encode_batch
 
 logger = logging.getLogger(__name__)
 
 SERVICE = "shadow.v1.EventIngest"
 PUBLISH_METHOD = f"/{SERVICE}/Publish"
-TOKEN_METADATA_KEY = "x-shadow-token"
+__all__ = ["TOKEN_METADATA_KEY", "GrpcSink", "IngestServer", "IngestStats"]
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# Calls held at once, waiting or served: with the receive limit below, what senders can make the server buffer.
+# Engines send one batch at a time, each call lasting milliseconds, so this is far above honest use.
+DEFAULT_MAX_CONCURRENT_RPCS = 16
 # gRPC itself refuses a message above its receive limit before our handler sees it, so nothing could count it.
 # Its limit is therefore set above ours by this margin: messages between the two are refused and counted here;
 # only a message beyond both is refused uncounted (still RESOURCE_EXHAUSTED, and memory stays bounded).
@@ -38,14 +47,17 @@ _TRANSPORT_HEADROOM = 2
 class IngestStats:
     batches: int = 0
     events: int = 0
-    refused_malformed: int = 0
+    refused_malformed: int = 0  # not an event batch
+    refused_invalid: int = 0  # an event batch with an impossible number
     refused_oversized: int = 0
     refused_unauthenticated: int = 0
     sink_failures: int = 0
-    dropped_by_source: dict[str, int] = field(default_factory=dict)  # the senders' own drop counters, latest
-    # Batches a sender sent that never arrived (sequence gaps), e.g. while this server was down: a sender
-    # cannot report those itself, since they were lost on the way here.
-    lost_batches_by_source: dict[str, int] = field(default_factory=dict)
+    # Sequence gaps, late batches and the senders' own loss counts are the sink's: the shadow's sequencer is
+    # their one home, per source and bounded.
+
+
+# Takes a batch and says how many of its events it took (None: all of them).
+IngestSink = Callable[[EventBatch], int | None]
 
 
 class IngestServer(UnaryServer):
@@ -53,18 +65,17 @@ class IngestServer(UnaryServer):
 
     def __init__(
         self,
-        sink: BatchSink,
+        sink: IngestSink,
         *,
         address: str = "127.0.0.1:0",
         token: str | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_workers: int = 4,
+        max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS,
     ) -> None:
         self._sink = sink
-        self._token = token.encode() if token else None
         self._max_message_bytes = max_message_bytes
         self.stats = IngestStats()
-        self._last_sequence: dict[str, int] = {}  # per source, the highest batch sequence received
         self._stats_lock = threading.Lock()
         self._sink_lock = threading.Lock()
         super().__init__(
@@ -76,6 +87,9 @@ class IngestServer(UnaryServer):
             max_receive_bytes=max_message_bytes * _TRANSPORT_HEADROOM,
             max_workers=max_workers,
             thread_name_prefix="shadow-ingest",
+            max_concurrent_rpcs=max_concurrent_rpcs,
+            token=token,
+            on_unauthenticated=lambda: self._count("refused_unauthenticated"),
         )
 
     def _count(self, name: str, n: int = 1) -> None:
@@ -90,16 +104,7 @@ class IngestServer(UnaryServer):
         raise AssertionError("unreachable: grpc's abort raises")
 
     def _publish(self, request: bytes, context: grpc.ServicerContext) -> pb.Ack:
-        if self._token is not None:
-            sent = dict(context.invocation_metadata()).get(TOKEN_METADATA_KEY, "")
-            sent = sent.encode() if isinstance(sent, str) else sent
-            if not hmac.compare_digest(sent, self._token):
-                self._refuse(
-                    context,
-                    "refused_unauthenticated",
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    f"missing or wrong {TOKEN_METADATA_KEY} metadata",
-                )
+        # The token was checked before the message was read (grpc_server's gate).
         if len(request) > self._max_message_bytes:
             self._refuse(
                 context,
@@ -110,24 +115,18 @@ class IngestServer(UnaryServer):
         try:
             batch = decode_batch(request)
         except WireError as exc:
-            self._refuse(context, "refused_malformed", grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            counter = "refused_invalid" if isinstance(exc, InvalidBatch) else "refused_malformed"
+            self._refuse(context, counter, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         try:
             with self._sink_lock:
-                self._sink(batch)
+                taken = self._sink(batch)
         except Exception as exc:  # the sink is the shadow's code; its failure is the sender's INTERNAL error
             logger.exception("ingest sink failed")
             self._refuse(context, "sink_failures", grpc.StatusCode.INTERNAL, f"sink failed: {exc}")
         with self._stats_lock:
-            stats = self.stats
-            stats.batches += 1
-            stats.events += len(batch.events)
-            stats.dropped_by_source[batch.source] = batch.dropped
-            last = self._last_sequence.get(batch.source, -1)
-            if batch.sequence > last + 1:  # equal sequences are the parts of one split batch
-                lost = stats.lost_batches_by_source.get(batch.source, 0)
-                stats.lost_batches_by_source[batch.source] = lost + batch.sequence - last - 1
-            self._last_sequence[batch.source] = max(last, batch.sequence)
-        return pb.Ack(accepted=len(batch.events))
+            self.stats.batches += 1
+            self.stats.events += len(batch.events)
+        return pb.Ack(accepted=len(batch.events) if taken is None else taken)
 
 
 class GrpcSink:
@@ -162,14 +161,28 @@ class GrpcSink:
 
     def _send(self, batch: EventBatch) -> None:
         data = encode_batch(batch)
-        if len(data) > self._max_message_bytes and len(batch.events) > 1:
-            # Split rather than be refused: both halves keep the batch's sequence number.
-            half = len(batch.events) // 2
-            for events in (batch.events[:half], batch.events[half:]):
-                self._send(EventBatch(events, batch.source, batch.sequence, batch.dropped))
-            return
+        if len(data) <= self._max_message_bytes or len(batch.events) < 2:
+            parts = [batch.events]
+        else:
+            # Split rather than be refused. Each part keeps the batch's sequence number and says which part of
+            # how many it is; sized with the largest part numbers, so that numbering them cannot overflow.
+            sizing = dataclasses.replace(batch, part=MAX_PARTS - 1, parts=MAX_PARTS)
+            parts = self._split(batch.events, sizing)
         assert self._call is not None
-        self._call(data, timeout=self._timeout, metadata=self._metadata)
+        for i, events in enumerate(parts):
+            if len(parts) > 1:
+                data = encode_batch(dataclasses.replace(batch, events=events, part=i, parts=len(parts)))
+            self._call(data, timeout=self._timeout, metadata=self._metadata)
+
+    def _split(self, events: list[Event], sizing: EventBatch) -> list[list[Event]]:
+        """`events` in halves, and halves of halves, until each fits a message (or is one event)."""
+        if (
+            len(events) < 2
+            or len(encode_batch(dataclasses.replace(sizing, events=events))) <= self._max_message_bytes
+        ):
+            return [events]
+        half = len(events) // 2
+        return self._split(events[:half], sizing) + self._split(events[half:], sizing)
 
     def close(self) -> None:
         if self._channel is not None:

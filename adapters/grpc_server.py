@@ -2,15 +2,61 @@
 
 The handler receives the request undecoded, so that a malformed message gets the handler's own status and is
 counted by it rather than refused by gRPC unseen. The server binds loopback by default and starts on `start()`.
+
+What a caller can make the server hold is bounded before anything of the caller is trusted: at most
+`max_concurrent_rpcs` calls at once (gRPC answers the rest RESOURCE_EXHAUSTED before reading them), messages up to
+`max_receive_bytes`, and with a token the call's metadata is checked before its message is read: a call without
+the token is answered UNAUTHENTICATED while its message still sits in HTTP/2 flow control, so unauthenticated
+callers cannot make the server buffer their messages.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hmac
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from typing import Any, Self
 
 import grpc
+
+TOKEN_METADATA_KEY = "x-shadow-token"
+
+
+def token_matches(metadata: Sequence[tuple[str, str | bytes]] | None, token: bytes) -> bool:
+    """Whether the call's metadata carries `token` under `x-shadow-token` (compared in constant time)."""
+    sent = dict(metadata or ()).get(TOKEN_METADATA_KEY, "")
+    return hmac.compare_digest(sent.encode() if isinstance(sent, str) else sent, token)
+
+
+class _TokenGate(grpc.GenericRpcHandler):
+    """Routes the one method; with a token, a call without it gets a handler that refuses it unread."""
+
+    def __init__(
+        self,
+        path: str,
+        rpc: grpc.RpcMethodHandler,
+        token: bytes | None,
+        on_unauthenticated: Callable[[], None],
+    ) -> None:
+        self._path = path
+        self._rpc = rpc
+        self._token = token
+        self._on_unauthenticated = on_unauthenticated
+        # A stream handler: gRPC reads a unary call's message before calling its handler, but a stream's
+        # messages only as the handler iterates them, and this one never does. The wire does not tell the two
+        # apart, so a unary caller gets its status as usual.
+        self._refuse = grpc.stream_unary_rpc_method_handler(self._refuse_unread)
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        if handler_call_details.method != self._path:
+            return None
+        if self._token is None or token_matches(handler_call_details.invocation_metadata, self._token):
+            return self._rpc
+        return self._refuse
+
+    def _refuse_unread(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> None:
+        self._on_unauthenticated()
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, f"missing or wrong {TOKEN_METADATA_KEY} metadata")
 
 
 class UnaryServer:
@@ -27,15 +73,20 @@ class UnaryServer:
         max_receive_bytes: int,
         max_workers: int,
         thread_name_prefix: str,
+        max_concurrent_rpcs: int | None = None,
+        token: str | None = None,
+        on_unauthenticated: Callable[[], None] = lambda: None,
     ) -> None:
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=thread_name_prefix),
             options=[("grpc.max_receive_message_length", max_receive_bytes)],
+            maximum_concurrent_rpcs=max_concurrent_rpcs,
         )
         rpc = grpc.unary_unary_rpc_method_handler(
             handler, request_deserializer=None, response_serializer=response_serializer
         )
-        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, {method: rpc}),))
+        gate = _TokenGate(f"/{service}/{method}", rpc, token.encode() if token else None, on_unauthenticated)
+        self._server.add_generic_rpc_handlers((gate,))
         self.port = self._server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot bind {service} to {address}")

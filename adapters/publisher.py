@@ -8,9 +8,11 @@ sink is counted, on the producer side (queue full) or per sink (failed or skippe
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -31,6 +33,14 @@ class EventBatch:
     source: str = ""  # which engine sent it (host:pid by default); a shadow may watch several engines
     sequence: int = 0  # 0, 1, 2, ... per source: a gap means batches were lost in transit
     dropped: int = 0  # events the sender has dropped so far (cumulative), so the receiver can export the loss
+    # A random number the publisher draws when it starts (0: not given): a restarted engine under the same source
+    # name (same host and pid) is told from a late batch of the old one, since both number their batches from 0.
+    incarnation: int = 0
+    part: int = 0  # a batch too large for one message travels as parts 0 .. parts-1 under its sequence number
+    parts: int = 1
+    # Batches this sink could not deliver so far (cumulative: failed, or skipped while backing off), so that
+    # a shadow that was down can export what it missed, which its own gap count cannot see.
+    lost_batches: int = 0
 
 
 BatchSink = Callable[[EventBatch], None]
@@ -41,7 +51,8 @@ class SinkStats:
     sent_batches: int = 0
     sent_events: int = 0
     failures: int = 0
-    lost_events: int = 0  # in batches that failed, or that were skipped while the sink was backing off
+    lost_batches: int = 0  # that failed, or that were skipped while the sink was backing off
+    lost_events: int = 0  # in those batches
 
 
 @dataclass(slots=True)
@@ -78,6 +89,7 @@ class Publisher:
         self._max_backoff = max_backoff
         self._sinks = [_SinkState(s) for s in sinks]
         self.source = source or default_source()
+        self.incarnation = secrets.randbits(64) or 1  # 0 means "not given" on the wire
         self._sequence = itertools.count()
         self.accepted = 0
         self.dropped = 0
@@ -128,19 +140,24 @@ class Publisher:
                     events.append(popleft())
             except IndexError:
                 pass
-            batch = EventBatch(events, self.source, next(self._sequence), self.dropped)
+            batch = EventBatch(
+                events, self.source, next(self._sequence), self.dropped, incarnation=self.incarnation
+            )
             for state in self._sinks:
                 self._deliver(state, batch)
 
     def _deliver(self, state: _SinkState, batch: EventBatch) -> None:
         now = time.monotonic()
         if now < state.retry_at:
+            state.stats.lost_batches += 1
             state.stats.lost_events += len(batch.events)
             return
         try:
-            state.sink(batch)
+            # Each sink has its own losses: the shadow behind it learns of those it was down for.
+            state.sink(dataclasses.replace(batch, lost_batches=state.stats.lost_batches))
         except Exception as exc:  # a sink is outside code: any failure must stay here, in this thread
             state.stats.failures += 1
+            state.stats.lost_batches += 1
             state.stats.lost_events += len(batch.events)
             doubled = state.backoff * 2 if state.backoff else self._flush_interval
             state.backoff = min(self._max_backoff, doubled)

@@ -1,7 +1,8 @@
 """Protobuf wire form of an `EventBatch` (see `adapters/proto/shadow_events.proto`), both ways.
 
 `decode_batch` is the trust boundary of the gRPC ingest: whatever bytes arrive, it returns a well-formed batch
-of schema dataclasses or raises `WireError`, never anything else.
+of schema dataclasses whose numbers are possible (see `adapters.validation`) or raises `WireError`, never
+anything else; an `InvalidWireBatch` is a well-formed message with an impossible number.
 """
 
 from __future__ import annotations
@@ -20,14 +21,27 @@ from vllm_shadow.adapters.events import (
 )
 from vllm_shadow.adapters.proto import shadow_events_pb2 as pb
 from vllm_shadow.adapters.publisher import EventBatch
+from vllm_shadow.adapters.validation import InvalidBatch, validate_batch
 
 
 class WireError(ValueError):
     """Bytes that are not a valid event batch."""
 
 
+class InvalidWireBatch(WireError, InvalidBatch):
+    """A well-formed message carrying a number no engine could have sent."""
+
+
 def encode_batch(batch: EventBatch) -> bytes:
-    msg = pb.EventBatch(source=batch.source, sequence=batch.sequence, dropped=batch.dropped)
+    msg = pb.EventBatch(
+        source=batch.source,
+        sequence=batch.sequence,
+        dropped=batch.dropped,
+        incarnation=batch.incarnation,
+        part=batch.part,
+        parts=batch.parts,
+        lost_batches=batch.lost_batches,
+    )
     add = msg.events.add
     for event in batch.events:
         _encode_event(event, add())
@@ -41,7 +55,21 @@ def decode_batch(data: bytes) -> EventBatch:
     except DecodeError as exc:
         raise WireError(f"not an EventBatch message: {exc}") from exc
     events = [_decode_event(i, e) for i, e in enumerate(msg.events)]
-    return EventBatch(events, msg.source, msg.sequence, msg.dropped)
+    batch = EventBatch(
+        events,
+        msg.source,
+        msg.sequence,
+        msg.dropped,
+        incarnation=msg.incarnation,
+        part=msg.part,
+        parts=msg.parts or 1,  # proto3 has no unset: 0 is a sender that never splits
+        lost_batches=msg.lost_batches,
+    )
+    try:
+        validate_batch(batch)
+    except InvalidBatch as exc:
+        raise InvalidWireBatch(str(exc)) from exc
+    return batch
 
 
 def _encode_event(event: Event, out: pb.Event) -> None:

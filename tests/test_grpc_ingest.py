@@ -10,8 +10,10 @@ import pytest
 from tests.waiting import wait_until
 from vllm_shadow.adapters.events import EngineInfo, EngineStep, RequestArrival, RequestFinish
 from vllm_shadow.adapters.grpc_ingest import PUBLISH_METHOD, TOKEN_METADATA_KEY, GrpcSink, IngestServer
+from vllm_shadow.adapters.proto import shadow_events_pb2 as pb
 from vllm_shadow.adapters.publisher import EventBatch, Publisher
 from vllm_shadow.adapters.wire import encode_batch
+from vllm_shadow.tracking.sequencing import Sequencer
 
 EVENTS = [
     EngineInfo("tiny", 128, 64),
@@ -31,34 +33,56 @@ class _Collect:
             self.batches.append(batch)
 
 
-def _raw_call(server: IngestServer, data: bytes, token: str | None = None) -> grpc.RpcError | None:
+def _raw_call(server: IngestServer, data: bytes, token: str | None = None) -> grpc.RpcError | pb.Ack:
     with grpc.insecure_channel(server.address) as channel:
-        call = channel.unary_unary(PUBLISH_METHOD, request_serializer=None, response_deserializer=None)
+        call = channel.unary_unary(
+            PUBLISH_METHOD, request_serializer=None, response_deserializer=pb.Ack.FromString
+        )
         metadata = ((TOKEN_METADATA_KEY, token),) if token else ()
         try:
-            call(data, timeout=5, metadata=metadata)
+            return call(data, timeout=5, metadata=metadata)
         except grpc.RpcError as exc:
             return exc
-    return None
 
 
 def test_batches_arrive_intact_on_loopback() -> None:
     sink = _Collect()
+    sent = EventBatch(EVENTS, "engine-a", 7, 2, incarnation=2**64 - 1, lost_batches=3)
     with IngestServer(sink) as server:
         assert server.address.startswith("127.0.0.1:")
-        GrpcSink(server.address)(EventBatch(EVENTS, "engine-a", 7, 2))
-    assert sink.batches == [EventBatch(EVENTS, "engine-a", 7, 2)]
+        GrpcSink(server.address)(sent)
+    assert sink.batches == [sent]
     assert server.stats.batches == 1 and server.stats.events == 4
-    assert server.stats.dropped_by_source == {"engine-a": 2}
-    assert server.stats.lost_batches_by_source == {"engine-a": 7}  # sequences 0..6 never arrived
 
 
-def test_sequence_gaps_count_batches_lost_on_the_way() -> None:
-    with IngestServer(_Collect()) as server:
-        sink = GrpcSink(server.address)
-        for sequence in (0, 1, 1, 4, 5, 9):  # 1 twice: the halves of a split batch
-            sink(EventBatch(EVENTS[:1], "engine-b", sequence))
-    assert server.stats.lost_batches_by_source == {"engine-b": 2 + 3}
+class _Sequenced:
+    """The shadow's side of ordering: a sequencer behind the server, as in the core."""
+
+    def __init__(self) -> None:
+        self.sequencer = Sequencer(max_held=1)
+        self.delivered: list[EventBatch] = []
+
+    def __call__(self, batch: EventBatch) -> int:
+        pushed = self.sequencer.push(batch)
+        self.delivered += [d.batch for d in pushed.deliveries]
+        return len(batch.events) if pushed.accepted else 0
+
+
+def test_gaps_and_the_parts_of_split_batches_reach_the_sequencer_as_sent() -> None:
+    sequenced = _Sequenced()
+    big = [EngineStep(i, 0.0, 0.0, {f"req-{j}": 1 for j in range(40)}) for i in range(100)]
+    limit = len(encode_batch(EventBatch(big))) // 4
+    with IngestServer(sequenced, max_message_bytes=limit) as server:
+        sink = GrpcSink(server.address, max_message_bytes=limit)
+        for sequence in (0, 1, 4, 5, 9):
+            sink(EventBatch(big if sequence == 1 else EVENTS[:1], "engine-b", sequence, incarnation=5))
+        sink(EventBatch(EVENTS[:1], "engine-b", 10, incarnation=5))
+    stats = sequenced.sequencer.stats
+    assert stats.lost_batches == 2 + 3 and stats.late_batches == 0
+    # Before parts, the second half of a split batch was dropped as a duplicate of its sequence number.
+    split = [b for b in sequenced.delivered if b.sequence == 1]
+    assert len(split) > 1 and [e for b in split for e in b.events] == big
+    assert all(len(encode_batch(b)) <= limit for b in split)
 
 
 def test_token_is_required_when_configured() -> None:
@@ -67,8 +91,8 @@ def test_token_is_required_when_configured() -> None:
         data = encode_batch(EventBatch(EVENTS))
         missing = _raw_call(server, data)
         wrong = _raw_call(server, data, token="guess")
-        assert missing is not None and missing.code() == grpc.StatusCode.UNAUTHENTICATED
-        assert wrong is not None and wrong.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert isinstance(missing, grpc.RpcError) and missing.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert isinstance(wrong, grpc.RpcError) and wrong.code() == grpc.StatusCode.UNAUTHENTICATED
         GrpcSink(server.address, token="s3cret")(EventBatch(EVENTS))
     assert server.stats.refused_unauthenticated == 2
     assert len(sink.batches) == 1
@@ -78,7 +102,7 @@ def test_malformed_bytes_are_refused_and_the_server_keeps_serving() -> None:
     sink = _Collect()
     with IngestServer(sink) as server:
         refused = _raw_call(server, b"\xff\x00garbage")
-        assert refused is not None and refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert isinstance(refused, grpc.RpcError) and refused.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "EventBatch" in (refused.details() or "")
         GrpcSink(server.address)(EventBatch(EVENTS))
     assert server.stats.refused_malformed == 1
@@ -91,7 +115,7 @@ def test_oversized_batches_are_refused_and_counted_but_the_client_splits_its_own
     size = len(encode_batch(big))
     with IngestServer(sink, max_message_bytes=size // 4) as server:
         refused = _raw_call(server, encode_batch(EventBatch(big.events[:40])))
-        assert refused is not None and refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert isinstance(refused, grpc.RpcError) and refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         GrpcSink(server.address, max_message_bytes=size // 4)(big)
     assert server.stats.refused_oversized == 1
     assert [e for b in sink.batches for e in b.events] == big.events
@@ -109,7 +133,7 @@ def test_a_failing_sink_is_an_internal_error_for_that_batch_only() -> None:
 
     with IngestServer(flaky) as server:
         failed = _raw_call(server, encode_batch(EventBatch(EVENTS)))
-        assert failed is not None and failed.code() == grpc.StatusCode.INTERNAL
+        assert isinstance(failed, grpc.RpcError) and failed.code() == grpc.StatusCode.INTERNAL
         GrpcSink(server.address)(EventBatch(EVENTS))
     assert server.stats.sink_failures == 1 and server.stats.batches == 1
 
@@ -133,3 +157,56 @@ def test_publisher_to_a_dead_address_counts_failures_without_blocking() -> None:
 def test_server_binds_only_where_told(address: str) -> None:
     with IngestServer(_Collect(), address=address) as server:
         assert server.port > 0
+
+
+# ---- issue 13: acknowledgements, numeric validation, memory before authentication -----------------------------
+
+
+def test_the_ack_counts_only_the_events_the_sink_took() -> None:
+    taken = iter([None, 0])  # all of them; then none (a late batch the shadow dropped)
+    with IngestServer(lambda batch: next(taken)) as server:
+        data = encode_batch(EventBatch(EVENTS))
+        first, second = _raw_call(server, data), _raw_call(server, data)
+    assert isinstance(first, pb.Ack) and first.accepted == len(EVENTS)
+    assert isinstance(second, pb.Ack) and second.accepted == 0
+
+
+def test_a_batch_with_an_impossible_number_is_refused_whole_as_invalid_argument() -> None:
+    sink = _Collect()
+    poisoned = EventBatch([EVENTS[1], EngineStep(1, 100.0, float("inf"), {"r1-0a1b2c3d": 1})])
+    with IngestServer(sink) as server:
+        refused = _raw_call(server, encode_batch(poisoned))
+        assert isinstance(refused, grpc.RpcError) and refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "duration is inf" in (refused.details() or "")
+        GrpcSink(server.address)(EventBatch(EVENTS))
+    assert server.stats.refused_invalid == 1 and server.stats.refused_malformed == 0
+    assert sink.batches == [EventBatch(EVENTS)]  # nothing of the poisoned batch, the next one whole
+
+
+def test_an_unauthenticated_call_is_refused_before_its_message_is_read() -> None:
+    with IngestServer(_Collect(), token="s3cret", max_message_bytes=1024) as server:
+        # Far beyond the receive limit: had the server read the message, the answer would be RESOURCE_EXHAUSTED.
+        refused = _raw_call(server, b"\x00" * (1 << 20))
+    assert isinstance(refused, grpc.RpcError) and refused.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert server.stats.refused_unauthenticated == 1
+
+
+def test_concurrent_calls_beyond_the_bound_are_refused_not_queued() -> None:
+    entered = threading.Semaphore(0)
+    release = threading.Event()
+
+    def slow(batch: EventBatch) -> None:
+        entered.release()
+        release.wait(10)
+
+    with IngestServer(slow, max_workers=4, max_concurrent_rpcs=1) as server:
+        data = encode_batch(EventBatch(EVENTS))
+        held = threading.Thread(target=_raw_call, args=(server, data))
+        held.start()
+        try:
+            assert entered.acquire(timeout=10), "the first call never reached the sink"
+            refused = _raw_call(server, data)  # a second call while the first is served
+        finally:
+            release.set()
+            held.join(10)
+    assert isinstance(refused, grpc.RpcError) and refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -115,16 +115,24 @@ class Event(_message.Message):
     def __init__(self, arrival: _Optional[_Union[RequestArrival, _Mapping]] = ..., finish: _Optional[_Union[RequestFinish, _Mapping]] = ..., step: _Optional[_Union[EngineStep, _Mapping]] = ..., info: _Optional[_Union[EngineInfo, _Mapping]] = ...) -> None: ...
 
 class EventBatch(_message.Message):
-    __slots__ = ("source", "sequence", "dropped", "events")
+    __slots__ = ("source", "sequence", "dropped", "events", "incarnation", "part", "parts", "lost_batches")
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    PART_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
+    LOST_BATCHES_FIELD_NUMBER: _ClassVar[int]
     source: str
     sequence: int
     dropped: int
     events: _containers.RepeatedCompositeFieldContainer[Event]
-    def __init__(self, source: _Optional[str] = ..., sequence: _Optional[int] = ..., dropped: _Optional[int] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ...) -> None: ...
+    incarnation: int
+    part: int
+    parts: int
+    lost_batches: int
+    def __init__(self, source: _Optional[str] = ..., sequence: _Optional[int] = ..., dropped: _Optional[int] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., incarnation: _Optional[int] = ..., part: _Optional[int] = ..., parts: _Optional[int] = ..., lost_batches: _Optional[int] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("accepted",)

@@ -171,11 +171,14 @@ class ShadowCore:
                     ),
                 )
                 self._sources[batch.source] = source
-            for delivery in source.sequencer.push(batch):
-                self._deliver(source, delivery.batch, delivery.gap_before)
-        return len(batch.events)
+            pushed = source.sequencer.push(batch)
+            for delivery in pushed.deliveries:
+                self._deliver(source, delivery.batch, delivery.gap_before, delivery.restart)
+        return len(batch.events) if pushed.accepted else 0  # the ack never claims events dropped as late
 
-    def _deliver(self, source: _Source, batch: EventBatch, gap_before: bool) -> None:
+    def _deliver(self, source: _Source, batch: EventBatch, gap_before: bool, restart: bool = False) -> None:
+        if restart and source.engine is not None:  # a new publisher under the same name: the engine restarted
+            self._detach_restarted(source)
         if gap_before and source.engine is not None:
             source.engine.tracker.lost_events()
         last_step_end = math.nan
@@ -210,12 +213,16 @@ class ShadowCore:
         if source.info == info:
             return  # announced again
         if source.engine is not None:  # the same sender, a different engine: it was restarted in place
-            source.engine.tracker.abandon(SkipReason.ENGINE_RESTART)
-            source.engine.restarts += 1
-            source.engine.source = ""  # re-attached below, on its next event
-            source.engine = None
+            self._detach_restarted(source)
         source.info = info
         source.ignored = False
+
+    def _detach_restarted(self, source: _Source) -> None:
+        assert source.engine is not None
+        source.engine.tracker.abandon(SkipReason.ENGINE_RESTART)
+        source.engine.restarts += 1
+        source.engine.source = ""  # re-attached on the sender's next event
+        source.engine = None
 
     def _attach(self, source: _Source, mode: str) -> None:
         assert source.info is not None
@@ -281,7 +288,7 @@ class ShadowCore:
         with self._lock:
             for source in self._sources.values():
                 for delivery in source.sequencer.expire():
-                    self._deliver(source, delivery.batch, delivery.gap_before)
+                    self._deliver(source, delivery.batch, delivery.gap_before, delivery.restart)
             for engine in self._engines.values():
                 engine.tracker.expire()
                 engine.tracker.close_idle()

@@ -1,72 +1,121 @@
 """Put each sender's event batches back in order, and account for every batch that never arrives.
 
-A publisher numbers its batches 0, 1, 2, ... (`EventBatch.sequence`). Transports may reorder them (a threaded
-Ray actor runs calls concurrently; gRPC serves them on a thread pool), and may lose them (a sender backing off,
-a shadow restart). A `Sequencer` holds early batches until the gap before them fills, up to a bound in batches
-and in time; then it gives the missing numbers up as lost and delivers what it holds. A batch that turns up
-after its number was given up on is late: dropped and counted, because the stream after it has already been
-applied. Every delivery says whether events were lost just before it, so the consumer can stop trusting the
-engine state it tracks.
+A publisher numbers its batches 0, 1, 2, ... (`EventBatch.sequence`) within its incarnation (a random number it
+draws when it starts, `EventBatch.incarnation`); a batch the gRPC sink had to split travels as parts that share
+its number (`part` of `parts`). Transports may reorder batches (a threaded Ray actor runs calls concurrently;
+gRPC serves them on a thread pool), and may lose them (a sender backing off, a shadow restart). A `Sequencer`
+holds early batches until the gap before them fills, up to a bound in batches and in time; then it gives the
+missing numbers up as lost and delivers what it holds. A batch that turns up after its number was given up on
+is late: dropped and counted, because the stream after it has already been applied.
+
+Three things no honest sender does, and what each costs here (never more than one gap):
+- a new incarnation under the same source name is the engine restarted (same host and pid, a new publisher):
+  what the old one left held is delivered, its stragglers are late, and the new stream starts fresh;
+- a sequence number more than `max_jump` away from the expected one (a forged or corrupted number) restarts the
+  numbering there, counted as a jump and never as lost batches, so one bad number cannot make the lost count
+  absurd or the rest of the stream late;
+- the sender's own cumulative counters start again with each incarnation; they are summed across them.
+
+Every delivery says whether events were lost just before it, and whether the sender restarted, so the consumer
+can stop trusting the engine state it tracks. `push` says whether the batch was taken (held or delivered), so
+that an acknowledgement never claims events that were dropped.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vllm_shadow.adapters.publisher import EventBatch
+
+# A position in a sender's stream: (sequence, part). After the last part of a batch comes (sequence + 1, 0).
+_Position = tuple[int, int]
 
 
 @dataclass(slots=True)
 class SequenceStats:
-    batches: int = 0  # delivered in order
-    lost_batches: int = 0  # sequence numbers given up on
-    late_batches: int = 0  # arrived after their number was given up on, or twice
+    batches: int = 0  # delivered in order (each part of a split batch counts)
+    lost_batches: int = 0  # sequence numbers given up on (wholly or in part)
+    late_batches: int = 0  # arrived after their number was given up on, twice, or from a replaced incarnation
     late_events: int = 0
-    sender_dropped: int = 0  # the sender's own cumulative count of events it could not queue
+    restarts: int = 0  # new incarnations of the sender after the first
+    jumps: int = 0  # sequence numbers beyond `max_jump` of the expected one: the numbering restarted there
+    sender_dropped: int = 0  # the sender's own count of events it could not queue, summed over incarnations
+    sender_lost_batches: int = 0  # the sender's own count of batches it could not deliver here, likewise
 
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
     batch: EventBatch
     gap_before: bool  # events were lost between the previous delivery and this one
+    restart: bool = False  # the first delivery of a new incarnation: the sender restarted
+
+
+@dataclass(frozen=True, slots=True)
+class Pushed:
+    accepted: bool  # held or delivered; False: dropped as late or duplicate (counted)
+    deliveries: list[Delivery] = field(default_factory=list)
 
 
 class Sequencer:
     """Per-source reorder buffer. Not thread-safe: the caller serialises `push` and `expire`."""
 
     def __init__(
-        self, *, max_held: int = 64, max_wait: float = 1.0, clock: Callable[[], float] = time.monotonic
+        self,
+        *,
+        max_held: int = 64,
+        max_wait: float = 1.0,
+        max_jump: int = 1 << 16,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         # Until the sender's batch 0 is seen, or the wait for it is given up, the stream has no start:
         # batches are held, since under reordering the first to arrive need not be the first sent.
-        if max_held < 1 or max_wait <= 0:
-            raise ValueError("max_held must be >= 1 and max_wait > 0")
+        if max_held < 1 or max_wait <= 0 or max_jump < max_held:
+            raise ValueError("max_held must be >= 1, max_wait > 0 and max_jump >= max_held")
         self._max_held = max_held
         self._max_wait = max_wait
+        # A publisher numbers every batch, also those its sink skips while backing off, so a legitimate jump
+        # is as long as an outage of the link while the shadow stays up: 65,536 batches is at least ten
+        # minutes of a busy engine. A longer one costs a jump instead of a count of lost batches, and the
+        # sender's own count (`sender_lost_batches`) still tells how many it could not deliver.
+        self._max_jump = max_jump
         self._clock = clock
-        self._expected: int | None = None  # next sequence number to deliver; None until the start is known
-        self._held: dict[int, tuple[EventBatch, float]] = {}  # sequence -> (batch, when it arrived)
+        self._incarnation: int | None = None
+        self._replaced: deque[int] = deque(maxlen=16)  # recent incarnations: their stragglers are late
+        self._expected: _Position | None = None  # next position to deliver; None until the start is known
+        self._held: dict[_Position, tuple[EventBatch, float]] = {}  # position -> (batch, when it arrived)
         self._gap = False  # a loss is pending report with the next delivery
+        self._restart = False  # a restart is pending report with the next delivery
+        self._sender_dropped_before = 0  # the senders' counters of replaced incarnations, summed
+        self._sender_lost_before = 0
+        self._sender_dropped = 0  # the current incarnation's latest counters
+        self._sender_lost = 0
         self.stats = SequenceStats()
 
     @property
     def held(self) -> int:
         return len(self._held)
 
-    def push(self, batch: EventBatch) -> list[Delivery]:
-        if self._expected is None and batch.sequence == 0:
-            self._expected = 0  # the sender's first batch: the stream starts here, nothing missed
-        if (self._expected is not None and batch.sequence < self._expected) or batch.sequence in self._held:
-            self.stats.late_batches += 1
-            self.stats.late_events += len(batch.events)
-            return []
-        self._held[batch.sequence] = (batch, self._clock())
-        out = self._release()
+    def push(self, batch: EventBatch) -> Pushed:
+        out: list[Delivery] = []
+        if batch.incarnation != self._incarnation:
+            if batch.incarnation in self._replaced:
+                return self._late(batch)
+            out += self._new_incarnation(batch.incarnation)
+        position = (batch.sequence, batch.part)
+        if self._expected is None and position == (0, 0):
+            self._expected = position  # the sender's first batch: the stream starts here, nothing missed
+        if self._expected is not None and abs(batch.sequence - self._expected[0]) > self._max_jump:
+            out += self._jump(batch.sequence)
+        elif (self._expected is not None and position < self._expected) or position in self._held:
+            return self._late(batch)
+        self._held[position] = (batch, self._clock())
+        out += self._release()
         if len(self._held) > self._max_held:
             out += self._give_up()
-        return out
+        return Pushed(True, out)
 
     def expire(self) -> list[Delivery]:
         """Give up on a gap whose oldest held batch has waited longer than `max_wait`."""
@@ -74,18 +123,57 @@ class Sequencer:
             return self._give_up()
         return []
 
+    def _late(self, batch: EventBatch) -> Pushed:
+        self.stats.late_batches += 1
+        self.stats.late_events += len(batch.events)
+        return Pushed(False)
+
+    def _new_incarnation(self, incarnation: int) -> list[Delivery]:
+        """The sender restarted (or this is its first batch): finish the old stream, start a fresh one."""
+        out = []
+        while self._held:
+            out += self._give_up()
+        if self._incarnation is not None:
+            self._replaced.append(self._incarnation)
+            self.stats.restarts += 1
+            self._restart = True
+        self._incarnation = incarnation
+        self._expected = None
+        self._sender_dropped_before += self._sender_dropped
+        self._sender_lost_before += self._sender_lost
+        self._sender_dropped = self._sender_lost = 0
+        return out
+
+    def _jump(self, sequence: int) -> list[Delivery]:
+        """A number too far from the stream to be a gap: deliver what is held, restart the numbering there."""
+        out = []
+        while self._held:
+            out += self._give_up()
+        self.stats.jumps += 1
+        self._expected = (sequence, 0)
+        self._gap = True
+        return out
+
     def _release(self) -> list[Delivery]:
         out = []
         while self._expected is not None and self._expected in self._held:
             batch, _ = self._held.pop(self._expected)
-            self._expected += 1
+            last_part = batch.part + 1 >= batch.parts
+            self._expected = (batch.sequence + 1, 0) if last_part else (batch.sequence, batch.part + 1)
             out.append(self._deliver(batch))
         return out
 
     def _give_up(self) -> list[Delivery]:
         first_held = min(self._held)
         if self._expected is not None:
-            self.stats.lost_batches += first_held - self._expected
+            sequence, part = first_held
+            missed = sequence - self._expected[0]
+            if missed > self._max_jump:
+                self.stats.jumps += 1  # a forged number held while the stream had no start yet
+            else:
+                # Every number from the expected one up to the held one lost something; the held one too
+                # when the parts before its own are missing.
+                self.stats.lost_batches += missed + (part > 0)
         # Joining a stream mid-way (a shadow started after the engine, or restarted) is a loss too: what came
         # before is unknown, but not counted, since nobody knows how many batches that was.
         self._expected = first_held
@@ -93,9 +181,13 @@ class Sequencer:
         return self._release()
 
     def _deliver(self, batch: EventBatch) -> Delivery:
-        if batch.dropped > self.stats.sender_dropped:
+        if batch.dropped > self._sender_dropped:
             self._gap = True  # the sender dropped events since its last batch: they are gone
-            self.stats.sender_dropped = batch.dropped
+            self._sender_dropped = batch.dropped
+        self._sender_lost = max(self._sender_lost, batch.lost_batches)
+        self.stats.sender_dropped = self._sender_dropped_before + self._sender_dropped
+        self.stats.sender_lost_batches = self._sender_lost_before + self._sender_lost
         gap, self._gap = self._gap, False
+        restart, self._restart = self._restart, False
         self.stats.batches += 1
-        return Delivery(batch, gap)
+        return Delivery(batch, gap and not restart, restart)
