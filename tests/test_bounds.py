@@ -34,6 +34,7 @@ costs = st.builds(
     st.floats(0, 0.2),
     st.floats(0, 0.05),
     st.floats(0, 0.05),
+    st.floats(0, 0.1),  # e: one per request in a batch, priced in the bound
 )
 
 
@@ -103,3 +104,33 @@ def test_packing_keeps_running_requests_at_the_start():
     assert runs["run"] == [(0, 2)]
     assert runs["new"][0][0] >= 1  # 8 tokens (4 blocks) + 5 tokens (3 blocks) do not fit together
     verify(schedule_from_runs(window, runs), window, LinearCostModel(a=1.0, b=0.0, c=0.0))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(window=windows, cost=costs, slack=st.floats(1.0, 3.0))
+def test_bound_with_deadlines_is_below_the_exhaustive_optimum_meeting_them(window, cost, slack):
+    """Deadlines from the vLLM schedule stretched by `slack`: the SLO-aware relaxation (e priced) stays below
+    the exhaustive optimum over every schedule that meets them, and is never below the unconstrained one."""
+    from vllm_shadow.solver.optimal import engine_deadlines, scaled_deadlines
+
+    engine = run_heuristics(window, cost, Objective(), ["vllm"])[0]
+    deadlines = scaled_deadlines(engine_deadlines(engine.replay), window, slack)
+    best, _ = exhaustive_optimum(window, cost, Objective(), EVERYTHING, deadlines)
+    bound = relaxation_bound(window, cost, deadlines)
+    assert bound.gpu_seconds <= best + 1e-9
+    assert bound.gpu_seconds >= relaxation_bound(window, cost).gpu_seconds - 1e-12
+
+
+def test_deadline_intervals_force_batches():
+    """Two requests whose deadline intervals do not overlap cannot share a batch: 3 + 2 batches, not 3."""
+    from vllm_shadow.solver.bounds import deadline_min_batches
+    from vllm_shadow.solver.schedule import Deadlines
+
+    window = Window(
+        (WindowRequest("x", 0.0, 2, 3), WindowRequest("y", 10.0, 2, 2)),
+        EngineLimits(kv_blocks=8, block_size=2),
+    )
+    deadlines = Deadlines({}, {"x": 10.0, "y": 20.0}, "test")
+    assert min_batches(window) == 3
+    assert deadline_min_batches(window, deadlines) == 5
+    assert min_batches(window, deadlines) == 5

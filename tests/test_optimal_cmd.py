@@ -41,3 +41,44 @@ def test_plot(tmp_path):
 def test_bad_objective_is_reported(capsys):
     assert main(["optimal", *WINDOW, "--objective", "makespan"]) == 2
     assert "unknown objective" in capsys.readouterr().err
+
+
+def test_slo_default_json_keys_and_deadlines(capsys):
+    """--slo default: the optimum is held to vLLM's own times; the JSON says so and reports latency beside GPU
+    time for the optimum and for every heuristic (with the deadlines each misses)."""
+    args = ["optimal", *WINDOW, "--limit", "6", "--slo", "default", "--no-eviction", "--time-limit", "5"]
+    assert main([*args, "--json", "--policies", "vllm,sarathi"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    for key in (
+        "status",
+        "objective",
+        "bound",
+        "gap",
+        "slo",
+        "mean_ttft_s",
+        "mean_e2e_s",
+        "heuristics_detail",
+    ):
+        assert key in report, key
+    assert report["slo"] == "vllm's own schedule"
+    assert "no request's first token or finish later" in report["bound_scope"]
+    vllm = report["heuristics_detail"]["vllm"]
+    assert {"objective", "mean_ttft_s", "mean_e2e_s", "missed_deadlines"} <= set(vllm)
+    assert vllm["missed_deadlines"] == 0
+    assert report["bound"] <= report["objective"] <= vllm["objective"] + 1e-9
+    assert report["mean_e2e_s"] <= vllm["mean_e2e_s"] + 1e-9
+
+
+def test_pareto_levels_and_plot(capsys, tmp_path):
+    path = tmp_path / "frontier.png"
+    args = ["optimal", *WINDOW, "--limit", "4", "--pareto", "1,3", "--no-eviction", "--time-limit", "5"]
+    assert main([*args, "--json", "--policies", "vllm", "--plot", str(path)]) == 0
+    frontier = json.loads(capsys.readouterr().out)["pareto"]
+    assert [p["factor"] for p in frontier] == [1.0, 3.0]
+    assert frontier[1]["objective"] <= frontier[0]["objective"] + 1e-9  # looser latency never costs more
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_slo_is_reported(capsys):
+    assert main(["optimal", *WINDOW, "--slo", "p99=3"]) == 2
+    assert "bad SLO term" in capsys.readouterr().err

@@ -123,3 +123,18 @@ def test_preemption_pressure_is_exercised():
     arrivals = [RequestArrival(f"r{i}", 0.05 * i, 20 + 7 * (i % 5), 5 + 3 * (i % 7)) for i in range(24)]
     sim = simulate(arrivals, "vllm", COST, num_kv_blocks=25, block_size=4)
     assert sim.summary()["preemptions"] > 0
+
+
+def test_deadlines_are_checked():
+    """A first token or a finish later than its deadline is a violation; on time (within float noise) is not."""
+    from vllm_shadow.solver.schedule import Deadlines
+
+    on_time = verify(GOOD, window(), COST)
+    exact = Deadlines(dict(on_time.first_token), dict(on_time.finish), "itself")
+    assert verify(GOOD, window(), COST, exact).feasible
+    late_first = Deadlines({"b": on_time.first_token["b"] - 0.01}, {}, "tight ttft")
+    with pytest.raises(InfeasibleSchedule, match=re.escape("b: first token at")):
+        verify(GOOD, window(), COST, late_first)
+    late_finish = Deadlines({}, {"a": on_time.finish["a"] - 0.01}, "tight finish")
+    result = replay(GOOD, window(), COST, late_finish)
+    assert not result.feasible and result.violations[0].startswith("a: finish at")
