@@ -13,7 +13,14 @@ from vllm_shadow.adapters.traces import read_trace, resolve_trace
 from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.solver.bruteforce import SearchSpace, exhaustive_optimum
 from vllm_shadow.solver.cpsat import build_run_model, runs_from_schedule, schedule_from_runs, solve_run_model
-from vllm_shadow.solver.optimal import run_heuristics, solve_optimal
+from vllm_shadow.solver.optimal import (
+    busy_periods,
+    engine_deadlines,
+    run_heuristics,
+    scaled_deadlines,
+    slo_deadlines,
+    solve_optimal,
+)
 from vllm_shadow.solver.problem import EngineLimits, Objective, Window, WindowRequest, parse_objective
 from vllm_shadow.solver.schedule import verify
 
@@ -206,3 +213,82 @@ def test_running_requests_that_only_fit_with_an_eviction():
     result = cp_optimum(window, GPU, 1)
     assert result.objective == pytest.approx(best, rel=REL)
     assert result.summary()["preemptions"] == 1
+
+
+E_COST = LinearCostModel(a=1.0, b=0.1, c=0.01, d=0.0, e=0.05)
+
+
+@pytest.mark.parametrize("kv_blocks", [3, 4, 8])
+@pytest.mark.parametrize("slack", [1.0, 1.6])
+def test_cpsat_under_deadlines_equals_exhaustive_search(kv_blocks, slack):
+    """Deadlines from vLLM's own schedule (stretched by `slack`): CP-SAT's optimum and bound meet the
+    exhaustive optimum over the run form under the same deadlines, with e priced; the schedule meets them
+    (checked by the verifier), and no request of it gets its first token or finishes later than allowed."""
+    window = tiny(kv_blocks)
+    engine = run_heuristics(window, E_COST, GPU, ["vllm"])[0]
+    deadlines = scaled_deadlines(engine_deadlines(engine.replay), window, slack)
+    best, _ = exhaustive_optimum(window, E_COST, GPU, RUN_FORM[1], deadlines)
+    result = solve_optimal(
+        window, E_COST, GPU, max_evictions=1, time_limit=10, workers=2, deadlines=deadlines
+    )
+    assert result.status == "OPTIMAL"
+    assert result.objective == pytest.approx(best, rel=REL)
+    assert result.bound == pytest.approx(best, rel=REL)
+    assert result.objective <= engine.objective + 1e-9
+    checked = verify(result.schedule, window, E_COST, deadlines)
+    for rid, due in deadlines.finish.items():
+        assert checked.finish[rid] <= due + 1e-9
+    for rid, due in deadlines.first_token.items():
+        assert checked.first_token[rid] <= due + 1e-9
+    assert "first token or finish later" in result.bound_scope
+
+
+def test_deadlines_cost_gpu_time():
+    """The unconstrained optimum delays requests; held to vLLM's times it cannot, and pays for it."""
+    window = tiny(8)
+    engine = run_heuristics(window, E_COST, GPU, ["vllm"])[0]
+    free = solve_optimal(window, E_COST, GPU, max_evictions=0, time_limit=10, workers=2)
+    held = solve_optimal(
+        window,
+        E_COST,
+        GPU,
+        max_evictions=0,
+        time_limit=10,
+        workers=2,
+        deadlines=engine_deadlines(engine.replay),
+    )
+    assert free.objective < held.objective - 0.5
+    assert free.replay.mean_e2e > engine.replay.mean_e2e  # the free optimum serves later than vLLM
+    assert held.replay.mean_e2e <= engine.replay.mean_e2e + 1e-9
+
+
+def test_slo_limits_and_busy_periods():
+    """TTFT/TPOT limits become per-request deadlines; requests that must finish before the next arrives form
+    separate busy periods, solved apart and summed, and the joined schedule meets every limit."""
+    requests = (WindowRequest("a", 0.0, 3, 3), WindowRequest("b", 0.2, 2, 2), WindowRequest("c", 50.0, 4, 3))
+    window = Window(requests, EngineLimits(kv_blocks=8, block_size=2))
+    deadlines = slo_deadlines(window, ttft=2.0, tpot=1.5)
+    assert deadlines.first_token["c"] == pytest.approx(52.0)
+    assert deadlines.finish["a"] == pytest.approx(0.0 + 2.0 + 1.5 * 2)
+    assert [len(p.requests) for p in busy_periods(window, deadlines)] == [2, 1]
+    result = solve_optimal(
+        window, E_COST, GPU, max_evictions=0, time_limit=10, workers=2, deadlines=deadlines
+    )
+    assert result.periods == 2 and result.status == "OPTIMAL"
+    best, _ = exhaustive_optimum(window, E_COST, GPU, RUN_FORM[0], deadlines)
+    assert result.objective == pytest.approx(best, rel=REL)
+    verify(result.schedule, window, E_COST, deadlines)
+
+
+def test_infeasible_slo_is_reported():
+    window = tiny(8)
+    with pytest.raises(ValueError, match="no schedule"):
+        solve_optimal(
+            window,
+            E_COST,
+            GPU,
+            max_evictions=0,
+            time_limit=5,
+            workers=2,
+            deadlines=slo_deadlines(window, 0.1, None),
+        )
