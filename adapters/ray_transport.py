@@ -3,7 +3,8 @@
 The actor is looked up by name (`ray.get_actor(name, namespace=...)`) on first use and again after a failure,
 so a restarted shadow is found. Calls are fire-and-forget up to `max_in_flight` unacknowledged batches; past
 that the sink waits (in the publisher's thread, never the engine's) and raises if the actor does not keep up,
-so the publisher backs off and counts the loss instead of letting Ray's queues grow without bound.
+so the publisher backs off and counts the loss instead of letting Ray's queues grow without bound. With a token
+(the shadow's SHADOW_TOKEN), every call carries it: a shadow with a token refuses Ray calls without it too.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ class RayActorSink:
         method: str = "ingest",
         max_in_flight: int = 8,
         timeout: float = 2.0,
+        token: str | None = None,
     ) -> None:
         self.actor_name = actor_name
+        self._token_kwargs = {"token": token} if token else {}
         self.namespace = namespace
         self._method = method
         self._max_in_flight = max_in_flight
@@ -49,7 +52,7 @@ class RayActorSink:
                         log_to_driver=False,
                     )
                 self._handle = ray.get_actor(self.actor_name, namespace=self.namespace)
-            self._in_flight.append(getattr(self._handle, self._method).remote(batch))
+            self._in_flight.append(getattr(self._handle, self._method).remote(batch, **self._token_kwargs))
             self._settle()
         except Exception:
             self._handle = None  # look the actor up again next time: it may have been restarted

@@ -137,6 +137,24 @@ def test_a_killed_actor_is_restarted_finds_its_engines_again_and_keeps_evaluatin
         ray.kill(handle, no_restart=True)
 
 
+def test_an_actor_with_a_token_takes_batches_only_from_senders_with_it(cluster, tmp_path: Path) -> None:
+    handle = start_shadow_actor(config(tmp_path, grpc_token="s3cret"), name="shadow-t", namespace=NAMESPACE)
+    try:
+        batch = support.batches("fcfs-kv12")[0]
+        without = RayActorSink("shadow-t", namespace=NAMESPACE, max_in_flight=0, timeout=30)
+        with pytest.raises(ray.exceptions.RayTaskError, match="token"):
+            without(batch)
+        with_token = RayActorSink(
+            "shadow-t", namespace=NAMESPACE, max_in_flight=0, timeout=30, token="s3cret"
+        )
+        with_token(batch)
+        with_token.close()
+        snapshot = ray.get(handle.snapshot.remote())
+        assert snapshot.batches == {"ray": 1} and snapshot.refused["ray"]["unauthenticated"] == 1
+    finally:
+        ray.kill(handle, no_restart=True)
+
+
 def test_metrics_also_reach_ray_s_metrics_agent(cluster, tmp_path: Path) -> None:
     handle = start_shadow_actor(
         config(tmp_path, ray_metrics=True, ray_metrics_seconds=0.2), name="shadow-c", namespace=NAMESPACE

@@ -141,3 +141,18 @@ def test_engine_announcements_survive_a_restart_of_the_shadow(tmp_path: Path) ->
         assert without_state.snapshot().unattributed_drops[UnattributedReason.NO_ENGINE_INFO] > 0
     finally:
         without_state.close()
+
+
+def test_with_a_token_the_ray_entry_refuses_calls_without_it_and_counts_them() -> None:
+    s = service(grpc_token="s3cret", metrics_port=None)
+    try:
+        batch = support.batches("fcfs-kv12")[0]
+        with pytest.raises(PermissionError, match="token"):
+            s.ingest(batch)
+        with pytest.raises(PermissionError, match="token"):
+            s.ingest(batch, token="wrong")
+        assert s.ingest(batch, token="s3cret") == len(batch.events)
+        snapshot = s.snapshot()
+        assert snapshot.refused["ray"]["unauthenticated"] == 2 and snapshot.batches == {"ray": 1}
+    finally:
+        s.close()

@@ -113,7 +113,7 @@ class ShadowEnv:
         if self.ray_actor:
             from vllm_shadow.adapters.ray_transport import RayActorSink
 
-            sinks.append(RayActorSink(self.ray_actor, namespace=self.ray_namespace))
+            sinks.append(RayActorSink(self.ray_actor, namespace=self.ray_namespace, token=self.token))
         return sinks
 
     def publisher(self, stream: RecordStream = RecordStream()) -> Publisher | None:

@@ -13,6 +13,7 @@ reads it). Its files live in the user's private directory (`runtime.user_files`)
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import json
 import logging
 import os
@@ -82,6 +83,8 @@ class ShadowService:
         self._status: StatusServer | None = None
         self._address_path = Path(config.address_path) if config.address_path else None
         self._ray_metrics = None
+        self._ray_refused_unauthenticated = 0  # Ray calls to ingest without the token (counted under _lock)
+        self._lock = threading.Lock()
         try:
             if config.grpc_address is not None:
                 self._grpc = IngestServer(
@@ -117,7 +120,15 @@ class ShadowService:
 
     # ---- the service's interface (also the Ray actor's methods) ----------------------------------------------
 
-    def ingest(self, batch: EventBatch) -> int:
+    def ingest(self, batch: EventBatch, token: str | None = None) -> int:
+        """The Ray transport's entry. With a token configured, a call without it is refused (PermissionError)
+        and counted: the same rule as gRPC and OTLP. It guards against a misdirected sender, not an attacker:
+        whoever can reach the Ray cluster can run code in it (see the README on the actor's trust boundary)."""
+        expected = self.config.grpc_token
+        if expected is not None and not hmac.compare_digest((token or "").encode(), expected.encode()):
+            with self._lock:
+                self._ray_refused_unauthenticated += 1
+            raise PermissionError("the shadow takes batches only with its token (SHADOW_TOKEN)")
         return self.core.ingest(batch, "ray")
 
     def snapshot(self) -> ShadowSnapshot:
@@ -161,6 +172,9 @@ class ShadowService:
 
     def _refused(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
+        if self.config.grpc_token is not None:
+            with self._lock:
+                out["ray"] = {RefusalReason.UNAUTHENTICATED: self._ray_refused_unauthenticated}
         if self._grpc is not None:
             s = self._grpc.stats
             out["grpc"] = {
