@@ -48,6 +48,7 @@ def event_problem(event: Event) -> str | None:
             return _finite("time", event.time) or _at_least("output_tokens", event.output_tokens, 0)
         case EngineStep():
             bad_count = next((n for n in event.scheduled_tokens.values() if n < 0), None)
+            bad_cached = next((n for n in event.cached_tokens.values() if n < 0), None)
             return (
                 _at_least("step", event.step, 0)
                 or _finite("start_time", event.start_time)
@@ -55,6 +56,7 @@ def event_problem(event: Event) -> str | None:
                 or _at_least("duration", event.duration, 0.0)
                 or (f"scheduled_tokens has a negative count {bad_count}" if bad_count is not None else None)
                 or _at_least("kv_blocks_used", event.kv_blocks_used, 0)
+                or (f"cached_tokens has a negative count {bad_cached}" if bad_cached is not None else None)
             )
         case EngineInfo():
             return _info_problem(event)

@@ -8,6 +8,7 @@ anything else; an `InvalidWireBatch` is a well-formed message with an impossible
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 from google.protobuf.message import DecodeError
 
@@ -85,6 +86,8 @@ def _encode_event(event: Event, out: pb.Event) -> None:
             s.resumed.extend(event.resumed)
             s.finished.extend(event.finished)
             s.kv_blocks_used = event.kv_blocks_used
+            s.cached_ids.extend(event.cached_tokens.keys())
+            s.cached_counts.extend(event.cached_tokens.values())
         case RequestArrival():
             a = out.arrival
             a.request_id = event.request_id
@@ -96,6 +99,7 @@ def _encode_event(event: Event, out: pb.Event) -> None:
                 a.max_tokens = event.max_tokens
             a.priority = event.priority
             a.prefix_block_hashes.extend(event.prefix_block_hashes)
+            a.block_hashes.extend(event.block_hashes)
         case RequestFinish():
             f = out.finish
             f.request_id = event.request_id
@@ -129,13 +133,8 @@ def _decode_event(index: int, e: pb.Event) -> Event:
     kind = e.WhichOneof("kind")
     if kind == "step":
         s = e.step
-        if len(s.scheduled_ids) != len(s.scheduled_counts):
-            raise WireError(
-                f"event {index}: {len(s.scheduled_ids)} scheduled ids but {len(s.scheduled_counts)} counts"
-            )
-        scheduled = dict(zip(s.scheduled_ids, s.scheduled_counts, strict=True))
-        if len(scheduled) != len(s.scheduled_ids):
-            raise WireError(f"event {index}: a request id appears twice in one step")
+        scheduled = _token_map(index, "scheduled", s.scheduled_ids, s.scheduled_counts)
+        cached = _token_map(index, "cached", s.cached_ids, s.cached_counts)
         return EngineStep(
             step=s.step,
             start_time=s.start_time,
@@ -145,6 +144,7 @@ def _decode_event(index: int, e: pb.Event) -> Event:
             resumed=tuple(s.resumed),
             finished=tuple(s.finished),
             kv_blocks_used=s.kv_blocks_used,
+            cached_tokens=cached,
         )
     if kind == "arrival":
         a = e.arrival
@@ -156,6 +156,7 @@ def _decode_event(index: int, e: pb.Event) -> Event:
             max_tokens=a.max_tokens if a.HasField("max_tokens") else None,
             priority=a.priority,
             prefix_block_hashes=tuple(a.prefix_block_hashes),
+            block_hashes=tuple(a.block_hashes),
         )
     if kind == "finish":
         f = e.finish
@@ -190,3 +191,13 @@ def _decode_event(index: int, e: pb.Event) -> Event:
             tensor_parallel_size=i.tensor_parallel_size,
         )
     raise WireError(f"event {index}: no event kind set")
+
+
+def _token_map(index: int, name: str, ids: Sequence[str], counts: Sequence[int]) -> dict[str, int]:
+    """Request id -> token count from two parallel arrays, refusing arrays of unequal length or a repeated id."""
+    if len(ids) != len(counts):
+        raise WireError(f"event {index}: {len(ids)} {name} ids but {len(counts)} counts")
+    tokens = dict(zip(ids, counts, strict=True))
+    if len(tokens) != len(ids):
+        raise WireError(f"event {index}: a request id appears twice in one step's {name} tokens")
+    return tokens

@@ -36,6 +36,7 @@ arrivals = st.builds(
     max_tokens=st.none() | COUNT,
     priority=INT64,
     prefix_block_hashes=st.lists(INT64, max_size=6).map(tuple),
+    block_hashes=st.lists(INT64, max_size=6).map(tuple),
 )
 finishes = st.builds(
     RequestFinish, request_id=ID, time=TIME, output_tokens=COUNT, reason=st.text(max_size=10)
@@ -50,6 +51,7 @@ steps = st.builds(
     resumed=st.lists(ID, max_size=3).map(tuple),
     finished=st.lists(ID, max_size=3).map(tuple),
     kv_blocks_used=COUNT,
+    cached_tokens=st.dictionaries(ID, COUNT, max_size=4),
 )
 settings = st.builds(
     SchedulerSettings,

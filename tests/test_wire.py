@@ -52,6 +52,8 @@ def _raw(**step_fields: object) -> bytes:
     [
         (_raw(scheduled_ids=["a", "b"], scheduled_counts=[1]), "2 scheduled ids but 1 counts"),
         (_raw(scheduled_ids=["a", "a"], scheduled_counts=[1, 2]), "appears twice"),
+        (_raw(cached_ids=["a"], cached_counts=[]), "1 cached ids but 0 counts"),
+        (_raw(cached_ids=["a", "a"], cached_counts=[1, 2]), "appears twice in one step's cached"),
         (pb.EventBatch(events=[pb.Event()]).SerializeToString(), "no event kind"),
         (
             pb.EventBatch(
@@ -120,6 +122,7 @@ def _step(**fields: object) -> pb.Event:
         (_step(start_time=float("-inf")), "start_time is -inf"),
         (_step(scheduled_ids=["r"], scheduled_counts=[-3]), "negative count -3"),
         (_step(kv_blocks_used=-2), "kv_blocks_used -2"),
+        (_step(cached_ids=["r"], cached_counts=[-1]), "cached_tokens has a negative count -1"),
     ],
 )
 def test_impossible_numbers_refuse_the_whole_batch(event: pb.Event, problem: str) -> None:

@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RequestArrival(_message.Message):
-    __slots__ = ("request_id", "time", "prompt_tokens", "output_tokens", "max_tokens", "priority", "prefix_block_hashes")
+    __slots__ = ("request_id", "time", "prompt_tokens", "output_tokens", "max_tokens", "priority", "prefix_block_hashes", "block_hashes")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,7 @@ class RequestArrival(_message.Message):
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     PREFIX_BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     time: float
     prompt_tokens: int
@@ -24,7 +25,8 @@ class RequestArrival(_message.Message):
     max_tokens: int
     priority: int
     prefix_block_hashes: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., time: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., priority: _Optional[int] = ..., prefix_block_hashes: _Optional[_Iterable[int]] = ...) -> None: ...
+    block_hashes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., time: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., priority: _Optional[int] = ..., prefix_block_hashes: _Optional[_Iterable[int]] = ..., block_hashes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RequestFinish(_message.Message):
     __slots__ = ("request_id", "time", "output_tokens", "reason")
@@ -39,7 +41,7 @@ class RequestFinish(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., time: _Optional[float] = ..., output_tokens: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class EngineStep(_message.Message):
-    __slots__ = ("step", "start_time", "duration", "scheduled_ids", "scheduled_counts", "preempted", "resumed", "finished", "kv_blocks_used")
+    __slots__ = ("step", "start_time", "duration", "scheduled_ids", "scheduled_counts", "preempted", "resumed", "finished", "kv_blocks_used", "cached_ids", "cached_counts")
     STEP_FIELD_NUMBER: _ClassVar[int]
     START_TIME_FIELD_NUMBER: _ClassVar[int]
     DURATION_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +51,8 @@ class EngineStep(_message.Message):
     RESUMED_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
+    CACHED_IDS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_COUNTS_FIELD_NUMBER: _ClassVar[int]
     step: int
     start_time: float
     duration: float
@@ -58,7 +62,9 @@ class EngineStep(_message.Message):
     resumed: _containers.RepeatedScalarFieldContainer[str]
     finished: _containers.RepeatedScalarFieldContainer[str]
     kv_blocks_used: int
-    def __init__(self, step: _Optional[int] = ..., start_time: _Optional[float] = ..., duration: _Optional[float] = ..., scheduled_ids: _Optional[_Iterable[str]] = ..., scheduled_counts: _Optional[_Iterable[int]] = ..., preempted: _Optional[_Iterable[str]] = ..., resumed: _Optional[_Iterable[str]] = ..., finished: _Optional[_Iterable[str]] = ..., kv_blocks_used: _Optional[int] = ...) -> None: ...
+    cached_ids: _containers.RepeatedScalarFieldContainer[str]
+    cached_counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, step: _Optional[int] = ..., start_time: _Optional[float] = ..., duration: _Optional[float] = ..., scheduled_ids: _Optional[_Iterable[str]] = ..., scheduled_counts: _Optional[_Iterable[int]] = ..., preempted: _Optional[_Iterable[str]] = ..., resumed: _Optional[_Iterable[str]] = ..., finished: _Optional[_Iterable[str]] = ..., kv_blocks_used: _Optional[int] = ..., cached_ids: _Optional[_Iterable[str]] = ..., cached_counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SchedulerSettings(_message.Message):
     __slots__ = ("policy", "max_num_seqs", "max_num_batched_tokens", "enable_chunked_prefill", "long_prefill_token_threshold", "enable_prefix_caching", "max_model_len", "watermark", "scheduler_reserve_full_isl", "async_scheduling")
