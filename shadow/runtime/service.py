@@ -27,6 +27,7 @@ from vllm_shadow.adapters.grpc_ingest import DEFAULT_MAX_MESSAGE_BYTES, IngestSe
 from vllm_shadow.adapters.otlp import OtlpSpanReceiver
 from vllm_shadow.adapters.publisher import EventBatch
 from vllm_shadow.adapters.recorder import event_from_json, event_to_json
+from vllm_shadow.adapters.validation import InvalidBatch, validate_batch
 from vllm_shadow.readout.exporter import MetricsServer
 from vllm_shadow.readout.snapshot import ShadowSnapshot
 from vllm_shadow.runtime.core import ShadowConfig, ShadowCore
@@ -84,6 +85,7 @@ class ShadowService:
         self._address_path = Path(config.address_path) if config.address_path else None
         self._ray_metrics = None
         self._ray_refused_unauthenticated = 0  # Ray calls to ingest without the token (counted under _lock)
+        self._ray_refused_invalid = 0  # Ray batches with an impossible number (likewise)
         self._lock = threading.Lock()
         try:
             if config.grpc_address is not None:
@@ -129,6 +131,12 @@ class ShadowService:
             with self._lock:
                 self._ray_refused_unauthenticated += 1
             raise PermissionError("the shadow takes batches only with its token (SHADOW_TOKEN)")
+        try:
+            validate_batch(batch)  # gRPC checks on decoding; a Ray caller's batch arrives as objects
+        except InvalidBatch:
+            with self._lock:
+                self._ray_refused_invalid += 1
+            raise
         return self.core.ingest(batch, "ray")
 
     def snapshot(self) -> ShadowSnapshot:
@@ -172,13 +180,15 @@ class ShadowService:
 
     def _refused(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
-        if self.config.grpc_token is not None:
-            with self._lock:
-                out["ray"] = {RefusalReason.UNAUTHENTICATED: self._ray_refused_unauthenticated}
+        with self._lock:
+            out["ray"] = {RefusalReason.INVALID: self._ray_refused_invalid}
+            if self.config.grpc_token is not None:
+                out["ray"][RefusalReason.UNAUTHENTICATED] = self._ray_refused_unauthenticated
         if self._grpc is not None:
             s = self._grpc.stats
             out["grpc"] = {
                 RefusalReason.MALFORMED: s.refused_malformed,
+                RefusalReason.INVALID: s.refused_invalid,
                 RefusalReason.OVERSIZED: s.refused_oversized,
                 RefusalReason.UNAUTHENTICATED: s.refused_unauthenticated,
                 RefusalReason.SINK_FAILURE: s.sink_failures,

@@ -55,6 +55,7 @@ class RefusalReason(StrEnum):
     """Why a transport refused a batch before decoding it (`vllm_shadow_batches_refused_total`)."""
 
     MALFORMED = "malformed"
+    INVALID = "invalid"  # a well-formed batch with an impossible number (adapters.validation)
     OVERSIZED = "oversized"
     UNAUTHENTICATED = "unauthenticated"
     SINK_FAILURE = "sink_failure"
