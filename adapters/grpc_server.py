@@ -7,7 +7,7 @@ What a caller can make the server hold is bounded before anything of the caller 
 `max_concurrent_rpcs` calls at once (gRPC answers the rest RESOURCE_EXHAUSTED before reading them), messages up to
 `max_receive_bytes`, and with a token the call's metadata is checked before its message is read: a call without
 the token is answered UNAUTHENTICATED while its message still sits in HTTP/2 flow control, so unauthenticated
-callers cannot make the server buffer their messages.
+callers cannot make the server buffer their messages (each call's HTTP/2 window is fixed, see below).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any, Self
 import grpc
 
 TOKEN_METADATA_KEY = "x-shadow-token"
+_STREAM_WINDOW_BYTES = 1 << 20
 
 
 def token_matches(metadata: Sequence[tuple[str, str | bytes]] | None, token: bytes) -> bool:
@@ -79,7 +80,15 @@ class UnaryServer:
     ) -> None:
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=thread_name_prefix),
-            options=[("grpc.max_receive_message_length", max_receive_bytes)],
+            options=[
+                ("grpc.max_receive_message_length", max_receive_bytes),
+                # What a call's message may put in the server's buffers before anything reads it: one fixed
+                # HTTP/2 window. gRPC's bandwidth probing would grow the windows (to tens of MiB), so that
+                # calls refused unread, or waiting for a worker, still filled memory; on loopback a fixed 1 MiB
+                # window costs no measurable throughput.
+                ("grpc.http2.bdp_probe", 0),
+                ("grpc.http2.lookahead_bytes", _STREAM_WINDOW_BYTES),
+            ],
             maximum_concurrent_rpcs=max_concurrent_rpcs,
         )
         rpc = grpc.unary_unary_rpc_method_handler(
