@@ -3,12 +3,18 @@
 Used by the fidelity tests and the hook-overhead benchmark. The engine runs the CPU build of vLLM with random
 weights (`load_format="dummy"`), token-id prompts and `ignore_eos`, so every request produces exactly its
 `output_tokens`. Engines start in a spawned process: callers need an `if __name__ == "__main__":` guard.
+
+The same engine also runs as vLLM's OpenAI-compatible server (`EngineSetup.serve_command`), driven by vLLM's
+own load client (`vllm bench serve`); `write_bench_dataset` turns a trace into that client's custom dataset.
+The bundled model ships a word-level tokenizer (build_tokenizer.py beside it) so both run offline.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,6 +65,45 @@ class EngineSetup:
             scheduler_cls=self.scheduler_cls,
             seed=0,
         )
+
+
+def serve_command(setup: EngineSetup, port: int, host: str = "127.0.0.1") -> list[str]:
+    """`vllm serve` of `setup` on host:port, as the CPU build runs it (see adapters.vllm.cpu_cli).
+
+    Same engine as `start_engine`, except that the server tokenizes text prompts with the model's tokenizer.
+    """
+    flag = {True: "--", False: "--no-"}
+    command = [
+        sys.executable, "-m", "vllm_shadow.adapters.vllm.cpu_cli", "serve", str(setup.model),
+        "--host", host, "--port", str(port),
+        "--load-format", "dummy", "--enforce-eager", "--seed", "0",
+        "--gpu-memory-utilization", str(setup.memory_fraction),
+        "--num-gpu-blocks-override", str(setup.num_kv_blocks),
+        "--max-model-len", str(min(setup.max_model_len, (setup.num_kv_blocks - 1) * CPU_BLOCK_SIZE)),
+        "--max-num-seqs", str(setup.max_num_seqs),
+        "--max-num-batched-tokens", str(setup.max_num_batched_tokens),
+        "--scheduling-policy", setup.policy,
+        "--long-prefill-token-threshold", str(setup.long_prefill_token_threshold),
+        f"{flag[setup.enable_chunked_prefill]}enable-chunked-prefill",
+        f"{flag[setup.enable_prefix_caching]}enable-prefix-caching",
+    ]  # fmt: skip
+    if setup.scheduler_cls:
+        command += ["--scheduler-cls", setup.scheduler_cls]
+    return command
+
+
+def write_bench_dataset(requests: Sequence[RequestArrival], path: Path) -> Path:
+    """A `vllm bench serve --dataset-name custom` file (JSON lines of `prompt`, `output_tokens`) from a trace.
+
+    Each prompt is `prompt_tokens` words of the tiny model's tokenizer, so it is exactly that many tokens;
+    run the client with `--skip-chat-template --custom-output-len -1 --disable-shuffle --ignore-eos`.
+    """
+    with path.open("w", encoding="utf-8") as out:
+        for i, r in enumerate(requests):
+            # Filler words of build_tokenizer.py's vocabulary: one token each, whatever their neighbours.
+            prompt = " ".join(f"w{(i * 7 + j) % 20000:05d}" for j in range(r.prompt_tokens))
+            out.write(json.dumps({"prompt": prompt, "output_tokens": r.output_tokens or 1}) + "\n")
+    return path
 
 
 def start_engine(setup: EngineSetup, stat_loggers: Sequence[Any] | None = None, **overrides: Any) -> Any:
