@@ -19,7 +19,11 @@ requests' own tokens taken out), and how far vLLM's own schedule is above the op
 Windows too large for CP-SAT (1,000 requests) get the relaxation bound of `vllm_shadow.solver.bounds`, set
 against the packing heuristic's schedule (an upper bound on the optimum) and vLLM's.
 
+With `--slo default` every window is held to vLLM's own schedule (no request's first token or finish later
+than there): the CP-SAT model gains its per-batch time layer and the bounds their deadline intervals.
+
     python benchmarks/optimal_scaling.py                 # prints markdown tables
+    python benchmarks/optimal_scaling.py --slo default --starts 600,1200 --sizes 64 --evictions 0
     python benchmarks/optimal_scaling.py --sizes 16,64 --time-limit 20 --bound-sizes ""
 """
 
@@ -36,7 +40,7 @@ from vllm_shadow.costmodel.hardware import get_hardware
 from vllm_shadow.costmodel.kv import kv_capacity_blocks
 from vllm_shadow.solver.bounds import relaxation_bound
 from vllm_shadow.solver.cpsat import baseline_seconds, schedule_from_runs
-from vllm_shadow.solver.optimal import run_heuristics, solve_optimal
+from vllm_shadow.solver.optimal import engine_deadlines, run_heuristics, solve_optimal
 from vllm_shadow.solver.packing import best_packing
 from vllm_shadow.solver.problem import EngineLimits, Objective, Window
 from vllm_shadow.solver.schedule import verify
@@ -49,11 +53,21 @@ def engine(model: str, gpu: str) -> tuple[object, int]:
     return roofline_without_attention_term(arch, hw, 1), kv_capacity_blocks(arch, hw, block_size=16) - 1
 
 
-def row(trace: str, size: int, evictions: int, start: float, cost, kv_blocks: int, time_limit: float) -> dict:
+def row(
+    trace: str,
+    size: int,
+    evictions: int,
+    start: float,
+    cost,
+    kv_blocks: int,
+    time_limit: float,
+    slo: bool = False,
+) -> dict:
     requests = read_trace(resolve_trace(trace), start=start, limit=size).requests
     window = Window.from_arrivals(requests, EngineLimits(kv_blocks=kv_blocks, block_size=16))
     heuristics = run_heuristics(window, cost, GPU)
     vllm = next(h for h in heuristics if h.policy == "vllm")
+    deadlines = engine_deadlines(vllm.replay) if slo else None
     started = time.perf_counter()
     result = solve_optimal(
         window,
@@ -63,11 +77,16 @@ def row(trace: str, size: int, evictions: int, start: float, cost, kv_blocks: in
         time_limit=time_limit,
         workers=2,
         hints={h.policy: h.schedule for h in heuristics},
+        deadlines=deadlines,
     )
     wall = time.perf_counter() - started
     constant = sum(baseline_seconds(r, cost) for r in window.requests)
     return {
         "trace": trace,
+        "start": start,
+        "slo": "vllm" if slo else "none",
+        "periods": result.periods,
+        "relaxation_s": result.relaxation_bound,
         "requests": size,
         "evictions": evictions,
         "batches": len(result.schedule),
@@ -87,12 +106,16 @@ def row(trace: str, size: int, evictions: int, start: float, cost, kv_blocks: in
     }
 
 
-def bound_row(trace: str, size: int, start: float, cost, kv_blocks: int) -> dict:
-    """A window too large for CP-SAT: the relaxation bound against the packing heuristic and vLLM."""
+def bound_row(trace: str, size: int, start: float, cost, kv_blocks: int, slo: bool = False) -> dict:
+    """A window too large for CP-SAT: the relaxation bound against the packing heuristic and vLLM (with
+    `slo`, the bound under vLLM's own times, against vLLM, which meets them)."""
     requests = read_trace(resolve_trace(trace), start=start, limit=size).requests
     window = Window.from_arrivals(requests, EngineLimits(kv_blocks=kv_blocks, block_size=16))
+    deadlines = None
+    if slo:
+        deadlines = engine_deadlines(run_heuristics(window, cost, GPU, ["vllm"])[0].replay)
     started = time.perf_counter()
-    bound = relaxation_bound(window, cost)
+    bound = relaxation_bound(window, cost, deadlines)
     bound_s = time.perf_counter() - started
     started = time.perf_counter()
     order, runs = best_packing(window)
@@ -101,6 +124,8 @@ def bound_row(trace: str, size: int, start: float, cost, kv_blocks: int) -> dict
     vllm = run_heuristics(window, cost, GPU, ["vllm"])[0]
     return {
         "trace": trace,
+        "start": start,
+        "slo": "vllm" if slo else "none",
         "requests": size,
         "bound_gpu_s": bound.gpu_seconds,
         "bound_batches": bound.batches,
@@ -116,13 +141,14 @@ def bound_row(trace: str, size: int, start: float, cost, kv_blocks: int) -> dict
 
 def markdown_bounds(rows: list[dict]) -> str:
     lines = [
-        "| trace | requests | bound GPU s (batches) | bound time s | packing GPU s (batches) | packing time s "
-        "| packing above bound | vLLM GPU s (batches) | vLLM above bound |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| trace | start s | SLO | requests | bound GPU s (batches) | bound time s | packing GPU s (batches) "
+        "| packing time s | packing above bound | vLLM GPU s (batches) | vLLM above bound |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['trace']} | {r['requests']} | {r['bound_gpu_s']:.1f} ({r['bound_batches']}) | {r['bound_s']:.3f} "
+            f"| {r['trace']} | {r['start']:g} | {r['slo']} | {r['requests']} "
+            f"| {r['bound_gpu_s']:.1f} ({r['bound_batches']}) | {r['bound_s']:.3f} "
             f"| {r['packing_gpu_s']:.1f} ({r['packing_batches']}) | {r['packing_s']:.1f} "
             f"| {100 * (r['packing_gpu_s'] / r['bound_gpu_s'] - 1):.2f}% | {r['vllm_gpu_s']:.1f} ({r['vllm_batches']}) "
             f"| {100 * (r['vllm_gpu_s'] / r['bound_gpu_s'] - 1):.1f}% |"
@@ -132,13 +158,14 @@ def markdown_bounds(rows: list[dict]) -> str:
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| trace | requests | evictions | batches | variables | constraints | status | solve s | GPU s | bound s "
-        "| gap | gap (schedule-dependent part) | vLLM above optimum |",
-        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| trace | start s | SLO | requests | evictions | batches | variables | constraints | status | solve s "
+        "| GPU s | bound s | gap | gap (schedule-dependent part) | vLLM above optimum |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['trace']} | {r['requests']} | {r['evictions']} | {r['batches']} | {r['variables']} "
+            f"| {r['trace']} | {r['start']:g} | {r['slo']} | {r['requests']} | {r['evictions']} | {r['batches']} "
+            f"| {r['variables']} "
             f"| {r['constraints']} | {r['status']} | {r['solve_s']:.1f} | {r['gpu_s']:.3f} | {r['bound_s']:.3f} "
             f"| {100 * r['gap']:.2f}% | {100 * r['dependent_gap']:.1f}% | {100 * r['vllm_above']:.1f}% |"
         )
@@ -152,7 +179,13 @@ def main() -> None:
     parser.add_argument("--traces", default="azure-code,azure-conv")
     parser.add_argument("--sizes", default="16,32,64,128")
     parser.add_argument("--evictions", default="0,1", help="eviction limits to solve each window with")
-    parser.add_argument("--start", type=float, default=0.0, help="window start, seconds into the trace")
+    parser.add_argument("--starts", default="0", help="window starts, seconds into the trace (comma list)")
+    parser.add_argument(
+        "--slo",
+        choices=("none", "default"),
+        default="none",
+        help="default: hold every window to vLLM's times",
+    )
     parser.add_argument("--time-limit", type=float, default=60.0)
     parser.add_argument("--model", default="llama-2-7b")
     parser.add_argument("--gpu", default="a10g")
@@ -163,19 +196,23 @@ def main() -> None:
     args = parser.parse_args()
     cost, kv_blocks = engine(args.model, args.gpu)
     print(f"{args.model} on {args.gpu}: {kv_blocks} usable KV blocks; cost {cost}")
+    slo = args.slo == "default"
+    starts = [float(x) for x in args.starts.split(",")]
     bounds = [
-        bound_row(trace, size, args.start, cost, kv_blocks)
+        bound_row(trace, size, start, cost, kv_blocks, slo)
         for trace in args.traces.split(",")
+        for start in starts
         for size in map(int, filter(None, args.bound_sizes.split(",")))
     ]
     if bounds:
         print(markdown_bounds(bounds), flush=True)
     rows = []
     for trace in args.traces.split(","):
-        for size in map(int, filter(None, args.sizes.split(","))):
-            for evictions in map(int, args.evictions.split(",")):
-                rows.append(row(trace, size, evictions, args.start, cost, kv_blocks, args.time_limit))
-                print(json.dumps(rows[-1]), flush=True)
+        for start in starts:
+            for size in map(int, filter(None, args.sizes.split(","))):
+                for evictions in map(int, args.evictions.split(",")):
+                    rows.append(row(trace, size, evictions, start, cost, kv_blocks, args.time_limit, slo))
+                    print(json.dumps(rows[-1]), flush=True)
     print(markdown(rows))
     if args.json:
         with open(args.json, "w") as handle:
