@@ -111,11 +111,13 @@ def build() -> model.Dashboard:
     layout.add(
         timeseries_panel(
             "Losses, by reason",
-            "Events dropped, batches refused before decoding, events no engine could be named for, and requests "
-            "whose outcome the shadow does not know.",
+            "Events dropped, batches lost on the way (and by the sender's own count, e.g. while the shadow was "
+            "down), batches refused, events no engine could be named for, and requests whose outcome the shadow "
+            "does not know.",
             [
                 Query(_by(f"{ENGINE}, reason", "events_dropped_total"), "dropped: {{reason}} [{{engine}}]"),
                 Query(_by(ENGINE, "batches_lost_total"), "batches lost [{{engine}}]"),
+                Query(_by(ENGINE, "sender_batches_lost_total"), "batches the sender lost [{{engine}}]"),
                 Query(
                     _by("transport, reason", "batches_refused_total", engine=False),
                     "refused: {{transport}} {{reason}}",

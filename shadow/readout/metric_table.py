@@ -98,11 +98,24 @@ METRICS: tuple[MetricSpec, ...] = (
     _shadow(
         "events_unattributed_total",
         "counter",
-        "Events no engine could be named for (no engine announcement, or a second sender for a mirrored engine).",
+        "Events no engine could be named for (no engine announcement, a second sender for a mirrored engine, "
+        "or no room for a new sender or engine).",
         "reason",
         reasons=UnattributedReason,
     ),
     _shadow("evaluation_windows", "gauge", "Windows waiting for evaluation or being evaluated.", "state"),
+    _shadow("tracked_engines", "gauge", "Engines tracked now (at most the shadow's max_engines)."),
+    _shadow("tracked_sources", "gauge", "Senders tracked now (at most the shadow's max_sources)."),
+    _shadow(
+        "engines_evicted_total",
+        "counter",
+        "Engines forgotten after a silence to make room for a new one (beyond max_engines).",
+    ),
+    _shadow(
+        "sources_evicted_total",
+        "counter",
+        "Senders forgotten after a silence to make room for a new one (beyond max_sources).",
+    ),
     # ---- per engine: ingest and tracking ---------------------------------------------------------------------
     _engine(
         "config_info",
@@ -135,6 +148,12 @@ METRICS: tuple[MetricSpec, ...] = (
         reasons=DropReason,
     ),
     _engine("batches_lost_total", "counter", "Batches that never arrived (gaps in the sender's numbering)."),
+    _engine(
+        "sender_batches_lost_total",
+        "counter",
+        "Batches the engine's sender could not deliver here (failed, or skipped while backing off, as while the "
+        "shadow was down), by the sender's own count, summed over its restarts.",
+    ),
     _engine("live_requests", "gauge", "Requests in the engine now, as mirrored."),
     _engine("pending_windows", "gauge", "Windows open or waiting for their requests to finish."),
     _engine("ingest_lag_seconds", "gauge", "Shadow clock minus the end of the last step received."),

@@ -82,6 +82,10 @@ def metric_families(snapshot: ShadowSnapshot) -> list[Family]:
     queue = f("evaluation_windows")
     queue.add(("queued",), snapshot.queued_windows)
     queue.add(("in_flight",), snapshot.in_flight_windows)
+    f("tracked_engines").add((), len(snapshot.engines))
+    f("tracked_sources").add((), snapshot.sources)
+    f("engines_evicted_total").add((), snapshot.engines_evicted)
+    f("sources_evicted_total").add((), snapshot.sources_evicted)
     for engine in snapshot.engines:
         _engine_families(f, engine)
     return list(f.by_name.values())
@@ -123,6 +127,7 @@ def _engine_families(f: _Families, e: EngineSnapshot) -> None:
         key, {DropReason.SENDER_QUEUE: e.sequence.sender_dropped, DropReason.LATE: e.sequence.late_events}
     )
     f("batches_lost_total").add(key, e.sequence.lost_batches)
+    f("sender_batches_lost_total").add(key, e.sequence.sender_lost_batches)
     f("live_requests").add(key, e.live_requests)
     f("pending_windows").add(key, e.pending_windows)
     if _finite(e.ingest_lag_seconds):
