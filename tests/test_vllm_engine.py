@@ -184,9 +184,22 @@ def test_stat_logger_and_otlp_see_the_mirror_s_requests(session) -> None:
 def test_engine_finishes_every_request_when_the_shadow_dies_mid_run(session) -> None:
     s, engine = session
     requests = _workload(36, 24)
-    threading.Timer(0.3, s.ingest.stop, kwargs={"grace": 0}).start()
+    killed = threading.Event()
+
+    def kill_the_shadow_once_the_run_is_under_way() -> None:
+        def under_way() -> bool:
+            return any(isinstance(e, RequestArrival) and e.request_id.startswith("c") for e in s.ingested.events)
+
+        wait_until(under_way, 60, "the first arrival of this run at the shadow")
+        s.ingest.stop(grace=0)
+        killed.set()
+
+    killer = threading.Thread(target=kill_the_shadow_once_the_run_is_under_way, daemon=True)
+    killer.start()
     produced = drive(engine, requests, id_prefix="c")
     assert produced == {"c" + r.request_id: r.output_tokens for r in requests}
+    killer.join(60)
+    assert killed.is_set(), "the shadow was never killed: the test would prove nothing"
 
     # The recording, a second destination of the same publisher, still has the whole run ...
     def recorded() -> list[RequestFinish]:
