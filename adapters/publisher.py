@@ -93,6 +93,9 @@ class Publisher:
         self._sequence = itertools.count()
         self.accepted = 0
         self.dropped = 0
+        self.undelivered_at_close = 0  # events still queued or in a sink's hands when close() gave up
+        self._in_flight = 0  # events of the batch being handed to the sinks now
+        self._close_deadline: float | None = None  # monotonic; set by close(): drain no longer than this
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="shadow-publisher", daemon=True)
         self._thread.start()
@@ -115,9 +118,35 @@ class Publisher:
         return [s.stats for s in self._sinks]
 
     def close(self, timeout: float = 2.0) -> None:
-        """Deliver what is queued (within `timeout`), stop the thread, then close the sinks."""
+        """Deliver what is queued within `timeout`, then close the sinks; count and log what was not delivered.
+
+        The engine calls this on shutdown: it waits `timeout` at most for the delivery thread (plus what a
+        sink's own close takes: closing a gRPC channel cancels its calls at once). A sink that never answers
+        (a black-holed shadow) holds the delivery thread in one call; the events queued behind it and the
+        batch in its hands are then `undelivered_at_close`, logged once.
+        """
+        started = time.monotonic()
+        self._close_deadline = started + timeout
         self._stop.set()
         self._thread.join(timeout)
+        in_flight = self._in_flight if self._thread.is_alive() else 0
+        queued = 0
+        try:
+            while True:  # the thread stops draining at the deadline; what is left is lost
+                self._queue.popleft()
+                queued += 1
+        except IndexError:
+            pass
+        self.undelivered_at_close = queued + in_flight
+        if self.undelivered_at_close:
+            logger.warning(
+                "shadow publisher closed with %d events undelivered (%d queued, %d in a sink's hands) after "
+                "%.2fs: the shadow did not take them in time",
+                self.undelivered_at_close,
+                queued,
+                in_flight,
+                time.monotonic() - started,
+            )
         for state in self._sinks:
             close = getattr(state.sink, "close", None)
             if close is not None:
@@ -133,6 +162,8 @@ class Publisher:
 
     def _drain(self) -> None:
         while self._queue:
+            if self._close_deadline is not None and time.monotonic() >= self._close_deadline:
+                return  # close() counts what is left
             events = []
             popleft = self._queue.popleft
             try:
@@ -143,8 +174,10 @@ class Publisher:
             batch = EventBatch(
                 events, self.source, next(self._sequence), self.dropped, incarnation=self.incarnation
             )
+            self._in_flight = len(events)
             for state in self._sinks:
                 self._deliver(state, batch)
+            self._in_flight = 0
 
     def _deliver(self, state: _SinkState, batch: EventBatch) -> None:
         now = time.monotonic()

@@ -1,5 +1,8 @@
 """Issue 13, items 6 and 12: what the sender loses is counted where someone can see it.
 
+Item 12: the hook's close gives the delivery thread a bounded time to send what is queued; whatever it could
+not deliver by then (a black-holed shadow) is counted and logged, and the engine is never held longer.
+
 Item 6: batches the sender could not deliver while the shadow was down travel on the wire (each sink's own
 count) and the shadow exports them, summed over the sender's restarts, as `vllm_shadow_sender_batches_lost_total`:
 the shadow's own gap count cannot see them, since a restarted shadow joins the stream mid-way.
@@ -8,6 +11,9 @@ the shadow's own gap count cannot see them, since a restarted shadow joins the s
 from __future__ import annotations
 
 import contextlib
+import logging
+import threading
+import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -81,3 +87,51 @@ def test_each_sink_reports_its_own_losses() -> None:
     assert flaky_stats.lost_batches >= 3 and healthy_stats.lost_batches == 0
     assert received[-1].lost_batches == flaky_stats.lost_batches  # the count travels with the next batch
     assert len(received) + flaky_stats.lost_batches == 20
+
+
+# ---- item 12: what is queued when the hook closes is delivered within a bound, or counted and logged ----------
+
+
+class _BlackHole:
+    """A shadow that takes the connection and never answers: every call blocks until released."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.closed = False
+
+    def __call__(self, batch: EventBatch) -> None:
+        self.entered.set()
+        self.release.wait(60)
+        raise ConnectionError("no answer")
+
+    def close(self) -> None:
+        self.closed = True
+        self.release.set()  # as closing a gRPC channel cancels its calls
+
+
+def test_close_with_a_black_holed_shadow_returns_within_its_bound_and_counts_what_it_drops(caplog) -> None:
+    hole = _BlackHole()
+    publisher = Publisher([hole], batch_size=10, flush_interval=0.001)
+    for i in range(1000):
+        publisher.publish(RequestArrival(f"r{i}", float(i), 8))
+    assert hole.entered.wait(10), "the delivery thread never called the sink"
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="vllm_shadow.adapters.publisher"):
+        publisher.close(timeout=0.2)
+    # Not a timing test: the black hole would hold the engine for a minute per batch; the bound is 0.2 s.
+    assert time.monotonic() - started < 10
+    assert hole.closed
+    # Before: every queued event vanished uncounted. Now: those never delivered are counted and logged.
+    assert publisher.undelivered_at_close == 1000
+    assert "1000 events undelivered" in caplog.text
+
+
+def test_close_delivers_what_is_queued_when_the_sink_keeps_up() -> None:
+    received: list[EventBatch] = []
+    publisher = Publisher([received.append], batch_size=10, flush_interval=60.0)  # only close drains
+    for i in range(1000):
+        publisher.publish(RequestArrival(f"r{i}", float(i), 8))
+    publisher.close(timeout=10)
+    assert sum(len(b.events) for b in received) == 1000
+    assert publisher.undelivered_at_close == 0
