@@ -90,6 +90,10 @@ def test_every_series_has_the_prefix_and_engine_series_join_vllm_s_labels(snapsh
                 "vllm_shadow_batches_refused",
                 "vllm_shadow_events_unattributed",
                 "vllm_shadow_evaluation_windows",
+                "vllm_shadow_tracked_engines",
+                "vllm_shadow_tracked_sources",
+                "vllm_shadow_engines_evicted",
+                "vllm_shadow_sources_evicted",
             }:
                 assert {"model_name", "engine"} <= sample.labels.keys(), sample
 

@@ -103,6 +103,9 @@ class ShadowSnapshot:
     in_flight_windows: int
     windows_evaluated: int
     addresses: dict[str, str] = field(default_factory=dict)  # what the service listens on
+    sources: int = 0  # senders tracked now (engines: len(engines))
+    sources_evicted: int = 0  # senders forgotten after a silence, to make room for new ones
+    engines_evicted: int = 0  # engines forgotten after a silence, to make room for new ones
 
 
 def to_json(value: Any) -> Any:

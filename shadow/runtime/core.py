@@ -4,8 +4,11 @@ Ingest is the hot path and does bookkeeping only: reorder a sender's batches, ro
 tracker, O(1) per token count. Everything slow happens in `tick()`, called from a maintenance thread: closing
 idle windows, time-outs, handing ready windows to the task runner, collecting results, recommending. Task
 submission and result assembly run outside the lock, so evaluation never holds up ingest. Every bound is
-explicit (reorder buffer, live requests, closed windows, queued and in-flight evaluations) and every loss is
-counted with a reason.
+explicit (reorder buffer, live requests, closed windows, queued and in-flight evaluations, engines and senders)
+and every loss is counted with a reason. Engines and senders are kept in least-recently-heard order: when a new
+one would pass its bound, the one silent longest makes room if it has been silent for `idle_eviction_seconds`
+(counted as evicted); otherwise the newcomer's events are refused (counted as unattributed). A flood of new
+names cannot push out the engines that are talking.
 
 Engines are keyed by vLLM's own labels (model name, engine index). A sender announces its engine with an
 `EngineInfo`; what it sends next tells its kind: steps (the mirror hook) or finished-request reports (OTLP
@@ -19,11 +22,12 @@ import logging
 import math
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from copy import deepcopy
 from dataclasses import dataclass, field
+from typing import Any
 
 from vllm_shadow.adapters.events import EngineInfo, EngineStep, Event, RequestArrival
 from vllm_shadow.adapters.publisher import EventBatch
@@ -64,6 +68,11 @@ class ShadowConfig:
     reorder_batches: int = 64
     reorder_seconds: float = 1.0
     assumed_engine: EngineInfo | None = None  # for senders that never announce an engine (OTLP spans)
+    # Each engine costs a tracker and its series on /metrics; each sender a reorder buffer. An engine or
+    # sender silent for idle_eviction_seconds may make room for a new one.
+    max_engines: int = 64
+    max_sources: int = 256
+    idle_eviction_seconds: float = 300.0
 
 
 @dataclass(slots=True)
@@ -71,6 +80,7 @@ class _Source:
     name: str
     transport: str
     sequencer: Sequencer
+    last_heard: float = -math.inf  # monotonic
     info: EngineInfo | None = None
     engine: _Engine | None = None
     ignored: bool = False  # a request-only observer of an engine whose mirror we already have
@@ -140,9 +150,15 @@ class ShadowCore:
         self._runner = runner
         self._clock = clock
         self._monotonic = monotonic
+        for bound in ("max_engines", "max_sources"):
+            if getattr(config, bound) < 1:
+                raise ValueError(f"{bound} must be at least 1, not {getattr(config, bound)}")
         self._lock = threading.Lock()
-        self._sources: dict[str, _Source] = {}
-        self._engines: dict[EngineKey, _Engine] = {}
+        # Least recently heard first: the candidates for eviction.
+        self._sources: OrderedDict[str, _Source] = OrderedDict()
+        self._engines: OrderedDict[EngineKey, _Engine] = OrderedDict()
+        self._sources_evicted = 0
+        self._engines_evicted = 0
         self._queue: deque[TrafficWindow] = deque()
         self._in_flight: list[_InFlight] = []
         self._candidates: dict[object, list[Candidate]] = {}  # by scheduler settings
@@ -161,16 +177,15 @@ class ShadowCore:
             self._events[transport] += len(batch.events)
             source = self._sources.get(batch.source)
             if source is None:
-                source = _Source(
-                    batch.source,
-                    transport,
-                    Sequencer(
-                        max_held=self.config.reorder_batches,
-                        max_wait=self.config.reorder_seconds,
-                        clock=self._monotonic,
-                    ),
-                )
-                self._sources[batch.source] = source
+                if not self._make_room(
+                    self._sources, self.config.max_sources, self._source_silence, self._evict_source
+                ):
+                    self._unattributed[UnattributedReason.TOO_MANY_SOURCES] += len(batch.events)
+                    return 0
+                source = self._new_source(batch.source, transport)
+            else:
+                self._sources.move_to_end(batch.source)
+            source.last_heard = self._monotonic()
             pushed = source.sequencer.push(batch)
             for delivery in pushed.deliveries:
                 self._deliver(source, delivery.batch, delivery.gap_before, delivery.restart)
@@ -186,8 +201,57 @@ class ShadowCore:
             self._route(source, event)
             if isinstance(event, EngineStep):
                 last_step_end = event.start_time + event.duration
-        if source.engine is not None and last_step_end == last_step_end:
-            source.engine.lag = self._clock() - last_step_end
+        if source.engine is not None:
+            self._engines.move_to_end(source.engine.key)
+            if last_step_end == last_step_end:
+                source.engine.lag = self._clock() - last_step_end
+
+    def _new_source(self, name: str, transport: str) -> _Source:
+        source = _Source(
+            name,
+            transport,
+            Sequencer(
+                max_held=self.config.reorder_batches,
+                max_wait=self.config.reorder_seconds,
+                clock=self._monotonic,
+            ),
+            last_heard=self._monotonic(),
+        )
+        self._sources[name] = source
+        return source
+
+    def _make_room(
+        self, table: OrderedDict, bound: int, silence: Callable[[Any], float], evict: Callable[[Any], None]
+    ) -> bool:
+        """Whether `table` can take one more: below its bound, or its least recently heard entry has been
+        silent long enough to be evicted (and is). O(1): only the head is looked at."""
+        if len(table) < bound:
+            return True
+        oldest = next(iter(table.values()))
+        if silence(oldest) < self.config.idle_eviction_seconds:
+            return False
+        evict(oldest)
+        return True
+
+    def _source_silence(self, source: _Source) -> float:
+        return self._monotonic() - source.last_heard
+
+    def _engine_silence(self, engine: _Engine) -> float:
+        return self._monotonic() - engine.tracker.last_event_at
+
+    def _evict_source(self, source: _Source) -> None:
+        del self._sources[source.name]
+        self._sources_evicted += 1
+        if source.engine is not None and source.engine.source == source.name:
+            source.engine.source = ""  # the engine stays until it is evicted itself
+
+    def _evict_engine(self, engine: _Engine) -> None:
+        del self._engines[engine.key]
+        self._engines_evicted += 1
+        engine.tracker.abandon(SkipReason.ENGINE_SILENT)
+        source = self._sources.get(engine.source)
+        if source is not None and source.engine is engine:
+            source.engine = None  # should it speak again, it attaches as a new engine
 
     def _route(self, source: _Source, event: Event) -> None:
         if isinstance(event, EngineInfo):
@@ -203,9 +267,9 @@ class ShadowCore:
             source.info = self.config.assumed_engine
         if source.engine is None:
             reports_finished = isinstance(event, RequestArrival) and event.output_tokens is not None
-            self._attach(source, REQUESTS if reports_finished else STEPS)
+            refused = self._attach(source, REQUESTS if reports_finished else STEPS)
             if source.engine is None:
-                self._unattributed[UnattributedReason.DUPLICATE_SOURCE] += 1
+                self._unattributed[refused or UnattributedReason.DUPLICATE_SOURCE] += 1
                 return
         source.engine.tracker.apply(event)
 
@@ -224,15 +288,20 @@ class ShadowCore:
         source.engine.source = ""  # re-attached on the sender's next event
         source.engine = None
 
-    def _attach(self, source: _Source, mode: str) -> None:
+    def _attach(self, source: _Source, mode: str) -> UnattributedReason | None:
+        """Attach `source` to its engine (tracked anew, or taken over); a reason when there is no room."""
         assert source.info is not None
         key = EngineKey.of(source.info)
         existing = self._engines.get(key)
+        if existing is None and not self._make_room(
+            self._engines, self.config.max_engines, self._engine_silence, self._evict_engine
+        ):
+            return UnattributedReason.TOO_MANY_ENGINES
         restarted = False
         if existing is not None and existing.source and existing.source != source.name:
             if existing.mode == STEPS and mode == REQUESTS:
                 source.ignored = True  # the mirror sees more; this sender only reports finished requests
-                return
+                return None
             reason = (
                 SkipReason.SUPERSEDED
                 if existing.mode == REQUESTS and mode == STEPS
@@ -274,6 +343,7 @@ class ShadowCore:
             engine.source, engine.mode, engine.tracker = source.name, mode, tracker
             engine.candidates, engine.cost_prior = candidates, prior_source
         source.engine = engine
+        return None
 
     def _candidates_for(self, info: EngineInfo) -> list[Candidate]:
         settings = info.scheduler
@@ -438,18 +508,11 @@ class ShadowCore:
     def restore(self, infos: dict[str, EngineInfo]) -> None:
         with self._lock:
             for name, info in infos.items():
-                source = self._sources.setdefault(
-                    name,
-                    _Source(
-                        name,
-                        "restored",
-                        Sequencer(
-                            max_held=self.config.reorder_batches,
-                            max_wait=self.config.reorder_seconds,
-                            clock=self._monotonic,
-                        ),
-                    ),
-                )
+                source = self._sources.get(name)
+                if source is None:
+                    if len(self._sources) >= self.config.max_sources:
+                        break  # the state file of a shadow with a larger bound: keep what fits
+                    source = self._new_source(name, "restored")
                 source.info = source.info or info
 
     def snapshot(self, refused: dict[str, dict[str, int]] | None = None) -> ShadowSnapshot:
@@ -468,6 +531,9 @@ class ShadowCore:
                 queued_windows=len(self._queue),
                 in_flight_windows=len(self._in_flight),
                 windows_evaluated=self._evaluated,
+                sources=len(self._sources),
+                sources_evicted=self._sources_evicted,
+                engines_evicted=self._engines_evicted,
             )
 
     def _engine_snapshot(self, engine: _Engine) -> EngineSnapshot:

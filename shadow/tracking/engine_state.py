@@ -15,7 +15,7 @@ and no new window opens until the tainted requests are gone. Every drop is count
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -124,8 +124,11 @@ class EngineTracker(WindowTracker):
         super().__init__(info, rules=rules, prior=prior, limits=limits, first_index=first_index, clock=clock)
         self._priority = info.scheduler.policy == "priority"
         self._requests: dict[str, _Request] = {}
-        self._running: list[str] = []
-        self._waiting: deque[str] = deque()
+        # vLLM's queues as ordered dicts (keys only): membership and removal by id are O(1), so finishes and
+        # aborts stay cheap with tens of thousands of requests queued. Running: admission order. Waiting:
+        # arrivals at the end, preempted requests moved to the front.
+        self._running: dict[str, None] = {}
+        self._waiting: OrderedDict[str, None] = OrderedDict()
         self._open: _WindowBookkeeping | None = None
         self._closed: deque[_WindowBookkeeping] = deque()
         self._tainted_live = 0
@@ -172,7 +175,7 @@ class EngineTracker(WindowTracker):
         self._ensure_open()
         request = _Request(event, self.stats.steps, self._engine_now())
         self._requests[event.request_id] = request
-        self._waiting.append(event.request_id)
+        self._waiting[event.request_id] = None
         self.stats.requests_arrived += 1
         if self._open is not None:
             self._open.traffic += 1
@@ -189,7 +192,7 @@ class EngineTracker(WindowTracker):
         request.reported_output = event.output_tokens
         if event.request_id in self._waiting and request.generated == 0 and request.computed == 0:
             # Aborted before it ever ran: no step will name it again.
-            self._waiting.remove(event.request_id)
+            del self._waiting[event.request_id]
             self._finalize(request, event.time)
 
     def _step(self, step: EngineStep) -> None:
@@ -204,20 +207,24 @@ class EngineTracker(WindowTracker):
                 # Its arrival was lost: from here on, what the engine holds is not what we hold.
                 self.stats.unknown_requests += 1
                 self._taint_all(SkipReason.LOST_EVENTS)
+                if len(requests) >= self.limits.max_live_requests:
+                    self.stats.requests_rejected += 1  # no room for a placeholder either: not tracked
+                    continue
                 placeholder = _Request(RequestArrival(request_id, step.start_time, 1), -1, end, tainted=True)
                 requests[request_id] = placeholder
-                self._running.append(request_id)
+                self._running[request_id] = None
                 self._tainted_live += 1
         self._ensure_open()
         if step.preempted:
             self._preempt(step.preempted)
-        running = set(self._running)
         new_tokens, context = [], []
         for request_id, n in step.scheduled_tokens.items():
-            request = requests[request_id]
-            if request_id not in running:  # admitted this step: new, or resumed after preemption
-                self._waiting.remove(request_id)
-                self._running.append(request_id)
+            request = requests.get(request_id)
+            if request is None:
+                continue  # unknown and beyond the bound (counted above)
+            if request_id not in self._running:  # admitted this step: new, or resumed after preemption
+                del self._waiting[request_id]
+                self._running[request_id] = None
             new_tokens.append(n)
             context.append(request.computed)
             request.computed += n
@@ -247,11 +254,11 @@ class EngineTracker(WindowTracker):
         # victim nearest the head ends up first; the step's set of victims does not carry that order itself.
         position = {r: i for i, r in enumerate(self._running)}
         victims = sorted((r for r in preempted if r in position), key=position.__getitem__, reverse=True)
-        gone = set(victims)
-        self._running = [r for r in self._running if r not in gone]
         for request_id in victims:
+            del self._running[request_id]
             self._requests[request_id].computed = 0
-            self._waiting.appendleft(request_id)
+            self._waiting[request_id] = None
+            self._waiting.move_to_end(request_id, last=False)
 
     def _finish_listed(self, step: EngineStep, end: float) -> None:
         for request_id in step.finished:
@@ -259,9 +266,9 @@ class EngineTracker(WindowTracker):
             if request is None or request.finished:
                 continue
             if request_id in self._running:
-                self._running.remove(request_id)
+                del self._running[request_id]
             elif request_id in self._waiting:
-                self._waiting.remove(request_id)
+                del self._waiting[request_id]
             if request.reported_output is not None and request.reported_output != request.generated:
                 self.stats.inconsistencies += 1
             self._finalize(request, end)
@@ -452,9 +459,9 @@ class EngineTracker(WindowTracker):
         stalled = [r for r in self._running if self._requests[r].last_progress < deadline]
         if stalled:
             self.stats.requests_timed_out += sum(not self._requests[r].tainted for r in stalled)
-            gone = set(stalled)
-            self._running = [r for r in self._running if r not in gone]
-            self._drop_windows_with(gone, SkipReason.REQUEST_TIMEOUT)
+            for request_id in stalled:
+                del self._running[request_id]
+            self._drop_windows_with(set(stalled), SkipReason.REQUEST_TIMEOUT)
             for request_id in stalled:
                 self._give_up(self._requests[request_id])
 
@@ -468,7 +475,7 @@ class EngineTracker(WindowTracker):
 
     def _discard_live(self, reason: SkipReason) -> None:
         live = set(self._running) | set(self._waiting)
-        self._running, self._waiting = [], deque()
+        self._running, self._waiting = {}, OrderedDict()
         self._drop_windows_with(live, reason)
         for request_id in live:
             self._give_up(self._requests[request_id])
@@ -494,6 +501,10 @@ class EngineTracker(WindowTracker):
         self._release_ready()
 
     def _taint_all(self, reason: SkipReason) -> None:
+        if self._tainted_live == self.live_requests and not self._closed and self._open is None:
+            # Already all unknown, no window left: nothing to do. A flood of refused arrivals or unknown ids
+            # costs O(1) each, not a pass over every live request.
+            return
         for window in self._closed:
             self._drop(window, reason)
         self._closed.clear()

@@ -32,6 +32,8 @@ class UnattributedReason(StrEnum):
 
     NO_ENGINE_INFO = "no_engine_info"  # the sender never announced its engine
     DUPLICATE_SOURCE = "duplicate_source"  # a second sender for an engine already mirrored
+    TOO_MANY_SOURCES = "too_many_sources"  # a new sender while max_sources senders were all recently heard
+    TOO_MANY_ENGINES = "too_many_engines"  # a new engine while max_engines engines were all recently heard
 
 
 class DropReason(StrEnum):
