@@ -68,9 +68,10 @@ class ShadowConfig:
     reorder_batches: int = 64
     reorder_seconds: float = 1.0
     assumed_engine: EngineInfo | None = None  # for senders that never announce an engine (OTLP spans)
-    # Each engine costs a tracker and its series on /metrics; each sender a reorder buffer. An engine or
-    # sender silent for idle_eviction_seconds may make room for a new one.
-    max_engines: int = 64
+    # Each engine costs a tracker and its series on /metrics (about 270 once it has evaluated windows under a
+    # 20-candidate grid; prometheus-client renders some 10k series a second); each sender a reorder buffer. An
+    # engine or sender silent for idle_eviction_seconds may make room for a new one.
+    max_engines: int = 16
     max_sources: int = 256
     idle_eviction_seconds: float = 300.0
 
