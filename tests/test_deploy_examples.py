@@ -1,7 +1,8 @@
 """The deployment examples in deploy/ray/ and deploy/kubernetes/: every file parses, the Kubernetes manifests
 validate against the Kubernetes schemas (kubernetes-validate bundles them: no cluster, no network), the
 ServiceMonitor reaches both /metrics endpoints, the commands use real flags of `shadow serve` and vLLM, and the
-Ray Serve LLM example builds a real application around an LLMConfig that carries the mirror hook."""
+Ray Serve LLM example builds a real application around an LLMConfig that carries the mirror hook (deployed for
+real in tests/test_ray_serve_llm.py)."""
 
 from __future__ import annotations
 
@@ -206,6 +207,21 @@ def test_ray_serve_llm_config_carries_the_mirror_hook(serve_llm) -> None:
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     assert AsyncEngineArgs(model="m", **config.engine_kwargs).scheduler_cls == MIRROR
+
+
+def test_ray_serve_llm_config_for_the_cpu_build(serve_llm) -> None:
+    # What tests/test_ray_serve_llm.py deploys for real: Ray Serve LLM's CPU accelerator (one CPU bundle,
+    # vLLM's multiprocessing executor) and the CPU build selected in the replica's environment.
+    config = serve_llm.build_llm_config("m", cpu=True, env_vars={"SHADOW_ENGINE": "e"})
+    assert config.accelerator_config.kind == "cpu"
+    assert config.runtime_env["env_vars"] == {
+        "SHADOW_RAY_ACTOR": "vllm-shadow",
+        "SHADOW_RAY_NAMESPACE": "vllm-shadow",
+        "VLLM_TARGET_DEVICE": "cpu",
+        "SHADOW_ENGINE": "e",
+    }
+    assert config.engine_kwargs["scheduler_cls"] == MIRROR
+    assert serve_llm.build_llm_config("m").accelerator_config.kind == "gpu"  # Ray Serve LLM's default
 
 
 def test_ray_serve_llm_builds_an_application(serve_llm) -> None:

@@ -214,6 +214,8 @@ def test_random_load_through_the_hook_matches_the_client_s_report(session: Sessi
     snapshot = engine_snapshot(session.service, "hooked")
     assert snapshot.mode == "steps"  # the hook's stream; the plugin's reports of the same engine are ignored
     assert snapshot.tracker.requests_arrived == snapshot.tracker.requests_finished == report["completed"]
+    # The shadow's own token check: each finish's output count matches the tokens its steps emitted.
+    assert snapshot.tracker.inconsistencies == snapshot.tracker.unknown_requests == 0
     labels = {"engine": "hooked"}
     found = scrape(session.service)
     assert metric(found, "vllm_shadow_requests_finished_total", **labels) == report["completed"]

@@ -41,28 +41,35 @@ def build_llm_config(
     accelerator_type: str | None = None,
     min_replicas: int = 1,
     max_replicas: int = 2,
+    cpu: bool = False,
+    env_vars: Mapping[str, str] | None = None,
 ) -> LLMConfig:
     """The LLMConfig of one model with the mirror hook in its engine and the shadow actor in its environment.
 
     `engine_kwargs` are vLLM engine arguments; `scheduler_cls` is always the mirror hook (it wraps vLLM's own
-    scheduler, so scheduling is unchanged). Nothing starts here: Ray Serve builds the engines on deployment.
+    scheduler, so scheduling is unchanged). `cpu` runs the CPU build of vLLM (Ray Serve LLM's CPU accelerator:
+    a one-CPU placement bundle and vLLM's multiprocessing executor); `env_vars` are added to the replicas'
+    environment. Nothing starts here: Ray Serve builds the engines on deployment.
     """
     from ray.serve.llm import LLMConfig
 
     kwargs: dict[str, Any] = {"max_num_seqs": 256, "max_num_batched_tokens": 8192}
     kwargs.update(engine_kwargs or {})
     kwargs["scheduler_cls"] = MIRROR_SCHEDULER
+    # SHADOW_ENGINE is left unset unless given: each engine is then labelled by its data-parallel rank.
+    variables = {"SHADOW_RAY_ACTOR": shadow_actor, "SHADOW_RAY_NAMESPACE": shadow_namespace}
+    if cpu:
+        variables["VLLM_TARGET_DEVICE"] = "cpu"
+    variables.update(env_vars or {})
     return LLMConfig(
         model_loading_config={"model_id": model_id, "model_source": model_source or model_id},
         engine_kwargs=kwargs,
-        # SHADOW_ENGINE is left unset: each engine is then labelled by its data-parallel rank.
-        runtime_env={
-            "env_vars": {"SHADOW_RAY_ACTOR": shadow_actor, "SHADOW_RAY_NAMESPACE": shadow_namespace}
-        },
+        runtime_env={"env_vars": variables},
         deployment_config={
             "autoscaling_config": {"min_replicas": min_replicas, "max_replicas": max_replicas}
         },
         accelerator_type=accelerator_type,
+        accelerator_config={"kind": "cpu"} if cpu else None,
         log_engine_metrics=True,
     )
 
