@@ -3,6 +3,7 @@ tasks, death and restart, and export through Ray's own metrics agent."""
 
 from __future__ import annotations
 
+import os
 import socket
 import urllib.request
 from pathlib import Path
@@ -16,7 +17,7 @@ from tests.waiting import wait_until  # noqa: E402
 from vllm_shadow.adapters.ray_transport import RayActorSink  # noqa: E402
 from vllm_shadow.runtime.actor import find_shadow_actor, start_shadow_actor  # noqa: E402
 from vllm_shadow.runtime.core import EvaluationSettings, ShadowConfig  # noqa: E402
-from vllm_shadow.runtime.service import ServiceConfig  # noqa: E402
+from vllm_shadow.runtime.service import ServiceConfig, address_path  # noqa: E402
 from vllm_shadow.tracking.windows import WindowRules  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -151,6 +152,33 @@ def test_an_actor_with_a_token_takes_batches_only_from_senders_with_it(cluster, 
         with_token.close()
         snapshot = ray.get(handle.snapshot.remote())
         assert snapshot.batches == {"ray": 1} and snapshot.refused["ray"]["unauthenticated"] == 1
+    finally:
+        ray.kill(handle, no_restart=True)
+
+
+def test_shadow_status_reads_the_actor_s_published_state_without_joining_ray(
+    cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray's token authentication once made `shadow status` fail after 21.6 s: it no longer joins the cluster."""
+    from vllm_shadow.cli import status as status_cmd
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    address = address_path("shadow-status-test", "shadow-s")
+    handle = start_shadow_actor(
+        config(tmp_path, address_path=str(address)), name="shadow-s", namespace=NAMESPACE
+    )
+    try:
+        for batch in support.batches("fcfs-kv12")[:10]:
+            ray.get(handle.ingest.remote(batch))
+        record = status_cmd.read_record(address)
+        snapshot = status_cmd.fetch(record, timeout=status_cmd.DEFAULT_TIMEOUT)
+        assert record.pid != os.getpid()  # the actor's own process published it
+        assert (
+            snapshot.batches == {"ray": 10}
+            and snapshot.addresses == ray.get(handle.snapshot.remote()).addresses
+        )
+        ray.get(handle.close.remote())
+        assert not address.exists()  # a shadow that closes withdraws its address
     finally:
         ray.kill(handle, no_restart=True)
 
