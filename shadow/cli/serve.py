@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import time
@@ -25,6 +26,11 @@ from vllm_shadow.adapters.recorder import event_from_json
 from vllm_shadow.cli.options import add_actor_options, add_shadow_options, shadow_config
 from vllm_shadow.readout.console import status_view
 from vllm_shadow.runtime.service import ServiceConfig, address_path, default_state_path
+
+# Ray is imported when the command runs (so that `shadow status`, which shares the parser, never loads it),
+# but its absence is known now: the command is then listed as not installed, with the extra that brings Ray.
+if importlib.util.find_spec("ray") is None:
+    raise ModuleNotFoundError("No module named 'ray'", name="ray")
 
 DEFAULT_GRPC_PORT = 50151
 DEFAULT_METRICS_PORT = 9400

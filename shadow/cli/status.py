@@ -41,7 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "through the status endpoint it publishes on loopback.",
     )
     which = parser.add_argument_group("the shadow to ask")
-    which.add_argument("--name", default=DEFAULT_NAME, help=f"its name (default {DEFAULT_NAME})")
+    which.add_argument("--name", default=DEFAULT_NAME, help=f"actor name (default {DEFAULT_NAME})")
     which.add_argument(
         "--namespace", default=DEFAULT_NAMESPACE, help=f"its Ray namespace (default {DEFAULT_NAMESPACE})"
     )
