@@ -49,6 +49,9 @@ class Policy:
     # vLLM's automatic prefix caching: a request admitted reuses the cached full blocks of its prompt's prefix
     # (and a resumed one its own surviving blocks); freed blocks stay cached until evicted (solver.kv_cache).
     enable_prefix_caching: bool = False
+    # vLLM's AsyncScheduler: step N+1 is scheduled before step N's output is processed, so a request that
+    # produced its last token in step N still holds its blocks and its place in the running queue then.
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -61,6 +64,8 @@ class Policy:
             raise ValueError(
                 "enable_prefix_caching needs eviction: reserving blocks at admission ignores hits"
             )
+        if self.async_scheduling and self.batching != "continuous":
+            raise ValueError("async_scheduling is vLLM V1's: it needs continuous batching")
         if not 0.0 <= self.watermark < 1.0:
             raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")
         for name, allowed in (("order", Order), ("batching", Batching), ("admission", Admission)):
@@ -88,6 +93,8 @@ class Policy:
         ]
         if self.enable_prefix_caching:
             flags.append("--enable-prefix-caching")
+        if self.async_scheduling:
+            flags.append("--async-scheduling")
         if self.long_prefill_token_threshold:
             flags.append(f"--long-prefill-token-threshold {self.long_prefill_token_threshold}")
         return flags
@@ -172,6 +179,7 @@ _FIELD_TYPES = {
     "decode_first": bool,
     "eviction": bool,
     "enable_prefix_caching": bool,
+    "async_scheduling": bool,
     "watermark": float,
     "order": str,
     "batching": str,

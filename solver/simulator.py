@@ -60,14 +60,20 @@ class _Request:
         "cache_key",
         "decode_base",
         "finish_epoch",
+        "finishing",
         "held_blocks",
         "implicit_decoder",
+        "implicit_stamp",
+        "last_run_decode",
+        "last_run_sampled",
+        "last_run_step",
         "max_tokens",
         "num_cached_blocks",
         "num_computed_tokens",
         "num_output_tokens",
         "num_prompt_tokens",
         "num_reserved_blocks",
+        "prev_run_step",
         "queue_key",
         "record",
         "request_id",
@@ -103,6 +109,15 @@ class _Request:
         self.cache_key = cache_key
         self.held_blocks: list[KVCacheBlock] = []
         self.num_cached_blocks = 0
+        # Async scheduling: its last token is in flight (it finishes when that step's output is processed);
+        # when it became an implicit decoder; its last two runs (steps), and whether the last decoded and
+        # sampled: what vLLM had cached of it when it is preempted depends on the token in flight.
+        self.finishing = False
+        self.implicit_stamp = 0
+        self.last_run_step = -2
+        self.prev_run_step = -2
+        self.last_run_decode = False
+        self.last_run_sampled = False
 
 
 # One scheduled piece of work: (request, num_new_tokens, num_computed_tokens before the step). A plain tuple,
@@ -210,6 +225,12 @@ class Simulator:
         self.caching = policy.enable_prefix_caching
         self.block_pool = BlockPool()
         self.step_cached_tokens: dict[str, int] = {}
+        # Async scheduling (vLLM's AsyncScheduler behind EngineCore's batch queue of two): step N+1 is scheduled
+        # before step N's output is processed. The requests whose last token step N produced are `finishing`:
+        # skipped, still running and holding their blocks while step N+1 is scheduled, freed after it.
+        self.async_scheduling = policy.async_scheduling
+        self.finishing: list[_Request] = []
+        self.last_decode_step = -2  # the last step in which the implicit decoders ran
 
     # ---- the driver ----------------------------------------------------------------------------------------
 
@@ -281,6 +302,9 @@ class Simulator:
                     continue
             plan = self._schedule_literal()
             if not plan.scheduled and not plan.num_implicit_decoders:
+                if self.finishing:  # an empty round: its update still processes the previous step's output
+                    self._free_finishing()
+                    continue
                 if plan.preempted:
                     continue  # the step only preempted; the next one admits
                 if next_arrival < num_arrivals:  # nothing fits until something arrives
@@ -294,6 +318,7 @@ class Simulator:
             for request in self.running:  # hand decoders the literal walk made explicit back to the fast path
                 if (
                     not request.implicit_decoder
+                    and not request.finishing
                     and request.num_output_tokens > 0
                     and request.num_computed_tokens
                     == request.num_prompt_tokens + request.num_output_tokens - 1
@@ -319,6 +344,7 @@ class Simulator:
         """`request` has just become a decoder (num_computed_tokens == num_tokens - 1) at the current
         decode_steps: from now on it advances with decode_steps, and the finish heap says when it is done."""
         request.implicit_decoder = True
+        request.implicit_stamp = self.num_steps
         request.decode_base = request.num_computed_tokens - self.decode_steps
         request.finish_epoch += 1
         self.num_implicit_decoders += 1
@@ -344,6 +370,12 @@ class Simulator:
         request.finish_epoch += 1
         # It cached every full block at the step that filled it (its blocks past the prompt are private).
         request.num_cached_blocks = request.num_computed_tokens // self.block_size
+        last_step = self.num_steps - 1
+        if self.last_decode_step == last_step and request.implicit_stamp <= last_step:
+            # It decoded in the last step, and in the one before (implicit decoders run every step).
+            request.prev_run_step = last_step - 1
+            request.last_run_step = last_step
+            request.last_run_decode = request.last_run_sampled = True
         self.num_implicit_decoders -= 1
         self.sum_decode_base -= request.decode_base
         self.decode_base_residues[request.decode_base % self.block_size] -= 1
@@ -371,14 +403,20 @@ class Simulator:
         if request.implicit_decoder:
             self._to_explicit(request)
         if self.caching:
-            self.num_used_blocks -= self._free_cached_blocks(request)
+            self.num_used_blocks -= self._free_cached_blocks(request, preempted=True)
         else:
             self.num_used_blocks -= cdiv(request.num_computed_tokens, self.block_size)
         request.record.preemptions += 1
+        self.admission_blocked = False
+        if request.finishing:
+            # Its last token is in flight: it finishes from the waiting queue when that output is processed.
+            request.finishing = False
+            self.finishing.remove(request)
+            self.num_reserved_blocks -= request.num_reserved_blocks
+            return
         request.record.recomputed_tokens += request.num_computed_tokens
         request.num_computed_tokens = 0
         self.waiting.prepend_request(request)
-        self.admission_blocked = False
 
     def _free_request(self, request: _Request) -> None:
         if self.caching:
@@ -393,10 +431,22 @@ class Simulator:
 
     # ---- prefix caching (vLLM's KVCacheManager over solver.kv_cache.BlockPool) -----------------------------
 
-    def _free_cached_blocks(self, request: _Request) -> int:
+    def _free_cached_blocks(self, request: _Request, preempted: bool = False) -> int:
         """vLLM's `free`: the (explicit) request's blocks are released in reverse, so that its tail is evicted
         first: the block without a hash goes to the front of the free queue, cached blocks nobody else holds
         to its back. Returns how many blocks became free."""
+        if preempted and self.async_scheduling:
+            last_step = self.num_steps - 1
+            if (
+                request.last_run_step == last_step
+                and request.last_run_decode
+                and request.prev_run_step == last_step - 1
+            ):
+                # The token it computed last step was sampled the step before, whose output was processed
+                # only after last step's caching: the block that token filled has no hash yet.
+                request.num_cached_blocks = min(
+                    request.num_cached_blocks, (request.num_computed_tokens - 1) // self.block_size
+                )
         pool = self.block_pool
         pool.evict_to(self.num_usable_blocks - self.num_used_blocks)  # allocations so far came first
         num_cached_blocks = request.num_cached_blocks
@@ -619,6 +669,9 @@ class Simulator:
         req_index = 0
         while req_index < len(self.running) and token_budget > 0:
             request = self.running[req_index]
+            if request.finishing:  # vLLM: its last token is in flight, nothing more to schedule
+                req_index += 1
+                continue
             num_computed_tokens = self._num_computed_tokens(request)
             num_tokens = request.num_prompt_tokens + self._num_output_tokens(request)
             num_new_tokens = num_tokens - num_computed_tokens
@@ -699,9 +752,20 @@ class Simulator:
                     break
         if num_new_tokens:
             # Its block table covers this step's tokens; the preemption frees (and counts) all of it.
+            decoding = victim.num_computed_tokens == victim.num_prompt_tokens + victim.num_output_tokens - 1
             victim.num_computed_tokens += num_new_tokens
             victim.record.recomputed_tokens -= num_new_tokens
             self._cache_blocks(victim, victim.num_computed_tokens)
+            if (
+                self.async_scheduling
+                and decoding
+                and victim.last_run_step == self.num_steps - 1
+                and victim.last_run_sampled
+            ):
+                # The token it was to compute is still in flight: vLLM cached only up to the one before.
+                victim.num_cached_blocks = min(
+                    victim.num_cached_blocks, (victim.num_computed_tokens - 1) // self.block_size
+                )
         return num_new_tokens
 
     def _freeze_decoders(self, scheduled_decoders: dict[int, int]) -> None:
@@ -740,6 +804,8 @@ class Simulator:
         for request in prefilling:
             if request.implicit_decoder:
                 return False  # a prefilling request sits between decoders: the literal walk decides
+            if request.finishing:
+                continue
             if token_budget <= 0:
                 continue  # keep checking the order; vLLM's walk stops here
             num_computed_tokens = request.num_computed_tokens
@@ -814,15 +880,29 @@ class Simulator:
         self.peak_used_blocks = max(self.peak_used_blocks, self.num_used_blocks)
         if self.record_steps:
             self._log_step(start, duration, scheduled, num_decoders, preempted_reqs)
+        step = self.num_steps
         self.num_steps += 1
         if num_decoders:
             self.decode_steps += 1  # the implicit decoders advance one token
+            self.last_decode_step = step
+        if self.finishing:  # async: the previous step's output is processed after this step was scheduled
+            self._free_finishing()
         end_s = self.now / PS_PER_S
         finished: list[_Request] = []
-        for request, num_new_tokens, _num_computed_tokens in scheduled:
+        for request, num_new_tokens, num_computed_tokens in scheduled:
             record = request.record
             if record.first_scheduled != record.first_scheduled:  # NaN: never scheduled before
                 record.first_scheduled = start / PS_PER_S
+            if self.async_scheduling:
+                request.prev_run_step = request.last_run_step
+                request.last_run_step = step
+                request.last_run_decode = (
+                    num_computed_tokens == request.num_prompt_tokens + request.num_output_tokens - 1
+                )
+                request.last_run_sampled = (
+                    num_computed_tokens + num_new_tokens
+                    == request.num_prompt_tokens + request.num_output_tokens
+                )
             request.num_computed_tokens += num_new_tokens
             # The chunk reached the end of num_tokens: a token is sampled.
             if request.num_computed_tokens == request.num_prompt_tokens + request.num_output_tokens:
@@ -841,9 +921,30 @@ class Simulator:
         if finished:
             self._finish_requests(finished, end_s)
 
-    def _finish_requests(self, finished: list[_Request], end_s: float) -> None:
+    def _free_finishing(self) -> None:
+        finishing = self.finishing
+        self.finishing = []
+        for request in finishing:
+            request.finishing = False
+        self._finish_requests(finishing, None)
+
+    def _finish_requests(self, finished: list[_Request], end_s: float | None) -> None:
+        """Requests whose last token the step ending at `end_s` produced: freed, in the order vLLM processes
+        the step's output (the running queue's); under async scheduling only one step later (`finishing`)."""
+        if end_s is not None:
+            for request in finished:
+                request.record.finish = end_s
+            if self.async_scheduling:
+                for request in finished:
+                    if request.implicit_decoder:
+                        self._to_explicit(request)
+                    request.finishing = True
+                self.finishing.extend(finished)
+                return
+        if self.caching and len(finished) > 1:
+            position = {id(r): i for i, r in enumerate(self.running)}
+            finished.sort(key=lambda r: position[id(r)])
         for request in finished:
-            request.record.finish = end_s
             self._free_request(request)
         if len(finished) > 8:
             done = {id(r) for r in finished}
@@ -967,6 +1068,7 @@ class Simulator:
         self.num_tokens_processed += num_decoders * k
         self.num_steps += k
         self.decode_steps += k
+        self.last_decode_step = self.num_steps - 1
         end_s = self.now / PS_PER_S
         finished = []
         finish_heap = self.finish_heap
