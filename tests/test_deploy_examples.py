@@ -212,16 +212,22 @@ def test_ray_serve_llm_config_carries_the_mirror_hook(serve_llm) -> None:
 def test_ray_serve_llm_config_for_the_cpu_build(serve_llm) -> None:
     # What tests/test_ray_serve_llm.py deploys for real: Ray Serve LLM's CPU accelerator (one CPU bundle,
     # vLLM's multiprocessing executor) and the CPU build selected in the replica's environment.
-    config = serve_llm.build_llm_config("m", cpu=True, env_vars={"SHADOW_ENGINE": "e"})
+    config = serve_llm.build_llm_config("m", cpu=True, env_vars={"SHADOW_ENGINE": "e"}, shadow_token="t")
     assert config.accelerator_config.kind == "cpu"
     assert config.runtime_env["env_vars"] == {
         "SHADOW_RAY_ACTOR": "vllm-shadow",
         "SHADOW_RAY_NAMESPACE": "vllm-shadow",
+        "SHADOW_TOKEN": "t",  # the actor's ingest refuses batches without the shadow's token
         "VLLM_TARGET_DEVICE": "cpu",
         "SHADOW_ENGINE": "e",
     }
     assert config.engine_kwargs["scheduler_cls"] == MIRROR
     assert serve_llm.build_llm_config("m").accelerator_config.kind == "gpu"  # Ray Serve LLM's default
+    app = serve_llm.app_builder({"model_id": "org/model", "cpu": "true"})
+    [server] = [
+        a._bound_deployment for a in _applications(app) if a._bound_deployment.name.startswith("LLMServer")
+    ]
+    assert server.init_kwargs["llm_config"].accelerator_config.kind == "cpu"
 
 
 def test_ray_serve_llm_builds_an_application(serve_llm) -> None:

@@ -1,7 +1,8 @@
 """Ray Serve LLM deployed for real: deploy/ray/serve_llm.py's application on a local Ray cluster, the CPU build
 of vLLM (tiny Llama with its bundled tokenizer) in the replica, the mirror hook passed through `engine_kwargs`,
-and the shadow actor reached through its Ray handle (SHADOW_RAY_ACTOR): no port, no token. OpenAI-compatible
-completions through Serve's HTTP proxy are then counted by the shadow, request for request and token for token.
+and the shadow actor reached through its Ray handle (SHADOW_RAY_ACTOR, with the shadow's token): no port.
+OpenAI-compatible completions through Serve's HTTP proxy are then counted by the shadow, request for request,
+with each finish's token count checked against the steps'.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 MODEL_ID = "tiny-llama"
 ENGINE = "ray-serve"
 NAMESPACE = "serve-llm-test"
+TOKEN = "serve-llm-s3cret"
 REQUESTS = 6
 MAX_TOKENS = 8
 DEPLOY_SECONDS = 300  # replica start, vLLM import and engine start on 2 CPUs: about 100 s
@@ -67,6 +69,7 @@ def deployment() -> Iterator[Deployment]:
                 evaluation=EvaluationSettings(optimal_time_limit=0.5, optimal_max_requests=16),
             ),
             grpc_address=None,  # the engine reaches the actor through Ray: no gRPC ingest
+            grpc_token=TOKEN,  # the actor's ingest checks it too
             metrics_port=None,
             tick_seconds=0.1,
         )
@@ -91,6 +94,7 @@ def deployment() -> Iterator[Deployment]:
                 seed=0,
             ),
             env_vars={"SHADOW_ENGINE": ENGINE},
+            shadow_token=TOKEN,
         )
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
