@@ -32,7 +32,9 @@ COMMANDS = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or of the command `only` alone: a command's imports are its own (OR-Tools,
+    Ray, pandas, ...), and `shadow status` should not pay for the others'."""
     parser = argparse.ArgumentParser(
         prog="shadow",
         description="Shadow scheduler for vLLM: replays real traffic under alternative schedulers and an "
@@ -40,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     for name in COMMANDS:
+        if only is not None and name.rsplit(".", 1)[-1] != only:
+            continue
         try:
             module = import_module(name)
         except ModuleNotFoundError as exc:
@@ -73,8 +77,13 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _command_named(argv: list[str]) -> str | None:
+    commands = {name.rsplit(".", 1)[-1] for name in COMMANDS}
+    return argv[0] if argv and argv[0] in commands else None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(only=_command_named(sys.argv[1:] if argv is None else argv))
     args, unknown = parser.parse_known_args(argv)
     if unknown and not getattr(args, "unavailable", False):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
