@@ -143,7 +143,8 @@ METRICS: tuple[MetricSpec, ...] = (
     _engine(
         "events_dropped_total",
         "counter",
-        "Events lost on the way, by reason: dropped by the sender's full queue, or arriving too late to apply.",
+        "Events lost on the way, by reason: dropped by the sender's full queue, arriving too late to apply, or "
+        "in a batch whose sequence number was too far from the sender's stream.",
         "reason",
         reasons=DropReason,
     ),

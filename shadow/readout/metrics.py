@@ -124,7 +124,12 @@ def _engine_families(f: _Families, e: EngineSnapshot) -> None:
         },
     )
     f("events_dropped_total").add_by_reason(
-        key, {DropReason.SENDER_QUEUE: e.sequence.sender_dropped, DropReason.LATE: e.sequence.late_events}
+        key,
+        {
+            DropReason.SENDER_QUEUE: e.sequence.sender_dropped,
+            DropReason.LATE: e.sequence.late_events,
+            DropReason.STRAY: e.sequence.stray_events,
+        },
     )
     f("batches_lost_total").add(key, e.sequence.lost_batches)
     f("sender_batches_lost_total").add(key, e.sequence.sender_lost_batches)

@@ -41,6 +41,7 @@ class DropReason(StrEnum):
 
     SENDER_QUEUE = "sender_queue"  # the engine side's bounded queue was full
     LATE = "late"  # arrived after the sequencer gave their batch up
+    STRAY = "stray"  # a sequence number too far from the sender's stream to be a gap (forged or corrupt)
 
 
 class LostRequestReason(StrEnum):

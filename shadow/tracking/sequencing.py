@@ -11,9 +11,10 @@ is late: dropped and counted, because the stream after it has already been appli
 Three things no honest sender does, and what each costs here (never more than one gap):
 - a new incarnation under the same source name is the engine restarted (same host and pid, a new publisher):
   what the old one left held is delivered, its stragglers are late, and the new stream starts fresh;
-- a sequence number more than `max_jump` away from the expected one (a forged or corrupted number) restarts the
-  numbering there, counted as a jump and never as lost batches, so one bad number cannot make the lost count
-  absurd or the rest of the stream late;
+- a sequence number more than `max_jump` away from the expected one (a forged or corrupted number) is dropped
+  and counted as a stray, never as lost batches, so one bad number can neither make the lost count absurd nor
+  the rest of the stream late; only a second one that continues it (the sender really moved on, after an outage
+  longer than the window) restarts the numbering there, counted as a jump;
 - the sender's own cumulative counters start again with each incarnation; they are summed across them.
 
 Every delivery says whether events were lost just before it, and whether the sender restarted, so the consumer
@@ -40,8 +41,10 @@ class SequenceStats:
     lost_batches: int = 0  # sequence numbers given up on (wholly or in part)
     late_batches: int = 0  # arrived after their number was given up on, twice, or from a replaced incarnation
     late_events: int = 0
+    stray_batches: int = 0  # sequence numbers beyond `max_jump` of the stream's, dropped
+    stray_events: int = 0
     restarts: int = 0  # new incarnations of the sender after the first
-    jumps: int = 0  # sequence numbers beyond `max_jump` of the expected one: the numbering restarted there
+    jumps: int = 0  # two strays in a row: the numbering restarted there
     sender_dropped: int = 0  # the sender's own count of events it could not queue, summed over incarnations
     sender_lost_batches: int = 0  # the sender's own count of batches it could not deliver here, likewise
 
@@ -78,9 +81,10 @@ class Sequencer:
         self._max_wait = max_wait
         # A publisher numbers every batch, also those its sink skips while backing off, so a legitimate jump
         # is as long as an outage of the link while the shadow stays up: 65,536 batches is at least ten
-        # minutes of a busy engine. A longer one costs a jump instead of a count of lost batches, and the
-        # sender's own count (`sender_lost_batches`) still tells how many it could not deliver.
+        # minutes of a busy engine. A longer one costs one batch (a stray) and a jump instead of a count of
+        # lost batches; the sender's own count (`sender_lost_batches`) still tells how many it lost.
         self._max_jump = max_jump
+        self._stray: int | None = None  # the sequence number of the last stray, which a jump must continue
         self._clock = clock
         self._incarnation: int | None = None
         self._replaced: deque[int] = deque(maxlen=16)  # recent incarnations: their stragglers are late
@@ -108,6 +112,10 @@ class Sequencer:
         if self._expected is None and position == (0, 0):
             self._expected = position  # the sender's first batch: the stream starts here, nothing missed
         if self._expected is not None and abs(batch.sequence - self._expected[0]) > self._max_jump:
+            if self._stray is None or not 0 < batch.sequence - self._stray <= self._max_held:
+                self._stray = batch.sequence
+                self._count_stray(batch)
+                return Pushed(False, out)
             out += self._jump(batch.sequence)
         elif (self._expected is not None and position < self._expected) or position in self._held:
             return self._late(batch)
@@ -128,6 +136,10 @@ class Sequencer:
         self.stats.late_events += len(batch.events)
         return Pushed(False)
 
+    def _count_stray(self, batch: EventBatch) -> None:
+        self.stats.stray_batches += 1
+        self.stats.stray_events += len(batch.events)
+
     def _new_incarnation(self, incarnation: int) -> list[Delivery]:
         """The sender restarted (or this is its first batch): finish the old stream, start a fresh one."""
         out = []
@@ -139,18 +151,20 @@ class Sequencer:
             self._restart = True
         self._incarnation = incarnation
         self._expected = None
+        self._stray = None
         self._sender_dropped_before += self._sender_dropped
         self._sender_lost_before += self._sender_lost
         self._sender_dropped = self._sender_lost = 0
         return out
 
     def _jump(self, sequence: int) -> list[Delivery]:
-        """A number too far from the stream to be a gap: deliver what is held, restart the numbering there."""
+        """The stream moved beyond the window: deliver what is held, restart the numbering there."""
         out = []
         while self._held:
             out += self._give_up()
         self.stats.jumps += 1
         self._expected = (sequence, 0)
+        self._stray = None
         self._gap = True
         return out
 
@@ -167,13 +181,14 @@ class Sequencer:
         first_held = min(self._held)
         if self._expected is not None:
             sequence, part = first_held
-            missed = sequence - self._expected[0]
-            if missed > self._max_jump:
-                self.stats.jumps += 1  # a forged number held while the stream had no start yet
-            else:
-                # Every number from the expected one up to the held one lost something; the held one too
-                # when the parts before its own are missing.
-                self.stats.lost_batches += missed + (part > 0)
+            if sequence - self._expected[0] > self._max_jump:
+                # Held while the stream had no start yet, and too far from it: a stray after all.
+                batch, _ = self._held.pop(first_held)
+                self._count_stray(batch)
+                return []
+            # Every number from the expected one up to the held one lost something; the held one too when the
+            # parts before its own are missing.
+            self.stats.lost_batches += sequence - self._expected[0] + (part > 0)
         # Joining a stream mid-way (a shadow started after the engine, or restarted) is a loss too: what came
         # before is unknown, but not counted, since nobody knows how many batches that was.
         self._expected = first_held
