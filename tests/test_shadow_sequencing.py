@@ -122,9 +122,11 @@ def test_a_sender_restarted_under_the_same_name_starts_a_fresh_stream() -> None:
         s.push(batch(i, incarnation=111))
     # Same host and pid, a new publisher: its numbering starts again at 0. Before incarnations every one of
     # these batches was dropped as late while the ack said accepted.
-    first = s.push(batch(0, incarnation=222))
-    assert first.accepted and [d.restart for d in first.deliveries] == [True]
-    assert sequences(s.push(batch(1, incarnation=222))) == [(1, False)]
+    assert nothing(s.push(batch(0, incarnation=222)))  # held aside until its second batch corroborates it
+    second = s.push(batch(1, incarnation=222))
+    assert second.accepted
+    assert [(d.batch.sequence, d.restart) for d in second.deliveries] == [(0, True), (1, False)]
+    assert sequences(s.push(batch(2, incarnation=222))) == [(2, False)]
     assert s.stats.restarts == 1 and s.stats.late_batches == 0 and s.stats.lost_batches == 0
 
 
@@ -132,19 +134,22 @@ def test_batches_of_a_replaced_incarnation_are_late_not_a_second_restart() -> No
     s = Sequencer()
     s.push(batch(0, incarnation=111))
     s.push(batch(0, incarnation=222))
+    s.push(batch(1, incarnation=222))
     assert dropped(s.push(batch(1, incarnation=111, events=3)))
     assert s.stats.restarts == 1 and s.stats.late_batches == 1 and s.stats.late_events == 3
-    assert sequences(s.push(batch(1, incarnation=222))) == [(1, False)]
+    assert sequences(s.push(batch(2, incarnation=222))) == [(2, False)]
 
 
 def test_a_restart_delivers_what_the_old_incarnation_left_held_first() -> None:
     s = Sequencer()
     s.push(batch(0, incarnation=111))
     assert nothing(s.push(batch(2, incarnation=111)))
-    out = s.push(batch(0, incarnation=222)).deliveries
+    assert nothing(s.push(batch(0, incarnation=222)))
+    out = s.push(batch(1, incarnation=222)).deliveries
     assert [(d.batch.incarnation, d.batch.sequence, d.gap_before, d.restart) for d in out] == [
         (111, 2, True, False),
         (222, 0, False, True),
+        (222, 1, False, False),
     ]
     assert s.stats.lost_batches == 1 and s.held == 0
 
@@ -217,4 +222,30 @@ def test_the_senders_counts_add_up_across_its_restarts() -> None:
     s = Sequencer()
     s.push(EventBatch([], "e", 0, dropped=4, incarnation=1, lost_batches=2))
     s.push(EventBatch([], "e", 0, dropped=1, incarnation=2, lost_batches=3))
+    s.push(EventBatch([], "e", 1, dropped=1, incarnation=2, lost_batches=3))
     assert s.stats.sender_dropped == 5 and s.stats.sender_lost_batches == 5
+
+
+def test_a_forged_incarnation_cannot_silence_the_real_stream() -> None:
+    clock = Clock()
+    s = Sequencer(max_wait=1.0, clock=clock)
+    s.push(batch(0, incarnation=111))
+    assert nothing(
+        s.push(batch(0, incarnation=999))
+    )  # a restart needs a second batch, or the old one's silence
+    assert sequences(s.push(batch(1, incarnation=111))) == [(1, False)]  # the real sender goes on
+    clock.now = 2.0
+    assert s.expire() == []  # the "restarted" sender said no more, the old one did: a stray
+    assert sequences(s.push(batch(2, incarnation=111))) == [(2, False)]
+    assert s.stats.restarts == 0 and s.stats.stray_batches == 1 and s.stats.late_batches == 0
+
+
+def test_a_restarted_sender_that_sends_once_is_taken_when_the_old_one_stays_silent() -> None:
+    clock = Clock()
+    s = Sequencer(max_wait=1.0, clock=clock)
+    s.push(batch(0, incarnation=111))
+    assert nothing(s.push(batch(0, incarnation=222)))  # the new engine announced itself, then stayed idle
+    clock.now = 2.0
+    out = s.expire()
+    assert [(d.batch.incarnation, d.batch.sequence, d.restart) for d in out] == [(222, 0, True)]
+    assert s.stats.restarts == 1 and s.stats.stray_batches == 0

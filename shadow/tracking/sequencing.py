@@ -9,8 +9,12 @@ missing numbers up as lost and delivers what it holds. A batch that turns up aft
 is late: dropped and counted, because the stream after it has already been applied.
 
 Three things no honest sender does, and what each costs here (never more than one gap):
-- a new incarnation under the same source name is the engine restarted (same host and pid, a new publisher):
-  what the old one left held is delivered, its stragglers are late, and the new stream starts fresh;
+- a new incarnation under the same source name is the engine restarted (same host and pid, a new publisher)
+  once it is corroborated: by a second batch of its own, or by the old incarnation's silence for `max_wait`
+  after it appeared (an engine that announced itself and stayed idle). Then what the old one left held is
+  delivered, its stragglers are late, and the new stream starts fresh. Until then its batches are held aside,
+  so that one batch with a made-up incarnation cannot end the real stream: when the old incarnation goes on
+  instead, it is dropped as a stray;
 - a sequence number more than `max_jump` away from the expected one (a forged or corrupted number) is dropped
   and counted as a stray, never as lost batches, so one bad number can neither make the lost count absurd nor
   the rest of the stream late; only a second one that continues it (the sender really moved on, after an outage
@@ -24,6 +28,7 @@ that an acknowledgement never claims events that were dropped.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -54,6 +59,14 @@ class Delivery:
     batch: EventBatch
     gap_before: bool  # events were lost between the previous delivery and this one
     restart: bool = False  # the first delivery of a new incarnation: the sender restarted
+
+
+@dataclass(slots=True)
+class _Candidate:
+    incarnation: int
+    batches: list[EventBatch]
+    since: float  # when its first batch came
+    last: float  # when its last batch came
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +101,8 @@ class Sequencer:
         self._clock = clock
         self._incarnation: int | None = None
         self._replaced: deque[int] = deque(maxlen=16)  # recent incarnations: their stragglers are late
+        self._candidate: _Candidate | None = None  # a new incarnation not yet corroborated
+        self._current_heard = -math.inf  # when the current incarnation last sent a batch
         self._expected: _Position | None = None  # next position to deliver; None until the start is known
         self._held: dict[_Position, tuple[EventBatch, float]] = {}  # position -> (batch, when it arrived)
         self._gap = False  # a loss is pending report with the next delivery
@@ -100,14 +115,55 @@ class Sequencer:
 
     @property
     def held(self) -> int:
-        return len(self._held)
+        """Batches taken but not delivered yet: in the reorder buffer, or of a new incarnation held aside."""
+        return len(self._held) + (len(self._candidate.batches) if self._candidate is not None else 0)
 
     def push(self, batch: EventBatch) -> Pushed:
+        if batch.incarnation == self._incarnation:
+            self._current_heard = self._clock()
+            return self._push_current(batch)
+        if batch.incarnation in self._replaced:
+            return self._late(batch)
+        if self._incarnation is None:  # the sender's first batch here: whatever came before is unknown
+            out = self._new_incarnation(batch.incarnation)
+            pushed = self._push_current(batch)
+            return Pushed(pushed.accepted, out + pushed.deliveries)
+        return Pushed(True, self._push_candidate(batch))
+
+    def _push_candidate(self, batch: EventBatch) -> list[Delivery]:
+        out = []
+        candidate = self._candidate
+        if candidate is not None and candidate.incarnation != batch.incarnation:
+            # Another new incarnation: the pending one is the successor if the current one fell silent when it
+            # came (an engine restarting over and over), else it was a stray.
+            out += self._adopt() if self._current_heard < candidate.since else self._drop_candidate()
+        if self._candidate is None:
+            now = self._clock()
+            self._candidate = _Candidate(batch.incarnation, [batch], now, now)
+            return out
+        self._candidate.batches.append(batch)  # corroborated: a second batch of its own
+        self._candidate.last = self._clock()
+        return out + self._adopt()
+
+    def _adopt(self) -> list[Delivery]:
+        candidate = self._candidate
+        assert candidate is not None
+        self._candidate = None
+        out = self._new_incarnation(candidate.incarnation)
+        self._current_heard = candidate.last
+        for batch in candidate.batches:
+            out += self._push_current(batch).deliveries
+        return out
+
+    def _drop_candidate(self) -> list[Delivery]:
+        assert self._candidate is not None
+        for batch in self._candidate.batches:
+            self._count_stray(batch)
+        self._candidate = None
+        return []
+
+    def _push_current(self, batch: EventBatch) -> Pushed:
         out: list[Delivery] = []
-        if batch.incarnation != self._incarnation:
-            if batch.incarnation in self._replaced:
-                return self._late(batch)
-            out += self._new_incarnation(batch.incarnation)
         position = (batch.sequence, batch.part)
         if self._expected is None and position == (0, 0):
             self._expected = position  # the sender's first batch: the stream starts here, nothing missed
@@ -126,10 +182,16 @@ class Sequencer:
         return Pushed(True, out)
 
     def expire(self) -> list[Delivery]:
-        """Give up on a gap whose oldest held batch has waited longer than `max_wait`."""
-        if self._held and self._clock() - min(t for _, t in self._held.values()) > self._max_wait:
-            return self._give_up()
-        return []
+        """Give up on a gap whose oldest held batch has waited longer than `max_wait`; decide on a new
+        incarnation that has waited as long for a second batch."""
+        now = self._clock()
+        out = []
+        candidate = self._candidate
+        if candidate is not None and now - candidate.since > self._max_wait:
+            out += self._adopt() if self._current_heard < candidate.since else self._drop_candidate()
+        if self._held and now - min(t for _, t in self._held.values()) > self._max_wait:
+            out += self._give_up()
+        return out
 
     def _late(self, batch: EventBatch) -> Pushed:
         self.stats.late_batches += 1
