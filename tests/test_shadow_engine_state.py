@@ -12,7 +12,6 @@ import dataclasses
 import pytest
 
 from tests import shadow_support as support
-from tests.support.mirror_stream import MirroredRun, request_latencies
 from vllm_shadow.adapters.events import (
     EngineInfo,
     EngineStep,
@@ -22,6 +21,7 @@ from vllm_shadow.adapters.events import (
 )
 from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.evaluation.evaluate import Slo, check_fidelity
+from vllm_shadow.evaluation.recorded_run import MirroredRun, request_latencies
 from vllm_shadow.tracking.engine_state import EngineTracker
 from vllm_shadow.tracking.reasons import SkipReason
 from vllm_shadow.tracking.tracker import TrackerLimits

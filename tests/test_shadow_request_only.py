@@ -7,10 +7,10 @@ import math
 import time
 
 from tests import shadow_support as support
-from tests.support.mirror_stream import MirroredRun
 from vllm_shadow.adapters.events import RequestArrival, RequestFinish
 from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.evaluation.evaluate import Slo, check_fidelity
+from vllm_shadow.evaluation.recorded_run import MirroredRun
 from vllm_shadow.tracking.request_only import RequestOnlyTracker
 from vllm_shadow.tracking.windows import WindowRules
 

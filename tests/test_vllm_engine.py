@@ -18,7 +18,6 @@ import pytest
 
 pytest.importorskip("vllm", reason="the CPU build of vLLM is installed by `make test`")
 
-from tests.support.mirror_stream import MirroredRun
 from tests.waiting import wait_until
 from vllm_shadow.adapters.events import EngineInfo, EngineStep, Event, RequestArrival, RequestFinish
 from vllm_shadow.adapters.grpc_ingest import IngestServer
@@ -27,6 +26,7 @@ from vllm_shadow.adapters.publisher import EventBatch
 from vllm_shadow.adapters.recorder import RecordingError, RecordingTruncatedWarning, read_events
 from vllm_shadow.adapters.traces import bundled_trace, read_trace
 from vllm_shadow.adapters.vllm.engine_run import EngineSetup, drive, start_engine, stop_engine, trace_workload
+from vllm_shadow.evaluation.recorded_run import MirroredRun
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from tests.support.calibration_report import calibrate, step_features
-from tests.support.mirror_stream import MirroredRun, request_latencies
 from vllm_shadow.adapters.events import EngineInfo, EngineStep, RequestArrival, RequestFinish
 from vllm_shadow.costmodel.linear import LinearCostModel
+from vllm_shadow.evaluation.recorded_run import MirroredRun, request_latencies
 
 # The order the mirror guarantees: an arrival follows the step before the one that could first schedule it.
 STREAM = [

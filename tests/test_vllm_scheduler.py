@@ -21,11 +21,11 @@ from vllm import SamplingParams
 from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request
 
-from tests.support.mirror_stream import MirroredRun
 from vllm_shadow.adapters.events import EngineInfo, EngineStep, RequestFinish
 from vllm_shadow.adapters.recorder import read_events
 from vllm_shadow.adapters.vllm import MirrorAsyncScheduler, MirrorScheduler
 from vllm_shadow.adapters.vllm.engine_run import EngineSetup
+from vllm_shadow.evaluation.recorded_run import MirroredRun
 
 NUM_BLOCKS = 10
 

@@ -25,6 +25,7 @@ COMMANDS = (
     "vllm_shadow.cli.demo",
     "vllm_shadow.cli.replay",
     "vllm_shadow.cli.optimal",
+    "vllm_shadow.cli.fidelity",
     "vllm_shadow.cli.profile",
     "vllm_shadow.cli.serve",
     "vllm_shadow.cli.status",

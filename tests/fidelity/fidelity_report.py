@@ -19,15 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.support.calibration_report import CalibrationReport, calibrate
-from tests.support.mirror_stream import MirroredRun, request_latencies
 from vllm_shadow.adapters.events import RequestArrival
 from vllm_shadow.adapters.recorder import read_events
 from vllm_shadow.adapters.traces import bundled_trace, read_trace
 from vllm_shadow.adapters.vllm.engine_run import EngineSetup, drive, start_engine, stop_engine, trace_workload
-from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.evaluation.candidates import current_policy
+from vllm_shadow.evaluation.recorded_run import MirroredRun, replay_in_step_space, request_latencies
 from vllm_shadow.evaluation.step_match import StepComparison, compare_steps
-from vllm_shadow.solver.records import SimResult
 from vllm_shadow.solver.simulator import simulate
 
 # Engine configurations by name; KV sizes are chosen so that preemption happens.
@@ -88,22 +86,6 @@ def record_run(setup: EngineSetup, requests: list[RequestArrival], path: Path) -
     finally:
         stop_engine(engine)
     return MirroredRun.from_events(read_events(path)), produced
-
-
-def replay_in_step_space(run: MirroredRun, cost: LinearCostModel) -> SimResult:
-    """The self replay of a whole run: the engine's own settings, the real output lengths, each request fed
-    before the same non-empty step at which the engine received it; only the policy decides the rest."""
-    if run.info is None:
-        raise ValueError("the mirrored run has no EngineInfo: cannot know the engine's settings")
-    return simulate(
-        run.finished_requests,
-        current_policy(run.info.scheduler),
-        cost,
-        num_kv_blocks=run.info.num_kv_blocks,
-        block_size=run.info.block_size,
-        record_steps=True,
-        arrival_steps=run.arrival_steps,
-    )
 
 
 def latency_errors(run: MirroredRun, calibration: CalibrationReport) -> tuple[float, float]:

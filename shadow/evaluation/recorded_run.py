@@ -1,5 +1,7 @@
-"""Test oracle: reassemble a whole mirrored engine run from its event stream, independently of the shadow's
-tracker (which does the same job window by window), to check the tracker and to replay a run in step space.
+"""A whole recorded engine run, reassembled from its mirror stream, and its self replay in step space.
+
+`shadow fidelity` uses it to tell an operator whether the simulator reproduces their engine before they trust a
+recommendation; the tests use it as an oracle for the live tracker, which does the same job window by window.
 
 The mirror (adapters.vllm.mirror) orders the stream so that an arrival follows the event of the step
 before the one that could first schedule it. `MirroredRun.from_events` turns that into `arrival_steps` in the
@@ -15,7 +17,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from vllm_shadow.adapters.events import EngineInfo, EngineStep, Event, RequestArrival, RequestFinish
-from vllm_shadow.solver.records import RequestRecord
+from vllm_shadow.costmodel.linear import LinearCostModel
+from vllm_shadow.evaluation.candidates import current_policy
+from vllm_shadow.evaluation.step_match import StepComparison, compare_steps
+from vllm_shadow.solver.records import RequestRecord, SimResult
+from vllm_shadow.solver.simulator import simulate
+
+# Step space needs no calibrated model: arrivals are fed by step, so batch times decide nothing compared.
+STEP_SPACE_COST = LinearCostModel(a=1e-3, b=1e-5, c=1e-8)
 
 
 @dataclass(slots=True)
@@ -93,3 +102,31 @@ def request_latencies(run: MirroredRun) -> dict[str, RequestRecord]:
         for r in run.requests
         if r.request_id in first_token and r.request_id in finish
     }
+
+
+def replay_in_step_space(run: MirroredRun, cost: LinearCostModel = STEP_SPACE_COST) -> SimResult:
+    """The self replay of a whole run: the engine's own settings, the real output lengths, each request fed
+    before the same non-empty step at which the engine received it; only the policy decides the rest."""
+    if run.info is None:
+        raise ValueError("the recording has no EngineInfo: the engine's settings are unknown")
+    return simulate(
+        run.finished_requests,
+        current_policy(run.info.scheduler),
+        cost,
+        num_kv_blocks=run.info.num_kv_blocks,
+        block_size=run.info.block_size,
+        record_steps=True,
+        arrival_steps=run.arrival_steps,
+    )
+
+
+def check_run(run: MirroredRun) -> StepComparison:
+    """The engine's non-empty steps against the self replay's, step by step."""
+    if not run.steps:
+        raise ValueError(
+            "the recording has no engine steps: only the mirror scheduler (--scheduler-cls "
+            "vllm_shadow.MirrorScheduler) sees them; the stat-logger plugin and OTLP spans do not"
+        )
+    if not run.finishes:
+        raise ValueError("no request finished in the recording: output lengths are unknown, nothing to replay")
+    return compare_steps(run.steps, replay_in_step_space(run).steps or [])
