@@ -9,6 +9,7 @@ sink is counted, on the producer side (queue full) or per sink (failed or skippe
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import logging
 import os
@@ -120,8 +121,9 @@ class Publisher:
     def close(self, timeout: float = 2.0) -> None:
         """Deliver what is queued within `timeout`, then close the sinks; count and log what was not delivered.
 
-        The engine calls this on shutdown: it waits `timeout` at most for the delivery thread (plus what a
-        sink's own close takes: closing a gRPC channel cancels its calls at once). A sink that never answers
+        The engine calls this on shutdown: it waits `timeout` at most, for the delivery thread and then for
+        sinks whose `close` takes a `timeout` (given what is left of it; closing a gRPC channel cancels its
+        calls at once). A sink that never answers
         (a black-holed shadow) holds the delivery thread in one call; the events queued behind it and the
         batch in its hands are then `undelivered_at_close`, logged once.
         """
@@ -151,7 +153,12 @@ class Publisher:
             close = getattr(state.sink, "close", None)
             if close is not None:
                 try:
-                    close()
+                    if (
+                        "timeout" in inspect.signature(close).parameters
+                    ):  # a sink that waits: within the bound
+                        close(timeout=max(0.0, self._close_deadline - time.monotonic()))
+                    else:
+                        close()
                 except Exception:  # closing is best effort; the engine is shutting down
                     logger.warning("closing shadow sink %r failed", state.sink, exc_info=True)
 

@@ -72,9 +72,12 @@ class RayActorSink:
                 return
             ray.get(self._in_flight.popleft())
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
+        """Wait for the batches still in flight: `timeout` at most (the publisher's close bound), else the
+        sink's own."""
+        wait = self._timeout if timeout is None else min(timeout, self._timeout)
         try:
             if self._in_flight:
-                ray.wait(list(self._in_flight), num_returns=len(self._in_flight), timeout=self._timeout)
+                ray.wait(list(self._in_flight), num_returns=len(self._in_flight), timeout=wait)
         finally:
             self._in_flight.clear()

@@ -135,3 +135,19 @@ def test_close_delivers_what_is_queued_when_the_sink_keeps_up() -> None:
     publisher.close(timeout=10)
     assert sum(len(b.events) for b in received) == 1000
     assert publisher.undelivered_at_close == 0
+
+
+def test_a_sink_that_waits_on_close_is_given_only_what_is_left_of_the_bound() -> None:
+    given: list[float] = []
+
+    class Waiting:
+        def __call__(self, batch: EventBatch) -> None:
+            pass
+
+        def close(self, timeout: float | None = None) -> None:
+            given.append(timeout if timeout is not None else float("inf"))
+
+    publisher = Publisher([Waiting()], flush_interval=0.001)
+    publisher.publish(RequestArrival("r", 0.0, 8))
+    publisher.close(timeout=0.5)
+    assert len(given) == 1 and 0 <= given[0] <= 0.5
