@@ -77,9 +77,23 @@ def best_gpu_gap(s: Scope) -> str:
 
 
 def optimal_gpu_gap(s: Scope) -> str:
-    """The most any scheduler could have saved: the gap to the optimal lower bound."""
+    """Unconstrained: the most any scheduler could have saved however late it served the requests."""
     bound = f"sum by ({ENGINE}) ({s.rate(s.s('optimal_bound_gpu_seconds_total'))})"
     return f"1 - {bound} / {current_gpu_rate(s)}"
+
+
+def constrained_gpu_gap(s: Scope) -> str:
+    """The headline: the most any scheduler could have saved serving every request at equal or better latency
+    (no later than the engine's configuration, or within the SLO)."""
+    bound = f"sum by ({ENGINE}) ({s.rate(s.s('optimal_constrained_bound_gpu_seconds_total'))})"
+    return f"1 - {bound} / {current_gpu_rate(s)}"
+
+
+def recompute_share(s: Scope) -> str:
+    """The recompute tax: the share of the engine's measured busy time (evaluated windows) it spent computing
+    again the KV of preempted requests."""
+    tax = f"sum by ({ENGINE}) ({s.rate(s.s('recompute_gpu_seconds_total'))})"
+    return f"{tax} / on({ENGINE}) {measured_gpu_rate(s)}"
 
 
 def measured_gpu_rate(s: Scope) -> str:

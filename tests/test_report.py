@@ -31,13 +31,27 @@ def test_the_page_is_self_contained(report: Path) -> None:
     assert "4786" not in html and "fcfs-kv12.jsonl.gz" in html
 
 
+def test_the_headline_is_the_bound_at_equal_latency(report: Path) -> None:
+    """The optimal paragraph names the bound an operator can act on first, and says which one ignores latency;
+    the bound at equal latency is never below the one with latency ignored (a tighter problem)."""
+    html = report.read_text()
+    paragraph = re.search(r'<p id="optimal">(.*?)</p>', html, re.S)
+    assert paragraph is not None
+    text = paragraph.group(1)
+    assert text.index("Optimal at equal latency") < text.index("latency ignored")
+    assert "the engine&#x27;s configuration (self replay)" in text
+    at_most = float(re.search(r"a saving of at most <b>([\d.]+)%</b>", text).group(1))
+    ignored = float(re.search(r"the bound is ([\d.]+)% below", text).group(1))
+    assert 0 <= at_most <= ignored
+
+
 def test_chromium_renders_the_key_elements_and_a_non_blank_screenshot(report: Path, tmp_path: Path) -> None:
     chromium = deploy_support.require("chromium")
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1280,2400"]
     dom = subprocess.run(
         [chromium, *flags, "--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=120
     ).stdout
-    for element in ("recommendation", "evidence", "fidelity", "latency", "gap", "kv", "schedule"):
+    for element in ("recommendation", "optimal", "evidence", "fidelity", "latency", "gap", "kv", "schedule"):
         assert f'id="{element}"' in dom, element
     assert re.search(r"reproduced <b>(\d+) of\s+\1</b>", dom), "the recorded stream replays step for step"
     shot = tmp_path / "report.png"

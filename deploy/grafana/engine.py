@@ -66,16 +66,22 @@ def build() -> model.Dashboard:
     layout.row("GPU time")
     layout.add(
         timeseries_panel(
-            "Busy time: measured, self replay, best candidate, optimal bound",
+            "Busy time: optimal bound at equal latency, measured, self replay, best candidate",
             "GPU-seconds per second over the evaluated windows. Measured and self replay should agree; the gap "
-            "between self replay and the optimal bound is all any scheduler could save.",
+            "between self replay and the optimal bound at equal latency (every request served no later than "
+            "by the engine's configuration, or within the SLO) is all any scheduler could save for the same "
+            "service. The bound with latency ignored is lower still, by delaying requests without limit.",
             [
+                Query(
+                    f"sum by ({ENGINE}) ({S.rate(S.s('optimal_constrained_bound_gpu_seconds_total'))})",
+                    "optimal lower bound at equal latency",
+                ),
                 Query(promql.measured_gpu_rate(S), "measured"),
                 Query(promql.current_gpu_rate(S), "self replay (current settings)"),
                 Query(f"min by ({ENGINE}) ({promql.candidate_gpu_rate(S)})", "best candidate"),
                 Query(
                     f"sum by ({ENGINE}) ({S.rate(S.s('optimal_bound_gpu_seconds_total'))})",
-                    "optimal lower bound",
+                    "optimal lower bound, latency ignored",
                 ),
             ],
             unit="short",
@@ -87,14 +93,45 @@ def build() -> model.Dashboard:
         timeseries_panel(
             "Last window: GPU seconds per configuration",
             "Simulated busy time to serve the last evaluated window, per candidate, with the measured time and "
-            "the optimal solver's best schedule and bound.",
+            "the optimal bound at equal latency, and the optimal solver's best schedule and bound with latency "
+            "ignored.",
             [
+                Query(S.s("window_optimal_constrained_bound_gpu_seconds"), "optimal bound at equal latency"),
                 Query(S.s("window_simulated_gpu_seconds"), "{{candidate}}"),
                 Query(S.s("window_actual_gpu_seconds"), "measured"),
-                Query(S.s("window_optimal_gpu_seconds"), "optimal schedule"),
-                Query(S.s("window_optimal_bound_gpu_seconds"), "optimal bound"),
+                Query(S.s("window_optimal_gpu_seconds"), "optimal schedule, latency ignored"),
+                Query(S.s("window_optimal_bound_gpu_seconds"), "optimal bound, latency ignored"),
             ],
             unit="s",
+            min_value=0,
+        ),
+        width=12,
+    )
+    layout.add(
+        timeseries_panel(
+            "Recompute tax: the engine's, and the no-eviction candidate's gap",
+            "Share of the engine's measured busy time (evaluated windows) spent computing again the KV of "
+            "requests its recompute preemptions dropped, priced with the calibrated cost model; beside it the "
+            "GPU-time gap of the no-eviction candidate, which never preempts (what avoiding preemptions "
+            "altogether would have saved or cost, reservations included).",
+            [
+                Query(promql.recompute_share(S), "recompute tax (engine)"),
+                Query(promql.gpu_gap(S, 'candidate=~"no-eviction.*"'), "no-eviction gap"),
+            ],
+            unit="percentunit",
+        ),
+        width=12,
+    )
+    layout.add(
+        timeseries_panel(
+            "Recompute tax per window",
+            "GPU seconds the engine spent recomputing preempted requests in the last evaluated window's steps, "
+            "and recompute preemptions per second over the evaluated windows.",
+            [
+                Query(S.s("window_recompute_gpu_seconds"), "recompute GPU s, last window"),
+                Query(f"sum by ({ENGINE}) ({S.rate(S.s('preemptions_total'))})", "preemptions / s"),
+            ],
+            unit="short",
             min_value=0,
         ),
         width=12,

@@ -17,8 +17,8 @@ from vllm_shadow.evaluation.candidates import Candidate
 from vllm_shadow.evaluation.evaluate import (
     CandidateOutcome,
     Fidelity,
-    OptimalOutcome,
     Slo,
+    WindowOptimum,
     check_fidelity,
     run_candidates,
     solve_window_optimum,
@@ -39,6 +39,9 @@ class EvaluationSettings:
     # time limit of CPU, which at many engines is more than all the simulations together.
     optimal_every: int = 1
     optimal_workers: int = 1
+    # CP-SAT under the latency deadlines as well, on the same windows (the bound at equal latency is otherwise
+    # the relaxation under them, on every window: see `evaluate.solve_window_optimum` for why).
+    optimal_constrained_cp_sat: bool = False
     timeout_seconds: float = 60.0  # a window whose tasks take longer is cancelled and counted
     max_in_flight: int = 4  # windows evaluating at once
     max_queued: int = 64  # windows waiting to be evaluated; beyond this the oldest is dropped
@@ -69,7 +72,7 @@ class WindowTask:
 class WindowTasks:
     fidelity: WindowTask  # -> Fidelity
     candidates: tuple[WindowTask, ...]  # each -> list[CandidateOutcome]
-    optimal: WindowTask | None  # -> OptimalOutcome; None when the settings ask for no optimum
+    optimal: WindowTask | None  # -> WindowOptimum; None when the settings ask for no optimum
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +81,7 @@ class TaskOutputs:
 
     fidelity: Fidelity | None
     candidates: tuple[list[CandidateOutcome] | None, ...]
-    optimal: OptimalOutcome | None
+    optimal: WindowOptimum | None
     locations: tuple[str, ...]  # where the tasks that returned ran
 
 
@@ -105,6 +108,8 @@ def plan_tasks(
                 "time_limit": settings.optimal_time_limit,
                 "max_requests": settings.optimal_max_requests if on_this_window else 0,
                 "workers": settings.optimal_workers,
+                "slo": slo,
+                "constrained_cp_sat": settings.optimal_constrained_cp_sat,
             },
         )
     return WindowTasks(
@@ -140,7 +145,9 @@ def assemble_evaluation(
         current=candidates[0].label,
         fidelity=outputs.fidelity,
         candidates=tuple(outcomes),
-        optimal=outputs.optimal,
+        optimal=outputs.optimal.unconstrained if outputs.optimal is not None else None,
+        constrained=outputs.optimal.constrained if outputs.optimal is not None else None,
+        recompute=window.recompute,
         evaluation_seconds=evaluation_seconds,
         task_locations=outputs.locations,
     )

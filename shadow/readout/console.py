@@ -8,6 +8,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from vllm_shadow.evaluation.evaluate import ENGINE_LATENCY
 from vllm_shadow.evaluation.results import WindowEvaluation
 from vllm_shadow.readout.snapshot import EngineSnapshot, ShadowSnapshot
 
@@ -100,18 +101,56 @@ def window_table(engine: EngineSnapshot, last: WindowEvaluation, rows: int = 8) 
             _pct(latency.slo_attainment) if latency else "-",
             str(outcome.preemptions),
         )
-    if last.optimal is not None:
-        opt = last.optimal
-        table.add_row(
-            f"[italic]optimal bound ({opt.method}, {opt.status})[/]",
-            _num(opt.bound_gpu_seconds, digits=3),
-            _pct(last.optimal_gap, signed=True),
-            "",
-            "",
-            "",
-            "",
-        )
+    # The bound at equal latency first: it is the one an operator can act on.
+    for opt, gap, what in (
+        (last.constrained, last.constrained_gap, "at equal latency"),
+        (last.optimal, last.optimal_gap, "latency ignored"),
+    ):
+        if opt is not None:
+            table.add_row(
+                f"[italic]optimal bound, {what} ({opt.method}, {opt.status})[/]",
+                _num(opt.bound_gpu_seconds, digits=3),
+                _pct(gap, signed=True),
+                "",
+                "",
+                "",
+                "",
+            )
+    if last.recompute.preemptions or last.recompute.gpu_seconds:
+        table.caption = recompute_line(last)
     return table
+
+
+def recompute_line(last: WindowEvaluation) -> str:
+    tax = last.recompute
+    share = tax.gpu_seconds / last.actual_gpu_seconds if last.actual_gpu_seconds > 0 else math.nan
+    return (
+        f"recompute tax: {tax.preemptions} preemptions, {tax.recomputed_tokens:,} tokens computed again, "
+        f"{tax.gpu_seconds:.3f}s of busy time ({_pct(share)} of the measured)"
+    )
+
+
+def optimal_lines(last: WindowEvaluation) -> list[str]:
+    """The optimal bounds of a window in words, the one at equal latency first."""
+    lines = []
+    if last.constrained is not None:
+        latency = (
+            "every request served no later than by the current configuration"
+            if last.constrained.latency == ENGINE_LATENCY
+            else f"every request within the SLO ({last.constrained.latency})"
+        )
+        lines.append(
+            f"optimal bound at equal latency, last window: with {latency}, no scheduler could serve it in less "
+            f"than {last.constrained.bound_gpu_seconds:.3f}s of busy time "
+            f"({_pct(last.constrained_gap)} below the current configuration's replay)"
+        )
+    if last.optimal is not None:
+        lines.append(
+            f"optimal bound with latency ignored (requests delayed without limit), last window: "
+            f"{last.optimal.bound_gpu_seconds:.3f}s ({_pct(last.optimal_gap)} below the current configuration's "
+            f"replay)"
+        )
+    return lines
 
 
 def verdict_text(engine: EngineSnapshot) -> Text:
@@ -159,13 +198,7 @@ def summary_view(snapshot: ShadowSnapshot) -> RenderableType:
         table = evidence_table(engine)
         if table is not None:
             parts.append(table)
-        if engine.last is not None and engine.last.optimal is not None:
-            parts.append(
-                Text(
-                    f"optimal bound, last window: no scheduler could serve it in less than "
-                    f"{engine.last.optimal.bound_gpu_seconds:.3f}s of busy time "
-                    f"({_pct(engine.last.optimal_gap)} below the current configuration's replay)"
-                )
-            )
+        if engine.last is not None:
+            parts.extend(Text(line) for line in optimal_lines(engine.last))
         parts.append(verdict_text(engine))
     return Group(*parts)

@@ -187,8 +187,29 @@ METRICS: tuple[MetricSpec, ...] = (
     _engine(
         "optimal_bound_gpu_seconds_total",
         "counter",
-        "Lower bound on the busy time of any schedule, summed over evaluated windows.",
+        "Unconstrained (latency ignored) lower bound on the busy time of any schedule, summed over evaluated "
+        "windows.",
     ),
+    _engine(
+        "optimal_constrained_bound_gpu_seconds_total",
+        "counter",
+        "Lower bound on the busy time of any schedule serving every request at equal or better latency (latency "
+        "'engine': no later than the engine's configuration; 'slo': within the SLO, or no later than the "
+        "configuration where it missed; as the window gauges' latency label says), summed over evaluated "
+        "windows: the headline bound.",
+    ),
+    _engine(
+        "recompute_gpu_seconds_total",
+        "counter",
+        "Busy time the engine spent computing again the KV its recompute preemptions dropped (the recompute "
+        "tax, priced with the calibrated cost model), over the evaluated windows' own steps.",
+    ),
+    _engine(
+        "recomputed_tokens_total",
+        "counter",
+        "Tokens the engine computed again after recompute preemptions, over the evaluated windows' own steps.",
+    ),
+    _engine("preemptions_total", "counter", "Recompute preemptions in the evaluated windows' own steps."),
     # ---- per engine: the last evaluated window -----------------------------------------------------------------
     _engine("window_requests", "gauge", "Requests that arrived in the last evaluated window."),
     _engine("window_actual_gpu_seconds", "gauge", "Measured busy time while the last window was open."),
@@ -251,19 +272,38 @@ METRICS: tuple[MetricSpec, ...] = (
         "metric",
     ),
     _engine(
+        "window_optimal_constrained_gap_ratio",
+        "gauge",
+        "The headline: (current - constrained bound) / current, the most any scheduler could have saved on the "
+        "last window while serving every request at equal or better latency.",
+        "latency",
+    ),
+    _engine(
+        "window_optimal_constrained_bound_gpu_seconds",
+        "gauge",
+        "Lower bound on the busy time of any schedule serving the last window at equal or better latency.",
+        "latency",
+    ),
+    _engine(
         "window_optimal_bound_gpu_seconds",
         "gauge",
-        "Lower bound on any schedule's busy time for the last window.",
+        "Unconstrained (latency ignored) lower bound on any schedule's busy time for the last window.",
     ),
     _engine(
         "window_optimal_gpu_seconds",
         "gauge",
-        "Busy time of the best schedule the optimal solver found for the last window.",
+        "Busy time of the best schedule the optimal solver found for the last window, latency ignored.",
     ),
     _engine(
         "window_optimal_gap_ratio",
         "gauge",
-        "(current - optimal bound) / current: the most any scheduler could have saved, last window.",
+        "Unconstrained: (current - optimal bound) / current, the most any scheduler could have saved on the last "
+        "window however late it served the requests.",
+    ),
+    _engine(
+        "window_recompute_gpu_seconds",
+        "gauge",
+        "Busy time the engine spent recomputing preempted requests' KV in the last window's steps.",
     ),
     # ---- per engine: the recommendation ------------------------------------------------------------------------
     _engine(

@@ -11,6 +11,7 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from vllm_shadow.evaluation.evaluate import ENGINE_LATENCY, OptimalOutcome
 from vllm_shadow.evaluation.results import METRICS
 from vllm_shadow.readout.metric_table import MetricSpec, spec
 from vllm_shadow.readout.snapshot import EngineSnapshot, ShadowSnapshot
@@ -153,6 +154,10 @@ def _engine_families(f: _Families, e: EngineSnapshot) -> None:
         simulated.add((*key, label), seconds)
     f("evaluated_gpu_seconds_total").add(key, e.actual_gpu_seconds)
     f("optimal_bound_gpu_seconds_total").add(key, e.optimal_bound_gpu_seconds)
+    f("optimal_constrained_bound_gpu_seconds_total").add(key, e.optimal_constrained_bound_gpu_seconds)
+    f("recompute_gpu_seconds_total").add(key, e.recompute.gpu_seconds)
+    f("recomputed_tokens_total").add(key, e.recompute.recomputed_tokens)
+    f("preemptions_total").add(key, e.recompute.preemptions)
     if e.last is not None:
         _window_families(f, e, key)
     _recommendation_families(f, e, key)
@@ -200,12 +205,24 @@ def _window_families(f: _Families, e: EngineSnapshot, key: tuple[str, str]) -> N
     for metric, value in (("ttft", fid.ttft_error_ratio), ("e2e", fid.e2e_error_ratio)):
         if _finite(value):
             latency_error.add((*key, metric), value)
+    if w.constrained is not None:
+        latency = (*key, latency_label(w.constrained))
+        f("window_optimal_constrained_bound_gpu_seconds").add(latency, w.constrained.bound_gpu_seconds)
+        if _finite(w.constrained_gap):
+            f("window_optimal_constrained_gap_ratio").add(latency, w.constrained_gap)
+    f("window_recompute_gpu_seconds").add(key, w.recompute.gpu_seconds)
     if w.optimal is not None:
         f("window_optimal_bound_gpu_seconds").add(key, w.optimal.bound_gpu_seconds)
         if _finite(w.optimal.best_gpu_seconds):
             f("window_optimal_gpu_seconds").add(key, w.optimal.best_gpu_seconds)
         if _finite(w.optimal_gap):
             f("window_optimal_gap_ratio").add(key, w.optimal_gap)
+
+
+def latency_label(outcome: OptimalOutcome) -> str:
+    """The `latency` label of a constrained bound: "engine" (no request later than under the engine's
+    configuration) or "slo" (within the SLO, or no later than the configuration where it missed)."""
+    return "engine" if outcome.latency == ENGINE_LATENCY else "slo"
 
 
 def _recommendation_families(f: _Families, e: EngineSnapshot, key: tuple[str, str]) -> None:

@@ -12,6 +12,7 @@ from vllm_shadow.adapters.events import EngineInfo
 from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.evaluation.recommend import Verdict
 from vllm_shadow.evaluation.results import WindowEvaluation
+from vllm_shadow.tracking.recompute import RecomputeTax
 from vllm_shadow.tracking.sequencing import SequenceStats
 from vllm_shadow.tracking.tracker import TrackerStats
 
@@ -79,8 +80,12 @@ class EngineSnapshot:
     # (the current configuration's self replay included), measured busy time, and the optimal bound.
     simulated_gpu_seconds: dict[str, float]
     actual_gpu_seconds: float
-    optimal_bound_gpu_seconds: float
+    optimal_bound_gpu_seconds: float  # unconstrained: latency ignored
     verdict: Verdict | None
+    # The bound at equal or better latency, summed like the others, and what recompute preemptions cost the
+    # engine in the evaluated windows' steps.
+    optimal_constrained_bound_gpu_seconds: float = 0.0
+    recompute: RecomputeTax = field(default_factory=RecomputeTax)
 
     @property
     def windows_skipped(self) -> dict[str, int]:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import math
+from collections.abc import Callable
 from html import escape
 
+from vllm_shadow.evaluation.results import WindowEvaluation
 from vllm_shadow.report.analysis import StreamAnalysis
 from vllm_shadow.report.figures import gap_figure, kv_figure, latency_figure, schedule_figure
 
@@ -72,6 +74,7 @@ def render(
 {info.num_kv_blocks} KV blocks of {info.block_size} tokens · settings <code>{escape(flags)}</code> ·
 {len(evaluations)} windows, {requests} requests, {len(analysis.steps)} engine steps</div>
 {card}
+{_optimal_html(evaluations)}
 <h2>Evidence</h2>
 <p>Per candidate over the last windows: mean weighted gain over the self replay, its standard error and lower
 confidence bound, and the windows it won. Only flag changes (actionable) can be recommended.</p>
@@ -88,6 +91,37 @@ error {_pct(_mean([e.fidelity.ttft_error_ratio for e in evaluations]))}.</p>
 <h2>Optimal schedule against the engine's</h2>{schedule_html}
 </body></html>
 """
+
+
+def _window_gap(evaluations: list[WindowEvaluation], bound: Callable[[WindowEvaluation], float]) -> float:
+    """1 - (sum of the bounds) / (sum of the self replays' GPU time) over the windows with a bound."""
+    pairs = [(e.fidelity.self_replay.gpu_seconds, bound(e)) for e in evaluations]
+    pairs = [(s, b) for s, b in pairs if not math.isnan(s + b)]
+    replayed = sum(s for s, _ in pairs)
+    return 1 - sum(b for _, b in pairs) / replayed if replayed > 0 else math.nan
+
+
+def _optimal_html(evaluations: list[WindowEvaluation]) -> str:
+    """The optimal gaps over every window, the one at equal latency first, and the engine's recompute tax."""
+    nan = math.nan
+    constrained = _window_gap(
+        evaluations, lambda e: e.constrained.bound_gpu_seconds if e.constrained else nan
+    )
+    unconstrained = _window_gap(evaluations, lambda e: e.optimal.bound_gpu_seconds if e.optimal else nan)
+    latency = next((e.constrained.latency for e in evaluations if e.constrained is not None), "")
+    recompute = sum(e.recompute.gpu_seconds for e in evaluations)
+    preemptions = sum(e.recompute.preemptions for e in evaluations)
+    measured = sum(e.actual_gpu_seconds for e in evaluations)
+    return (
+        f'<p id="optimal"><b>Optimal at equal latency:</b> no scheduler could have served these windows in less '
+        f"than <b>{_pct(1 - constrained) if not math.isnan(constrained) else '–'}</b> of the current "
+        f"configuration's GPU time while serving every request no later than "
+        f"{escape(latency or 'the current configuration')} (a saving of at most <b>{_pct(constrained)}</b>). "
+        f"With latency ignored (requests delayed without limit, a schedule no operator would run) the bound "
+        f"is {_pct(unconstrained)} below. Recompute tax: {preemptions} preemptions cost the engine "
+        f"{recompute:.3f}s of busy time ({_pct(recompute / measured if measured > 0 else nan)} of the measured)."
+        f"</p>"
+    )
 
 
 def _mean(values: list[float]) -> float:

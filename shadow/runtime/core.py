@@ -47,6 +47,7 @@ from vllm_shadow.readout.snapshot import EngineSnapshot, Histogram, ShadowSnapsh
 from vllm_shadow.runtime.tasks import TaskResult, TaskRunner
 from vllm_shadow.tracking.engine_state import EngineTracker
 from vllm_shadow.tracking.reasons import SkipReason, UnattributedReason
+from vllm_shadow.tracking.recompute import RecomputeTax
 from vllm_shadow.tracking.request_only import RequestOnlyTracker
 from vllm_shadow.tracking.sequencing import Sequencer, SequenceStats
 from vllm_shadow.tracking.tracker import TrackerLimits, WindowTracker
@@ -107,6 +108,8 @@ class _Engine:
     simulated: dict[str, float] = field(default_factory=dict)
     actual: float = 0.0
     optimal_bound: float = 0.0
+    constrained_bound: float = 0.0  # the bound at equal or better latency
+    recompute: RecomputeTax = field(default_factory=RecomputeTax)
     verdict: Verdict | None = None
 
     @property
@@ -117,7 +120,8 @@ class _Engine:
         """The configuration changed: evidence gathered under the old one says nothing about the new one."""
         self.history.clear()
         self.simulated.clear()
-        self.actual = self.optimal_bound = 0.0
+        self.actual = self.optimal_bound = self.constrained_bound = 0.0
+        self.recompute = RecomputeTax()
         self.verdict = None
 
 
@@ -497,6 +501,12 @@ class ShadowCore:
         engine.actual += evaluation.actual_gpu_seconds
         if evaluation.optimal is not None:
             engine.optimal_bound += evaluation.optimal.bound_gpu_seconds
+        # Without a constrained bound on a window its unconstrained one still holds (a tighter problem never
+        # has a lower optimum): the sum stays a bound over the same windows as the self replay's.
+        headline = evaluation.constrained or evaluation.optimal
+        if headline is not None:
+            engine.constrained_bound += headline.bound_gpu_seconds
+        engine.recompute += evaluation.recompute
         engine.verdict = recommend(list(engine.history), engine.candidates, self.config.goal)
 
     # ---- reading --------------------------------------------------------------------------------------------
@@ -572,5 +582,7 @@ class ShadowCore:
             simulated_gpu_seconds=dict(engine.simulated),
             actual_gpu_seconds=engine.actual,
             optimal_bound_gpu_seconds=engine.optimal_bound,
+            optimal_constrained_bound_gpu_seconds=engine.constrained_bound,
+            recompute=engine.recompute,
             verdict=engine.verdict,
         )

@@ -24,6 +24,7 @@ from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.solver.records import RequestRecord
 from vllm_shadow.solver.simulator import RunningRequest
 from vllm_shadow.tracking.reasons import SkipReason
+from vllm_shadow.tracking.recompute import RecomputeTax, recomputed_tokens, step_recompute_tax
 from vllm_shadow.tracking.tracker import DEFAULT_LIMITS, TrackerLimits, WindowTracker
 from vllm_shadow.tracking.windows import TrafficWindow, WindowRules
 
@@ -33,6 +34,7 @@ class _Request:
         "arrival",
         "arrival_step",
         "computed",
+        "dropped_kv",
         "finish",
         "finished",
         "first_token",
@@ -55,6 +57,7 @@ class _Request:
         self.max_tokens = event.max_tokens
         self.priority = event.priority
         self.computed = 0
+        self.dropped_kv = 0  # KV tokens its preemptions dropped (the most): what it computes again
         self.generated = 0
         self.first_token = math.nan
         self.finish = math.nan
@@ -103,6 +106,8 @@ class _WindowBookkeeping:
     traffic: int = 0  # arrivals and steps seen while open
     end_step: int = -1
     pending: set[str] = field(default_factory=set)  # requests not finished yet (once closed)
+    # What the engine's recompute preemptions cost in its steps (`vllm_shadow.tracking.recompute`).
+    recompute: RecomputeTax = field(default_factory=RecomputeTax)
 
     def request_ids(self) -> list[str]:
         return [r for r, _, _ in self.running] + [r for r, _ in self.waiting] + self.own
@@ -217,7 +222,7 @@ class EngineTracker(WindowTracker):
         self._ensure_open()
         if step.preempted:
             self._preempt(step.preempted)
-        new_tokens, context = [], []
+        new_tokens, context, again = [], [], []
         for request_id, n in step.scheduled_tokens.items():
             request = requests.get(request_id)
             if request is None:
@@ -227,6 +232,7 @@ class EngineTracker(WindowTracker):
                 self._running[request_id] = None
             new_tokens.append(n)
             context.append(request.computed)
+            again.append(recomputed_tokens(request.computed, n, request.dropped_kv))
             request.computed += n
             request.last_progress = end
             if request.computed >= request.prompt + request.generated:  # the batch sampled a token
@@ -246,6 +252,11 @@ class EngineTracker(WindowTracker):
                 window.start_time = step.start_time
             if not window.too_large:
                 window.steps.append(step)
+                if step.preempted or any(again):
+                    model = self.calibrator.model()
+                    window.recompute += step_recompute_tax(
+                        model, new_tokens, context, again, len(step.preempted)
+                    )
         self._finish_listed(step, end)
         self._maybe_close(end)
 
@@ -256,7 +267,9 @@ class EngineTracker(WindowTracker):
         victims = sorted((r for r in preempted if r in position), key=position.__getitem__, reverse=True)
         for request_id in victims:
             del self._running[request_id]
-            self._requests[request_id].computed = 0
+            victim = self._requests[request_id]
+            victim.dropped_kv = max(victim.dropped_kv, victim.computed)
+            victim.computed = 0
             self._waiting[request_id] = None
             self._waiting.move_to_end(request_id, last=False)
 
@@ -440,6 +453,7 @@ class EngineTracker(WindowTracker):
             cost_error=window.cost_error,
             cost_samples=window.cost_samples,
             approximations=approximations,
+            recompute=window.recompute,
         )
 
     # ---- time-outs and loss ---------------------------------------------------------------------------------

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vllm_shadow.adapters.events import EngineInfo, EngineStep, RequestArrival
 from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.solver.records import RequestRecord
 from vllm_shadow.solver.simulator import RunningRequest
+from vllm_shadow.tracking.recompute import RecomputeTax
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -84,6 +85,8 @@ class TrafficWindow:
     cost_error: float  # the calibrator's running relative error then (nan before any measurement)
     cost_samples: int  # engine steps the cost model had been calibrated on then
     approximations: int = 0  # requests whose modelling is approximate (aborted before their first token)
+    # The recompute tax the engine paid in `steps` (mirror sources; zero for request-only ones).
+    recompute: RecomputeTax = field(default_factory=RecomputeTax)
 
     @property
     def exact(self) -> bool:
