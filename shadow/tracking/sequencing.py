@@ -71,7 +71,7 @@ class _Candidate:
 
 @dataclass(frozen=True, slots=True)
 class Pushed:
-    accepted: bool  # held or delivered; False: dropped as late or duplicate (counted)
+    accepted: bool  # held or delivered; False: dropped (late, a duplicate, a replaced incarnation, a stray)
     deliveries: list[Delivery] = field(default_factory=list)
 
 
