@@ -25,7 +25,7 @@ from vllm_shadow.evaluation.evaluate import (
     window_deadlines,
 )
 from vllm_shadow.evaluation.recommend import Goal
-from vllm_shadow.evaluation.window import EvaluationSettings, evaluate_window
+from vllm_shadow.evaluation.window import EvaluationSettings, evaluate_window, plan_tasks
 from vllm_shadow.readout.console import status_view, summary_view
 from vllm_shadow.readout.exporter import exposition
 from vllm_shadow.readout.snapshot import to_json
@@ -233,3 +233,19 @@ def test_shadow_status_reads_the_headline_back_from_the_published_json(snapshot)
     assert engine.last.constrained.bound_gpu_seconds == original.last.constrained.bound_gpu_seconds
     assert engine.last.constrained.latency == ENGINE_LATENCY
     assert engine.last.constrained_gap == original.last.constrained_gap
+
+
+def test_the_cli_turns_cp_sat_under_the_deadlines_on() -> None:
+    import argparse
+
+    from vllm_shadow.cli.options import add_shadow_options, shadow_config
+
+    parser = argparse.ArgumentParser()
+    add_shadow_options(parser)
+    default = shadow_config(parser.parse_args([])).evaluation
+    assert not default.optimal_constrained_cp_sat
+    on = shadow_config(parser.parse_args(["--optimal-constrained-cp-sat"])).evaluation
+    assert on.optimal_constrained_cp_sat
+    window = support.windows("fcfs-kv12", 0.5)[1]
+    task = plan_tasks(window, build_candidates(window.info.scheduler)[:1], on, Slo()).optimal
+    assert task is not None and task.kwargs["constrained_cp_sat"] is True

@@ -249,6 +249,12 @@ def add_shadow_options(
         help="CP-SAT on every k-th window, the relaxation bound on the others (default 1: every window)",
     )
     group.add_argument(
+        "--optimal-constrained-cp-sat",
+        action="store_true",
+        help="CP-SAT under the latency deadlines too (the bound at equal latency; default: its relaxation, "
+        "every window)",
+    )
+    group.add_argument(
         "--evaluation-timeout",
         type=float,
         default=60.0,
@@ -302,6 +308,7 @@ def shadow_config(args: argparse.Namespace) -> ShadowConfig:
             optimal_time_limit=args.optimal_time_limit,
             optimal_max_requests=args.optimal_max_requests,
             optimal_every=args.optimal_every,
+            optimal_constrained_cp_sat=args.optimal_constrained_cp_sat,
             timeout_seconds=args.evaluation_timeout,
         ),
         hardware=args.hardware,
