@@ -18,7 +18,10 @@ from deploy.promql import Scope
 # Recorded series (level:metric:operations, as the Prometheus naming practice has it).
 GAP = "engine_candidate:vllm_shadow_gpu_gap:ratio_rate30m"
 BEST_GAP = "engine:vllm_shadow_gpu_gap_best:ratio_rate30m"
-OPTIMAL_GAP = "engine:vllm_shadow_gpu_gap_optimal:ratio_rate30m"
+OPTIMAL_GAP = "engine:vllm_shadow_gpu_gap_optimal:ratio_rate30m"  # latency ignored
+# The headline: the gap to the optimal bound at equal or better latency.
+OPTIMAL_GAP_EQUAL_LATENCY = "engine:vllm_shadow_gpu_gap_optimal_equal_latency:ratio_rate30m"
+RECOMPUTE_SHARE = "engine:vllm_shadow_recompute_share:ratio_rate30m"
 STEP_MATCH = "engine:vllm_shadow_self_replay_step_match:avg30m"
 REPLAY_ERROR = "engine:vllm_shadow_self_replay_gpu_error:avg30m"
 EVENTS = "engine:vllm_shadow_events:rate5m"
@@ -81,7 +84,9 @@ def recordings(flavour: Flavour) -> list[Recording]:
     return [
         Recording(GAP, promql.gpu_gap(slow)),
         Recording(BEST_GAP, promql.best_gpu_gap(slow)),
+        Recording(OPTIMAL_GAP_EQUAL_LATENCY, promql.constrained_gpu_gap(slow)),
         Recording(OPTIMAL_GAP, promql.optimal_gpu_gap(slow)),
+        Recording(RECOMPUTE_SHARE, promql.recompute_share(slow)),
         Recording(STEP_MATCH, promql.step_match(slow)),
         Recording(REPLAY_ERROR, promql.replay_gpu_error(slow)),
         Recording(EVENTS, promql.events_rate(fast)),
