@@ -221,6 +221,8 @@ def test_status_and_the_demo_summary_show_the_bound_at_equal_latency_first(snaps
     assert summary.index("optimal bound at equal latency") < summary.index(
         "optimal bound with latency ignored"
     )
+    preemptions = snapshot.engines[0].recompute.preemptions
+    assert f"recompute tax: {preemptions} preemptions" in summary and preemptions > 0
     status = _text(status_view(snapshot))
     assert status.index("optimal bound, at equal latency") < status.index("optimal bound, latency ignored")
 

@@ -121,9 +121,10 @@ def window_table(engine: EngineSnapshot, last: WindowEvaluation, rows: int = 8) 
     return table
 
 
-def recompute_line(last: WindowEvaluation) -> str:
-    tax = last.recompute
-    share = tax.gpu_seconds / last.actual_gpu_seconds if last.actual_gpu_seconds > 0 else math.nan
+def recompute_line(last: WindowEvaluation | EngineSnapshot) -> str:
+    """The recompute tax of a window, or of an engine over its evaluated windows."""
+    tax, measured = last.recompute, last.actual_gpu_seconds
+    share = tax.gpu_seconds / measured if measured > 0 else math.nan
     return (
         f"recompute tax: {tax.preemptions} preemptions, {tax.recomputed_tokens:,} tokens computed again, "
         f"{tax.gpu_seconds:.3f}s of busy time ({_pct(share)} of the measured)"
@@ -200,5 +201,7 @@ def summary_view(snapshot: ShadowSnapshot) -> RenderableType:
             parts.append(table)
         if engine.last is not None:
             parts.extend(Text(line) for line in optimal_lines(engine.last))
+        if engine.windows_evaluated:
+            parts.append(Text(f"{recompute_line(engine)}, over the evaluated windows"))
         parts.append(verdict_text(engine))
     return Group(*parts)
