@@ -37,12 +37,16 @@ def test_the_hook_and_the_stat_logger_never_share_a_recording() -> None:
     assert record_path("/r/run.jsonl.gz", STAT_LOGGER) == "/r/run.api-server.jsonl.gz"
     assert record_path("/r/run.jsonl", RecordStream(ENGINE_CORE, 1)) == "/r/run.engine-core-1.jsonl"
     assert record_path("/r/run", RecordStream(API_SERVER, 2)) == "/r/run.api-server-2"
+    # vLLM runs one API server per data-parallel rank by default: each reports every engine it routes to.
+    assert record_path("/r/run.jsonl", RecordStream(API_SERVER, 1, 1)) == "/r/run.api-server-p1-1.jsonl"
     assert record_path("/r/{stream}.jsonl", HOOK) == "/r/engine-core.jsonl"
     assert record_path("/r/{stream}-{pid}.jsonl", STAT_LOGGER, pid=7) == "/r/api-server-7.jsonl"
     # `{pid}` separates the processes already; two stat loggers of one API server still need two files.
     assert record_path("/r/{pid}.jsonl", STAT_LOGGER, pid=7) == "/r/7.jsonl"
     assert record_path("/r/{pid}.jsonl", RecordStream(API_SERVER, 1), pid=7) == "/r/7.api-server-1.jsonl"
-    streams = [RecordStream(role, index) for role in (ENGINE_CORE, API_SERVER) for index in range(3)]
+    streams = [RecordStream(ENGINE_CORE, index) for index in range(3)] + [
+        RecordStream(API_SERVER, index, process) for index in range(3) for process in range(3)
+    ]
     for template in ("/r/run.jsonl", "/r/run.jsonl.gz", "/r/{stream}.jsonl"):
         assert len({record_path(template, s, pid=1) for s in streams}) == len(streams), template
 
@@ -58,6 +62,13 @@ def test_each_stream_s_recorder_writes_its_own_file(tmp_path: Path) -> None:
     (pid_recorder,) = pid_env.sinks(STAT_LOGGER)
     assert pid_recorder.path == tmp_path / f"{os.getpid()}.jsonl"  # unchanged where {pid} was used
     pid_recorder.close()
+
+
+def test_data_parallel_engines_get_labels_of_their_own() -> None:
+    labelled = ShadowEnv.from_environ({"SHADOW_ENGINE": "replica"})
+    assert [labelled.engine_label(rank, 2) for rank in range(2)] == ["replica-0", "replica-1"]
+    assert labelled.engine_label(0, 1) == "replica"  # one engine: the label as given
+    assert [ShadowEnv().engine_label(rank, 2) for rank in range(2)] == ["0", "1"]
 
 
 def test_engine_core_ids_join_the_api_server_s() -> None:
@@ -129,3 +140,34 @@ def test_tokenizer_loads_through_transformers_as_vllm_loads_it() -> None:
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(TINY_LLAMA))
     assert tokenizer.vocab_size == 32000 and tokenizer.num_special_tokens_to_add() == 0
     assert tokenizer.eos_token_id == 2 and sorted(tokenizer.all_special_ids) == [0, 1, 2]
+
+
+def test_a_stat_logger_loaded_twice_for_one_engine_reports_once(tmp_path: Path, monkeypatch) -> None:
+    # The plugin loaded by vLLM and the class given by hand (stat_loggers=) run side by side.
+    pytest.importorskip("vllm", reason="the CPU build of vLLM is installed by `make test`")
+    from types import SimpleNamespace
+
+    from vllm_shadow.adapters.vllm.stat_logger import ShadowStatLogger
+
+    monkeypatch.setenv("SHADOW_RECORD", str(tmp_path / "run.jsonl"))
+
+    def front_end(api_server: int) -> SimpleNamespace:  # the parts of a VllmConfig the constructor reads
+        return SimpleNamespace(
+            parallel_config=SimpleNamespace(_api_process_rank=api_server, data_parallel_size=2)
+        )
+
+    config, other_front_end = front_end(0), front_end(1)
+    first, second = ShadowStatLogger(config, 0), ShadowStatLogger(config, 0)
+    others = [ShadowStatLogger(config, 1), ShadowStatLogger(other_front_end, 0)]
+    try:
+        assert first._publisher is not None and second._publisher is None
+        assert all(o._publisher is not None for o in others)  # another engine, another front end: reported
+        # Each writes its own file, the second API server's named by its rank.
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            "run.api-server-1.jsonl",
+            "run.api-server-p1.jsonl",
+            "run.api-server.jsonl",
+        ]
+    finally:
+        for logger in (first, *others):
+            logger._publisher.close(timeout=0.5)

@@ -7,7 +7,8 @@
     SHADOW_RAY_ACTOR=name           a named Ray actor with an `ingest(batch)` method
     SHADOW_RAY_NAMESPACE=ns         its Ray namespace
     SHADOW_QUEUE_CAPACITY=100000    events buffered in the engine before new ones are dropped (and counted)
-    SHADOW_ENGINE=label             the engine's label in EngineInfo (default: its data-parallel rank)
+    SHADOW_ENGINE=label             the engine's label in EngineInfo (default: its data-parallel rank;
+                                    with data parallelism, `label-rank`)
 
 With none of the destinations set, no publisher is created and the hooks only pass calls through.
 
@@ -36,14 +37,17 @@ _ENGINE_CORE_SUFFIX = re.compile(r"-[0-9a-zA-Z]{8}$")
 
 @dataclass(frozen=True, slots=True)
 class RecordStream:
-    """Who writes a recording: the process role and the data-parallel engine index it reports."""
+    """Who writes a recording: the process role, the data-parallel engine index it reports, and which of
+    several processes of that role it is (vLLM runs one API server per data-parallel rank by default)."""
 
     role: str = ENGINE_CORE
     index: int = 0
+    process: int = 0
 
     @property
     def name(self) -> str:
-        return self.role if self.index == 0 else f"{self.role}-{self.index}"
+        name = self.role if self.process == 0 else f"{self.role}-p{self.process}"
+        return name if self.index == 0 else f"{name}-{self.index}"
 
 
 def record_path(template: str, stream: RecordStream = RecordStream(), pid: int | None = None) -> str:
@@ -93,6 +97,13 @@ class ShadowEnv:
             queue_capacity=int(capacity) if capacity else DEFAULT_QUEUE_CAPACITY,
             engine=get("SHADOW_ENGINE"),
         )
+
+    def engine_label(self, rank: int, data_parallel_size: int = 1) -> str:
+        """The label that keys this engine in the shadow: unique per data-parallel rank, or one shadow would
+        take the ranks for one engine restarting over and over."""
+        if not self.engine:
+            return str(rank)
+        return self.engine if data_parallel_size <= 1 else f"{self.engine}-{rank}"
 
     @property
     def enabled(self) -> bool:

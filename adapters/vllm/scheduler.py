@@ -54,7 +54,7 @@ def _attach(scheduler: Scheduler, env: ShadowEnv) -> _ShadowHook | None:
     if publisher is None:
         return None
     hook = _ShadowHook(publisher)
-    engine = env.engine or str(rank)
+    engine = env.engine_label(rank, scheduler.vllm_config.parallel_config.data_parallel_size)
     info = engine_info(
         scheduler.vllm_config, scheduler.kv_cache_config.num_blocks, scheduler.block_size, engine
     )

@@ -2,8 +2,9 @@
 
 For engines whose scheduler class cannot be changed. Install the project next to vLLM and its entry point
 (`vllm.stat_logger_plugins`: `shadow = adapters.vllm.stat_logger:ShadowStatLogger`) is loaded by the front end
-(`vllm serve`, AsyncLLM); `LLMEngine(stat_loggers=[ShadowStatLogger])` does the same by hand (not both: vLLM
-would then run two). Destinations come from the SHADOW_* environment variables (adapters.vllm.env).
+(`vllm serve`, AsyncLLM); `LLMEngine(stat_loggers=[ShadowStatLogger])` does the same by hand (with both,
+vLLM runs two, and the second stays silent). Destinations come from the SHADOW_* environment variables
+(adapters.vllm.env); with several API servers (data parallel), each records to its own file.
 
 It sees requests only once they finish, with external ids, prompt and output token counts and timings; no
 batches, no preemption victims, no per-step KV use. Where the engine also runs the mirror hook, the shadow
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import weakref
 from typing import Any
 
 from vllm.config import VllmConfig
@@ -26,13 +28,37 @@ from vllm_shadow.adapters.vllm.env import API_SERVER, RecordStream, ShadowEnv
 logger = logging.getLogger(__name__)
 
 
+# The logger reporting each engine of each vLLM front end in this process: (id(vllm_config), engine index) ->
+# a weak reference to it. An engine given this class by hand (stat_loggers=) while the plugin is installed
+# runs two of them: without this, they would send every report twice and write one recording twice over.
+_reporting: dict[tuple[int, int], weakref.ref[ShadowStatLogger]] = {}
+
+
+def _claim(logger_: ShadowStatLogger, vllm_config: VllmConfig, engine_index: int) -> bool:
+    """Register `logger_` as its engine's reporter; True if another live logger already is (then it stays
+    silent). The first logger holds `vllm_config`, so its id cannot be reused while that logger lives."""
+    key = (id(vllm_config), engine_index)
+    first = _reporting.get(key)
+    if first is not None and (other := first()) is not None and other._vllm_config is vllm_config:
+        logger.warning(
+            "shadow stat logger loaded twice for engine %d; the second one stays silent", engine_index
+        )
+        return True
+    _reporting[key] = weakref.ref(logger_)
+    return False
+
+
 class ShadowStatLogger(StatLoggerBase):
     def __init__(self, vllm_config: VllmConfig, engine_index: int = 0) -> None:
         self._vllm_config = vllm_config
         env = ShadowEnv.from_environ()
-        self._engine = env.engine or str(engine_index)
+        self._engine = env.engine_label(engine_index, vllm_config.parallel_config.data_parallel_size)
         # Its own recording: under `vllm serve` it runs in the API server, the hook in the engine core.
-        self._publisher = env.publisher(RecordStream(API_SERVER, engine_index))
+        duplicate = _claim(self, vllm_config, engine_index)
+        # With several API servers (data parallel), each reports the requests it routed, to its own file.
+        api_server = getattr(vllm_config.parallel_config, "_api_process_rank", 0)
+        stream = RecordStream(API_SERVER, engine_index, max(api_server, 0))
+        self._publisher = None if duplicate else env.publisher(stream)
         self.errors = 0
         if self._publisher is not None:
             # vLLM never closes a stat logger; deliver what is queued when the process exits, while gRPC and
