@@ -208,6 +208,28 @@ def test_the_headline_and_the_recompute_tax_are_exported(snapshot) -> None:
     assert tax == pytest.approx(engine.recompute.gpu_seconds) and 0 < tax < engine.actual_gpu_seconds
     assert found["vllm_shadow_preemptions_total"].value == engine.recompute.preemptions > 0
     assert found["vllm_shadow_recomputed_tokens_total"].value == engine.recompute.recomputed_tokens
+    assert found["vllm_shadow_window_recomputed_tokens"].value == last.recompute.recomputed_tokens
+
+
+def test_each_configuration_s_recomputation_is_exported_beside_the_engine_s(snapshot) -> None:
+    """Per configuration, the tokens it would have recomputed; a configuration that never evicts recomputes
+    none, and the engine's real figure stands beside them."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    last = snapshot.engines[0].last
+    simulated = {
+        s.labels["candidate"]: s.value
+        for family in text_string_to_metric_families(exposition(snapshot))
+        for s in family.samples
+        if s.name == "vllm_shadow_window_simulated_recomputed_tokens"
+    }
+    outcomes = {o.label: o for o in last.outcomes() if not o.error}
+    assert simulated == {label: o.recomputed_tokens for label, o in outcomes.items()}
+    never_evicting = [o for label, o in outcomes.items() if label.startswith("no-eviction")]
+    assert never_evicting and all(o.recomputed_tokens == 0 == o.preemptions for o in never_evicting)
+    windows = support.windows("fcfs-kv6-crowded", 0.5)
+    replays = [check_fidelity(w, Slo()).self_replay for w in windows]
+    assert sum(r.recomputed_tokens for r in replays) > 0, "the crowded stream's replay preempts"
 
 
 def _text(renderable) -> str:

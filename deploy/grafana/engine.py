@@ -136,6 +136,21 @@ def build() -> model.Dashboard:
         ),
         width=12,
     )
+    layout.add(
+        timeseries_panel(
+            "Tokens recomputed: the engine against each configuration (last window)",
+            "Tokens computed again after recompute preemptions in the last evaluated window: what the engine "
+            "really recomputed, and what each configuration would have (simulated; requests preempted before "
+            "the window are counted only on the engine).",
+            [
+                Query(S.s("window_recomputed_tokens"), "engine (measured)"),
+                Query(S.s("window_simulated_recomputed_tokens"), "{{candidate}}"),
+            ],
+            unit="short",
+            min_value=0,
+        ),
+        width=24,
+    )
 
     layout.row("Latency per candidate")
     for metric, title in (("ttft", "TTFT"), ("tpot", "TPOT")):

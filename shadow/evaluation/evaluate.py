@@ -92,6 +92,9 @@ class CandidateOutcome:
     preemptions: int = 0
     steps: int = 0
     error: str = ""
+    # Tokens computed again after recompute preemptions (the simulator's count; requests preempted before the
+    # window enter it as the recomputation they owe and are not counted).
+    recomputed_tokens: int = 0
     # The window's own requests as simulated, when the evaluation is asked to keep them (the report).
     requests: tuple[RequestRecord, ...] = ()
 
@@ -180,6 +183,7 @@ def candidate_outcome(
         latency=latency,
         preemptions=sum(r.preemptions for r in result.requests),
         steps=result.num_steps,
+        recomputed_tokens=sum(r.recomputed_tokens for r in result.requests),
         requests=tuple(records) if keep_requests else (),
     )
 

@@ -305,6 +305,18 @@ METRICS: tuple[MetricSpec, ...] = (
         "gauge",
         "Busy time the engine spent recomputing preempted requests' KV in the last window's steps.",
     ),
+    _engine(
+        "window_recomputed_tokens",
+        "gauge",
+        "Tokens the engine computed again after recompute preemptions in the last window's steps.",
+    ),
+    _engine(
+        "window_simulated_recomputed_tokens",
+        "gauge",
+        "Tokens each configuration would have computed again after its preemptions, last window (simulated; "
+        "requests preempted before the window are not counted).",
+        "candidate",
+    ),
     # ---- per engine: the recommendation ------------------------------------------------------------------------
     _engine(
         "recommendation_available",

@@ -211,6 +211,11 @@ def _window_families(f: _Families, e: EngineSnapshot, key: tuple[str, str]) -> N
         if _finite(w.constrained_gap):
             f("window_optimal_constrained_gap_ratio").add(latency, w.constrained_gap)
     f("window_recompute_gpu_seconds").add(key, w.recompute.gpu_seconds)
+    f("window_recomputed_tokens").add(key, w.recompute.recomputed_tokens)
+    recomputed = f("window_simulated_recomputed_tokens")
+    for outcome in w.outcomes():
+        if not outcome.error:
+            recomputed.add((*key, outcome.label), outcome.recomputed_tokens)
     if w.optimal is not None:
         f("window_optimal_bound_gpu_seconds").add(key, w.optimal.bound_gpu_seconds)
         if _finite(w.optimal.best_gpu_seconds):
