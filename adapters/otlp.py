@@ -7,12 +7,15 @@ reach the sink in export order, not arrival order: consumers sort by time. Other
 
 With a token, an export must carry it in the `x-shadow-token` gRPC metadata, as gRPC ingest requires: set
 `OTEL_EXPORTER_OTLP_TRACES_HEADERS=x-shadow-token=<token>` in the engine's environment. An export without it is
-refused with UNAUTHENTICATED and counted, before its spans are decoded.
+refused with UNAUTHENTICATED and counted before its message is read (`grpc_server`'s metadata gate), and calls
+held at once are bounded, so unauthenticated exporters cannot make the receiver buffer their messages. The
+events of an export are checked as gRPC ingest checks a batch (`adapters.validation`): an export with an
+impossible number (a negative token count, an infinite latency) is refused whole with INVALID_ARGUMENT and
+counted, never half-applied.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import threading
 from dataclasses import dataclass
@@ -26,9 +29,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 
 from vllm_shadow.adapters.events import Event, RequestArrival, RequestFinish
-from vllm_shadow.adapters.grpc_ingest import TOKEN_METADATA_KEY
 from vllm_shadow.adapters.grpc_server import UnaryServer
 from vllm_shadow.adapters.publisher import BatchSink, EventBatch
+from vllm_shadow.adapters.validation import InvalidBatch, validate_batch
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +42,9 @@ PROMPT_TOKENS = "gen_ai.usage.prompt_tokens"
 COMPLETION_TOKENS = "gen_ai.usage.completion_tokens"
 MAX_TOKENS = "gen_ai.request.max_tokens"
 E2E = "gen_ai.latency.e2e"
+# Exports held at once, waiting or served. An engine's exporter sends one export at a time (its batch span
+# processor's one worker), so this is far above honest use; the rest are RESOURCE_EXHAUSTED before being read.
+DEFAULT_MAX_CONCURRENT_RPCS = 16
 
 
 @dataclass(slots=True)
@@ -48,6 +54,7 @@ class OtlpStats:
     ignored_spans: int = 0  # other span names
     incomplete_spans: int = 0  # llm_request spans without the attributes we need
     refused_malformed: int = 0
+    refused_invalid: int = 0  # exports whose spans carry an impossible number (adapters.validation)
     refused_unauthenticated: int = 0  # exports without the token, or with another
     sink_failures: int = 0
 
@@ -69,16 +76,14 @@ def span_events(span: Any) -> list[Event] | None:
         request_id = str(attrs[REQUEST_ID])
         prompt = int(attrs[PROMPT_TOKENS])
         output = int(attrs[COMPLETION_TOKENS])
-    except (KeyError, TypeError, ValueError):
+        max_tokens = int(attrs[MAX_TOKENS]) if MAX_TOKENS in attrs else None
+    except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: an infinite count
         return None
     arrival = span.start_time_unix_nano / 1e9
     e2e = attrs.get(E2E)
     finish = arrival + float(e2e) if isinstance(e2e, int | float) else span.end_time_unix_nano / 1e9
-    max_tokens = attrs.get(MAX_TOKENS)
     return [
-        RequestArrival(
-            request_id, arrival, prompt, output, int(max_tokens) if max_tokens is not None else None
-        ),
+        RequestArrival(request_id, arrival, prompt, output, max_tokens),
         RequestFinish(request_id, finish, output, reason="unknown"),  # spans do not carry the finish reason
     ]
 
@@ -94,9 +99,9 @@ class OtlpSpanReceiver(UnaryServer):
         max_message_bytes: int = 16 * 1024 * 1024,
         source: str = "otlp",
         token: str | None = None,
+        max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS,
     ) -> None:
         self._sink = sink
-        self._token = token.encode() if token else None
         self._source = source
         self._sequence = 0
         self._lock = threading.Lock()
@@ -110,19 +115,17 @@ class OtlpSpanReceiver(UnaryServer):
             max_receive_bytes=max_message_bytes,
             max_workers=2,
             thread_name_prefix="shadow-otlp",
+            max_concurrent_rpcs=max_concurrent_rpcs,
+            token=token,
+            on_unauthenticated=self._count_unauthenticated,
         )
 
-    def _authenticated(self, context: grpc.ServicerContext) -> bool:
-        if self._token is None:
-            return True
-        sent = dict(context.invocation_metadata()).get(TOKEN_METADATA_KEY, "")
-        return hmac.compare_digest(sent.encode() if isinstance(sent, str) else sent, self._token)
+    def _count_unauthenticated(self) -> None:
+        with self._lock:
+            self.stats.refused_unauthenticated += 1
 
     def _export(self, data: bytes, context: grpc.ServicerContext) -> ExportTraceServiceResponse:
-        if not self._authenticated(context):
-            with self._lock:
-                self.stats.refused_unauthenticated += 1
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, f"missing or wrong {TOKEN_METADATA_KEY} metadata")
+        # The token was checked before the message was read (grpc_server's gate).
         request = ExportTraceServiceRequest()
         try:
             request.ParseFromString(data)
@@ -143,13 +146,21 @@ class OtlpSpanReceiver(UnaryServer):
                         incomplete += 1
                     else:
                         events.extend(converted)
+        batch = EventBatch(events, self._source)
+        try:
+            validate_batch(batch)  # the whole export, before any of it reaches the shadow
+        except InvalidBatch as exc:
+            with self._lock:
+                self.stats.refused_invalid += 1
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         with self._lock:
             self.stats.exports += 1
             self.stats.ignored_spans += ignored
             self.stats.incomplete_spans += incomplete
             if events:
                 try:
-                    self._sink(EventBatch(events, self._source, self._sequence))
+                    batch.sequence = self._sequence
+                    self._sink(batch)
                 except Exception as exc:  # the shadow's sink failing is this export's INTERNAL error
                     self.stats.sink_failures += 1
                     logger.exception("OTLP sink failed")

@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import threading
+
 import grpc
 import pytest
 
 pytest.importorskip("opentelemetry.sdk", reason="the OpenTelemetry SDK comes with vLLM")
 
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from vllm_shadow.adapters.events import RequestArrival, RequestFinish
 from vllm_shadow.adapters.otlp import OtlpSpanReceiver
 from vllm_shadow.adapters.publisher import EventBatch
+from vllm_shadow.runtime.core import EvaluationSettings, ShadowConfig
+from vllm_shadow.runtime.service import ServiceConfig, ShadowService
+from vllm_shadow.runtime.tasks import LocalTasks
+from vllm_shadow.tracking.reasons import RefusalReason
+
+EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 
 
 class _Collect:
@@ -117,3 +126,129 @@ def test_a_raw_export_without_the_token_is_unauthenticated_not_malformed() -> No
             export(b"\xff\xff\xff\xff", timeout=5)
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert receiver.stats.refused_unauthenticated == 1 and receiver.stats.refused_malformed == 0
+
+
+def _span_request(spans: list[dict[str, int | float | str]]) -> bytes:
+    """An OTLP export of `llm_request` spans with these attributes, as raw bytes (what an exporter sends)."""
+    request = ExportTraceServiceRequest()
+    scope = request.resource_spans.add().scope_spans.add()
+    for i, attributes in enumerate(spans):
+        span = scope.spans.add(name="llm_request", start_time_unix_nano=(1_700_000_000 + i) * 10**9)
+        span.end_time_unix_nano = span.start_time_unix_nano + 10**9
+        for key, value in attributes.items():
+            kv = span.attributes.add(key=key)
+            if isinstance(value, str):
+                kv.value.string_value = value
+            elif isinstance(value, int):
+                kv.value.int_value = value
+            else:
+                kv.value.double_value = value
+    return request.SerializeToString()
+
+
+def _usage(request_id: str, **overrides: int | float) -> dict[str, int | float | str]:
+    return {
+        "gen_ai.request.id": request_id,
+        "gen_ai.usage.prompt_tokens": 10,
+        "gen_ai.usage.completion_tokens": 5,
+        "gen_ai.latency.e2e": 0.5,
+    } | overrides
+
+
+def _raw_export(address: str, data: bytes, token: str | None = None) -> grpc.StatusCode:
+    with grpc.insecure_channel(address) as channel:
+        export = channel.unary_unary(EXPORT_METHOD, request_serializer=None, response_deserializer=None)
+        try:
+            export(data, timeout=5, metadata=(("x-shadow-token", token),) if token else ())
+        except grpc.RpcError as exc:
+            return exc.code()
+    return grpc.StatusCode.OK
+
+
+def test_an_unauthenticated_export_is_refused_before_its_message_is_read() -> None:
+    # Far beyond the receive limit: had the receiver read the message before checking the token (as it once
+    # did, in the handler), the answer would be RESOURCE_EXHAUSTED, uncounted, after buffering the message.
+    with OtlpSpanReceiver(_Collect(), token="s3cret", max_message_bytes=1024) as receiver:
+        assert _raw_export(receiver.address, b"\x00" * (1 << 20)) == grpc.StatusCode.UNAUTHENTICATED
+        assert (
+            _raw_export(receiver.address, b"\x00" * (1 << 20), "s3cret") == grpc.StatusCode.RESOURCE_EXHAUSTED
+        )
+    assert receiver.stats.refused_unauthenticated == 1 and receiver.stats.refused_malformed == 0
+
+
+@pytest.mark.parametrize(
+    ("poison", "problem"),
+    [
+        ({"gen_ai.latency.e2e": float("inf")}, "time is inf"),
+        ({"gen_ai.latency.e2e": float("nan")}, "time is nan"),
+        ({"gen_ai.usage.prompt_tokens": -3}, "prompt_tokens -3 is below 0"),
+        ({"gen_ai.usage.completion_tokens": -1}, "output_tokens -1 is below 0"),
+        ({"gen_ai.request.max_tokens": -8}, "max_tokens -8 is below 0"),
+    ],
+)
+def test_an_export_with_an_impossible_number_is_refused_whole_and_counted(
+    poison: dict[str, int | float], problem: str
+) -> None:
+    sink = _Collect()
+    with OtlpSpanReceiver(sink) as receiver, grpc.insecure_channel(receiver.address) as channel:
+        export = channel.unary_unary(EXPORT_METHOD, request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as refused:
+            export(_span_request([_usage("good"), _usage("bad", **poison)]), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert problem in (refused.value.details() or "")
+        export(_span_request([_usage("next")]), timeout=5)  # still serving
+    assert receiver.stats.refused_invalid == 1 and receiver.stats.refused_malformed == 0
+    # Nothing of the refused export (not even its good span), the next one whole.
+    assert [e.request_id for b in sink.batches for e in b.events] == ["next", "next"]
+    assert receiver.stats.exports == 1 and receiver.stats.requests == 1
+
+
+def test_an_infinite_token_count_is_an_incomplete_span_not_a_crash() -> None:
+    sink = _Collect()
+    with OtlpSpanReceiver(sink) as receiver:
+        data = _span_request([_usage("inf", **{"gen_ai.usage.prompt_tokens": float("inf")}), _usage("ok")])
+        assert _raw_export(receiver.address, data) == grpc.StatusCode.OK
+    assert [e.request_id for b in sink.batches for e in b.events] == ["ok", "ok"]
+    assert receiver.stats.incomplete_spans == 1
+
+
+def test_concurrent_exports_beyond_the_bound_are_refused_not_queued() -> None:
+    entered = threading.Semaphore(0)
+    release = threading.Event()
+
+    def slow(batch: EventBatch) -> None:
+        entered.release()
+        release.wait(10)
+
+    data = _span_request([_usage("held")])
+    with OtlpSpanReceiver(slow, max_concurrent_rpcs=1) as receiver:
+        held = threading.Thread(target=_raw_export, args=(receiver.address, data))
+        held.start()
+        try:
+            assert entered.acquire(timeout=10), "the first export never reached the sink"
+            refused = _raw_export(receiver.address, data)  # a second export while the first is served
+        finally:
+            release.set()
+            held.join(10)
+    assert refused == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_the_service_refuses_invalid_exports_before_the_core_and_exports_the_count() -> None:
+    config = ServiceConfig(
+        shadow=ShadowConfig(hardware="cpu", evaluation=EvaluationSettings(optimal=False)),
+        grpc_address=None,
+        otlp_address="127.0.0.1:0",
+        metrics_port=None,
+    )
+    s = ShadowService(config, LocalTasks())
+    try:
+        address = s.addresses()["otlp"]
+        poisoned = _span_request([_usage("a"), _usage("b", **{"gen_ai.latency.e2e": float("nan")})])
+        assert _raw_export(address, poisoned) == grpc.StatusCode.INVALID_ARGUMENT
+        snapshot = s.snapshot()
+        assert snapshot.refused["otlp"][RefusalReason.INVALID] == 1
+        assert snapshot.batches.get("otlp", 0) == 0 and snapshot.events.get("otlp", 0) == 0
+        assert _raw_export(address, _span_request([_usage("c")])) == grpc.StatusCode.OK
+        assert s.snapshot().batches["otlp"] == 1
+    finally:
+        s.close()

@@ -197,6 +197,7 @@ class ShadowService:
             s = self._otlp.stats
             out["otlp"] = {
                 RefusalReason.MALFORMED: s.refused_malformed,
+                RefusalReason.INVALID: s.refused_invalid,  # checked by the receiver, as gRPC's on decoding
                 RefusalReason.UNAUTHENTICATED: s.refused_unauthenticated,
                 RefusalReason.SINK_FAILURE: s.sink_failures,
                 RefusalReason.INCOMPLETE_SPAN: s.incomplete_spans,
