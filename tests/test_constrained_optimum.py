@@ -17,9 +17,11 @@ from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.evaluation.candidates import build_candidates
 from vllm_shadow.evaluation.evaluate import (
     ENGINE_LATENCY,
+    ENGINE_TIME_SLACK,
     Slo,
     check_fidelity,
-    engine_schedule,
+    engine_deadlines_of,
+    engine_replay,
     optimal_problem,
     solve_window_optimum,
     window_deadlines,
@@ -32,7 +34,7 @@ from vllm_shadow.readout.snapshot import to_json
 from vllm_shadow.readout.snapshot_json import snapshot_from_json
 from vllm_shadow.runtime.core import ShadowConfig, ShadowCore
 from vllm_shadow.runtime.tasks import LocalTasks
-from vllm_shadow.solver.schedule import replay
+from vllm_shadow.solver.schedule import replay, schedule_from_steps
 from vllm_shadow.tracking.recompute import recomputed_tokens, step_recompute_tax
 from vllm_shadow.tracking.windows import WindowRules
 
@@ -51,24 +53,32 @@ def _engine_windows(windows, count: int = 3):
 
 def test_the_engine_s_own_schedule_meets_the_deadlines_it_sets(windows) -> None:
     """The deadlines come from the self replay, so the configuration's schedule is in the constrained scope:
-    the constrained bound can never claim the engine's own configuration is infeasible."""
+    the verifier's own replay of it meets them, within the slack that covers its float arithmetic and no
+    more."""
     for window in _engine_windows(windows):
         problem = optimal_problem(window)
-        schedule, engine = engine_schedule(window, problem)
-        deadlines = window_deadlines(problem, engine, Slo())
+        engine = engine_replay(window, record_steps=True)
+        deadlines = window_deadlines(problem, engine_deadlines_of(problem, engine), Slo())
         assert deadlines.source == ENGINE_LATENCY
-        assert replay(schedule, problem, window.cost, deadlines).feasible
+        verified = replay(schedule_from_steps(engine.steps or []), problem, window.cost, deadlines)
+        assert verified.feasible, verified.violations[:3]
+        for times, due in (
+            (verified.finish, deadlines.finish),
+            (verified.first_token, deadlines.first_token),
+        ):
+            assert set(times) == set(due)
+            for rid, t in times.items():
+                assert due[rid] - ENGINE_TIME_SLACK - 1e-5 <= t <= due[rid], rid
         own = {a.request_id for a in window.arrivals}
         assert own <= set(deadlines.first_token) and own <= set(deadlines.finish)
-        # The verifier's replay is the self replay: the same GPU time.
         replayed = check_fidelity(window, Slo()).self_replay.gpu_seconds
-        assert engine.gpu_seconds == pytest.approx(replayed, rel=SLACK)
+        assert verified.gpu_seconds == pytest.approx(replayed, rel=SLACK)
 
 
 def test_an_slo_relaxes_the_deadlines_only_up_to_the_slo_and_never_below_the_engine(windows) -> None:
     window = next(w for w in windows["fcfs-kv12"] if len(w.arrivals) > 3)
     problem = optimal_problem(window)
-    _, engine = engine_schedule(window, problem)
+    engine = engine_deadlines_of(problem, engine_replay(window))
     slo = Slo(ttft_seconds=0.05, tpot_seconds=0.01)
     deadlines = window_deadlines(problem, engine, slo)
     arrival = {r.request_id: r.arrival for r in problem.requests}
@@ -78,6 +88,7 @@ def test_an_slo_relaxes_the_deadlines_only_up_to_the_slo_and_never_below_the_eng
     for rid, due in deadlines.finish.items():
         assert due == pytest.approx(max(arrival[rid] + 0.05 + 0.01 * (output[rid] - 1), engine.finish[rid]))
     assert "SLO" in deadlines.source
+    assert any(deadlines.finish[rid] > engine.finish[rid] for rid in deadlines.finish), "the SLO relaxes none"
 
 
 def test_each_window_gets_both_bounds_and_the_constrained_one_is_never_lower(windows) -> None:

@@ -27,11 +27,11 @@ from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.evaluation.candidates import current_policy
 from vllm_shadow.evaluation.step_match import compare_steps
 from vllm_shadow.solver.bounds import relaxation_bound
-from vllm_shadow.solver.optimal import GPU_COST, engine_deadlines, slo_deadlines, solve_optimal
+from vllm_shadow.solver.optimal import GPU_COST, slo_deadlines, solve_optimal
 from vllm_shadow.solver.policies import Policy, parse_policy
 from vllm_shadow.solver.problem import EngineLimits, Window, WindowRequest
 from vllm_shadow.solver.records import RequestRecord, SimResult
-from vllm_shadow.solver.schedule import Deadlines, Replay, Schedule, replay, schedule_from_steps
+from vllm_shadow.solver.schedule import Deadlines, Schedule, schedule_from_steps
 from vllm_shadow.solver.simulator import simulate
 from vllm_shadow.tracking.windows import TrafficWindow
 
@@ -274,27 +274,43 @@ def optimal_problem(window: TrafficWindow) -> Window:
 # self replay is then a schedule that meets them (measured times the model cannot reproduce would make the
 # problem infeasible, or the bound a statement about the model's error).
 ENGINE_LATENCY = "the engine's configuration (self replay)"
+# The simulator keeps time in whole picoseconds and the verifier in floats: the verifier's replay of the same
+# schedule may end a request a few microseconds later. Deadlines this much later keep the engine's schedule in
+# scope (looser deadlines only weaken the bound: it stays valid) without the verifier's replay of it, which
+# costs several times the simulation on every window.
+ENGINE_TIME_SLACK = 1e-4  # seconds
 
 
-def engine_schedule(window: TrafficWindow, problem: Window) -> tuple[Schedule, Replay]:
-    """The engine's configuration on the window (the self replay) as a schedule, and the verifier's replay of it
-    on the optimal problem (`problem` = `optimal_problem(window)`)."""
-    result = simulate_window(window, current_policy(window.info.scheduler), record_steps=True)
-    schedule = schedule_from_steps(result.steps or [])
-    return schedule, replay(schedule, problem, window.cost)
+def engine_replay(window: TrafficWindow, *, record_steps: bool = False) -> SimResult:
+    """The engine's configuration on the window: the self replay (with its steps, to hand CP-SAT as a hint)."""
+    return simulate_window(window, current_policy(window.info.scheduler), record_steps=record_steps)
 
 
-def window_deadlines(problem: Window, engine: Replay, slo: Slo) -> Deadlines:
-    """Equal or better latency than the engine's configuration: each request's first token and finish no later
-    than in `engine` (raises ValueError when it is infeasible). With an SLO, no later than the SLO allows, or
-    than the configuration served it where that was later: the configuration's own schedule stays in scope,
-    so the bound never claims a saving by a schedule that serves some request worse than today."""
-    own = engine_deadlines(engine, ENGINE_LATENCY)
+def engine_deadlines_of(problem: Window, engine: SimResult) -> Deadlines:
+    """Each request's first token (if it is still to come) and finish under the engine's configuration, plus
+    `ENGINE_TIME_SLACK`. ValueError if the replay left a request of the problem unfinished."""
+    records = {r.request_id: r for r in engine.requests}
+    first, finish = {}, {}
+    for request in problem.requests:
+        record = records.get(request.request_id)
+        if record is None or math.isnan(record.finish):
+            raise ValueError(f"request {request.request_id} does not finish in the engine's replay")
+        finish[request.request_id] = record.finish + ENGINE_TIME_SLACK
+        if request.generated_tokens == 0:
+            first[request.request_id] = record.first_token + ENGINE_TIME_SLACK
+    return Deadlines(first, finish, ENGINE_LATENCY)
+
+
+def window_deadlines(problem: Window, engine: Deadlines, slo: Slo) -> Deadlines:
+    """Equal or better latency than the engine's configuration (`engine`, from `engine_deadlines_of`). With an
+    SLO, no later than the SLO allows, or than the configuration served the request where that was later: the
+    configuration's own schedule stays in scope, so the bound never claims a saving by a schedule that serves
+    some request worse than today."""
     if not slo.defined:
-        return own
+        return engine
     target = slo_deadlines(problem, slo.ttft_seconds, slo.tpot_seconds)
-    first = {rid: max(t, own.first_token.get(rid, t)) for rid, t in target.first_token.items()}
-    finish = {rid: max(t, own.finish.get(rid, t)) for rid, t in target.finish.items()}
+    first = {rid: max(t, engine.first_token.get(rid, t)) for rid, t in target.first_token.items()}
+    finish = {rid: max(t, engine.finish.get(rid, t)) for rid, t in target.finish.items()}
     return Deadlines(first, finish, f"{target.source}, or the engine's configuration where it was later")
 
 
@@ -389,18 +405,20 @@ def solve_window_optimum(
     unconstrained = _bound_outcome(
         problem, window.cost, None, solve=solve, time_limit=time_limit, workers=workers
     )
+    solve_constrained = solve and constrained_cp_sat
     try:
-        schedule, engine = engine_schedule(window, problem)
-        deadlines = window_deadlines(problem, engine, slo)
+        engine = engine_replay(window, record_steps=solve_constrained)
+        deadlines = window_deadlines(problem, engine_deadlines_of(problem, engine), slo)
     except (ValueError, RuntimeError, AssertionError):
-        return WindowOptimum(unconstrained, None)  # the replay failed or broke a rule: no deadlines to hold
+        return WindowOptimum(unconstrained, None)  # the replay failed: no deadlines to hold
     constrained = _bound_outcome(
         problem,
         window.cost,
         deadlines,
-        solve=solve and constrained_cp_sat,
+        solve=solve_constrained,
         time_limit=time_limit,
         workers=workers,
-        hints={"engine's configuration": schedule},
+        # CP-SAT's hints are verified before use: the engine's schedule is one, if the verifier accepts it.
+        hints={"engine's configuration": schedule_from_steps(engine.steps or [])},
     )
     return WindowOptimum(unconstrained, _at_least(constrained, unconstrained, deadlines))
