@@ -9,6 +9,10 @@ before the same engine step at which it really arrived, and the first steps are 
 own, batch by batch (same requests, same token counts, same preemption victims). In time, the replay runs on
 the cost model alone, and its per-request latencies are compared with what the engine delivered. Candidates
 are compared with the time replay, on the same cost model, so that the model's error partly cancels.
+
+The optimum is bounded twice (`solve_window_optimum`): with latency ignored, and at equal or better latency,
+every request served no later than by the engine's configuration (or within the SLO). The second is the one an
+operator can act on: the first counts savings made by delaying requests without limit.
 """
 
 from __future__ import annotations

@@ -35,8 +35,9 @@ class EvaluationSettings:
     optimal: bool = True
     optimal_time_limit: float = 5.0
     optimal_max_requests: int = 64  # larger windows get the relaxation bound only
-    # CP-SAT on every k-th window of an engine, the relaxation bound on the others: a solve costs up to its
-    # time limit of CPU, which at many engines is more than all the simulations together.
+    # CP-SAT on every k-th window of an engine, the relaxation bound on the others (the bound at equal latency
+    # is a relaxation on every window): a solve costs up to its time limit of CPU, which at many engines is
+    # more than all the simulations together.
     optimal_every: int = 1
     optimal_workers: int = 1
     # CP-SAT under the latency deadlines as well, on the same windows (the bound at equal latency is otherwise
