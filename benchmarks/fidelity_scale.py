@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import json
 import os
 import random
 import sys
@@ -45,6 +46,17 @@ MAX_MODEL_LEN = 32768
 TRACES = ("azure-conv", "azure-code", "mooncake-conv", "shared-prompt")
 RESULTS = Path(__file__).resolve().parent / "RESULTS-fidelity.md"
 SECTION = "## GPU scale: vLLM's Scheduler and AsyncScheduler in-process"
+HEADER = """Reproduce: `python benchmarks/fidelity_scale.py` (all configurations in one process; or split them with
+`--only I ... --out FILE` and write the table with `--table-from FILE ...`); CI runs a fast subset as
+`tests/test_fidelity_scale.py`. vLLM 0.32's own `Scheduler` and `AsyncScheduler` classes (with the mirror hook,
+`MirrorScheduler`/`MirrorAsyncScheduler`) run in-process as EngineCore drives them (sync: schedule, model output,
+update; async: a batch queue of two, step N+1 scheduled before step N's output is processed); the script plays
+the model. Block size 16, the full bundled traces (Azure conversation 19,366 requests, Azure code 8,819,
+Mooncake conversation 12,031 with prompts built from its hash ids; a synthetic workload of 6,000 requests on
+four shared system prompts), arrivals compressed in time until KV runs short. The mirrored stream is replayed
+by the simulator in step space with the engine's settings and compared step by step: batch membership, tokens
+per request, preemption victims (a set: vLLM reports them as one) and prefix-cache hits of every admitted or
+resumed request. Steps are the non-empty ones (rounds that only preempt or only finish schedule no token)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,7 +392,7 @@ def _describe(index: int, real: Decided, sim: EngineStep | None) -> str:
 def replay_and_compare(
     config: ScaleConfig, decided: list[Decided], events: list
 ) -> tuple[int, int, str | None]:
-    from tests.support.mirror_stream import MirroredRun
+    from vllm_shadow.evaluation.recorded_run import MirroredRun
 
     run = MirroredRun.from_events(events)
     finished = {r.request_id for r in run.finished_requests}
@@ -431,24 +443,26 @@ def compare(config: ScaleConfig, max_steps: int | None = None) -> Comparison:
 
 
 def configurations() -> list[ScaleConfig]:
-    """Settings spanning GPU deployments; each run's arrival rate is set so that KV runs short."""
+    """Settings spanning GPU deployments, each with prefix caching off and on, sync and async; each run's
+    arrival rate is set so that KV runs short."""
     base = [
         ScaleConfig("azure-conv", 4000, 256, 8192, requests_per_step=0.5),
         ScaleConfig("azure-conv", 2000, 128, 2048, long_prefill_token_threshold=512, requests_per_step=0.3),
         ScaleConfig("azure-conv", 20000, 1024, 16384, requests_per_step=2.0),
-        ScaleConfig("azure-code", 6000, 256, 8192, policy="priority", requests_per_step=0.8),
-        ScaleConfig("azure-code", 3000, 512, 4096, enable_chunked_prefill=False, requests_per_step=0.5),
+        ScaleConfig("azure-code", 6000, 256, 8192, policy="priority", requests_per_step=3.0),
+        ScaleConfig("azure-code", 3000, 512, 4096, enable_chunked_prefill=False, requests_per_step=1.5),
         ScaleConfig("mooncake-conv", 50000, 512, 16384, requests_per_step=0.6),
         ScaleConfig("mooncake-conv", 8000, 128, 8192, policy="priority", requests_per_step=0.15),
         ScaleConfig(
-            "shared-prompt", 3000, 256, 4096, long_prefill_token_threshold=1024, requests_per_step=0.5
+            "shared-prompt", 1200, 256, 4096, long_prefill_token_threshold=1024, requests_per_step=1.5
         ),
     ]
-    out = []
-    for config in base:
-        for caching in (False, True):
-            out.append(dataclasses.replace(config, enable_prefix_caching=caching))
-    return out
+    return [
+        dataclasses.replace(config, enable_prefix_caching=caching, async_scheduling=asynchronous)
+        for config in base
+        for caching in (False, True)
+        for asynchronous in (False, True)
+    ]
 
 
 def _row(c: Comparison) -> str:
@@ -481,28 +495,45 @@ def write_results(text: str) -> None:
     RESULTS.write_text(head.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n" + tail, encoding="utf-8")
 
 
+def _to_json(c: Comparison) -> str:
+    return json.dumps({**dataclasses.asdict(c), "config": dataclasses.asdict(c.config)})
+
+
+def _from_json(line: str) -> Comparison:
+    fields = json.loads(line)
+    return Comparison(**{**fields, "config": ScaleConfig(**fields["config"])})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few thousand steps per configuration")
     parser.add_argument("--only", type=int, nargs="*", help="configuration indices to run")
+    parser.add_argument("--out", type=Path, help="append each configuration's result (a JSON line) here")
+    parser.add_argument("--table-from", type=Path, nargs="*", help="write the table from these result files")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
-    configs = configurations()
-    if args.only:
-        configs = [configs[i] for i in args.only]
-    results = []
-    for config in configs:
-        result = compare(config, max_steps=3000 if args.quick else None)
-        results.append(result)
-        print(
-            _row(result),
-            f"({result.vllm_seconds:.0f} s vLLM, {result.replay_seconds:.1f} s replay)",
-            flush=True,
-        )
+    if args.table_from:
+        lines = [line for path in args.table_from for line in path.read_text().splitlines() if line]
+        results = [_from_json(line) for line in lines]
+        order = {config: i for i, config in enumerate(configurations())}
+        results.sort(key=lambda c: order.get(c.config, len(order)))
+    else:
+        configs = configurations()
+        if args.only is not None:
+            configs = [configs[i] for i in args.only]
+        results = []
+        for config in configs:
+            result = compare(config, max_steps=3000 if args.quick else None)
+            results.append(result)
+            print(_row(result), f"({result.vllm_seconds:.0f} s vLLM, {result.replay_seconds:.1f} s replay)")
+            if args.out:
+                with args.out.open("a", encoding="utf-8") as out:
+                    out.write(_to_json(result) + "\n")
+            sys.stdout.flush()
     text = table(results)
     print(text)
     if not args.no_write:
-        write_results(f"{SECTION}\n\n{text}\n")
+        write_results(f"{SECTION}\n\n{HEADER}\n\n{text}\n")
     return 0 if all(c.steps_identical == c.steps_compared for c in results) else 1
 
 
