@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -83,7 +84,8 @@ class Server:
             try:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                # The server's own session (start_new_session): its engine core must not outlive it.
+                os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(timeout=10)
 
 
