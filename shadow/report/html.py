@@ -115,7 +115,7 @@ def _optimal_html(evaluations: list[WindowEvaluation]) -> str:
     return (
         f'<p id="optimal"><b>Optimal at equal latency:</b> no scheduler could have served these windows in less '
         f"than <b>{_pct(1 - constrained) if not math.isnan(constrained) else '–'}</b> of the current "
-        f"configuration's GPU time while serving every request no later than "
+        f"configuration's GPU time while serving every request no later than under "
         f"{escape(latency or 'the current configuration')} (a saving of at most <b>{_pct(constrained)}</b>). "
         f"With latency ignored (requests delayed without limit, a schedule no operator would run) the bound "
         f"is {_pct(unconstrained)} below. Recompute tax: {preemptions} preemptions cost the engine "
