@@ -286,3 +286,13 @@ def test_a_real_prometheus_scrapes_the_endpoint_and_answers_gap_queries(
         process.terminate()
         process.wait(timeout=10)
         server.stop()
+
+
+def test_the_hand_written_exposition_is_what_prometheus_client_would_write(snapshot: ShadowSnapshot) -> None:
+    # /metrics writes the text format itself (prometheus-client's generic renderer was too slow at the engine
+    # bound); the library's own rendering of the same families is the reference, byte for byte.
+    from prometheus_client.exposition import generate_latest
+
+    from vllm_shadow.readout.exporter import registry_for
+
+    assert exposition(snapshot) == generate_latest(registry_for(lambda: snapshot)).decode()
