@@ -55,7 +55,7 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vllm_shadow.adapters.events import EngineInfo, EngineStep, Event, RequestArrival, RequestFinish
-from vllm_shadow.adapters.grpc_ingest import GrpcSink
+from vllm_shadow.adapters.grpc_ingest import DEFAULT_MAX_CONCURRENT_RPCS, GrpcSink, IngestServer, IngestStats
 from vllm_shadow.adapters.publisher import EventBatch, Publisher
 from vllm_shadow.adapters.recorder import read_events
 from vllm_shadow.adapters.wire import decode_batch, encode_batch
@@ -69,6 +69,7 @@ SCENARIOS = ("baseline", "live bound", "engine bound", "source bound")
 # The live-bound scenario holds this many fewer than the bound, so the replayed stream's own requests (live, or
 # finished but held by windows that cannot complete while the held requests wait) fit beside them.
 LIVE_MARGIN = 10_000
+SENDER_PACE = 0.97  # a step whose sender published less than this share of the offered rate failed there
 
 
 # ---- the receiving side (a child process) -----------------------------------------------------------------
@@ -100,7 +101,7 @@ def shadow_config(max_live_requests: int, max_engines: int, max_sources: int) ->
     )
 
 
-def receiver_stats(service: Any) -> dict[str, float]:
+def receiver_stats(service: Any, server: IngestServer) -> dict[str, float]:
     """What the receiver took and lost so far, and what it costs: its CPU seconds and RSS."""
     import psutil
 
@@ -110,7 +111,12 @@ def receiver_stats(service: Any) -> dict[str, float]:
     cpu = me.cpu_times()
     return {
         "events": snapshot.events.get("grpc", 0),
-        "refused": sum(snapshot.refused.get("grpc", {}).values()),
+        "refused": sum(
+            getattr(server.stats, f.name)
+            for f in dataclasses.fields(IngestStats)
+            if f.name.startswith("refused_")
+        )
+        + server.stats.sink_failures,
         "unattributed": sum(snapshot.unattributed_drops.values()),
         "lost_batches": sum(e.sequence.lost_batches for e in engines),
         "late_events": sum(e.sequence.late_events for e in engines),
@@ -125,35 +131,46 @@ def receiver_stats(service: Any) -> dict[str, float]:
 
 
 def serve_receiver(args: argparse.Namespace) -> None:
-    """The receiver: say where it listens, then answer `stats` lines on stdin until `quit` (or EOF)."""
+    """The receiver: say where it listens, then answer `stats` lines on stdin until `quit` (or EOF).
+
+    Wired as `ShadowService` wires its gRPC ingest (the server's sink is the core's `ingest` under transport
+    "grpc"), with the server built here so that its bound on concurrent calls can be varied."""
     from vllm_shadow.runtime.service import ServiceConfig, ShadowService
 
     config = ServiceConfig(
         shadow=shadow_config(args.max_live_requests, args.max_engines, args.max_sources),
-        grpc_address="127.0.0.1:0",
+        grpc_address=None,
         metrics_port=None,
     )
     service = ShadowService(config, NoEvaluation())
-    print(json.dumps({"address": service.addresses()["grpc"]}), flush=True)
+    server = IngestServer(
+        lambda batch: service.core.ingest(batch, "grpc"),
+        address="127.0.0.1:0",
+        max_message_bytes=config.max_message_bytes,
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
+    ).start()
+    print(json.dumps({"address": server.address}), flush=True)
     for line in sys.stdin:
         if line.strip() == "quit":
             break
-        print(json.dumps(receiver_stats(service)), flush=True)
+        print(json.dumps(receiver_stats(service, server)), flush=True)
+    server.stop(grace=0.5)
     service.close()
 
 
 class Receiver:
     """The receiving process, seen from the driver."""
 
-    def __init__(self, max_live_requests: int, max_engines: int, max_sources: int) -> None:
+    def __init__(self, args: argparse.Namespace) -> None:
         self._process = subprocess.Popen(
             [
                 sys.executable,
                 __file__,
                 "--receiver",
-                f"--max-live-requests={max_live_requests}",
-                f"--max-engines={max_engines}",
-                f"--max-sources={max_sources}",
+                f"--max-live-requests={args.max_live_requests}",
+                f"--max-engines={args.max_engines}",
+                f"--max-sources={args.max_sources}",
+                f"--max-concurrent-rpcs={args.max_concurrent_rpcs}",
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -277,6 +294,9 @@ class Step:
     engines: int
     sources: int
     ok: bool
+    max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS  # the ingest server's bound on calls at once
+    idle_cpu: float = 0.0  # the receiver's CPU seconds a second, filled up but sent nothing (this scenario's)
+    filled_rss_mib: float = 0.0  # the receiver's RSS once filled up, before the first step
 
 
 def offer(
@@ -310,7 +330,7 @@ def losses(stats: dict[str, float]) -> int:
 
 def run_scenario(name: str, args: argparse.Namespace) -> list[Step]:
     engines = args.max_engines if name in ("engine bound", "source bound") else 1
-    receiver = Receiver(args.max_live_requests, args.max_engines, args.max_sources)
+    receiver = Receiver(args)
     publishers: list[Publisher] = []
     try:
         streams = [EngineStream(i) for i in range(engines)]
@@ -330,13 +350,16 @@ def run_scenario(name: str, args: argparse.Namespace) -> list[Step]:
             publisher.publish(stream.info)
             expected += 1
         if name == "live bound":
-            held = args.max_live_requests - LIVE_MARGIN
+            held = args.max_live_requests - args.live_margin
             for i in range(held):  # arrivals before the stream's first, that never run
                 publishers[0].publish(RequestArrival(f"held-{i}", -1.0, 16, max_tokens=16))
             expected += held
         baseline, _ = receiver.wait_for(lambda: expected, timeout=120)
         if baseline["events"] < expected or losses(baseline):
             raise RuntimeError(f"{name}: the receiver did not take the fill-up cleanly: {baseline}")
+        time.sleep(args.idle_seconds)  # what the receiver spends when nothing comes: ticks, gRPC's threads
+        idle = receiver.stats()
+        idle_cpu = (idle["cpu_seconds"] - baseline["cpu_seconds"]) / args.idle_seconds
         steps = []
         rate = args.start_rate
         for _ in range(args.max_steps):
@@ -377,12 +400,11 @@ def run_scenario(name: str, args: argparse.Namespace) -> list[Step]:
                 engines=int(after["engines"]),
                 sources=int(after["sources"]),
                 ok=False,
+                max_concurrent_rpcs=args.max_concurrent_rpcs,
+                idle_cpu=idle_cpu,
+                filled_rss_mib=idle["rss_mib"],
             )
-            step.ok = (
-                step.achieved >= 0.97 * rate
-                and step.sender_dropped == step.sender_lost == step.receiver_lost == 0
-                and drain is not None
-            )
+            step.ok = not failure_reasons(step)
             steps.append(step)
             print(format_step(step), flush=True)
             if not step.ok:
@@ -469,8 +491,8 @@ HEADER = (
 
 def summary(steps: list[Step]) -> str:
     lines = [
-        f"{'scenario':<13} {'sustained events/s':>18} {'receiver us/event':>17} {'RSS MiB':>7} "
-        f"{'live':>7} {'eng':>4} {'srcs':>5}  first failure"
+        f"{'scenario':<13} {'sustained events/s':>18} {'receiver us/event':>17} {'idle CPU':>8} "
+        f"{'RSS MiB filled/loaded':>21} {'live':>7} {'eng':>4} {'srcs':>5}  first failure"
     ]
     for name in dict.fromkeys(s.scenario for s in steps):
         mine = [s for s in steps if s.scenario == name]
@@ -482,15 +504,17 @@ def summary(steps: list[Step]) -> str:
             lines.append(f"{name:<13} {'below ' + format(mine[0].offered, ',.0f'):>18}  {why}")
             continue
         lines.append(
-            f"{name:<13} {best.achieved:>18,.0f} {best.receiver_cpu_us_per_event:>17.1f} {best.rss_mib:>7.0f} "
-            f"{best.live_requests:>7,} {best.engines:>4} {best.sources:>5}  {why}"
+            f"{name:<13} {best.achieved:>18,.0f} {best.receiver_cpu_us_per_event:>17.1f} {best.idle_cpu:>8.0%} "
+            f"{best.filled_rss_mib:>13.0f} / {best.rss_mib:>5.0f} {best.live_requests:>7,} {best.engines:>4} "
+            f"{best.sources:>5}  {why}"
         )
     return "\n".join(lines)
 
 
-def failure(s: Step) -> str:
+def failure_reasons(s: Step) -> list[str]:
+    """Why a step failed; none if it passed: the sender kept the pace, nothing was lost, the receiver kept up."""
     reasons = []
-    if s.achieved < 0.97 * s.offered:
+    if s.achieved < SENDER_PACE * s.offered:
         reasons.append(f"sender kept {s.achieved:,.0f}/s")
     if s.sender_dropped:
         reasons.append(f"publisher queue full: {s.sender_dropped:,} dropped")
@@ -501,10 +525,14 @@ def failure(s: Step) -> str:
         reasons.append(f"receiver lost {s.receiver_lost:,}")
     if s.drain_seconds is None:
         reasons.append("receiver fell behind")
-    return f"at {s.offered:,.0f}/s: " + ", ".join(reasons)
+    return reasons
 
 
-def parse_args() -> argparse.Namespace:
+def failure(s: Step) -> str:
+    return f"at {s.offered:,.0f}/s: " + ", ".join(failure_reasons(s))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
     p.add_argument("--start-rate", type=float, default=2_000.0, help="events/s of the first step")
@@ -513,13 +541,24 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--step-seconds", type=float, default=4.0)
     p.add_argument("--max-step-events", type=int, default=400_000, help="a step's bound in count")
     p.add_argument("--drain-seconds", type=float, default=0.5, help="the receiver's slack after a step")
+    p.add_argument(
+        "--idle-seconds", type=float, default=2.0, help="the receiver's idle CPU, measured so long"
+    )
+    p.add_argument("--live-margin", type=int, default=LIVE_MARGIN, help="live bound: held this many below it")
+    p.add_argument("--no-path", action="store_true", help="skip the in-process measure of the receive path")
     p.add_argument("--path-repetitions", type=int, default=40, help="recorded-stream repetitions per engine")
     p.add_argument("--max-live-requests", type=int, default=DEFAULTS.limits.max_live_requests)
     p.add_argument("--max-engines", type=int, default=DEFAULTS.max_engines)
     p.add_argument("--max-sources", type=int, default=DEFAULTS.max_sources)
+    p.add_argument(
+        "--max-concurrent-rpcs",
+        type=int,
+        default=DEFAULT_MAX_CONCURRENT_RPCS,
+        help="the ingest server's bound on calls at once (the service's default)",
+    )
     p.add_argument("--json", type=Path, help="also write the steps and the receive-path costs here")
     p.add_argument("--receiver", action="store_true", help=argparse.SUPPRESS)
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def main() -> None:
@@ -527,18 +566,26 @@ def main() -> None:
     if args.receiver:
         serve_receiver(args)
         return
-    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; ingest server: at most "
+        f"{args.max_concurrent_rpcs} calls at once",
+        flush=True,
+    )
     print(HEADER, flush=True)
     steps = [step for name in args.scenarios for step in run_scenario(name, args)]
     print("\n" + summary(steps), flush=True)
-    costs = receive_path(1, args.path_repetitions) + receive_path(
-        args.max_engines, args.path_repetitions // 4
-    )
-    print(f"\n{'receive path in-process':<40} {'events':>8} {'CPU s':>7} {'events/CPU-s':>13}")
-    for engines, group in ((1, costs[:3]), (args.max_engines, costs[3:])):
-        print(f"{engines} engine(s)")
-        for c in group:
-            print(f"  {c.what:<38} {c.events:>8,} {c.cpu_seconds:>7.2f} {c.events_per_cpu_second:>13,.0f}")
+    costs: list[PathCost] = []
+    if not args.no_path:
+        costs = receive_path(1, args.path_repetitions) + receive_path(
+            args.max_engines, args.path_repetitions // 4
+        )
+        print(f"\n{'receive path in-process':<40} {'events':>8} {'CPU s':>7} {'events/CPU-s':>13}")
+        for engines, group in ((1, costs[:3]), (args.max_engines, costs[3:])):
+            print(f"{engines} engine(s)")
+            for c in group:
+                print(
+                    f"  {c.what:<38} {c.events:>8,} {c.cpu_seconds:>7.2f} {c.events_per_cpu_second:>13,.0f}"
+                )
     if args.json:
         args.json.write_text(
             json.dumps(
