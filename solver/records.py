@@ -8,9 +8,9 @@ prints.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-
-import numpy as np
 
 from vllm_shadow.adapters.events import EngineStep
 
@@ -45,12 +45,21 @@ class RequestRecord:
         return (self.finish - self.first_token) / (self.output_tokens - 1)
 
 
-def _quantiles(values: list[float]) -> tuple[float, float, float]:
-    arr = np.asarray([v for v in values if v == v], dtype=float)
-    if arr.size == 0:
-        return (float("nan"),) * 3
-    p50, p90, p99 = np.percentile(arr, [50, 90, 99])
-    return float(p50), float(p90), float(p99)
+def _percentile(ordered: Sequence[float], q: float) -> float:
+    # numpy's default ("linear") percentile, written out: the result types are read by `shadow status`,
+    # which should not load numpy to print a table.
+    position = (len(ordered) - 1) * q / 100
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def quantiles(values: Iterable[float]) -> tuple[float, float, float]:
+    """p50, p90 and p99 of `values`, NaNs ignored; NaNs when nothing is left."""
+    ordered = sorted(float(v) for v in values if not math.isnan(v))
+    if not ordered:
+        return (math.nan, math.nan, math.nan)
+    return _percentile(ordered, 50), _percentile(ordered, 90), _percentile(ordered, 99)
 
 
 @dataclass(slots=True)
@@ -68,9 +77,9 @@ class SimResult:
         start = min((r.arrival for r in self.requests), default=0.0)
         end = max((r.finish for r in done), default=start)
         makespan = end - start
-        ttft = _quantiles([r.ttft for r in done])
-        tpot = _quantiles([r.tpot for r in done])
-        e2e = _quantiles([r.e2e for r in done])
+        ttft = quantiles([r.ttft for r in done])
+        tpot = quantiles([r.tpot for r in done])
+        e2e = quantiles([r.e2e for r in done])
         output_tokens = sum(r.output_tokens for r in done)
         return {
             "policy": self.policy,

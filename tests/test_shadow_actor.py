@@ -17,7 +17,8 @@ from tests.waiting import wait_until  # noqa: E402
 from vllm_shadow.adapters.ray_transport import RayActorSink  # noqa: E402
 from vllm_shadow.runtime.actor import find_shadow_actor, start_shadow_actor  # noqa: E402
 from vllm_shadow.runtime.core import EvaluationSettings, ShadowConfig  # noqa: E402
-from vllm_shadow.runtime.service import ServiceConfig, address_path  # noqa: E402
+from vllm_shadow.runtime.service import ServiceConfig  # noqa: E402
+from vllm_shadow.runtime.status_endpoint import address_path  # noqa: E402
 from vllm_shadow.tracking.windows import WindowRules  # noqa: E402
 
 pytestmark = pytest.mark.integration

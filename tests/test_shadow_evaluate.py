@@ -59,7 +59,9 @@ def test_the_optimal_bound_is_below_every_schedule_tried(windows) -> None:
             relaxed = solve_window_optimum(window, time_limit=1.0, max_requests=0).unconstrained
             assert relaxed.method == "relaxation"
             assert relaxed.bound_gpu_seconds <= optimum.bound_gpu_seconds * (1 + 1e-9)
-            assert optimum.bound_gpu_seconds <= optimum.best_gpu_seconds * (1 + 1e-9)
+            # CP-SAT may find no schedule in its second on a loaded machine (best is nan); its bound holds.
+            if not math.isnan(optimum.best_gpu_seconds):
+                assert optimum.bound_gpu_seconds <= optimum.best_gpu_seconds * (1 + 1e-9)
             for outcome in outcomes:
                 if not outcome.error:  # the simulator keeps time in whole picoseconds: 1e-6 relative slack
                     assert optimum.bound_gpu_seconds <= outcome.gpu_seconds * (1 + 1e-6), outcome.label

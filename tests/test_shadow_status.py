@@ -18,8 +18,8 @@ from tests import shadow_support as support
 from tests.waiting import wait_until
 from vllm_shadow.cli import status as status_cmd
 from vllm_shadow.runtime.core import EvaluationSettings, ShadowConfig
-from vllm_shadow.runtime.service import ServiceConfig, ShadowService, address_path
-from vllm_shadow.runtime.status_endpoint import AddressRecord
+from vllm_shadow.runtime.service import ServiceConfig, ShadowService
+from vllm_shadow.runtime.status_endpoint import AddressRecord, address_path
 from vllm_shadow.runtime.tasks import LocalTasks
 from vllm_shadow.runtime.user_files import UnsafePathError, user_dir
 from vllm_shadow.tracking.windows import WindowRules

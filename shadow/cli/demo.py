@@ -27,7 +27,8 @@ from rich.text import Text
 
 from vllm_shadow.cli.options import add_shadow_options, add_tiny_engine_options, shadow_config
 from vllm_shadow.readout.console import status_view, summary_view
-from vllm_shadow.runtime.service import ServiceConfig, address_path
+from vllm_shadow.runtime.service import ServiceConfig
+from vllm_shadow.runtime.status_endpoint import address_path
 
 INSTALL_HINT = """\
 The demo runs a real vLLM engine, and vLLM is not installed in this environment.

@@ -21,8 +21,8 @@ from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.costmodel.profile import load_profile
 from vllm_shadow.costmodel.roofline import roofline_prior
 from vllm_shadow.evaluation.candidates import SearchSpace
-from vllm_shadow.evaluation.evaluate import Slo
 from vllm_shadow.evaluation.recommend import Goal
+from vllm_shadow.evaluation.results import Slo
 from vllm_shadow.runtime.core import EvaluationSettings, ShadowConfig
 from vllm_shadow.solver.policies import split_policies
 from vllm_shadow.tracking.windows import WindowRules
@@ -154,7 +154,7 @@ def add_tiny_engine_options(group: argparse._ArgumentGroup) -> None:
 
 def add_actor_options(group: argparse._ArgumentGroup, *, ray_address_help: str) -> None:
     # Imported here, from the service's Ray-free module: only the commands that reach the actor import Ray.
-    from vllm_shadow.runtime.service import DEFAULT_NAME, DEFAULT_NAMESPACE
+    from vllm_shadow.runtime.status_endpoint import DEFAULT_NAME, DEFAULT_NAMESPACE
 
     group.add_argument("--ray-address", help=ray_address_help)
     group.add_argument("--name", default=DEFAULT_NAME, help=f"actor name (default {DEFAULT_NAME})")

@@ -25,7 +25,8 @@ from vllm_shadow.adapters.events import EngineInfo
 from vllm_shadow.adapters.recorder import event_from_json
 from vllm_shadow.cli.options import add_actor_options, add_shadow_options, shadow_config
 from vllm_shadow.readout.console import status_view
-from vllm_shadow.runtime.service import ServiceConfig, address_path, default_state_path
+from vllm_shadow.runtime.service import ServiceConfig, default_state_path
+from vllm_shadow.runtime.status_endpoint import address_path
 
 # Ray is imported when the command runs (so that `shadow status`, which shares the parser, never loads it),
 # but its absence is known now: the command is then listed as not installed, with the extra that brings Ray.

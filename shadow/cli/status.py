@@ -22,8 +22,7 @@ from rich.live import Live
 from vllm_shadow.readout.console import status_view
 from vllm_shadow.readout.snapshot import ShadowSnapshot, to_json
 from vllm_shadow.readout.snapshot_json import SnapshotFormatError, snapshot_from_json
-from vllm_shadow.runtime.service import DEFAULT_NAME, DEFAULT_NAMESPACE, address_path
-from vllm_shadow.runtime.status_endpoint import AddressRecord
+from vllm_shadow.runtime.status_endpoint import DEFAULT_NAME, DEFAULT_NAMESPACE, AddressRecord, address_path
 from vllm_shadow.runtime.user_files import read_own_file
 
 DEFAULT_TIMEOUT = 1.5  # seconds: the answer, whatever it is, comes within about this

@@ -22,125 +22,29 @@ import math
 import statistics
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-
-import numpy as np
 
 from vllm_shadow.adapters.events import RequestArrival
 from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.evaluation.candidates import current_policy
+from vllm_shadow.evaluation.results import (
+    ENGINE_LATENCY,
+    NO_SLO,
+    CandidateOutcome,
+    Fidelity,
+    LatencySummary,
+    OptimalOutcome,
+    Slo,
+    WindowOptimum,
+)
 from vllm_shadow.evaluation.step_match import compare_steps
 from vllm_shadow.solver.bounds import relaxation_bound
 from vllm_shadow.solver.optimal import GPU_COST, slo_deadlines, solve_optimal
 from vllm_shadow.solver.policies import Policy, parse_policy
 from vllm_shadow.solver.problem import EngineLimits, Window, WindowRequest
-from vllm_shadow.solver.records import RequestRecord, SimResult
+from vllm_shadow.solver.records import SimResult
 from vllm_shadow.solver.schedule import Deadlines, Schedule, schedule_from_steps
 from vllm_shadow.solver.simulator import simulate
 from vllm_shadow.tracking.windows import TrafficWindow
-
-
-@dataclass(frozen=True, slots=True)
-class Slo:
-    """Latency targets per request; a request attains the SLO when it meets every target that is set."""
-
-    ttft_seconds: float | None = None
-    tpot_seconds: float | None = None
-
-    @property
-    def defined(self) -> bool:
-        return self.ttft_seconds is not None or self.tpot_seconds is not None
-
-    def met(self, ttft: float, tpot: float) -> bool:
-        if self.ttft_seconds is not None and not ttft <= self.ttft_seconds:
-            return False
-        # A one-token output has no TPOT: nothing to miss.
-        return self.tpot_seconds is None or math.isnan(tpot) or tpot <= self.tpot_seconds
-
-
-@dataclass(frozen=True, slots=True)
-class LatencySummary:
-    requests: int
-    ttft: tuple[float, float, float]  # p50, p90, p99 seconds
-    tpot: tuple[float, float, float]
-    e2e: tuple[float, float, float]
-    slo_attainment: float  # share of requests meeting the SLO; nan without an SLO
-
-    @classmethod
-    def of(
-        cls, ttft: Sequence[float], tpot: Sequence[float], e2e: Sequence[float], slo: Slo
-    ) -> LatencySummary:
-        attained = [slo.met(a, b) for a, b in zip(ttft, tpot, strict=True)]
-        return cls(
-            requests=len(e2e),
-            ttft=_quantiles(ttft),
-            tpot=_quantiles(tpot),
-            e2e=_quantiles(e2e),
-            slo_attainment=sum(attained) / len(attained) if slo.defined and attained else math.nan,
-        )
-
-
-def _quantiles(values: Iterable[float]) -> tuple[float, float, float]:
-    arr = np.asarray([v for v in values if not math.isnan(v)], dtype=float)
-    if arr.size == 0:
-        return (math.nan, math.nan, math.nan)
-    p50, p90, p99 = np.percentile(arr, [50, 90, 99])
-    return float(p50), float(p90), float(p99)
-
-
-@dataclass(frozen=True, slots=True)
-class CandidateOutcome:
-    label: str
-    gpu_seconds: float  # simulated busy time to serve the window; nan if the simulation failed
-    latency: LatencySummary | None
-    preemptions: int = 0
-    steps: int = 0
-    error: str = ""
-    # Tokens computed again after recompute preemptions (the simulator's count; requests preempted before the
-    # window enter it as the recomputation they owe and are not counted).
-    recomputed_tokens: int = 0
-    # The window's own requests as simulated, when the evaluation is asked to keep them (the report).
-    requests: tuple[RequestRecord, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Fidelity:
-    steps_compared: int  # the engine's non-empty steps in the window
-    steps_matched: int  # of those, identical in the step-space replay
-    first_mismatch: str  # "" when every step matched
-    gpu_error_ratio: float  # |replayed - measured| / measured busy time over those steps
-    ttft_error_ratio: float  # median per-request relative error of the time replay
-    e2e_error_ratio: float
-    actual: LatencySummary  # what the engine delivered
-    self_replay: CandidateOutcome  # the current configuration replayed in time on the cost model
-
-    @property
-    def step_match_ratio(self) -> float:
-        return self.steps_matched / self.steps_compared if self.steps_compared else math.nan
-
-
-@dataclass(frozen=True, slots=True)
-class OptimalOutcome:
-    method: str  # "cp-sat", or "relaxation" for windows too large to model
-    status: str
-    bound_gpu_seconds: float  # no schedule (in `scope`) serves the window in less busy time
-    best_gpu_seconds: float  # the best schedule found (verified); nan with only a bound
-    scope: str
-    solve_seconds: float
-    # What the bound holds latency to: "none" (unconstrained: it may delay requests without limit), or the
-    # source of the per-request deadlines every schedule in its scope meets (`WindowOptimum`).
-    latency: str = "none"
-
-
-@dataclass(frozen=True, slots=True)
-class WindowOptimum:
-    """What a window's optimal task returns: the bound with latency ignored, and the bound at equal or better
-    latency ("the same service, cheaper"), which is the one an operator can act on. `constrained` is None when
-    the engine's configuration could not be replayed as a verified schedule to take its deadlines from."""
-
-    unconstrained: OptimalOutcome
-    constrained: OptimalOutcome | None
-
 
 # ---- simulation -----------------------------------------------------------------------------------------------
 
@@ -277,7 +181,6 @@ def optimal_problem(window: TrafficWindow) -> Window:
 # measured times: the gap compares the bound with the self replay's busy time on that same model, and the
 # self replay is then a schedule that meets them (measured times the model cannot reproduce would make the
 # problem infeasible, or the bound a statement about the model's error).
-ENGINE_LATENCY = "the engine's configuration (self replay)"
 # The simulator keeps time in whole picoseconds and the verifier in floats: the verifier's replay of the same
 # schedule may end a request a few microseconds later. Deadlines this much later keep the engine's schedule in
 # scope (looser deadlines only weaken the bound: it stays valid) without the verifier's replay of it, which
@@ -388,7 +291,7 @@ def solve_window_optimum(
     time_limit: float,
     max_requests: int,
     workers: int = 1,
-    slo: Slo = Slo(),
+    slo: Slo = NO_SLO,
     constrained_cp_sat: bool = False,
 ) -> WindowOptimum:
     """The GPU-time optimum of the window twice: with latency ignored, and at equal or better latency than the

@@ -18,8 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from vllm_shadow.evaluation.candidates import Candidate, flag_changes
-from vllm_shadow.evaluation.evaluate import Slo
-from vllm_shadow.evaluation.results import METRICS, WindowEvaluation
+from vllm_shadow.evaluation.results import METRICS, Slo, WindowEvaluation
 
 
 @dataclass(frozen=True, slots=True)

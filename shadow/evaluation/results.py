@@ -12,13 +12,114 @@ limit, which no operator would run.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from vllm_shadow.evaluation.evaluate import CandidateOutcome, Fidelity, OptimalOutcome
+from vllm_shadow.solver.records import RequestRecord, quantiles
 from vllm_shadow.tracking.recompute import RecomputeTax
 from vllm_shadow.tracking.windows import EngineKey
 
 METRICS = ("gpu", "ttft_p99", "tpot_p99")
+# What the constrained bound holds latency to by default: the engine's own first-token and finish times.
+ENGINE_LATENCY = "the engine's configuration (self replay)"
+
+
+@dataclass(frozen=True, slots=True)
+class Slo:
+    """Latency targets per request; a request attains the SLO when it meets every target that is set."""
+
+    ttft_seconds: float | None = None
+    tpot_seconds: float | None = None
+
+    @property
+    def defined(self) -> bool:
+        return self.ttft_seconds is not None or self.tpot_seconds is not None
+
+    def met(self, ttft: float, tpot: float) -> bool:
+        if self.ttft_seconds is not None and not ttft <= self.ttft_seconds:
+            return False
+        # A one-token output has no TPOT: nothing to miss.
+        return self.tpot_seconds is None or math.isnan(tpot) or tpot <= self.tpot_seconds
+
+
+NO_SLO = Slo()
+
+
+@dataclass(frozen=True, slots=True)
+class LatencySummary:
+    requests: int
+    ttft: tuple[float, float, float]  # p50, p90, p99 seconds
+    tpot: tuple[float, float, float]
+    e2e: tuple[float, float, float]
+    slo_attainment: float  # share of requests meeting the SLO; nan without an SLO
+
+    @classmethod
+    def of(
+        cls, ttft: Sequence[float], tpot: Sequence[float], e2e: Sequence[float], slo: Slo
+    ) -> LatencySummary:
+        attained = [slo.met(a, b) for a, b in zip(ttft, tpot, strict=True)]
+        return cls(
+            requests=len(e2e),
+            ttft=quantiles(ttft),
+            tpot=quantiles(tpot),
+            e2e=quantiles(e2e),
+            slo_attainment=sum(attained) / len(attained) if slo.defined and attained else math.nan,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CandidateOutcome:
+    label: str
+    gpu_seconds: float  # simulated busy time to serve the window; nan if the simulation failed
+    latency: LatencySummary | None
+    preemptions: int = 0
+    steps: int = 0
+    error: str = ""
+    # Tokens computed again after recompute preemptions (the simulator's count; requests preempted before the
+    # window enter it as the recomputation they owe and are not counted).
+    recomputed_tokens: int = 0
+    # The window's own requests as simulated, when the evaluation is asked to keep them (the report).
+    requests: tuple[RequestRecord, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Fidelity:
+    steps_compared: int  # the engine's non-empty steps in the window
+    steps_matched: int  # of those, identical in the step-space replay
+    first_mismatch: str  # "" when every step matched
+    gpu_error_ratio: float  # |replayed - measured| / measured busy time over those steps
+    ttft_error_ratio: float  # median per-request relative error of the time replay
+    e2e_error_ratio: float
+    actual: LatencySummary  # what the engine delivered
+    self_replay: CandidateOutcome  # the current configuration replayed in time on the cost model
+
+    @property
+    def step_match_ratio(self) -> float:
+        return self.steps_matched / self.steps_compared if self.steps_compared else math.nan
+
+
+@dataclass(frozen=True, slots=True)
+class OptimalOutcome:
+    method: str  # "cp-sat", or "relaxation" for windows too large to model
+    status: str
+    bound_gpu_seconds: float  # no schedule (in `scope`) serves the window in less busy time
+    best_gpu_seconds: float  # the best schedule found (verified); nan with only a bound
+    scope: str
+    solve_seconds: float
+    # What the bound holds latency to: "none" (unconstrained: it may delay requests without limit), or the
+    # source of the per-request deadlines every schedule in its scope meets (`WindowOptimum`).
+    latency: str = "none"
+
+
+@dataclass(frozen=True, slots=True)
+class WindowOptimum:
+    """What a window's optimal task returns: the bound with latency ignored, and the bound at equal or better
+    latency ("the same service, cheaper"), which is the one an operator can act on. `constrained` is None when
+    the engine's configuration could not be replayed as a verified schedule to take its deadlines from."""
+
+    unconstrained: OptimalOutcome
+    constrained: OptimalOutcome | None
+
 
 
 def metric_value(outcome: CandidateOutcome, metric: str) -> float:

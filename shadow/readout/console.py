@@ -8,8 +8,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from vllm_shadow.evaluation.evaluate import ENGINE_LATENCY
-from vllm_shadow.evaluation.results import WindowEvaluation
+from vllm_shadow.evaluation.results import ENGINE_LATENCY, WindowEvaluation
 from vllm_shadow.readout.snapshot import EngineSnapshot, ShadowSnapshot
 
 

@@ -11,8 +11,7 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from vllm_shadow.evaluation.evaluate import ENGINE_LATENCY, OptimalOutcome
-from vllm_shadow.evaluation.results import METRICS
+from vllm_shadow.evaluation.results import ENGINE_LATENCY, METRICS, OptimalOutcome
 from vllm_shadow.readout.metric_table import MetricSpec, spec
 from vllm_shadow.readout.snapshot import EngineSnapshot, ShadowSnapshot
 from vllm_shadow.tracking.reasons import DropReason, LostRequestReason

@@ -17,7 +17,8 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from vllm_shadow.runtime.ray_tasks import RayTasks
-from vllm_shadow.runtime.service import DEFAULT_NAME, DEFAULT_NAMESPACE, ServiceConfig, ShadowService
+from vllm_shadow.runtime.service import ServiceConfig, ShadowService
+from vllm_shadow.runtime.status_endpoint import DEFAULT_NAME, DEFAULT_NAMESPACE
 
 __all__ = ["DEFAULT_NAME", "DEFAULT_NAMESPACE", "ShadowActor", "find_shadow_actor", "start_shadow_actor"]
 

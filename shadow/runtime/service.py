@@ -38,8 +38,6 @@ from vllm_shadow.tracking.reasons import RefusalReason
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_NAME = "vllm-shadow"
-DEFAULT_NAMESPACE = "vllm-shadow"
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,12 +58,6 @@ class ServiceConfig:
 
 def default_state_path(name: str) -> str:
     return str(user_dir() / f"{name}-engines.json")
-
-
-def address_path(namespace: str, name: str) -> Path:
-    """Where a running shadow says where `shadow status` finds it: in the user's private directory, so that
-    no other user can plant one."""
-    return user_dir() / f"{namespace}-{name}.address.json"
 
 
 class ShadowService:

@@ -19,7 +19,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from vllm_shadow.readout.snapshot import ShadowSnapshot, to_json
-from vllm_shadow.runtime.user_files import read_own_file, write_atomic
+from vllm_shadow.runtime.user_files import read_own_file, user_dir, write_atomic
+
+# A shadow's default Ray actor name and namespace; its address record is named after both.
+DEFAULT_NAME = "vllm-shadow"
+DEFAULT_NAMESPACE = "vllm-shadow"
+
+
+def address_path(namespace: str, name: str) -> Path:
+    """Where a running shadow says where `shadow status` finds it: in the user's private directory, so that
+    no other user can plant one."""
+    return user_dir() / f"{namespace}-{name}.address.json"
 
 logger = logging.getLogger(__name__)
 
