@@ -18,25 +18,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from vllm_shadow.costmodel.file_errors import FieldError, json_text
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral")
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 _BUNDLED = resources.files("vllm_shadow.costmodel") / "data" / "models"
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(FieldError):
     """A model config that describes no supported model; the message names the file (if any) and the field."""
-
-    def __init__(self, path: str | Path | None, field: str | None, problem: str) -> None:
-        self.path = None if path is None else str(path)
-        self.field = field
-        self.problem = problem
-        message = f"field {field!r}: {problem}" if field else problem
-        super().__init__(message if path is None else f"{path}: {message}")
-
-
-def _json_text(value: object) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _positive_int(config: dict[str, Any], key: str, default: int | None = None) -> int:
@@ -48,7 +38,7 @@ def _positive_int(config: dict[str, Any], key: str, default: int | None = None) 
         return default
     # `type(...) is int` because bool is an int subclass, and `true` is no layer count.
     if type(value) is not int or value <= 0:
-        raise ModelConfigError(None, key, f"expected a positive integer, got {_json_text(value)}")
+        raise ModelConfigError(None, key, f"expected a positive integer, got {json_text(value)}")
     return value
 
 
@@ -57,7 +47,7 @@ def _flag(config: dict[str, Any], key: str, default: bool) -> bool:
     if value is None:
         return default
     if type(value) is not bool:  # "false" is truthy: a string here would silently turn the feature on
-        raise ModelConfigError(None, key, f"expected true or false, got {_json_text(value)}")
+        raise ModelConfigError(None, key, f"expected true or false, got {json_text(value)}")
     return value
 
 
@@ -116,13 +106,13 @@ class ModelArchitecture:
     def from_hf_config(cls, config: dict[str, Any], name: str | None = None) -> ModelArchitecture:
         """Raises `ModelConfigError` (a ValueError naming the field) on a config this module cannot model."""
         if not isinstance(config, dict):
-            raise ModelConfigError(None, None, f"expected a JSON object, got {_json_text(config)}")
+            raise ModelConfigError(None, None, f"expected a JSON object, got {json_text(config)}")
         model_type = config.get("model_type")
         if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
             raise ModelConfigError(
                 None,
                 "model_type",
-                f"model_type {_json_text(model_type)} is not supported; "
+                f"model_type {json_text(model_type)} is not supported; "
                 f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}",
             )
         hidden = _positive_int(config, "hidden_size")
@@ -133,7 +123,7 @@ class ModelArchitecture:
             raise ModelConfigError(
                 None,
                 "torch_dtype",
-                f"unsupported dtype {_json_text(dtype)}; supported: {', '.join(_DTYPE_BYTES)}",
+                f"unsupported dtype {json_text(dtype)}; supported: {', '.join(_DTYPE_BYTES)}",
             )
         # Llama's attention_bias puts biases on q, k, v and o; Qwen2 always has q, k, v biases and none on o.
         attention_bias = _flag(config, "attention_bias", False)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
+from vllm_shadow.costmodel.file_errors import FieldError, json_text
 from vllm_shadow.costmodel.linear import LinearCostModel, cross_validated_mape, fit_linear
 
 FORMAT = "shadow-cost-profile"
@@ -27,20 +28,8 @@ VERSION = 2
 READABLE_VERSIONS = (1, 2)
 
 
-class ProfileError(ValueError):
+class ProfileError(FieldError):
     """A file that is no readable cost profile; the message names the file (if any) and the field."""
-
-    def __init__(self, path: str | Path | None, field: str | None, problem: str) -> None:
-        self.path = None if path is None else str(path)
-        self.field = field
-        self.problem = problem
-        message = f"field {field!r}: {problem}" if field else problem
-        super().__init__(message if path is None else f"{path}: {message}")
-
-
-def _json_text(value: object) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _field(data: Mapping[str, Any], key: str) -> Any:
@@ -52,7 +41,7 @@ def _field(data: Mapping[str, Any], key: str) -> Any:
 def _string(data: Mapping[str, Any], key: str) -> str:
     value = _field(data, key)
     if type(value) is not str:
-        raise ProfileError(None, key, f"expected a string, got {_json_text(value)}")
+        raise ProfileError(None, key, f"expected a string, got {json_text(value)}")
     return value
 
 
@@ -61,17 +50,17 @@ def _count(data: Mapping[str, Any], key: str, *, positive: bool) -> int:
     # `type(...) is int` because bool is an int subclass.
     if type(value) is not int or value < int(positive):
         kind = "a positive" if positive else "a non-negative"
-        raise ProfileError(None, key, f"expected {kind} integer, got {_json_text(value)}")
+        raise ProfileError(None, key, f"expected {kind} integer, got {json_text(value)}")
     return value
 
 
 def _coefficients(data: Mapping[str, Any]) -> LinearCostModel:
     values = _field(data, "coefficients")
     if type(values) is not dict:
-        raise ProfileError(None, "coefficients", f"expected a JSON object, got {_json_text(values)}")
+        raise ProfileError(None, "coefficients", f"expected a JSON object, got {json_text(values)}")
     for name, value in values.items():
         if type(value) not in (int, float) or not abs(value) < math.inf:  # no float(): ints may be huge
-            problem = f"{name} must be a finite number, got {_json_text(value)}"
+            problem = f"{name} must be a finite number, got {json_text(value)}"
             raise ProfileError(None, "coefficients", problem)
     try:
         return LinearCostModel.from_dict(values)
@@ -106,7 +95,7 @@ class CostProfile:
     def from_dict(cls, data: Mapping[str, Any]) -> CostProfile:
         """Raises `ProfileError` (a ValueError naming the field) on anything but a readable profile."""
         if not isinstance(data, Mapping):
-            raise ProfileError(None, None, f"expected a JSON object, got {_json_text(data)}")
+            raise ProfileError(None, None, f"expected a JSON object, got {json_text(data)}")
         if data.get("format") != FORMAT or data.get("version") not in READABLE_VERSIONS:
             versions = " or ".join(map(str, READABLE_VERSIONS))
             raise ProfileError(
@@ -123,7 +112,7 @@ class CostProfile:
         holdout = _field(data, "holdout_mape")
         # A hold-out error is a fraction; the bound keeps float() from overflowing on a huge integer.
         if holdout is not None and (type(holdout) not in (int, float) or not 0 <= holdout < 1e300):
-            problem = f"expected a finite number >= 0 or null, got {_json_text(holdout)}"
+            problem = f"expected a finite number >= 0 or null, got {json_text(holdout)}"
             raise ProfileError(None, "holdout_mape", problem)
         return cls(
             model=_string(data, "model"),
