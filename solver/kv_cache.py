@@ -13,10 +13,14 @@ What is replicated, and how it is kept cheap:
     block, whose hash is evicted. The simulator counts allocations and calls `evict_to(num_free_blocks)` before
     anything that depends on the queue's order (a lookup, a free): only pops happen in between, so evicting
     the surplus at once is exact.
-  * A block hash is an int (vLLM's hash of a full block of prompt tokens, as the mirror publishes it) or, for a
-    block whose tokens no other request can share (generated tokens, or a prompt without published hashes), the
-    tuple (request key, block index): such a block can only ever be hit by its own request once resumed, so it
-    is created lazily, when its request frees it (`cache_free_block`), not while its request holds it.
+  * A block with a published hash (vLLM's hash of a full block of prompt tokens, an int, as the mirror
+    publishes it) is a `KVCacheBlock`. A block whose tokens no other request can share (generated tokens, or a
+    prompt without published hashes) can only ever be hit by its own request once resumed: while its request
+    holds it, it is only counted; when its request frees it, its request's private blocks enter the queue as one
+    `PrivateRun` (evicted tail first, one block at a time), so a finish costs O(1), not O(blocks).
+  * One case is not literal: a priority victim preempted after its blocks for the step were cached may leave a
+    cached block its resume cannot hit (vLLM caps a hit at num_tokens - 1); vLLM keeps it as a duplicate that a
+    later lookup prefers, here it stays in the queue unreferenced. The queue's order and counts are the same.
 """
 
 from __future__ import annotations
@@ -35,6 +39,17 @@ class KVCacheBlock:
         self.ref_cnt = ref_cnt
 
 
+class PrivateRun:
+    """A freed request's private cached blocks: positions lo..hi-1 of its block table, freed tail first, so the
+    queue evicts hi-1 first. Its request hits lo.. on resume."""
+
+    __slots__ = ("hi", "lo")
+
+    def __init__(self, lo: int, hi: int) -> None:
+        self.lo = lo
+        self.hi = hi
+
+
 class BlockPool:
     """The cached blocks of one engine and the eviction order of those nobody holds."""
 
@@ -42,8 +57,12 @@ class BlockPool:
         # hash -> the block holding it, or an insertion-ordered dict of the blocks holding it (duplicates).
         self.cached_block_hash_to_block: dict[Hashable, KVCacheBlock | dict[KVCacheBlock, None]] = {}
         # Cached blocks with ref_cnt == 0, least recently freed first (the tail of vLLM's free queue).
-        self.free_block_queue: OrderedDict[KVCacheBlock, None] = OrderedDict()
+        self.free_block_queue: OrderedDict[KVCacheBlock | PrivateRun, None] = OrderedDict()
+        self.num_queued_blocks = 0  # blocks in free_block_queue (a run counts its blocks)
         self.num_evicted_blocks = 0
+        # Bumped by every change a lookup could see (a hash cached or evicted, a reference count, a run):
+        # a waiting request's hit, looked up again each step while it waits, is reused while it holds.
+        self.version = 0
 
     def get_cached_block(self, block_hash: Hashable) -> KVCacheBlock | None:
         blocks = self.cached_block_hash_to_block.get(block_hash)
@@ -63,6 +82,7 @@ class BlockPool:
         return hit
 
     def _insert(self, block: KVCacheBlock) -> None:
+        self.version += 1
         key = block.block_hash
         blocks = self.cached_block_hash_to_block.get(key)
         if blocks is None:
@@ -73,6 +93,7 @@ class BlockPool:
             blocks[block] = None
 
     def _remove(self, block: KVCacheBlock) -> None:
+        self.version += 1
         key = block.block_hash
         blocks = self.cached_block_hash_to_block.pop(key)
         if not isinstance(blocks, KVCacheBlock):
@@ -87,38 +108,62 @@ class BlockPool:
         self._insert(block)
         return block
 
-    def cache_free_block(self, block_hash: Hashable) -> None:
-        """A private cached block (see the module docstring) freed by its request: cached and evictable."""
-        block = KVCacheBlock(block_hash, 0)
-        self._insert(block)
-        self.free_block_queue[block] = None
+    def free_private_run(self, lo: int, hi: int) -> PrivateRun:
+        """A request frees its private cached blocks lo..hi-1 (see the module docstring): cached, evictable."""
+        self.version += 1
+        run = PrivateRun(lo, hi)
+        self.free_block_queue[run] = None
+        self.num_queued_blocks += hi - lo
+        return run
+
+    def take_private(self, run: PrivateRun, num_blocks: int) -> None:
+        """A resumed request hits the first `num_blocks` of its run: they leave the queue."""
+        self.version += 1
+        run.lo += num_blocks
+        self.num_queued_blocks -= num_blocks
+        if run.lo == run.hi:
+            del self.free_block_queue[run]
 
     def touch(self, blocks: list[KVCacheBlock]) -> int:
         """A request takes the blocks it hit; returns how many of them left the free queue (were unused)."""
+        self.version += 1
         num_taken = 0
         for block in blocks:
             if block.ref_cnt == 0:
                 del self.free_block_queue[block]
                 num_taken += 1
             block.ref_cnt += 1
+        self.num_queued_blocks -= num_taken
         return num_taken
 
     def free_block(self, block: KVCacheBlock) -> bool:
         """A request releases a cached block; returns whether nobody holds it any more (it became free)."""
+        self.version += 1
         block.ref_cnt -= 1
         if block.ref_cnt:
             return False
         self.free_block_queue[block] = None
+        self.num_queued_blocks += 1
         return True
 
     def evict_to(self, num_free_blocks: int) -> None:
         """Allocations took free blocks: those without a hash went first, then cached ones from the front of
         the queue, whose hashes are evicted. Afterwards the queue holds at most the free blocks."""
         queue = self.free_block_queue
-        while len(queue) > num_free_blocks:
-            block, _ = queue.popitem(last=False)
-            self._remove(block)
-            self.num_evicted_blocks += 1
+        while self.num_queued_blocks > num_free_blocks:
+            entry = next(iter(queue))
+            self.version += 1
+            if type(entry) is PrivateRun:
+                num_evicted = min(self.num_queued_blocks - num_free_blocks, entry.hi - entry.lo)
+                entry.hi -= num_evicted
+                if entry.hi == entry.lo:
+                    queue.popitem(last=False)
+            else:
+                num_evicted = 1
+                queue.popitem(last=False)
+                self._remove(entry)
+            self.num_queued_blocks -= num_evicted
+            self.num_evicted_blocks += num_evicted
 
     def num_cached_blocks(self) -> int:
         return sum(

@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 from vllm_shadow.adapters.events import EngineStep, RequestArrival
 from vllm_shadow.costmodel.linear import LinearCostModel
-from vllm_shadow.solver.kv_cache import BlockPool, KVCacheBlock
+from vllm_shadow.solver.kv_cache import BlockPool, KVCacheBlock, PrivateRun
 from vllm_shadow.solver.policies import Policy, parse_policy
 from vllm_shadow.solver.records import RequestRecord, SimResult
 
@@ -57,11 +57,11 @@ class _Request:
     __slots__ = (
         "arrival_time",
         "block_hashes",
-        "cache_key",
         "decode_base",
         "finish_epoch",
         "finishing",
         "held_blocks",
+        "hit_memo",
         "implicit_decoder",
         "implicit_stamp",
         "last_run_decode",
@@ -74,6 +74,7 @@ class _Request:
         "num_prompt_tokens",
         "num_reserved_blocks",
         "prev_run_step",
+        "private_run",
         "queue_key",
         "record",
         "request_id",
@@ -88,7 +89,6 @@ class _Request:
         queue_key: tuple | None,
         record: RequestRecord,
         block_hashes: tuple[int, ...] = (),
-        cache_key: int = 0,
     ) -> None:
         self.request_id = request_id
         self.arrival_time = arrival_time  # integer picoseconds
@@ -102,13 +102,14 @@ class _Request:
         self.decode_base = 0
         self.finish_epoch = 0  # bumped on every change of state: invalidates its entries in the finish heap
         self.num_reserved_blocks = 0  # blocks reserved at admission (no-eviction mode)
-        # Prefix caching (see solver.kv_cache): vLLM's hashes of its full prompt blocks, the key of its private
-        # blocks' hashes, the cached blocks it holds as objects (a prefix of its block table: hits and blocks
-        # with a published hash) and vLLM's num_cached_block (its leading blocks that have a hash).
+        # Prefix caching (see solver.kv_cache): vLLM's hashes of its full prompt blocks, the cached blocks with
+        # such a hash it holds (a prefix of its block table) and vLLM's num_cached_block (its leading blocks
+        # that have a hash; past held_blocks they are private).
         self.block_hashes = block_hashes
-        self.cache_key = cache_key
         self.held_blocks: list[KVCacheBlock] = []
         self.num_cached_blocks = 0
+        self.private_run: PrivateRun | None = None  # its private blocks in the free queue, since it was freed
+        self.hit_memo: tuple | None = None  # (pool version, num_tokens, its lookup) while it waits
         # Async scheduling: its last token is in flight (it finishes when that step's output is processed);
         # when it became an implicit decoder; its last two runs (steps), and whether the last decoded and
         # sampled: what vLLM had cached of it when it is preempted depends on the token in flight.
@@ -368,14 +369,19 @@ class Simulator:
         request.num_output_tokens = request.num_computed_tokens - request.num_prompt_tokens + 1
         request.implicit_decoder = False
         request.finish_epoch += 1
-        # It cached every full block at the step that filled it (its blocks past the prompt are private).
-        request.num_cached_blocks = request.num_computed_tokens // self.block_size
-        last_step = self.num_steps - 1
-        if self.last_decode_step == last_step and request.implicit_stamp <= last_step:
-            # It decoded in the last step, and in the one before (implicit decoders run every step).
-            request.prev_run_step = last_step - 1
-            request.last_run_step = last_step
-            request.last_run_decode = request.last_run_sampled = True
+        if self.caching:
+            # It cached every full block at the step that filled it (its blocks past the prompt are private).
+            request.num_cached_blocks = request.num_computed_tokens // self.block_size
+            last_step = self.num_steps - 1
+            if (
+                self.async_scheduling
+                and self.last_decode_step == last_step
+                and request.implicit_stamp <= last_step
+            ):
+                # It decoded in the last step, and in the one before (implicit decoders run every step).
+                request.prev_run_step = last_step - 1
+                request.last_run_step = last_step
+                request.last_run_decode = request.last_run_sampled = True
         self.num_implicit_decoders -= 1
         self.sum_decode_base -= request.decode_base
         self.decode_base_residues[request.decode_base % self.block_size] -= 1
@@ -452,9 +458,18 @@ class Simulator:
         num_cached_blocks = request.num_cached_blocks
         held_blocks = request.held_blocks
         num_freed = cdiv(request.num_computed_tokens, self.block_size) - len(held_blocks)
-        key = request.cache_key
-        for index in range(num_cached_blocks - 1, len(held_blocks) - 1, -1):
-            pool.cache_free_block((key, index))
+        if num_cached_blocks > len(held_blocks):
+            # Past num_tokens - 1 (a priority victim's blocks cached for the step it lost) no resume hits.
+            reachable = max(
+                (request.num_prompt_tokens + request.num_output_tokens - 1) // self.block_size,
+                len(held_blocks),
+            )
+            if num_cached_blocks > reachable:
+                pool.free_private_run(reachable, num_cached_blocks)
+            if reachable > len(held_blocks):
+                request.private_run = pool.free_private_run(
+                    len(held_blocks), min(num_cached_blocks, reachable)
+                )
         for block in reversed(held_blocks):
             num_freed += pool.free_block(block)
         request.held_blocks = []
@@ -474,45 +489,38 @@ class Simulator:
             held_blocks.append(self.block_pool.cache_full_block(block_hashes[index]))
         request.num_cached_blocks = num_full_blocks
 
-    def _find_longest_cache_hit(self, request: _Request, num_tokens: int) -> list[KVCacheBlock]:
+    def _find_longest_cache_hit(
+        self, request: _Request, num_tokens: int
+    ) -> tuple[list[KVCacheBlock], int, int]:
         """vLLM's `get_computed_blocks`: the cached full blocks of its prefix, at most num_tokens - 1 tokens
-        (the last token is always computed, to sample from). Past its published hashes come its own blocks
-        from before a preemption."""
+        (the last token is always computed, to sample from): the blocks with a published hash, how many of its
+        own private blocks from before a preemption follow them, and how many of the hit blocks another request
+        holds (those cost no free block)."""
         pool = self.block_pool
+        memo = request.hit_memo
+        if memo is not None and memo[0] == pool.version and memo[1] == num_tokens:
+            return memo[2]
         max_num_blocks = (num_tokens - 1) // self.block_size
         block_hashes = request.block_hashes
         hit = pool.find_longest_cache_hit(list(block_hashes[:max_num_blocks])) if block_hashes else []
-        if len(hit) == len(block_hashes) < max_num_blocks and request.record.preemptions:
-            key = request.cache_key
-            for index in range(len(hit), max_num_blocks):
-                block = pool.get_cached_block((key, index))
-                if block is None:
-                    break
-                hit.append(block)
-        return hit
+        num_held_hit_blocks = sum(block.ref_cnt > 0 for block in hit) if hit else 0
+        run = request.private_run
+        num_private_hits = 0
+        if run is not None and len(hit) == len(block_hashes) and run.lo == len(hit):
+            num_private_hits = max(min(run.hi, max_num_blocks) - run.lo, 0)
+        result = (hit, num_private_hits, num_held_hit_blocks)
+        request.hit_memo = (pool.version, num_tokens, result)
+        return result
 
-    def _admission_fits(
-        self,
-        request: _Request,
-        num_new_tokens: int,
-        num_free_blocks: int,
-        num_computed_tokens: int = 0,
-        hit_blocks: Sequence[KVCacheBlock] = (),
+    def _admission_fits_cached(
+        self, request: _Request, num_new_tokens: int, num_computed_tokens: int, num_held_hit_blocks: int
     ) -> bool:
-        """vLLM's `allocate_slots` checks for a waiting request whose prefix hit `hit_blocks`
-        (`num_computed_tokens`): hit blocks are not allocated again, but those nobody holds leave the free
-        queue, so they count as allocations."""
+        """vLLM's `allocate_slots` checks under prefix caching (with eviction; see Policy) for a waiting request
+        whose prefix hit `num_computed_tokens`: hit blocks are not allocated again, but those nobody holds leave
+        the free queue, so they count as allocations; only hits another request holds come for free."""
         watermark = self.watermark_blocks if self.running else 0
+        num_free_blocks = self.num_usable_blocks - self.num_used_blocks
         policy = self.policy
-        if not policy.eviction:
-            request.num_reserved_blocks = cdiv(
-                request.num_prompt_tokens + request.max_tokens - 1, self.block_size
-            )
-            return (
-                self.num_reserved_blocks + request.num_reserved_blocks + watermark <= self.num_usable_blocks
-            )
-        # Blocks a hit gives for free: held by another request already.
-        num_held_hit_blocks = sum(block.ref_cnt > 0 for block in hit_blocks) if hit_blocks else 0
         if (
             policy.admission == "full-prompt"
             and cdiv(request.num_prompt_tokens + request.num_output_tokens, self.block_size)
@@ -529,6 +537,28 @@ class Simulator:
             cdiv(num_computed_tokens + num_new_tokens, self.block_size) - num_held_hit_blocks + watermark
             <= num_free_blocks
         )
+
+    def _admission_fits(self, request: _Request, num_new_tokens: int, num_free_blocks: int) -> bool:
+        watermark = self.watermark_blocks if self.running else 0
+        policy = self.policy
+        if not policy.eviction:
+            request.num_reserved_blocks = cdiv(
+                request.num_prompt_tokens + request.max_tokens - 1, self.block_size
+            )
+            return (
+                self.num_reserved_blocks + request.num_reserved_blocks + watermark <= self.num_usable_blocks
+            )
+        if (
+            policy.admission == "full-prompt"
+            and cdiv(request.num_prompt_tokens + request.num_output_tokens, self.block_size) + watermark
+            > num_free_blocks
+        ):
+            return False
+        if policy.admission == "future-peak" and not self._peak_fits(
+            request, self.num_usable_blocks - watermark
+        ):
+            return False
+        return cdiv(num_new_tokens, self.block_size) + watermark <= num_free_blocks
 
     def _peak_fits(self, candidate: _Request, limit: int) -> bool:
         """LightLLM's check: will the running requests plus `candidate` fit in `limit` blocks at their joint
@@ -586,12 +616,16 @@ class Simulator:
             request = self.waiting.peek_request()
             # A resumed request recomputes its generated tokens too: num_tokens = prompt + output so far.
             num_tokens = request.num_prompt_tokens + request.num_output_tokens
-            hit_blocks: list[KVCacheBlock] = []
             if self.caching:
                 self.block_pool.evict_to(self.num_usable_blocks - self.num_used_blocks)
-                hit_blocks = self._find_longest_cache_hit(request, num_tokens)
-            num_computed_tokens = len(hit_blocks) * self.block_size
-            num_new_tokens = num_tokens - num_computed_tokens
+                hit_blocks, num_private_hits, num_held_hit_blocks = self._find_longest_cache_hit(
+                    request, num_tokens
+                )
+                num_computed_tokens = (len(hit_blocks) + num_private_hits) * self.block_size
+                num_new_tokens = num_tokens - num_computed_tokens
+            else:
+                num_computed_tokens = 0
+                num_new_tokens = num_tokens
             if 0 < long_prefill_token_threshold < num_new_tokens:
                 num_new_tokens = long_prefill_token_threshold
             if (
@@ -604,12 +638,12 @@ class Simulator:
                 break
             if policy.chunked_prefill:
                 num_new_tokens = min(num_new_tokens, token_budget)
-            if not self._admission_fits(
-                request,
-                num_new_tokens,
-                self.num_usable_blocks - self.num_used_blocks,
-                num_computed_tokens,
-                hit_blocks,
+            if not (
+                self._admission_fits_cached(request, num_new_tokens, num_computed_tokens, num_held_hit_blocks)
+                if self.caching
+                else self._admission_fits(
+                    request, num_new_tokens, self.num_usable_blocks - self.num_used_blocks
+                )
             ):
                 request.num_reserved_blocks = 0
                 # Under prefix caching, evictions during a decode stretch shorten a hit, and so the first chunk a
@@ -620,7 +654,9 @@ class Simulator:
             self.num_reserved_blocks += request.num_reserved_blocks
             self.running.append(request)
             if self.caching:
-                self._admit_with_hits(request, hit_blocks, num_computed_tokens + num_new_tokens)
+                self._admit_with_hits(
+                    request, hit_blocks, num_private_hits, num_computed_tokens + num_new_tokens
+                )
             else:
                 self.num_used_blocks += cdiv(num_new_tokens, self.block_size)
             scheduled.append((request, num_new_tokens, num_computed_tokens))
@@ -628,15 +664,22 @@ class Simulator:
         self.admission_blocked = blocked and policy.admission != "future-peak"
         return token_budget
 
-    def _admit_with_hits(self, request: _Request, hit_blocks: list[KVCacheBlock], num_tokens: int) -> None:
+    def _admit_with_hits(
+        self, request: _Request, hit_blocks: list[KVCacheBlock], num_private_hits: int, num_tokens: int
+    ) -> None:
         """Allocate for an admitted request as vLLM does with prefix caching: touch the hit blocks, allocate
         the rest up to `num_tokens`, cache the blocks that will be full."""
-        num_hit_tokens = len(hit_blocks) * self.block_size
-        self.num_used_blocks += (
-            self.block_pool.touch(hit_blocks) + cdiv(num_tokens, self.block_size) - len(hit_blocks)
-        )
+        num_hit_blocks = len(hit_blocks) + num_private_hits
+        num_hit_tokens = num_hit_blocks * self.block_size
+        pool = self.block_pool
+        self.num_used_blocks += pool.touch(hit_blocks) + cdiv(num_tokens, self.block_size) - num_hit_blocks
+        if num_private_hits:
+            pool.take_private(request.private_run, num_private_hits)  # type: ignore[arg-type]
+            self.num_used_blocks += num_private_hits
+        request.private_run = None  # what it did not hit stays cached, unreachable (see solver.kv_cache)
+        request.hit_memo = None
         request.held_blocks = hit_blocks
-        request.num_cached_blocks = len(hit_blocks)
+        request.num_cached_blocks = num_hit_blocks
         request.num_computed_tokens = num_hit_tokens
         record = request.record
         if record.first_scheduled != record.first_scheduled:  # NaN: its first admission
@@ -889,11 +932,12 @@ class Simulator:
             self._free_finishing()
         end_s = self.now / PS_PER_S
         finished: list[_Request] = []
+        track_runs = self.async_scheduling and self.caching
         for request, num_new_tokens, num_computed_tokens in scheduled:
             record = request.record
             if record.first_scheduled != record.first_scheduled:  # NaN: never scheduled before
                 record.first_scheduled = start / PS_PER_S
-            if self.async_scheduling:
+            if track_runs:
                 request.prev_run_step = request.last_run_step
                 request.last_run_step = step
                 request.last_run_decode = (
@@ -1155,7 +1199,6 @@ def simulate(
             _queue_key(policy.order, r, arrival_time, index),
             rec,
             r.block_hashes,
-            index,
         )
 
     for index, state in enumerate(initial_running):

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from vllm_shadow.adapters.events import RequestArrival
 from vllm_shadow.costmodel.linear import LinearCostModel
+from vllm_shadow.solver.kv_cache import PrivateRun
 from vllm_shadow.solver.policies import PRESETS, parse_policy
 from vllm_shadow.solver.simulator import RunningRequest, Simulator, simulate
 
@@ -411,7 +412,9 @@ def _check_kv_invariants(sim) -> None:
     for key, block in blocks.items():
         assert block.ref_cnt == holders[key] and block.block_hash is not None
         assert block not in sim.block_pool.free_block_queue
-    assert all(b.ref_cnt == 0 for b in sim.block_pool.free_block_queue)
+    queue = sim.block_pool.free_block_queue
+    assert all((isinstance(b, PrivateRun) and b.hi > b.lo) or b.ref_cnt == 0 for b in queue)
+    assert sim.block_pool.num_queued_blocks == sum(b.hi - b.lo if isinstance(b, PrivateRun) else 1 for b in queue)
     assert sim.num_used_blocks == len(blocks) + num_private <= sim.num_usable_blocks
 
 

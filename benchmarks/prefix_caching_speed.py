@@ -1,0 +1,105 @@
+"""Replay speed with prefix caching modelled, against the simulator before it (issue 11, item 8).
+
+The Azure conversation hour and the bundled Mooncake conversation trace are replayed under vLLM's defaults
+(Llama-2-7B on an A100, roofline prior, KV blocks of 16 tokens computed from memory) by the simulator as it was
+before prefix caching (`--before`, a commit; loaded from git into this process) and by today's, with prefix
+caching off and on, in one process, alternating, timing CPU seconds (the machine is shared and loaded). Mooncake's
+hash ids (one per 512 prompt tokens) become per-16-token block hashes: sub-block j of hash id h is its own hash,
+which keeps the chain (a hash id stands for its whole prefix).
+
+    python benchmarks/prefix_caching_speed.py [--rounds 5] [--before 907565e]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from vllm_shadow.adapters.events import RequestArrival
+from vllm_shadow.adapters.traces import read_trace, resolve_trace
+from vllm_shadow.costmodel.architecture import load_model
+from vllm_shadow.costmodel.hardware import get_hardware
+from vllm_shadow.costmodel.kv import kv_capacity_blocks
+from vllm_shadow.costmodel.roofline import roofline_prior
+from vllm_shadow.solver import simulator as current
+
+BLOCK_SIZE = 16
+POLICY = "vllm"
+
+
+def load_simulator_at(commit: str):
+    """solver/simulator.py as it was at `commit`, as a module of its own beside today's."""
+    source = subprocess.run(
+        ["git", "show", f"{commit}:solver/simulator.py"],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    ).stdout
+    path = Path(tempfile.mkdtemp()) / "simulator_before.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("simulator_before", path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules["simulator_before"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def with_block_hashes(requests: list[RequestArrival], trace_block_tokens: int) -> list[RequestArrival]:
+    per_id = trace_block_tokens // BLOCK_SIZE
+    out = []
+    for r in requests:
+        hashes = tuple(h * per_id + j for h in r.prefix_block_hashes for j in range(per_id))
+        out.append(dataclasses.replace(r, block_hashes=hashes[: r.prompt_tokens // BLOCK_SIZE]))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--before", default="907565e", help="the commit before prefix caching was modelled")
+    args = parser.parse_args()
+    arch, hw = load_model("llama-2-7b"), get_hardware("a100")
+    cost, blocks = roofline_prior(arch, hw, 1), kv_capacity_blocks(arch, hw, block_size=BLOCK_SIZE)
+    before = load_simulator_at(args.before)
+    azure = read_trace(resolve_trace("azure-conv")).requests
+    mooncake_trace = read_trace(
+        resolve_trace("mooncake-conv"), max_prompt_tokens=(blocks - 1) * BLOCK_SIZE // 2
+    )
+    mooncake = with_block_hashes(mooncake_trace.requests, mooncake_trace.block_tokens or 512)
+    variants = {
+        "before": (before.simulate, POLICY),
+        "caching off": (current.simulate, POLICY),
+        "caching on": (current.simulate, f"{POLICY}(enable_prefix_caching=true)"),
+    }
+    print(f"{blocks:,} KV blocks of {BLOCK_SIZE}; {args.rounds} rounds, alternating; CPU time per request")
+    print("| trace | requests | before (us/request) | caching off | caching on | on / before | hit tokens |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, requests in (("Azure conversation hour", azure), ("Mooncake conversation", mooncake)):
+        times: dict[str, list[float]] = {v: [] for v in variants}
+        hits = 0
+        for _ in range(args.rounds):
+            for label, (simulate, policy) in variants.items():
+                started = time.process_time()
+                result = simulate(requests, policy, cost, num_kv_blocks=blocks, block_size=BLOCK_SIZE)
+                times[label].append(time.process_time() - started)
+                if label == "caching on":
+                    hits = sum(r.num_cached_tokens for r in result.requests)
+        per_request = {label: statistics.median(t) / len(requests) * 1e6 for label, t in times.items()}
+        print(
+            f"| {name} | {len(requests):,} | {per_request['before']:.2f} | {per_request['caching off']:.2f} "
+            f"| {per_request['caching on']:.2f} | {per_request['caching on'] / per_request['before']:.2f}x "
+            f"| {hits:,} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
