@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict, deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from vllm_shadow.adapters.events import EngineInfo, EngineStep, Event, RequestArrival, RequestFinish
 from vllm_shadow.costmodel.linear import LinearCostModel
@@ -25,8 +25,8 @@ from vllm_shadow.solver.records import RequestRecord
 from vllm_shadow.solver.simulator import RunningRequest
 from vllm_shadow.tracking.reasons import SkipReason
 from vllm_shadow.tracking.recompute import RecomputeTax, recomputed_tokens, step_recompute_tax
-from vllm_shadow.tracking.tracker import DEFAULT_LIMITS, TrackerLimits, WindowTracker
-from vllm_shadow.tracking.windows import TrafficWindow, WindowRules
+from vllm_shadow.tracking.tracker import WindowTracker
+from vllm_shadow.tracking.windows import TrafficWindow
 
 
 class _Request:
@@ -116,17 +116,8 @@ class _WindowBookkeeping:
 class EngineTracker(WindowTracker):
     """Applies one engine's events in stream order. Not thread-safe: the owner serialises calls."""
 
-    def __init__(
-        self,
-        info: EngineInfo,
-        *,
-        rules: WindowRules,
-        prior: LinearCostModel,
-        limits: TrackerLimits = DEFAULT_LIMITS,
-        first_index: int = 0,
-        clock: Callable[[], float],
-    ) -> None:
-        super().__init__(info, rules=rules, prior=prior, limits=limits, first_index=first_index, clock=clock)
+    def __init__(self, info: EngineInfo, **settings: Any) -> None:  # settings: WindowTracker's
+        super().__init__(info, **settings)
         self._priority = info.scheduler.policy == "priority"
         self._requests: dict[str, _Request] = {}
         # vLLM's queues as ordered dicts (keys only): membership and removal by id are O(1), so finishes and

@@ -11,14 +11,13 @@ at a window start is unknown, so a window starts from an empty engine, and the c
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from typing import Any
 
 from vllm_shadow.adapters.events import EngineInfo, Event, RequestArrival, RequestFinish
-from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.solver.records import RequestRecord
 from vllm_shadow.tracking.reasons import SkipReason
-from vllm_shadow.tracking.tracker import DEFAULT_LIMITS, TrackerLimits, WindowTracker
-from vllm_shadow.tracking.windows import TrafficWindow, WindowRules
+from vllm_shadow.tracking.tracker import WindowTracker
+from vllm_shadow.tracking.windows import TrafficWindow
 
 DEFAULT_SECONDS = 10.0  # when the rules only count requests: arrival order is unknown until finishes arrive
 
@@ -26,19 +25,9 @@ DEFAULT_SECONDS = 10.0  # when the rules only count requests: arrival order is u
 class RequestOnlyTracker(WindowTracker):
     """Not thread-safe: the owner serialises calls. Its calibrator is never updated: there are no step times."""
 
-    def __init__(
-        self,
-        info: EngineInfo,
-        *,
-        rules: WindowRules,
-        prior: LinearCostModel,
-        limits: TrackerLimits = DEFAULT_LIMITS,
-        first_index: int = 0,
-        clock: Callable[[], float],
-    ) -> None:
-        super().__init__(info, rules=rules, prior=prior, limits=limits, first_index=first_index, clock=clock)
-        self._prior = prior
-        self._seconds = rules.seconds or DEFAULT_SECONDS
+    def __init__(self, info: EngineInfo, **settings: Any) -> None:  # settings: WindowTracker's
+        super().__init__(info, **settings)
+        self._seconds = self.rules.seconds or DEFAULT_SECONDS
         self._arrivals: dict[str, RequestArrival] = {}  # reported, finish not yet seen
         self._done: list[tuple[RequestArrival, float]] = []  # (arrival, finish time), not yet in a window
         self._origin = math.nan  # start of window 0 on the arrival clock
@@ -139,7 +128,7 @@ class RequestOnlyTracker(WindowTracker):
             arrival_steps=None,
             steps=(),
             observed=observed,
-            cost=self._prior,
+            cost=self.prior,
             cost_error=math.nan,
             cost_samples=0,
         )

@@ -76,6 +76,7 @@ class WindowTracker(ABC):
         self.rules = rules
         self.limits = limits
         self.stats = TrackerStats()
+        self.prior = prior  # the cost model before calibration
         self.calibrator = OnlineCalibrator(prior)
         self._clock = clock  # the shadow's clock: silence and idleness are measured on it
         self._ready: list[TrafficWindow] = []
