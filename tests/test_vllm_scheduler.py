@@ -21,7 +21,7 @@ from vllm import SamplingParams
 from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request
 
-from vllm_shadow.adapters.events import EngineInfo, EngineStep, RequestFinish
+from vllm_shadow.adapters.events import EngineInfo, EngineStep, RequestArrival, RequestFinish
 from vllm_shadow.adapters.recorder import read_events
 from vllm_shadow.adapters.vllm import MirrorAsyncScheduler, MirrorScheduler
 from vllm_shadow.adapters.vllm.engine_run import EngineSetup
@@ -159,4 +159,24 @@ def test_a_failing_mirror_never_raises_into_the_engine(
     decided, _ = _drive(scheduler, {0: _requests(0, 3)}, batch_queue=1)
     assert sum(decided[-1].values()) > 0 and not scheduler.has_requests()  # the engine ran to the end
     assert hook.errors >= len(decided)  # every failure was counted, none escaped
+    scheduler.shutdown()
+
+
+def test_the_hook_publishes_vllm_s_block_hashes() -> None:
+    # With prefix caching on, each arrival carries vLLM's own hashes of its full prompt blocks (16 tokens):
+    # equal prefixes, equal hashes; the simulator's prefix cache keys on them.
+    from benchmarks.fidelity_scale import ScaleConfig, build_scheduler
+
+    scheduler, publisher, hasher = build_scheduler(
+        ScaleConfig("azure-conv", 64, 8, 256, enable_prefix_caching=True)
+    )
+    prompts = {"a": [5] * 40, "b": [5] * 40 + [6] * 8, "c": [7] * 40}
+    for request_id, prompt in prompts.items():
+        scheduler.add_request(
+            Request(request_id, prompt, SamplingParams(max_tokens=2), None, block_hasher=hasher)
+        )
+    arrivals = {e.request_id: e.block_hashes for e in publisher.events if isinstance(e, RequestArrival)}
+    assert [len(arrivals[r]) for r in "abc"] == [2, 3, 2]
+    assert arrivals["b"][:2] == arrivals["a"] and arrivals["c"][0] != arrivals["a"][0]
+    assert all(isinstance(h, int) and -(2**63) <= h < 2**63 for h in arrivals["b"])
     scheduler.shutdown()
