@@ -25,18 +25,19 @@ What is replicated, and how it is kept cheap:
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Hashable
+from collections import deque
+from collections.abc import Hashable, Iterator
 
 
 class KVCacheBlock:
     """A cached block: its hash and how many running requests hold it (vLLM's `ref_cnt`)."""
 
-    __slots__ = ("block_hash", "ref_cnt")
+    __slots__ = ("block_hash", "queued_at", "ref_cnt")
 
     def __init__(self, block_hash: Hashable, ref_cnt: int) -> None:
         self.block_hash: Hashable | None = block_hash
         self.ref_cnt = ref_cnt
+        self.queued_at = -1  # the number of its live entry in the free queue; -1 when not in it
 
 
 class PrivateRun:
@@ -56,9 +57,12 @@ class BlockPool:
     def __init__(self) -> None:
         # hash -> the block holding it, or an insertion-ordered dict of the blocks holding it (duplicates).
         self.cached_block_hash_to_block: dict[Hashable, KVCacheBlock | dict[KVCacheBlock, None]] = {}
-        # Cached blocks with ref_cnt == 0, least recently freed first (the tail of vLLM's free queue).
-        self.free_block_queue: OrderedDict[KVCacheBlock | PrivateRun, None] = OrderedDict()
-        self.num_queued_blocks = 0  # blocks in free_block_queue (a run counts its blocks)
+        # Cached blocks with ref_cnt == 0, least recently freed first (the tail of vLLM's free queue). A deque
+        # with lazy removal: a block's entry (block, number) is live while block.queued_at is that number, a
+        # run's while it has blocks; dead entries are dropped when they reach the front.
+        self.free_block_queue: deque[tuple[KVCacheBlock, int] | PrivateRun] = deque()
+        self.num_queued_blocks = 0  # blocks in free_block_queue's live entries (a run counts its blocks)
+        self._entry_number = 0
         self.num_evicted_blocks = 0
         # Bumped by every change a lookup could see (a hash cached or evicted, a reference count, a run):
         # a waiting request's hit, looked up again each step while it waits, is reused while it holds.
@@ -112,17 +116,15 @@ class BlockPool:
         """A request frees its private cached blocks lo..hi-1 (see the module docstring): cached, evictable."""
         self.version += 1
         run = PrivateRun(lo, hi)
-        self.free_block_queue[run] = None
+        self.free_block_queue.append(run)
         self.num_queued_blocks += hi - lo
         return run
 
     def take_private(self, run: PrivateRun, num_blocks: int) -> None:
         """A resumed request hits the first `num_blocks` of its run: they leave the queue."""
         self.version += 1
-        run.lo += num_blocks
+        run.lo += num_blocks  # an emptied run is a dead entry
         self.num_queued_blocks -= num_blocks
-        if run.lo == run.hi:
-            del self.free_block_queue[run]
 
     def touch(self, blocks: list[KVCacheBlock]) -> int:
         """A request takes the blocks it hit; returns how many of them left the free queue (were unused)."""
@@ -130,7 +132,7 @@ class BlockPool:
         num_taken = 0
         for block in blocks:
             if block.ref_cnt == 0:
-                del self.free_block_queue[block]
+                block.queued_at = -1  # its entry dies
                 num_taken += 1
             block.ref_cnt += 1
         self.num_queued_blocks -= num_taken
@@ -142,7 +144,9 @@ class BlockPool:
         block.ref_cnt -= 1
         if block.ref_cnt:
             return False
-        self.free_block_queue[block] = None
+        self._entry_number += 1
+        block.queued_at = self._entry_number
+        self.free_block_queue.append((block, self._entry_number))
         self.num_queued_blocks += 1
         return True
 
@@ -151,19 +155,32 @@ class BlockPool:
         the queue, whose hashes are evicted. Afterwards the queue holds at most the free blocks."""
         queue = self.free_block_queue
         while self.num_queued_blocks > num_free_blocks:
-            entry = next(iter(queue))
-            self.version += 1
+            entry = queue[0]
             if type(entry) is PrivateRun:
                 num_evicted = min(self.num_queued_blocks - num_free_blocks, entry.hi - entry.lo)
                 entry.hi -= num_evicted
                 if entry.hi == entry.lo:
-                    queue.popitem(last=False)
+                    queue.popleft()
             else:
+                queue.popleft()
+                block, number = entry
+                if block.queued_at != number:
+                    continue  # a dead entry: the block was taken since
+                block.queued_at = -1
                 num_evicted = 1
-                queue.popitem(last=False)
-                self._remove(entry)
+                self._remove(block)
+            self.version += 1
             self.num_queued_blocks -= num_evicted
             self.num_evicted_blocks += num_evicted
+
+    def queued(self) -> Iterator[KVCacheBlock | PrivateRun]:
+        """The live entries of the free queue, front first."""
+        for entry in self.free_block_queue:
+            if type(entry) is PrivateRun:
+                if entry.hi > entry.lo:
+                    yield entry
+            elif entry[0].queued_at == entry[1]:
+                yield entry[0]
 
     def num_cached_blocks(self) -> int:
         return sum(

@@ -78,6 +78,7 @@ class _Request:
         "queue_key",
         "record",
         "request_id",
+        "running_seq",
     )
 
     def __init__(
@@ -110,6 +111,7 @@ class _Request:
         self.num_cached_blocks = 0
         self.private_run: PrivateRun | None = None  # its private blocks in the free queue, since it was freed
         self.hit_memo: tuple | None = None  # (pool version, num_tokens, its lookup) while it waits
+        self.running_seq = 0  # when it joined the running queue: its place there (but for decode_first)
         # Async scheduling: its last token is in flight (it finishes when that step's output is processed);
         # when it became an implicit decoder; its last two runs (steps), and whether the last decoded and
         # sampled: what vLLM had cached of it when it is preempted depends on the token in flight.
@@ -232,6 +234,7 @@ class Simulator:
         self.async_scheduling = policy.async_scheduling
         self.finishing: list[_Request] = []
         self.last_decode_step = -2  # the last step in which the implicit decoders ran
+        self.num_running_seq = 0
 
     # ---- the driver ----------------------------------------------------------------------------------------
 
@@ -253,6 +256,8 @@ class Simulator:
             )
             self.num_reserved_blocks += request.num_reserved_blocks
         self.running.append(request)
+        self.num_running_seq += 1
+        request.running_seq = self.num_running_seq
         self.num_used_blocks += cdiv(num_computed_tokens, self.block_size)
         if self.caching:
             self._hold_initial_blocks(request)
@@ -454,7 +459,8 @@ class Simulator:
                     request.num_cached_blocks, (request.num_computed_tokens - 1) // self.block_size
                 )
         pool = self.block_pool
-        pool.evict_to(self.num_usable_blocks - self.num_used_blocks)  # allocations so far came first
+        if pool.num_queued_blocks > self.num_usable_blocks - self.num_used_blocks:
+            pool.evict_to(self.num_usable_blocks - self.num_used_blocks)  # allocations so far came first
         num_cached_blocks = request.num_cached_blocks
         held_blocks = request.held_blocks
         num_freed = cdiv(request.num_computed_tokens, self.block_size) - len(held_blocks)
@@ -496,6 +502,8 @@ class Simulator:
         (the last token is always computed, to sample from): the blocks with a published hash, how many of its
         own private blocks from before a preemption follow them, and how many of the hit blocks another request
         holds (those cost no free block)."""
+        if not request.block_hashes and request.private_run is None:
+            return _NO_HIT  # nothing of it can be cached
         pool = self.block_pool
         memo = request.hit_memo
         if memo is not None and memo[0] == pool.version and memo[1] == num_tokens:
@@ -617,7 +625,8 @@ class Simulator:
             # A resumed request recomputes its generated tokens too: num_tokens = prompt + output so far.
             num_tokens = request.num_prompt_tokens + request.num_output_tokens
             if self.caching:
-                self.block_pool.evict_to(self.num_usable_blocks - self.num_used_blocks)
+                if self.block_pool.num_queued_blocks > self.num_usable_blocks - self.num_used_blocks:
+                    self.block_pool.evict_to(self.num_usable_blocks - self.num_used_blocks)
                 hit_blocks, num_private_hits, num_held_hit_blocks = self._find_longest_cache_hit(
                     request, num_tokens
                 )
@@ -653,6 +662,8 @@ class Simulator:
             self.waiting.pop_request()
             self.num_reserved_blocks += request.num_reserved_blocks
             self.running.append(request)
+            self.num_running_seq += 1
+            request.running_seq = self.num_running_seq
             if self.caching:
                 self._admit_with_hits(
                     request, hit_blocks, num_private_hits, num_computed_tokens + num_new_tokens
@@ -672,13 +683,15 @@ class Simulator:
         num_hit_blocks = len(hit_blocks) + num_private_hits
         num_hit_tokens = num_hit_blocks * self.block_size
         pool = self.block_pool
-        self.num_used_blocks += pool.touch(hit_blocks) + cdiv(num_tokens, self.block_size) - num_hit_blocks
+        self.num_used_blocks += cdiv(num_tokens, self.block_size) - num_hit_blocks
+        if hit_blocks:
+            self.num_used_blocks += pool.touch(hit_blocks)
         if num_private_hits:
             pool.take_private(request.private_run, num_private_hits)  # type: ignore[arg-type]
             self.num_used_blocks += num_private_hits
         request.private_run = None  # what it did not hit stays cached, unreachable (see solver.kv_cache)
         request.hit_memo = None
-        request.held_blocks = hit_blocks
+        request.held_blocks = hit_blocks if hit_blocks else []
         request.num_cached_blocks = num_hit_blocks
         request.num_computed_tokens = num_hit_tokens
         record = request.record
@@ -986,8 +999,11 @@ class Simulator:
                 self.finishing.extend(finished)
                 return
         if self.caching and len(finished) > 1:
-            position = {id(r): i for i, r in enumerate(self.running)}
-            finished.sort(key=lambda r: position[id(r)])
+            if self.policy.decode_first:  # the running queue was reordered
+                position = {id(r): i for i, r in enumerate(self.running)}
+                finished.sort(key=lambda r: position[id(r)])
+            else:
+                finished.sort(key=_running_seq)
         for request in finished:
             self._free_request(request)
         if len(finished) > 8:
@@ -1124,6 +1140,13 @@ class Simulator:
         if finished:
             self._finish_requests(finished, end_s)
         return True
+
+
+_NO_HIT: tuple[list[KVCacheBlock], int, int] = ([], 0, 0)  # never mutated: an admission takes a fresh list
+
+
+def _running_seq(request: _Request) -> int:
+    return request.running_seq
 
 
 def _steps_starting_before(gap: int, first_step: int, slope: int) -> int:

@@ -411,9 +411,10 @@ def _check_kv_invariants(sim) -> None:
         num_private += math.ceil(num_computed / sim.block_size) - len(request.held_blocks)
     for key, block in blocks.items():
         assert block.ref_cnt == holders[key] and block.block_hash is not None
-        assert block not in sim.block_pool.free_block_queue
-    queue = sim.block_pool.free_block_queue
-    assert all((isinstance(b, PrivateRun) and b.hi > b.lo) or b.ref_cnt == 0 for b in queue)
+        assert block.queued_at == -1  # held blocks are out of the free queue
+    queue = list(sim.block_pool.queued())
+    assert all(isinstance(b, PrivateRun) or b.ref_cnt == 0 for b in queue)
+    assert len({id(b) for b in queue}) == len(queue)
     assert sim.block_pool.num_queued_blocks == sum(b.hi - b.lo if isinstance(b, PrivateRun) else 1 for b in queue)
     assert sim.num_used_blocks == len(blocks) + num_private <= sim.num_usable_blocks
 
