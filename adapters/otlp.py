@@ -70,7 +70,8 @@ def _attributes(span: Any) -> dict[str, Any]:
 
 
 def span_events(span: Any) -> list[Event] | None:
-    """Arrival and finish of an `llm_request` span; None if an attribute we need is missing."""
+    """Arrival and finish of an `llm_request` span; None if an attribute we need is missing. Raises
+    `InvalidBatch` for a span that ends before it starts; other impossible numbers are `validate_batch`'s."""
     attrs = _attributes(span)
     try:
         request_id = str(attrs[REQUEST_ID])
@@ -82,6 +83,8 @@ def span_events(span: Any) -> list[Event] | None:
     arrival = span.start_time_unix_nano / 1e9
     e2e = attrs.get(E2E)
     finish = arrival + float(e2e) if isinstance(e2e, int | float) else span.end_time_unix_nano / 1e9
+    if finish < arrival:  # a negative latency: no engine finishes a request before it arrives
+        raise InvalidBatch(f"span {request_id!r} ends {arrival - finish:g}s before it starts")
     return [
         RequestArrival(request_id, arrival, prompt, output, max_tokens),
         RequestFinish(request_id, finish, output, reason="unknown"),  # spans do not carry the finish reason
@@ -135,19 +138,19 @@ class OtlpSpanReceiver(UnaryServer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"not an ExportTraceServiceRequest: {exc}")
         events: list[Event] = []
         ignored = incomplete = 0
-        for resource_spans in request.resource_spans:
-            for scope_spans in resource_spans.scope_spans:
-                for span in scope_spans.spans:
-                    if span.name != SPAN_NAME:
-                        ignored += 1
-                        continue
-                    converted = span_events(span)
-                    if converted is None:
-                        incomplete += 1
-                    else:
-                        events.extend(converted)
-        batch = EventBatch(events, self._source)
         try:
+            for resource_spans in request.resource_spans:
+                for scope_spans in resource_spans.scope_spans:
+                    for span in scope_spans.spans:
+                        if span.name != SPAN_NAME:
+                            ignored += 1
+                            continue
+                        converted = span_events(span)
+                        if converted is None:
+                            incomplete += 1
+                        else:
+                            events.extend(converted)
+            batch = EventBatch(events, self._source)
             validate_batch(batch)  # the whole export, before any of it reaches the shadow
         except InvalidBatch as exc:
             with self._lock:

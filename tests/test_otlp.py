@@ -184,6 +184,7 @@ def test_an_unauthenticated_export_is_refused_before_its_message_is_read() -> No
         ({"gen_ai.usage.prompt_tokens": -3}, "prompt_tokens -3 is below 0"),
         ({"gen_ai.usage.completion_tokens": -1}, "output_tokens -1 is below 0"),
         ({"gen_ai.request.max_tokens": -8}, "max_tokens -8 is below 0"),
+        ({"gen_ai.latency.e2e": -1.5}, "ends 1.5s before it starts"),
     ],
 )
 def test_an_export_with_an_impossible_number_is_refused_whole_and_counted(
