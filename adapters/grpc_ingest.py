@@ -34,9 +34,12 @@ SERVICE = "shadow.v1.EventIngest"
 PUBLISH_METHOD = f"/{SERVICE}/Publish"
 __all__ = ["TOKEN_METADATA_KEY", "GrpcSink", "IngestServer", "IngestStats"]
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-# Calls held at once, waiting or served: with the receive limit below, what senders can make the server buffer.
-# Engines send one batch at a time, each call lasting milliseconds, so this is far above honest use.
-DEFAULT_MAX_CONCURRENT_RPCS = 16
+# Calls held at once, waiting or served: with the receive limit below, what senders can make the server buffer
+# (an unauthenticated call is refused on its metadata, before its body is read). Each sender has one call in
+# flight, but gRPC still counts a finished call for a moment after its sender has made the next one: at 16,
+# sixteen engines (the shadow's default engine bound) were refused RESOURCE_EXHAUSTED now and then
+# (benchmarks/ingest_load.py). Four times the engine bound leaves that lag room.
+DEFAULT_MAX_CONCURRENT_RPCS = 64
 # gRPC itself refuses a message above its receive limit before our handler sees it, so nothing could count it.
 # Its limit is therefore set above ours by this margin: messages between the two are refused and counted here;
 # only a message beyond both is refused uncounted (still RESOURCE_EXHAUSTED, and memory stays bounded).
