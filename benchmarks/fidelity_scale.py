@@ -15,7 +15,7 @@ synthetic workload of a few long system prompts followed by a request's own ques
 distinct per request, as real generations are.
 
     python benchmarks/fidelity_scale.py                 # the full table (>= 1,000,000 steps), into RESULTS
-    python benchmarks/fidelity_scale.py --quick         # a few thousand steps per configuration
+    python benchmarks/fidelity_scale.py --quick         # arrivals stop after 3,000 steps; the run drains
 """
 
 from __future__ import annotations
@@ -506,7 +506,9 @@ def _from_json(line: str) -> Comparison:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a few thousand steps per configuration")
+    parser.add_argument(
+        "--quick", action="store_true", help="arrivals stop after 3,000 steps; the run drains"
+    )
     parser.add_argument("--only", type=int, nargs="*", help="configuration indices to run")
     parser.add_argument("--out", type=Path, help="append each configuration's result (a JSON line) here")
     parser.add_argument("--table-from", type=Path, nargs="*", help="write the table from these result files")
