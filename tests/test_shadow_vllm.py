@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import time
 import urllib.request
 
 import pytest
@@ -30,6 +31,19 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SILENCE = 4.0  # seconds without events after which the shadow drops a silent engine's live requests
 
 
+class ShiftedClock:
+    """The wall clock plus a shift the test adds to, to let the shadow see time pass that did not."""
+
+    def __init__(self) -> None:
+        self.shift = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.shift
+
+
+CLOCK = ShiftedClock()
+
+
 @pytest.fixture(scope="module")
 def session(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("shadow-vllm")
@@ -42,7 +56,7 @@ def session(tmp_path_factory: pytest.TempPathFactory):
         ),
         tick_seconds=0.1,
     )
-    service = ShadowService(config, LocalTasks())
+    service = ShadowService(config, LocalTasks(), clock=CLOCK)
     saved = dict(os.environ)
     os.environ["SHADOW_ADDRESS"] = service.addresses()["grpc"]
     os.environ["SHADOW_RECORD"] = str(tmp / "engine.jsonl")
@@ -130,12 +144,12 @@ def test_requests_in_flight_when_the_engine_dies_are_counted_once_it_falls_silen
     core.kill()
     core.wait(timeout=10)
     assert service.snapshot().engines[0].live_requests == 3
-    # Real time: ShadowService takes no clock yet, so the engine's silence must pass on the wall clock.
+    CLOCK.shift += SILENCE + 1  # the engine's silence passes on the shadow's clock, not the wall's
     wait_until(
         lambda: (
             service.snapshot().engines[0].tracker.requests_abandoned == before.tracker.requests_abandoned + 3
         ),
-        SILENCE + 10,
+        10,
         "the silent engine's three requests to be abandoned",
         every=0.1,
     )

@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,9 +62,11 @@ def default_state_path(name: str) -> str:
 
 
 class ShadowService:
-    def __init__(self, config: ServiceConfig, runner: TaskRunner) -> None:
+    def __init__(
+        self, config: ServiceConfig, runner: TaskRunner, *, clock: Callable[[], float] = time.time
+    ) -> None:
         self.config = config
-        self.core = ShadowCore(config.shadow, runner)
+        self.core = ShadowCore(config.shadow, runner, clock=clock)  # the clock tests move to let time pass
         self._runner = runner
         self._state_path = Path(config.state_path) if config.state_path else None
         self._saved_infos: dict[str, EngineInfo] = {}
