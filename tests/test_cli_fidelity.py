@@ -59,7 +59,9 @@ def test_a_step_the_simulator_would_not_take_is_the_first_divergence(tmp_path: P
 def test_a_recording_without_steps_is_refused_with_the_reason(tmp_path: Path, capsys) -> None:
     # What the stat-logger plugin records: arrivals and finishes, no steps.
     events = [e for e in read_events(RECORDINGS[0]) if not isinstance(e, EngineStep)]
-    assert any(isinstance(e, RequestArrival) for e in events) and any(isinstance(e, RequestFinish) for e in events)
+    assert any(isinstance(e, RequestArrival) for e in events) and any(
+        isinstance(e, RequestFinish) for e in events
+    )
     path = write(tmp_path / "no-steps.jsonl", events)
     assert main(["fidelity", str(path)]) == 2
     err = capsys.readouterr().err
@@ -74,3 +76,31 @@ def test_bad_files_are_errors_naming_the_file(tmp_path: Path, capsys) -> None:
     missing = tmp_path / "missing.jsonl"
     assert main(["fidelity", str(missing)]) == 2
     assert "missing.jsonl" in capsys.readouterr().err
+
+
+def test_a_prefix_caching_engine_replays_only_with_its_cache_modelled() -> None:
+    # Recorded with vLLM's default prefix caching under KV pressure: resumed requests re-hit their own blocks.
+    # The self replay models the cache (and matches every step); without it the replay diverges.
+    from vllm_shadow.evaluation.candidates import current_policy
+    from vllm_shadow.evaluation.recorded_run import STEP_SPACE_COST, MirroredRun, check_run
+    from vllm_shadow.evaluation.step_match import compare_steps
+    from vllm_shadow.solver.simulator import simulate
+
+    run = MirroredRun.from_events(
+        read_events(Path(__file__).parent / "data" / "shadow" / "fcfs-kv16-prefix-caching.jsonl.gz")
+    )
+    assert run.info is not None and run.info.scheduler.enable_prefix_caching
+    assert sum(len(s.preempted) for s in run.steps) > 0
+    comparison = check_run(run)
+    assert comparison.matched == comparison.real_steps == comparison.simulated_steps
+    without_cache = dataclasses.replace(current_policy(run.info.scheduler), enable_prefix_caching=False)
+    replay = simulate(
+        run.finished_requests,
+        without_cache,
+        STEP_SPACE_COST,
+        num_kv_blocks=run.info.num_kv_blocks,
+        block_size=run.info.block_size,
+        record_steps=True,
+        arrival_steps=run.arrival_steps,
+    )
+    assert compare_steps(run.steps, replay.steps or []).mismatches

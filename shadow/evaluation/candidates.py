@@ -67,6 +67,8 @@ def current_policy(settings: SchedulerSettings) -> Policy:
         order="priority" if settings.policy == "priority" else "fcfs",
         watermark=settings.watermark,
         admission="full-prompt" if settings.scheduler_reserve_full_isl else "chunk",
+        enable_prefix_caching=settings.enable_prefix_caching,
+        async_scheduling=settings.async_scheduling,
     )
 
 

@@ -21,8 +21,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[2]))  # the repository root, when run as a script
 
-from adapters.traces import bundled_trace, read_trace  # noqa: E402
-from adapters.vllm.engine_run import EngineSetup, drive, start_engine, stop_engine, trace_workload  # noqa: E402
+from vllm_shadow.adapters.traces import bundled_trace, read_trace  # noqa: E402
+from vllm_shadow.adapters.vllm.engine_run import EngineSetup, drive, start_engine, stop_engine, trace_workload  # noqa: E402
 
 SAMPLE_SECONDS = 0.25
 OUTPUT = HERE / "fcfs-kv12-vllm-metrics.jsonl.gz"

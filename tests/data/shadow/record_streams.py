@@ -13,8 +13,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from adapters.traces import bundled_trace, read_trace
-from adapters.vllm.engine_run import EngineSetup, drive, start_engine, stop_engine, trace_workload
+from vllm_shadow.adapters.traces import bundled_trace, read_trace
+from vllm_shadow.adapters.vllm.engine_run import EngineSetup, drive, start_engine, stop_engine, trace_workload
 
 HERE = Path(__file__).resolve().parent
 STREAMS = {
@@ -24,6 +24,12 @@ STREAMS = {
     "priority-kv16": (EngineSetup(num_kv_blocks=16, policy="priority", long_prefill_token_threshold=128), 40, 3),
     # Many short decoders on little KV under FCFS: steps that preempt several requests at once.
     "fcfs-kv6-crowded": (EngineSetup(num_kv_blocks=6, max_num_seqs=16, max_num_batched_tokens=1024), 40, 0),
+    # vLLM's default prefix caching, under KV pressure: a resumed request re-hits its own cached blocks.
+    "fcfs-kv16-prefix-caching": (
+        EngineSetup(num_kv_blocks=16, long_prefill_token_threshold=64, enable_prefix_caching=True),
+        40,
+        0,
+    ),
 }
 # Request sizes per stream (prompt cap, output cap), scaled from the trace by engine_run.trace_workload.
 SIZES = {"fcfs-kv6-crowded": (160, 120)}
