@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import time
+import urllib.request
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from vllm_shadow.adapters.events import EngineInfo, Event
 from vllm_shadow.adapters.publisher import EventBatch
 from vllm_shadow.adapters.recorder import read_batches, read_events
 from vllm_shadow.evaluation.costs import engine_prior
+from vllm_shadow.runtime.service import ShadowService
 from vllm_shadow.tracking.engine_state import EngineTracker
 from vllm_shadow.tracking.tracker import TrackerLimits
 from vllm_shadow.tracking.windows import TrafficWindow, WindowRules
@@ -48,3 +52,20 @@ def windows(name: str, seconds: float = 0.5) -> list[TrafficWindow]:
         t.apply(event)
     t.flush()
     return t.take_ready()
+
+
+def scrape(service: ShadowService) -> dict[tuple[str, frozenset], float]:
+    """A live service's /metrics, as {(sample name, its labels): value}."""
+    with urllib.request.urlopen(service.addresses()["metrics"], timeout=5) as response:
+        text = response.read().decode()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def metric(found: dict, name: str, **labels: str) -> float:
+    """The one sample of `name` whose labels include `labels`."""
+    (value,) = [v for (n, ls), v in found.items() if n == name and set(labels.items()) <= ls]
+    return value

@@ -27,8 +27,8 @@ import pytest
 
 pytest.importorskip("vllm", reason="the CPU build of vLLM is installed by `make test`")
 
-from prometheus_client.parser import text_string_to_metric_families
 
+from tests.shadow_support import metric, scrape
 from tests.waiting import wait_until
 from vllm_shadow.adapters.events import EngineStep, Event, RequestArrival, RequestFinish
 from vllm_shadow.adapters.recorder import RecordingError, RecordingTruncatedWarning, read_events
@@ -178,21 +178,6 @@ def whole_recording(path: Path) -> list[Event]:
 def engine_snapshot(service: ShadowService, engine: str):
     found = [e for e in service.snapshot().engines if e.engine == engine]
     return found[0] if found else None
-
-
-def scrape(service: ShadowService) -> dict[tuple[str, frozenset], float]:
-    with urllib.request.urlopen(service.addresses()["metrics"], timeout=5) as response:
-        text = response.read().decode()
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def metric(found: dict, name: str, **labels: str) -> float:
-    (value,) = [v for (n, ls), v in found.items() if n == name and set(labels.items()) <= ls]
-    return value
 
 
 def finished_in_shadow(service: ShadowService, engine: str, count: int) -> None:

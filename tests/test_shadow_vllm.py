@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import os
 import time
-import urllib.request
 
 import pytest
 
 pytest.importorskip("vllm", reason="the CPU build of vLLM is installed by `make test`")
 
 import psutil
-from prometheus_client.parser import text_string_to_metric_families
 
+from tests.shadow_support import metric, scrape
 from tests.waiting import wait_until
 from vllm_shadow.adapters.events import EngineStep, RequestFinish
 from vllm_shadow.adapters.recorder import read_events
@@ -68,21 +67,6 @@ def session(tmp_path_factory: pytest.TempPathFactory):
     yield service, engine, tmp / "engine.jsonl"
     stop_engine(engine)
     service.close()
-
-
-def scrape(service: ShadowService) -> dict[tuple[str, frozenset], float]:
-    with urllib.request.urlopen(service.addresses()["metrics"], timeout=5) as response:
-        text = response.read().decode()
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def metric(found: dict, name: str, **labels: str) -> float:
-    (value,) = [v for (n, ls), v in found.items() if n == name and set(labels.items()) <= ls]
-    return value
 
 
 def test_metrics_scraped_from_the_shadow_agree_with_the_engine_s_own_recording(session) -> None:
