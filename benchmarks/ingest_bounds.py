@@ -102,28 +102,7 @@ class Sender:
 
 def shifted(events: list, copy: int, offset: float) -> list:
     """The recorded stream's events as its `copy`-th repetition: request ids renamed, times moved on."""
-
-    def rid(request_id: str) -> str:
-        return f"{request_id}~{copy}"
-
-    out = []
-    for e in events:
-        if isinstance(e, RequestArrival | RequestFinish):
-            out.append(dataclasses.replace(e, request_id=rid(e.request_id), time=e.time + offset))
-        elif isinstance(e, EngineStep):
-            out.append(
-                dataclasses.replace(
-                    e,
-                    step=e.step + copy * 1_000_000,
-                    start_time=e.start_time + offset,
-                    scheduled_tokens={rid(r): n for r, n in e.scheduled_tokens.items()},
-                    preempted=tuple(map(rid, e.preempted)),
-                    resumed=tuple(map(rid, e.resumed)),
-                    finished=tuple(map(rid, e.finished)),
-                    cached_tokens={rid(r): n for r, n in e.cached_tokens.items()},
-                )
-            )
-    return out
+    return list(support.repetition(events, copy, offset, lambda request_id: f"{request_id}~{copy}"))
 
 
 def normal(repeats: int) -> Row:

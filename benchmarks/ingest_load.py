@@ -54,7 +54,8 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vllm_shadow.adapters.events import EngineInfo, EngineStep, Event, RequestArrival, RequestFinish
+from tests import shadow_support as support
+from vllm_shadow.adapters.events import EngineInfo, EngineStep, Event, RequestArrival
 from vllm_shadow.adapters.grpc_ingest import DEFAULT_MAX_CONCURRENT_RPCS, GrpcSink, IngestServer, IngestStats
 from vllm_shadow.adapters.publisher import EventBatch, Publisher
 from vllm_shadow.adapters.recorder import read_events
@@ -241,23 +242,7 @@ class EngineStream:
         offset = copy * self._span
         tag = f"{self._prefix}-{copy}-"
 
-        def rid(request_id: str) -> str:
-            return tag + request_id
-
-        for e in self._template:
-            if isinstance(e, RequestArrival | RequestFinish):
-                yield dataclasses.replace(e, request_id=rid(e.request_id), time=e.time + offset)
-            elif isinstance(e, EngineStep):
-                yield dataclasses.replace(
-                    e,
-                    step=e.step + copy * 1_000_000,
-                    start_time=e.start_time + offset,
-                    scheduled_tokens={rid(r): n for r, n in e.scheduled_tokens.items()},
-                    preempted=tuple(map(rid, e.preempted)),
-                    resumed=tuple(map(rid, e.resumed)),
-                    finished=tuple(map(rid, e.finished)),
-                    cached_tokens={rid(r): n for r, n in e.cached_tokens.items()},
-                )
+        yield from support.repetition(self._template, copy, offset, lambda request_id: tag + request_id)
 
 
 class RecordingSink(GrpcSink):

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import urllib.request
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from vllm_shadow.adapters.events import EngineInfo, Event
+from vllm_shadow.adapters.events import EngineInfo, EngineStep, Event, RequestArrival, RequestFinish
 from vllm_shadow.adapters.publisher import EventBatch
 from vllm_shadow.adapters.recorder import read_batches, read_events
 from vllm_shadow.evaluation.costs import engine_prior
@@ -69,3 +71,24 @@ def metric(found: dict, name: str, **labels: str) -> float:
     """The one sample of `name` whose labels include `labels`."""
     (value,) = [v for (n, ls), v in found.items() if n == name and set(labels.items()) <= ls]
     return value
+
+
+def repetition(
+    events: Iterable[Event], copy: int, offset: float, rename: Callable[[str], str]
+) -> Iterator[Event]:
+    """A recorded stream's arrivals, steps and finishes as its `copy`-th repetition: request ids renamed, times
+    moved on by `offset`, step numbers by a million a copy (load benchmarks replay one recording many times)."""
+    for e in events:
+        if isinstance(e, RequestArrival | RequestFinish):
+            yield dataclasses.replace(e, request_id=rename(e.request_id), time=e.time + offset)
+        elif isinstance(e, EngineStep):
+            yield dataclasses.replace(
+                e,
+                step=e.step + copy * 1_000_000,
+                start_time=e.start_time + offset,
+                scheduled_tokens={rename(r): n for r, n in e.scheduled_tokens.items()},
+                preempted=tuple(map(rename, e.preempted)),
+                resumed=tuple(map(rename, e.resumed)),
+                finished=tuple(map(rename, e.finished)),
+                cached_tokens={rename(r): n for r, n in e.cached_tokens.items()},
+            )
