@@ -41,7 +41,7 @@ demo: $(VENV)/.vllm
 
 test: $(VENV)/.vllm $(VENV)/.system
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
 
 lint: $(VENV)/.core
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
