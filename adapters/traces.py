@@ -40,7 +40,7 @@ import re
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from enum import StrEnum
@@ -478,6 +478,52 @@ def read_trace(
     rows, base_ns, excluded = _select(parsed, sel)
     requests, modified = _to_requests(rows, base_ns, sel, parsed.block_tokens)
     return Trace(path, parsed.format, requests, excluded, modified, parsed.block_tokens)
+
+
+# --- prefix identity -----------------------------------------------------------------------------
+
+
+def block_hashes_for(
+    prefix_block_hashes: tuple[int, ...], prompt_tokens: int, trace_block_tokens: int, block_size: int
+) -> tuple[int, ...]:
+    """The prefix-cache identity of a request's full blocks of `block_size` prompt tokens (what vLLM publishes
+    as `Request.block_hashes`), from a trace's ids of `trace_block_tokens`-token blocks (Mooncake: 512).
+
+    A trace id is a chained hash: equal ids at position i mean equal prompts up to the end of trace block i.
+    Engine block k (tokens k*block_size .. (k+1)*block_size - 1) is then identified by the id of the trace block
+    holding its last token, i, together with k: every token of block k lies at or before the end of trace block
+    i, so (id_i, k) fixes the whole prefix up to block k, and the chain carries over. The pair is packed into
+    one int, id_i * 2**32 + k, which is exact (no two pairs share an int for k < 2**32).
+    A trace block the prompt covers only in part (the last, usually) is never shared: its ids say nothing about
+    which of its tokens the prompt holds, so the hashes stop at the first engine block whose last token lies in
+    it (those blocks stay private to the request: cached for its own resume, as vLLM caches them, never hit by
+    another). So do they at the first engine block past the ids the trace gives.
+    """
+    num_full_trace_blocks = min(prompt_tokens // trace_block_tokens, len(prefix_block_hashes))
+    shareable_tokens = num_full_trace_blocks * trace_block_tokens
+    return tuple(
+        (prefix_block_hashes[((k + 1) * block_size - 1) // trace_block_tokens] << _SUB_BLOCK_BITS) + k
+        for k in range(shareable_tokens // block_size)
+    )
+
+
+_SUB_BLOCK_BITS = 32
+
+
+def with_block_hashes(trace: Trace, block_size: int) -> list[RequestArrival]:
+    """The trace's requests with `block_hashes` for an engine of `block_size`-token blocks (see
+    `block_hashes_for`); the requests themselves when the trace carries no prefix ids."""
+    if not trace.block_tokens:
+        return trace.requests
+    return [
+        replace(
+            r,
+            block_hashes=block_hashes_for(
+                r.prefix_block_hashes, r.prompt_tokens, trace.block_tokens, block_size
+            ),
+        )
+        for r in trace.requests
+    ]
 
 
 # --- bundled data ---------------------------------------------------------------------------------

@@ -12,7 +12,17 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from vllm_shadow.cli.options import Setup, add_engine_options, add_trace_options, engine_setup, load_window
+from vllm_shadow.adapters.traces import Trace
+from vllm_shadow.cli.options import (
+    Admitted,
+    Rejection,
+    Setup,
+    add_engine_options,
+    add_trace_options,
+    admit_like_vllm,
+    engine_setup,
+    load_window,
+)
 from vllm_shadow.costmodel.architecture import load_model
 from vllm_shadow.costmodel.hardware import get_hardware
 from vllm_shadow.costmodel.kv import kv_capacity_blocks
@@ -100,6 +110,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="hold the optimum to --max-num-seqs and --max-num-batched-tokens too (default: only KV memory "
         "binds it, so that it bounds every configuration)",
     )
+    group.add_argument(
+        "--prefix-caching",
+        choices=("on", "off"),
+        default="off",
+        help="off (the default, whatever the trace carries): the optimum's model has no prefix cache yet, so "
+        "'on' is refused rather than compared unlike with like; `shadow replay` models it",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--plot", metavar="FILE.png", help="draw the optimal schedule against vLLM's")
     parser.set_defaults(func=run)
@@ -107,10 +124,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     objective = parse_objective(args.objective)
+    if args.prefix_caching == "on":
+        raise ValueError(
+            "--prefix-caching on: the optimum does not model prefix caching yet (its problem has no cached "
+            "tokens); use `shadow replay --prefix-caching on` to compare schedulers with it"
+        )
     setup = _setup(args)
     trace = load_window(args)
     if not trace.requests:
         raise ValueError("the window holds no requests")
+    admitted = admit_like_vllm(trace.requests, setup)
+    if not admitted.requests:
+        raise ValueError(
+            f"vLLM would reject every request of the window ({admitted.rejected}; max_model_len "
+            f"{setup.max_model_len:,}, {setup.num_kv_blocks:,} KV blocks of {setup.block_size})"
+        )
     settings = {
         key: value
         for key, value in (
@@ -124,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     )  # minus the null block
     if args.optimum_obeys_settings:
         limits = dataclasses.replace(limits, **settings)
-    window = Window.from_arrivals(trace.requests, limits)
+    window = Window.from_arrivals(admitted.requests, limits)
     engine = run_heuristics(window, setup.cost, objective, ["vllm"], settings=settings)[0]
     deadlines = _deadlines(args.slo, window, engine.replay) if args.slo or args.pareto else None
     heuristics = run_heuristics(
@@ -142,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
     if args.pareto and deadlines is not None:
         frontier, hints = _pareto(args.pareto, window, setup.cost, objective, deadlines, hints, options)
     result = solve_optimal(window, setup.cost, objective, hints=hints, deadlines=deadlines, **options)
-    report = _report(args, setup, window, result, heuristics)
+    report = _report(args, setup, window, result, heuristics) | _accounting(trace, setup, admitted)
     if args.pareto:
         report["pareto"] = frontier
     if args.plot:
@@ -295,6 +323,19 @@ def _report(
     }
 
 
+def _accounting(trace: Trace, setup: Setup, admitted: Admitted) -> dict:
+    """The window's requests that are not solved as they are in the file, by reason: the reader's exclusions
+    and changes, and what vLLM would reject or cut short (the keys of `shadow replay --json`)."""
+    return {
+        "max_model_len": setup.max_model_len,
+        "prefix_caching": False,
+        "trace_requests": len(trace.requests),
+        "excluded": dict(trace.excluded),
+        "modified": {**trace.modified, **admitted.capped},
+        "rejected": {str(reason): admitted.rejected.get(reason, 0) for reason in Rejection},
+    }
+
+
 def _replay_row(replay: Replay, objective: float) -> dict:
     return {
         "objective": objective,
@@ -319,6 +360,15 @@ def _print_tables(report: dict) -> None:
     console = Console()
     console.print(f"[bold]{report['title']}[/]")
     console.print(f"cost model: {report['cost_model']['source']}")
+    changed = {**report["excluded"], **report["modified"]}
+    if changed:
+        console.print("[yellow]trace adjustments:[/] " + ", ".join(f"{k}: {v}" for k, v in changed.items()))
+    rejected = {k: v for k, v in report["rejected"].items() if v}
+    if rejected:
+        console.print(
+            f"[yellow]rejected as vLLM would (max_model_len {report['max_model_len']:,}):[/] "
+            + ", ".join(f"{k}: {v}" for k, v in rejected.items())
+        )
     optimum = Table(title="optimal schedule")
     for column in ("status", "objective", "bound", "gap", "batches", "preemptions", "solve s", "variables"):
         optimum.add_column(column, justify="right")

@@ -11,8 +11,11 @@ A command's own options stay in its module; no command imports another's.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
+from enum import StrEnum
 
+from vllm_shadow.adapters.events import RequestArrival
 from vllm_shadow.adapters.traces import Trace, read_trace, resolve_trace
 from vllm_shadow.costmodel.architecture import load_model
 from vllm_shadow.costmodel.hardware import get_hardware
@@ -41,6 +44,14 @@ class Setup:
     num_kv_blocks: int
     cost: LinearCostModel
     cost_source: str
+    max_model_len: int  # vLLM's: the model's context unless --max-model-len says otherwise
+
+
+PREFIX_CACHING_HELP = (
+    "model vLLM's prefix caching: a request's prompt blocks already in the KV cache (shared with an earlier "
+    "request, or its own before a preemption) are not computed again. Default: on when the trace carries block "
+    "hashes (Mooncake's hash_ids), as vLLM's own default is on; off for traces without them"
+)
 
 
 def add_trace_options(parser: argparse.ArgumentParser) -> None:
@@ -93,6 +104,12 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
         help="gpu_memory_utilization used to compute the KV blocks (default 0.9)",
     )
     group.add_argument("--cost-profile", help="a profile file from `shadow profile`; default: roofline prior")
+    group.add_argument(
+        "--max-model-len",
+        type=int,
+        help="vLLM's max_model_len (default: the model's context, max_position_embeddings): a longer prompt "
+        "is rejected as vLLM rejects it, an output is cut where the sequence reaches it",
+    )
 
 
 def load_window(args: argparse.Namespace) -> Trace:
@@ -128,7 +145,71 @@ def engine_setup(args: argparse.Namespace) -> Setup:
         blocks = kv_capacity_blocks(
             arch, hw, tp=args.tp, block_size=args.block_size, memory_fraction=args.memory_fraction
         )
-    return Setup(arch.name, hw.name, args.tp, args.block_size, blocks, cost, source)
+    if args.max_model_len is not None and args.max_model_len < 2:
+        raise ValueError(
+            f"--max-model-len must be >= 2 (a prompt token and an output token), got {args.max_model_len}"
+        )
+    max_model_len = args.max_model_len or arch.max_position_embeddings
+    return Setup(arch.name, hw.name, args.tp, args.block_size, blocks, cost, source, max_model_len)
+
+
+class Rejection(StrEnum):
+    """Why vLLM would refuse a request of the trace (the counters' keys in tables and `--json`)."""
+
+    # vLLM's input processor (`_validate_prompt_len`): a prompt of max_model_len tokens or more leaves no room
+    # for one output token; the request fails before it reaches the scheduler.
+    PROMPT_TOO_LONG = "prompt_too_long"
+    # A sequence the whole KV cache cannot hold. vLLM never meets one: it refuses to start when the KV cache
+    # cannot hold one request of max_model_len tokens (check_enough_kv_cache_memory). A modelled cache smaller
+    # than that is the user's choice, so such a request is left out, counted, and the output says so.
+    NEVER_FITS_KV_CACHE = "never_fits_kv_cache"
+
+
+OUTPUT_CAPPED_AT_MAX_MODEL_LEN = "output_capped_at_max_model_len"
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """The requests vLLM would serve, and the account of those it would not or would cut short."""
+
+    requests: list[RequestArrival]
+    rejected: dict[str, int]  # by `Rejection`
+    capped: dict[str, int]  # OUTPUT_CAPPED_AT_MAX_MODEL_LEN: outputs vLLM stops at max_model_len
+
+
+def admit_like_vllm(requests: list[RequestArrival], setup: Setup) -> Admitted:
+    """What vLLM does with each request before it is scheduled: refuse a prompt of max_model_len tokens or
+    more, stop an output where the sequence reaches max_model_len (its check_stop: FINISHED_LENGTH_CAPPED), and
+    (see `Rejection`) leave out a sequence the modelled KV cache can never hold."""
+    num_usable_blocks = setup.num_kv_blocks - 1  # vLLM's null block
+    kept: list[RequestArrival] = []
+    rejected: Counter[str] = Counter()
+    capped = 0
+    for r in requests:
+        if r.prompt_tokens >= setup.max_model_len:
+            rejected[Rejection.PROMPT_TOO_LONG] += 1
+            continue
+        output = r.output_tokens
+        if output is not None and r.prompt_tokens + output > setup.max_model_len:
+            output = setup.max_model_len - r.prompt_tokens
+            capped += 1
+        # The last output token is sampled, never computed: the sequence's KV peaks one short of it.
+        if output is not None and -(-(r.prompt_tokens + output - 1) // setup.block_size) > num_usable_blocks:
+            rejected[Rejection.NEVER_FITS_KV_CACHE] += 1
+            continue
+        kept.append(r if output == r.output_tokens else replace(r, output_tokens=output))
+    return Admitted(
+        kept,
+        {str(reason): n for reason, n in rejected.items()},
+        {OUTPUT_CAPPED_AT_MAX_MODEL_LEN: capped} if capped else {},
+    )
+
+
+def prefix_caching_on(args: argparse.Namespace, trace: Trace) -> bool:
+    """--prefix-caching, or its default: on when the trace carries block hashes."""
+    if args.prefix_caching is not None:
+        return args.prefix_caching == "on"
+    return any(r.prefix_block_hashes or r.block_hashes for r in trace.requests)
 
 
 # ---- windows and evaluation: `shadow serve` and `shadow demo` -------------------------------------------------

@@ -8,15 +8,27 @@ import math
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from vllm_shadow.adapters.events import RequestArrival
-from vllm_shadow.adapters.traces import Trace
-from vllm_shadow.cli.options import Setup, add_engine_options, add_trace_options, engine_setup, load_window
-from vllm_shadow.solver.policies import parse_policy, split_policies
+from vllm_shadow.adapters.traces import Trace, with_block_hashes
+from vllm_shadow.cli.options import (
+    PREFIX_CACHING_HELP,
+    Admitted,
+    Rejection,
+    Setup,
+    add_engine_options,
+    add_trace_options,
+    admit_like_vllm,
+    engine_setup,
+    load_window,
+    prefix_caching_on,
+)
+from vllm_shadow.solver.policies import Policy, parse_policy, split_policies
 from vllm_shadow.solver.records import SimResult
 from vllm_shadow.solver.simulator import simulate
 
@@ -29,10 +41,33 @@ def replay_one(requests: list[RequestArrival], policy: str, setup: Setup) -> Sim
     )
 
 
+def prefix_cache_counts(result: SimResult) -> dict[str, int]:
+    """vLLM's `vllm:prefix_cache_queries` and `vllm:prefix_cache_hits` over the replay, in tokens: each request
+    counts once, at its first admission (vLLM records at admission, and a resumed request under separate
+    preempted_* counters), its prompt as the query and what it found cached as the hits."""
+    admitted = [r for r in result.requests if r.first_scheduled == r.first_scheduled]  # not NaN
+    return {
+        "prefix_cache_queries": sum(r.prompt_tokens for r in admitted),
+        "prefix_cache_hits": sum(r.num_cached_tokens for r in admitted),
+    }
+
+
 def _replay_task(task: tuple[list[RequestArrival], str, Setup]) -> tuple[dict, float]:
+    """A policy's summary with its prefix-cache counts (when it caches) and `simulate_seconds`, the wall time
+    of the simulator's loop alone (no trace parsing, no summary), comparable with another simulator's loop."""
     started = time.perf_counter()
     result = replay_one(*task)
-    return result.summary(), time.perf_counter() - started
+    simulated = time.perf_counter()
+    summary = result.summary() | {"simulate_seconds": simulated - started}
+    caching = parse_policy(task[1]).enable_prefix_caching
+    counts = prefix_cache_counts(result) if caching else {"prefix_cache_queries": 0, "prefix_cache_hits": 0}
+    queries, hits = counts["prefix_cache_queries"], counts["prefix_cache_hits"]
+    summary |= {
+        "prefix_caching": caching,
+        **counts,
+        "prefix_cache_hit_rate": hits / queries if queries else None,
+    }
+    return summary, time.perf_counter() - started
 
 
 def replay_all(
@@ -80,13 +115,21 @@ def _fmt(value: float, scale: float = 1.0, digits: int = 2) -> str:
 
 def print_table(rows: list[dict], trace: Trace, setup: Setup, console: Console) -> None:
     console.print(
-        f"[bold]{trace.source.name if trace.source else 'trace'}[/]: {len(trace.requests):,} requests over "
+        f"[bold]{trace.source.name if trace.source else 'trace'}[/]: {rows[0]['requests'] if rows else 0:,} "
+        f"requests over "
         f"{trace.span:,.0f} s  |  {setup.model} on {setup.gpu} x{setup.tp}  |  "
         f"{setup.num_kv_blocks:,} KV blocks of {setup.block_size} tokens  |  cost: {setup.cost_source}"
     )
-    changed = {**trace.excluded, **trace.modified}
+    account = rows[0] if rows else {}
+    changed = {**trace.excluded, **account.get("modified", trace.modified)}
     if changed:
         console.print("[yellow]trace adjustments:[/] " + ", ".join(f"{k}: {v}" for k, v in changed.items()))
+    rejected = {k: v for k, v in account.get("rejected", {}).items() if v}
+    if rejected:
+        console.print(
+            f"[yellow]rejected as vLLM would (max_model_len {setup.max_model_len:,}):[/] "
+            + ", ".join(f"{k}: {v}" for k, v in rejected.items())
+        )
     base = rows[0]["gpu_seconds"] if rows else 0.0
     table = Table(header_style="bold", show_lines=False)
     for column in (
@@ -101,6 +144,7 @@ def print_table(rows: list[dict], trace: Trace, setup: Setup, console: Console) 
         "E2E p99",
         "preempt",
         "recomputed",
+        "prefix hits",
         "steps",
     ):
         table.add_column(
@@ -123,12 +167,14 @@ def print_table(rows: list[dict], trace: Trace, setup: Setup, console: Console) 
             _fmt(row["e2e_p99_s"], digits=1),
             f"{row['preemptions']:,}",
             f"{row['recomputed_tokens']:,}",
+            "off" if not row.get("prefix_caching") else _fmt(row["prefix_cache_hit_rate"], 100, 1) + "%",
             f"{row['steps']:,}",
         )
     console.print(table)
     console.print(
         "[dim]GPU s: engine busy time; TTFT/E2E in seconds; 'vs first': GPU time relative to the first "
-        "policy.[/]"
+        "policy; prefix hits: prompt tokens found in the prefix cache at admission, of those looked up (vLLM's "
+        "prefix_cache_hits / prefix_cache_queries).[/]"
     )
 
 
@@ -173,30 +219,87 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help=f"comma-separated policies (default: {DEFAULT_POLICIES}); presets: vllm, vllm-v0, "
         "sarathi, orca, fastertransformer, lightllm, no-eviction, sjf, sof",
     )
+    parser.add_argument(
+        "--prefix-caching",
+        choices=("on", "off"),
+        help=PREFIX_CACHING_HELP + "; applies to every policy that evicts and does not set it itself",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="simulate policies in N processes (default 1)")
-    parser.add_argument("--json", action="store_true", help="print a JSON list, one object per policy")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print a JSON list, one object per policy (with the trace's exclusions, caps and vLLM's "
+        "rejections in each)",
+    )
     parser.set_defaults(func=run)
 
 
+def with_prefix_caching(spec: str, caching: bool) -> Policy:
+    """The policy `spec` under --prefix-caching: a spec that names prefix caching keeps its own setting, and
+    a policy that reserves KV at admission (no eviction: orca, no-eviction, fastertransformer) cannot cache."""
+    policy = parse_policy(spec)
+    if "prefix_caching" in spec or not policy.eviction:
+        return policy
+    return replace(policy, enable_prefix_caching=caching)
+
+
+def accounting(trace: Trace, setup: Setup, admitted: Admitted) -> dict:
+    """Every request of the trace that is not replayed as it is in the file, by reason: the reader's
+    exclusions and changes (time slice, limit, caps), and what vLLM would reject or cut short."""
+    return {
+        "max_model_len": setup.max_model_len,
+        "trace_requests": len(trace.requests),
+        "excluded": dict(trace.excluded),
+        "modified": {**trace.modified, **admitted.capped},
+        "rejected": {str(reason): admitted.rejected.get(reason, 0) for reason in Rejection},
+    }
+
+
+def rejection_note(setup: Setup, admitted: Admitted) -> str | None:
+    if not admitted.rejected.get(Rejection.NEVER_FITS_KV_CACHE):
+        return None
+    capacity = (setup.num_kv_blocks - 1) * setup.block_size
+    return (
+        f"{admitted.rejected[Rejection.NEVER_FITS_KV_CACHE]:,} requests can never fit the {capacity:,} tokens "
+        f"of KV cache and were left out; vLLM itself would refuse to start with max_model_len "
+        f"{setup.max_model_len:,} on this cache (give --max-model-len {capacity:,} or less, or more KV: "
+        "--kv-blocks, --gpu, --tp)"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
-    policies = [str(parse_policy(p)) for p in split_policies(args.policies)]
-    if not policies:
+    given = split_policies(args.policies)
+    specs = [str(parse_policy(p)) for p in given]
+    if not specs:
         raise ValueError("--policies is empty")
     trace = load_window(args)
     if not trace.requests:
         raise ValueError(f"{args.trace}: the selected window holds no requests")
     setup = engine_setup(args)
-    rows = replay_all(trace.requests, policies, setup, jobs=args.jobs, progress=sys.stderr.isatty())
-    note = overload_note(rows, trace, args.rate_scale)
+    caching = prefix_caching_on(args, trace)
+    admitted = admit_like_vllm(
+        with_block_hashes(trace, setup.block_size) if caching else trace.requests, setup
+    )
+    if not admitted.requests:
+        raise ValueError(
+            f"{args.trace}: vLLM would reject every request of the window ({admitted.rejected}; "
+            f"max_model_len {setup.max_model_len:,}, {setup.num_kv_blocks:,} KV blocks of {setup.block_size})"
+        )
+    policies = [str(with_prefix_caching(spec, caching)) for spec in given]
+    rows = replay_all(admitted.requests, policies, setup, jobs=args.jobs, progress=sys.stderr.isatty())
+    account = accounting(trace, setup, admitted)
+    # Each row keeps the policy's name as given; whether it cached is its own key.
+    rows = [row | {"policy": spec} | account for row, spec in zip(rows, specs, strict=True)]
+    notes = [n for n in (rejection_note(setup, admitted), overload_note(rows, trace, args.rate_scale)) if n]
     if args.json:
         print(json.dumps([_json_safe(r) for r in rows], indent=2))
-        if note:
+        for note in notes:
             print(f"shadow: note: {note}", file=sys.stderr)
     else:
         console = Console()
         if not console.is_terminal:
             console.width = 150  # a piped table keeps its columns rather than wrapping them to 80
         print_table(rows, trace, setup, console)
-        if note:
-            console.print(f"[bold yellow]overloaded:[/] {note}")
+        for note in notes:
+            console.print(f"[bold yellow]note:[/] {note}")
     return 0
