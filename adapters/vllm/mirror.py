@@ -29,6 +29,7 @@ class _ScheduledStep:
     preempted: tuple[str, ...]
     resumed: tuple[str, ...]
     kv_blocks_used: int
+    cached_tokens: dict[str, int]
 
 
 class StepMirror:
@@ -72,7 +73,10 @@ class StepMirror:
         scheduled_tokens: Mapping[str, int],
         preempted: tuple[str, ...],
         kv_blocks_used: int,
+        cached_tokens: dict[str, int] | None = None,
     ) -> None:
+        """`cached_tokens`: request id -> tokens found in the prefix cache, for the requests this step admitted
+        (new or resumed) with a hit."""
         resumed: tuple[str, ...] = ()
         if self._preempted:
             resumed = tuple(r for r in scheduled_tokens if r in self._preempted)
@@ -80,7 +84,13 @@ class StepMirror:
         self._preempted.update(preempted)
         self._in_flight.append(
             _ScheduledStep(
-                self._next_step, scheduled_at, dict(scheduled_tokens), preempted, resumed, kv_blocks_used
+                self._next_step,
+                scheduled_at,
+                dict(scheduled_tokens),
+                preempted,
+                resumed,
+                kv_blocks_used,
+                cached_tokens or {},
             )
         )
         self._next_step += 1
@@ -113,6 +123,7 @@ class StepMirror:
                 resumed=done.resumed,
                 finished=finished,
                 kv_blocks_used=done.kv_blocks_used,
+                cached_tokens=done.cached_tokens,
             )
         )
         self._published_through = done.step

@@ -62,6 +62,18 @@ def _attach(scheduler: Scheduler, env: ShadowEnv) -> _ShadowHook | None:
     return hook
 
 
+def _cached_tokens(output: SchedulerOutput) -> dict[str, int]:
+    """The prefix-cache hit of each request this step admitted: vLLM's num_computed_tokens at admission, which
+    it hands the workers for new requests and for resumed ones (O(admitted), not O(running))."""
+    hits = {r.req_id: r.num_computed_tokens for r in output.scheduled_new_reqs if r.num_computed_tokens}
+    cached = output.scheduled_cached_reqs
+    if cached.resumed_req_ids:
+        for request_id, num_computed in zip(cached.req_ids, cached.num_computed_tokens, strict=False):
+            if num_computed and request_id in cached.resumed_req_ids:
+                hits[request_id] = num_computed
+    return hits
+
+
 class _MirrorMixin:
     """Overrides of vLLM's public scheduler interface; combine with `Scheduler` or `AsyncScheduler`."""
 
@@ -109,7 +121,11 @@ class _MirrorMixin:
             # The null block is never free and never used: it is not KV capacity.
             used = pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()
             hook.mirror.step_scheduled(
-                started, output.num_scheduled_tokens, tuple(output.preempted_req_ids), used
+                started,
+                output.num_scheduled_tokens,
+                tuple(output.preempted_req_ids),
+                used,
+                _cached_tokens(output),
             )
         except Exception:
             hook.failed("schedule")
