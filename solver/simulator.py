@@ -1182,6 +1182,7 @@ def simulate(
     record_steps: bool = False,
     arrival_steps: Mapping[str, int] | None = None,
     fast_forward: bool = True,
+    initial_free_queue: Sequence[int | tuple[str, int, int]] = (),
 ) -> SimResult:
     """Replay `requests` (output lengths known) under `policy` on a KV cache of `num_kv_blocks` blocks
     (vLLM's count, including its null block) of `block_size` tokens.
@@ -1190,6 +1191,9 @@ def simulate(
     `arrival_steps` switches arrivals from time to step space: request id -> the number of non-empty steps
     the engine had run when the request entered its queue (the fidelity test's mode).
     `fast_forward=False` steps through the literal loop every time (the reference the shortcuts are tested on).
+    `initial_free_queue` (with prefix caching) is vLLM's free queue at `start_time`, front first: a cached block
+    nobody holds (its hash), or (request id, lo, hi) that request's private blocks lo..hi-1 (an id of none of
+    `requests`: blocks nobody can hit).
     """
     policy = parse_policy(policy)
     sim = Simulator(
@@ -1237,6 +1241,15 @@ def simulate(
         when = arrival_steps[r.request_id] if arrival_steps is not None else request.arrival_time
         pending.append((when, offset + index, request))
     pending.sort()  # indices are unique: requests are never compared
+    if initial_free_queue and sim.caching:
+        by_id = {request.request_id: request for _when, _index, request in pending}
+        for entry in initial_free_queue:
+            if isinstance(entry, tuple):
+                run = sim.block_pool.free_private_run(entry[1], entry[2])
+                if entry[0] in by_id:
+                    by_id[entry[0]].private_run = run
+            else:
+                sim.block_pool.free_block(sim.block_pool.cache_full_block(entry))
     arrival_whens = [when for when, _index, _request in pending]
     if start_time is not None:
         sim.now = round(start_time * PS_PER_S)

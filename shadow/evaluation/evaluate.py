@@ -74,6 +74,7 @@ def simulate_window(
         start_time=0.0,
         record_steps=step_space or record_steps,
         arrival_steps=arrival_steps,
+        initial_free_queue=window.free_queue,
     )
 
 
@@ -92,6 +93,8 @@ def candidate_outcome(
         preemptions=sum(r.preemptions for r in result.requests),
         steps=result.num_steps,
         recomputed_tokens=sum(r.recomputed_tokens for r in result.requests),
+        prefix_cache_queries=sum(r.prompt_tokens for r in records if r.first_scheduled == r.first_scheduled),
+        prefix_cache_hits=sum(r.num_cached_tokens for r in records),
         requests=tuple(records) if keep_requests else (),
     )
 

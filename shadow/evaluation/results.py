@@ -78,6 +78,10 @@ class CandidateOutcome:
     # Tokens computed again after recompute preemptions (the simulator's count; requests preempted before the
     # window enter it as the recomputation they owe and are not counted).
     recomputed_tokens: int = 0
+    # vLLM's prefix-cache counters over the window's own requests as simulated: prompt tokens looked up at
+    # their first admission, and those found cached (vllm:prefix_cache_queries / vllm:prefix_cache_hits).
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
     # The window's own requests as simulated, when the evaluation is asked to keep them (the report).
     requests: tuple[RequestRecord, ...] = ()
 

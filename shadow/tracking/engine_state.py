@@ -23,6 +23,7 @@ from vllm_shadow.adapters.events import EngineInfo, EngineStep, Event, RequestAr
 from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.solver.records import RequestRecord
 from vllm_shadow.solver.simulator import RunningRequest
+from vllm_shadow.tracking.prefix_cache import Admission, FreeQueueEntry, PrefixCacheModel
 from vllm_shadow.tracking.reasons import SkipReason
 from vllm_shadow.tracking.recompute import RecomputeTax, recomputed_tokens, step_recompute_tax
 from vllm_shadow.tracking.tracker import WindowTracker
@@ -33,6 +34,7 @@ class _Request:
     __slots__ = (
         "arrival",
         "arrival_step",
+        "block_hashes",
         "computed",
         "dropped_kv",
         "finish",
@@ -56,6 +58,7 @@ class _Request:
         self.prompt = event.prompt_tokens
         self.max_tokens = event.max_tokens
         self.priority = event.priority
+        self.block_hashes = event.block_hashes
         self.computed = 0
         self.dropped_kv = 0  # KV tokens its preemptions dropped (the most): what it computes again
         self.generated = 0
@@ -81,6 +84,7 @@ class _Request:
             self.output if output is None else output,
             self.max_tokens,
             self.priority,
+            block_hashes=self.block_hashes,
         )
 
 
@@ -108,6 +112,7 @@ class _WindowBookkeeping:
     pending: set[str] = field(default_factory=set)  # requests not finished yet (once closed)
     # What the engine's recompute preemptions cost in its steps (`vllm_shadow.tracking.recompute`).
     recompute: RecomputeTax = field(default_factory=RecomputeTax)
+    free_queue: tuple[FreeQueueEntry, ...] = ()  # the prefix cache's free queue at the start, front first
 
     def request_ids(self) -> list[str]:
         return [r for r, _, _ in self.running] + [r for r, _ in self.waiting] + self.own
@@ -129,6 +134,14 @@ class EngineTracker(WindowTracker):
         self._closed: deque[_WindowBookkeeping] = deque()
         self._tainted_live = 0
         self._next_calibration = -math.inf  # engine clock
+        # With prefix caching on, what the engine's cache holds (a window's start state) and the hits it gave.
+        # Hits come from the engine once it has published one (EngineStep.cached_tokens), else from the model.
+        self._cache = (
+            PrefixCacheModel(info.num_kv_blocks, info.block_size)
+            if info.scheduler.enable_prefix_caching
+            else None
+        )
+        self._hits_published = False
 
     # ---- reading --------------------------------------------------------------------------------------------
 
@@ -139,6 +152,11 @@ class EngineTracker(WindowTracker):
     @property
     def pending_windows(self) -> int:
         return len(self._closed) + (self._open is not None)
+
+    @property
+    def prefix_cache_mismatches(self) -> int:
+        """Steps where the engine's cache hits or blocks in use differed from the tracker's model of its cache."""
+        return self._cache.mismatches if self._cache is not None else 0
 
     # ---- events ---------------------------------------------------------------------------------------------
 
@@ -171,6 +189,8 @@ class EngineTracker(WindowTracker):
         self._ensure_open()
         request = _Request(event, self.stats.steps, self._engine_now())
         self._requests[event.request_id] = request
+        if self._cache is not None:
+            self._cache.arrived(event.request_id, event.block_hashes)
         self._waiting[event.request_id] = None
         self.stats.requests_arrived += 1
         if self._open is not None:
@@ -189,6 +209,8 @@ class EngineTracker(WindowTracker):
         if event.request_id in self._waiting and request.generated == 0 and request.computed == 0:
             # Aborted before it ever ran: no step will name it again.
             del self._waiting[event.request_id]
+            if self._cache is not None:
+                self._cache.finished([(event.request_id, request.prompt)])
             self._finalize(request, event.time)
 
     def _step(self, step: EngineStep) -> None:
@@ -211,8 +233,8 @@ class EngineTracker(WindowTracker):
                 self._running[request_id] = None
                 self._tainted_live += 1
         self._ensure_open()
-        if step.preempted:
-            self._preempt(step.preempted)
+        victims = self._preempt(step.preempted) if step.preempted else []
+        hits = self._cache_step(step, victims) if self._cache is not None else {}
         new_tokens, context, again = [], [], []
         for request_id, n in step.scheduled_tokens.items():
             request = requests.get(request_id)
@@ -221,6 +243,8 @@ class EngineTracker(WindowTracker):
             if request_id not in self._running:  # admitted this step: new, or resumed after preemption
                 del self._waiting[request_id]
                 self._running[request_id] = None
+                # What it found in the prefix cache is KV it holds without computing it (nor recomputing it).
+                request.computed = hits.get(request_id, 0)
             new_tokens.append(n)
             context.append(request.computed)
             again.append(recomputed_tokens(request.computed, n, request.dropped_kv))
@@ -251,7 +275,29 @@ class EngineTracker(WindowTracker):
         self._finish_listed(step, end)
         self._maybe_close(end)
 
-    def _preempt(self, preempted: tuple[str, ...]) -> None:
+    def _cache_step(self, step: EngineStep, victims: list[str]) -> dict[str, int]:
+        """Replay the step on the prefix-cache model (victims already out of the running queue); returns the hit
+        of each request it admitted."""
+        assert self._cache is not None
+        requests = self._requests
+        published = step.cached_tokens
+        if published:
+            self._hits_published = True
+        running, admissions = [], []
+        for request_id, n in step.scheduled_tokens.items():
+            request = requests.get(request_id)
+            if request is None:
+                continue
+            if request_id in self._running:
+                running.append((request_id, n))
+            else:
+                hit = published.get(request_id, 0) if self._hits_published else None
+                admissions.append(Admission(request_id, request.prompt + request.generated, n, hit))
+        preempted = [(r, requests[r].prompt + requests[r].generated) for r in victims]
+        return self._cache.step(running, preempted, admissions, step.kv_blocks_used or None)
+
+    def _preempt(self, preempted: tuple[str, ...]) -> list[str]:
+        """Move the step's victims to the waiting queue; returns them in the order vLLM preempted them."""
         # vLLM evicts from the running queue's tail and puts each victim at the waiting queue's front, so the
         # victim nearest the head ends up first; the step's set of victims does not carry that order itself.
         position = {r: i for i, r in enumerate(self._running)}
@@ -263,8 +309,19 @@ class EngineTracker(WindowTracker):
             victim.computed = 0
             self._waiting[request_id] = None
             self._waiting.move_to_end(request_id, last=False)
+        return victims
 
     def _finish_listed(self, step: EngineStep, end: float) -> None:
+        if self._cache is not None and step.finished:
+            # vLLM frees what a step finished in running-queue order (its tail blocks evicted first).
+            position = {r: i for i, r in enumerate(self._running)}
+            leaving = sorted(
+                (r for r in step.finished if r in self._requests and not self._requests[r].finished),
+                key=lambda r: position.get(r, -1),
+            )
+            self._cache.finished(
+                [(r, self._requests[r].prompt + self._requests[r].generated) for r in leaving]
+            )
         for request_id in step.finished:
             request = self._requests.get(request_id)
             if request is None or request.finished:
@@ -321,6 +378,7 @@ class EngineTracker(WindowTracker):
             self.calibrator.samples,
             running,
             waiting,
+            free_queue=self._cache.free_queue() if self._cache is not None else (),
         )
         self._next_index += 1
 
@@ -445,6 +503,7 @@ class EngineTracker(WindowTracker):
             cost_samples=window.cost_samples,
             approximations=approximations,
             recompute=window.recompute,
+            free_queue=window.free_queue,
         )
 
     # ---- time-outs and loss ---------------------------------------------------------------------------------
@@ -464,6 +523,8 @@ class EngineTracker(WindowTracker):
         stalled = [r for r in self._running if self._requests[r].last_progress < deadline]
         if stalled:
             self.stats.requests_timed_out += sum(not self._requests[r].tainted for r in stalled)
+            if self._cache is not None:
+                self._cache.reset()  # the engine's cache no longer follows from what we saw
             for request_id in stalled:
                 del self._running[request_id]
             self._drop_windows_with(set(stalled), SkipReason.REQUEST_TIMEOUT)
@@ -479,6 +540,8 @@ class EngineTracker(WindowTracker):
             self._drop(window, reason)
 
     def _discard_live(self, reason: SkipReason) -> None:
+        if self._cache is not None:
+            self._cache.reset()
         live = set(self._running) | set(self._waiting)
         self._running, self._waiting = {}, OrderedDict()
         self._drop_windows_with(live, reason)
@@ -510,6 +573,8 @@ class EngineTracker(WindowTracker):
             # Already all unknown, no window left: nothing to do. A flood of refused arrivals or unknown ids
             # costs O(1) each, not a pass over every live request.
             return
+        if self._cache is not None:
+            self._cache.reset()
         for window in self._closed:
             self._drop(window, reason)
         self._closed.clear()

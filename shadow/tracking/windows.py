@@ -18,6 +18,7 @@ from vllm_shadow.adapters.events import EngineInfo, EngineStep, RequestArrival
 from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.solver.records import RequestRecord
 from vllm_shadow.solver.simulator import RunningRequest
+from vllm_shadow.tracking.prefix_cache import FreeQueueEntry
 from vllm_shadow.tracking.recompute import RecomputeTax
 
 
@@ -87,6 +88,9 @@ class TrafficWindow:
     approximations: int = 0  # requests whose modelling is approximate (aborted before their first token)
     # The recompute tax the engine paid in `steps` (mirror sources; zero for request-only ones).
     recompute: RecomputeTax = field(default_factory=RecomputeTax)
+    # With prefix caching on, the engine's cached blocks nobody held at the start, in vLLM's eviction order
+    # (`vllm_shadow.tracking.prefix_cache`); the blocks of `running` follow from their hashes.
+    free_queue: tuple[FreeQueueEntry, ...] = ()
 
     @property
     def exact(self) -> bool:

@@ -1,0 +1,115 @@
+"""Live windows under prefix caching: each starts with what the engine's cache held, and replays step for step.
+
+A request admitted in a window may hit blocks that requests of earlier windows left cached, and a preempted
+request resumes from its own surviving blocks; the tracker follows the engine's cache from its steps
+(`vllm_shadow.tracking.prefix_cache`) and hands each window the cache's free queue at its start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import pytest
+
+from tests import shadow_support as support
+from vllm_shadow.adapters.events import (
+    EngineInfo,
+    EngineStep,
+    RequestArrival,
+    RequestFinish,
+    SchedulerSettings,
+)
+from vllm_shadow.evaluation.costs import engine_prior
+from vllm_shadow.evaluation.evaluate import Slo, check_fidelity
+from vllm_shadow.tracking.engine_state import EngineTracker
+from vllm_shadow.tracking.windows import WindowRules
+
+RECORDING = "fcfs-kv16-prefix-caching"  # a real CPU engine, prefix caching on, under KV pressure
+
+
+@pytest.mark.parametrize("seconds", [0.25, 1.0])
+def test_windows_of_a_real_engine_with_prefix_caching_replay_it_step_for_step(seconds: float) -> None:
+    windows = support.windows(RECORDING, seconds)
+    assert len(windows) >= 10 and windows[0].info.scheduler.enable_prefix_caching
+    for window in windows:
+        fidelity = check_fidelity(window, Slo())
+        assert fidelity.steps_matched == fidelity.steps_compared == len(window.steps), fidelity.first_mismatch
+    # The start state decides steps: without the cached blocks nobody held at its start, some window's replay
+    # diverges from the engine.
+    bare = [dataclasses.replace(w, free_queue=()) for w in windows if w.free_queue]
+    assert any((f := check_fidelity(w, Slo())).steps_matched < f.steps_compared for w in bare), (
+        "the recording was meant to need the cache's contents at some window start"
+    )
+
+
+def _tracker(info: EngineInfo, rules: WindowRules) -> EngineTracker:
+    return EngineTracker(info, rules=rules, prior=engine_prior(info, "cpu")[0], clock=time.monotonic)
+
+
+def test_a_resumed_request_that_finds_its_kv_cached_computes_and_recomputes_none_of_it() -> None:
+    # 16-token blocks, 11 usable. "s" (100-token prompt, 7 blocks) and "r" (60 tokens: 3 hashed blocks and a
+    # 4th it fills with its first emitted tokens) run until "r" needs a 5th block: "r", the running queue's
+    # tail, preempts itself. Its blocks stay cached and free; when "s" is gone, "r" resumes with 64 of its 65
+    # tokens found in the cache (the hook says so: cached_tokens) and computes only the last one. Without the
+    # hit, the tracker would count 64 recomputed tokens and miss "r"'s emitted tokens.
+    settings = SchedulerSettings(max_num_seqs=2, max_num_batched_tokens=256, enable_prefix_caching=True)
+    tracker = _tracker(EngineInfo("m", 16, 12, settings), WindowRules(seconds=100.0))
+
+    def step(n: int, scheduled: dict[str, int], used: int, **fields: object) -> EngineStep:
+        return EngineStep(n, n * 0.01, 0.01, scheduled, kv_blocks_used=used, **fields)  # type: ignore[arg-type]
+
+    events = [
+        RequestArrival("s", 0.0, 100, max_tokens=7, block_hashes=(21, 22, 23, 24, 25, 26)),
+        RequestArrival("r", 0.0, 60, max_tokens=7, block_hashes=(11, 12, 13)),
+        step(0, {"s": 100, "r": 60}, 11),
+        *(step(n, {"s": 1, "r": 1}, 11) for n in range(1, 5)),
+        step(5, {"s": 1}, 7, preempted=("r",)),
+        step(6, {"s": 1}, 7, finished=("s",)),
+        RequestFinish("s", 0.07, 7),
+        step(7, {"r": 1}, 5, cached_tokens={"r": 64}),
+        step(8, {"r": 1}, 5, finished=("r",)),
+        RequestFinish("r", 0.09, 7),
+    ]
+    for event in events:
+        tracker.apply(event)
+    tracker.flush()
+    (window,) = tracker.take_ready()
+    assert window.recompute.preemptions == 1 and window.recompute.recomputed_tokens == 0
+    assert tracker.stats.inconsistencies == 0  # "r" emitted the 7 tokens the engine reported
+    assert tracker.prefix_cache_mismatches == 0  # the tracker's cache found the same hit and block counts
+    fidelity = check_fidelity(window, Slo())
+    assert fidelity.steps_matched == fidelity.steps_compared == 9, fidelity.first_mismatch
+    assert (
+        fidelity.self_replay.prefix_cache_hits == 0
+    )  # a resume's hit is no first admission's (vLLM's count)
+
+
+@pytest.mark.integration
+def test_vllm_s_scheduler_with_shared_prompts_windows_replay_with_the_hits_the_hook_publishes() -> None:
+    # vLLM's own Scheduler in-process (as tests/test_fidelity_scale.py drives it), requests sharing system
+    # prompts, KV short enough to preempt: the hook publishes each admission's hit exactly as vLLM decided it,
+    # and every window (cut every 8 arrivals) replays the engine step for step from its start state.
+    pytest.importorskip("vllm", reason="the CPU build of vLLM is installed by `make test`")
+    from benchmarks.fidelity_scale import ScaleConfig, drive, load_workload
+
+    config = ScaleConfig(
+        "shared-prompt", 400, 64, 2048, enable_prefix_caching=True, requests_per_step=0.5, limit=80
+    )
+    decided, events = drive(config, load_workload(config))
+    steps = [e for e in events if isinstance(e, EngineStep) and e.scheduled_tokens]
+    assert [s.cached_tokens for s in steps] == [d.cached_tokens for d in decided]
+    assert any(d.preempted for d in decided) and sum(bool(d.cached_tokens) for d in decided) > 10
+
+    info = events[0]
+    assert isinstance(info, EngineInfo)
+    tracker = _tracker(info, WindowRules(seconds=None, requests=8))
+    for event in events[1:]:
+        tracker.apply(event)
+    tracker.flush()
+    windows = tracker.take_ready()
+    assert len(windows) >= 5 and tracker.prefix_cache_mismatches == 0
+    for window in windows:
+        fidelity = check_fidelity(window, Slo())
+        assert fidelity.steps_matched == fidelity.steps_compared, fidelity.first_mismatch
+    assert sum(len(w.free_queue) > 0 for w in windows) >= 2
