@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from vllm_shadow.adapters.events import SchedulerSettings
@@ -22,7 +24,7 @@ def test_the_current_configuration_comes_first_and_is_what_the_engine_runs() -> 
 def test_the_default_grid_has_about_twenty_unique_candidates() -> None:
     candidates = build_candidates(SETTINGS)
     labels = [c.label for c in candidates]
-    assert len(labels) == len(set(labels)) == 19
+    assert len(labels) == len(set(labels)) == 20
     seqs = {c.policy.max_num_seqs for c in candidates if c.policy.preset == "vllm"}
     assert seqs == {4, 8, 16, 32}
     # Other schedulers appear for reference, never as recommendations.
@@ -67,6 +69,23 @@ def test_flag_changes_name_only_what_differs() -> None:
     )
     assert flag_changes(current, candidate) == ["--max-num-seqs 16", "--long-prefill-token-threshold 128"]
     assert flag_changes(current, current) == []
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_the_grid_tries_the_engine_s_settings_with_prefix_caching_flipped(caching: bool) -> None:
+    settings = SchedulerSettings(max_num_seqs=8, max_num_batched_tokens=512, enable_prefix_caching=caching)
+    candidates = build_candidates(settings)
+    current = candidates[0].policy
+    (flipped,) = [c for c in candidates if c.policy.enable_prefix_caching != caching and c.actionable]
+    assert flipped.policy == dataclasses.replace(current, enable_prefix_caching=not caching)
+    assert ("enable_prefix_caching=true" in flipped.label) == (not caching)  # the label says it
+    # vLLM's default is on: turning it off takes the explicit flag, turning it on the plain one.
+    expected = "--enable-prefix-caching" if not caching else "--no-enable-prefix-caching"
+    assert flag_changes(current, flipped.policy) == [expected]
+    # Reference schedulers keep the engine's caching where they can (those reserving blocks at admission, as
+    # no-eviction and Orca do, cannot), so that they differ from the engine in scheduling only.
+    presets = {c.policy.preset: c.policy.enable_prefix_caching for c in candidates if not c.actionable}
+    assert presets == {p: caching and p not in ("no-eviction", "orca") for p in presets}
 
 
 def test_extra_specs_are_checked_when_the_space_is_configured() -> None:

@@ -2,11 +2,12 @@
 
 The current configuration is read from the engine's own announcement (`EngineInfo.scheduler`) and written as a
 `solver` policy; every candidate is that policy with some vLLM knobs changed (max_num_seqs, the token budget,
-chunked prefill, the long-prefill threshold, the scheduling policy), plus a few other schedulers for reference
-(Sarathi-Serve, Orca, LightLLM, shortest-prompt-first, no-eviction) at the same sequence cap and budget. Only
-candidates that vLLM can run by changing flags are "actionable": the others show how far a different
-scheduler would go, and are never recommended. Labels are the policies' canonical spellings; the grid is
-bounded, so is the label set it exports.
+chunked prefill, the long-prefill threshold, the scheduling policy, prefix caching), plus a few other
+schedulers for reference (Sarathi-Serve, Orca, LightLLM, shortest-prompt-first, no-eviction) at the same
+sequence cap and budget. Only candidates that vLLM can run by changing flags are "actionable": the others show
+how far a different scheduler would go, and are never recommended; they keep the engine's prefix caching where
+they can (not those that reserve blocks at admission: Orca, no-eviction), so that they differ from it in
+scheduling only. Labels are the policies' canonical spellings; the grid is bounded, so is the label set it exports.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class SearchSpace:
     toggle_chunked_prefill: bool = True
     long_prefill_fraction: float = 0.25  # try a long-prefill threshold of this share of the budget (0: don't)
     toggle_priority: bool = True  # try the other of fcfs / priority
+    toggle_prefix_caching: bool = True  # try the engine's settings with prefix caching flipped
     presets: tuple[str, ...] = ("sarathi", "orca", "lightllm", "sjf", "no-eviction")
     extra: tuple[str, ...] = ()  # further policy specs, tried as written
     max_candidates: int = 64  # a hard bound on the label set (Prometheus cardinality)
@@ -87,6 +89,7 @@ def _is_actionable(policy: Policy, current: Policy) -> bool:
         "chunked_prefill",
         "long_prefill_token_threshold",
         "order",
+        "enable_prefix_caching",
     }
     return policy.preset == "vllm" and all(
         getattr(policy, f.name) == getattr(current, f.name)
@@ -118,8 +121,18 @@ def build_candidates(settings: SchedulerSettings, space: SearchSpace = SearchSpa
         policies.append(
             dataclasses.replace(current, order="fcfs" if current.order == "priority" else "priority")
         )
+    if space.toggle_prefix_caching:
+        policies.append(dataclasses.replace(current, enable_prefix_caching=not current.enable_prefix_caching))
     for name in space.presets:
-        policies.append(dataclasses.replace(PRESETS[name], max_num_seqs=seqs, max_num_batched_tokens=budget))
+        preset = PRESETS[name]
+        policies.append(
+            dataclasses.replace(
+                preset,
+                max_num_seqs=seqs,
+                max_num_batched_tokens=budget,
+                enable_prefix_caching=current.enable_prefix_caching and preset.eviction,
+            )
+        )
     policies.extend(parse_policy(spec) for spec in space.extra)
 
     out: list[Candidate] = []
@@ -139,4 +152,7 @@ def build_candidates(settings: SchedulerSettings, space: SearchSpace = SearchSpa
 def flag_changes(current: Policy, candidate: Policy) -> list[str]:
     """The vLLM flags to pass to move from `current` to `candidate` (only those that differ)."""
     before = set(current.vllm_flags())
-    return [flag for flag in candidate.vllm_flags() if flag not in before]
+    changes = [flag for flag in candidate.vllm_flags() if flag not in before]
+    if current.enable_prefix_caching and not candidate.enable_prefix_caching:
+        changes.append("--no-enable-prefix-caching")  # vLLM's default is on: turning it off takes a flag
+    return changes
