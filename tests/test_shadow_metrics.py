@@ -3,6 +3,7 @@ and a real Prometheus server scraping the endpoint and answering queries."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import socket
@@ -132,6 +133,31 @@ def test_values_agree_with_the_recorded_stream(snapshot: ShadowSnapshot) -> None
     assert 0 < bound <= current * (1 + 1e-6)  # the simulator keeps time in whole picoseconds
     info = value(found, "vllm_shadow_config_info", candidate=engine.current, **labels)
     assert info == 1
+
+
+def test_the_simulated_prefix_cache_hit_rate_is_exported_per_configuration(snapshot: ShadowSnapshot) -> None:
+    # vLLM's hits over queries (prompt tokens at first admission), per candidate, beside vLLM's own counters;
+    # none for a configuration whose window looked nothing up.
+    engine = snapshot.engines[0]
+    assert engine.last is not None
+    looked_up = {o.label: (i * 10, 100) for i, o in enumerate(engine.last.candidates)}
+    looked_up[engine.last.candidates[0].label] = (0, 0)
+    outcomes = tuple(
+        dataclasses.replace(
+            o, prefix_cache_hits=looked_up[o.label][0], prefix_cache_queries=looked_up[o.label][1]
+        )
+        for o in engine.last.candidates
+    )
+    last = dataclasses.replace(engine.last, candidates=outcomes)
+    changed = dataclasses.replace(
+        snapshot, engines=[dataclasses.replace(engine, last=last), *snapshot.engines[1:]]
+    )
+    found = samples(exposition(changed))
+    labels = {"model_name": engine.model_name, "engine": engine.engine}
+    name = "vllm_shadow_window_simulated_prefix_cache_hit_ratio"
+    exported = {s.labels["candidate"]: s.value for s in found[name] if s.labels["engine"] == engine.engine}
+    assert exported == {label: hits / queries for label, (hits, queries) in looked_up.items() if queries}
+    assert all(s.labels["model_name"] == labels["model_name"] for s in found[name])
 
 
 def test_every_family_exported_is_the_table_s_declaration(snapshot: ShadowSnapshot) -> None:

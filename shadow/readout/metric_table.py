@@ -317,6 +317,13 @@ METRICS: tuple[MetricSpec, ...] = (
         "requests preempted before the window are not counted).",
         "candidate",
     ),
+    _engine(
+        "window_simulated_prefix_cache_hit_ratio",
+        "gauge",
+        "Share of the last window's prompt tokens found in the prefix cache at their first admission, simulated "
+        "per configuration (vLLM's vllm:prefix_cache_hits / vllm:prefix_cache_queries; 0 with caching off).",
+        "candidate",
+    ),
     # ---- per engine: the recommendation ------------------------------------------------------------------------
     _engine(
         "recommendation_available",
