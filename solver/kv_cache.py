@@ -1,23 +1,40 @@
 """vLLM's prefix cache, for the simulator: its block pool's cached blocks, their reference counts and its free
 queue's eviction order (vllm/v1/core/block_pool.py and kv_cache_utils.py, 0.32), with vLLM's names.
 
-What is replicated, and how it is kept cheap:
-  * `BlockPool.cached_block_hash_to_block` maps a block hash to the cached block(s) holding it; duplicates are
-    kept, and a lookup returns the first inserted, as vLLM's `BlockHashToBlockMap`.
+What is replicated:
+  * `BlockPool.cached_block_hash_to_block`: a block hash leads to the cached block(s) holding it; duplicates are
+    kept, and a lookup takes the first inserted, as vLLM's `BlockHashToBlockMap`.
   * vLLM's `FreeKVCacheBlockQueue` holds, front to back, the free blocks without a hash (freed blocks without a
-    hash are prepended) and then the cached blocks nobody uses, in the order they were freed (appended). A free
-    block without a hash is indistinguishable from another, so that front part is a count kept by the
-    simulator (its free blocks minus this queue's length), and only the cached part is a queue here:
-    `free_block_queue`, least recently freed first.
+    hash are prepended) and then the cached blocks nobody uses, in the order they were freed (appended; a request
+    frees its blocks in reverse, so its tail is evicted first). A free block without a hash is indistinguishable
+    from another, so that front part is a count kept by the simulator (its free blocks minus this queue's
+    length), and only the cached part is a queue here: `free_block_queue`, least recently freed first.
   * Allocation takes from the front: free blocks without a hash first, then the least recently freed cached
     block, whose hash is evicted. The simulator counts allocations and calls `evict_to(num_free_blocks)` before
     anything that depends on the queue's order (a lookup, a free): only pops happen in between, so evicting
     the surplus at once is exact.
-  * A block with a published hash (vLLM's hash of a full block of prompt tokens, an int, as the mirror
-    publishes it) is a `KVCacheBlock`. A block whose tokens no other request can share (generated tokens, or a
-    prompt without published hashes) can only ever be hit by its own request once resumed: while its request
-    holds it, it is only counted; when its request frees it, its request's private blocks enter the queue as one
-    `PrivateRun` (evicted tail first, one block at a time), so a finish costs O(1), not O(blocks).
+
+How it is kept cheap: by runs of blocks, never block by block.
+  * vLLM's block hashes are chained (a block's hash covers its whole prefix), so equal hashes at one position
+    mean equal hashes at every earlier one. A `CachedRun` is blocks lo..hi-1 of one chain (its `block_hashes`
+    tuple, shared with the request that computed them, never copied), all with one reference count and one
+    insertion stamp; the pool indexes a run by the hash of its first block only. A request's prompt of 750
+    blocks computed in two chunks is two runs: caching, freeing and evicting it costs a few dictionary and
+    queue operations, not 750 of each.
+  * A lookup walks the request's hashes from the start: a run found by its first hash matches for as long as
+    its last matching hash says (a binary search on the chain), and only the positions the hit covers are
+    looked up for runs starting there (a duplicate or a longer chain). At each position the hit takes the
+    run inserted first among those covering it: vLLM's choice among duplicates.
+  * A hit on part of a run splits it where the hit starts and ends (each part keeps the stamp and the
+    reference count; the part hit gains a reference), so reference counts stay uniform within a run. A held
+    run split keeps its first part as the same object and links the next (`next`), so each holder walks its
+    runs as they were when it took them. A free run split by a hit leaves its two remaining parts in its place
+    in the free queue, in vLLM's order (its tail part, then its head part).
+  * A request's held blocks are a list of (run, lo, hi) entries, in the order of its block table: the blocks
+    lo..hi-1 of that run's chain at the time it took them (the run and its `next` successors cover them).
+  * A block whose tokens no other request can share (generated tokens, or a prompt without published hashes)
+    can only ever be hit by its own request once resumed: while its request holds it, it is only counted; when
+    its request frees it, its request's private blocks enter the queue as one `PrivateRun` (evicted tail first).
   * One case is not literal: a priority victim preempted after its blocks for the step were cached may leave a
     cached block its resume cannot hit (vLLM caps a hit at num_tokens - 1); vLLM keeps it as a duplicate that a
     later lookup prefers, here it stays in the queue unreferenced. The queue's order and counts are the same.
@@ -26,18 +43,39 @@ What is replicated, and how it is kept cheap:
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable, Iterator, Sequence
+from itertools import compress, pairwise
+
+# A request's held (or hit) blocks: (run, lo, hi), blocks lo..hi-1 of the run's chain, in block-table order.
+HeldEntry = tuple["CachedRun", int, int]
 
 
-class KVCacheBlock:
-    """A cached block: its hash and how many running requests hold it (vLLM's `ref_cnt`)."""
+class CachedRun:
+    """Cached blocks lo..hi-1 of a chain of block hashes, with one reference count (vLLM's `ref_cnt`: the running
+    requests holding them) and one insertion stamp (vLLM's order among blocks with the same hash)."""
 
-    __slots__ = ("block_hash", "queued_at", "ref_cnt")
+    __slots__ = ("block_hashes", "entry", "hi", "lo", "next", "ref_cnt", "stamp")
 
-    def __init__(self, block_hash: Hashable, ref_cnt: int) -> None:
-        self.block_hash: Hashable | None = block_hash
+    def __init__(self, block_hashes: Sequence[Hashable], lo: int, hi: int, ref_cnt: int, stamp: int) -> None:
+        self.block_hashes = block_hashes
+        self.lo = lo
+        self.hi = hi
         self.ref_cnt = ref_cnt
-        self.queued_at = -1  # the number of its live entry in the free queue; -1 when not in it
+        self.stamp = stamp
+        self.next: CachedRun | None = None  # the run that took over hi.. when this one was split
+        self.entry: FreeEntry | None = None  # its place in the free queue while nobody holds it
+
+    def __repr__(self) -> str:
+        return f"CachedRun({self.lo}..{self.hi}, ref_cnt={self.ref_cnt}, stamp={self.stamp})"
+
+
+class FreeEntry:
+    """Runs freed together, in the free queue's order: each is evicted from its tail, then the next."""
+
+    __slots__ = ("runs",)
+
+    def __init__(self, runs: list[CachedRun]) -> None:
+        self.runs = runs
 
 
 class PrivateRun:
@@ -51,66 +89,213 @@ class PrivateRun:
         self.hi = hi
 
 
+def num_blocks(entries: list[HeldEntry]) -> int:
+    """The blocks a request holds (or a lookup hit)."""
+    return sum([hi - lo for _run, lo, hi in entries])
+
+
+def held_runs(entries: list[HeldEntry]) -> list[CachedRun]:
+    """The runs that hold a request's entries now (runs split since it took them included), in block order."""
+    runs = []
+    for run, _lo, hi in entries:
+        runs.append(run)
+        while run.hi < hi:
+            run = run.next  # type: ignore[assignment]  # a held run's successors cover it to hi
+            runs.append(run)
+    return runs
+
+
+def num_held_blocks(entries: list[HeldEntry]) -> int:
+    """The blocks of a lookup's hit that another running request holds (they cost no free block)."""
+    return sum([hi - lo for run, lo, hi in entries if run.ref_cnt])
+
+
 class BlockPool:
     """The cached blocks of one engine and the eviction order of those nobody holds."""
 
     def __init__(self) -> None:
-        # hash -> the block holding it, or an insertion-ordered dict of the blocks holding it (duplicates).
-        self.cached_block_hash_to_block: dict[Hashable, KVCacheBlock | dict[KVCacheBlock, None]] = {}
-        # Cached blocks with ref_cnt == 0, least recently freed first (the tail of vLLM's free queue). A deque
-        # with lazy removal: a block's entry (block, number) is live while block.queued_at is that number, a
-        # run's while it has blocks; dead entries are dropped when they reach the front.
-        self.free_block_queue: deque[tuple[KVCacheBlock, int] | PrivateRun] = deque()
-        self.num_queued_blocks = 0  # blocks in free_block_queue's live entries (a run counts its blocks)
-        self._entry_number = 0
+        # The hash of a run's first block -> the runs starting with it (more than one: duplicates).
+        self.cached_block_hash_to_block: dict[Hashable, list[CachedRun]] = {}
+        # Cached blocks with ref_cnt == 0, least recently freed first (the tail of vLLM's free queue); an entry
+        # whose runs were all taken or evicted is dropped when it reaches the front.
+        self.free_block_queue: deque[FreeEntry | PrivateRun] = deque()
+        self.num_queued_blocks = 0  # blocks in free_block_queue
         self.num_evicted_blocks = 0
+        self._num_inserts = 0
         # Bumped by every change a lookup could see (a hash cached or evicted, a reference count, a run):
         # a waiting request's hit, looked up again each step while it waits, is reused while it holds.
         self.version = 0
 
-    def get_cached_block(self, block_hash: Hashable) -> KVCacheBlock | None:
-        blocks = self.cached_block_hash_to_block.get(block_hash)
-        if blocks is None or isinstance(blocks, KVCacheBlock):
-            return blocks
-        return next(iter(blocks))
+    # ---- the index ---------------------------------------------------------------------------------------------
 
-    def find_longest_cache_hit(self, block_hashes: list[Hashable]) -> list[KVCacheBlock]:
-        """The cached blocks of the longest run of `block_hashes` from the start (hashes are chained: a miss
-        means every later block misses too)."""
-        hit: list[KVCacheBlock] = []
-        for block_hash in block_hashes:
-            block = self.get_cached_block(block_hash)
-            if block is None:
-                break
-            hit.append(block)
-        return hit
-
-    def _insert(self, block: KVCacheBlock) -> None:
-        self.version += 1
-        key = block.block_hash
-        blocks = self.cached_block_hash_to_block.get(key)
-        if blocks is None:
-            self.cached_block_hash_to_block[key] = block
-        elif isinstance(blocks, KVCacheBlock):
-            self.cached_block_hash_to_block[key] = {blocks: None, block: None}
+    def _index(self, run: CachedRun) -> None:
+        key = run.block_hashes[run.lo]
+        runs = self.cached_block_hash_to_block.get(key)
+        if runs is None:
+            self.cached_block_hash_to_block[key] = [run]
         else:
-            blocks[block] = None
+            runs.append(run)
 
-    def _remove(self, block: KVCacheBlock) -> None:
+    def _unindex(self, run: CachedRun) -> None:
+        key = run.block_hashes[run.lo]
+        runs = self.cached_block_hash_to_block[key]
+        if len(runs) == 1:
+            del self.cached_block_hash_to_block[key]
+        else:
+            runs.remove(run)
+
+    def _split(self, run: CachedRun, at: int) -> CachedRun:
+        """Cut `run` before block `at` (lo < at < hi): it keeps lo..at-1, the returned run takes at..hi-1."""
+        right = CachedRun(run.block_hashes, at, run.hi, run.ref_cnt, run.stamp)
+        right.next = run.next
+        run.next = right
+        run.hi = at
+        self._index(right)
+        return right
+
+    # ---- lookup ------------------------------------------------------------------------------------------------
+
+    def find_longest_cache_hit(
+        self, block_hashes: Sequence[Hashable], max_num_blocks: int
+    ) -> list[HeldEntry]:
+        """The cached blocks of the longest run of `block_hashes` from the start, at most `max_num_blocks`, as
+        (run, lo, hi) entries: at each position the first inserted block holding that hash."""
+        index = self.cached_block_hash_to_block
+        num_hashes = min(max_num_blocks, len(block_hashes))
+        if num_hashes <= 0:
+            return []
+        runs = index.get(block_hashes[0])
+        if runs is None:
+            return []
+        # (stamp, run, position of run.lo in block_hashes, end of the match there)
+        candidates: list[tuple[int, CachedRun, int, int]] = []
+        found = [(0, runs)]
+        reach = 0
+        scanned = 0  # positions 0..scanned were looked up for runs starting there
+        while found:
+            for position, runs in found:
+                for run in runs:
+                    end = position + _match_length(run, block_hashes, position, num_hashes)
+                    candidates.append((run.stamp, run, position, end))
+                    reach = max(reach, end)
+            # A run may also start inside the hit so far (a duplicate, or a chain that goes further).
+            start, stop = scanned + 1, min(reach, num_hashes - 1) + 1
+            if start >= stop:
+                break
+            positions = compress(range(start, stop), map(index.__contains__, block_hashes[start:stop]))
+            found = [(position, index[block_hashes[position]]) for position in positions]
+            scanned = stop - 1
+        if len(candidates) == 1:
+            _stamp, run, position, end = candidates[0]
+            return [(run, run.lo, run.lo + end - position)]
+        return _first_inserted(candidates)
+
+    # ---- taking and releasing blocks ---------------------------------------------------------------------------
+
+    def touch(self, hit: list[HeldEntry]) -> int:
+        """A request takes the blocks it hit; `hit` becomes its held entries (in place). Returns how many of them
+        left the free queue (were unused)."""
         self.version += 1
-        key = block.block_hash
-        blocks = self.cached_block_hash_to_block.pop(key)
-        if not isinstance(blocks, KVCacheBlock):
-            del blocks[block]
-            if blocks:
-                self.cached_block_hash_to_block[key] = blocks
-        block.block_hash = None
+        num_taken = 0
+        for i, (run, lo, hi) in enumerate(hit):
+            while run.hi <= lo:  # an earlier entry of this hit split the run
+                run = run.next  # type: ignore[assignment]
+            if run.ref_cnt == 0:
+                run = self._take_free(run, lo, hi)
+                num_taken += hi - lo
+            else:
+                if lo > run.lo:
+                    run = self._split(run, lo)
+                if hi < run.hi:
+                    self._split(run, hi)
+            run.ref_cnt += 1
+            hit[i] = (run, lo, hi)
+        self.num_queued_blocks -= num_taken
+        return num_taken
 
-    def cache_full_block(self, block_hash: Hashable) -> KVCacheBlock:
-        """A block just filled by the request holding it (ref_cnt 1) joins the cache."""
-        block = KVCacheBlock(block_hash, 1)
-        self._insert(block)
-        return block
+    def _take_free(self, run: CachedRun, lo: int, hi: int) -> CachedRun:
+        """Blocks lo..hi-1 of a free run leave the queue; what is left of the run keeps its place there, in the
+        order vLLM would evict it (its tail part first, then its head part). Returns the run taken."""
+        entry = run.entry
+        assert entry is not None  # a run nobody holds is in the queue
+        left_over: list[CachedRun] = []
+        taken = run
+        if lo > run.lo:
+            taken = self._split(run, lo)
+        if hi < taken.hi:
+            left_over.append(self._split(taken, hi))
+        if taken is not run:
+            left_over.append(run)
+        taken.entry = None
+        for part in left_over:
+            part.entry = entry
+        place = next(i for i, queued in enumerate(entry.runs) if queued is run)
+        entry.runs[place : place + 1] = left_over
+        return taken
+
+    def cache_full_blocks(
+        self, held: list[HeldEntry], block_hashes: Sequence[Hashable], num_full_blocks: int
+    ) -> None:
+        """Blocks filled by the request holding `held` (ref_cnt 1) join the cache, up to `num_full_blocks` of its
+        `block_hashes` (those it does not hold yet)."""
+        start = num_blocks(held)
+        if num_full_blocks <= start:
+            return
+        self.version += 1
+        self._num_inserts += 1
+        run = CachedRun(block_hashes, start, num_full_blocks, 1, self._num_inserts)
+        self._index(run)
+        held.append((run, start, num_full_blocks))
+
+    def hold_initial(
+        self, held: list[HeldEntry], block_hashes: Sequence[Hashable], num_full_blocks: int
+    ) -> int:
+        """A request already running when the simulation starts holds its first `num_full_blocks` blocks: those
+        another such request holds are shared, the rest cached anew. Returns how many were shared."""
+        hit = self.find_longest_cache_hit(block_hashes, num_full_blocks)
+        self.touch(hit)
+        held.extend(hit)
+        self.cache_full_blocks(held, block_hashes, min(num_full_blocks, len(block_hashes)))
+        return num_blocks(hit)
+
+    def free_blocks(self, held: list[HeldEntry]) -> int:
+        """A request releases its held blocks, last first (vLLM frees a block table in reverse); those nobody
+        holds any more enter the free queue together. Returns how many became free."""
+        self.version += 1
+        freed: list[CachedRun] = []
+        for run in reversed(held_runs(held)):
+            run.ref_cnt -= 1
+            if not run.ref_cnt:
+                freed.append(run)
+        if not freed:
+            return 0
+        self._enqueue(freed)
+        return sum([run.hi - run.lo for run in freed])
+
+    def _enqueue(self, runs: list[CachedRun]) -> None:
+        entry = FreeEntry(runs)
+        for run in runs:
+            run.entry = entry
+            self.num_queued_blocks += run.hi - run.lo
+        self.free_block_queue.append(entry)
+
+    def cache_full_block(self, block_hash: Hashable) -> CachedRun:
+        """One block with `block_hash`, just filled by the request holding it (ref_cnt 1), joins the cache: a
+        run of its own (for a cache rebuilt block by block, e.g. from a recording)."""
+        self.version += 1
+        self._num_inserts += 1
+        run = CachedRun((block_hash,), 0, 1, 1, self._num_inserts)
+        self._index(run)
+        return run
+
+    def free_block(self, run: CachedRun) -> bool:
+        """A request releases a run it holds alone; returns whether nobody holds it any more (it became free)."""
+        self.version += 1
+        run.ref_cnt -= 1
+        if run.ref_cnt:
+            return False
+        self._enqueue([run])
+        return True
 
     def free_private_run(self, lo: int, hi: int) -> PrivateRun:
         """A request frees its private cached blocks lo..hi-1 (see the module docstring): cached, evictable."""
@@ -126,30 +311,6 @@ class BlockPool:
         run.lo += num_blocks  # an emptied run is a dead entry
         self.num_queued_blocks -= num_blocks
 
-    def touch(self, blocks: list[KVCacheBlock]) -> int:
-        """A request takes the blocks it hit; returns how many of them left the free queue (were unused)."""
-        self.version += 1
-        num_taken = 0
-        for block in blocks:
-            if block.ref_cnt == 0:
-                block.queued_at = -1  # its entry dies
-                num_taken += 1
-            block.ref_cnt += 1
-        self.num_queued_blocks -= num_taken
-        return num_taken
-
-    def free_block(self, block: KVCacheBlock) -> bool:
-        """A request releases a cached block; returns whether nobody holds it any more (it became free)."""
-        self.version += 1
-        block.ref_cnt -= 1
-        if block.ref_cnt:
-            return False
-        self._entry_number += 1
-        block.queued_at = self._entry_number
-        self.free_block_queue.append((block, self._entry_number))
-        self.num_queued_blocks += 1
-        return True
-
     def evict_to(self, num_free_blocks: int) -> None:
         """Allocations took free blocks: those without a hash went first, then cached ones from the front of
         the queue, whose hashes are evicted. Afterwards the queue holds at most the free blocks."""
@@ -162,27 +323,73 @@ class BlockPool:
                 if entry.hi == entry.lo:
                     queue.popleft()
             else:
-                queue.popleft()
-                block, number = entry
-                if block.queued_at != number:
-                    continue  # a dead entry: the block was taken since
-                block.queued_at = -1
-                num_evicted = 1
-                self._remove(block)
+                runs = entry.runs  # type: ignore[union-attr]
+                if not runs:
+                    queue.popleft()  # taken since it was freed
+                    continue
+                run = runs[0]
+                num_evicted = min(self.num_queued_blocks - num_free_blocks, run.hi - run.lo)
+                run.hi -= num_evicted  # its tail first
+                if run.hi == run.lo:
+                    self._unindex(run)
+                    run.entry = None
+                    del runs[0]
+                    if not runs:
+                        queue.popleft()
             self.version += 1
             self.num_queued_blocks -= num_evicted
             self.num_evicted_blocks += num_evicted
 
-    def queued(self) -> Iterator[KVCacheBlock | PrivateRun]:
-        """The live entries of the free queue, front first."""
+    # ---- inspection (tests) ------------------------------------------------------------------------------------
+
+    def queued(self) -> Iterator[CachedRun | PrivateRun]:
+        """The runs in the free queue, front first."""
         for entry in self.free_block_queue:
             if type(entry) is PrivateRun:
                 if entry.hi > entry.lo:
                     yield entry
-            elif entry[0].queued_at == entry[1]:
-                yield entry[0]
+            else:
+                yield from entry.runs  # type: ignore[union-attr]
 
     def num_cached_blocks(self) -> int:
-        return sum(
-            1 if isinstance(b, KVCacheBlock) else len(b) for b in self.cached_block_hash_to_block.values()
+        return sum(run.hi - run.lo for runs in self.cached_block_hash_to_block.values() for run in runs)
+
+
+def _match_length(run: CachedRun, block_hashes: Sequence[Hashable], position: int, num_hashes: int) -> int:
+    """How many blocks of `run`, from its first, equal `block_hashes` from `position` on (the first does). Hashes
+    are chained: once two chains differ they never agree again, so the match is found by bisection."""
+    run_hashes = run.block_hashes
+    length = min(run.hi - run.lo, num_hashes - position)
+    if run_hashes is block_hashes or run_hashes[run.lo + length - 1] == block_hashes[position + length - 1]:
+        return length
+    good, bad = 1, length - 1  # blocks 0..good-1 match; block `bad` does not
+    while bad - good > 0:
+        middle = (good + bad) // 2
+        if run_hashes[run.lo + middle] == block_hashes[position + middle]:
+            good = middle + 1
+        else:
+            bad = middle
+    return good
+
+
+def _first_inserted(candidates: list[tuple[int, CachedRun, int, int]]) -> list[HeldEntry]:
+    """The hit when several runs cover parts of it (together, every position from the first to the furthest
+    end): at each position, the run inserted first among those covering it, as (run, lo, hi) entries in the
+    run's own positions."""
+    boundaries = sorted(
+        {position for _s, _r, position, _e in candidates} | {end for *_rest, end in candidates}
+    )
+    hit: list[HeldEntry] = []
+    last: CachedRun | None = None
+    last_position = 0
+    for start, stop in pairwise(boundaries):
+        _stamp, run, position, _end = min(
+            (c for c in candidates if c[2] <= start and c[3] >= stop), key=lambda c: c[0]
         )
+        if run is last:
+            previous, lo, _hi = hit[-1]
+            hit[-1] = (previous, lo, run.lo + stop - last_position)
+        else:
+            hit.append((run, run.lo + start - position, run.lo + stop - position))
+            last, last_position = run, position
+    return hit

@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 from vllm_shadow.adapters.events import EngineStep, RequestArrival
 from vllm_shadow.costmodel.linear import LinearCostModel
-from vllm_shadow.solver.kv_cache import BlockPool, KVCacheBlock, PrivateRun
+from vllm_shadow.solver.kv_cache import BlockPool, HeldEntry, PrivateRun, num_blocks, num_held_blocks
 from vllm_shadow.solver.policies import Policy, parse_policy
 from vllm_shadow.solver.records import RequestRecord, SimResult
 
@@ -104,10 +104,10 @@ class _Request:
         self.finish_epoch = 0  # bumped on every change of state: invalidates its entries in the finish heap
         self.num_reserved_blocks = 0  # blocks reserved at admission (no-eviction mode)
         # Prefix caching (see solver.kv_cache): vLLM's hashes of its full prompt blocks, the cached blocks with
-        # such a hash it holds (a prefix of its block table) and vLLM's num_cached_block (its leading blocks
-        # that have a hash; past held_blocks they are private).
+        # such a hash it holds (a prefix of its block table, as runs) and vLLM's num_cached_block (its leading
+        # blocks that have a hash; past held_blocks they are private).
         self.block_hashes = block_hashes
-        self.held_blocks: list[KVCacheBlock] = []
+        self.held_blocks: list[HeldEntry] = []
         self.num_cached_blocks = 0
         self.private_run: PrivateRun | None = None  # its private blocks in the free queue, since it was freed
         self.hit_memo: tuple | None = None  # (pool version, num_tokens, its lookup) while it waits
@@ -267,16 +267,10 @@ class Simulator:
     def _hold_initial_blocks(self, request: _Request) -> None:
         """An initial request's full blocks are cached; one whose hash another initial request already holds
         is shared (held once), as the engine's own prefix cache would have it."""
-        pool = self.block_pool
         num_full_blocks = request.num_computed_tokens // self.block_size
-        for block_hash in request.block_hashes[:num_full_blocks]:
-            block = pool.get_cached_block(block_hash)
-            if block is not None:
-                block.ref_cnt += 1
-                self.num_used_blocks -= 1
-            else:
-                block = pool.cache_full_block(block_hash)
-            request.held_blocks.append(block)
+        self.num_used_blocks -= self.block_pool.hold_initial(
+            request.held_blocks, request.block_hashes, num_full_blocks
+        )
         request.num_cached_blocks = num_full_blocks
 
     def run(self, arrival_whens: list[int], arriving: list[_Request], *, by_step: bool) -> None:
@@ -463,21 +457,18 @@ class Simulator:
             pool.evict_to(self.num_usable_blocks - self.num_used_blocks)  # allocations so far came first
         num_cached_blocks = request.num_cached_blocks
         held_blocks = request.held_blocks
-        num_freed = cdiv(request.num_computed_tokens, self.block_size) - len(held_blocks)
-        if num_cached_blocks > len(held_blocks):
+        num_held = num_blocks(held_blocks)
+        num_freed = cdiv(request.num_computed_tokens, self.block_size) - num_held
+        if num_cached_blocks > num_held:
             # Past num_tokens - 1 (a priority victim's blocks cached for the step it lost) no resume hits.
             reachable = max(
-                (request.num_prompt_tokens + request.num_output_tokens - 1) // self.block_size,
-                len(held_blocks),
+                (request.num_prompt_tokens + request.num_output_tokens - 1) // self.block_size, num_held
             )
             if num_cached_blocks > reachable:
                 pool.free_private_run(reachable, num_cached_blocks)
-            if reachable > len(held_blocks):
-                request.private_run = pool.free_private_run(
-                    len(held_blocks), min(num_cached_blocks, reachable)
-                )
-        for block in reversed(held_blocks):
-            num_freed += pool.free_block(block)
+            if reachable > num_held:
+                request.private_run = pool.free_private_run(num_held, min(num_cached_blocks, reachable))
+        num_freed += pool.free_blocks(held_blocks)
         request.held_blocks = []
         request.num_cached_blocks = 0
         return num_freed
@@ -491,13 +482,13 @@ class Simulator:
             return
         held_blocks = request.held_blocks
         block_hashes = request.block_hashes
-        for index in range(len(held_blocks), min(num_full_blocks, len(block_hashes))):
-            held_blocks.append(self.block_pool.cache_full_block(block_hashes[index]))
+        if block_hashes:  # one run for the blocks this step fills (see solver.kv_cache)
+            self.block_pool.cache_full_blocks(
+                held_blocks, block_hashes, min(num_full_blocks, len(block_hashes))
+            )
         request.num_cached_blocks = num_full_blocks
 
-    def _find_longest_cache_hit(
-        self, request: _Request, num_tokens: int
-    ) -> tuple[list[KVCacheBlock], int, int]:
+    def _find_longest_cache_hit(self, request: _Request, num_tokens: int) -> tuple[list[HeldEntry], int, int]:
         """vLLM's `get_computed_blocks`: the cached full blocks of its prefix, at most num_tokens - 1 tokens
         (the last token is always computed, to sample from): the blocks with a published hash, how many of its
         own private blocks from before a preemption follow them, and how many of the hit blocks another request
@@ -510,11 +501,12 @@ class Simulator:
             return memo[2]
         max_num_blocks = (num_tokens - 1) // self.block_size
         block_hashes = request.block_hashes
-        hit = pool.find_longest_cache_hit(list(block_hashes[:max_num_blocks])) if block_hashes else []
-        num_held_hit_blocks = sum(block.ref_cnt > 0 for block in hit) if hit else 0
+        hit = pool.find_longest_cache_hit(block_hashes, max_num_blocks) if block_hashes else []
+        num_held_hit_blocks = num_held_blocks(hit) if hit else 0
+        num_hit_blocks = num_blocks(hit) if hit else 0
         run = request.private_run
         num_private_hits = 0
-        if run is not None and len(hit) == len(block_hashes) and run.lo == len(hit):
+        if run is not None and num_hit_blocks == len(block_hashes) and run.lo == num_hit_blocks:
             num_private_hits = max(min(run.hi, max_num_blocks) - run.lo, 0)
         result = (hit, num_private_hits, num_held_hit_blocks)
         request.hit_memo = (pool.version, num_tokens, result)
@@ -630,7 +622,7 @@ class Simulator:
                 hit_blocks, num_private_hits, num_held_hit_blocks = self._find_longest_cache_hit(
                     request, num_tokens
                 )
-                num_computed_tokens = (len(hit_blocks) + num_private_hits) * self.block_size
+                num_computed_tokens = (num_blocks(hit_blocks) + num_private_hits) * self.block_size
                 num_new_tokens = num_tokens - num_computed_tokens
             else:
                 num_computed_tokens = 0
@@ -676,16 +668,16 @@ class Simulator:
         return token_budget
 
     def _admit_with_hits(
-        self, request: _Request, hit_blocks: list[KVCacheBlock], num_private_hits: int, num_tokens: int
+        self, request: _Request, hit_blocks: list[HeldEntry], num_private_hits: int, num_tokens: int
     ) -> None:
         """Allocate for an admitted request as vLLM does with prefix caching: touch the hit blocks, allocate
         the rest up to `num_tokens`, cache the blocks that will be full."""
-        num_hit_blocks = len(hit_blocks) + num_private_hits
+        num_hit_blocks = (num_blocks(hit_blocks) if hit_blocks else 0) + num_private_hits
         num_hit_tokens = num_hit_blocks * self.block_size
         pool = self.block_pool
         self.num_used_blocks += cdiv(num_tokens, self.block_size) - num_hit_blocks
         if hit_blocks:
-            self.num_used_blocks += pool.touch(hit_blocks)
+            self.num_used_blocks += pool.touch(hit_blocks)  # hit_blocks become its held entries
         if num_private_hits:
             pool.take_private(request.private_run, num_private_hits)  # type: ignore[arg-type]
             self.num_used_blocks += num_private_hits
@@ -1142,7 +1134,7 @@ class Simulator:
         return True
 
 
-_NO_HIT: tuple[list[KVCacheBlock], int, int] = ([], 0, 0)  # never mutated: an admission takes a fresh list
+_NO_HIT: tuple[list[HeldEntry], int, int] = ([], 0, 0)  # never mutated: an admission takes a fresh list
 
 
 def _running_seq(request: _Request) -> int:

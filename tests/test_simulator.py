@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from vllm_shadow.adapters.events import RequestArrival
 from vllm_shadow.costmodel.linear import LinearCostModel
-from vllm_shadow.solver.kv_cache import PrivateRun
+from vllm_shadow.solver.kv_cache import PrivateRun, held_runs, num_blocks
 from vllm_shadow.solver.policies import PRESETS, parse_policy
 from vllm_shadow.solver.simulator import RunningRequest, Simulator, simulate
 
@@ -401,22 +401,24 @@ def _check_kv_invariants(sim) -> None:
     """Reference counts equal the running requests holding each block; held blocks are cached and out of the
     free queue; the blocks in use are the distinct held blocks plus every request's private ones."""
     holders: dict[int, int] = {}
-    blocks = {}
+    runs = {}  # the pool keeps cached blocks as runs of one reference count (solver.kv_cache)
     num_private = 0
     for request in sim.running:
         num_computed = sim._num_computed_tokens(request)
-        for block in request.held_blocks:
-            holders[id(block)] = holders.get(id(block), 0) + 1
-            blocks[id(block)] = block
-        num_private += math.ceil(num_computed / sim.block_size) - len(request.held_blocks)
-    for key, block in blocks.items():
-        assert block.ref_cnt == holders[key] and block.block_hash is not None
-        assert block.queued_at == -1  # held blocks are out of the free queue
+        for run in held_runs(request.held_blocks):
+            holders[id(run)] = holders.get(id(run), 0) + 1
+            runs[id(run)] = run
+        num_private += math.ceil(num_computed / sim.block_size) - num_blocks(request.held_blocks)
+    index = sim.block_pool.cached_block_hash_to_block
+    for key, run in runs.items():
+        assert run.ref_cnt == holders[key] and any(r is run for r in index[run.block_hashes[run.lo]])
+        assert run.entry is None and run.hi > run.lo  # held blocks are out of the free queue
     queue = list(sim.block_pool.queued())
     assert all(isinstance(b, PrivateRun) or b.ref_cnt == 0 for b in queue)
     assert len({id(b) for b in queue}) == len(queue)
-    assert sim.block_pool.num_queued_blocks == sum(b.hi - b.lo if isinstance(b, PrivateRun) else 1 for b in queue)
-    assert sim.num_used_blocks == len(blocks) + num_private <= sim.num_usable_blocks
+    assert sim.block_pool.num_queued_blocks == sum(b.hi - b.lo for b in queue)
+    num_held = sum(r.hi - r.lo for r in runs.values())
+    assert sim.num_used_blocks == num_held + num_private <= sim.num_usable_blocks
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
