@@ -4,7 +4,8 @@
     SHADOW_TOKEN=secret             shared secret sent with every gRPC batch
     SHADOW_RECORD=path[.gz]         record the stream to a file; `{pid}` in the path becomes the process id,
                                     `{stream}` the writer's stream name (see `record_path`)
-    SHADOW_RAY_ACTOR=name           a named Ray actor with an `ingest(batch)` method
+    SHADOW_RAY_ACTOR=name           a named Ray actor with an `ingest(batch)` method; `name-0,name-1,...`: a
+                                    fleet of them (adapters.ray_transport.FleetSink places the engine)
     SHADOW_RAY_NAMESPACE=ns         its Ray namespace
     SHADOW_QUEUE_CAPACITY=100000    events buffered in the engine before new ones are dropped (and counted)
     SHADOW_ENGINE=label             the engine's label in EngineInfo (default: its data-parallel rank;
@@ -122,9 +123,13 @@ class ShadowEnv:
 
             sinks.append(GrpcSink(self.address, token=self.token))
         if self.ray_actor:
-            from vllm_shadow.adapters.ray_transport import RayActorSink
+            from vllm_shadow.adapters.ray_transport import FleetSink, RayActorSink
 
-            sinks.append(RayActorSink(self.ray_actor, namespace=self.ray_namespace, token=self.token))
+            members = [m.strip() for m in self.ray_actor.split(",") if m.strip()]
+            if len(members) > 1:  # a fleet of shadows: the engine places itself among them
+                sinks.append(FleetSink(members, namespace=self.ray_namespace, token=self.token))
+            else:
+                sinks.append(RayActorSink(self.ray_actor, namespace=self.ray_namespace, token=self.token))
         return sinks
 
     def publisher(self, stream: RecordStream = RecordStream()) -> Publisher | None:
