@@ -33,6 +33,7 @@ receiver compete for the same two cores) vary by tens of percent between runs.
     python benchmarks/ingest_load.py                       # every scenario, about 5 minutes
     python benchmarks/ingest_load.py --scenarios baseline --max-steps 3 --step-seconds 2
     python benchmarks/ingest_load.py --json results.json
+    python benchmarks/ingest_load.py --only-path            # the receive path in-process alone, about a minute
 """
 
 from __future__ import annotations
@@ -432,18 +433,24 @@ def receive_path(engines: int, repetitions: int, batch_size: int = 1024) -> list
     for m in messages:
         decode_batch(m)
     out.append(PathCost("decode (wire -> events)", total, time.process_time() - start))
-    for what, per_second in (
-        ("decode + sequencing + trackers", TrackerLimits().calibration_steps_per_second),
-        ("  the same, online calibration off", 1e-9),
+    for what, per_second, decoded in (
+        ("decode + sequencing + trackers", TrackerLimits().calibration_steps_per_second, False),
+        ("  the same, online calibration off", 1e-9, False),
+        ("  sequencing + trackers, calibration off", 1e-9, True),
     ):
         config = dataclasses.replace(
             shadow_config(DEFAULTS.limits.max_live_requests, DEFAULTS.max_engines, DEFAULTS.max_sources),
             limits=TrackerLimits(calibration_steps_per_second=per_second),
         )
         core = ShadowCore(config, NoEvaluation())
+        batches = [decode_batch(m) for m in messages] if decoded else None  # decoded before the clock starts
         start = time.process_time()
-        for m in messages:
-            core.ingest(decode_batch(m), "grpc")
+        if batches is not None:
+            for batch in batches:
+                core.ingest(batch, "grpc")
+        else:
+            for m in messages:
+                core.ingest(decode_batch(m), "grpc")
         seconds = time.process_time() - start
         snapshot = core.snapshot()
         assert sum(snapshot.unattributed_drops.values()) == 0 and snapshot.events["grpc"] == total
@@ -531,6 +538,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--live-margin", type=int, default=LIVE_MARGIN, help="live bound: held this many below it")
     p.add_argument("--no-path", action="store_true", help="skip the in-process measure of the receive path")
+    p.add_argument("--only-path", action="store_true", help="only the in-process measure of the receive path")
     p.add_argument("--path-repetitions", type=int, default=40, help="recorded-stream repetitions per engine")
     p.add_argument("--max-live-requests", type=int, default=DEFAULTS.limits.max_live_requests)
     p.add_argument("--max-engines", type=int, default=DEFAULTS.max_engines)
@@ -556,16 +564,19 @@ def main() -> None:
         f"{args.max_concurrent_rpcs} calls at once",
         flush=True,
     )
-    print(HEADER, flush=True)
-    steps = [step for name in args.scenarios for step in run_scenario(name, args)]
-    print("\n" + summary(steps), flush=True)
+    steps: list[Step] = []
+    if not args.only_path:
+        print(HEADER, flush=True)
+        steps = [step for name in args.scenarios for step in run_scenario(name, args)]
+        print("\n" + summary(steps), flush=True)
     costs: list[PathCost] = []
     if not args.no_path:
         costs = receive_path(1, args.path_repetitions) + receive_path(
             args.max_engines, args.path_repetitions // 4
         )
         print(f"\n{'receive path in-process':<40} {'events':>8} {'CPU s':>7} {'events/CPU-s':>13}")
-        for engines, group in ((1, costs[:3]), (args.max_engines, costs[3:])):
+        per_group = len(costs) // 2
+        for engines, group in ((1, costs[:per_group]), (args.max_engines, costs[per_group:])):
             print(f"{engines} engine(s)")
             for c in group:
                 print(
