@@ -14,14 +14,25 @@ requests that arrive at or after s and must finish by t hold every one of their 
 batches in disjoint intervals are distinct batches (a batch has a positive duration), and the bound is the best
 sum over disjoint intervals (`deadline_min_batches`). O(total tokens), plus O(n^2) for the deadlines; no
 solver. CP-SAT's bound is usually much tighter; this one is for windows too large for it.
+
+Deadlines also bound the batches that *fit*: a busy window leaves no time to spare, so requests whose intervals
+overlap must share batches only as far as time allows. `time_capacity_batches` is a linear programme over the
+window's key times (the start, arrivals, finish deadlines): per key time, how many batches have ended by then
+and how many have started, and per request how many tokens it has emitted by then; every interval from an
+arrival to a deadline must hold the batches that lie wholly inside it, each at least `a` plus the work of the
+tokens in it. It holds for every schedule that meets the deadlines (pausing, chunking and evictions included)
+and usually proves what CP-SAT's per-batch time layer cannot on a busy window.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
+from ortools.linear_solver import pywraplp
 
 from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.solver.problem import Objective, Window, WindowRequest, cdiv
@@ -128,10 +139,11 @@ def deadline_min_batches(window: Window, deadlines: Deadlines) -> int:
 
 
 def relaxation_bound(
-    window: Window, cost: LinearCostModel, deadlines: Deadlines | None = None
+    window: Window, cost: LinearCostModel, deadlines: Deadlines | None = None, least_batches: int = 0
 ) -> RelaxationBound:
-    """Holds for every schedule (that meets `deadlines`, when given: they raise the batch count)."""
-    batches = min_batches(window, deadlines)
+    """Holds for every schedule (that meets `deadlines`, when given: they raise the batch count), and for every
+    schedule that needs at least `least_batches` batches (a count proven elsewhere: `time_capacity_batches`)."""
+    batches = max(min_batches(window, deadlines), least_batches)
     gpu = cost.a * batches + sum(request_work_seconds(r, cost) for r in window.requests)
     e2e, ttft = [], []
     for r in window.requests:
@@ -154,3 +166,157 @@ def relaxation_bound(
         mean_e2e=sum(e2e) / len(e2e) if e2e else math.nan,
         mean_ttft=sum(ttft) / len(ttft) if ttft else math.nan,
     )
+
+
+# The LP is solved in floating point: its value is rounded up only past this relative tolerance.
+_LP_TOLERANCE = 1e-6
+
+
+@dataclass(frozen=True, slots=True)
+class TimeCapacityBound:
+    batches: int  # fewest batches any schedule meeting the deadlines needs (0: nothing proven)
+    variables: int
+    constraints: int
+    seconds: float
+
+
+def time_capacity_batches(
+    window: Window, cost: LinearCostModel, deadlines: Deadlines, time_limit: float = 60.0
+) -> TimeCapacityBound:
+    """Fewest batches of any schedule meeting `deadlines`, from the linear programme over key times (see the
+    module docstring). At key time k (sorted: the window start, arrivals, finish deadlines):
+      * E[k] batches have ended by it, S[k] have started before it: E[k] <= S[k] <= E[k] + 1 (batches take
+        positive time and do not overlap), both non-decreasing;
+      * request i has emitted x[i,k] tokens in batches ended by it: 0 before its arrival, all of its remaining
+        ones by its finish deadline, at least one by (the key at or after) its first-token deadline, at most one
+        per batch (x[i,k] - x[i,k-1] <= E[k] - E[k-1]); in batches started before k, at most x[i,k] plus the
+        one batch then running;
+      * the batches wholly inside [k, k'] (at least E[k'] - S[k]) hold at least x[i,k'] - x[i,k] - (S[k] - E[k])
+        tokens of a request that arrived before k (all of them, from 0, if it arrived at k or later), each
+        costing at least b + c * (its target) + e, and, if it also arrives at or after k and must emit its first
+        token by k', its whole prefill; a request wholly inside costs at least `request_work_seconds`. Their
+        time, a per batch plus that work, is at most k' - k. Intervals run from the start or an arrival to a
+        deadline (first token or finish).
+    The batch count is E at the last key (a request without a finish deadline is bounded only by the others).
+    Nothing is proven (0) when the LP is not solved within `time_limit` seconds.
+    """
+    started = time.perf_counter()
+    none = TimeCapacityBound(0, 0, 0, 0.0)
+    if min(cost.a, cost.b, cost.c, cost.d, cost.e) < 0 or max(cost.a, cost.b) <= 0 or not deadlines.finish:
+        return none  # batches must take positive time, and work must only add to it
+    requests = window.requests
+    start = window.start
+    arrival = {r.request_id: max(r.arrival, start) for r in requests}
+    finish = {
+        r.request_id: deadlines.finish[r.request_id] for r in requests if r.request_id in deadlines.finish
+    }
+    first = {
+        r.request_id: deadlines.first_token[r.request_id]
+        for r in requests
+        if r.generated_tokens == 0 and r.request_id in deadlines.first_token
+    }
+    keys = sorted({start, *arrival.values(), *finish.values()})
+    last = len(keys) - 1
+
+    def at_or_after(t: float) -> int | None:
+        k = bisect.bisect_left(keys, t)
+        return k if k <= last else None
+
+    solver = pywraplp.Solver.CreateSolver("GLOP")
+    infinity = solver.infinity()
+
+    def constraint(lower: float, upper: float, terms: dict) -> None:
+        row = solver.Constraint(lower, upper)
+        for var, coefficient in terms.items():
+            row.SetCoefficient(var, coefficient)
+
+    ended = [solver.NumVar(0, 0 if k == 0 else infinity, f"E{k}") for k in range(len(keys))]
+    begun = [solver.NumVar(0, 0 if k == 0 else infinity, f"S{k}") for k in range(len(keys))]
+    for k in range(len(keys)):
+        constraint(0, 1, {begun[k]: 1, ended[k]: -1})
+        if k:
+            constraint(0, infinity, {ended[k]: 1, ended[k - 1]: -1})
+            constraint(0, infinity, {begun[k]: 1, begun[k - 1]: -1})
+    constraint(0, 0, {begun[last]: 1, ended[last]: -1})
+
+    # emitted[rid][k]: an int where it is fixed (before the arrival, from the finish deadline on), else a var.
+    emitted: dict[str, list] = {}
+    arrival_key, finish_key = {}, {}
+    for r in requests:
+        rid, remaining = r.request_id, r.remaining_outputs
+        arrival_key[rid] = bisect.bisect_left(keys, arrival[rid])
+        finish_key[rid] = bisect.bisect_left(keys, finish[rid]) if rid in finish else last + 1
+        first_key = at_or_after(first[rid]) if rid in first else None
+        row: list = []
+        for k in range(len(keys)):
+            if k <= arrival_key[rid]:
+                row.append(0)
+            elif k >= finish_key[rid]:
+                row.append(remaining)
+            else:
+                row.append(solver.NumVar(1 if first_key is not None and k >= first_key else 0, remaining, ""))
+            if arrival_key[rid] < k <= finish_key[rid]:
+                # One token per batch: x[k] - x[k-1] <= E[k] - E[k-1]; and x non-decreasing.
+                terms: dict = {ended[k]: 1.0, ended[k - 1]: -1.0}
+                fixed = 0.0
+                for var, sign in ((row[k], -1.0), (row[k - 1], 1.0)):
+                    if isinstance(var, int):
+                        fixed += sign * var
+                    else:
+                        terms[var] = terms.get(var, 0.0) + sign
+                constraint(-fixed, infinity, terms)
+                if not isinstance(row[k], int) and not isinstance(row[k - 1], int):
+                    constraint(0, infinity, {row[k]: 1, row[k - 1]: -1})
+        emitted[rid] = row
+
+    token_work = {r.request_id: cost.b + cost.c * r.target_tokens + cost.e for r in requests}
+    whole_work = {r.request_id: request_work_seconds(r, cost) for r in requests}
+    prefill_work = {
+        r.request_id: cost.b * (r.target_tokens - r.computed_tokens - 1) + prefill_extra_bound(r, cost)
+        for r in requests
+    }
+    first_key_of = {rid: at_or_after(t) for rid, t in first.items()}
+    froms = sorted({0, *arrival_key.values()})
+    tos = sorted(
+        {k for k in finish_key.values() if k <= last} | {k for k in first_key_of.values() if k is not None}
+    )
+    for k in froms:
+        for k2 in tos:
+            if k2 <= k:
+                continue
+            terms = {ended[k2]: cost.a, begun[k]: -cost.a}
+            fixed = 0.0
+            running_share = 0.0  # work of one token of each request possibly in the batch running at k
+            for r in requests:
+                rid = r.request_id
+                if arrival_key[rid] >= k2 or finish_key[rid] <= k:
+                    continue  # not alive in (k, k']
+                if arrival_key[rid] >= k and finish_key[rid] <= k2:
+                    fixed += whole_work[rid]
+                    continue
+                w = token_work[rid]
+                pairs = [(emitted[rid][k2], w)]
+                if arrival_key[rid] >= k:
+                    if first_key_of.get(rid) is not None and first_key_of[rid] <= k2:
+                        fixed += prefill_work[rid]
+                else:
+                    pairs.append((emitted[rid][k], -w))
+                    running_share += w
+                for var, coefficient in pairs:
+                    if isinstance(var, int):
+                        fixed += coefficient * var
+                    else:
+                        terms[var] = terms.get(var, 0.0) + coefficient
+            if running_share:
+                terms[begun[k]] -= running_share
+                terms[ended[k]] = terms.get(ended[k], 0.0) + running_share
+            constraint(-infinity, keys[k2] - keys[k] - fixed, terms)
+    solver.Minimize(ended[last])
+    solver.SetTimeLimit(max(int(time_limit * 1000), 1))
+    status = solver.Solve()
+    seconds = time.perf_counter() - started
+    if status != pywraplp.Solver.OPTIMAL:
+        return TimeCapacityBound(0, solver.NumVariables(), solver.NumConstraints(), seconds)
+    value = solver.Objective().Value()
+    batches = math.ceil(value - _LP_TOLERANCE * max(1.0, value))
+    return TimeCapacityBound(max(batches, 0), solver.NumVariables(), solver.NumConstraints(), seconds)

@@ -10,7 +10,9 @@ its objective as the verifier computed it, and a lower bound with the schedules 
     request and prefill in one batch, with at most `max_evictions` preemptions per request (and, with
     deadlines, meeting them).
 `relaxation_bound` holds for every schedule whatsoever (that meets the deadlines) and costs nothing to compute;
-it backs the bound up when CP-SAT proves little, and is the only bound for windows too large to model.
+it backs the bound up when CP-SAT proves little, and is the only bound for windows too large to model. Under
+deadlines its batch count is raised by `time_capacity_batches` (a linear programme over the window's key times,
+also valid for every schedule that meets them), which is what proves busy windows.
 
 Deadlines ("the same service, cheaper"): by default every request must get its first token and finish no later
 than in the engine's own schedule (`engine_deadlines`, from the vLLM heuristic's replay of the window), or
@@ -18,7 +20,11 @@ within the user's TTFT and TPOT limits (`slo_deadlines`). A window whose request
 request arriving before a time must finish by it) is solved period by period: no batch can span two, so the
 optimum and the bound are sums over them (`busy_periods`). Under deadlines the integer time layer is a
 relaxation (its bound holds); a schedule it finds that misses a deadline by a rounding error is re-solved on
-the conservative model, whose every schedule meets them (see `vllm_shadow.solver.cpsat`).
+the conservative model, whose every schedule meets them (see `vllm_shadow.solver.cpsat`). That time layer has
+variables per request and per batch: on a busy window (64 requests over 843 batches: 327k variables, 655k with
+evictions) CP-SAT found nothing better than vLLM's own schedule in 60 s and proved nothing. Past
+`MAX_TIME_LAYER_CELLS` it is not built: the schedule is the best verified heuristic and the bound the
+relaxation's, which then holds for every schedule meeting the deadlines (`bound_method` says which bound won).
 
 With evictions allowed CP-SAT rarely proves much beyond the relaxation: a recompute preemption cuts a request's
 KV staircase into two pieces placed independently (the second starts where the first stopped, so it needs no
@@ -35,7 +41,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from vllm_shadow.costmodel.linear import LinearCostModel
-from vllm_shadow.solver.bounds import chunking_slack, relaxation_bound
+from vllm_shadow.solver.bounds import (
+    TimeCapacityBound,
+    chunking_slack,
+    min_batches,
+    relaxation_bound,
+    time_capacity_batches,
+)
 from vllm_shadow.solver.cpsat import (
     RunModel,
     add_hint,
@@ -73,11 +85,16 @@ DEFAULT_HEURISTICS = (
 
 GPU_COST = Objective()
 
+# Requests x batches x runs past which the per-batch time layer is not built (see the module docstring): 16
+# requests over 569 batches (18k cells) were still UNKNOWN after 20 s, while the tests' windows stay far below.
+MAX_TIME_LAYER_CELLS = 10_000
+
 SCOPE_ALL = "every schedule with at most {e} recompute preemptions per request"
 SCOPE_RUNS = (
     "schedules that never pause a running request, prefill in one batch, and preempt each request at most "
     "{e} times"
 )
+SCOPE_EVERY = "every schedule"
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +129,8 @@ class OptimalResult:
     max_evictions: int
     deadlines: Deadlines | None = None
     periods: int = 1  # busy periods solved separately (see `busy_periods`)
+    # Which bound is reported: "cp-sat", "relaxation", or "time-capacity relaxation" (see the module docstring).
+    bound_method: str = "cp-sat"
 
     def summary(self) -> dict[str, object]:
         return {
@@ -120,6 +139,7 @@ class OptimalResult:
             "objective": self.objective,
             "bound": self.bound,
             "bound_scope": self.bound_scope,
+            "bound_method": self.bound_method,
             "slo": self.deadlines.source if self.deadlines else "none",
             "busy_periods": self.periods,
             "relaxation_bound": self.relaxation_bound,
@@ -262,30 +282,62 @@ def solve_optimal(
     """The best schedule CP-SAT finds in `time_limit` seconds, seeded with the best feasible hint (the
     packing heuristic's schedule is added for GPU cost), every request meeting `deadlines` if given."""
     hints = dict(hints or {})
-    if deadlines is not None and not objective.needs_time and horizon is None:
-        periods = busy_periods(window, deadlines)
-        if len(periods) > 1:
-            return _solve_periods(
-                window, periods, cost, objective, deadlines, hints, max_evictions, time_limit, workers, seed
-            )
+    capacity = TimeCapacityBound(0, 0, 0, 0.0)
+    if deadlines is not None:
+        if not objective.needs_time and horizon is None:
+            periods = busy_periods(window, deadlines)
+            if len(periods) > 1:
+                return _solve_periods(
+                    window,
+                    periods,
+                    cost,
+                    objective,
+                    deadlines,
+                    hints,
+                    max_evictions,
+                    time_limit,
+                    workers,
+                    seed,
+                )
+        capacity = time_capacity_batches(window, cost, deadlines, time_limit=time_limit / 2)
+        time_limit = max(time_limit - capacity.seconds, 1.0)
+    return _solve_window(
+        window, cost, objective, hints, capacity, max_evictions, time_limit, workers, seed, horizon, deadlines
+    )
+
+
+def _solve_window(
+    window: Window,
+    cost: LinearCostModel,
+    objective: Objective,
+    hints: dict[str, Schedule],
+    capacity: TimeCapacityBound,
+    max_evictions: int,
+    time_limit: float,
+    workers: int,
+    seed: int,
+    horizon: int | None,
+    deadlines: Deadlines | None,
+) -> OptimalResult:
+    """`solve_optimal` on one window, the batches `capacity` proves (under deadlines) already known."""
+    hints = dict(hints)
     earlier_seconds = 0.0
     if not objective.needs_time:
         order, runs = best_packing(window)
         hints[f"packing({order})"] = schedule_from_runs(window, runs)
+    if deadlines is not None and horizon is None:
+        known = _feasible_hints(window, cost, objective, hints, max_evictions, deadlines)
+        if known:
+            best = min(known, key=lambda c: c[2].objective(objective))
+            cells = len(window.requests) * _horizon(window, cost, objective, best[2]) * (max_evictions + 1)
+            if cells > MAX_TIME_LAYER_CELLS:
+                return _best_hint_result(window, cost, objective, best, capacity, max_evictions, deadlines)
     if max_evictions > 0:
         # The model with evictions proves little (see the module docstring) but searches well from a good
         # start: the no-eviction optimum, found in a third of the time, is one of its solutions.
         try:
-            first = solve_optimal(
-                window,
-                cost,
-                objective,
-                max_evictions=0,
-                time_limit=time_limit / 3,
-                workers=workers,
-                seed=seed,
-                hints=hints,
-                deadlines=deadlines,
+            first = _solve_window(
+                window, cost, objective, hints, capacity, 0, time_limit / 3, workers, seed, None, deadlines
             )
         except ValueError:  # running requests that cannot all keep their KV: only evictions make room
             pass
@@ -341,14 +393,15 @@ def solve_optimal(
         raise ValueError(f"no schedule found for the window (CP-SAT status {solution.status})")
 
     value = replayed.objective(objective)
-    relaxed = relaxation_bound(window, cost, deadlines).objective(objective)
+    relaxed = relaxation_bound(window, cost, deadlines, capacity.batches).objective(objective)
     exact_for_all = _run_form_is_exact(window, objective) and deadlines is None
-    bound = relaxed
+    bound, method = relaxed, _relaxation_method(window, deadlines, capacity)
     if solution.status != "INFEASIBLE":  # CP-SAT's bound is valid whether or not it found a solution
         class_bound = _bound_seconds(model, solution.bound_units)
         if exact_for_all:
             class_bound -= objective.gpu * chunking_slack(window, cost)
-        bound = max(bound, class_bound)
+        if class_bound >= bound:
+            bound, method = class_bound, "cp-sat"
     scope = (SCOPE_ALL if exact_for_all else SCOPE_RUNS).format(e=max_evictions)
     if horizon < _horizon(window, cost, objective, best_replay):
         scope += f", within {horizon} batches"
@@ -368,9 +421,52 @@ def solve_optimal(
         horizon=horizon,
         variables=model.num_variables,
         constraints=model.num_constraints,
-        solve_seconds=earlier_seconds + wall,
+        solve_seconds=earlier_seconds + wall + capacity.seconds,
         max_evictions=max_evictions,
         deadlines=deadlines,
+        bound_method=method,
+    )
+
+
+def _relaxation_method(window: Window, deadlines: Deadlines | None, capacity: TimeCapacityBound) -> str:
+    if deadlines is not None and capacity.batches > min_batches(window, deadlines):
+        return "time-capacity relaxation"
+    return "relaxation"
+
+
+def _best_hint_result(
+    window: Window,
+    cost: LinearCostModel,
+    objective: Objective,
+    best: tuple[str, Schedule, Replay],
+    capacity: TimeCapacityBound,
+    max_evictions: int,
+    deadlines: Deadlines,
+) -> OptimalResult:
+    """The best verified heuristic against the relaxation, for a window whose time layer is too large to
+    build: OPTIMAL when the bound meets it, else FEASIBLE (a schedule and a bound, no CP-SAT search)."""
+    name, schedule, replayed = best
+    value = replayed.objective(objective)
+    relaxed = relaxation_bound(window, cost, deadlines, capacity.batches).objective(objective)
+    bound = min(relaxed, value)
+    return OptimalResult(
+        status="OPTIMAL" if bound >= value else "FEASIBLE",
+        objective_name=str(objective),
+        objective=value,
+        bound=bound,
+        bound_scope=f"{SCOPE_EVERY}; {deadlines.describe()}",
+        relaxation_bound=relaxed,
+        gap=(value - bound) / value if value > 0 else 0.0,
+        schedule=schedule,
+        replay=replayed,
+        source=name,
+        horizon=len(schedule),
+        variables=capacity.variables,
+        constraints=capacity.constraints,
+        solve_seconds=capacity.seconds,
+        max_evictions=max_evictions,
+        deadlines=deadlines,
+        bound_method=_relaxation_method(window, deadlines, capacity),
     )
 
 
@@ -413,6 +509,9 @@ def _solve_periods(
     value = replayed.objective(objective)
     relaxed = relaxation_bound(window, cost, deadlines).objective(objective)
     bound = min(max(sum(p.bound for p in parts), relaxed), value)
+    # The joined bound holds for the narrowest of the parts' scopes.
+    scopes = [p.bound_scope.split(", within")[0].split(";")[0] for p in parts]
+    scope = next((x for x in scopes if x != SCOPE_EVERY), SCOPE_EVERY)
     statuses = {p.status for p in parts}
     status = next(s for s in ("INFEASIBLE", "UNKNOWN", "FEASIBLE", "OPTIMAL") if s in statuses)
     sources = {p.source for p in parts}
@@ -421,7 +520,7 @@ def _solve_periods(
         objective_name=str(objective),
         objective=value,
         bound=bound,
-        bound_scope=parts[0].bound_scope.split(", within")[0].split(";")[0] + f"; {deadlines.describe()}",
+        bound_scope=f"{scope}; {deadlines.describe()}",
         relaxation_bound=relaxed,
         gap=(value - bound) / value if value > 0 else 0.0,
         schedule=schedule,
@@ -434,6 +533,7 @@ def _solve_periods(
         max_evictions=max_evictions,
         deadlines=deadlines,
         periods=len(parts),
+        bound_method="+".join(sorted({p.bound_method for p in parts})),
     )
 
 

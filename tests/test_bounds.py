@@ -8,15 +8,16 @@ from hypothesis import strategies as st
 
 from vllm_shadow.adapters.traces import read_trace, resolve_trace
 from vllm_shadow.costmodel.linear import LinearCostModel
-from vllm_shadow.solver.bounds import chunking_slack, min_batches, relaxation_bound
+from vllm_shadow.solver.bounds import chunking_slack, min_batches, relaxation_bound, time_capacity_batches
 from vllm_shadow.solver.bruteforce import SearchSpace, exhaustive_optimum
 from vllm_shadow.solver.cpsat import schedule_from_runs
 from vllm_shadow.solver.optimal import run_heuristics
 from vllm_shadow.solver.packing import ORDERS, best_packing, makespan, pack
 from vllm_shadow.solver.problem import EngineLimits, Objective, Window, WindowRequest
-from vllm_shadow.solver.schedule import verify
+from vllm_shadow.solver.schedule import Deadlines, verify
 
 EVERYTHING = SearchSpace(pause=True, chunking=True, max_evictions=1)
+
 
 def window_strategy(max_requests: int) -> st.SearchStrategy[Window]:
     return st.builds(
@@ -26,7 +27,9 @@ def window_strategy(max_requests: int) -> st.SearchStrategy[Window]:
             start=start,
         ),
         st.lists(
-            st.tuples(st.integers(1, 4), st.integers(1, 3), st.floats(0, 2)), min_size=1, max_size=max_requests
+            st.tuples(st.integers(1, 4), st.integers(1, 3), st.floats(0, 2)),
+            min_size=1,
+            max_size=max_requests,
         ),
         st.integers(0, 3),
         st.floats(0, 1),
@@ -130,6 +133,9 @@ def test_bound_with_deadlines_is_below_the_exhaustive_optimum_meeting_them(windo
     bound = relaxation_bound(window, cost, deadlines)
     assert bound.gpu_seconds <= best + 1e-9
     assert bound.gpu_seconds >= relaxation_bound(window, cost).gpu_seconds - 1e-12
+    # The time-capacity LP's batch count holds for every schedule meeting the deadlines too.
+    capacity = time_capacity_batches(window, cost, deadlines)
+    assert relaxation_bound(window, cost, deadlines, capacity.batches).gpu_seconds <= best + 1e-9
 
 
 def test_deadline_intervals_force_batches():
@@ -145,3 +151,39 @@ def test_deadline_intervals_force_batches():
     assert min_batches(window) == 3
     assert deadline_min_batches(window, deadlines) == 5
     assert min_batches(window, deadlines) == 5
+
+
+def test_time_capacity_proves_what_disjoint_intervals_cannot_on_a_busy_window():
+    """A busy trace window under vLLM's own times (the engine never idles): no two requests' deadline
+    intervals are disjoint enough for `deadline_min_batches`, but the time between an arrival and a deadline
+    holds only so many batches, so the LP proves far more batches, never more than vLLM's schedule uses."""
+    from vllm_shadow.cli.optimal import roofline_without_attention_term
+    from vllm_shadow.costmodel.architecture import load_model
+    from vllm_shadow.costmodel.hardware import get_hardware
+    from vllm_shadow.solver.optimal import engine_deadlines
+
+    cost = roofline_without_attention_term(load_model("llama-2-7b"), get_hardware("a100"), 1)
+    trace = read_trace(resolve_trace("azure-conv"), start=1200, limit=24)
+    window = Window.from_arrivals(trace.requests, EngineLimits(kv_blocks=7383, block_size=16))
+    engine = run_heuristics(window, cost, Objective(), ["vllm"])[0]
+    deadlines = engine_deadlines(engine.replay)
+    capacity = time_capacity_batches(window, cost, deadlines)
+    assert capacity.batches <= len(engine.schedule)
+    assert capacity.batches >= min_batches(window, deadlines) + 20
+    raised = relaxation_bound(window, cost, deadlines, capacity.batches)
+    assert (
+        relaxation_bound(window, cost, deadlines).gpu_seconds < raised.gpu_seconds <= engine.objective + 1e-9
+    )
+
+
+def test_time_capacity_needs_a_finish_deadline_and_positive_batch_times():
+    window = Window((WindowRequest("x", 0.0, 2, 3),), EngineLimits(kv_blocks=8, block_size=2))
+    due = Deadlines({"x": 1.0}, {"x": 3.0}, "test")
+    assert time_capacity_batches(window, LinearCostModel(a=1.0, b=0.0, c=0.0), due).batches == 3
+    assert time_capacity_batches(window, LinearCostModel(a=0.0, b=0.0, c=1.0), due).batches == 0
+    assert (
+        time_capacity_batches(
+            window, LinearCostModel(a=1.0, b=0.0, c=0.0), Deadlines({"x": 1.0}, {}, "t")
+        ).batches
+        == 0
+    )
