@@ -161,7 +161,9 @@ def test_the_demo_runs_a_real_engine_and_ends_with_the_shadow_s_verdict(capfd: p
     out = capfd.readouterr().out
     evaluated = int(re.search(r"windows: (\d+) evaluated", out).group(1))
     assert evaluated >= 2
-    assert re.search(r"tiny-llama\[0\]: (recommend|no recommendation)", out), out[-2000:]
+    # vLLM's defaults: prefix caching on; the shadow still replays every step and reaches a recommendation.
+    assert "prefix caching on" in out
+    assert re.search(r"tiny-llama\[0\]: recommend --", out), out[-2000:]
     assert "steps replayed exactly" in out and "100.0%" in out
     # The summary's optimal line is the bound at equal latency; the one with latency ignored comes after it.
     assert out.index("optimal bound at equal latency") < out.index("optimal bound with latency ignored")

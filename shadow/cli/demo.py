@@ -1,10 +1,10 @@
 """`shadow demo`: the whole loop on one machine, with a real vLLM engine.
 
 A local Ray cluster hosts the shadow actor (gRPC ingest and /metrics on 127.0.0.1). A real vLLM engine (the
-CPU build, a tiny random-weight Llama) runs with the mirror hook, configured as cautiously as many are in
-production (a small max_num_seqs), and is driven by the bundled Azure conversation trace, its request sizes
-scaled to the tiny model and its arrivals compressed in time. While it runs, a live view shows what the shadow
-sees; at the end, a summary gives the evidence and the recommendation.
+CPU build, a tiny random-weight Llama) runs with the mirror hook and vLLM's default prefix caching, configured
+as cautiously as many are in production (a small max_num_seqs), and is driven by the bundled Azure
+conversation trace, its request sizes scaled to the tiny model and its arrivals compressed in time. While it
+runs, a live view shows what the shadow sees; at the end, a summary gives the evidence and the recommendation.
 """
 
 from __future__ import annotations
@@ -54,6 +54,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     traffic.add_argument("--duration", type=float, default=60.0, help="seconds of traffic (default 60)")
     traffic.add_argument("--rate", type=float, default=3.5, help="requests per second (default 3.5)")
     add_tiny_engine_options(traffic)
+    traffic.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="vLLM's automatic prefix caching, on by default as in vLLM (--no-enable-prefix-caching: off)",
+    )
     traffic.add_argument(
         "--metrics-port", type=int, default=0, help="/metrics port on 127.0.0.1 (default: free)"
     )
@@ -120,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[dim]Ray and vLLM logs: {log}[/]")
         with console.status("starting a local Ray cluster and the shadow actor"):
             ray.init(
+                address="local",  # a cluster of its own, even where another runs on this machine
                 num_cpus=os.cpu_count() or 2,
                 include_dashboard=False,
                 namespace="vllm-shadow-demo",
@@ -134,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
             num_kv_blocks=args.kv_blocks,
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
+            enable_prefix_caching=args.enable_prefix_caching,
         )
         with console.status("starting a vLLM engine (CPU build, tiny Llama) with the mirror hook"):
             os.environ["SHADOW_ADDRESS"] = addresses["grpc"]  # read by the hook in the engine's process
@@ -141,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
             stack.callback(stop_engine, engine)
         console.print(
             f"engine up: max_num_seqs={args.max_num_seqs}, max_num_batched_tokens={args.max_num_batched_tokens}, "
-            f"{args.kv_blocks} KV blocks; traffic: {description}"
+            f"{args.kv_blocks} KV blocks, prefix caching {'on' if args.enable_prefix_caching else 'off'}; "
+            f"traffic: {description}"
         )
         _drive_and_watch(engine, drive, requests, handle, args, console)
         deadline = time.monotonic() + args.drain_timeout
