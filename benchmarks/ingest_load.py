@@ -436,7 +436,7 @@ def receive_path(engines: int, repetitions: int, batch_size: int = 1024) -> list
     for what, per_second, decoded in (
         ("decode + sequencing + trackers", TrackerLimits().calibration_steps_per_second, False),
         ("  the same, online calibration off", 1e-9, False),
-        ("  sequencing + trackers, calibration off", 1e-9, True),
+        ("    the same, decoded beforehand", 1e-9, True),
     ):
         config = dataclasses.replace(
             shadow_config(DEFAULTS.limits.max_live_requests, DEFAULTS.max_engines, DEFAULTS.max_sources),

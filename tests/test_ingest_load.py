@@ -79,6 +79,6 @@ def test_the_receive_path_takes_every_event_of_the_relabelled_streams() -> None:
         "decode (wire -> events)",
         "decode + sequencing + trackers",
         "the same, online calibration off",
-        "sequencing + trackers, calibration off",
+        "the same, decoded beforehand",
     ]
     assert all(c.events > 1000 and c.cpu_seconds > 0 for c in costs)
