@@ -18,6 +18,7 @@ from typing import Literal
 Order = Literal["fcfs", "priority", "prompt", "output"]
 Batching = Literal["continuous", "prefill-first", "static"]
 Admission = Literal["chunk", "full-prompt", "future-peak"]
+Victim = Literal["newest", "least-computed"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +53,9 @@ class Policy:
     # vLLM's AsyncScheduler: step N+1 is scheduled before step N's output is processed, so a request that
     # produced its last token in step N still holds its blocks and its place in the running queue then.
     async_scheduling: bool = False
+    # Recompute-preemption victim: vLLM's newest running request (the worst priority under priority order), or
+    # the one with the fewest computed tokens, the cheapest to recompute (vLLM RFC #54644; not in vLLM yet).
+    victim: Victim = "newest"
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -68,7 +72,12 @@ class Policy:
             raise ValueError("async_scheduling is vLLM V1's: it needs continuous batching")
         if not 0.0 <= self.watermark < 1.0:
             raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")
-        for name, allowed in (("order", Order), ("batching", Batching), ("admission", Admission)):
+        for name, allowed in (
+            ("order", Order),
+            ("batching", Batching),
+            ("admission", Admission),
+            ("victim", Victim),
+        ):
             if getattr(self, name) not in allowed.__args__:
                 raise ValueError(
                     f"{name} must be one of {', '.join(allowed.__args__)}; got {getattr(self, name)!r}"
@@ -184,6 +193,7 @@ _FIELD_TYPES = {
     "order": str,
     "batching": str,
     "admission": str,
+    "victim": str,
 }
 
 

@@ -736,8 +736,14 @@ class Simulator:
             while num_new_blocks > self.num_usable_blocks - self.num_used_blocks:
                 if not policy.eviction:
                     raise AssertionError("no-eviction admission reserved too little KV")  # an invariant
-                if policy.order == "priority":
-                    preempted_req = max(self.running, key=lambda r: (r.record.priority, r.arrival_time))
+                if policy.order == "priority" or policy.victim == "least-computed":
+                    if policy.victim == "least-computed":  # the cheapest to recompute; the newest on a tie
+                        preempted_req = self.running[-1]
+                        for candidate in reversed(self.running):
+                            if self._num_computed_tokens(candidate) < self._num_computed_tokens(preempted_req):
+                                preempted_req = candidate
+                    else:
+                        preempted_req = max(self.running, key=lambda r: (r.record.priority, r.arrival_time))
                     victim_index = self.running.index(preempted_req)
                     del self.running[victim_index]
                     if victim_index < req_index:
@@ -870,7 +876,7 @@ class Simulator:
             token_budget -= num_new_tokens
         preempted_reqs: list[_Request] = []
         if num_new_blocks > self.num_usable_blocks - self.num_used_blocks:
-            if policy.order == "priority" or not policy.eviction:
+            if policy.order == "priority" or not policy.eviction or policy.victim != "newest":
                 return False  # priority victims are not at the tail; the literal walk decides
             while num_new_blocks > self.num_usable_blocks - self.num_used_blocks:
                 preempted_req = self.running.pop()

@@ -24,11 +24,15 @@ def test_the_current_configuration_comes_first_and_is_what_the_engine_runs() -> 
 def test_the_default_grid_has_about_twenty_unique_candidates() -> None:
     candidates = build_candidates(SETTINGS)
     labels = [c.label for c in candidates]
-    assert len(labels) == len(set(labels)) == 20
+    assert len(labels) == len(set(labels)) == 21
     seqs = {c.policy.max_num_seqs for c in candidates if c.policy.preset == "vllm"}
     assert seqs == {4, 8, 16, 32}
+    # Least-computed-first victims (vLLM RFC #54644): shown, not actionable until vLLM exposes the choice.
+    (victim,) = [c for c in candidates if c.policy.victim == "least-computed"]
+    assert not victim.actionable
+    assert victim.policy == dataclasses.replace(candidates[0].policy, victim="least-computed")
     # Other schedulers appear for reference, never as recommendations.
-    assert {c.policy.preset for c in candidates if not c.actionable} == {
+    assert {c.policy.preset for c in candidates if not c.actionable and c is not victim} == {
         "sarathi",
         "orca",
         "lightllm",

@@ -123,6 +123,8 @@ def build_candidates(settings: SchedulerSettings, space: SearchSpace = SearchSpa
         )
     if space.toggle_prefix_caching:
         policies.append(dataclasses.replace(current, enable_prefix_caching=not current.enable_prefix_caching))
+    # Least-computed-first victims (vLLM RFC #54644): not actionable until vLLM exposes the choice as a flag.
+    policies.append(dataclasses.replace(current, victim="least-computed"))
     for name in space.presets:
         preset = PRESETS[name]
         policies.append(
