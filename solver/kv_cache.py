@@ -238,7 +238,12 @@ class BlockPool:
     ) -> None:
         """Blocks filled by the request holding `held` (ref_cnt 1) join the cache, up to `num_full_blocks` of its
         `block_hashes` (those it does not hold yet)."""
-        start = num_blocks(held)
+        if not held:
+            start = 0
+        elif held[-1][0].block_hashes is block_hashes:
+            start = held[-1][2]  # its own run: the run's positions are its block table's
+        else:
+            start = num_blocks(held)
         if num_full_blocks <= start:
             return
         self.version += 1
@@ -261,6 +266,8 @@ class BlockPool:
     def free_blocks(self, held: list[HeldEntry]) -> int:
         """A request releases its held blocks, last first (vLLM frees a block table in reverse); those nobody
         holds any more enter the free queue together. Returns how many became free."""
+        if not held:
+            return 0
         self.version += 1
         freed: list[CachedRun] = []
         for run in reversed(held_runs(held)):
