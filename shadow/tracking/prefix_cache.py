@@ -150,7 +150,7 @@ class PrefixCacheModel:
     def __init__(self, num_kv_blocks: int, block_size: int) -> None:
         self.block_size = block_size
         self.num_usable_blocks = num_kv_blocks - 1  # vLLM's null block is never free nor used
-        self.mismatches = 0  # steps where the engine's hits or blocks in use differed from the replay here
+        self.mismatches = 0  # admissions whose hit, and steps whose blocks in use, the engine saw otherwise
         self.reset()
 
     def reset(self) -> None:
