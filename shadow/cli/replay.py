@@ -167,7 +167,7 @@ def print_table(rows: list[dict], trace: Trace, setup: Setup, console: Console) 
             _fmt(row["e2e_p99_s"], digits=1),
             f"{row['preemptions']:,}",
             f"{row['recomputed_tokens']:,}",
-            "off" if not row.get("prefix_caching") else _fmt(row["prefix_cache_hit_rate"], 100, 1) + "%",
+            _hit_rate(row),
             f"{row['steps']:,}",
         )
     console.print(table)
@@ -176,6 +176,13 @@ def print_table(rows: list[dict], trace: Trace, setup: Setup, console: Console) 
         "policy; prefix hits: prompt tokens found in the prefix cache at admission, of those looked up (vLLM's "
         "prefix_cache_hits / prefix_cache_queries).[/]"
     )
+
+
+def _hit_rate(row: dict) -> str:
+    if not row.get("prefix_caching"):
+        return "off"
+    rate = row["prefix_cache_hit_rate"]
+    return "-" if rate is None else f"{rate * 100:.1f}%"
 
 
 def overload_note(rows: list[dict], trace: Trace, rate_scale: float = 1.0) -> str | None:
