@@ -152,6 +152,18 @@ def project_cost() -> LinearCostModel:
     return roofline_prior(load_model(MODEL), get_hardware(HARDWARE), TP)
 
 
+def commit() -> str:
+    """The checkout's commit, marked when files differ from it."""
+    git = ["git", "-C", str(REPO)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        return "unknown (not a git checkout)"
+    dirty = subprocess.run(
+        [*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+    )
+    return head.stdout.strip() + (" with uncommitted changes" if dirty.stdout.strip() else "")
+
+
 def simulator_core() -> str:
     """Which core `simulate` ran: the compiled one or the pure-Python loop."""
     compiled = getattr(simulator, "COMPILED", None)
@@ -299,10 +311,10 @@ def ratio(vidur: Sequence[float], project: Sequence[float]) -> str:
 def table(comparisons: Sequence[Comparison]) -> list[str]:
     """CPU seconds: on a loaded machine a process's wall time is mostly its wait for a core."""
     lines = [
-        "| requests | project row (Vidur's scheduler) | batches: Vidur / project | loop CPU s: Vidur | loop CPU s: "
-        "project | loop ratio | process CPU s: Vidur | process CPU s: project | process ratio "
+        "| requests | Vidur | project | batches: Vidur / project | loop CPU s: Vidur | loop CPU s: project "
+        "| loop ratio | process CPU s: Vidur | process CPU s: project | process ratio "
         "| peak RSS MB: Vidur / project | memory ratio |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in comparisons:
         v_loop = [v.loop_cpu_s for v in c.vidur]
@@ -313,7 +325,7 @@ def table(comparisons: Sequence[Comparison]) -> list[str]:
         p_rss = [p.process.peak_rss_mb for p in c.project]
         batches = f"{span([v.batches for v in c.vidur], 0)} / {span([p.batches for p in c.project], 0)}"
         lines.append(
-            f"| {c.n:,} | {c.row.label} ({c.row.vidur_scheduler}) | {batches} | {span(v_loop, 2)} "
+            f"| {c.n:,} | {c.row.vidur_scheduler} | {c.row.label} | {batches} | {span(v_loop, 2)} "
             f"| {span(p_loop, 3)} | {ratio(v_loop, p_loop)} | {span(v_proc, 1)} | {span(p_proc, 2)} "
             f"| {ratio(v_proc, p_proc)} | {span(v_rss, 0)} / {span(p_rss, 0)} | {ratio(v_rss, p_rss)} |"
         )
@@ -417,9 +429,9 @@ def measure(args: argparse.Namespace) -> list[str]:
         f"{args.rounds} rounds, alternating (per round and slice: Vidur once, then each project row: one fresh "
         f"process and {args.repeats} timed loops in this process after one warm-up). Figures: low-high over all "
         f"samples; ratios: median against median. Vidur's vllm scheduler batches like vLLM V0 (prefills first, "
-        f"none chunked). Machine: {os.cpu_count()} cores shared with other jobs, load "
-        f"average {load_before[0]:.1f} at the start, {load_after[0]:.1f} at the end: CPU seconds are the "
-        f"measure, wall seconds follow.",
+        f"none chunked). Machine: {os.cpu_count()} cores shared with other jobs, load average "
+        f"{load_before[0]:.1f} at the start, {load_after[0]:.1f} at the end: CPU seconds are the measure, wall "
+        f"seconds follow. Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit()}.",
         "",
         *table(comparisons),
         "",
@@ -474,7 +486,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="timed project loops per round")
     parser.add_argument("--sizes", default=",".join(str(n) for n in SIZES), help="requests per slice")
     parser.add_argument(

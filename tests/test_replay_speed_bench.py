@@ -95,11 +95,11 @@ def test_tables_give_median_ratios_and_ranges():
     lines = bench.table([comparison])
     cells = [cell.strip() for cell in lines[-1].strip("|").split("|")]
     assert len(cells) == len(lines[0].strip("|").split("|"))
-    assert cells[0] == "10,000"
-    assert cells[2] == "59,000 / 33,000"
-    assert cells[3:6] == ["10.00-14.00", "0.010-0.040", "600x"]  # CPU: 12 / 0.02
-    assert cells[6:9] == ["20.0-24.0", "0.50-0.70", "37x"]  # 22 / 0.6
-    assert cells[9:] == ["1,000-1,100 / 50-52", "21x"]  # 1050 / 51
+    assert cells[:3] == ["10,000", "vllm", row.label]
+    assert cells[3] == "59,000 / 33,000"
+    assert cells[4:7] == ["10.00-14.00", "0.010-0.040", "600x"]  # CPU: 12 / 0.02
+    assert cells[7:10] == ["20.0-24.0", "0.50-0.70", "37x"]  # 22 / 0.6
+    assert cells[10:] == ["1,000-1,100 / 50-52", "21x"]  # 1050 / 51
     wall = [cell.strip() for cell in bench.wall_table([comparison])[-1].strip("|").split("|")]
     assert wall[2:] == ["20.00-28.00", "0.100", "240x", "40.0-48.0", "2.00", "22x"]
     (work,) = bench.work_lines([comparison])
