@@ -305,7 +305,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         console = Console()
         if not console.is_terminal:
-            console.width = 150  # a piped table keeps its columns rather than wrapping them to 80
+            console.width = 165  # a piped table keeps its columns rather than wrapping them to 80
         print_table(rows, trace, setup, console)
         for note in notes:
             console.print(f"[bold yellow]note:[/] {note}")
