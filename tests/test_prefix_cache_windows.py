@@ -85,6 +85,18 @@ def test_a_resumed_request_that_finds_its_kv_cached_computes_and_recomputes_none
     )  # a resume's hit is no first admission's (vLLM's count)
 
 
+def test_a_stream_the_cache_model_cannot_follow_is_counted_never_raised() -> None:
+    # Steps that hold more blocks than the engine has (a sender's bug, or events the model misread): the
+    # tracker keeps going, takes the engine's own count of blocks in use, and counts the mismatch.
+    settings = SchedulerSettings(max_num_seqs=4, max_num_batched_tokens=512, enable_prefix_caching=True)
+    tracker = _tracker(EngineInfo("m", 16, 4, settings), WindowRules(seconds=100.0))
+    tracker.apply(RequestArrival("a", 0.0, 200, max_tokens=2, block_hashes=tuple(range(12))))
+    tracker.apply(RequestArrival("b", 0.0, 100, max_tokens=2, block_hashes=tuple(range(100, 106))))
+    tracker.apply(EngineStep(0, 0.0, 0.01, {"a": 200, "b": 100}, kv_blocks_used=3))
+    tracker.apply(EngineStep(1, 0.01, 0.01, {"a": 1, "b": 1}, kv_blocks_used=3, finished=("a", "b")))
+    assert tracker.prefix_cache_mismatches >= 1 and tracker.stats.requests_finished == 2
+
+
 @pytest.mark.integration
 def test_vllm_s_scheduler_with_shared_prompts_windows_replay_with_the_hits_the_hook_publishes() -> None:
     # vLLM's own Scheduler in-process (as tests/test_fidelity_scale.py drives it), requests sharing system

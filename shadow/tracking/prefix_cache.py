@@ -107,6 +107,9 @@ class _Pool:
 
     def evict_to(self, num_free_blocks: int) -> None:
         while self.num_queued_blocks > num_free_blocks:
+            if not self.queue:  # more blocks in use than the engine has: the model lost track (never raise)
+                self.num_queued_blocks = 0
+                return
             entry = next(iter(self.queue))
             if isinstance(entry, _PrivateRun):
                 num_evicted = min(self.num_queued_blocks - num_free_blocks, entry.hi - entry.lo)
