@@ -20,10 +20,16 @@ Windows too large for CP-SAT (1,000 requests) get the relaxation bound of `vllm_
 against the packing heuristic's schedule (an upper bound on the optimum) and vLLM's.
 
 With `--slo default` every window is held to vLLM's own schedule (no request's first token or finish later
-than there): the CP-SAT model gains its per-batch time layer and the bounds their deadline intervals.
+than there): the CP-SAT model gains its per-batch time layer (not built past `MAX_TIME_LAYER_CELLS`: the best
+verified heuristic is then set against the relaxation) and the bounds their deadline intervals and the
+time-capacity LP (`vllm_shadow.solver.bounds.time_capacity_batches`), which for 1,000-request windows keeps
+`--lp-max-keys` key times and only intervals at most `--lp-keys-apart` of them long (a weaker bound, still
+valid for every schedule meeting the deadlines). Each row records the load average when it started: the
+machine is shared.
 
     python benchmarks/optimal_scaling.py                 # prints markdown tables
-    python benchmarks/optimal_scaling.py --slo default --starts 600,1200 --sizes 64 --evictions 0
+    python benchmarks/optimal_scaling.py --slo default --gpu a100 --starts 600,1200,1800 --sizes 64 \
+        --evictions 1 --bound-starts 1200           # the SLO table of RESULTS-optimal.md
     python benchmarks/optimal_scaling.py --sizes 16,64 --time-limit 20 --bound-sizes ""
 """
 
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 from vllm_shadow.adapters.traces import read_trace, resolve_trace
@@ -38,12 +45,12 @@ from vllm_shadow.cli.optimal import roofline_without_attention_term
 from vllm_shadow.costmodel.architecture import load_model
 from vllm_shadow.costmodel.hardware import get_hardware
 from vllm_shadow.costmodel.kv import kv_capacity_blocks
-from vllm_shadow.solver.bounds import relaxation_bound
+from vllm_shadow.solver.bounds import min_batches, relaxation_bound, time_capacity_batches
 from vllm_shadow.solver.cpsat import baseline_seconds, schedule_from_runs
-from vllm_shadow.solver.optimal import engine_deadlines, run_heuristics, solve_optimal
+from vllm_shadow.solver.optimal import busy_periods, engine_deadlines, run_heuristics, solve_optimal
 from vllm_shadow.solver.packing import best_packing
 from vllm_shadow.solver.problem import EngineLimits, Objective, Window
-from vllm_shadow.solver.schedule import verify
+from vllm_shadow.solver.schedule import Deadlines, verify
 
 GPU = Objective()
 
@@ -63,6 +70,7 @@ def row(
     time_limit: float,
     slo: bool = False,
 ) -> dict:
+    load = os.getloadavg()[0]
     requests = read_trace(resolve_trace(trace), start=start, limit=size).requests
     window = Window.from_arrivals(requests, EngineLimits(kv_blocks=kv_blocks, block_size=16))
     heuristics = run_heuristics(window, cost, GPU)
@@ -103,19 +111,57 @@ def row(
         "vllm_above": vllm.objective / result.objective - 1,
         "preemptions": result.summary()["preemptions"],
         "source": result.source,
+        "bound_method": result.bound_method,
+        "load": load,
     }
 
 
-def bound_row(trace: str, size: int, start: float, cost, kv_blocks: int, slo: bool = False) -> dict:
+def capacity_batches(
+    window: Window, cost, deadlines: Deadlines, keys_apart: int, max_keys: int
+) -> tuple[int, int]:
+    """The time-capacity LP's batches summed over the window's busy periods (no batch spans two), each at
+    least its deadline intervals' count; and the LP's variables."""
+    total = variables = 0
+    for period in busy_periods(window, deadlines):
+        ids = {r.request_id for r in period.requests}
+        due = Deadlines(
+            {k: v for k, v in deadlines.first_token.items() if k in ids},
+            {k: v for k, v in deadlines.finish.items() if k in ids},
+            deadlines.source,
+        )
+        lp = time_capacity_batches(
+            period, cost, due, time_limit=900, max_keys_apart=keys_apart, max_keys=max_keys
+        )
+        total += max(lp.batches, min_batches(period, due))
+        variables += lp.variables
+    return total, variables
+
+
+def bound_row(
+    trace: str,
+    size: int,
+    start: float,
+    cost,
+    kv_blocks: int,
+    slo: bool = False,
+    keys_apart: int = 20,
+    max_keys: int = 250,
+) -> dict:
     """A window too large for CP-SAT: the relaxation bound against the packing heuristic and vLLM (with
-    `slo`, the bound under vLLM's own times, against vLLM, which meets them)."""
+    `slo`, the bound under vLLM's own times, raised by the time-capacity LP, against vLLM, which meets them)."""
+    load = os.getloadavg()[0]
     requests = read_trace(resolve_trace(trace), start=start, limit=size).requests
     window = Window.from_arrivals(requests, EngineLimits(kv_blocks=kv_blocks, block_size=16))
     deadlines = None
     if slo:
         deadlines = engine_deadlines(run_heuristics(window, cost, GPU, ["vllm"])[0].replay)
     started = time.perf_counter()
-    bound = relaxation_bound(window, cost, deadlines)
+    intervals = lp_batches = lp_variables = 0
+    if deadlines is not None:
+        intervals = min_batches(window, deadlines)
+        if max_keys > 0:
+            lp_batches, lp_variables = capacity_batches(window, cost, deadlines, keys_apart, max_keys)
+    bound = relaxation_bound(window, cost, deadlines, lp_batches)
     bound_s = time.perf_counter() - started
     started = time.perf_counter()
     order, runs = best_packing(window)
@@ -136,22 +182,28 @@ def bound_row(trace: str, size: int, start: float, cost, kv_blocks: int, slo: bo
         "packing_s": packing_s,
         "vllm_gpu_s": vllm.objective,
         "vllm_batches": len(vllm.schedule),
+        "interval_batches": intervals,
+        "lp_batches": lp_batches,
+        "lp_variables": lp_variables,
+        "load": load,
     }
 
 
 def markdown_bounds(rows: list[dict]) -> str:
     lines = [
-        "| trace | start s | SLO | requests | bound GPU s (batches) | bound time s | packing GPU s (batches) "
-        "| packing time s | packing above bound | vLLM GPU s (batches) | vLLM above bound |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| trace | start s | SLO | requests | bound GPU s (batches) | interval / LP batches | LP variables "
+        "| bound time s | packing GPU s (batches) | packing time s | packing above bound | vLLM GPU s (batches) "
+        "| vLLM above bound | load avg |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['trace']} | {r['start']:g} | {r['slo']} | {r['requests']} "
-            f"| {r['bound_gpu_s']:.1f} ({r['bound_batches']}) | {r['bound_s']:.3f} "
+            f"| {r['bound_gpu_s']:.1f} ({r['bound_batches']}) | {r['interval_batches']} / {r['lp_batches']} "
+            f"| {r['lp_variables']} | {r['bound_s']:.1f} "
             f"| {r['packing_gpu_s']:.1f} ({r['packing_batches']}) | {r['packing_s']:.1f} "
             f"| {100 * (r['packing_gpu_s'] / r['bound_gpu_s'] - 1):.2f}% | {r['vllm_gpu_s']:.1f} ({r['vllm_batches']}) "
-            f"| {100 * (r['vllm_gpu_s'] / r['bound_gpu_s'] - 1):.1f}% |"
+            f"| {100 * (r['vllm_gpu_s'] / r['bound_gpu_s'] - 1):.1f}% | {r['load']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -159,15 +211,18 @@ def markdown_bounds(rows: list[dict]) -> str:
 def markdown(rows: list[dict]) -> str:
     lines = [
         "| trace | start s | SLO | requests | evictions | batches | variables | constraints | status | solve s "
-        "| GPU s | bound s | gap | gap (schedule-dependent part) | vLLM above optimum |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| wall s | GPU s | bound s | bound from | gap | gap (schedule-dependent part) | vLLM above optimum "
+        "| load avg |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['trace']} | {r['start']:g} | {r['slo']} | {r['requests']} | {r['evictions']} | {r['batches']} "
             f"| {r['variables']} "
-            f"| {r['constraints']} | {r['status']} | {r['solve_s']:.1f} | {r['gpu_s']:.3f} | {r['bound_s']:.3f} "
-            f"| {100 * r['gap']:.2f}% | {100 * r['dependent_gap']:.1f}% | {100 * r['vllm_above']:.1f}% |"
+            f"| {r['constraints']} | {r['status']} | {r['solve_s']:.1f} | {r['wall_s']:.1f} | {r['gpu_s']:.3f} "
+            f"| {r['bound_s']:.3f} | {r['bound_method']} "
+            f"| {100 * r['gap']:.2f}% | {100 * r['dependent_gap']:.1f}% | {100 * r['vllm_above']:.1f}% "
+            f"| {r['load']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -192,18 +247,36 @@ def main() -> None:
     parser.add_argument(
         "--bound-sizes", default="1000", help="window sizes for the relaxation bound against packing"
     )
+    parser.add_argument("--bound-starts", help="window starts for the relaxation rows (default: --starts)")
+    parser.add_argument(
+        "--lp-keys-apart",
+        type=int,
+        default=20,
+        help="with --slo default, the relaxation rows' time-capacity LP keeps intervals at most this many key "
+        "times long (default 20)",
+    )
+    parser.add_argument(
+        "--lp-max-keys",
+        type=int,
+        default=250,
+        help="with --slo default, the relaxation rows' time-capacity LP keeps this many key times, arrivals "
+        "moved back and deadlines forward to them (default 250; 0: no LP, the deadline intervals only)",
+    )
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     cost, kv_blocks = engine(args.model, args.gpu)
     print(f"{args.model} on {args.gpu}: {kv_blocks} usable KV blocks; cost {cost}")
     slo = args.slo == "default"
     starts = [float(x) for x in args.starts.split(",")]
-    bounds = [
-        bound_row(trace, size, start, cost, kv_blocks, slo)
-        for trace in args.traces.split(",")
-        for start in starts
-        for size in map(int, filter(None, args.bound_sizes.split(",")))
-    ]
+    bound_starts = [float(x) for x in args.bound_starts.split(",")] if args.bound_starts else starts
+    bounds = []
+    for trace in args.traces.split(","):
+        for start in bound_starts:
+            for size in map(int, filter(None, args.bound_sizes.split(","))):
+                bounds.append(
+                    bound_row(trace, size, start, cost, kv_blocks, slo, args.lp_keys_apart, args.lp_max_keys)
+                )
+                print(json.dumps(bounds[-1]), flush=True)
     if bounds:
         print(markdown_bounds(bounds), flush=True)
     rows = []

@@ -59,7 +59,7 @@ from vllm_shadow.solver.cpsat import (
 )
 from vllm_shadow.solver.packing import best_packing
 from vllm_shadow.solver.policies import parse_policy
-from vllm_shadow.solver.problem import Objective, Window
+from vllm_shadow.solver.problem import UNLIMITED, Objective, Window
 from vllm_shadow.solver.schedule import (
     Batch,
     Deadlines,
@@ -326,12 +326,16 @@ def _solve_window(
         order, runs = best_packing(window)
         hints[f"packing({order})"] = schedule_from_runs(window, runs)
     if deadlines is not None and horizon is None:
-        known = _feasible_hints(window, cost, objective, hints, max_evictions, deadlines)
-        if known:
-            best = min(known, key=lambda c: c[2].objective(objective))
-            cells = len(window.requests) * _horizon(window, cost, objective, best[2]) * (max_evictions + 1)
-            if cells > MAX_TIME_LAYER_CELLS:
-                return _best_hint_result(window, cost, objective, best, capacity, max_evictions, deadlines)
+        # Any verified schedule will do here, however often it preempts: the relaxation covers every schedule.
+        known = _feasible_hints(window, cost, objective, hints, UNLIMITED, deadlines)
+        best = min(known, key=lambda c: c[2].objective(objective), default=None)
+        batches = _horizon(window, cost, objective, best[2] if best else None)
+        if len(window.requests) * batches * (max_evictions + 1) > MAX_TIME_LAYER_CELLS:
+            if best is None:
+                raise ValueError(
+                    "no known schedule meets the deadlines, and the time layer is too large to build"
+                )
+            return _best_hint_result(window, cost, objective, best, capacity, max_evictions, deadlines)
     if max_evictions > 0:
         # The model with evictions proves little (see the module docstring) but searches well from a good
         # start: the no-eviction optimum, found in a third of the time, is one of its solutions.
@@ -444,7 +448,8 @@ def _best_hint_result(
     deadlines: Deadlines,
 ) -> OptimalResult:
     """The best verified heuristic against the relaxation, for a window whose time layer is too large to
-    build: OPTIMAL when the bound meets it, else FEASIBLE (a schedule and a bound, no CP-SAT search)."""
+    build: OPTIMAL when the bound meets it, else FEASIBLE (a schedule and a bound, no CP-SAT search). The bound
+    holds for every schedule meeting the deadlines, so the heuristic may preempt more than `max_evictions`."""
     name, schedule, replayed = best
     value = replayed.objective(objective)
     relaxed = relaxation_bound(window, cost, deadlines, capacity.batches).objective(objective)
