@@ -12,8 +12,10 @@ Vidur's memory planner gives. Per round, each slice runs Vidur once and then eac
     python benchmarks/replay_speed.py            # prints the tables; --write updates RESULTS-replay.md
 
 Loop: Vidur's event loop alone (after its predictors are loaded and its requests generated) against the project's
-`simulate` call alone (every per-request record produced). Process: wall seconds of the whole interpreter, from
-its start to its exit; peak RSS from the kernel's accounting of that process (wait4).
+`simulate` call alone (every per-request record produced), in CPU and wall seconds. Process: the whole interpreter
+from its start to its exit, CPU seconds and peak RSS from the kernel's accounting of that process (wait4), and wall
+seconds. The report says which simulator core ran (`vllm_shadow.solver.simulator.COMPILED`;
+VLLM_SHADOW_PURE_PYTHON=1 selects the pure-Python one). The whole Azure hour under 20 candidates follows.
 """
 
 from __future__ import annotations
