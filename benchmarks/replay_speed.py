@@ -25,6 +25,7 @@ import csv
 import dataclasses
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -415,6 +416,7 @@ def measure(args: argparse.Namespace) -> list[str]:
                         flush=True,
                     )
     assert num_blocks is not None
+    shutil.rmtree(scratch)  # kept when a run fails: the error names the log in it
     hour_lines = [] if args.skip_hour else whole_hour(num_blocks + 1, cost)
     load_after = os.getloadavg()
     own_blocks = kv_capacity_blocks(load_model(MODEL), get_hardware(HARDWARE), tp=TP, block_size=BLOCK_SIZE)
