@@ -98,15 +98,26 @@ def test_a_stream_the_cache_model_cannot_follow_is_counted_never_raised() -> Non
 
 
 @pytest.mark.integration
-def test_vllm_s_scheduler_with_shared_prompts_windows_replay_with_the_hits_the_hook_publishes() -> None:
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_vllm_s_scheduler_with_shared_prompts_windows_replay_with_the_hits_the_hook_publishes(
+    async_scheduling: bool,
+) -> None:
     # vLLM's own Scheduler in-process (as tests/test_fidelity_scale.py drives it), requests sharing system
     # prompts, KV short enough to preempt: the hook publishes each admission's hit exactly as vLLM decided it,
-    # and every window replays the engine step for step from its start state.
+    # and every window replays the engine step for step from its start state. Under async scheduling (vLLM's
+    # AsyncScheduler) a finished request's blocks are freed one schedule later.
     pytest.importorskip("vllm", reason="the CPU build of vLLM is installed by `make test`")
     from benchmarks.fidelity_scale import ScaleConfig, drive, load_workload
 
     config = ScaleConfig(
-        "shared-prompt", 300, 64, 2048, enable_prefix_caching=True, requests_per_step=0.5, limit=48
+        "shared-prompt",
+        300,
+        64,
+        2048,
+        enable_prefix_caching=True,
+        async_scheduling=async_scheduling,
+        requests_per_step=0.5,
+        limit=48,
     )
     decided, events = drive(config, load_workload(config))
     steps = [e for e in events if isinstance(e, EngineStep) and e.scheduled_tokens]

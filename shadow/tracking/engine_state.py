@@ -142,6 +142,10 @@ class EngineTracker(WindowTracker):
             else None
         )
         self._hits_published = False
+        # Under async scheduling vLLM frees what step N finished only after it has scheduled step N+1 (empty or
+        # not): those requests are freed once the next step event has been replayed.
+        self._async = info.scheduler.async_scheduling
+        self._cache_finishing: list[tuple[str, int]] = []
 
     # ---- reading --------------------------------------------------------------------------------------------
 
@@ -216,6 +220,7 @@ class EngineTracker(WindowTracker):
     def _step(self, step: EngineStep) -> None:
         if not step.scheduled_tokens:
             self.stats.empty_steps += 1
+            self._free_finishing()  # async: the previous step's finishes were freed after this (empty) schedule
             self._finish_listed(step, step.start_time + step.duration)
             return
         end = step.start_time + step.duration
@@ -294,7 +299,13 @@ class EngineTracker(WindowTracker):
                 hit = published.get(request_id, 0) if self._hits_published else None
                 admissions.append(Admission(request_id, request.prompt + request.generated, n, hit))
         preempted = [(r, requests[r].prompt + requests[r].generated) for r in victims]
-        return self._cache.step(running, preempted, admissions, step.kv_blocks_used or None)
+        finishing, self._cache_finishing = self._cache_finishing, []
+        return self._cache.step(running, preempted, admissions, step.kv_blocks_used or None, finishing)
+
+    def _free_finishing(self) -> None:
+        if self._cache is not None and self._cache_finishing:
+            self._cache.finished(self._cache_finishing)
+            self._cache_finishing = []
 
     def _preempt(self, preempted: tuple[str, ...]) -> list[str]:
         """Move the step's victims to the waiting queue; returns them in the order vLLM preempted them."""
@@ -319,9 +330,11 @@ class EngineTracker(WindowTracker):
                 (r for r in step.finished if r in self._requests and not self._requests[r].finished),
                 key=lambda r: position.get(r, -1),
             )
-            self._cache.finished(
-                [(r, self._requests[r].prompt + self._requests[r].generated) for r in leaving]
-            )
+            finishing = [(r, self._requests[r].prompt + self._requests[r].generated) for r in leaving]
+            if self._async:
+                self._cache_finishing += finishing
+            else:
+                self._cache.finished(finishing)
         for request_id in step.finished:
             request = self._requests.get(request_id)
             if request is None or request.finished:
@@ -378,7 +391,7 @@ class EngineTracker(WindowTracker):
             self.calibrator.samples,
             running,
             waiting,
-            free_queue=self._cache.free_queue() if self._cache is not None else (),
+            free_queue=self._cache.free_queue(self._cache_finishing) if self._cache is not None else (),
         )
         self._next_index += 1
 
@@ -525,6 +538,7 @@ class EngineTracker(WindowTracker):
             self.stats.requests_timed_out += sum(not self._requests[r].tainted for r in stalled)
             if self._cache is not None:
                 self._cache.reset()  # the engine's cache no longer follows from what we saw
+                self._cache_finishing = []
             for request_id in stalled:
                 del self._running[request_id]
             self._drop_windows_with(set(stalled), SkipReason.REQUEST_TIMEOUT)
@@ -542,6 +556,7 @@ class EngineTracker(WindowTracker):
     def _discard_live(self, reason: SkipReason) -> None:
         if self._cache is not None:
             self._cache.reset()
+            self._cache_finishing = []
         live = set(self._running) | set(self._waiting)
         self._running, self._waiting = {}, OrderedDict()
         self._drop_windows_with(live, reason)
@@ -575,6 +590,7 @@ class EngineTracker(WindowTracker):
             return
         if self._cache is not None:
             self._cache.reset()
+            self._cache_finishing = []
         for window in self._closed:
             self._drop(window, reason)
         self._closed.clear()

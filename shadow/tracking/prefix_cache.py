@@ -263,10 +263,15 @@ class PrefixCacheModel:
         victims: Sequence[tuple[str, int]],
         admissions: Sequence[Admission],
         kv_blocks_used: int | None = None,
+        finishing: Sequence[tuple[str, int]] = (),
     ) -> dict[str, int]:
         """One step as the engine ran it: `running` (id, new tokens) the requests it ran that were running
         before, in running-queue order; `victims` (id, prompt plus emitted tokens) those it preempted, tail
-        first; `admissions` in admission order. Returns the hit (tokens) of each admission."""
+        first; `admissions` in admission order. Returns the hit (tokens) of each admission.
+
+        `finishing` (async scheduling): requests the previous step finished, which vLLM frees after this step's
+        schedule when that step was still in flight, else before; the engine's count of blocks in use
+        (`kv_blocks_used`, taken after the schedule) says which."""
         pending = list(victims)
         for request_id, num_new_tokens in running:
             state = self._state(request_id)
@@ -282,9 +287,14 @@ class PrefixCacheModel:
         for victim in pending:  # the last running request, preempting itself, or one the step did not run
             self._free(*victim, resumable=True)
         hits = {a.request_id: self._admit(a) for a in admissions}
+        if finishing and kv_blocks_used is not None and kv_blocks_used != self.num_used_blocks:
+            # Freed before this schedule. Freeing them now keeps the queue's order unless the step evicted.
+            self.finished(finishing)
+            finishing = ()
         if kv_blocks_used is not None and kv_blocks_used != self.num_used_blocks:
             self.mismatches += 1
             self.num_used_blocks = kv_blocks_used  # the engine's count is the truth; the order stays a guess
+        self.finished(finishing)
         return hits
 
     def finished(self, finished: Iterable[tuple[str, int]]) -> None:
@@ -298,10 +308,29 @@ class PrefixCacheModel:
             self._drop_run(state)
             del self._requests[request_id]
 
-    def free_queue(self) -> tuple[FreeQueueEntry, ...]:
-        """The free queue's cached part, front (next evicted) first: a window's start state."""
+    def free_queue(self, finishing: Sequence[tuple[str, int]] = ()) -> tuple[FreeQueueEntry, ...]:
+        """The free queue's cached part, front (next evicted) first: a window's start state. `finishing`
+        (async scheduling): requests finished and not yet freed, whose blocks join the queue's back as their
+        free will put them there (the window does not hold them)."""
         self._evict()
-        return tuple(
+        entries: list[FreeQueueEntry] = [
             (entry.owner, entry.lo, entry.hi) if isinstance(entry, _PrivateRun) else entry.block_hash
             for entry in self.pool.queue
-        )
+        ]
+        ref_cnt: dict[_Block, int] = {}
+        for request_id, num_tokens in finishing:
+            state = self._requests.get(request_id)
+            if state is None or not state.computed:
+                continue
+            held = len(state.held_blocks)
+            if state.num_cached_blocks > held:  # as `_free` puts them: nobody's to hit
+                reachable = max((num_tokens - 1) // self.block_size, held)
+                if state.num_cached_blocks > reachable:
+                    entries.append(("", reachable, state.num_cached_blocks))
+                if reachable > held:
+                    entries.append(("", held, min(state.num_cached_blocks, reachable)))
+            for block in reversed(state.held_blocks):
+                ref_cnt[block] = ref_cnt.get(block, block.ref_cnt) - 1
+                if ref_cnt[block] == 0:
+                    entries.append(block.block_hash)
+        return tuple(entries)
