@@ -8,12 +8,13 @@ admission got where the hook publishes it (`EngineStep.cached_tokens`; otherwise
 as vLLM's would). The engine's count of blocks in use after each step checks the replay (`mismatches`).
 
 The bookkeeping is the simulator's (`vllm_shadow.solver.kv_cache` and `Simulator._free_cached_blocks`,
-`_cache_blocks`, `_find_longest_cache_hit`, `_admit_with_hits`) for synchronous scheduling, block by block
-(a tracker sees each block once or twice, a replay many times): cached blocks with a published hash, keyed
-by it, the first inserted taken on a duplicate; blocks no other request can hit (generated tokens, a prompt
+`_cache_blocks`, `_find_longest_cache_hit`, `_admit_with_hits`), block by block (a tracker sees each block
+once or twice, a replay many times): cached blocks with a published hash, keyed by it, the first inserted
+taken on a duplicate; blocks no other request can hit (generated tokens, a prompt
 without hashes) as one run per request once freed; the free queue's cached part in eviction order, lazily
 evicted down to the free block count. Within a step a victim is freed when the running request that needed
-its blocks allocates, as in vLLM's `schedule()`. A window's start state is that free queue, front first
+its blocks allocates, as in vLLM's `schedule()`; under async scheduling a finished request is freed one
+schedule later (`step`'s `finishing`). A window's start state is that free queue, front first
 (`FreeQueueEntry`): the simulator rebuilds it with `simulate(..., initial_free_queue=...)`.
 """
 
