@@ -340,8 +340,18 @@ def _solve_window(
         # The model with evictions proves little (see the module docstring) but searches well from a good
         # start: the no-eviction optimum, found in a third of the time, is one of its solutions.
         try:
-            first = _solve_window(
-                window, cost, objective, hints, capacity, 0, time_limit / 3, workers, seed, None, deadlines
+            first = _solve_window(  # the LP's time is counted once, below
+                window,
+                cost,
+                objective,
+                hints,
+                dataclasses.replace(capacity, seconds=0.0),
+                0,
+                time_limit / 3,
+                workers,
+                seed,
+                None,
+                deadlines,
             )
         except ValueError:  # running requests that cannot all keep their KV: only evictions make room
             pass
