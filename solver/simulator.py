@@ -15,15 +15,28 @@ a real engine. Two exact shortcuts make it fast enough to replay every window un
     times from an arithmetic series.
 Both are exact: times are integer picoseconds (so a closed-form sum equals the step-by-step sum to the last
 digit), and tests compare them with plain stepping.
+
+This file is also the compiled core: setup.py compiles it with Cython, under its own name
+(`vllm_shadow.solver._simulator_compiled`, with the C types of _simulator_compiled.pxd), and this module hands out
+that build's `Simulator` and `simulate` (see the end of the file); `COMPILED` says which core runs. The plain
+Python stays the oracle (`pure_core()`) and the fallback: VLLM_SHADOW_PURE_PYTHON=1 selects it.
 """
 
 from __future__ import annotations
 
+import gc
 import heapq
+import importlib
+import importlib.util
 import math
+import os
+import sys
+import warnings
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 from typing import NamedTuple
 
 from vllm_shadow.adapters.events import EngineStep, RequestArrival
@@ -273,7 +286,7 @@ class Simulator:
         )
         request.num_cached_blocks = num_full_blocks
 
-    def run(self, arrival_whens: list[int], arriving: list[_Request], *, by_step: bool) -> None:
+    def run(self, arrival_whens: list[int], arriving: list[_Request], by_step: bool) -> None:
         """Step the engine until the `arriving` requests and those in the queues have finished. `arrival_whens`
         (ascending, one per arriving request) are times in picoseconds: the step starting now sees what arrived
         by now; or, `by_step`, the engine step count at which each enters the waiting queue. Two plain lists
@@ -314,7 +327,7 @@ class Simulator:
                     f"scheduler {self.policy} is stuck: {len(self.running)} running, {self.waiting.size} "
                     f"waiting, {self.num_usable_blocks - self.num_used_blocks} free blocks"
                 )
-            self._apply(*plan)
+            self._apply(plan.scheduled, plan.preempted, plan.num_implicit_decoders)
             for request in self.running:  # hand decoders the literal walk made explicit back to the fast path
                 if (
                     not request.implicit_decoder
@@ -1009,7 +1022,7 @@ class Simulator:
             self.running = [r for r in self.running if id(r) not in done]
         else:
             for request in finished:
-                self.running.remove(request)
+                _remove(self.running, request)
         self.admission_blocked = False
 
     def _log_step(
@@ -1143,6 +1156,16 @@ class Simulator:
 _NO_HIT: tuple[list[HeldEntry], int, int] = ([], 0, 0)  # never mutated: an admission takes a fresh list
 
 
+def _remove(requests: list[_Request], request: _Request) -> None:
+    """`requests.remove(request)` by identity: list.remove tests each element with ==, several calls apiece for
+    these objects, where the compiled core compares pointers."""
+    for index in range(len(requests)):
+        if requests[index] is request:
+            del requests[index]
+            return
+    raise ValueError(f"request {request.request_id} is not in the list")
+
+
 def _running_seq(request: _Request) -> int:
     return request.running_seq
 
@@ -1234,10 +1257,18 @@ def simulate(
         )
     offset = len(initial_running)
     pending: list[tuple[int, int, _Request]] = []  # (arrival time or step, index, request)
-    for index, r in enumerate(requests):
-        request = make(offset + index, r)
-        when = arrival_steps[r.request_id] if arrival_steps is not None else request.arrival_time
-        pending.append((when, offset + index, request))
+    # Two objects per request that live as long as the replay and form no cycle: the cyclic collector, left on,
+    # would walk the growing heap over and over while they are built (a third of the compiled core's time).
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        for index, r in enumerate(requests):
+            request = make(offset + index, r)
+            when = arrival_steps[r.request_id] if arrival_steps is not None else request.arrival_time
+            pending.append((when, offset + index, request))
+    finally:
+        if collecting:
+            gc.enable()
     pending.sort()  # indices are unique: requests are never compared
     if initial_free_queue and sim.caching:
         by_id = {request.request_id: request for _when, _index, request in pending}
@@ -1265,3 +1296,68 @@ def simulate(
         steps=sim.step_log if record_steps else None,
         tokens_processed=sim.num_tokens_processed,
     )
+
+
+# ---- the core in use --------------------------------------------------------------------------------------------
+
+COMPILED_MODULE = "vllm_shadow.solver._simulator_compiled"
+_PURE_MODULE = "vllm_shadow.solver._simulator_pure"
+
+
+def pure_requested() -> bool:
+    """VLLM_SHADOW_PURE_PYTHON=1 (any value but empty or 0) selects the plain-Python core."""
+    return os.environ.get("VLLM_SHADOW_PURE_PYTHON", "") not in ("", "0")
+
+
+def compiled_core() -> ModuleType | None:
+    """This file as compiled by setup.py, or None where it was not built (VLLM_SHADOW_SKIP_COMPILE=1, or a
+    checkout used without installing). A build that is there but does not load is an error, not a fallback."""
+    try:
+        return importlib.import_module(COMPILED_MODULE)
+    except ModuleNotFoundError as error:
+        if error.name != COMPILED_MODULE:
+            raise
+        return None
+
+
+def stale_sources(core: ModuleType) -> list[str]:
+    """In a source checkout, the files edited since `core` was built (an edited .py runs as the .py until the
+    core is rebuilt); none in an installed package, whose build and sources came together."""
+    source = Path(__file__)
+    declarations = source.with_name("_simulator_compiled.pxd")
+    if not declarations.exists() or core.__file__ is None:
+        return []
+    built = Path(core.__file__).stat().st_mtime
+    return [path.name for path in (source, declarations) if path.stat().st_mtime > built]
+
+
+def pure_core() -> ModuleType:
+    """This file as plain Python, whichever core `simulate` is: the oracle the compiled core is tested against.
+    Under the compiled core it is loaded from the source file under a name of its own, so that the two cores'
+    classes never mix."""
+    if not COMPILED:
+        return sys.modules[__name__]
+    module = sys.modules.get(_PURE_MODULE)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(_PURE_MODULE, __file__)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[_PURE_MODULE] = module
+        spec.loader.exec_module(module)
+    return module
+
+
+COMPILED = False  # whether `Simulator` and `simulate` below are the compiled core's
+if __name__ == "vllm_shadow.solver.simulator" and not pure_requested():
+    _core = compiled_core()
+    if _core is not None and stale_sources(_core):
+        warnings.warn(
+            f"the compiled simulator core is older than {', '.join(stale_sources(_core))}: running the "
+            "plain-Python core until it is rebuilt (`pip install -e .`)",
+            stacklevel=2,
+        )
+    elif _core is not None:
+        # Not plain assignments: in the build Cython compiles from this file, `Simulator` is an extension type,
+        # whose name cannot be rebound. Its results are this package's records (it imports records.py).
+        globals().update(Simulator=_core.Simulator, simulate=_core.simulate)
+        COMPILED = True

@@ -16,7 +16,7 @@ from vllm_shadow.adapters.events import RequestArrival
 from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.solver.kv_cache import PrivateRun, held_runs, num_blocks
 from vllm_shadow.solver.policies import PRESETS, parse_policy
-from vllm_shadow.solver.simulator import RunningRequest, Simulator, simulate
+from vllm_shadow.solver.simulator import RunningRequest, pure_core, simulate
 
 ONE_SECOND_STEPS = LinearCostModel(a=1.0, b=0.0, c=0.0, d=0.0)
 
@@ -455,17 +455,19 @@ def test_prefix_caching_fast_paths_equal_stepping_and_keep_kv_invariants(workloa
     ]
     assert fast.requests == slow.requests
     assert fast.gpu_seconds == slow.gpu_seconds
-    # Reference counts and the used-block count hold after every step, on both paths.
+    # Reference counts and the used-block count hold after every step, on both paths (of the plain-Python core:
+    # the compiled core's classes cannot be patched; tests/test_compiled_core.py holds the two cores equal).
+    pure = pure_core()
     with pytest.MonkeyPatch.context() as patch:
-        original = Simulator._apply
+        original = pure.Simulator._apply
 
         def checked(self, *args):
             original(self, *args)
             _check_kv_invariants(self)
 
-        patch.setattr(Simulator, "_apply", checked)
+        patch.setattr(pure.Simulator, "_apply", checked)
         for fast_forward in (True, False):
-            again = simulate(
+            again = pure.simulate(
                 reqs, policy, COST, num_kv_blocks=blocks, block_size=block_size, fast_forward=fast_forward
             )
             assert again.requests == fast.requests

@@ -1,0 +1,192 @@
+# The C types of the compiled simulator core: solver/simulator.py compiled by Cython as
+# `vllm_shadow.solver._simulator_compiled` (see setup.py). The .py stays the one source of the algorithm; this
+# file only declares types for it (Cython's "augmenting .pxd"): the classes become extension types with C fields,
+# the hot methods C functions, and their counters C integers. A declaration that does not match the .py fails the
+# build.
+#
+# What stays a Python int, on purpose: every time in picoseconds (an hour is 3.6e15 ps, and products of times and
+# step counts in the closed-form sums could pass 2**63), so the compiled core's figures equal the pure core's to
+# the last digit. Token and block counts are C integers (Py_ssize_t): they are bounded by the KV cache.
+
+cimport cython
+
+cpdef Py_ssize_t cdiv(Py_ssize_t a, Py_ssize_t b)
+
+
+@cython.final
+cdef class _Request:
+    cdef public object request_id
+    cdef public object arrival_time
+    cdef public Py_ssize_t num_prompt_tokens
+    cdef public Py_ssize_t max_tokens
+    cdef public object queue_key
+    cdef public object record
+    cdef public Py_ssize_t num_output_tokens
+    cdef public Py_ssize_t num_computed_tokens
+    cdef public bint implicit_decoder
+    cdef public Py_ssize_t decode_base
+    cdef public Py_ssize_t finish_epoch
+    cdef public Py_ssize_t num_reserved_blocks
+    cdef public object block_hashes
+    cdef public list held_blocks
+    cdef public Py_ssize_t num_cached_blocks
+    cdef public object private_run
+    cdef public object hit_memo
+    cdef public Py_ssize_t running_seq
+    cdef public bint finishing
+    cdef public Py_ssize_t implicit_stamp
+    cdef public Py_ssize_t last_run_step
+    cdef public Py_ssize_t prev_run_step
+    cdef public bint last_run_decode
+    cdef public bint last_run_sampled
+
+
+@cython.locals(index=Py_ssize_t)
+cdef _remove(list requests, _Request request)
+
+
+@cython.final
+cdef class _WaitingQueue:
+    cdef public bint ordered
+    cdef public object fifo
+    cdef public list heap
+    cdef public Py_ssize_t size
+
+    cdef add_request(self, _Request request)
+    cdef prepend_request(self, _Request request)
+    cdef _Request peek_request(self)
+    cdef _Request pop_request(self)
+
+
+@cython.final
+cdef class Simulator:
+    cdef public object policy
+    cdef public Py_ssize_t block_size
+    cdef public Py_ssize_t num_kv_blocks
+    cdef public Py_ssize_t num_usable_blocks
+    cdef public Py_ssize_t watermark_blocks
+    cdef public object step_ps
+    cdef public object token_ps
+    cdef public object kv_token_ps
+    cdef public object attention_pair_ps
+    cdef public object request_ps
+    cdef public bint record_steps
+    cdef public bint fast
+    cdef public list running
+    cdef public _WaitingQueue waiting
+    cdef public Py_ssize_t num_used_blocks
+    cdef public Py_ssize_t num_reserved_blocks
+    cdef public object now
+    cdef public object busy_ps
+    cdef public Py_ssize_t num_steps
+    cdef public Py_ssize_t peak_used_blocks
+    cdef public Py_ssize_t num_tokens_processed
+    cdef public Py_ssize_t decode_steps
+    cdef public Py_ssize_t num_implicit_decoders
+    cdef public Py_ssize_t sum_decode_base
+    cdef public list decode_base_residues
+    cdef public list finish_heap
+    cdef public Py_ssize_t finish_heap_pushes
+    cdef public bint admission_blocked
+    cdef public list step_log
+    cdef public bint caching
+    cdef public object block_pool
+    cdef public dict step_cached_tokens
+    cdef public bint async_scheduling
+    cdef public list finishing
+    cdef public Py_ssize_t last_decode_step
+    cdef public Py_ssize_t num_running_seq
+
+    cpdef add_running(self, _Request request, Py_ssize_t num_computed_tokens, Py_ssize_t num_output_tokens)
+    cdef _hold_initial_blocks(self, _Request request)
+
+    @cython.locals(num_arrivals=Py_ssize_t, next_arrival=Py_ssize_t, fed=bint, request=_Request)
+    cpdef run(self, list arrival_whens, list arriving, bint by_step)
+
+    cdef Py_ssize_t _feed_idle(self, list arrival_whens, list arriving, Py_ssize_t next_arrival, bint by_step) except -1
+    cdef _to_implicit(self, _Request request)
+    cdef _to_explicit(self, _Request request)
+    cdef Py_ssize_t _num_computed_tokens(self, _Request request)
+    cdef Py_ssize_t _num_output_tokens(self, _Request request)
+    cdef bint _is_decoding(self, _Request request)
+    cdef _preempt_request(self, _Request request)
+    cdef _free_request(self, _Request request)
+
+    @cython.locals(num_cached_blocks=Py_ssize_t, held_blocks=list, num_freed=Py_ssize_t, reachable=Py_ssize_t,
+                   last_step=Py_ssize_t)
+    cdef Py_ssize_t _free_cached_blocks(self, _Request request, bint preempted=*) except? -1
+
+    @cython.locals(num_full_blocks=Py_ssize_t, held_blocks=list, index=Py_ssize_t)
+    cdef _cache_blocks(self, _Request request, Py_ssize_t num_tokens)
+
+    @cython.locals(max_num_blocks=Py_ssize_t, num_held_hit_blocks=Py_ssize_t, num_private_hits=Py_ssize_t)
+    cdef tuple _find_longest_cache_hit(self, _Request request, Py_ssize_t num_tokens)
+
+    @cython.locals(watermark=Py_ssize_t, num_free_blocks=Py_ssize_t)
+    cdef bint _admission_fits_cached(self, _Request request, Py_ssize_t num_new_tokens,
+                                     Py_ssize_t num_computed_tokens, Py_ssize_t num_held_hit_blocks) except -1
+
+    @cython.locals(watermark=Py_ssize_t)
+    cdef bint _admission_fits(self, _Request request, Py_ssize_t num_new_tokens,
+                              Py_ssize_t num_free_blocks) except -1
+
+    @cython.locals(block_size=Py_ssize_t, final_tokens=Py_ssize_t, num_output_tokens=Py_ssize_t, held=Py_ssize_t,
+                   num_jobs=Py_ssize_t, held_now=Py_ssize_t, i=Py_ssize_t, left=Py_ssize_t, live=Py_ssize_t)
+    cdef bint _peak_fits(self, _Request candidate, Py_ssize_t limit) except -1
+
+    cdef Py_ssize_t _long_prefill_token_threshold(self) except? -1
+
+    @cython.locals(blocked=bint, request=_Request, num_tokens=Py_ssize_t, num_computed_tokens=Py_ssize_t,
+                   num_new_tokens=Py_ssize_t, num_private_hits=Py_ssize_t, num_held_hit_blocks=Py_ssize_t)
+    cdef Py_ssize_t _schedule_waiting(self, Py_ssize_t token_budget, list scheduled,
+                                      Py_ssize_t long_prefill_token_threshold) except? -1
+
+    @cython.locals(num_hit_blocks=Py_ssize_t, num_hit_tokens=Py_ssize_t)
+    cdef _admit_with_hits(self, _Request request, list hit_blocks, Py_ssize_t num_private_hits,
+                          Py_ssize_t num_tokens)
+
+    @cython.locals(token_budget=Py_ssize_t, long_prefill_token_threshold=Py_ssize_t, scheduled=list,
+                   scheduled_decoders=dict, preempted_reqs=list, static_admit=bint, req_index=Py_ssize_t,
+                   request=_Request, num_computed_tokens=Py_ssize_t, num_tokens=Py_ssize_t,
+                   num_new_tokens=Py_ssize_t, num_new_blocks=Py_ssize_t, victim_index=Py_ssize_t,
+                   preempted_req=_Request, candidate=_Request)
+    cdef _schedule_literal(self)
+
+    @cython.locals(j=Py_ssize_t, request=_Request, num_new_tokens=Py_ssize_t, num_computed_tokens=Py_ssize_t)
+    cdef Py_ssize_t _unschedule(self, _Request victim, list scheduled, dict scheduled_decoders) except? -1
+
+    @cython.locals(num_new_tokens=Py_ssize_t, j=Py_ssize_t, request=_Request, num_new=Py_ssize_t, decoding=bint)
+    cdef Py_ssize_t _unschedule_cached(self, _Request victim, list scheduled, dict scheduled_decoders) except? -1
+
+    @cython.locals(request=_Request)
+    cdef _freeze_decoders(self, dict scheduled_decoders)
+
+    @cython.locals(block_size=Py_ssize_t, scheduled=list, long_prefill_token_threshold=Py_ssize_t,
+                   num_decoders=Py_ssize_t, token_budget=Py_ssize_t, num_new_blocks=Py_ssize_t, chunk_blocks=list,
+                   request=_Request, num_computed_tokens=Py_ssize_t, num_new_tokens=Py_ssize_t, blocks=Py_ssize_t,
+                   preempted_reqs=list, preempted_req=_Request)
+    cdef bint _step_fast(self) except -1
+
+    @cython.locals(num_scheduled_tokens=Py_ssize_t, kv_tokens=Py_ssize_t, attention_pairs=Py_ssize_t,
+                   num_new_tokens=Py_ssize_t, num_computed_tokens=Py_ssize_t, step=Py_ssize_t, finished=list,
+                   track_runs=bint, request=_Request, finish_heap=list)
+    cdef _apply(self, list scheduled, list preempted_reqs, Py_ssize_t num_decoders)
+
+    @cython.locals(request=_Request)
+    cdef _free_finishing(self)
+
+    @cython.locals(request=_Request)
+    cdef _finish_requests(self, list finished, object end_s)
+
+    @cython.locals(request=_Request, num_new_tokens=Py_ssize_t)
+    cdef _log_step(self, object start, object duration, list scheduled, Py_ssize_t num_decoders,
+                   list preempted_reqs)
+
+    @cython.locals(block_size=Py_ssize_t, full_cycles=Py_ssize_t, rest=Py_ssize_t, total=Py_ssize_t,
+                   end=Py_ssize_t, first=Py_ssize_t, residues=list)
+    cdef Py_ssize_t _decode_blocks_over(self, Py_ssize_t num_steps) except? -1
+
+    @cython.locals(num_decoders=Py_ssize_t, static_full=bint, k=Py_ssize_t, num_free_blocks=Py_ssize_t,
+                   lo=Py_ssize_t, hi=Py_ssize_t, mid=Py_ssize_t, num_new_blocks=Py_ssize_t, j=Py_ssize_t,
+                   finished=list, finish_heap=list, request=_Request)
+    cdef bint _fast_forward(self, object next_arrival_time, object next_arrival_step) except -1

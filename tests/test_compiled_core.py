@@ -1,0 +1,213 @@
+"""The compiled simulator core (solver/simulator.py built by Cython, see setup.py) against the plain-Python one.
+
+Both run the same source; the property tests hold them to the same result on random workloads, for every preset,
+prefix caching on and off, async scheduling on and off, initial running requests and both arrival clocks: every
+step record, every request record, the busy time and the aggregates, equal to the last bit.
+
+The compiled core must be built (`pip install -e .` builds it). Only where the build was skipped on purpose
+(VLLM_SHADOW_SKIP_COMPILE=1, a machine without a C compiler) do these tests skip instead of failing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import subprocess
+import sys
+from types import ModuleType
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vllm_shadow.adapters.events import RequestArrival
+from vllm_shadow.costmodel.linear import LinearCostModel
+from vllm_shadow.solver import simulator
+from vllm_shadow.solver.policies import PRESETS, Policy, parse_policy
+from vllm_shadow.solver.records import SimResult
+
+COST = LinearCostModel(a=0.004, b=3e-5, c=2e-7, d=1e-9, e=1.5e-4)
+
+
+def cores() -> tuple[ModuleType, ModuleType]:
+    """(compiled, pure); skips only where the build was skipped on purpose, fails anywhere else."""
+    compiled = simulator.compiled_core()
+    if compiled is None:
+        if os.environ.get("VLLM_SHADOW_SKIP_COMPILE", "") not in ("", "0"):
+            pytest.skip("compiled simulator core not built (VLLM_SHADOW_SKIP_COMPILE is set)")
+        pytest.fail(
+            f"{simulator.COMPILED_MODULE} is not built: `pip install -e .` compiles it (setup.py); set "
+            "VLLM_SHADOW_SKIP_COMPILE=1 only on a machine that cannot compile it"
+        )
+    stale = simulator.stale_sources(compiled)
+    assert not stale, f"the compiled core is older than {', '.join(stale)}: rebuild it (`pip install -e .`)"
+    return compiled, simulator.pure_core()
+
+
+def _number(value: float) -> float | None:
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def view(result: SimResult) -> dict:
+    """Everything a simulation returns, NaN spelled None so that an unset time compares equal."""
+    return {
+        "policy": result.policy,
+        "gpu_seconds": result.gpu_seconds,
+        "num_steps": result.num_steps,
+        "peak_kv_blocks": result.peak_kv_blocks,
+        "tokens_processed": result.tokens_processed,
+        "requests": [tuple(_number(v) for v in dataclasses.astuple(r)) for r in result.requests],
+        "steps": None if result.steps is None else [dataclasses.astuple(s) for s in result.steps],
+    }
+
+
+@st.composite
+def policies(draw) -> Policy:
+    """Any preset with random knobs; prefix caching only where the preset evicts, async only where it batches
+    continuously (what Policy accepts)."""
+    base = PRESETS[draw(st.sampled_from(sorted(PRESETS)))]
+    knobs = {
+        "max_num_seqs": draw(st.integers(1, 12)),
+        "max_num_batched_tokens": draw(st.integers(8, 96)),
+        "long_prefill_token_threshold": draw(st.sampled_from([0, 0, 5, 17])),
+        "order": draw(st.sampled_from(["fcfs", "fcfs", "priority", "prompt", "output"])),
+        "chunked_prefill": draw(st.sampled_from([base.chunked_prefill, not base.chunked_prefill])),
+        "watermark": draw(st.sampled_from([base.watermark, 0.0, 0.05])),
+    }
+    if base.eviction:
+        knobs["enable_prefix_caching"] = draw(st.booleans())
+    if base.batching == "continuous":
+        knobs["async_scheduling"] = draw(st.booleans())
+    return dataclasses.replace(base, **knobs)
+
+
+@st.composite
+def workloads(draw):
+    """Requests with bursty arrivals, priorities, and prompts from a few families sharing leading blocks (chained
+    hashes stay consistent: a shared prefix, then the request's own blocks); some already running at the start."""
+    block_size = draw(st.sampled_from([1, 2, 4, 16]))
+    n = draw(st.integers(1, 25))
+    requests, t, longest = [], 0.0, 0
+    for i in range(n):
+        t += draw(st.sampled_from([0.0, 0.0, 0.01, 0.3, 2.0]))
+        prompt, output = draw(st.integers(1, 60)), draw(st.integers(1, 40))
+        longest = max(longest, prompt + output - 1)
+        family, num_full = draw(st.integers(0, 3)), prompt // block_size
+        num_shared = draw(st.integers(0, num_full))
+        hashes = tuple(family * 1000 + j for j in range(num_shared)) + tuple(
+            -(i * 1000 + j) - 1 for j in range(num_shared, num_full)
+        )
+        requests.append(
+            RequestArrival(f"r{i}", t, prompt, output, priority=draw(st.integers(0, 2)), block_hashes=hashes)
+        )
+    blocks = math.ceil(longest / block_size) + 1 + draw(st.integers(0, 20))
+    num_initial = draw(st.integers(0, min(2, n - 1)))
+    initial = []
+    for request in requests[:num_initial]:
+        # A decoder that fits: its prompt computed and some tokens generated.
+        generated = draw(st.integers(1, request.output_tokens - 1)) if request.output_tokens > 1 else 0
+        if generated:
+            computed = request.prompt_tokens + generated - 1
+            initial.append(simulator.RunningRequest(request, computed, generated))
+    if sum(math.ceil(r.computed_tokens / block_size) for r in initial) > blocks - 1:
+        initial = []
+    return requests[len(initial) :], initial, block_size, blocks
+
+
+def run_both(requests, policy, *, initial=(), arrival_steps=None, **kw) -> tuple[dict, dict]:
+    compiled, pure = cores()
+    results = [
+        view(
+            core.simulate(
+                requests,
+                policy,
+                COST,
+                initial_running=initial,
+                arrival_steps=arrival_steps,
+                start_time=0.0 if initial else None,
+                **kw,
+            )
+        )
+        for core in (compiled, pure)
+    ]
+    return results[0], results[1]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workloads(), policies(), st.booleans(), st.booleans())
+def test_compiled_core_equals_pure_python(workload, policy, record_steps, fast_forward):
+    requests, initial, block_size, blocks = workload
+    compiled, pure = run_both(
+        requests,
+        policy,
+        initial=initial,
+        num_kv_blocks=blocks,
+        block_size=block_size,
+        record_steps=record_steps,
+        fast_forward=fast_forward,
+    )
+    assert compiled == pure
+    assert len(compiled["requests"]) == len(requests) + len(initial)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workloads(), policies())
+def test_compiled_core_equals_pure_python_in_step_space(workload, policy):
+    """The fidelity replay's clock: each request enters the queue at an engine step count."""
+    requests, _initial, block_size, blocks = workload
+    arrival_steps = {r.request_id: int(r.time * 3) for r in requests}
+    compiled, pure = run_both(
+        requests,
+        policy,
+        arrival_steps=arrival_steps,
+        num_kv_blocks=blocks,
+        block_size=block_size,
+        record_steps=True,
+    )
+    assert compiled == pure
+
+
+def test_both_cores_refuse_bad_input_alike():
+    compiled, pure = cores()
+    too_long = [RequestArrival("big", 0.0, 100, 10)]
+    for core in (compiled, pure):
+        with pytest.raises(ValueError, match="big: 100\\+10 tokens can never fit in 3 KV blocks"):
+            core.simulate(too_long, "vllm", COST, num_kv_blocks=4, block_size=4)
+        with pytest.raises(ValueError, match="unknown policy"):
+            core.simulate([], "nope", COST, num_kv_blocks=4, block_size=4)
+
+
+def test_a_real_trace_slice_replays_identically():
+    """A thousand requests of the bundled Azure trace on an A100-sized cache: long decode stretches, thousands
+    of steps, the fast paths and the closed-form sums at scale."""
+    from vllm_shadow.adapters.traces import read_trace, resolve_trace
+
+    requests = read_trace(resolve_trace("azure-conv"), limit=1000).requests
+    for policy in ("vllm(max_num_seqs=128,max_num_batched_tokens=4096)", "sarathi", parse_policy("lightllm")):
+        compiled, pure = run_both(requests, policy, num_kv_blocks=2000, block_size=16)
+        assert compiled == pure
+        assert compiled["num_steps"] > 1000
+
+
+def _core_in_a_fresh_interpreter(pure_python: str | None) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_SHADOW_PURE_PYTHON"}
+    if pure_python is not None:
+        env["VLLM_SHADOW_PURE_PYTHON"] = pure_python
+    code = (
+        "from vllm_shadow.solver import simulator as s; "
+        "print(s.COMPILED, s.simulate.__module__, s.Simulator.__module__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def test_the_environment_selects_the_core():
+    cores()  # skips or fails where the compiled core is absent
+    assert _core_in_a_fresh_interpreter(None) == (
+        f"True {simulator.COMPILED_MODULE} {simulator.COMPILED_MODULE}"
+    )
+    # The fallback truly runs the .py source: the module's own classes, not the build's.
+    pure = "False vllm_shadow.solver.simulator vllm_shadow.solver.simulator"
+    assert _core_in_a_fresh_interpreter("1") == pure
+    assert _core_in_a_fresh_interpreter("0").startswith("True ")
