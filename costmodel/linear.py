@@ -31,7 +31,7 @@ from typing import NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike
 
-from vllm_shadow.costmodel.nnls import nnls
+from vllm_shadow.costmodel.nnls import cholesky, cholesky_solve, nnls, nnls_gram
 
 COEFFICIENTS = ("a", "b", "c", "d", "e")
 _OPTIONAL_COEFFICIENTS = ("d", "e")  # absent from older profile files: 0
@@ -207,21 +207,25 @@ class OnlineCalibrator:
             raise ValueError(f"forgetting must be in (0, 1], got {forgetting}")
         if not prior_weight > 0:
             raise ValueError(f"prior_weight must be positive, got {prior_weight}")
-        self._prior = np.array([getattr(prior, name) for name in COEFFICIENTS])
+        prior_coefficients = np.array([getattr(prior, name) for name in COEFFICIENTS])
         reference = np.array(
             [(1.0, *batch_features(new, ctx)) for new, ctx in _REFERENCE_BATCHES], dtype=float
         )
-        predicted = reference @ self._prior
+        predicted = reference @ prior_coefficients
         if not np.all(predicted > 0):
             raise ValueError(f"the prior must predict positive times for non-empty batches, got {prior}")
         weighted = reference / predicted[:, None]
-        self._prior_information = prior_weight * weighted.T @ weighted / len(reference)
-        self._forgetting = forgetting
+        prior_information = prior_weight * weighted.T @ weighted / len(reference)
+        # The per-step state is plain Python floats, symmetric matrices as their lower triangle (row i holds
+        # i + 1 entries): on a 5x5 system numpy's per-call overhead was nearly all of an update's cost.
         size = len(COEFFICIENTS)
-        self._information = np.zeros((size, size))  # sum of lambda^age * w x x^T
-        self._moment = np.zeros(size)  # sum of lambda^age * w x y
+        self._prior_information = [prior_information[i, : i + 1].tolist() for i in range(size)]
+        self._prior_moment = (prior_information @ prior_coefficients).tolist()
+        self._forgetting = forgetting
+        self._information = [[0.0] * (i + 1) for i in range(size)]  # sum of lambda^age * w x x^T
+        self._moment = [0.0] * size  # sum of lambda^age * w x y
         self._effective_samples = 0.0  # sum of lambda^age
-        self._coefficients = self._prior.copy()
+        self._coefficients = prior_coefficients.tolist()
         self._error_sum = 0.0  # sum of lambda^age * |prediction - y| / y, predictions made before each update
         self._samples = 0
 
@@ -238,20 +242,22 @@ class OnlineCalibrator:
             raise ValueError("an empty batch has no measured compute time to learn from")
         if not (math.isfinite(measured_seconds) and measured_seconds > 0):
             raise ValueError(f"measured step time must be finite and positive, got {measured_seconds}")
-        x = np.array([1.0, *features], dtype=float)
+        x = (1.0, *map(float, features))
         lam = self._forgetting
-        self._error_sum = (
-            lam * self._error_sum + abs(self._coefficients @ x - measured_seconds) / measured_seconds
-        )
+        predicted = sum(c * v for c, v in zip(self._coefficients, x, strict=True))
+        self._error_sum = lam * self._error_sum + abs(predicted - measured_seconds) / measured_seconds
         weight = 1.0 / measured_seconds**2  # relative least squares, as in fit_linear
-        self._information = lam * self._information + weight * np.outer(x, x)
-        self._moment = lam * self._moment + weight * measured_seconds * x
+        for row, xi in zip(self._information, x, strict=True):
+            for j in range(len(row)):
+                row[j] = lam * row[j] + weight * (xi * x[j])
+        weighted_time = weight * measured_seconds
+        self._moment = [lam * m + weighted_time * xi for m, xi in zip(self._moment, x, strict=True)]
         self._effective_samples = lam * self._effective_samples + 1.0
         self._samples += 1
         self._coefficients = self._solve()
 
     def model(self) -> LinearCostModel:
-        return LinearCostModel(*(float(v) for v in self._coefficients))
+        return LinearCostModel(*self._coefficients)
 
     def mape(self) -> float:
         """Exponentially weighted mean absolute percentage error of the predictions made before each update
@@ -260,19 +266,30 @@ class OnlineCalibrator:
             return math.nan
         return self._error_sum / self._effective_samples
 
-    def _solve(self) -> np.ndarray:
-        system = self._information + self._prior_information
-        rhs = self._moment + self._prior_information @ self._prior
+    def _solve(self) -> list[float]:
+        system = [
+            [value + prior for value, prior in zip(row, prior_row, strict=True)]
+            for row, prior_row in zip(self._information, self._prior_information, strict=True)
+        ]
+        rhs = [m + p for m, p in zip(self._moment, self._prior_moment, strict=True)]
         # Jacobi scaling keeps the 5x5 system well conditioned although P^2 can be 1e14 times 1^2.
-        scale = np.sqrt(np.diag(system))
-        scaled_system = system / np.outer(scale, scale)
-        scaled_rhs = rhs / scale
-        solution = np.linalg.solve(scaled_system, scaled_rhs)
-        if np.all(solution >= 0):
-            return solution / scale
-        # With system = L L^T the objective is ||L^T u - L^-1 rhs||^2 up to a constant: a small NNLS.
-        lower = np.linalg.cholesky(scaled_system)
-        return nnls(lower.T, np.linalg.solve(lower, scaled_rhs)) / scale
+        scale = [math.sqrt(row[-1]) for row in system]
+        scaled_system = [
+            [value / (scale[i] * scale[j]) for j, value in enumerate(row)] for i, row in enumerate(system)
+        ]
+        scaled_rhs = [value / s for value, s in zip(rhs, scale, strict=True)]
+        # The system is positive definite (the prior's reference batches vary all five features
+        # independently), so Cholesky solves it.
+        lower = cholesky(scaled_system)
+        solution = cholesky_solve(lower, scaled_rhs)
+        if min(solution) < 0:
+            # The non-negative least-squares problem with the same normal equations: with system = L L^T the
+            # objective is ||L^T u - L^-1 rhs||^2 up to a constant. Its tolerance is what `nnls` would use on
+            # L^T's unit-norm columns.
+            column_sums = max(sum(abs(v) for v in row) / math.sqrt(sum(v * v for v in row)) for row in lower)
+            tolerance = 10 * np.finfo(float).eps * len(rhs) * max(1.0, column_sums)
+            solution = nnls_gram(scaled_system, scaled_rhs, tolerance=tolerance)
+        return [value / s for value, s in zip(solution, scale, strict=True)]
 
 
 def _feature_matrix(features: ArrayLike) -> np.ndarray:

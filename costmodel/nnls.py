@@ -3,9 +3,17 @@
 Lawson and Hanson's active-set method ("Solving Least Squares Problems", 1974, chapter 23), the algorithm
 behind `scipy.optimize.nnls`, written here so the cost model needs numpy only. The problems it serves are tiny
 (at most 5 columns), so clarity wins over speed.
+
+`nnls_gram` is the same method on the normal equations (A^T A, A^T b) in plain Python floats, with the dense
+symmetric positive-definite solve it needs (`cholesky`, `cholesky_solve`): the online calibrator solves a 5x5
+system on every measured step, and on arrays that small numpy's per-call overhead is nearly all of the cost.
+Symmetric matrices are passed as their lower triangle, row i holding its first i + 1 entries.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -60,3 +68,100 @@ def nnls(matrix: ArrayLike, target: ArrayLike, *, max_iterations: int | None = N
                 break
         gradient = a.T @ (b - a @ x)
     return x / scale
+
+
+def cholesky(lower: Sequence[Sequence[float]]) -> list[list[float]]:
+    """The Cholesky factor L (lower triangle, row i of length i + 1) of a symmetric positive-definite matrix
+    given by its lower triangle: matrix = L L^T."""
+    factor: list[list[float]] = []
+    for i, row in enumerate(lower):
+        out: list[float] = []
+        for j in range(i):
+            above = factor[j]
+            total = row[j]
+            for k in range(j):
+                total -= out[k] * above[k]
+            out.append(total / above[j])
+        pivot = row[i]
+        for value in out:
+            pivot -= value * value
+        if not pivot > 0:  # also catches nan
+            raise np.linalg.LinAlgError("matrix is not positive definite")
+        out.append(math.sqrt(pivot))
+        factor.append(out)
+    return factor
+
+
+def cholesky_solve(factor: Sequence[Sequence[float]], rhs: Sequence[float]) -> list[float]:
+    """x with L L^T x = rhs, for `cholesky`'s factor L."""
+    n = len(factor)
+    y = [0.0] * n
+    for i in range(n):
+        row = factor[i]
+        total = rhs[i]
+        for k in range(i):
+            total -= row[k] * y[k]
+        y[i] = total / row[i]
+    x = [0.0] * n
+    for i in range(n - 1, -1, -1):
+        total = y[i]
+        for k in range(i + 1, n):
+            total -= factor[k][i] * x[k]
+        x[i] = total / factor[i][i]
+    return x
+
+
+def nnls_gram(gram: Sequence[Sequence[float]], moment: Sequence[float], *, tolerance: float) -> list[float]:
+    """argmin ||A x - b|| subject to x >= 0, from gram = A^T A (lower triangle, positive definite) and
+    moment = A^T b: `nnls`'s active-set iterations with the passive set's least-squares problem solved through
+    its normal equations. A positive-definite Gram matrix makes the problem strictly convex, so the answer is
+    `nnls(A, b)`'s up to rounding. `tolerance` plays the part of `nnls`'s on the unit-norm columns this scales
+    to (the scaling, as there, changes no sign).
+    """
+    n = len(moment)
+    norms = [math.sqrt(gram[i][i]) if gram[i][i] > 0 else 1.0 for i in range(n)]
+    full = [
+        [(gram[i][j] if j <= i else gram[j][i]) / (norms[i] * norms[j]) for j in range(n)] for i in range(n)
+    ]
+    b = [moment[i] / norms[i] for i in range(n)]
+
+    def gradient_at(x: list[float]) -> list[float]:
+        # A^T (b - A x) = A^T b - A^T A x
+        return [b[i] - sum(full[i][j] * x[j] for j in range(n)) for i in range(n)]
+
+    def passive_solution(passive: list[int]) -> list[float]:
+        factor = cholesky(
+            [[full[i][j] for j in passive[: position + 1]] for position, i in enumerate(passive)]
+        )
+        solved = cholesky_solve(factor, [b[i] for i in passive])
+        z = [0.0] * n
+        for i, value in zip(passive, solved, strict=True):
+            z[i] = value
+        return z
+
+    x = [0.0] * n
+    passive: list[int] = []  # kept sorted
+    gradient = b[:]
+    # Bounded as in `nnls`: degenerate ties can cycle.
+    for _ in range(3 * n):
+        candidates = [i for i in range(n) if i not in passive and gradient[i] > tolerance]
+        if not candidates:
+            break
+        passive = sorted([*passive, max(candidates, key=lambda i: gradient[i])])
+        while True:
+            z = passive_solution(passive)
+            if all(z[i] > tolerance for i in passive):
+                x = z
+                break
+            # Step back to the boundary along the segment from x; a variable already at zero whose solution
+            # is zero blocks with a step of 0.
+            alpha = min(
+                x[i] / (x[i] - z[i]) if x[i] - z[i] > 0 else 0.0 for i in passive if z[i] <= tolerance
+            )
+            x = [xi + alpha * (zi - xi) for xi, zi in zip(x, z, strict=True)]
+            passive = [i for i in passive if x[i] > tolerance]
+            x = [value if i in passive else 0.0 for i, value in enumerate(x)]
+            if not passive:
+                break
+        gradient = gradient_at(x)
+    return [value / norm for value, norm in zip(x, norms, strict=True)]

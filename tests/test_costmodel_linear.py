@@ -14,6 +14,7 @@ from vllm_shadow.costmodel.linear import (
     cross_validated_mape,
     fit_linear,
 )
+from vllm_shadow.costmodel.nnls import nnls
 
 # Roughly Llama-2-7B on an A100: 9 ms a step, 35 us a token, 0.35 us a KV token, 10 ns an attention unit, and
 # no per-request cost worth a parameter (the LM head streams its weights once per step, whatever R).
@@ -328,3 +329,96 @@ def test_calibrator_validates_its_inputs() -> None:
         OnlineCalibrator(TRUTH, prior_weight=0.0)
     with pytest.raises(ValueError, match="positive times"):
         OnlineCalibrator(LinearCostModel(0.0, 0.0, 0.0))
+
+
+class _NumpyCalibrator:
+    """The calibrator as it was written with numpy arrays (before its state became plain floats): the
+    reference the Python version must reproduce. `constrained_solves` counts the refits that needed NNLS."""
+
+    def __init__(self, prior: LinearCostModel, forgetting: float = 0.999, prior_weight: float = 1.0) -> None:
+        from vllm_shadow.costmodel.linear import _REFERENCE_BATCHES
+
+        self.prior = np.array([getattr(prior, name) for name in "abcde"])
+        reference = np.array([(1.0, *batch_features(n, c)) for n, c in _REFERENCE_BATCHES], dtype=float)
+        weighted = reference / (reference @ self.prior)[:, None]
+        self.prior_information = prior_weight * weighted.T @ weighted / len(reference)
+        self.forgetting = forgetting
+        self.information = np.zeros((5, 5))
+        self.moment = np.zeros(5)
+        self.effective_samples = 0.0
+        self.coefficients = self.prior.copy()
+        self.error_sum = 0.0
+        self.constrained_solves = 0
+
+    def update(self, new_tokens: list[int], context_tokens: list[int], seconds: float) -> None:
+        x = np.array([1.0, *batch_features(new_tokens, context_tokens)], dtype=float)
+        lam = self.forgetting
+        self.error_sum = lam * self.error_sum + abs(self.coefficients @ x - seconds) / seconds
+        weight = 1.0 / seconds**2
+        self.information = lam * self.information + weight * np.outer(x, x)
+        self.moment = lam * self.moment + weight * seconds * x
+        self.effective_samples = lam * self.effective_samples + 1.0
+        system = self.information + self.prior_information
+        rhs = self.moment + self.prior_information @ self.prior
+        scale = np.sqrt(np.diag(system))
+        scaled_system = system / np.outer(scale, scale)
+        scaled_rhs = rhs / scale
+        solution = np.linalg.solve(scaled_system, scaled_rhs)
+        if np.all(solution >= 0):
+            self.coefficients = solution / scale
+            return
+        self.constrained_solves += 1
+        lower = np.linalg.cholesky(scaled_system)
+        self.coefficients = nnls(lower.T, np.linalg.solve(lower, scaled_rhs)) / scale
+
+
+def _assert_same_calibration(calibrator: OnlineCalibrator, reference: _NumpyCalibrator) -> None:
+    got = np.array(list(calibrator.model().to_dict().values()))
+    # A coefficient NNLS holds at zero may come out at a rounding error above it on one side: compare each
+    # relative to the largest contribution any coefficient makes to a typical step (a 1000-KV-token batch).
+    typical = np.array([1.0, 64.0, 64_000.0, 1e6, 64.0])
+    tolerance = 1e-9 * np.max(np.abs(reference.coefficients) * typical) / typical
+    assert np.all(np.abs(got - reference.coefficients) <= 1e-9 * np.abs(reference.coefficients) + tolerance)
+    assert calibrator.mape() == pytest.approx(reference.error_sum / reference.effective_samples, rel=1e-9)
+
+
+_STEP = st.tuples(
+    st.lists(st.tuples(st.integers(1, 2048), st.integers(0, 8192)), min_size=1, max_size=40),
+    st.floats(1e-4, 1.0),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    prior=st.sampled_from([TRUTH, CPU_TRUTH, LinearCostModel(5e-3, 2e-5, 2e-7)]),
+    forgetting=st.sampled_from([1.0, 0.999, 0.9]),
+    steps=st.lists(_STEP, max_size=60),
+)
+def test_calibrator_equals_its_numpy_reference_on_random_steps(
+    prior: LinearCostModel, forgetting: float, steps: list
+) -> None:
+    # Times drawn independently of the batches pull coefficients below zero often (the NNLS path).
+    calibrator = OnlineCalibrator(prior, forgetting=forgetting)
+    reference = _NumpyCalibrator(prior, forgetting=forgetting)
+    assert calibrator.model() == prior  # the prior-only start
+    for requests, seconds in steps:
+        new, ctx = [n for n, _ in requests], [c for _, c in requests]
+        calibrator.update(new, ctx, seconds)
+        reference.update(new, ctx, seconds)
+        _assert_same_calibration(calibrator, reference)
+
+
+@pytest.mark.parametrize("seed", [21, 22])
+def test_calibrator_equals_its_numpy_reference_on_a_long_run_through_negative_coefficients(seed: int) -> None:
+    truth = CPU_TRUTH
+    _, times, batches = _samples(truth, 1500, noise=0.02, seed=seed)
+    rng = np.random.default_rng(seed)
+    calibrator = OnlineCalibrator(TRUTH)
+    reference = _NumpyCalibrator(TRUTH)
+    for step, ((new, ctx), seconds) in enumerate(zip(batches, times, strict=True)):
+        if 500 <= step < 800:  # more KV, less time: c wants to be negative, and NNLS holds it at zero
+            seconds = max(2e-2 - 2e-9 * sum(ctx), 1e-3) * (1 + 0.02 * rng.standard_normal())
+        calibrator.update(new, ctx, float(seconds))
+        reference.update(new, ctx, float(seconds))
+        _assert_same_calibration(calibrator, reference)
+    assert reference.constrained_solves > 10  # the test did exercise the constrained refit
