@@ -226,6 +226,8 @@ class OnlineCalibrator:
         self._moment = [0.0] * size  # sum of lambda^age * w x y
         self._effective_samples = 0.0  # sum of lambda^age
         self._coefficients = prior_coefficients.tolist()
+        # Those of the last refit if a constraint held one at zero, else empty (see _solve).
+        self._positive_coefficients: list[int] = []
         self._error_sum = 0.0  # sum of lambda^age * |prediction - y| / y, predictions made before each update
         self._samples = 0
 
@@ -278,17 +280,20 @@ class OnlineCalibrator:
             [value / (scale[i] * scale[j]) for j, value in enumerate(row)] for i, row in enumerate(system)
         ]
         scaled_rhs = [value / s for value, s in zip(rhs, scale, strict=True)]
-        # The system is positive definite (the prior's reference batches vary all five features
-        # independently), so Cholesky solves it.
-        lower = cholesky(scaled_system)
-        solution = cholesky_solve(lower, scaled_rhs)
-        if min(solution) < 0:
-            # The non-negative least-squares problem with the same normal equations: with system = L L^T the
-            # objective is ||L^T u - L^-1 rhs||^2 up to a constant. Its tolerance is what `nnls` would use on
-            # L^T's unit-norm columns.
-            column_sums = max(sum(abs(v) for v in row) / math.sqrt(sum(v * v for v in row)) for row in lower)
-            tolerance = 10 * np.finfo(float).eps * len(rhs) * max(1.0, column_sums)
-            solution = nnls_gram(scaled_system, scaled_rhs, tolerance=tolerance)
+        if not self._positive_coefficients:  # the last refit needed no constraint: try without
+            # The system is positive definite (the prior's reference batches vary all five features
+            # independently), so Cholesky solves it.
+            solution = cholesky_solve(cholesky(scaled_system), scaled_rhs)
+            if min(solution) >= 0:
+                return [value / s for value, s in zip(solution, scale, strict=True)]
+        # The non-negative least-squares problem with the same normal equations (with system = L L^T the
+        # objective is ||L^T u - L^-1 rhs||^2 up to a constant). Its optimum is unique, and is the
+        # unconstrained solution whenever that is non-negative, so after a constrained refit this goes straight
+        # here: consecutive refits differ by one step's data, the previous refit's positive coefficients are
+        # nearly always this one's, and nnls_gram tries them first.
+        solution = nnls_gram(scaled_system, scaled_rhs, passive_hint=self._positive_coefficients)
+        positive = [i for i, value in enumerate(solution) if value > 0]
+        self._positive_coefficients = positive if len(positive) < len(solution) else []
         return [value / s for value, s in zip(solution, scale, strict=True)]
 
 

@@ -13,10 +13,12 @@ Symmetric matrices are passed as their lower triangle, row i holding its first i
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
+
+_EPSILON = float(np.finfo(float).eps)
 
 
 def nnls(matrix: ArrayLike, target: ArrayLike, *, max_iterations: int | None = None) -> np.ndarray:
@@ -111,27 +113,42 @@ def cholesky_solve(factor: Sequence[Sequence[float]], rhs: Sequence[float]) -> l
     return x
 
 
-def nnls_gram(gram: Sequence[Sequence[float]], moment: Sequence[float], *, tolerance: float) -> list[float]:
+def nnls_gram(
+    gram: Sequence[Sequence[float]],
+    moment: Sequence[float],
+    *,
+    tolerance: float | None = None,
+    passive_hint: Sequence[int] = (),
+) -> list[float]:
     """argmin ||A x - b|| subject to x >= 0, from gram = A^T A (lower triangle, positive definite) and
     moment = A^T b: `nnls`'s active-set iterations with the passive set's least-squares problem solved through
     its normal equations. A positive-definite Gram matrix makes the problem strictly convex, so the answer is
     `nnls(A, b)`'s up to rounding. `tolerance` plays the part of `nnls`'s on the unit-norm columns this scales
-    to (the scaling, as there, changes no sign).
+    to (the scaling, as there, changes no sign); by default the largest `nnls` uses on a square A with such
+    columns, 10 eps n sqrt(n) (a unit column's 1-norm is at most sqrt(n)).
+
+    `passive_hint` (indices of the variables expected positive, e.g. the previous solution's in a sequence of
+    similar problems) is tried first: if its solution meets the optimality conditions that end the active-set
+    iterations, it is the unique optimum and the iterations are skipped.
     """
     n = len(moment)
+    if tolerance is None:
+        tolerance = 10 * _EPSILON * n * math.sqrt(n)
     norms = [math.sqrt(gram[i][i]) if gram[i][i] > 0 else 1.0 for i in range(n)]
-    full = [
-        [(gram[i][j] if j <= i else gram[j][i]) / (norms[i] * norms[j]) for j in range(n)] for i in range(n)
-    ]
+    scaled = [[row[j] / (norms[i] * norms[j]) for j in range(i + 1)] for i, row in enumerate(gram)]
     b = [moment[i] / norms[i] for i in range(n)]
 
-    def gradient_at(x: list[float]) -> list[float]:
-        # A^T (b - A x) = A^T b - A^T A x
-        return [b[i] - sum(full[i][j] * x[j] for j in range(n)) for i in range(n)]
+    def gradient_at(x: list[float], rows: Iterable[int]) -> dict[int, float]:
+        # A^T (b - A x) = A^T b - A^T A x, on the rows asked for: the variables that could enter the passive set
+        used = [j for j in range(n) if x[j]]
+        return {
+            i: b[i] - sum([(scaled[i][j] if j <= i else scaled[j][i]) * x[j] for j in used]) for i in rows
+        }
 
-    def passive_solution(passive: list[int]) -> list[float]:
+    def passive_solution(passive: Sequence[int]) -> list[float]:
+        # passive is sorted, so each of its rows reads the stored lower triangle
         factor = cholesky(
-            [[full[i][j] for j in passive[: position + 1]] for position, i in enumerate(passive)]
+            [[scaled[i][j] for j in passive[: position + 1]] for position, i in enumerate(passive)]
         )
         solved = cholesky_solve(factor, [b[i] for i in passive])
         z = [0.0] * n
@@ -139,9 +156,19 @@ def nnls_gram(gram: Sequence[Sequence[float]], moment: Sequence[float], *, toler
             z[i] = value
         return z
 
+    def unscaled(x: list[float]) -> list[float]:
+        return [value / norm for value, norm in zip(x, norms, strict=True)]
+
+    if passive_hint:
+        z = passive_solution(sorted(passive_hint))
+        if all(z[i] > tolerance for i in passive_hint):
+            others = [i for i in range(n) if i not in passive_hint]
+            if all(value <= tolerance for value in gradient_at(z, others).values()):
+                return unscaled(z)
+
     x = [0.0] * n
     passive: list[int] = []  # kept sorted
-    gradient = b[:]
+    gradient = dict(enumerate(b))
     # Bounded as in `nnls`: degenerate ties can cycle.
     for _ in range(3 * n):
         candidates = [i for i in range(n) if i not in passive and gradient[i] > tolerance]
@@ -163,5 +190,5 @@ def nnls_gram(gram: Sequence[Sequence[float]], moment: Sequence[float], *, toler
             x = [value if i in passive else 0.0 for i, value in enumerate(x)]
             if not passive:
                 break
-        gradient = gradient_at(x)
-    return [value / norm for value, norm in zip(x, norms, strict=True)]
+        gradient = gradient_at(x, [i for i in range(n) if i not in passive])
+    return unscaled(x)

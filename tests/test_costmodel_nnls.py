@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_shadow.costmodel.nnls import nnls
+from vllm_shadow.costmodel.nnls import cholesky, cholesky_solve, nnls, nnls_gram
 
 
 def _kkt_violation(a: np.ndarray, b: np.ndarray, x: np.ndarray) -> float:
@@ -57,3 +57,59 @@ def test_rejects_mismatched_shapes_and_non_finite_input() -> None:
         nnls(np.ones((3, 2)), np.ones(4))
     with pytest.raises(ValueError, match="finite"):
         nnls(np.array([[1.0], [np.nan]]), np.ones(2))
+
+
+# ---- the pure-Python solvers the online calibrator uses
+
+
+def _lower(matrix: np.ndarray) -> list[list[float]]:
+    return [matrix[i, : i + 1].tolist() for i in range(len(matrix))]
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), size=st.integers(1, 5))
+def test_cholesky_solves_a_positive_definite_system(seed: int, size: int) -> None:
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(size + 3, size))
+    gram, rhs = a.T @ a, rng.normal(size=size)
+    factor = np.zeros((size, size))
+    for i, row in enumerate(cholesky(_lower(gram))):
+        factor[i, : i + 1] = row
+    np.testing.assert_allclose(factor @ factor.T, gram, rtol=1e-10, atol=1e-10 * np.abs(gram).max())
+    np.testing.assert_allclose(
+        cholesky_solve(cholesky(_lower(gram)), rhs.tolist()), np.linalg.solve(gram, rhs)
+    )
+
+
+def test_cholesky_refuses_a_matrix_that_is_not_positive_definite() -> None:
+    with pytest.raises(np.linalg.LinAlgError):
+        cholesky([[1.0], [2.0, 1.0]])  # eigenvalues 3 and -1
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    cols=st.integers(1, 5),
+    hint=st.lists(st.integers(0, 4), unique=True, max_size=5),
+)
+def test_gram_form_equals_nnls_whatever_the_hint(seed: int, cols: int, hint: list[int]) -> None:
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(cols + 4, cols)) * 10.0 ** rng.integers(-3, 4, size=cols)
+    b = rng.normal(size=cols + 4)
+    expected = nnls(a, b)
+    # a hint is only a first guess: right, wrong or empty, the answer is the unique optimum
+    got = np.array(nnls_gram(_lower(a.T @ a), (a.T @ b).tolist(), passive_hint=[i for i in hint if i < cols]))
+    assert np.all(got >= 0)
+    assert _kkt_violation(a, b, got) < 1e-6
+    np.testing.assert_allclose(
+        got * np.linalg.norm(a, axis=0), expected * np.linalg.norm(a, axis=0), atol=1e-6
+    )
+
+
+def test_gram_form_clamps_a_coefficient_like_nnls_from_any_hint() -> None:
+    a = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    b = np.array([2.0, -1.0, 1.0])  # unconstrained solution (5/3, -4/3)
+    for hint in ((), (0,), (1,), (0, 1)):
+        np.testing.assert_allclose(
+            nnls_gram(_lower(a.T @ a), (a.T @ b).tolist(), passive_hint=hint), [1.5, 0.0]
+        )
