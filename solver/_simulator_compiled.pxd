@@ -12,6 +12,8 @@ cimport cython
 
 cpdef Py_ssize_t cdiv(Py_ssize_t a, Py_ssize_t b)
 
+cdef Py_ssize_t _JOB_SHIFT
+
 
 @cython.final
 cdef class _Request:
@@ -131,7 +133,8 @@ cdef class Simulator:
                               Py_ssize_t num_free_blocks) except -1
 
     @cython.locals(block_size=Py_ssize_t, final_tokens=Py_ssize_t, num_output_tokens=Py_ssize_t, held=Py_ssize_t,
-                   num_jobs=Py_ssize_t, held_now=Py_ssize_t, i=Py_ssize_t, left=Py_ssize_t, live=Py_ssize_t)
+                   num_jobs=Py_ssize_t, held_now=Py_ssize_t, i=Py_ssize_t, left=Py_ssize_t, live=Py_ssize_t,
+                   r=_Request, jobs=list, job=Py_ssize_t)
     cdef bint _peak_fits(self, _Request candidate, Py_ssize_t limit) except -1
 
     cdef Py_ssize_t _long_prefill_token_threshold(self) except? -1

@@ -579,26 +579,29 @@ class Simulator:
         current sequence, as if its prefill were done."""
         block_size = self.block_size
         # Every job at its final size at once bounds the peak from above: if that fits, so does the peak.
-        final_tokens = (
-            sum(r.num_prompt_tokens + r.max_tokens - 1 for r in self.running)
-            + candidate.num_prompt_tokens
-            + candidate.max_tokens
-            - 1
-        )
+        final_tokens = candidate.num_prompt_tokens + candidate.max_tokens - 1
+        for r in self.running:
+            final_tokens += r.num_prompt_tokens + r.max_tokens - 1
         if cdiv(final_tokens, block_size) + len(self.running) <= limit:
             return True
-        jobs = []  # (tokens left to grow, tokens held now)
+        # Each job is one int, (tokens left to grow) << _JOB_SHIFT | (tokens held now): ints sort faster than
+        # pairs, in the same order (neither count is negative, and a sequence holds fewer than 2**40 tokens).
+        jobs = []
+        held_now = 0
         for r in [*self.running, candidate]:
             num_output_tokens = self._num_output_tokens(r)
             if r is candidate:
                 held = r.num_prompt_tokens + num_output_tokens
             else:
                 held = r.num_prompt_tokens + max(num_output_tokens, 1) - 1
-            jobs.append((r.num_prompt_tokens + r.max_tokens - 1 - held, held))
+            held_now += held
+            jobs.append((r.num_prompt_tokens + r.max_tokens - 1 - held) << _JOB_SHIFT | held)
         jobs.sort()
         num_jobs = len(jobs)
-        held_now = sum(held for _, held in jobs)
-        for i, (left, held) in enumerate(jobs):
+        for i in range(num_jobs):
+            job = jobs[i]
+            left = job >> _JOB_SHIFT
+            held = job - (left << _JOB_SHIFT)
             # When the i-th shortest finishes, requests i.. have each grown by `left` tokens;
             # sum of ceil(x_j / block_size) over `live` requests <= ceil(sum x_j / block_size) + live - 1.
             live = num_jobs - i
@@ -1153,6 +1156,7 @@ class Simulator:
         return True
 
 
+_JOB_SHIFT = 40  # LightLLM's check packs (tokens left, tokens held) into one int: see Simulator._peak_fits
 _NO_HIT: tuple[list[HeldEntry], int, int] = ([], 0, 0)  # never mutated: an admission takes a fresh list
 
 
