@@ -71,12 +71,8 @@ def run_engines(rounds: int, requests: int) -> list[Variant]:
     ingest = IngestServer(shadow).start()
     variants = [
         Variant("stock vLLM Scheduler", None, {}),
-        Variant(
-            "hook, shadow listening", "vllm_shadow.MirrorScheduler", {"SHADOW_ADDRESS": ingest.address}
-        ),
-        Variant(
-            "hook, nobody listening", "vllm_shadow.MirrorScheduler", {"SHADOW_ADDRESS": _closed_port()}
-        ),
+        Variant("hook, shadow listening", "vllm_shadow.MirrorScheduler", {"SHADOW_ADDRESS": ingest.address}),
+        Variant("hook, nobody listening", "vllm_shadow.MirrorScheduler", {"SHADOW_ADDRESS": _closed_port()}),
     ]
     trace = read_trace(bundled_trace("azure-conv"), limit=requests)
     workload = trace_workload(trace.requests, seconds=0.0)  # all at once: the same batches on every engine
@@ -128,11 +124,16 @@ def hook_cpu_cost(steps: int = 2000) -> None:
     """Time spent in the hook's own code on the engine's thread, per step, measured directly.
 
     vLLM's real Scheduler runs in-process (no model; the test supplies one sampled token per request) with the
-    hook publishing to a live ingest; every hook entry point is timed. Requests of 64 output tokens are
+    hook publishing to a live ingest; every hook entry point is timed. Requests of 16-79 output tokens are
     replaced as they finish, so each step also carries arrivals and finishes. Timing the hook's code rather
-    than subtracting two noisy step times keeps the figure meaningful on a busy machine.
+    than subtracting two noisy step times keeps the figure meaningful on a busy machine. Measured with prefix
+    caching off and on (vLLM's default: 16-token blocks, requests' block hashes computed by vLLM's own hasher,
+    prompts sharing a 512-token prefix), where the hook also publishes each request's block hashes and each
+    admission's cached tokens.
     """
     from vllm import SamplingParams
+    from vllm.utils.hashing import get_hash_fn_by_name
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
     from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
     from vllm.v1.outputs import ModelRunnerOutput
     from vllm.v1.request import Request
@@ -140,14 +141,18 @@ def hook_cpu_cost(steps: int = 2000) -> None:
 
     from vllm_shadow.adapters.vllm import MirrorScheduler
 
-    config = SETUP.engine_args().create_engine_config()
-    blocks = 8192
-    config.cache_config.num_gpu_blocks = blocks
-    spec = FullAttentionSpec(block_size=128, num_kv_heads=2, head_size=64, dtype=config.model_config.dtype)
-
-    def measure(batch: int) -> tuple[float, float]:
+    def measure(batch: int, prefix_caching: bool) -> tuple[float, float]:
+        config = SETUP.engine_args().create_engine_config()
+        block_size = 16 if prefix_caching else 128
+        blocks = 8192 * 128 // block_size
+        config.cache_config.num_gpu_blocks = blocks
+        config.cache_config.block_size = block_size
+        config.cache_config.enable_prefix_caching = prefix_caching
         config.scheduler_config.max_num_seqs = batch
         config.scheduler_config.max_num_batched_tokens = 16384
+        spec = FullAttentionSpec(
+            block_size=block_size, num_kv_heads=2, head_size=64, dtype=config.model_config.dtype
+        )
         kv = KVCacheConfig(
             num_blocks=blocks, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(["l"], spec)]
         )
@@ -155,8 +160,13 @@ def hook_cpu_cost(steps: int = 2000) -> None:
             vllm_config=config,
             kv_cache_config=kv,
             structured_output_manager=StructuredOutputManager(config),
-            block_size=128,
+            block_size=block_size,
         )
+        hasher = None
+        if prefix_caching:  # as EngineCore sets it up
+            hash_fn = get_hash_fn_by_name(config.cache_config.prefix_caching_hash_algo)
+            init_none_hash(hash_fn)
+            hasher = get_request_block_hasher(block_size, hash_fn)
         in_hook = [0.0]
 
         def timed(fn):
@@ -179,7 +189,9 @@ def hook_cpu_cost(steps: int = 2000) -> None:
             nonlocal added
             while len(s.running) + len(s.waiting) < batch:
                 params = SamplingParams(max_tokens=16 + added % 64, ignore_eos=True)
-                s.add_request(Request(f"q{added}", [3] * 100, params, None))
+                # A shared 512-token system prompt, then 100 tokens of the request's own.
+                prompt = [3] * 512 + [4 + added % 30_000] * 100
+                s.add_request(Request(f"q{added}", prompt, params, None, block_hasher=hasher))
                 added += 1
 
         def step() -> None:
@@ -204,12 +216,14 @@ def hook_cpu_cost(steps: int = 2000) -> None:
         os.environ["SHADOW_ADDRESS"] = ingest.address
         try:
             print("\nhook code on the engine thread (vLLM Scheduler in-process, no model, live ingest):")
-            for batch in (16, 64, 256):
-                hook, step = measure(batch)
-                print(
-                    f"  batch {batch:4d}: {hook * 1e6:6.1f} us/step in the hook, "
-                    f"{step * 1e6:7.1f} us/step scheduler + hook (model excluded)"
-                )
+            for prefix_caching in (False, True):
+                for batch in (16, 64, 256):
+                    hook, step = measure(batch, prefix_caching)
+                    print(
+                        f"  prefix caching {'on ' if prefix_caching else 'off'}, batch {batch:4d}: "
+                        f"{hook * 1e6:6.1f} us/step in the hook, "
+                        f"{step * 1e6:7.1f} us/step scheduler + hook (model excluded)"
+                    )
         finally:
             del os.environ["SHADOW_ADDRESS"]
 
