@@ -756,7 +756,9 @@ class Simulator:
                     if policy.victim == "least-computed":  # the cheapest to recompute; the newest on a tie
                         preempted_req = self.running[-1]
                         for candidate in reversed(self.running):
-                            if self._num_computed_tokens(candidate) < self._num_computed_tokens(preempted_req):
+                            if self._num_computed_tokens(candidate) < self._num_computed_tokens(
+                                preempted_req
+                            ):
                                 preempted_req = candidate
                     else:
                         preempted_req = max(self.running, key=lambda r: (r.record.priority, r.arrival_time))
@@ -1258,6 +1260,13 @@ def simulate(
     if sim.num_used_blocks > num_usable_blocks:
         raise ValueError(
             f"initial requests hold {sim.num_used_blocks} blocks, more than the {num_usable_blocks} available"
+        )
+    if sim.num_reserved_blocks > num_usable_blocks:
+        # A no-eviction policy reserves each request's whole sequence at admission; requests an evicting engine
+        # admitted may not all fit those reservations, and such a policy can then never have reached this state.
+        raise ValueError(
+            f"{policy.preset} cannot take over: its reservations for the initial requests need "
+            f"{sim.num_reserved_blocks} blocks, more than the {num_usable_blocks} available"
         )
     offset = len(initial_running)
     pending: list[tuple[int, int, _Request]] = []  # (arrival time or step, index, request)

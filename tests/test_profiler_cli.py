@@ -71,7 +71,9 @@ def test_a_model_too_big_for_the_hardware_is_profiled_without_a_prior(capsys, tm
     """Profiling builds a few layers, so it runs where the whole model would not fit (Llama-3-70B on one
     H100); the roofline prior, which sizes the KV cache of the whole model, is then left out, with the why."""
     pytest.importorskip("torch")
-    config = json.loads((resources.files("vllm_shadow.costmodel") / "data" / "models" / "tiny-llama.json").read_text())
+    config = json.loads(
+        (resources.files("vllm_shadow.costmodel") / "data" / "models" / "tiny-llama.json").read_text()
+    )
     config["num_hidden_layers"] = 40_000  # 29 billion parameters: more than the CPU entry's memory
     (tmp_path / "huge").mkdir()
     (tmp_path / "huge" / "config.json").write_text(json.dumps(config))

@@ -267,9 +267,9 @@ def test_invariants_and_fast_forward_equals_stepping(workload, knobs):
     if not p.eviction or p.admission == "future-peak":
         assert sum(r.preemptions for r in fast.requests) == 0 or (p.admission == "future-peak" and p.eviction)
     # The shortcuts are exact: same steps, same per-request records, same busy time.
-    assert [(s.scheduled_tokens, s.preempted, s.start_time, s.duration, s.kv_blocks_used) for s in fast.steps] == [
-        (s.scheduled_tokens, s.preempted, s.start_time, s.duration, s.kv_blocks_used) for s in slow.steps
-    ]
+    assert [
+        (s.scheduled_tokens, s.preempted, s.start_time, s.duration, s.kv_blocks_used) for s in fast.steps
+    ] == [(s.scheduled_tokens, s.preempted, s.start_time, s.duration, s.kv_blocks_used) for s in slow.steps]
     assert fast.requests == slow.requests
     assert fast.gpu_seconds == slow.gpu_seconds
     # Recording steps changes nothing.

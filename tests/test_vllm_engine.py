@@ -188,7 +188,9 @@ def test_engine_finishes_every_request_when_the_shadow_dies_mid_run(session) -> 
 
     def kill_the_shadow_once_the_run_is_under_way() -> None:
         def under_way() -> bool:
-            return any(isinstance(e, RequestArrival) and e.request_id.startswith("c") for e in s.ingested.events)
+            return any(
+                isinstance(e, RequestArrival) and e.request_id.startswith("c") for e in s.ingested.events
+            )
 
         wait_until(under_way, 60, "the first arrival of this run at the shadow")
         s.ingest.stop(grace=0)

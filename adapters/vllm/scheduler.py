@@ -104,7 +104,9 @@ class _MirrorMixin:
                     max_tokens=request.max_tokens,
                     priority=request.priority,
                     # vLLM's prefix-cache hashes (bytes) as signed 64-bit ints; empty with caching off.
-                    block_hashes=tuple(int.from_bytes(h[:8], "big", signed=True) for h in request.block_hashes),
+                    block_hashes=tuple(
+                        int.from_bytes(h[:8], "big", signed=True) for h in request.block_hashes
+                    ),
                 )
             )
         except Exception:

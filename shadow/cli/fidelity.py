@@ -55,7 +55,10 @@ def _divergence(mismatch: StepMismatch, run: MirroredRun) -> dict[str, Any]:
         "what": list(mismatch.kinds),
         "requests": _requests_involved(mismatch),
         "engine": {"scheduled_tokens": mismatch.real, "preempted": list(mismatch.real_preempted)},
-        "simulator": {"scheduled_tokens": mismatch.simulated, "preempted": list(mismatch.simulated_preempted)},
+        "simulator": {
+            "scheduled_tokens": mismatch.simulated,
+            "preempted": list(mismatch.simulated_preempted),
+        },
         "engine_cached_tokens": dict(real_step.cached_tokens) if real_step is not None else {},
     }
 

@@ -128,5 +128,7 @@ def check_run(run: MirroredRun) -> StepComparison:
             "vllm_shadow.MirrorScheduler) sees them; the stat-logger plugin and OTLP spans do not"
         )
     if not run.finishes:
-        raise ValueError("no request finished in the recording: output lengths are unknown, nothing to replay")
+        raise ValueError(
+            "no request finished in the recording: output lengths are unknown, nothing to replay"
+        )
     return compare_steps(run.steps, replay_in_step_space(run).steps or [])

@@ -125,7 +125,6 @@ class WindowOptimum:
     constrained: OptimalOutcome | None
 
 
-
 def metric_value(outcome: CandidateOutcome, metric: str) -> float:
     if metric == "gpu":
         return outcome.gpu_seconds

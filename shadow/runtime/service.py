@@ -40,7 +40,6 @@ from vllm_shadow.tracking.reasons import RefusalReason
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True, slots=True)
 class ServiceConfig:
     shadow: ShadowConfig = field(default_factory=ShadowConfig)

@@ -31,6 +31,7 @@ def address_path(namespace: str, name: str) -> Path:
     no other user can plant one."""
     return user_dir() / f"{namespace}-{name}.address.json"
 
+
 logger = logging.getLogger(__name__)
 
 STATUS_PATH = "/status"

@@ -21,7 +21,11 @@ STREAMS = {
     # FCFS under KV pressure: preemptions, resumptions, chunked prefill.
     "fcfs-kv12": (EngineSetup(num_kv_blocks=12, max_num_seqs=8, max_num_batched_tokens=512), 48, 0),
     # The priority policy: its own waiting order and preemption victims.
-    "priority-kv16": (EngineSetup(num_kv_blocks=16, policy="priority", long_prefill_token_threshold=128), 40, 3),
+    "priority-kv16": (
+        EngineSetup(num_kv_blocks=16, policy="priority", long_prefill_token_threshold=128),
+        40,
+        3,
+    ),
     # Many short decoders on little KV under FCFS: steps that preempt several requests at once.
     "fcfs-kv6-crowded": (EngineSetup(num_kv_blocks=6, max_num_seqs=16, max_num_batched_tokens=1024), 40, 0),
     # vLLM's default prefix caching, under KV pressure: a resumed request re-hits its own cached blocks.
