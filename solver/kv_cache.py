@@ -91,6 +91,9 @@ class PrivateRun:
 
 def num_blocks(entries: list[HeldEntry]) -> int:
     """The blocks a request holds (or a lookup hit)."""
+    if len(entries) == 1:  # the common case: called several times a request
+        entry = entries[0]
+        return entry[2] - entry[1]
     return sum([hi - lo for _run, lo, hi in entries])
 
 
@@ -107,6 +110,9 @@ def held_runs(entries: list[HeldEntry]) -> list[CachedRun]:
 
 def num_held_blocks(entries: list[HeldEntry]) -> int:
     """The blocks of a lookup's hit that another running request holds (they cost no free block)."""
+    if len(entries) == 1:
+        run, lo, hi = entries[0]
+        return hi - lo if run.ref_cnt else 0
     return sum([hi - lo for run, lo, hi in entries if run.ref_cnt])
 
 
@@ -167,6 +173,20 @@ class BlockPool:
         runs = index.get(block_hashes[0])
         if runs is None:
             return []
+        if len(runs) == 1:
+            # The common case, without the general walk's lists: one run matches from the start and no run starts
+            # inside its match (the walk below would stop there with this one candidate).
+            run = runs[0]
+            run_hashes = run.block_hashes
+            lo = run.lo
+            end = run.hi - lo
+            if end > num_hashes:
+                end = num_hashes
+            if run_hashes is not block_hashes and run_hashes[lo + end - 1] != block_hashes[end - 1]:
+                end = _match_length(run, block_hashes, 0, num_hashes)
+            stop = end if end < num_hashes else num_hashes - 1
+            if stop < 1 or not any(map(index.__contains__, block_hashes[1 : stop + 1])):
+                return [(run, lo, lo + end)]
         # (stamp, run, position of run.lo in block_hashes, end of the match there)
         candidates: list[tuple[int, CachedRun, int, int]] = []
         found = [(0, runs)]
@@ -249,7 +269,13 @@ class BlockPool:
         self.version += 1
         self._num_inserts += 1
         run = CachedRun(block_hashes, start, num_full_blocks, 1, self._num_inserts)
-        self._index(run)
+        index = self.cached_block_hash_to_block  # self._index(run), inlined: once or more a request
+        key = block_hashes[start]
+        runs = index.get(key)
+        if runs is None:
+            index[key] = [run]
+        else:
+            runs.append(run)
         held.append((run, start, num_full_blocks))
 
     def hold_initial(
@@ -276,8 +302,14 @@ class BlockPool:
                 freed.append(run)
         if not freed:
             return 0
-        self._enqueue(freed)
-        return sum([run.hi - run.lo for run in freed])
+        entry = FreeEntry(freed)  # self._enqueue(freed), inlined
+        num_freed = 0
+        for run in freed:
+            run.entry = entry
+            num_freed += run.hi - run.lo
+        self.num_queued_blocks += num_freed
+        self.free_block_queue.append(entry)
+        return num_freed
 
     def _enqueue(self, runs: list[CachedRun]) -> None:
         entry = FreeEntry(runs)
@@ -321,31 +353,41 @@ class BlockPool:
     def evict_to(self, num_free_blocks: int) -> None:
         """Allocations took free blocks: those without a hash went first, then cached ones from the front of
         the queue, whose hashes are evicted. Afterwards the queue holds at most the free blocks."""
+        num_surplus = self.num_queued_blocks - num_free_blocks
+        if num_surplus <= 0:
+            return
         queue = self.free_block_queue
-        while self.num_queued_blocks > num_free_blocks:
+        num_left = num_surplus  # blocks still to evict
+        while num_left > 0:
             entry = queue[0]
             if type(entry) is PrivateRun:
-                num_evicted = min(self.num_queued_blocks - num_free_blocks, entry.hi - entry.lo)
-                entry.hi -= num_evicted
-                if entry.hi == entry.lo:
-                    queue.popleft()
+                size = entry.hi - entry.lo
+                if size > num_left:
+                    entry.hi -= num_left
+                    break
+                num_left -= size
+                entry.hi = entry.lo
+                queue.popleft()
             else:
                 runs = entry.runs  # type: ignore[union-attr]
                 if not runs:
                     queue.popleft()  # taken since it was freed
                     continue
                 run = runs[0]
-                num_evicted = min(self.num_queued_blocks - num_free_blocks, run.hi - run.lo)
-                run.hi -= num_evicted  # its tail first
-                if run.hi == run.lo:
-                    self._unindex(run)
-                    run.entry = None
-                    del runs[0]
-                    if not runs:
-                        queue.popleft()
-            self.version += 1
-            self.num_queued_blocks -= num_evicted
-            self.num_evicted_blocks += num_evicted
+                size = run.hi - run.lo
+                if size > num_left:
+                    run.hi -= num_left  # its tail first
+                    break
+                num_left -= size
+                run.hi = run.lo
+                self._unindex(run)
+                run.entry = None
+                del runs[0]
+                if not runs:
+                    queue.popleft()
+        self.version += 1  # once for the lot: the version only tells whether anything changed
+        self.num_queued_blocks = num_free_blocks
+        self.num_evicted_blocks += num_surplus
 
     # ---- inspection (tests) ------------------------------------------------------------------------------------
 

@@ -134,3 +134,33 @@ def test_runs_behave_as_vllm_s_blocks(rng):
             blocks = reference_held[request]
             assert [run.ref_cnt for run in runs for _ in range(run.lo, run.hi)] == [b.ref_cnt for b in blocks]
         assert pool.num_cached_blocks() == sum(len(blocks) for blocks in reference.by_hash.values())
+
+
+def test_a_hit_takes_runs_starting_inside_it():
+    # The lookup's shortcut (one run found from the start) must still see runs starting inside its match or at
+    # its end: the next chunk of the same chain, a duplicate inserted later, and a cap that stops before a run.
+    chain_a = tuple(range(10))
+    pool = BlockPool()
+    first: list = []
+    pool.cache_full_blocks(first, chain_a, 4)  # blocks 0..3, stamp 1
+    pool.cache_full_blocks(first, chain_a, 10)  # blocks 4..9, stamp 2: the next chunk, a run of its own
+    hit = pool.find_longest_cache_hit(chain_a, 10)
+    assert [(run.stamp, lo, hi) for run, lo, hi in hit] == [(1, 0, 4), (2, 4, 10)]
+    assert num_blocks(pool.find_longest_cache_hit(chain_a, 4)) == 4  # capped at the run's end
+    assert num_blocks(pool.find_longest_cache_hit(chain_a, 3)) == 3  # capped inside it
+    assert pool.find_longest_cache_hit(chain_a, 0) == []
+    # A second request computed blocks 2..7 again (it hit 0..1 only): duplicates, inserted later, so the hit
+    # keeps the first inserted blocks at every position.
+    second = [(first[0][0], 0, 2)]
+    pool.touch(second)
+    pool.cache_full_blocks(second, chain_a, 8)
+    hit = pool.find_longest_cache_hit(chain_a, 10)
+    assert stamps(hit) == [1] * 4 + [2] * 6
+    # Once the first request's blocks are freed and the free queue evicts its tail run (4..9), the duplicate
+    # run 2..7 (stamp 3) continues the hit past block 3.
+    pool.free_blocks(first)
+    pool.evict_to(pool.num_queued_blocks - 6)
+    assert stamps(pool.find_longest_cache_hit(chain_a, 10)) == [1] * 4 + [3] * 4
+    # A chain that shares only its first blocks stops where the hashes differ.
+    chain_b = (*chain_a[:3], "b3", "b4")
+    assert stamps(pool.find_longest_cache_hit(chain_b, 5)) == [1] * 3
