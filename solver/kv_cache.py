@@ -249,7 +249,7 @@ class BlockPool:
         taken.entry = None
         for part in left_over:
             part.entry = entry
-        place = next(i for i, queued in enumerate(entry.runs) if queued is run)
+        place = entry.runs.index(run)  # runs compare by identity
         entry.runs[place : place + 1] = left_over
         return taken
 
@@ -296,10 +296,16 @@ class BlockPool:
             return 0
         self.version += 1
         freed: list[CachedRun] = []
-        for run in reversed(held_runs(held)):
+        if len(held) == 1 and held[0][0].hi >= held[0][2]:  # one run, not split since: no held_runs walk
+            run = held[0][0]
             run.ref_cnt -= 1
             if not run.ref_cnt:
                 freed.append(run)
+        else:
+            for run in reversed(held_runs(held)):
+                run.ref_cnt -= 1
+                if not run.ref_cnt:
+                    freed.append(run)
         if not freed:
             return 0
         entry = FreeEntry(freed)  # self._enqueue(freed), inlined
