@@ -185,7 +185,7 @@ class BlockPool:
             if run_hashes is not block_hashes and run_hashes[lo + end - 1] != block_hashes[end - 1]:
                 end = _match_length(run, block_hashes, 0, num_hashes)
             stop = end if end < num_hashes else num_hashes - 1
-            if stop < 1 or not any(map(index.__contains__, block_hashes[1 : stop + 1])):
+            if stop < 1 or index.keys().isdisjoint(block_hashes[1 : stop + 1]):  # a C loop, no map
                 return [(run, lo, lo + end)]
         # (stamp, run, position of run.lo in block_hashes, end of the match there)
         candidates: list[tuple[int, CachedRun, int, int]] = []
@@ -202,7 +202,10 @@ class BlockPool:
             start, stop = scanned + 1, min(reach, num_hashes - 1) + 1
             if start >= stop:
                 break
-            positions = compress(range(start, stop), map(index.__contains__, block_hashes[start:stop]))
+            window = block_hashes[start:stop]
+            if index.keys().isdisjoint(window):  # most often: nothing found, at half map's cost a position
+                break
+            positions = compress(range(start, stop), map(index.__contains__, window))
             found = [(position, index[block_hashes[position]]) for position in positions]
             scanned = stop - 1
         if len(candidates) == 1:
