@@ -173,6 +173,8 @@ class BlockPool:
         runs = index.get(block_hashes[0])
         if runs is None:
             return []
+        # Whether the walk's first window (positions 1..the first run's match) is known to hold a run start.
+        first_window_found = False
         if len(runs) == 1:
             # The common case, without the general walk's lists: one run matches from the start and no run starts
             # inside its match (the walk below would stop there with this one candidate).
@@ -187,6 +189,7 @@ class BlockPool:
             stop = end if end < num_hashes else num_hashes - 1
             if stop < 1 or index.keys().isdisjoint(block_hashes[1 : stop + 1]):  # a C loop, no map
                 return [(run, lo, lo + end)]
+            first_window_found = True  # the walk below looks at the same window first
         # (stamp, run, position of run.lo in block_hashes, end of the match there)
         candidates: list[tuple[int, CachedRun, int, int]] = []
         found = [(0, runs)]
@@ -203,7 +206,9 @@ class BlockPool:
             if start >= stop:
                 break
             window = block_hashes[start:stop]
-            if index.keys().isdisjoint(window):  # most often: nothing found, at half map's cost a position
+            if first_window_found:
+                first_window_found = False
+            elif index.keys().isdisjoint(window):  # most often: nothing found, at half map's cost a position
                 break
             positions = compress(range(start, stop), map(index.__contains__, window))
             found = [(position, index[block_hashes[position]]) for position in positions]
