@@ -11,7 +11,7 @@ import os
 import threading
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -166,15 +166,30 @@ def test_stat_logger_and_otlp_see_the_mirror_s_requests(session) -> None:
     wait_until(
         lambda: sum(isinstance(e, RequestFinish) for e in s.spans.events) >= 12, 10, "12 finishes over OTLP"
     )
-    mirror = {
-        _external(e.request_id): e
-        for e in s.engine_recording()
-        if isinstance(e, RequestArrival) and e.request_id.startswith("b")
-    }
-    for name, events in (("stat logger", s.recording(os.getpid())), ("OTLP", s.spans.events)):
-        arrivals = {
-            e.request_id: e for e in events if isinstance(e, RequestArrival) and e.request_id.startswith("b")
+
+    def arrivals_of(events: list[Event], request_id=lambda rid: rid) -> dict[str, RequestArrival]:
+        return {
+            request_id(e.request_id): e
+            for e in events
+            if isinstance(e, RequestArrival) and e.request_id.startswith("b")
         }
+
+    def every_request(read: Callable[[], list[Event]], **kwargs) -> Callable[[], dict | None]:
+        # The hook and the stat logger write their recordings from their own delivery threads: a run's last
+        # finishes may reach the file a moment after the client has them.
+        def complete() -> dict | None:
+            arrivals = arrivals_of(read(), **kwargs)
+            return arrivals if arrivals.keys() >= produced.keys() else None
+
+        return complete
+
+    mirror = wait_until(
+        every_request(s.engine_recording, request_id=_external), 10, "every request in the hook's recording"
+    )
+    stat_logger = wait_until(
+        every_request(lambda: s.recording(os.getpid())), 10, "every request in the stat logger's recording"
+    )
+    for name, arrivals in (("stat logger", stat_logger), ("OTLP", arrivals_of(s.spans.events))):
         assert arrivals.keys() == mirror.keys() == produced.keys(), name
         for rid, a in arrivals.items():
             assert a.prompt_tokens == mirror[rid].prompt_tokens and a.output_tokens == produced[rid], name
