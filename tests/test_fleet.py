@@ -170,6 +170,17 @@ def _scrape(target: str) -> set[tuple[str, str]]:
     }
 
 
+def _probe_lands_on(ray, node: str) -> bool:
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0)
+    def where() -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    strategy = NodeAffinitySchedulingStrategy(node, soft=True)
+    return ray.get(where.options(scheduling_strategy=strategy).remote(), timeout=60) == node
+
+
 @pytest.mark.integration
 def test_fleet_on_two_nodes_rebalances_when_a_member_dies(tmp_path) -> None:
     ray = pytest.importorskip("ray")
@@ -185,6 +196,9 @@ def test_fleet_on_two_nodes_rebalances_when_a_member_dies(tmp_path) -> None:
         ray.init(address=cluster.address, namespace=namespace, log_to_driver=False)
         nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         assert len(nodes) == 2
+        # The GCS lists a new node before the driver's raylet can schedule onto it, and soft affinity
+        # passes over a node it does not know: wait until a probe lands on each node as asked.
+        wait_until(lambda: all(_probe_lands_on(ray, node) for node in nodes), 60, "every node schedulable")
         config = ServiceConfig(shadow=_config(), grpc_address=None, tick_seconds=0.1)
         fleet = start_shadow_fleet(config, 3, name="shadow", namespace=namespace, max_restarts=0)
         assert {ray.get(m.handle.node.remote())[0] for m in fleet.members} == nodes  # spread over both

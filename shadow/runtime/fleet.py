@@ -47,7 +47,7 @@ def member_names(name: str, size: int) -> list[str]:
 class FleetMember:
     name: str
     handle: Any  # the Ray actor handle
-    node_id: str  # the node it runs on (as placed; Ray may restart it elsewhere)
+    node_id: str  # the node it started on (Ray may restart it elsewhere)
 
 
 class ShadowFleet:
@@ -149,4 +149,10 @@ def start_shadow_fleet(
         )
         members.append(FleetMember(member, handle, node))
     ray.get([m.handle.ping.remote() for m in members], timeout=timeout)
-    return ShadowFleet(members, namespace)
+    # Affinity is soft (a member must survive its node), so a node the local scheduler has not heard of yet
+    # is passed over: record where each member really runs, not where it was asked to.
+    started = ray.get([m.handle.node.remote() for m in members], timeout=timeout)
+    return ShadowFleet(
+        [FleetMember(m.name, m.handle, node) for m, (node, _) in zip(members, started, strict=True)],
+        namespace,
+    )
