@@ -151,8 +151,9 @@ class Sequencer:
         self._candidate = None
         out = self._new_incarnation(candidate.incarnation)
         self._current_heard = candidate.last
-        for batch in candidate.batches:
-            out += self._push_current(batch).deliveries
+        # Held from when each batch came, not from now: adopting after `max_wait` must not hold them twice as long.
+        for batch, arrived in zip(candidate.batches, (candidate.since, candidate.last)):  # at most two
+            out += self._push_current(batch, arrived).deliveries
         return out
 
     def _drop_candidate(self) -> list[Delivery]:
@@ -162,7 +163,7 @@ class Sequencer:
         self._candidate = None
         return []
 
-    def _push_current(self, batch: EventBatch) -> Pushed:
+    def _push_current(self, batch: EventBatch, arrived: float | None = None) -> Pushed:
         out: list[Delivery] = []
         position = (batch.sequence, batch.part)
         if self._expected is None and position == (0, 0):
@@ -175,7 +176,7 @@ class Sequencer:
             out += self._jump(batch.sequence)
         elif (self._expected is not None and position < self._expected) or position in self._held:
             return self._late(batch)
-        self._held[position] = (batch, self._clock())
+        self._held[position] = (batch, self._clock() if arrived is None else arrived)
         out += self._release()
         if len(self._held) > self._max_held:
             out += self._give_up()
