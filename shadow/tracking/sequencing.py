@@ -152,7 +152,8 @@ class Sequencer:
         out = self._new_incarnation(candidate.incarnation)
         self._current_heard = candidate.last
         # Held from when each batch came, not from now: adopting after `max_wait` must not hold them twice as long.
-        for batch, arrived in zip(candidate.batches, (candidate.since, candidate.last)):  # at most two
+        arrivals = (candidate.since, candidate.last)[: len(candidate.batches)]  # it holds one batch or two
+        for batch, arrived in zip(candidate.batches, arrivals, strict=True):
             out += self._push_current(batch, arrived).deliveries
         return out
 
