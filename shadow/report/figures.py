@@ -43,7 +43,7 @@ def latency_figure(analysis: StreamAnalysis) -> bytes:
             or [math.nan]
             for label in labels
         ]
-        axis.boxplot(data, vert=False, showfliers=False, widths=0.6)
+        axis.boxplot(data, orientation="horizontal", showfliers=False, widths=0.6)
         axis.set_xlabel(unit)
         axis.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(range(1, len(labels) + 1), [_short(label) for label in labels], fontsize=8)
