@@ -38,6 +38,7 @@ os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 
 from vllm_shadow.adapters.events import EngineStep, Event, RequestArrival
 from vllm_shadow.adapters.traces import read_trace, resolve_trace
+from vllm_shadow.adapters.vllm.prefix_workloads import prompt_from_keys
 from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.solver.simulator import simulate
 
@@ -104,17 +105,6 @@ class ScaleConfig:
 # ---- workloads -----------------------------------------------------------------------------------------------
 
 
-_POOL = [random.Random(7).randrange(100, 30000) for _ in range(1 << 18)]
-
-
-def _tokens(key: int, n: int) -> list[int]:
-    """`n` pseudo-random token ids, a function of `key`; different keys start differently (two leading ids
-    spell the key), so their chained block hashes never meet."""
-    offset = (key * 7919) % (len(_POOL) - n - 2) if n + 2 < len(_POOL) else 0
-    head = [100 + key % 20000, 100 + (key // 20000) % 20000]
-    return (head + _POOL[offset : offset + n])[:n] if n + 2 < len(_POOL) else head + _POOL[: n - 2]
-
-
 @dataclass(frozen=True, slots=True)
 class Workload:
     """Requests as vLLM sees them: how to build each prompt's token ids (built when it arrives), output length,
@@ -131,11 +121,7 @@ class Workload:
     run_tokens: int  # tokens per key
 
     def prompt(self, index: int) -> list[int]:
-        length = self.prompt_lengths[index]
-        keys = self.prompt_keys[index]
-        if len(keys) == 1:
-            return _tokens(keys[0], length)
-        return [t for key in keys for t in _tokens(key, self.run_tokens)][:length]
+        return prompt_from_keys(self.prompt_keys[index], self.prompt_lengths[index], self.run_tokens)
 
 
 def _shared_prompt_trace(n: int) -> list[RequestArrival]:

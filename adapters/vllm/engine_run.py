@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_shadow.adapters.events import RequestArrival
+from vllm_shadow.adapters.vllm.prefix_workloads import PromptedRequest
 
 TINY_LLAMA = Path(__file__).resolve().parent.parent / "data" / "tiny-llama"
 CPU_BLOCK_SIZE = 128  # vLLM's KV block size on the CPU platform
@@ -161,25 +162,46 @@ def drive(engine: Any, requests: Sequence[RequestArrival], *, id_prefix: str = "
     Returns output tokens produced per request id (external ids, with `id_prefix`). Prompts are token ids
     (one token id repeated: random weights make content irrelevant to scheduling).
     """
+    pending = sorted(requests, key=lambda r: r.time)
+    prompted = [PromptedRequest(r, (100 + i % 1000,) * r.prompt_tokens) for i, r in enumerate(pending)]
+    return drive_prompts(engine, prompted, id_prefix=id_prefix)
+
+
+def drive_prompts(engine: Any, requests: Sequence[PromptedRequest], *, id_prefix: str = "") -> dict[str, int]:
+    """Submit each request with its own prompt token ids, at its `time` (seconds from now, or from the finish
+    of the request it comes `after`), and step until all finish. Returns output tokens per request id."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    pending = sorted(requests, key=lambda r: r.time)
-    produced: dict[str, int] = {}
+    followers: dict[str, list[PromptedRequest]] = {}
+    for r in requests:
+        if r.after is not None:
+            followers.setdefault(id_prefix + r.after, []).append(r)
     start = time.monotonic()
-    nxt = 0
-    while nxt < len(pending) or engine.has_unfinished_requests():
+    # (when, order, request): order keeps equal times in submission order
+    pending = sorted(((r.arrival.time, i, r) for i, r in enumerate(requests) if r.after is None), key=_first2)
+    produced: dict[str, int] = {}
+    order = len(requests)
+    while pending or engine.has_unfinished_requests():
         now = time.monotonic() - start
-        while nxt < len(pending) and pending[nxt].time <= now:
-            r = pending[nxt]
-            params = SamplingParams(max_tokens=r.output_tokens, ignore_eos=True, detokenize=False)
-            prompt = TokensPrompt(prompt_token_ids=[100 + nxt % 1000] * r.prompt_tokens)
-            engine.add_request(id_prefix + r.request_id, prompt, params, priority=r.priority)
-            nxt += 1
+        while pending and pending[0][0] <= now:
+            r = pending.pop(0)[2]
+            params = SamplingParams(max_tokens=r.arrival.output_tokens, ignore_eos=True, detokenize=False)
+            prompt = TokensPrompt(prompt_token_ids=list(r.prompt_token_ids))
+            engine.add_request(id_prefix + r.arrival.request_id, prompt, params, priority=r.arrival.priority)
         if engine.has_unfinished_requests():
             for out in engine.step():
                 if out.finished:
                     produced[out.request_id] = len(out.outputs[0].token_ids)
-        elif nxt < len(pending):
-            time.sleep(max(0.0, pending[nxt].time - (time.monotonic() - start)))
+                    finished_at = time.monotonic() - start
+                    for follower in followers.pop(out.request_id, ()):
+                        pending.append((finished_at + follower.arrival.time, order, follower))
+                        order += 1
+                    pending.sort(key=_first2)
+        elif pending:
+            time.sleep(max(0.0, pending[0][0] - (time.monotonic() - start)))
     return produced
+
+
+def _first2(entry: tuple[float, int, PromptedRequest]) -> tuple[float, int]:
+    return entry[0], entry[1]

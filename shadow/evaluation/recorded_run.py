@@ -73,7 +73,7 @@ class MirroredRun:
 def request_latencies(run: MirroredRun) -> dict[str, RequestRecord]:
     """What the engine delivered to every finished request, on the engine's clock, from the step stream: its
     first token at the end of the step that completed its prefill, its finish at the end of the step that
-    produced its last token."""
+    produced its last token. A request admitted or resumed with a prefix-cache hit starts from the hit."""
     prompt = {r.request_id: r.prompt_tokens for r in run.requests}
     computed: dict[str, int] = {}
     first_token: dict[str, float] = {}
@@ -82,6 +82,7 @@ def request_latencies(run: MirroredRun) -> dict[str, RequestRecord]:
         end = step.start_time + step.duration
         for request_id in step.preempted:
             computed[request_id] = 0
+        computed.update(step.cached_tokens)
         for request_id, n in step.scheduled_tokens.items():
             done = computed.get(request_id, 0) + n
             computed[request_id] = done

@@ -6,26 +6,45 @@ stream; replay it in step space through `solver` and compare step by step; calib
 the first half of the measured steps and report its error on the second half; replay in time with the
 calibrated model and report per-request TTFT and end-to-end errors.
 
-    python -m tests.fidelity.fidelity_report   # all configurations, one table (from the repository root)
+With prefix caching on (`PREFIX_CONFIGS`), the prompts are token ids that share prefixes, so vLLM's prefix
+cache really hits: a few system prompts, multi-turn conversations growing a shared history, and Mooncake's hash
+ids (adapters.vllm.prefix_workloads); the step comparison then also covers each admitted request's cache hit.
+
+    python -m tests.fidelity.fidelity_report             # all configurations, one table (from the repository root)
+    python -m tests.fidelity.fidelity_report --prefix    # only the prefix-caching configurations
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 import sys
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from tests.support.calibration_report import CalibrationReport, calibrate
-from vllm_shadow.adapters.events import RequestArrival
+from vllm_shadow.adapters.events import EngineStep, RequestArrival
 from vllm_shadow.adapters.recorder import read_events
-from vllm_shadow.adapters.traces import bundled_trace, read_trace
-from vllm_shadow.adapters.vllm.engine_run import EngineSetup, drive, start_engine, stop_engine, trace_workload
+from vllm_shadow.adapters.traces import bundled_trace, read_trace, resolve_trace
+from vllm_shadow.adapters.vllm.engine_run import (
+    EngineSetup,
+    drive_prompts,
+    start_engine,
+    stop_engine,
+    trace_workload,
+)
+from vllm_shadow.adapters.vllm.prefix_workloads import (
+    PromptedRequest,
+    conversations,
+    mooncake_conversations,
+    shared_system_prompts,
+)
 from vllm_shadow.evaluation.candidates import current_policy
 from vllm_shadow.evaluation.recorded_run import MirroredRun, replay_in_step_space, request_latencies
-from vllm_shadow.evaluation.step_match import StepComparison, compare_steps
+from vllm_shadow.evaluation.step_match import StepComparison, StepMismatch, compare_steps
 from vllm_shadow.solver.simulator import simulate
 
 # Engine configurations by name; KV sizes are chosen so that preemption happens.
@@ -42,13 +61,85 @@ CONFIGS: dict[str, EngineSetup] = {
         num_kv_blocks=16, policy="priority", long_prefill_token_threshold=128
     ),
 }
-PREFIX_CACHING = EngineSetup(num_kv_blocks=16, long_prefill_token_threshold=64, enable_prefix_caching=True)
 TRACE_REQUESTS = 40
 
 
 def workload(setup: EngineSetup, requests: int = TRACE_REQUESTS) -> list[RequestArrival]:
     trace = read_trace(bundled_trace("azure-conv"), limit=requests)
     return trace_workload(trace.requests, seconds=1.0, priorities=3 if setup.policy == "priority" else 0)
+
+
+def _priorities(setup: EngineSetup) -> int:
+    return 3 if setup.policy == "priority" else 0
+
+
+def system_prompt_workload(setup: EngineSetup) -> list[PromptedRequest]:
+    """The Azure arrivals and output lengths; three system prompts of 2-4 blocks, each request's own question."""
+    return shared_system_prompts(workload(setup), max_question_tokens=300)
+
+
+def multi_turn_workload(setup: EngineSetup) -> list[PromptedRequest]:
+    """Eight conversations of five turns, each turn sent when the previous one finished."""
+    return conversations(8, 5, output_tokens=(32, 160), priorities=_priorities(setup))
+
+
+def mooncake_workload(setup: EngineSetup) -> list[PromptedRequest]:
+    """Whole Mooncake conversations (40 requests), one hash id per CPU block of 128 tokens."""
+    trace = read_trace(resolve_trace("mooncake-conv"))
+    assert trace.block_tokens
+    return mooncake_conversations(trace.requests, trace.block_tokens, count=40, priorities=_priorities(setup))
+
+
+Workload = Callable[[EngineSetup], Sequence[PromptedRequest]]
+CACHING = EngineSetup(enable_prefix_caching=True)
+# Prefix caching on, with prompts that share prefixes; KV sized so that preemption happens.
+PREFIX_CONFIGS: dict[str, tuple[EngineSetup, Workload]] = {
+    "prefix-system-fcfs-kv12": (
+        dataclasses.replace(CACHING, num_kv_blocks=12),
+        system_prompt_workload,
+    ),
+    "prefix-system-priority-kv12-threshold128": (
+        dataclasses.replace(CACHING, num_kv_blocks=12, policy="priority", long_prefill_token_threshold=128),
+        system_prompt_workload,
+    ),
+    "prefix-system-fcfs-kv12-unchunked": (
+        dataclasses.replace(
+            CACHING, num_kv_blocks=12, enable_chunked_prefill=False, max_num_batched_tokens=2048
+        ),
+        system_prompt_workload,
+    ),
+    "prefix-multiturn-fcfs-kv24": (
+        dataclasses.replace(CACHING, num_kv_blocks=24),
+        multi_turn_workload,
+    ),
+    "prefix-multiturn-priority-kv20-unchunked": (
+        dataclasses.replace(
+            CACHING,
+            num_kv_blocks=20,
+            policy="priority",
+            enable_chunked_prefill=False,
+            max_num_batched_tokens=2048,
+        ),
+        multi_turn_workload,
+    ),
+    "prefix-mooncake-fcfs-kv16-threshold256": (
+        dataclasses.replace(CACHING, num_kv_blocks=16, long_prefill_token_threshold=256),
+        mooncake_workload,
+    ),
+    "prefix-mooncake-priority-kv16": (
+        dataclasses.replace(CACHING, num_kv_blocks=16, policy="priority"),
+        mooncake_workload,
+    ),
+    "prefix-mooncake-fcfs-kv16-unchunked": (
+        dataclasses.replace(
+            CACHING, num_kv_blocks=16, enable_chunked_prefill=False, max_num_batched_tokens=2048
+        ),
+        mooncake_workload,
+    ),
+}
+
+
+CACHE_HITS = "cache-hits"
 
 
 @dataclass(slots=True)
@@ -60,21 +151,46 @@ class FidelityResult:
     calibration: CalibrationReport
     ttft_median_error: float
     e2e_median_error: float
+    simulated_cached_tokens: int = 0  # prefix-cache hits of the step-space replay, all steps
 
     @property
     def preemptions(self) -> int:
         return sum(len(s.preempted) for s in self.run.steps)
 
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens the engine found in its prefix cache, over all admissions and resumptions."""
+        return sum(sum(s.cached_tokens.values()) for s in self.run.steps)
+
     def row(self) -> str:
         return (
-            f"{self.name:28s} steps {len(self.run.steps):4d} (+{self.run.empty_steps} empty)  "
-            f"preemptions {self.preemptions:3d}  identical {self.comparison.match_ratio:7.2%}  "
+            f"{self.name:42s} steps {len(self.run.steps):4d} (+{self.run.empty_steps} empty)  "
+            f"preemptions {self.preemptions:3d}  cache hits {self.cached_tokens:6d} "
+            f"(replay {self.simulated_cached_tokens:6d})  identical {self.comparison.match_ratio:7.2%}  "
             f"step-time MAPE {self.calibration.mape:6.1%} (median {self.calibration.median_ape:6.1%})  "
             f"TTFT err {self.ttft_median_error:6.1%}  E2E err {self.e2e_median_error:6.1%}"
         )
 
 
-def record_run(setup: EngineSetup, requests: list[RequestArrival], path: Path) -> tuple[MirroredRun, dict]:
+def compare_with_cache_hits(real: Sequence[EngineStep], simulated: Sequence[EngineStep]) -> StepComparison:
+    """`compare_steps`, and a step that agrees there must also give every request it admitted (or resumed) the
+    same prefix-cache hit."""
+    comparison = compare_steps(real, simulated)
+    diverged = {m.index for m in comparison.mismatches}
+    real = [s for s in real if s.scheduled_tokens]
+    for i, (r, s) in enumerate(zip(real, simulated, strict=False)):
+        if i not in diverged and r.cached_tokens != s.cached_tokens:
+            comparison.mismatches.append(
+                StepMismatch(i, (CACHE_HITS,), r.cached_tokens, s.cached_tokens, r.preempted, s.preempted)
+            )
+            comparison.matched -= 1
+    comparison.mismatches.sort(key=lambda m: m.index)
+    return comparison
+
+
+def record_run(
+    setup: EngineSetup, requests: Sequence[PromptedRequest], path: Path
+) -> tuple[MirroredRun, dict[str, int]]:
     """Drive a fresh engine with `requests`, its mirror recording to `path`."""
     os.environ["SHADOW_RECORD"] = str(path)  # read by the mirror inside the engine process it spawns
     try:
@@ -82,7 +198,7 @@ def record_run(setup: EngineSetup, requests: list[RequestArrival], path: Path) -
     finally:
         del os.environ["SHADOW_RECORD"]
     try:
-        produced = drive(engine, requests)
+        produced = drive_prompts(engine, requests)
     finally:
         stop_engine(engine)
     return MirroredRun.from_events(read_events(path)), produced
@@ -98,35 +214,97 @@ def latency_errors(run: MirroredRun, calibration: CalibrationReport) -> tuple[fl
         num_kv_blocks=run.info.num_kv_blocks,
         block_size=run.info.block_size,
     )
-    real = request_latencies(run)  # with prefix caching a request may never compute its whole prompt: skipped
+    real = request_latencies(run)
     pairs = [(r, real[r.request_id]) for r in sim.requests if r.request_id in real]
     ttft = [abs(s.ttft - r.ttft) / r.ttft for s, r in pairs]
     e2e = [abs(s.e2e - r.e2e) / r.e2e for s, r in pairs]
     return statistics.median(ttft), statistics.median(e2e)
 
 
-def evaluate(name: str, setup: EngineSetup, directory: Path) -> FidelityResult:
-    run, produced = record_run(setup, workload(setup), directory / f"{name}.jsonl")
+def assess(name: str, run: MirroredRun, produced: dict[str, int]) -> FidelityResult:
+    """Replay a recorded run in step space and compare; calibrate on its first half; replay it in time."""
     calibration = calibrate(run.steps)
-    comparison = compare_steps(run.steps, replay_in_step_space(run, calibration.model).steps or [])
+    replay = replay_in_step_space(run, calibration.model).steps or []
+    comparison = compare_with_cache_hits(run.steps, replay)
     ttft, e2e = latency_errors(run, calibration)
-    return FidelityResult(name, run, produced, comparison, calibration, ttft, e2e)
+    hits = sum(sum(s.cached_tokens.values()) for s in replay)
+    return FidelityResult(name, run, produced, comparison, calibration, ttft, e2e, hits)
 
 
-def main() -> int:
+def evaluate_prompts(
+    name: str, setup: EngineSetup, requests: Sequence[PromptedRequest], directory: Path
+) -> FidelityResult:
+    run, produced = record_run(setup, requests, directory / f"{name}.jsonl")
+    return assess(name, run, produced)
+
+
+def evaluate(name: str, setup: EngineSetup, directory: Path) -> FidelityResult:
+    """A prefix-caching-off configuration of `CONFIGS` on the Azure workload (one token id per prompt)."""
+    requests = sorted(workload(setup), key=lambda r: r.time)
+    prompted = [PromptedRequest(r, (100 + i % 1000,) * r.prompt_tokens) for i, r in enumerate(requests)]
+    return evaluate_prompts(name, setup, prompted, directory)
+
+
+def evaluate_prefix(name: str, directory: Path) -> FidelityResult:
+    """A configuration of `PREFIX_CONFIGS`: prefix caching on, prompts sharing prefixes."""
+    setup, build = PREFIX_CONFIGS[name]
+    return evaluate_prompts(name, setup, build(setup), directory)
+
+
+def served_workload(setup: EngineSetup) -> list[PromptedRequest]:
+    """Eight concurrent clients, each a conversation of four turns opening with one of two system prompts."""
+    return conversations(8, 4, system_prompts=2, priorities=_priorities(setup))
+
+
+SERVED = "prefix-served-fcfs-kv16"
+SERVED_SETUP = dataclasses.replace(CACHING, num_kv_blocks=16)
+
+
+def evaluate_served(directory: Path, setup: EngineSetup = SERVED_SETUP, name: str = SERVED) -> FidelityResult:
+    """The OpenAI-compatible server with concurrent clients (tests/fidelity/serve_run.py), compared likewise.
+    `produced` is keyed by the workload's request ids (the server names requests itself)."""
+    from tests.fidelity.serve_run import drive_clients, running_server
+
+    with running_server(setup, directory, name) as server:
+        produced = drive_clients(server, str(setup.model), served_workload(setup))
+    run = MirroredRun.from_events(read_events(server.recording))
+    return assess(name, run, produced)
+
+
+def _total(results: Sequence[FidelityResult]) -> tuple[int, int]:
+    compared = sum(max(r.comparison.real_steps, r.comparison.simulated_steps) for r in results)
+    return sum(r.comparison.matched for r in results), compared
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    only_prefix = "--prefix" in args
+    failed = False
     with tempfile.TemporaryDirectory() as tmp:
-        results = [evaluate(name, setup, Path(tmp)) for name, setup in CONFIGS.items()]
-        for result in results:
-            print(result.row(), flush=True)
-        cached = evaluate("prefix-caching-fcfs-kv16-thr64", PREFIX_CACHING, Path(tmp))
-        print(cached.row())
-        print("prefix caching on:", cached.comparison.describe())
-    total = sum(max(r.comparison.real_steps, r.comparison.simulated_steps) for r in results)
-    matched = sum(r.comparison.matched for r in results)
-    print(
-        f"prefix caching off, all configurations: {matched}/{total} steps identical ({matched / total:.2%})"
-    )
-    return 0 if matched == total else 1
+        if not only_prefix:
+            results = []
+            for name, setup in CONFIGS.items():
+                results.append(evaluate(name, setup, Path(tmp)))
+                print(results[-1].row(), flush=True)
+            matched, total = _total(results)
+            print(
+                f"prefix caching off, all configurations: {matched}/{total} steps identical ({matched / total:.2%})"
+            )
+            failed |= matched != total
+        cached = []
+        for name in PREFIX_CONFIGS:
+            cached.append(evaluate_prefix(name, Path(tmp)))
+            print(cached[-1].row(), flush=True)
+            if cached[-1].comparison.mismatches:
+                print("  ", cached[-1].comparison.describe(), flush=True)
+        cached.append(evaluate_served(Path(tmp)))
+        print(cached[-1].row(), flush=True)
+        matched, total = _total(cached)
+        print(
+            f"prefix caching on, all configurations: {matched}/{total} steps identical ({matched / total:.2%})"
+        )
+        failed |= matched != total
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

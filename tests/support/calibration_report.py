@@ -31,6 +31,7 @@ def step_features(steps: Sequence[EngineStep]) -> np.ndarray:
     for step in steps:
         for request_id in step.preempted:
             computed[request_id] = 0
+        computed.update(step.cached_tokens)  # admitted with a prefix-cache hit: attention reads the hit too
         if step.scheduled_tokens:
             new = list(step.scheduled_tokens.values())
             context = [computed.get(r, 0) for r in step.scheduled_tokens]
