@@ -181,18 +181,28 @@ def drive_prompts(engine: Any, requests: Sequence[PromptedRequest], *, id_prefix
     # (when, order, request): order keeps equal times in submission order
     pending = sorted(((r.arrival.time, i, r) for i, r in enumerate(requests) if r.after is None), key=_first2)
     produced: dict[str, int] = {}
+    prompts: dict[str, list[int]] = {}  # what each request was sent, and what the engine generated
+    outputs: dict[str, list[int]] = {}
     order = len(requests)
     while pending or engine.has_unfinished_requests():
         now = time.monotonic() - start
         while pending and pending[0][0] <= now:
             r = pending.pop(0)[2]
             params = SamplingParams(max_tokens=r.arrival.output_tokens, ignore_eos=True, detokenize=False)
-            prompt = TokensPrompt(prompt_token_ids=list(r.prompt_token_ids))
-            engine.add_request(id_prefix + r.arrival.request_id, prompt, params, priority=r.arrival.priority)
+            tokens = list(r.prompt_token_ids)
+            if r.after_output:  # the previous turn's prompt and what the engine answered, then this turn's
+                assert r.after is not None
+                tokens = prompts[id_prefix + r.after] + outputs[id_prefix + r.after] + tokens
+            request_id = id_prefix + r.arrival.request_id
+            prompts[request_id] = tokens
+            prompt = TokensPrompt(prompt_token_ids=tokens)
+            engine.add_request(request_id, prompt, params, priority=r.arrival.priority)
         if engine.has_unfinished_requests():
             for out in engine.step():
                 if out.finished:
                     produced[out.request_id] = len(out.outputs[0].token_ids)
+                    if out.request_id in followers:
+                        outputs[out.request_id] = list(out.outputs[0].token_ids)
                     finished_at = time.monotonic() - start
                     for follower in followers.pop(out.request_id, ()):
                         pending.append((finished_at + follower.arrival.time, order, follower))

@@ -44,11 +44,14 @@ def prompt_from_keys(keys: Sequence[int], length: int, run_tokens: int) -> list[
 @dataclass(frozen=True, slots=True)
 class PromptedRequest:
     """A request with its prompt's token ids. `after` names the request whose finish it waits for (a
-    conversation's previous turn); its `arrival.time` then counts from that finish, else from the start."""
+    conversation's previous turn); its `arrival.time` then counts from that finish, else from the start.
+    `after_output`: its prompt is the `after` request's prompt and the tokens the engine generated for it, then
+    `prompt_token_ids` (a chat client sending the whole history back); `arrival.prompt_tokens` counts it all."""
 
     arrival: RequestArrival
     prompt_token_ids: tuple[int, ...]
     after: str | None = None
+    after_output: bool = False
 
 
 def _prompted(arrival: RequestArrival, tokens: Sequence[int], after: str | None = None) -> PromptedRequest:
@@ -94,13 +97,16 @@ def conversations(
     priorities: int = 0,
     system_prompts: int = 0,
     system_prompt_tokens: int = 256,
+    engine_replies: bool = False,
     seed: int = 5,
 ) -> list[PromptedRequest]:
     """`count` conversations of `turns` turns. Turn k's prompt is turn k-1's prompt, then an assistant reply as
     long as turn k-1's output (token ids chosen here: the engine's own output is random-weight noise), then a
     new user message; it is sent `think_seconds` after turn k-1 finished. First turns arrive 0.1 s apart.
     `priorities` > 0 gives conversation c priority c mod `priorities`; `system_prompts` > 0 starts conversation
-    c with system prompt c mod `system_prompts` (`system_prompt_tokens` long), shared across conversations."""
+    c with system prompt c mod `system_prompts` (`system_prompt_tokens` long), shared across conversations.
+    `engine_replies`: the assistant reply in turn k's prompt is what the engine generated for turn k-1, as a
+    chat client sends it back (see `PromptedRequest.after_output`)."""
     rng = random.Random(seed)
     out: list[PromptedRequest] = []
     for c in range(count):
@@ -108,6 +114,7 @@ def conversations(
         system = token_run(10**6 + 7 + c % system_prompts, system_prompt_tokens) if system_prompts else []
         prompt = system + token_run(3 * 10**6 + c * 100, rng.randint(*first_message_tokens))
         previous: str | None = None
+        message: list[int] = []
         for k in range(turns):
             request_id = f"c{c}t{k}"
             output = rng.randint(*output_tokens)
@@ -118,9 +125,12 @@ def conversations(
                 output,
                 priority=priority,
             )
-            out.append(_prompted(arrival, prompt, previous))
-            reply = token_run(4 * 10**6 + c * 100 + k, output)
-            message = token_run(5 * 10**6 + c * 100 + k, rng.randint(*user_message_tokens))
+            if engine_replies and previous:
+                out.append(PromptedRequest(arrival, tuple(message), previous, after_output=True))
+            else:
+                out.append(_prompted(arrival, prompt, previous))
+            reply = token_run(4 * 10**6 + c * 100 + k, output)  # with engine_replies, its length only
+            message = token_run(5 * 10**6 + c * 100 + k, rng.randint(*user_message_tokens))  # the next turn's
             prompt = prompt + reply + message
             previous = request_id
     return out

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support.calibration_report import CalibrationReport, calibrate
+from tests.support.calibration_report import CalibrationReport, calibrate, step_features
 from vllm_shadow.adapters.events import EngineStep, RequestArrival
 from vllm_shadow.adapters.recorder import read_events
 from vllm_shadow.adapters.traces import bundled_trace, read_trace, resolve_trace
@@ -83,6 +83,11 @@ def multi_turn_workload(setup: EngineSetup) -> list[PromptedRequest]:
     return conversations(8, 5, output_tokens=(32, 160), priorities=_priorities(setup))
 
 
+def engine_reply_workload(setup: EngineSetup) -> list[PromptedRequest]:
+    """`multi_turn_workload`, but each turn sends back the tokens the engine generated for the previous one."""
+    return conversations(8, 5, output_tokens=(32, 160), priorities=_priorities(setup), engine_replies=True)
+
+
 def mooncake_workload(setup: EngineSetup) -> list[PromptedRequest]:
     """Whole Mooncake conversations (40 requests), one hash id per CPU block of 128 tokens."""
     trace = read_trace(resolve_trace("mooncake-conv"))
@@ -122,6 +127,10 @@ PREFIX_CONFIGS: dict[str, tuple[EngineSetup, Workload]] = {
         ),
         multi_turn_workload,
     ),
+    "prefix-multiturn-engine-replies-fcfs-kv24": (
+        dataclasses.replace(CACHING, num_kv_blocks=24),
+        engine_reply_workload,
+    ),
     "prefix-mooncake-fcfs-kv16-threshold256": (
         dataclasses.replace(CACHING, num_kv_blocks=16, long_prefill_token_threshold=256),
         mooncake_workload,
@@ -152,6 +161,7 @@ class FidelityResult:
     ttft_median_error: float
     e2e_median_error: float
     simulated_cached_tokens: int = 0  # prefix-cache hits of the step-space replay, all steps
+    timing: StepTimeNoise | None = None
 
     @property
     def preemptions(self) -> int:
@@ -163,13 +173,61 @@ class FidelityResult:
         return sum(sum(s.cached_tokens.values()) for s in self.run.steps)
 
     def row(self) -> str:
+        noise = f"  {self.timing.describe()}" if self.timing else ""
         return (
             f"{self.name:42s} steps {len(self.run.steps):4d} (+{self.run.empty_steps} empty)  "
             f"preemptions {self.preemptions:3d}  cache hits {self.cached_tokens:6d} "
             f"(replay {self.simulated_cached_tokens:6d})  identical {self.comparison.match_ratio:7.2%}  "
             f"step-time MAPE {self.calibration.mape:6.1%} (median {self.calibration.median_ape:6.1%})  "
-            f"TTFT err {self.ttft_median_error:6.1%}  E2E err {self.e2e_median_error:6.1%}"
+            f"TTFT err {self.ttft_median_error:6.1%}  E2E err {self.e2e_median_error:6.1%}{noise}"
         )
+
+
+@dataclass(frozen=True, slots=True)
+class StepTimeNoise:
+    """How much of the step-time error is the machine's, not the model's: decode-only steps of the held-out
+    half with the same batch (requests, KV tokens within one 128-token bucket) should take the same time;
+    their spread around their group's median is a floor no model of the batch can beat."""
+
+    steps: int  # decode-only held-out steps in groups of 4 or more
+    floor: float  # median |duration - group median| / group median
+    model_error: float  # the calibrated model's median relative error on the same steps
+    total_time_error: float  # (sum of predicted - sum of measured) / measured, held-out steps: the bias
+
+    def describe(self) -> str:
+        return (
+            f"decode noise floor {self.floor:5.1%} vs model {self.model_error:5.1%} on {self.steps} steps, "
+            f"held-out time bias {self.total_time_error:+5.1%}"
+        )
+
+
+def step_time_noise(steps: Sequence[EngineStep], calibration: CalibrationReport) -> StepTimeNoise:
+    features = step_features(steps)
+    durations = [s.duration for s in steps if s.scheduled_tokens]
+    held_out = range(calibration.train_steps, len(durations))
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i in held_out:
+        tokens, kv, _, requests = features[i]
+        if tokens == requests:  # one token per request: decode only
+            groups.setdefault((int(requests), int(kv) // 128), []).append(i)
+    floor, model_error = [], []
+    for members in groups.values():
+        if len(members) < 4:
+            continue
+        median = statistics.median(durations[i] for i in members)
+        for i in members:
+            floor.append(abs(durations[i] - median) / median)
+            model_error.append(
+                abs(calibration.model.predict(features[i : i + 1])[0] - durations[i]) / durations[i]
+            )
+    predicted = sum(calibration.model.predict(features[calibration.train_steps :]))
+    measured = sum(durations[calibration.train_steps :])
+    return StepTimeNoise(
+        len(floor),
+        statistics.median(floor) if floor else float("nan"),
+        statistics.median(model_error) if model_error else float("nan"),
+        (predicted - measured) / measured,
+    )
 
 
 def compare_with_cache_hits(real: Sequence[EngineStep], simulated: Sequence[EngineStep]) -> StepComparison:
@@ -228,7 +286,8 @@ def assess(name: str, run: MirroredRun, produced: dict[str, int]) -> FidelityRes
     comparison = compare_with_cache_hits(run.steps, replay)
     ttft, e2e = latency_errors(run, calibration)
     hits = sum(sum(s.cached_tokens.values()) for s in replay)
-    return FidelityResult(name, run, produced, comparison, calibration, ttft, e2e, hits)
+    noise = step_time_noise(run.steps, calibration)
+    return FidelityResult(name, run, produced, comparison, calibration, ttft, e2e, hits, noise)
 
 
 def evaluate_prompts(
