@@ -20,9 +20,10 @@ $(VENV)/.core: $(BIN)/python pyproject.toml
 	$(PIP) install --quiet -e '.[shadow,ray,test]'
 	touch $@
 
-# The compiled simulator core (setup.py), rebuilt when its source changes: an edited simulator.py otherwise runs as
-# plain Python (with a warning) until the next build.
-$(VENV)/.compiled: $(VENV)/.core setup.py solver/simulator.py solver/_simulator_compiled.pxd
+# The compiled simulator core and its prefix cache (setup.py), rebuilt when their sources change: an edited
+# simulator.py or kv_cache.py otherwise runs as plain Python (with a warning) until the next build.
+$(VENV)/.compiled: $(VENV)/.core setup.py solver/simulator.py solver/_simulator_compiled.pxd solver/kv_cache.py \
+                  solver/_kv_cache_compiled.pxd
 	$(PIP) install --quiet --no-deps -e .
 	touch $@
 

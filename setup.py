@@ -1,10 +1,12 @@
 """The compiled simulator core; everything else about the package is in pyproject.toml.
 
 solver/simulator.py is compiled by Cython under its own name, `vllm_shadow.solver._simulator_compiled`, with the
-C types of solver/_simulator_compiled.pxd. The .py is never shadowed: it stays importable as plain Python (the
-oracle, and the fallback under VLLM_SHADOW_PURE_PYTHON=1), and `vllm_shadow.solver.simulator.COMPILED` says which
-core `simulate` is. A failed compilation fails the install; VLLM_SHADOW_SKIP_COMPILE=1 builds no extension (for
-a machine without a C compiler; the pure core then runs, several times slower).
+C types of solver/_simulator_compiled.pxd, and so is the prefix cache it uses, solver/kv_cache.py, as
+`vllm_shadow.solver._kv_cache_compiled` (solver/_kv_cache_compiled.pxd). The .py files are never shadowed: they
+stay importable as plain Python (the oracles, and the fallback under VLLM_SHADOW_PURE_PYTHON=1), and
+`vllm_shadow.solver.simulator.COMPILED` / `vllm_shadow.solver.kv_cache.COMPILED` say which core and pool run. A
+failed compilation fails the install; VLLM_SHADOW_SKIP_COMPILE=1 builds no extension (for a machine without a C
+compiler; the pure core then runs, several times slower).
 """
 
 from __future__ import annotations
@@ -14,6 +16,12 @@ import shutil
 from pathlib import Path
 
 from setuptools import Extension, setup
+
+# The compiled modules (their .pxd beside the source, solver/<name>.pxd) and the .py each is compiled from.
+MODULES = {
+    "_simulator_compiled": "solver/simulator.py",
+    "_kv_cache_compiled": "solver/kv_cache.py",
+}
 
 
 def compiled_core() -> list[Extension]:
@@ -27,9 +35,10 @@ def compiled_core() -> list[Extension]:
     staged.mkdir(parents=True, exist_ok=True)
     for package in (staged.parent, staged):
         (package / "__init__.pxd").touch()
-    shutil.copyfile("solver/_simulator_compiled.pxd", staged / "_simulator_compiled.pxd")
+    for module in MODULES:
+        shutil.copyfile(f"solver/{module}.pxd", staged / f"{module}.pxd")
     return cythonize(
-        [Extension("vllm_shadow.solver._simulator_compiled", ["solver/simulator.py"])],
+        [Extension(f"vllm_shadow.solver.{module}", [source]) for module, source in MODULES.items()],
         include_path=[str(staged.parent.parent)],
         build_dir="build/cython",  # the generated C stays out of the source tree
         compiler_directives={

@@ -38,13 +38,26 @@ How it is kept cheap: by runs of blocks, never block by block.
   * One case is not literal: a priority victim preempted after its blocks for the step were cached may leave a
     cached block its resume cannot hit (vLLM caps a hit at num_tokens - 1); vLLM keeps it as a duplicate that a
     later lookup prefers, here it stays in the queue unreferenced. The queue's order and counts are the same.
+
+This file is also the compiled pool: setup.py compiles it with Cython beside the simulator core, under its own name
+(`vllm_shadow.solver._kv_cache_compiled`, with the C types of _kv_cache_compiled.pxd), and this module hands out
+that build's classes and functions (see the end of the file), so that both simulator cores use it; `COMPILED` says
+which pool runs. The plain Python stays the oracle (`pure_pool()`) and the fallback: VLLM_SHADOW_PURE_PYTHON=1
+selects it, as it selects the plain-Python simulator core.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import os
+import sys
+import warnings
 from collections import deque
 from collections.abc import Hashable, Iterator, Sequence
 from itertools import compress, pairwise
+from pathlib import Path
+from types import ModuleType
 
 # A request's held (or hit) blocks: (run, lo, hi), blocks lo..hi-1 of the run's chain, in block-table order.
 HeldEntry = tuple["CachedRun", int, int]
@@ -456,3 +469,78 @@ def _first_inserted(candidates: list[tuple[int, CachedRun, int, int]]) -> list[H
             hit.append((run, run.lo + start - position, run.lo + stop - position))
             last, last_position = run, position
     return hit
+
+
+# ---- the pool in use --------------------------------------------------------------------------------------------
+
+COMPILED_MODULE = "vllm_shadow.solver._kv_cache_compiled"
+_PURE_MODULE = "vllm_shadow.solver._kv_cache_pure"
+# What the build hands out in place of this module's own (everything the simulator and the tests take from here).
+_COMPILED_NAMES = (
+    "BlockPool",
+    "CachedRun",
+    "FreeEntry",
+    "PrivateRun",
+    "held_runs",
+    "num_blocks",
+    "num_held_blocks",
+)
+
+
+def pure_requested() -> bool:
+    """VLLM_SHADOW_PURE_PYTHON=1 (any value but empty or 0) selects the plain-Python pool (and simulator core)."""
+    return os.environ.get("VLLM_SHADOW_PURE_PYTHON", "") not in ("", "0")
+
+
+def compiled_pool() -> ModuleType | None:
+    """This file as compiled by setup.py, or None where it was not built (VLLM_SHADOW_SKIP_COMPILE=1, or a
+    checkout used without installing). A build that is there but does not load is an error, not a fallback."""
+    try:
+        return importlib.import_module(COMPILED_MODULE)
+    except ModuleNotFoundError as error:
+        if error.name != COMPILED_MODULE:
+            raise
+        return None
+
+
+def stale_sources(pool: ModuleType) -> list[str]:
+    """In a source checkout, the files edited since `pool` was built (an edited .py runs as the .py until it is
+    rebuilt); none in an installed package, whose build and sources came together."""
+    source = Path(__file__)
+    declarations = source.with_name("_kv_cache_compiled.pxd")
+    if not declarations.exists() or pool.__file__ is None:
+        return []
+    built = Path(pool.__file__).stat().st_mtime
+    return [path.name for path in (source, declarations) if path.stat().st_mtime > built]
+
+
+def pure_pool() -> ModuleType:
+    """This file as plain Python, whichever pool is in use: the oracle the compiled pool is tested against. Under
+    the compiled pool it is loaded from the source file under a name of its own, so that the two pools' classes
+    never mix."""
+    if not COMPILED:
+        return sys.modules[__name__]
+    module = sys.modules.get(_PURE_MODULE)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(_PURE_MODULE, __file__)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[_PURE_MODULE] = module
+        spec.loader.exec_module(module)
+    return module
+
+
+COMPILED = False  # whether the classes and functions above are the compiled pool's
+if __name__ == "vllm_shadow.solver.kv_cache" and not pure_requested():
+    _pool = compiled_pool()
+    if _pool is not None and stale_sources(_pool):
+        warnings.warn(
+            f"the compiled prefix cache is older than {', '.join(stale_sources(_pool))}: running the plain-Python "
+            "pool until it is rebuilt (`pip install -e .`)",
+            stacklevel=2,
+        )
+    elif _pool is not None:
+        # Not plain assignments: in the build Cython compiles from this file, these names are extension types and
+        # C functions, whose names cannot be rebound.
+        globals().update({name: getattr(_pool, name) for name in _COMPILED_NAMES})
+        COMPILED = True
