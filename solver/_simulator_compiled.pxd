@@ -27,6 +27,7 @@ cdef class _Request:
     cdef public Py_ssize_t num_computed_tokens
     cdef public bint implicit_decoder
     cdef public Py_ssize_t decode_base
+    cdef public Py_ssize_t dropped_kv
     cdef public Py_ssize_t finish_epoch
     cdef public Py_ssize_t num_reserved_blocks
     cdef public object block_hashes
@@ -80,6 +81,7 @@ cdef class Simulator:
     cdef public Py_ssize_t num_reserved_blocks
     cdef public object now
     cdef public object busy_ps
+    cdef public object recompute_ps
     cdef public Py_ssize_t num_steps
     cdef public Py_ssize_t peak_used_blocks
     cdef public Py_ssize_t num_tokens_processed
@@ -111,7 +113,7 @@ cdef class Simulator:
     cdef Py_ssize_t _num_computed_tokens(self, _Request request)
     cdef Py_ssize_t _num_output_tokens(self, _Request request)
     cdef bint _is_decoding(self, _Request request)
-    cdef _preempt_request(self, _Request request)
+    cdef _preempt_request(self, _Request request, Py_ssize_t num_unrun_tokens=*)
     cdef _free_request(self, _Request request)
 
     @cython.locals(num_cached_blocks=Py_ssize_t, held_blocks=list, num_freed=Py_ssize_t, reachable=Py_ssize_t,
@@ -152,7 +154,8 @@ cdef class Simulator:
                    scheduled_decoders=dict, preempted_reqs=list, static_admit=bint, req_index=Py_ssize_t,
                    request=_Request, num_computed_tokens=Py_ssize_t, num_tokens=Py_ssize_t,
                    num_new_tokens=Py_ssize_t, num_new_blocks=Py_ssize_t, victim_index=Py_ssize_t,
-                   preempted_req=_Request, candidate=_Request)
+                   preempted_req=_Request, candidate=_Request, num_unscheduled=Py_ssize_t,
+                   num_unrun_tokens=Py_ssize_t)
     cdef _schedule_literal(self)
 
     @cython.locals(j=Py_ssize_t, request=_Request, num_new_tokens=Py_ssize_t, num_computed_tokens=Py_ssize_t)
@@ -172,8 +175,13 @@ cdef class Simulator:
 
     @cython.locals(num_scheduled_tokens=Py_ssize_t, kv_tokens=Py_ssize_t, attention_pairs=Py_ssize_t,
                    num_new_tokens=Py_ssize_t, num_computed_tokens=Py_ssize_t, step=Py_ssize_t, finished=list,
-                   track_runs=bint, request=_Request, finish_heap=list)
+                   track_runs=bint, request=_Request, finish_heap=list, recomputing=bint)
     cdef _apply(self, list scheduled, list preempted_reqs, Py_ssize_t num_decoders)
+
+    @cython.locals(request=_Request, num_new_tokens=Py_ssize_t, num_computed_tokens=Py_ssize_t,
+                   num_tokens=Py_ssize_t, num_requests=Py_ssize_t, kv_tokens=Py_ssize_t,
+                   attention_pairs=Py_ssize_t, new_tokens=list, context_tokens=list, again=list)
+    cdef object _recompute_tax(self, list scheduled, Py_ssize_t num_decoders, object duration)
 
     @cython.locals(request=_Request)
     cdef _free_finishing(self)

@@ -71,6 +71,9 @@ class SimResult:
     peak_kv_blocks: int
     steps: list[EngineStep] | None = None
     tokens_processed: int = 0  # every token computed, recomputation included
+    # Of gpu_seconds, what computing again the KV recompute preemptions dropped cost: the recompute tax, by the
+    # engine tracker's definition (solver.recompute) on the simulated steps.
+    recompute_gpu_seconds: float = 0.0
 
     def summary(self) -> dict[str, float | int | str]:
         done = [r for r in self.requests if r.finish == r.finish]
@@ -101,5 +104,6 @@ class SimResult:
             "throughput_tokens_per_s": output_tokens / makespan if makespan > 0 else float("nan"),
             "preemptions": sum(r.preemptions for r in self.requests),
             "recomputed_tokens": sum(r.recomputed_tokens for r in self.requests),
+            "recompute_gpu_seconds": self.recompute_gpu_seconds,
             "peak_kv_blocks": self.peak_kv_blocks,
         }

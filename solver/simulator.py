@@ -43,6 +43,7 @@ from vllm_shadow.adapters.events import EngineStep, RequestArrival
 from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.solver.kv_cache import BlockPool, HeldEntry, PrivateRun, num_blocks, num_held_blocks
 from vllm_shadow.solver.policies import Policy, parse_policy
+from vllm_shadow.solver.recompute import recomputed_tokens, without_recompute
 from vllm_shadow.solver.records import RequestRecord, SimResult
 
 PS_PER_S = 10**12  # time is kept in integer picoseconds so that closed-form sums equal step-by-step sums
@@ -71,6 +72,7 @@ class _Request:
         "arrival_time",
         "block_hashes",
         "decode_base",
+        "dropped_kv",
         "finish_epoch",
         "finishing",
         "held_blocks",
@@ -116,6 +118,9 @@ class _Request:
         self.decode_base = 0
         self.finish_epoch = 0  # bumped on every change of state: invalidates its entries in the finish heap
         self.num_reserved_blocks = 0  # blocks reserved at admission (no-eviction mode)
+        # The most KV its recompute preemptions dropped: what it computes below that is recomputation (the
+        # recompute tax's definition, solver.recompute, as the engine's tracker keeps it).
+        self.dropped_kv = 0
         # Prefix caching (see solver.kv_cache): vLLM's hashes of its full prompt blocks, the cached blocks with
         # such a hash it holds (a prefix of its block table, as runs) and vLLM's num_cached_block (its leading
         # blocks that have a hash; past held_blocks they are private).
@@ -219,6 +224,7 @@ class Simulator:
         self.num_reserved_blocks = 0  # blocks reserved by admitted requests (no-eviction mode)
         self.now = 0  # picoseconds
         self.busy_ps = 0
+        self.recompute_ps = 0  # of busy_ps, the recompute tax (solver.recompute): priced on recomputing steps
         self.num_steps = 0
         self.peak_used_blocks = 0
         self.num_tokens_processed = 0
@@ -416,8 +422,10 @@ class Simulator:
 
     # ---- queue operations ----------------------------------------------------------------------------------
 
-    def _preempt_request(self, request: _Request) -> None:
-        """Recompute preemption: drop all KV; the request goes back to the front of the waiting queue."""
+    def _preempt_request(self, request: _Request, num_unrun_tokens: int = 0) -> None:
+        """Recompute preemption: drop all KV; the request goes back to the front of the waiting queue.
+        `num_unrun_tokens` of its computed tokens were only allocated this step, never run (a priority victim
+        unscheduled under prefix caching): they are not KV it loses."""
         if request.implicit_decoder:
             self._to_explicit(request)
         if self.caching:
@@ -433,6 +441,7 @@ class Simulator:
             self.num_reserved_blocks -= request.num_reserved_blocks
             return
         request.record.recomputed_tokens += request.num_computed_tokens
+        request.dropped_kv = max(request.dropped_kv, request.num_computed_tokens - num_unrun_tokens)
         request.num_computed_tokens = 0
         self.waiting.prepend_request(request)
 
@@ -766,10 +775,14 @@ class Simulator:
                     del self.running[victim_index]
                     if victim_index < req_index:
                         req_index -= 1
-                    token_budget += self._unschedule(preempted_req, scheduled, scheduled_decoders)
+                    num_unscheduled = self._unschedule(preempted_req, scheduled, scheduled_decoders)
+                    token_budget += num_unscheduled
+                    # Under prefix caching its computed tokens now count this step's, which never ran.
+                    num_unrun_tokens = num_unscheduled if self.caching else 0
                 else:
                     preempted_req = self.running.pop()
-                self._preempt_request(preempted_req)
+                    num_unrun_tokens = 0
+                self._preempt_request(preempted_req, num_unrun_tokens)
                 preempted_reqs.append(preempted_req)
                 if preempted_req is request:
                     break  # no more request to preempt: it cannot be scheduled
@@ -931,11 +944,14 @@ class Simulator:
         # KV tokens attended: each implicit decoder attends decode_base + decode_steps + 1 after this step.
         kv_tokens = self.sum_decode_base + num_decoders * (self.decode_steps + 1) if num_decoders else 0
         attention_pairs = 0
-        for _request, num_new_tokens, num_computed_tokens in scheduled:
+        recomputing = False
+        for request, num_new_tokens, num_computed_tokens in scheduled:
             num_scheduled_tokens += num_new_tokens
             kv_tokens += num_computed_tokens + num_new_tokens
             if num_new_tokens > 1:
                 attention_pairs += num_new_tokens * (num_computed_tokens + num_new_tokens)
+            if num_computed_tokens < request.dropped_kv:  # below the KV a preemption dropped
+                recomputing = True
         if num_scheduled_tokens == 0:
             return
         start = self.now
@@ -948,6 +964,8 @@ class Simulator:
         )
         self.now += duration
         self.busy_ps += duration
+        if recomputing:  # priced apart, so that a step without recomputation costs no more than before
+            self.recompute_ps += self._recompute_tax(scheduled, num_decoders, duration)
         self.num_tokens_processed += num_scheduled_tokens
         self.peak_used_blocks = max(self.peak_used_blocks, self.num_used_blocks)
         if self.record_steps:
@@ -993,6 +1011,39 @@ class Simulator:
                 finished.append(request)
         if finished:
             self._finish_requests(finished, end_s)
+
+    def _recompute_tax(self, scheduled: list[ScheduledChunk], num_decoders: int, duration: int) -> int:
+        """The recompute tax of the step about to run (before its decoders advance), in picoseconds: its
+        `duration` minus the time of the same step without its recomputation (solver.recompute), on the same
+        integer cost model as `_apply`. Implicit decoders never recompute (they decode past all they held), so
+        they stay in the step as they are."""
+        new_tokens, context_tokens, again = [], [], []
+        for request, num_new_tokens, num_computed_tokens in scheduled:
+            new_tokens.append(num_new_tokens)
+            context_tokens.append(num_computed_tokens)
+            again.append(recomputed_tokens(num_computed_tokens, num_new_tokens, request.dropped_kv))
+        without_new, without_context = without_recompute(new_tokens, context_tokens, again)
+        num_tokens = num_requests = num_decoders
+        kv_tokens = self.sum_decode_base + num_decoders * (self.decode_steps + 1) if num_decoders else 0
+        attention_pairs = 0
+        for num_new_tokens, num_computed_tokens in zip(without_new, without_context, strict=True):
+            if num_new_tokens == 0:  # all of its work was recomputation: not in the step at all
+                continue
+            num_tokens += num_new_tokens
+            num_requests += 1
+            kv_tokens += num_computed_tokens + num_new_tokens
+            if num_new_tokens > 1:
+                attention_pairs += num_new_tokens * (num_computed_tokens + num_new_tokens)
+        if num_tokens == 0:
+            return duration  # nothing left: the whole step was recomputation
+        without_ps = (
+            self.step_ps
+            + self.token_ps * num_tokens
+            + self.kv_token_ps * kv_tokens
+            + self.attention_pair_ps * attention_pairs
+            + self.request_ps * num_requests
+        )
+        return max(duration - without_ps, 0)
 
     def _free_finishing(self) -> None:
         finishing = self.finishing
@@ -1304,6 +1355,7 @@ def simulate(
         policy=str(policy),
         requests=records,
         gpu_seconds=sim.busy_ps / PS_PER_S,
+        recompute_gpu_seconds=sim.recompute_ps / PS_PER_S,
         num_steps=sim.num_steps,
         peak_kv_blocks=sim.peak_used_blocks,
         steps=sim.step_log if record_steps else None,

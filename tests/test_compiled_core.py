@@ -54,6 +54,7 @@ def view(result: SimResult) -> dict:
     return {
         "policy": result.policy,
         "gpu_seconds": result.gpu_seconds,
+        "recompute_gpu_seconds": result.recompute_gpu_seconds,
         "num_steps": result.num_steps,
         "peak_kv_blocks": result.peak_kv_blocks,
         "tokens_processed": result.tokens_processed,

@@ -9,7 +9,7 @@ import dataclasses
 import math
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from vllm_shadow.adapters.events import RequestArrival
@@ -17,6 +17,7 @@ from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.solver.kv_cache import PrivateRun, held_runs, num_blocks
 from vllm_shadow.solver.policies import PRESETS, parse_policy
 from vllm_shadow.solver.simulator import RunningRequest, pure_core, simulate
+from vllm_shadow.tracking.recompute import recomputed_tokens, step_recompute_tax
 
 ONE_SECOND_STEPS = LinearCostModel(a=1.0, b=0.0, c=0.0, d=0.0)
 
@@ -471,3 +472,91 @@ def test_prefix_caching_fast_paths_equal_stepping_and_keep_kv_invariants(workloa
                 reqs, policy, COST, num_kv_blocks=blocks, block_size=block_size, fast_forward=fast_forward
             )
             assert again.requests == fast.requests
+
+
+# ---- the recompute tax in GPU seconds ----------------------------------------------------------------------
+
+
+def engine_side_recompute_tax(result, cost) -> tuple[float, int]:
+    """The engine tracker's recompute tax (shadow/tracking/engine_state.py), walked over a simulation's step
+    records as over a real engine's: a victim owes the most KV its preemptions dropped; an admitted request
+    holds what it found cached; each step is priced by `step_recompute_tax`. Returns (seconds, tokens)."""
+    computed: dict[str, int] = {}  # KV held by the requests running now
+    dropped: dict[str, int] = {}
+    seconds, tokens = 0.0, 0
+    for step in result.steps:
+        for request_id in step.preempted:
+            dropped[request_id] = max(dropped.get(request_id, 0), computed.pop(request_id, 0))
+        new, context, again = [], [], []
+        for request_id, n in step.scheduled_tokens.items():
+            held = computed.get(request_id)
+            if held is None:  # admitted this step: new, or resumed after a preemption
+                held = step.cached_tokens.get(request_id, 0)
+            new.append(n)
+            context.append(held)
+            again.append(recomputed_tokens(held, n, dropped.get(request_id, 0)))
+            computed[request_id] = held + n
+        tax = step_recompute_tax(cost, new, context, again)
+        seconds += tax.gpu_seconds
+        tokens += tax.recomputed_tokens
+    return seconds, tokens
+
+
+def test_the_recompute_tax_prices_a_resumed_request_s_recomputed_prefill():
+    # As in the first scenario: b is preempted holding 4 tokens and resumes with 5 new on 0 of context, of
+    # which 4 are recomputation; without them the step is 1 new token on 4 of context.
+    cost = LinearCostModel(a=1.0, b=0.1, c=0.01, d=0.001, e=0.5)
+    reqs = [req("a", 0, 4, 6), req("b", 0, 4, 3)]
+    res = simulate(reqs, "vllm", cost, num_kv_blocks=4, block_size=4, record_steps=True)
+    with_recompute = 1.0 + 0.1 * 5 + 0.01 * 5 + 0.001 * 5 * 5 + 0.5
+    without = 1.0 + 0.1 * 1 + 0.01 * 5 + 0.5
+    assert res.steps[6].scheduled_tokens == {"b": 5}
+    assert res.recompute_gpu_seconds == pytest.approx(with_recompute - without, abs=1e-12)
+    assert res.summary()["recompute_gpu_seconds"] == res.recompute_gpu_seconds
+    never = simulate(reqs, "no-eviction", cost, num_kv_blocks=4, block_size=4)
+    assert never.recompute_gpu_seconds == 0.0
+
+
+RECOMPUTE_KNOBS = st.fixed_dictionaries(
+    {
+        "preset": st.sampled_from(["vllm", "vllm", "sarathi", "sjf", "vllm-v0"]),
+        "max_num_seqs": st.integers(2, 12),
+        "max_num_batched_tokens": st.integers(8, 96),
+        "long_prefill_token_threshold": st.sampled_from([0, 0, 5, 17]),
+        "order": st.sampled_from(["fcfs", "fcfs", "priority", "prompt"]),
+        "chunked_prefill": st.booleans(),
+        "enable_prefix_caching": st.booleans(),
+        "async_scheduling": st.booleans(),
+        "victim": st.sampled_from(["newest", "newest", "least-computed"]),
+    }
+)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(prefix_workloads(), RECOMPUTE_KNOBS)
+def test_the_simulated_recompute_tax_is_the_engine_tracker_s_on_the_simulated_steps(workload, knobs):
+    reqs, block_size, blocks = workload
+    if knobs["preset"] == "vllm-v0":
+        knobs = {**knobs, "async_scheduling": False}  # V0's prefill-first batching has no async scheduler
+    policy = policy_from(dict(knobs))
+    result = simulate(reqs, policy, COST, num_kv_blocks=blocks, block_size=block_size, record_steps=True)
+    # Only workloads that preempt say anything here, and only those whose every preemption a step record shows:
+    # a step that only preempts (its request was its own victim, nothing else scheduled) runs nothing, and the
+    # simulator records no step for it, so a walk over its records cannot see that victim drop its KV.
+    preemptions = sum(len(s.preempted) for s in result.steps)
+    assume(0 < preemptions == sum(r.preemptions for r in result.requests))
+    seconds, tokens = engine_side_recompute_tax(result, COST)
+    assert result.recompute_gpu_seconds == pytest.approx(seconds, rel=1e-9, abs=1e-12)
+    assert 0.0 <= result.recompute_gpu_seconds <= result.gpu_seconds
+    if not knobs["enable_prefix_caching"]:
+        # Nothing cached: every token a preemption dropped is computed again, and costs something.
+        assert tokens == sum(r.recomputed_tokens for r in result.requests)
+        assert (result.recompute_gpu_seconds > 0) == (tokens > 0)
+    # The literal walk prices its own steps alike; the policy that never preempts pays none.
+    stepped = simulate(
+        reqs, policy, COST, num_kv_blocks=blocks, block_size=block_size, record_steps=True, fast_forward=False
+    )
+    seconds, _tokens = engine_side_recompute_tax(stepped, COST)
+    assert stepped.recompute_gpu_seconds == pytest.approx(seconds, rel=1e-9, abs=1e-12)
+    never = simulate(reqs, "no-eviction", COST, num_kv_blocks=blocks, block_size=block_size)
+    assert never.recompute_gpu_seconds == 0.0

@@ -1,11 +1,9 @@
 """The recompute tax: GPU time an engine spends computing again the KV that recompute preemptions dropped.
 
-vLLM's recompute preemption frees a victim's KV blocks and resets its computed tokens to 0; when the victim is
-admitted again it prefills its prompt and every token it had emitted once more. The tokens it computes below
-the KV it held when it was preempted are the recomputation (a request preempted again while recomputing still
-owes the most it ever held). What they cost is priced with the calibrated cost model as the step's time minus
-the time of the same step without them: each victim's recomputed tokens are the first of its new ones, so
-without them it would run only the rest, from where its KV had been (and not at all if nothing is left).
+What counts as recomputation, and the step it is priced against, are defined once in
+`vllm_shadow.solver.recompute` (the simulator prices its candidates' steps by the same definition): the tokens a
+request computes below the KV its preemptions dropped, and the same step without them. Here a real step is priced
+with the calibrated cost model.
 """
 
 from __future__ import annotations
@@ -14,6 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from vllm_shadow.costmodel.linear import LinearCostModel
+from vllm_shadow.solver.recompute import recomputed_tokens, without_recompute
+
+__all__ = ["RecomputeTax", "recomputed_tokens", "step_recompute_tax"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,12 +33,6 @@ class RecomputeTax:
         )
 
 
-def recomputed_tokens(computed: int, new: int, dropped_kv: int) -> int:
-    """Of `new` tokens scheduled for a request holding `computed` KV tokens, those below `dropped_kv` (the KV
-    its preemption dropped): computed before, computed again now."""
-    return max(0, min(computed + new, dropped_kv) - computed)
-
-
 def step_recompute_tax(
     cost: LinearCostModel,
     new_tokens: Sequence[int],
@@ -50,9 +45,6 @@ def step_recompute_tax(
     total = sum(recomputed)
     if total == 0:
         return RecomputeTax(preemptions)
-    without_new, without_context = [], []
-    for new, context, again in zip(new_tokens, context_tokens, recomputed, strict=True):
-        without_new.append(new - again)
-        without_context.append(context + again)
-    seconds = cost.batch_time(new_tokens, context_tokens) - cost.batch_time(without_new, without_context)
+    without = without_recompute(new_tokens, context_tokens, recomputed)
+    seconds = cost.batch_time(new_tokens, context_tokens) - cost.batch_time(*without)
     return RecomputeTax(preemptions, total, max(seconds, 0.0))
