@@ -22,6 +22,7 @@ REPLAY_KEYS = {
     "e2e_p99_s",
     "preemptions",
     "recomputed_tokens",
+    "recompute_gpu_seconds",
 }
 
 
@@ -55,7 +56,10 @@ def test_replay_json_compares_policies_on_the_bundled_trace(capsys):
         assert row["gpu_seconds"] > 0 and row["makespan_s"] >= row["gpu_seconds"] * 0.99
     no_eviction = rows[2]
     assert no_eviction["preemptions"] == 0 and no_eviction["recomputed_tokens"] == 0
+    assert no_eviction["recompute_gpu_seconds"] == 0
     assert rows[0]["preemptions"] > 0  # 600 blocks put vLLM under memory pressure on this window
+    # What vLLM's preemptions cost: some of its busy time, never all of it.
+    assert 0 < rows[0]["recompute_gpu_seconds"] < rows[0]["gpu_seconds"]
 
 
 def test_replay_table_names_the_engine_and_every_policy(capsys):

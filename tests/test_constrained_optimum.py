@@ -28,7 +28,7 @@ from vllm_shadow.evaluation.evaluate import (
 )
 from vllm_shadow.evaluation.recommend import Goal
 from vllm_shadow.evaluation.window import EvaluationSettings, evaluate_window, plan_tasks
-from vllm_shadow.readout.console import status_view, summary_view
+from vllm_shadow.readout.console import recompute_line, status_view, summary_view
 from vllm_shadow.readout.exporter import exposition
 from vllm_shadow.readout.snapshot import to_json
 from vllm_shadow.readout.snapshot_json import snapshot_from_json
@@ -236,11 +236,23 @@ def test_each_configuration_s_recomputation_is_exported_beside_the_engine_s(snap
     }
     outcomes = {o.label: o for o in last.outcomes() if not o.error}
     assert simulated == {label: o.recomputed_tokens for label, o in outcomes.items()}
+    seconds = {
+        s.labels["candidate"]: s.value
+        for family in text_string_to_metric_families(exposition(snapshot))
+        for s in family.samples
+        if s.name == "vllm_shadow_window_simulated_recompute_gpu_seconds"
+    }
+    assert seconds == {label: o.recompute_gpu_seconds for label, o in outcomes.items()}
     never_evicting = [o for label, o in outcomes.items() if label.startswith("no-eviction")]
     assert never_evicting and all(o.recomputed_tokens == 0 == o.preemptions for o in never_evicting)
+    assert all(o.recompute_gpu_seconds == 0 for o in never_evicting)
     windows = support.windows("fcfs-kv6-crowded", 0.5)
     replays = [check_fidelity(w, Slo()).self_replay for w in windows]
     assert sum(r.recomputed_tokens for r in replays) > 0, "the crowded stream's replay preempts"
+    # Without prefix caching every recomputed token costs busy time, and never more than the replay's.
+    for r in replays:
+        assert (r.recompute_gpu_seconds > 0) == (r.recomputed_tokens > 0)
+        assert r.recompute_gpu_seconds < r.gpu_seconds
 
 
 def _text(renderable) -> str:
@@ -258,6 +270,16 @@ def test_status_and_the_demo_summary_show_the_bound_at_equal_latency_first(snaps
     assert f"recompute tax: {preemptions} preemptions" in summary and preemptions > 0
     status = _text(status_view(snapshot))
     assert status.index("optimal bound, at equal latency") < status.index("optimal bound, latency ignored")
+    # The window's caption sets the engine's recompute tax beside what the simulated configurations spend.
+    last = snapshot.engines[0].last
+    caption = recompute_line(last)
+    cheapest = min((o for o in last.candidates if not o.error), key=lambda o: o.gpu_seconds)
+    assert caption.startswith(f"recompute tax: {last.recompute.preemptions} preemptions")
+    assert caption.endswith(
+        f"; simulated: {last.fidelity.self_replay.recompute_gpu_seconds:.3f}s under the current configuration, "
+        f"{cheapest.recompute_gpu_seconds:.3f}s under the cheapest candidate {cheapest.label}"
+    )
+    assert (caption in status) == bool(last.recompute.preemptions or last.recompute.gpu_seconds)
 
 
 def test_shadow_status_reads_the_headline_back_from_the_published_json(snapshot) -> None:

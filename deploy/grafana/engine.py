@@ -149,7 +149,23 @@ def build() -> model.Dashboard:
             unit="short",
             min_value=0,
         ),
-        width=24,
+        width=12,
+    )
+    layout.add(
+        timeseries_panel(
+            "Recompute tax in GPU seconds: the engine against each configuration (last window)",
+            "Busy time spent computing again the KV recompute preemptions dropped, in the last evaluated window: "
+            "the engine's, priced on its mirrored steps with the calibrated cost model, and what each "
+            "configuration would have spent, priced the same way on its simulated steps (the no-eviction "
+            "candidate never preempts; requests preempted before the window are counted only on the engine).",
+            [
+                Query(S.s("window_recompute_gpu_seconds"), "engine (measured steps)"),
+                Query(S.s("window_simulated_recompute_gpu_seconds"), "{{candidate}}"),
+            ],
+            unit="s",
+            min_value=0,
+        ),
+        width=12,
     )
 
     layout.row("Latency per candidate")

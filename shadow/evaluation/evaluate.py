@@ -93,6 +93,7 @@ def candidate_outcome(
         preemptions=sum(r.preemptions for r in result.requests),
         steps=result.num_steps,
         recomputed_tokens=sum(r.recomputed_tokens for r in result.requests),
+        recompute_gpu_seconds=result.recompute_gpu_seconds,
         prefix_cache_queries=sum(r.prompt_tokens for r in records if r.first_scheduled == r.first_scheduled),
         prefix_cache_hits=sum(r.num_cached_tokens for r in records),
         requests=tuple(records) if keep_requests else (),

@@ -78,6 +78,9 @@ class CandidateOutcome:
     # Tokens computed again after recompute preemptions (the simulator's count; requests preempted before the
     # window enter it as the recomputation they owe and are not counted).
     recomputed_tokens: int = 0
+    # What that recomputation cost, in simulated busy time: the recompute tax by the engine tracker's own
+    # definition (solver.recompute), so that it reads beside the engine's `WindowEvaluation.recompute`.
+    recompute_gpu_seconds: float = 0.0
     # vLLM's prefix-cache counters over the window's own requests as simulated: prompt tokens looked up at
     # their first admission, and those found cached (vllm:prefix_cache_queries / vllm:prefix_cache_hits).
     prefix_cache_queries: int = 0

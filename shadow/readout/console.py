@@ -8,7 +8,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from vllm_shadow.evaluation.results import ENGINE_LATENCY, WindowEvaluation
+from vllm_shadow.evaluation.results import ENGINE_LATENCY, CandidateOutcome, WindowEvaluation
 from vllm_shadow.readout.snapshot import EngineSnapshot, ShadowSnapshot
 
 
@@ -120,14 +120,34 @@ def window_table(engine: EngineSnapshot, last: WindowEvaluation, rows: int = 8) 
     return table
 
 
+def cheapest_candidate(last: WindowEvaluation) -> CandidateOutcome | None:
+    """The configuration other than the current one that served the window in the least simulated GPU time."""
+    ran = [o for o in last.candidates if not o.error and not math.isnan(o.gpu_seconds)]
+    return min(ran, key=lambda o: o.gpu_seconds) if ran else None
+
+
 def recompute_line(last: WindowEvaluation | EngineSnapshot) -> str:
-    """The recompute tax of a window, or of an engine over its evaluated windows."""
+    """The recompute tax of a window, or of an engine over its evaluated windows; a window's beside what its
+    recomputation would have cost, simulated on the same cost model, under the current configuration (the self
+    replay) and under the cheapest candidate."""
     tax, measured = last.recompute, last.actual_gpu_seconds
     share = tax.gpu_seconds / measured if measured > 0 else math.nan
-    return (
+    line = (
         f"recompute tax: {tax.preemptions} preemptions, {tax.recomputed_tokens:,} tokens computed again, "
         f"{tax.gpu_seconds:.3f}s of busy time ({_pct(share)} of the measured)"
     )
+    if not isinstance(last, WindowEvaluation):
+        return line
+    simulated = []
+    replay = last.fidelity.self_replay
+    if not replay.error:
+        simulated.append(f"{replay.recompute_gpu_seconds:.3f}s under the current configuration")
+    cheapest = cheapest_candidate(last)
+    if cheapest is not None:
+        simulated.append(
+            f"{cheapest.recompute_gpu_seconds:.3f}s under the cheapest candidate {cheapest.label}"
+        )
+    return f"{line}; simulated: {', '.join(simulated)}" if simulated else line
 
 
 def optimal_lines(last: WindowEvaluation) -> list[str]:

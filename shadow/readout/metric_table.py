@@ -318,6 +318,14 @@ METRICS: tuple[MetricSpec, ...] = (
         "candidate",
     ),
     _engine(
+        "window_simulated_recompute_gpu_seconds",
+        "gauge",
+        "Busy time each configuration would have spent recomputing preempted requests' KV, last window "
+        "(simulated, priced as window_recompute_gpu_seconds prices the engine's; requests preempted before the "
+        "window are not counted).",
+        "candidate",
+    ),
+    _engine(
         "window_simulated_prefix_cache_hit_ratio",
         "gauge",
         "Share of the last window's prompt tokens found in the prefix cache at their first admission, simulated "

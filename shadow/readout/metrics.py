@@ -212,10 +212,12 @@ def _window_families(f: _Families, e: EngineSnapshot, key: tuple[str, str]) -> N
     f("window_recompute_gpu_seconds").add(key, w.recompute.gpu_seconds)
     f("window_recomputed_tokens").add(key, w.recompute.recomputed_tokens)
     recomputed = f("window_simulated_recomputed_tokens")
+    recompute_seconds = f("window_simulated_recompute_gpu_seconds")
     hit_ratio = f("window_simulated_prefix_cache_hit_ratio")
     for outcome in w.outcomes():
         if not outcome.error:
             recomputed.add((*key, outcome.label), outcome.recomputed_tokens)
+            recompute_seconds.add((*key, outcome.label), outcome.recompute_gpu_seconds)
             if outcome.prefix_cache_queries:
                 hit_ratio.add((*key, outcome.label), outcome.prefix_cache_hits / outcome.prefix_cache_queries)
     if w.optimal is not None:
