@@ -180,7 +180,8 @@ cdef class Simulator:
 
     @cython.locals(request=_Request, num_new_tokens=Py_ssize_t, num_computed_tokens=Py_ssize_t,
                    num_tokens=Py_ssize_t, num_requests=Py_ssize_t, kv_tokens=Py_ssize_t,
-                   attention_pairs=Py_ssize_t, new_tokens=list, context_tokens=list, again=list)
+                   attention_pairs=Py_ssize_t, new_tokens=list, context_tokens=list, again=list,
+                   without_new=list, without_context=list, i=Py_ssize_t)
     cdef object _recompute_tax(self, list scheduled, Py_ssize_t num_decoders, object duration)
 
     @cython.locals(request=_Request)

@@ -388,7 +388,10 @@ class Simulator:
         request.implicit_decoder = False
         request.finish_epoch += 1
         if self.caching:
-            # It cached every full block at the step that filled it (its blocks past the prompt are private).
+            # It cached every full block at the step that filled it: those with a published hash (its output's,
+            # known from its finish: a later prompt holding that output hits them) under it, the rest private.
+            if len(request.block_hashes) > request.num_cached_blocks:
+                self._cache_blocks(request, request.num_computed_tokens)
             request.num_cached_blocks = request.num_computed_tokens // self.block_size
             last_step = self.num_steps - 1
             if (
@@ -1021,12 +1024,19 @@ class Simulator:
         for request, num_new_tokens, num_computed_tokens in scheduled:
             new_tokens.append(num_new_tokens)
             context_tokens.append(num_computed_tokens)
-            again.append(recomputed_tokens(num_computed_tokens, num_new_tokens, request.dropped_kv))
+            # Only KV below what a preemption dropped is computed again (the call costs, most chunks owe none).
+            again.append(
+                recomputed_tokens(num_computed_tokens, num_new_tokens, request.dropped_kv)
+                if num_computed_tokens < request.dropped_kv
+                else 0
+            )
         without_new, without_context = without_recompute(new_tokens, context_tokens, again)
         num_tokens = num_requests = num_decoders
         kv_tokens = self.sum_decode_base + num_decoders * (self.decode_steps + 1) if num_decoders else 0
         attention_pairs = 0
-        for num_new_tokens, num_computed_tokens in zip(without_new, without_context, strict=True):
+        for i in range(len(without_new)):
+            num_new_tokens = without_new[i]
+            num_computed_tokens = without_context[i]
             if num_new_tokens == 0:  # all of its work was recomputation: not in the step at all
                 continue
             num_tokens += num_new_tokens
@@ -1296,6 +1306,11 @@ def simulate(
             r.request_id, arrival_time / PS_PER_S, r.prompt_tokens, r.output_tokens, r.priority
         )
         records.append(rec)
+        block_hashes = r.block_hashes
+        if policy.async_scheduling and len(block_hashes) > r.prompt_tokens // block_size:
+            # Hashes of its generated blocks (from its finish): under async scheduling vLLM learns each a step
+            # late, which the simulator models for private blocks only; they stay private there.
+            block_hashes = block_hashes[: r.prompt_tokens // block_size]
         return _Request(
             r.request_id,
             arrival_time,
@@ -1303,7 +1318,7 @@ def simulate(
             r.output_tokens,
             _queue_key(policy.order, r, arrival_time, index),
             rec,
-            r.block_hashes,
+            block_hashes,
         )
 
     for index, state in enumerate(initial_running):
