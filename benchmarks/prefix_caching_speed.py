@@ -7,11 +7,13 @@ caching off and on, in one process, alternating, timing CPU seconds (the machine
 hash ids (one per 512 prompt tokens) become per-16-token block hashes as `shadow replay` makes them
 (`vllm_shadow.adapters.traces.block_hashes_for`: an engine block takes the id of the trace block holding its last
 token, with its position; a trace block the prompt covers in part is not shared). The target: caching on within
-1.5x of caching off. Which core runs (compiled or plain Python, VLLM_SHADOW_PURE_PYTHON=1) is printed.
-`--pool-before COMMIT` adds caching on with solver/kv_cache.py as it was at COMMIT (plain-Python core only: the
-simulator's pool names are swapped in its module), to time a change to the prefix cache in the same process.
+1.5x of caching off. Which core and which prefix cache run (compiled or plain Python, VLLM_SHADOW_PURE_PYTHON=1
+for both) is printed. `--pool-before COMMIT` adds caching on with solver/kv_cache.py as it was at COMMIT (the pool's
+names are swapped in the module of the simulator core in use), to time a change to the prefix cache in the same
+process; `--pool-before pure` adds caching on with today's plain-Python pool (under the compiled core: the compiled
+pool against the plain one, the same hits checked).
 
-    python benchmarks/prefix_caching_speed.py [--rounds 5] [--before 907565e] [--pool-before COMMIT]
+    python benchmarks/prefix_caching_speed.py [--rounds 5] [--before 907565e] [--pool-before COMMIT|pure]
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from vllm_shadow.costmodel.architecture import load_model
 from vllm_shadow.costmodel.hardware import get_hardware
 from vllm_shadow.costmodel.kv import kv_capacity_blocks
 from vllm_shadow.costmodel.roofline import roofline_prior
+from vllm_shadow.solver import kv_cache
 from vllm_shadow.solver import simulator as current
 
 BLOCK_SIZE = 16
@@ -64,17 +67,19 @@ POOL_NAMES = ("BlockPool", "PrivateRun", "num_blocks", "num_held_blocks")
 
 
 def simulate_with_pool(pool_module):
-    """current.simulate with the prefix cache of `pool_module`; today's pool is put back afterwards."""
+    """current.simulate with the prefix cache of `pool_module`; today's pool is put back afterwards. The names are
+    swapped in the module `simulate` comes from: the compiled core looks them up in its own module's globals."""
+    core = sys.modules[current.simulate.__module__]
 
     def simulate(*args, **kwargs):
-        today = {name: getattr(current, name) for name in POOL_NAMES}
+        today = {name: getattr(core, name) for name in POOL_NAMES}
         for name in POOL_NAMES:
-            setattr(current, name, getattr(pool_module, name))
+            setattr(core, name, getattr(pool_module, name))
         try:
             return current.simulate(*args, **kwargs)
         finally:
             for name, value in today.items():
-                setattr(current, name, value)
+                setattr(core, name, value)
 
     return simulate
 
@@ -84,10 +89,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--before", default="907565e", help="the commit before prefix caching was modelled")
     parser.add_argument("--azure-only", action="store_true")
-    parser.add_argument("--pool-before", help="also time caching on with solver/kv_cache.py at this commit")
+    parser.add_argument(
+        "--pool-before",
+        help="also time caching on with solver/kv_cache.py at this commit (or 'pure': today's .py)",
+    )
     args = parser.parse_args()
-    if args.pool_before and getattr(current, "COMPILED", False):
-        parser.error("--pool-before needs the plain-Python core (VLLM_SHADOW_PURE_PYTHON=1)")
     arch, hw = load_model("llama-2-7b"), get_hardware("a100")
     cost, blocks = roofline_prior(arch, hw, 1), kv_capacity_blocks(arch, hw, block_size=BLOCK_SIZE)
     before = load_simulator_at(args.before)
@@ -102,11 +108,17 @@ def main() -> None:
         "caching on": (current.simulate, f"{POLICY}(enable_prefix_caching=true)"),
     }
     if args.pool_before:
-        pool_before = load_module_at(args.pool_before, "solver/kv_cache.py", "kv_cache_before")
+        pool_before = (
+            kv_cache.pure_pool()
+            if args.pool_before == "pure"
+            else load_module_at(args.pool_before, "solver/kv_cache.py", "kv_cache_before")
+        )
         variants["pool before"] = (simulate_with_pool(pool_before), f"{POLICY}(enable_prefix_caching=true)")
     core = "compiled" if getattr(current, "COMPILED", False) else "plain Python"
+    pool = "compiled" if getattr(kv_cache, "COMPILED", False) else "plain Python"
     print(
-        f"{blocks:,} KV blocks of {BLOCK_SIZE}; {core} core; {args.rounds} rounds, alternating; CPU time per request"
+        f"{blocks:,} KV blocks of {BLOCK_SIZE}; {core} core, {pool} prefix cache; {args.rounds} rounds, alternating; "
+        "CPU time per request"
     )
     pool_columns = f" caching on, pool at {args.pool_before} | its on / off |" if args.pool_before else ""
     print(

@@ -16,6 +16,7 @@ cdef class CachedRun:
     cdef public Py_ssize_t stamp
     cdef public CachedRun next
     cdef public FreeEntry entry
+    cdef public bint placed
 
 
 @cython.final
@@ -47,12 +48,21 @@ cdef class BlockPool:
     cdef public Py_ssize_t num_evicted_blocks
     cdef public Py_ssize_t _num_inserts
     cdef public Py_ssize_t version
+    cdef public list run_starts
+    cdef public list start_positions
+    cdef public Py_ssize_t num_unplaced_runs
 
+    @cython.locals(lo=Py_ssize_t, runs=list)
     cdef _index(self, CachedRun run)
+    @cython.locals(run_starts=list)
+    cdef _count_start(self, Py_ssize_t lo)
+    @cython.locals(lo=Py_ssize_t, run_starts=list, start_positions=list, runs=list)
     cdef _unindex(self, CachedRun run)
+    @cython.locals(index=dict, start_positions=list, first=Py_ssize_t)
+    cdef list _runs_starting_in(self, object block_hashes, Py_ssize_t start, Py_ssize_t stop)
     cdef CachedRun _split(self, CachedRun run, Py_ssize_t at)
 
-    @cython.locals(index=dict, num_hashes=Py_ssize_t, runs=list, first_window_found=bint, run=CachedRun,
+    @cython.locals(index=dict, num_hashes=Py_ssize_t, runs=list, run=CachedRun,
                    lo=Py_ssize_t, end=Py_ssize_t, stop=Py_ssize_t, candidates=list, found=list,
                    reach=Py_ssize_t, scanned=Py_ssize_t, position=Py_ssize_t, start=Py_ssize_t,
                    _stamp=Py_ssize_t)

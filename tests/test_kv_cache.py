@@ -116,7 +116,7 @@ def test_runs_behave_as_vllm_s_blocks(build, rng):
     ]
     operations = [
         (
-            rng.choice(["admit", "admit", "cache", "cache", "free", "evict"]),
+            rng.choice(["admit", "admit", "cache", "cache", "free", "evict", "block"]),
             rng.randrange(8),
             rng.randint(0, 14),
         )
@@ -152,6 +152,11 @@ def test_runs_behave_as_vllm_s_blocks(build, rng):
             target = max(pool.num_queued_blocks - amount, 0)
             pool.evict_to(target)
             reference.evict_to(target)
+        elif kind == "block":  # a block cached alone (a cache rebuilt from a recording), at any position
+            inserts += 1
+            block_hash = hashes[r][amount % len(hashes[r])]
+            pool.free_block(pool.cache_full_block(block_hash))
+            reference.free(reference.cache((block_hash,), inserts))
         assert pool.num_queued_blocks == len(reference.free_queue)
         assert eviction_order(pool) == [(b.block_hash, b.stamp) for b in reference.free_queue]
         for request, entries in held.items():  # reference counts, run by run
@@ -189,6 +194,24 @@ def test_a_hit_takes_runs_starting_inside_it():
     # A chain that shares only its first blocks stops where the hashes differ.
     chain_b = (*chain_a[:3], "b3", "b4")
     assert stamps(pool.find_longest_cache_hit(chain_b, 5)) == [1] * 3
+
+
+@pytest.mark.parametrize("build", ["compiled", "pure"])
+def test_a_hit_goes_on_through_blocks_cached_alone(build):
+    # Blocks cached one by one (a recording's free queue) sit at positions the pool cannot know: a lookup must
+    # still find them inside or after a run, at any position, not only where runs of known position start.
+    kv = dict(zip(("compiled", "pure"), pools(), strict=True))[build]
+    chain_a = tuple(range(10))
+    pool = kv.BlockPool()
+    held: list = []
+    pool.cache_full_blocks(held, chain_a, 5)  # blocks 0..4, stamp 1
+    for block_hash in chain_a[5:8]:  # blocks 5, 6, 7 alone, stamps 2..4
+        pool.free_block(pool.cache_full_block(block_hash))
+    assert stamps(pool.find_longest_cache_hit(chain_a, 10)) == [1] * 5 + [2, 3, 4]
+    pool.free_blocks(held)
+    pool.evict_to(pool.num_queued_blocks - 4)  # blocks 5, 6, 7 were freed first, then block 4 (tail first)
+    assert stamps(pool.find_longest_cache_hit(chain_a, 10)) == [1] * 4
+    assert pool.num_unplaced_runs == 0 and pool.start_positions == [0]
 
 
 # ---- the compiled pool against the plain-Python one ----------------------------------------------------------
