@@ -34,6 +34,10 @@ class RequestFinish:
     time: float
     output_tokens: int
     reason: str = "length"  # vLLM's finish reason: length, stop, abort, ...
+    # vLLM's hashes of the request's full blocks past its prompt's (`Request.block_hashes` beyond
+    # `RequestArrival.block_hashes`): blocks of generated tokens, which stay cached after it finishes and which a
+    # later prompt holding its output (a conversation's next turn) hits.
+    block_hashes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -103,7 +103,9 @@ _CHECKS = {
         prefix_block_hashes=_is_ints,
         block_hashes=_is_ints,
     ),
-    RequestFinish: dict(request_id=_is_str, time=_is_finite, output_tokens=_is_int, reason=_is_str),
+    RequestFinish: dict(
+        request_id=_is_str, time=_is_finite, output_tokens=_is_int, reason=_is_str, block_hashes=_is_ints
+    ),
     EngineStep: dict(
         step=_is_int,
         start_time=_is_finite,

@@ -122,6 +122,8 @@ def _encode_event(event: Event, out: pb.Event) -> None:
             f.time = event.time
             f.output_tokens = event.output_tokens
             f.reason = event.reason
+            if event.block_hashes:
+                f.block_hashes.extend(event.block_hashes)
         case EngineInfo():
             i = out.info
             i.model = event.model
@@ -240,7 +242,8 @@ def _decode_events(messages: Sequence[pb.Event]) -> tuple[list[Event], bool]:
             time, output = f.time, f.output_tokens
             if checked and not (-_INF < time < _INF and output >= 0):
                 checked = False
-            append(_new_finish(f.request_id, time, output, f.reason))
+            hashes = f.block_hashes
+            append(_new_finish(f.request_id, time, output, f.reason, tuple(hashes) if hashes else ()))
         elif kind == "info":
             info = _decode_info(index, e.info)
             if checked and event_problem(info) is not None:

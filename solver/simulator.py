@@ -388,10 +388,7 @@ class Simulator:
         request.implicit_decoder = False
         request.finish_epoch += 1
         if self.caching:
-            # It cached every full block at the step that filled it: those with a published hash (its output's,
-            # known from its finish: a later prompt holding that output hits them) under it, the rest private.
-            if len(request.block_hashes) > request.num_cached_blocks:
-                self._cache_blocks(request, request.num_computed_tokens)
+            # It cached every full block at the step that filled it (its blocks past the prompt are private).
             request.num_cached_blocks = request.num_computed_tokens // self.block_size
             last_step = self.num_steps - 1
             if (
@@ -482,6 +479,11 @@ class Simulator:
             pool.evict_to(self.num_usable_blocks - self.num_used_blocks)  # allocations so far came first
         num_cached_blocks = request.num_cached_blocks
         held_blocks = request.held_blocks
+        if not preempted and len(request.block_hashes) > num_blocks(held_blocks) < num_cached_blocks:
+            # It finished: the blocks its output filled, private so far, are cached under the hashes its finish
+            # published (a later prompt holding that output, a chat's next turn, hits them, as in vLLM).
+            num_named = min(num_cached_blocks, len(request.block_hashes))
+            pool.cache_full_blocks(held_blocks, request.block_hashes, num_named)
         num_held = num_blocks(held_blocks)
         num_freed = cdiv(request.num_computed_tokens, self.block_size) - num_held
         if num_cached_blocks > num_held:

@@ -39,7 +39,12 @@ arrivals = st.builds(
     block_hashes=st.lists(INT64, max_size=6).map(tuple),
 )
 finishes = st.builds(
-    RequestFinish, request_id=ID, time=TIME, output_tokens=COUNT, reason=st.text(max_size=10)
+    RequestFinish,
+    request_id=ID,
+    time=TIME,
+    output_tokens=COUNT,
+    reason=st.text(max_size=10),
+    block_hashes=st.lists(INT64, max_size=6).map(tuple),
 )
 steps = st.builds(
     EngineStep,

@@ -29,16 +29,18 @@ class RequestArrival(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., time: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., priority: _Optional[int] = ..., prefix_block_hashes: _Optional[_Iterable[int]] = ..., block_hashes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RequestFinish(_message.Message):
-    __slots__ = ("request_id", "time", "output_tokens", "reason")
+    __slots__ = ("request_id", "time", "output_tokens", "reason", "block_hashes")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     time: float
     output_tokens: int
     reason: str
-    def __init__(self, request_id: _Optional[str] = ..., time: _Optional[float] = ..., output_tokens: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+    block_hashes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., time: _Optional[float] = ..., output_tokens: _Optional[int] = ..., reason: _Optional[str] = ..., block_hashes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EngineStep(_message.Message):
     __slots__ = ("step", "start_time", "duration", "scheduled_ids", "scheduled_counts", "preempted", "resumed", "finished", "kv_blocks_used", "cached_ids", "cached_counts")

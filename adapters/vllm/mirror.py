@@ -95,11 +95,14 @@ class StepMirror:
         )
         self._next_step += 1
 
-    def finished(self, request_id: str, output_tokens: int, reason: str) -> None:
-        """A request left the engine (completed or aborted); reported with the next step event."""
+    def finished(
+        self, request_id: str, output_tokens: int, reason: str, block_hashes: tuple[int, ...] = ()
+    ) -> None:
+        """A request left the engine (completed or aborted); reported with the next step event. `block_hashes`:
+        those of its full blocks past the prompt's (see `RequestFinish.block_hashes`)."""
         self._preempted.discard(request_id)
         self._finished.append(request_id)
-        self._publish(RequestFinish(request_id, self.wall_time(), output_tokens, reason))
+        self._publish(RequestFinish(request_id, self.wall_time(), output_tokens, reason, block_hashes))
 
     def step_completed(self) -> None:
         """Call when update_from_output() has processed the oldest in-flight step."""

@@ -38,6 +38,7 @@ class _ShadowHook:
         self.mirror = StepMirror(publisher.publish)
         self.errors = 0
         self.live: dict[str, Request] = {}  # requests added and not yet reported finished
+        self.prompt_hashes: dict[str, int] = {}  # block hashes each live request had when it arrived
 
     def failed(self, where: str) -> None:
         self.errors += 1
@@ -60,6 +61,11 @@ def _attach(scheduler: Scheduler, env: ShadowEnv) -> _ShadowHook | None:
     )
     publisher.publish(info)
     return hook
+
+
+def _hash_ints(block_hashes: Any) -> tuple[int, ...]:
+    """vLLM's prefix-cache hashes (bytes) as signed 64-bit ints; empty with caching off."""
+    return tuple(int.from_bytes(h[:8], "big", signed=True) for h in block_hashes)
 
 
 def _cached_tokens(output: SchedulerOutput) -> dict[str, int]:
@@ -96,6 +102,7 @@ class _MirrorMixin:
             return
         try:
             hook.live[request.request_id] = request
+            hook.prompt_hashes[request.request_id] = len(request.block_hashes)
             hook.mirror.arrival(
                 RequestArrival(
                     request_id=request.request_id,
@@ -104,9 +111,7 @@ class _MirrorMixin:
                     max_tokens=request.max_tokens,
                     priority=request.priority,
                     # vLLM's prefix-cache hashes (bytes) as signed 64-bit ints; empty with caching off.
-                    block_hashes=tuple(
-                        int.from_bytes(h[:8], "big", signed=True) for h in request.block_hashes
-                    ),
+                    block_hashes=_hash_ints(request.block_hashes),
                 )
             )
         except Exception:
@@ -161,7 +166,11 @@ class _MirrorMixin:
             request = hook.live.pop(request_id, None)
             if request is not None:
                 reason = request.get_finished_reason()
-                hook.mirror.finished(request_id, request.num_output_tokens, str(reason) if reason else "")
+                # With prefix caching, the blocks its generated tokens filled are cached under these hashes.
+                generated = _hash_ints(request.block_hashes[hook.prompt_hashes.pop(request_id, 0) :])
+                hook.mirror.finished(
+                    request_id, request.num_output_tokens, str(reason) if reason else "", generated
+                )
 
     def shutdown(self) -> None:
         super().shutdown()  # type: ignore[misc]

@@ -57,8 +57,14 @@ class MirroredRun:
                 finishes[event.request_id] = event
             elif isinstance(event, EngineInfo):
                 info = event
+        # A finish adds the hashes of the blocks its output filled (vLLM caches them too: a prompt holding
+        # that output, a conversation's next turn, hits them).
         requests = [
-            dataclasses.replace(a, output_tokens=finishes[a.request_id].output_tokens)
+            dataclasses.replace(
+                a,
+                output_tokens=(f := finishes[a.request_id]).output_tokens,
+                block_hashes=a.block_hashes + f.block_hashes,
+            )
             if a.request_id in finishes
             else a
             for a in arrivals

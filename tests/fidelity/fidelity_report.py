@@ -84,8 +84,9 @@ def multi_turn_workload(setup: EngineSetup) -> list[PromptedRequest]:
 
 
 def engine_reply_workload(setup: EngineSetup) -> list[PromptedRequest]:
-    """`multi_turn_workload`, but each turn sends back the tokens the engine generated for the previous one."""
-    return conversations(8, 5, output_tokens=(32, 160), priorities=_priorities(setup), engine_replies=True)
+    """Six conversations of five turns, each turn sending back the tokens the engine generated for the previous
+    one (a chat client's history), on a KV cache large enough to keep most of it between turns."""
+    return conversations(6, 5, output_tokens=(32, 160), priorities=_priorities(setup), engine_replies=True)
 
 
 def mooncake_workload(setup: EngineSetup) -> list[PromptedRequest]:
@@ -127,8 +128,8 @@ PREFIX_CONFIGS: dict[str, tuple[EngineSetup, Workload]] = {
         ),
         multi_turn_workload,
     ),
-    "prefix-multiturn-engine-replies-fcfs-kv24": (
-        dataclasses.replace(CACHING, num_kv_blocks=24),
+    "prefix-multiturn-engine-replies-fcfs-kv32": (
+        dataclasses.replace(CACHING, num_kv_blocks=32),
         engine_reply_workload,
     ),
     "prefix-mooncake-fcfs-kv16-threshold256": (
