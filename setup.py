@@ -36,7 +36,11 @@ def compiled_core() -> list[Extension]:
     for package in (staged.parent, staged):
         (package / "__init__.pxd").touch()
     for module in MODULES:
-        shutil.copyfile(f"solver/{module}.pxd", staged / f"{module}.pxd")
+        source, copy = Path(f"solver/{module}.pxd"), staged / f"{module}.pxd"
+        # Copied only when it changed: a fresh copy's time stamp would make cythonize regenerate (and the build
+        # recompile) both modules at every install, not just the one whose sources changed.
+        if not copy.exists() or copy.read_bytes() != source.read_bytes():
+            shutil.copyfile(source, copy)
     return cythonize(
         [Extension(f"vllm_shadow.solver.{module}", [source]) for module, source in MODULES.items()],
         include_path=[str(staged.parent.parent)],

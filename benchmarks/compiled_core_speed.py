@@ -1,8 +1,9 @@
 """The compiled simulator core against the plain-Python one, in one process, alternating.
 
-The same `simulate` calls through both cores (solver/simulator.py as Cython compiled it, and the same file run
-as Python): the first 10,000 requests of the bundled Azure conversation trace under vLLM (cap 128, 4,096 tokens)
-and Sarathi (chunk 512) on the replay benchmark's engine (Llama-2-70B TP 2 on A100, roofline prior, the trace
+The same `simulate` calls through both cores (solver/simulator.py as Cython compiled it, with the prefix cache
+solver/kv_cache.py as Cython compiled it, and the same two files run as Python): the first 10,000 requests of the
+bundled Azure conversation trace under vLLM (cap 128, 4,096 tokens) and Sarathi (chunk 512) on the replay
+benchmark's engine (Llama-2-70B TP 2 on A100, roofline prior, the trace
 clipped as for Vidur), prefix caching off and on; then the whole Azure hour under the replay benchmark's 20
 candidates (Llama-2-7B on one A100, the trace unclipped). Each figure is the median over the repetitions of CPU
 seconds (and wall seconds) for one `simulate` call, results checked equal between the cores.
@@ -13,6 +14,7 @@ seconds (and wall seconds) for one `simulate` call, results checked equal betwee
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import sys
 import time
@@ -27,12 +29,28 @@ from vllm_shadow.costmodel.architecture import load_model
 from vllm_shadow.costmodel.hardware import get_hardware
 from vllm_shadow.costmodel.kv import kv_capacity_blocks
 from vllm_shadow.costmodel.roofline import roofline_prior
-from vllm_shadow.solver import simulator
+from vllm_shadow.solver import kv_cache, simulator
 
 POLICIES = {
     "vLLM (cap 128, 4,096 tokens)": "vllm(max_num_seqs=128,max_num_batched_tokens=4096)",
     "Sarathi (chunk 512)": "sarathi(max_num_seqs=128,max_num_batched_tokens=512)",
 }
+
+
+def pure_core_on_pure_pool():
+    """solver/simulator.py as plain Python over the plain-Python prefix cache (`simulator.pure_core()` takes the
+    pool from solver.kv_cache, which hands out the compiled one where it is built)."""
+    name = "vllm_shadow.solver._simulator_pure_on_pure_pool"
+    spec = importlib.util.spec_from_file_location(name, simulator.__file__)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    in_use = sys.modules["vllm_shadow.solver.kv_cache"]
+    sys.modules["vllm_shadow.solver.kv_cache"] = kv_cache.pure_pool()
+    try:
+        sys.modules[name] = module
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    finally:
+        sys.modules["vllm_shadow.solver.kv_cache"] = in_use
+    return module
 
 
 def timed(call: Callable[[], object]) -> tuple[float, float, object]:
@@ -64,10 +82,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--hour-repeats", type=int, default=1)
     args = parser.parse_args()
-    compiled = simulator.compiled_core()
-    if compiled is None or simulator.stale_sources(compiled):
-        sys.exit("the compiled core is not built or is older than its source: `pip install -e .` first")
-    cores = {"pure": simulator.pure_core(), "compiled": compiled}
+    compiled, pool = simulator.compiled_core(), kv_cache.compiled_pool()
+    if compiled is None or simulator.stale_sources(compiled) or pool is None or kv_cache.stale_sources(pool):
+        sys.exit(
+            "the compiled core or pool is not built or is older than its source: `pip install -e .` first"
+        )
+    if not kv_cache.COMPILED:
+        sys.exit("the compiled pool is not in use (VLLM_SHADOW_PURE_PYTHON is set?)")
+    cores = {"pure": pure_core_on_pure_pool(), "compiled": compiled}
 
     cost = project_cost()
     blocks = kv_capacity_blocks(load_model(MODEL), get_hardware(HARDWARE), tp=TP, block_size=BLOCK_SIZE)

@@ -74,7 +74,7 @@ cdef class BlockPool:
     @cython.locals(entry=FreeEntry, left_over=list, taken=CachedRun, part=CachedRun, place=Py_ssize_t)
     cdef CachedRun _take_free(self, CachedRun run, Py_ssize_t lo, Py_ssize_t hi)
 
-    @cython.locals(start=Py_ssize_t, run=CachedRun, index=dict, runs=list)
+    @cython.locals(start=Py_ssize_t, run=CachedRun, index=dict, runs=list, run_starts=list)
     cpdef cache_full_blocks(self, list held, object block_hashes, Py_ssize_t num_full_blocks)
 
     @cython.locals(hit=list)

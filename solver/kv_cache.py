@@ -222,11 +222,6 @@ class BlockPool:
         runs = index.get(block_hashes[0])
         if runs is None:
             return []
-        # (stamp, run, position of run.lo in block_hashes, end of the match there)
-        candidates: list[tuple[int, CachedRun, int, int]] = []
-        found = [(0, runs)]  # (position, the runs starting there) not yet matched
-        reach = 0
-        scanned = 0  # positions 0..scanned were looked up for runs starting there
         if len(runs) == 1:
             # The common case, without the general walk's lists: one run matches from the start and no run starts
             # inside its match (the walk below would stop there with this one candidate).
@@ -243,9 +238,16 @@ class BlockPool:
             found = self._runs_starting_in(block_hashes, 1, stop + 1)
             if not found:
                 return [(run, lo, lo + end)]
-            candidates.append((run.stamp, run, 0, end))  # the walk goes on from the runs found
+            # The walk goes on from the runs found: (stamp, run, position of run.lo in block_hashes, end of the
+            # match there) for each run met, and positions 0..scanned looked up for runs starting there.
+            candidates: list[tuple[int, CachedRun, int, int]] = [(run.stamp, run, 0, end)]
             reach = end
             scanned = stop
+        else:
+            candidates = []
+            found = [(0, runs)]  # (position, the runs starting there) not yet matched
+            reach = 0
+            scanned = 0
         while found:
             for position, runs in found:
                 for run in runs:
@@ -347,7 +349,12 @@ class BlockPool:
             index[key] = [run]
         else:
             runs.append(run)
-        self._count_start(start)
+        run_starts = self.run_starts  # self._count_start(start), inlined
+        if start >= len(run_starts):
+            run_starts.extend([0] * (start + 1 - len(run_starts)))
+        if not run_starts[start]:
+            insort(self.start_positions, start)
+        run_starts[start] += 1
         held.append((run, start, num_full_blocks))
 
     def hold_initial(
