@@ -31,6 +31,7 @@ cdef class _Request:
     cdef public Py_ssize_t finish_epoch
     cdef public Py_ssize_t num_reserved_blocks
     cdef public object block_hashes
+    cdef public object output_block_hashes
     cdef public list held_blocks
     cdef public Py_ssize_t num_cached_blocks
     cdef public object private_run

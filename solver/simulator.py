@@ -88,6 +88,7 @@ class _Request:
         "num_output_tokens",
         "num_prompt_tokens",
         "num_reserved_blocks",
+        "output_block_hashes",
         "prev_run_step",
         "private_run",
         "queue_key",
@@ -105,6 +106,7 @@ class _Request:
         queue_key: tuple | None,
         record: RequestRecord,
         block_hashes: tuple[int, ...] = (),
+        output_block_hashes: tuple[int, ...] = (),
     ) -> None:
         self.request_id = request_id
         self.arrival_time = arrival_time  # integer picoseconds
@@ -125,6 +127,9 @@ class _Request:
         # such a hash it holds (a prefix of its block table, as runs) and vLLM's num_cached_block (its leading
         # blocks that have a hash; past held_blocks they are private).
         self.block_hashes = block_hashes
+        # Its generated blocks' hashes, published with its finish: named when it finishes (below, in
+        # _free_cached_blocks); until then those blocks are private, as vLLM's are to every other request.
+        self.output_block_hashes = output_block_hashes
         self.held_blocks: list[HeldEntry] = []
         self.num_cached_blocks = 0
         self.private_run: PrivateRun | None = None  # its private blocks in the free queue, since it was freed
@@ -479,11 +484,11 @@ class Simulator:
             pool.evict_to(self.num_usable_blocks - self.num_used_blocks)  # allocations so far came first
         num_cached_blocks = request.num_cached_blocks
         held_blocks = request.held_blocks
-        if not preempted and len(request.block_hashes) > num_blocks(held_blocks) < num_cached_blocks:
+        if not preempted and request.output_block_hashes and num_blocks(held_blocks) < num_cached_blocks:
             # It finished: the blocks its output filled, private so far, are cached under the hashes its finish
             # published (a later prompt holding that output, a chat's next turn, hits them, as in vLLM).
-            num_named = min(num_cached_blocks, len(request.block_hashes))
-            pool.cache_full_blocks(held_blocks, request.block_hashes, num_named)
+            block_hashes = request.block_hashes + request.output_block_hashes
+            pool.cache_full_blocks(held_blocks, block_hashes, min(num_cached_blocks, len(block_hashes)))
         num_held = num_blocks(held_blocks)
         num_freed = cdiv(request.num_computed_tokens, self.block_size) - num_held
         if num_cached_blocks > num_held:
@@ -1308,11 +1313,14 @@ def simulate(
             r.request_id, arrival_time / PS_PER_S, r.prompt_tokens, r.output_tokens, r.priority
         )
         records.append(rec)
-        block_hashes = r.block_hashes
-        if policy.async_scheduling and len(block_hashes) > r.prompt_tokens // block_size:
-            # Hashes of its generated blocks (from its finish): under async scheduling vLLM learns each a step
-            # late, which the simulator models for private blocks only; they stay private there.
-            block_hashes = block_hashes[: r.prompt_tokens // block_size]
+        block_hashes, output_block_hashes = r.block_hashes, ()
+        if len(block_hashes) > r.prompt_tokens // block_size:
+            # Past its prompt's, the hashes of its generated blocks (from its finish), used when it finishes;
+            # under async scheduling vLLM learns each a step late, which is modelled for private blocks only.
+            block_hashes, output_block_hashes = (
+                block_hashes[: r.prompt_tokens // block_size],
+                () if policy.async_scheduling else block_hashes[r.prompt_tokens // block_size :],
+            )
         return _Request(
             r.request_id,
             arrival_time,
@@ -1321,6 +1329,7 @@ def simulate(
             _queue_key(policy.order, r, arrival_time, index),
             rec,
             block_hashes,
+            output_block_hashes,
         )
 
     for index, state in enumerate(initial_running):

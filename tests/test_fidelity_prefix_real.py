@@ -96,7 +96,7 @@ def test_a_turn_holding_the_previous_turn_s_output_hits_the_blocks_that_output_f
 @pytest.mark.integration
 def test_requests_sharing_system_prompts_replay_identically(tmp_path: Path) -> None:
     setup = dataclasses.replace(CACHING, num_kv_blocks=10)
-    requests = shared_system_prompts(workload(setup, requests=16), max_question_tokens=100)
+    requests = shared_system_prompts(workload(setup, requests=12), max_question_tokens=100)
     check(evaluate_prompts("system-prompts", setup, requests, tmp_path))
 
 
