@@ -12,6 +12,11 @@ cimport cython
 
 cpdef Py_ssize_t cdiv(Py_ssize_t a, Py_ssize_t b)
 
+cpdef Py_ssize_t recomputed_tokens(Py_ssize_t computed, Py_ssize_t new, Py_ssize_t dropped_kv)
+
+@cython.locals(i=Py_ssize_t, without_new=list, without_context=list)
+cpdef tuple without_recompute(object new_tokens, object context_tokens, object recomputed)
+
 cdef Py_ssize_t _JOB_SHIFT
 
 

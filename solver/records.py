@@ -72,7 +72,7 @@ class SimResult:
     steps: list[EngineStep] | None = None
     tokens_processed: int = 0  # every token computed, recomputation included
     # Of gpu_seconds, what computing again the KV recompute preemptions dropped cost: the recompute tax, by the
-    # engine tracker's definition (solver.recompute) on the simulated steps.
+    # engine tracker's definition (solver.simulator.without_recompute) on the simulated steps.
     recompute_gpu_seconds: float = 0.0
 
     def summary(self) -> dict[str, float | int | str]:

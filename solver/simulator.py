@@ -43,7 +43,6 @@ from vllm_shadow.adapters.events import EngineStep, RequestArrival
 from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.solver.kv_cache import BlockPool, HeldEntry, PrivateRun, num_blocks, num_held_blocks
 from vllm_shadow.solver.policies import Policy, parse_policy
-from vllm_shadow.solver.recompute import recomputed_tokens, without_recompute
 from vllm_shadow.solver.records import RequestRecord, SimResult
 
 PS_PER_S = 10**12  # time is kept in integer picoseconds so that closed-form sums equal step-by-step sums
@@ -52,6 +51,41 @@ PS_PER_S = 10**12  # time is kept in integer picoseconds so that closed-form sum
 def cdiv(a: int, b: int) -> int:
     """Ceiling division, as vLLM's `cdiv`: the blocks that `a` tokens occupy."""
     return -(-a // b)
+
+
+# ---- the recompute tax's definition ---------------------------------------------------------------------------
+# One home for the engine's tracker (shadow/tracking/recompute.py prices a real step with it) and the simulator
+# (which prices its own steps with it; here, so that the compiled core calls them as C functions). vLLM's
+# recompute preemption frees a victim's KV blocks and resets its computed tokens to 0; when the victim is admitted
+# again it prefills its prompt and every token it had emitted once more. The tokens it computes below the KV it
+# held when it was preempted are the recomputation (a request preempted again while recomputing still owes the
+# most it ever held). What they cost is the step's time minus the time of the same step without them: each
+# victim's recomputed tokens are the first of its new ones, so without them it would run only the rest, from
+# where its KV had been (and not at all if nothing is left).
+
+
+def recomputed_tokens(computed: int, new: int, dropped_kv: int) -> int:
+    """Of `new` tokens scheduled for a request holding `computed` KV tokens, those below `dropped_kv` (the KV
+    its preemption dropped): computed before, computed again now."""
+    return max(0, min(computed + new, dropped_kv) - computed)
+
+
+def without_recompute(
+    new_tokens: Sequence[int], context_tokens: Sequence[int], recomputed: Sequence[int]
+) -> tuple[list[int], list[int]]:
+    """The step without its recomputation, as (new tokens, context tokens) per request: each request's
+    recomputed tokens leave its new tokens and join the KV it held before the step. The tax is the step's time
+    minus this step's time, on the same cost model."""
+    if not len(new_tokens) == len(context_tokens) == len(recomputed):
+        raise ValueError(
+            f"{len(new_tokens)} new-token counts, {len(context_tokens)} context lengths, {len(recomputed)} "
+            "recomputed counts"
+        )
+    without_new, without_context = [], []
+    for i in range(len(new_tokens)):
+        without_new.append(new_tokens[i] - recomputed[i])
+        without_context.append(context_tokens[i] + recomputed[i])
+    return without_new, without_context
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +155,7 @@ class _Request:
         self.finish_epoch = 0  # bumped on every change of state: invalidates its entries in the finish heap
         self.num_reserved_blocks = 0  # blocks reserved at admission (no-eviction mode)
         # The most KV its recompute preemptions dropped: what it computes below that is recomputation (the
-        # recompute tax's definition, solver.recompute, as the engine's tracker keeps it).
+        # recompute tax's definition, `recomputed_tokens`, as the engine's tracker keeps it).
         self.dropped_kv = 0
         # Prefix caching (see solver.kv_cache): vLLM's hashes of its full prompt blocks, the cached blocks with
         # such a hash it holds (a prefix of its block table, as runs) and vLLM's num_cached_block (its leading
@@ -229,7 +263,7 @@ class Simulator:
         self.num_reserved_blocks = 0  # blocks reserved by admitted requests (no-eviction mode)
         self.now = 0  # picoseconds
         self.busy_ps = 0
-        self.recompute_ps = 0  # of busy_ps, the recompute tax (solver.recompute): priced on recomputing steps
+        self.recompute_ps = 0  # of busy_ps, the recompute tax (`without_recompute`): on recomputing steps
         self.num_steps = 0
         self.peak_used_blocks = 0
         self.num_tokens_processed = 0
@@ -1024,7 +1058,7 @@ class Simulator:
 
     def _recompute_tax(self, scheduled: list[ScheduledChunk], num_decoders: int, duration: int) -> int:
         """The recompute tax of the step about to run (before its decoders advance), in picoseconds: its
-        `duration` minus the time of the same step without its recomputation (solver.recompute), on the same
+        `duration` minus the time of the same step without its recomputation (`without_recompute`), on the same
         integer cost model as `_apply`. Implicit decoders never recompute (they decode past all they held), so
         they stay in the step as they are."""
         new_tokens, context_tokens, again = [], [], []

@@ -79,7 +79,8 @@ class CandidateOutcome:
     # window enter it as the recomputation they owe and are not counted).
     recomputed_tokens: int = 0
     # What that recomputation cost, in simulated busy time: the recompute tax by the engine tracker's own
-    # definition (solver.recompute), so that it reads beside the engine's `WindowEvaluation.recompute`.
+    # definition (solver.simulator.without_recompute), so that it reads beside the engine's
+    # `WindowEvaluation.recompute`.
     recompute_gpu_seconds: float = 0.0
     # vLLM's prefix-cache counters over the window's own requests as simulated: prompt tokens looked up at
     # their first admission, and those found cached (vllm:prefix_cache_queries / vllm:prefix_cache_hits).

@@ -1,9 +1,9 @@
 """The recompute tax: GPU time an engine spends computing again the KV that recompute preemptions dropped.
 
-What counts as recomputation, and the step it is priced against, are defined once in
-`vllm_shadow.solver.recompute` (the simulator prices its candidates' steps by the same definition): the tokens a
-request computes below the KV its preemptions dropped, and the same step without them. Here a real step is priced
-with the calibrated cost model.
+What counts as recomputation, and the step it is priced against, are defined once, in
+`vllm_shadow.solver.simulator` (`recomputed_tokens`, `without_recompute`; the simulator prices its candidates'
+steps by the same definition): the tokens a request computes below the KV its preemptions dropped, and the same
+step without them. Here a real step is priced with the calibrated cost model.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from vllm_shadow.costmodel.linear import LinearCostModel
-from vllm_shadow.solver.recompute import recomputed_tokens, without_recompute
+from vllm_shadow.solver.simulator import recomputed_tokens, without_recompute
 
 __all__ = ["RecomputeTax", "recomputed_tokens", "step_recompute_tax"]
 
