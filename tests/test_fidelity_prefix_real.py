@@ -70,8 +70,12 @@ def test_a_turn_holding_the_previous_turn_s_output_hits_the_blocks_that_output_f
     # next turn sends that output back, so its prompt hits them. The hook publishes their hashes with the
     # finish; without them the replay missed those blocks (found on a real engine: 7,296 hit tokens, replay
     # 6,144, first divergence where a turn computed 99 tokens and the replay 227).
-    info = EngineInfo("tiny", 128, 16, SchedulerSettings(enable_prefix_caching=True, max_num_batched_tokens=512))
-    a_steps = [EngineStep(0, 0.0, 0.1, {"a": 200})] + [EngineStep(i, i * 0.1, 0.1, {"a": 1}) for i in range(1, 100)]
+    info = EngineInfo(
+        "tiny", 128, 16, SchedulerSettings(enable_prefix_caching=True, max_num_batched_tokens=512)
+    )
+    a_steps = [EngineStep(0, 0.0, 0.1, {"a": 200})] + [
+        EngineStep(i, i * 0.1, 0.1, {"a": 1}) for i in range(1, 100)
+    ]
     events = [
         info,
         RequestArrival("a", 0.0, 200, block_hashes=(11,)),  # its prompt fills one block
@@ -90,7 +94,8 @@ def test_a_turn_holding_the_previous_turn_s_output_hits_the_blocks_that_output_f
     assert replay[100].cached_tokens == {"b": 256}
     # The same stream without the finish's hashes: the replay finds a's prompt block only.
     without = [dataclasses.replace(e, block_hashes=()) if isinstance(e, RequestFinish) else e for e in events]
-    assert (replay_in_step_space(MirroredRun.from_events(without)).steps or [])[100].cached_tokens == {"b": 128}
+    replay_without = replay_in_step_space(MirroredRun.from_events(without)).steps or []
+    assert replay_without[100].cached_tokens == {"b": 128}
 
 
 @pytest.mark.integration
