@@ -30,13 +30,13 @@ cdef class PrivateRun:
     cdef public Py_ssize_t lo
 
 
-@cython.locals(entry=tuple)
+@cython.locals(entry=tuple, total=Py_ssize_t)
 cpdef Py_ssize_t num_blocks(list entries) except -1
 
 @cython.locals(runs=list, run=CachedRun, _lo=Py_ssize_t, hi=Py_ssize_t)
 cpdef list held_runs(list entries)
 
-@cython.locals(run=CachedRun, lo=Py_ssize_t, hi=Py_ssize_t)
+@cython.locals(run=CachedRun, lo=Py_ssize_t, hi=Py_ssize_t, total=Py_ssize_t)
 cpdef Py_ssize_t num_held_blocks(list entries) except -1
 
 
@@ -74,13 +74,14 @@ cdef class BlockPool:
     @cython.locals(entry=FreeEntry, left_over=list, taken=CachedRun, part=CachedRun, place=Py_ssize_t)
     cdef CachedRun _take_free(self, CachedRun run, Py_ssize_t lo, Py_ssize_t hi)
 
-    @cython.locals(start=Py_ssize_t, run=CachedRun, index=dict, runs=list, run_starts=list)
+    @cython.locals(start=Py_ssize_t, run=CachedRun, index=dict, runs=list, run_starts=list, last=tuple,
+                   last_run=CachedRun)
     cpdef cache_full_blocks(self, list held, object block_hashes, Py_ssize_t num_full_blocks)
 
     @cython.locals(hit=list)
     cpdef Py_ssize_t hold_initial(self, list held, object block_hashes, Py_ssize_t num_full_blocks) except -1
 
-    @cython.locals(freed=list, run=CachedRun, entry=FreeEntry, num_freed=Py_ssize_t)
+    @cython.locals(freed=list, run=CachedRun, entry=FreeEntry, num_freed=Py_ssize_t, first=tuple)
     cpdef Py_ssize_t free_blocks(self, list held) except -1
 
     @cython.locals(entry=FreeEntry, run=CachedRun)
@@ -96,7 +97,8 @@ cdef class BlockPool:
 
     cpdef take_private(self, PrivateRun run, Py_ssize_t num_blocks)
 
-    @cython.locals(num_surplus=Py_ssize_t, num_left=Py_ssize_t, size=Py_ssize_t, runs=list, run=CachedRun)
+    @cython.locals(num_surplus=Py_ssize_t, num_left=Py_ssize_t, size=Py_ssize_t, runs=list, run=CachedRun,
+                   private=PrivateRun, freed_together=FreeEntry)
     cpdef evict_to(self, Py_ssize_t num_free_blocks)
 
 

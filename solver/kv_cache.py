@@ -114,7 +114,10 @@ def num_blocks(entries: list[HeldEntry]) -> int:
     if len(entries) == 1:  # the common case: called several times a request
         entry = entries[0]
         return entry[2] - entry[1]
-    return sum([hi - lo for _run, lo, hi in entries])
+    total = 0  # a loop, not sum() over a list: C integers in the compiled build
+    for entry in entries:
+        total += entry[2] - entry[1]
+    return total
 
 
 def held_runs(entries: list[HeldEntry]) -> list[CachedRun]:
@@ -133,7 +136,11 @@ def num_held_blocks(entries: list[HeldEntry]) -> int:
     if len(entries) == 1:
         run, lo, hi = entries[0]
         return hi - lo if run.ref_cnt else 0
-    return sum([hi - lo for run, lo, hi in entries if run.ref_cnt])
+    total = 0
+    for run, lo, hi in entries:
+        if run.ref_cnt:
+            total += hi - lo
+    return total
 
 
 class BlockPool:
@@ -333,10 +340,11 @@ class BlockPool:
         `block_hashes` (those it does not hold yet)."""
         if not held:
             start = 0
-        elif held[-1][0].block_hashes is block_hashes:
-            start = held[-1][2]  # its own run: the run's positions are its block table's
         else:
-            start = num_blocks(held)
+            last = held[-1]
+            last_run = last[0]  # typed by the compiled build, as `last`: C field and item access
+            # Its own run: the run's positions are its block table's.
+            start = last[2] if last_run.block_hashes is block_hashes else num_blocks(held)
         if num_full_blocks <= start:
             return
         self.version += 1
@@ -375,8 +383,9 @@ class BlockPool:
             return 0
         self.version += 1
         freed: list[CachedRun] = []
-        if len(held) == 1 and held[0][0].hi >= held[0][2]:  # one run, not split since: no held_runs walk
-            run = held[0][0]
+        first = held[0]
+        run = first[0]
+        if len(held) == 1 and run.hi >= first[2]:  # one run, not split since: no held_runs walk
             run.ref_cnt -= 1
             if not run.ref_cnt:
                 freed.append(run)
@@ -447,15 +456,17 @@ class BlockPool:
         while num_left > 0:
             entry = queue[0]
             if type(entry) is PrivateRun:
-                size = entry.hi - entry.lo
+                private = entry  # typed by the compiled build (C fields, no attribute lookups)
+                size = private.hi - private.lo
                 if size > num_left:
-                    entry.hi -= num_left
+                    private.hi -= num_left
                     break
                 num_left -= size
-                entry.hi = entry.lo
+                private.hi = private.lo
                 queue.popleft()
             else:
-                runs = entry.runs  # type: ignore[union-attr]
+                freed_together = entry  # typed by the compiled build
+                runs = freed_together.runs  # type: ignore[union-attr]
                 if not runs:
                     queue.popleft()  # taken since it was freed
                     continue
