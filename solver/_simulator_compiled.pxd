@@ -14,7 +14,9 @@ cpdef Py_ssize_t cdiv(Py_ssize_t a, Py_ssize_t b)
 
 cpdef Py_ssize_t recomputed_tokens(Py_ssize_t computed, Py_ssize_t new, Py_ssize_t dropped_kv)
 
-@cython.locals(i=Py_ssize_t, without_new=list, without_context=list)
+cpdef (Py_ssize_t, Py_ssize_t) request_without_recompute(Py_ssize_t new, Py_ssize_t context, Py_ssize_t recomputed)
+
+@cython.locals(i=Py_ssize_t, without_new=list, without_context=list, new=Py_ssize_t, context=Py_ssize_t)
 cpdef tuple without_recompute(object new_tokens, object context_tokens, object recomputed)
 
 cdef Py_ssize_t _JOB_SHIFT
@@ -186,8 +188,7 @@ cdef class Simulator:
 
     @cython.locals(request=_Request, num_new_tokens=Py_ssize_t, num_computed_tokens=Py_ssize_t,
                    num_tokens=Py_ssize_t, num_requests=Py_ssize_t, kv_tokens=Py_ssize_t,
-                   attention_pairs=Py_ssize_t, new_tokens=list, context_tokens=list, again=list,
-                   without_new=list, without_context=list, i=Py_ssize_t)
+                   attention_pairs=Py_ssize_t)
     cdef object _recompute_tax(self, list scheduled, Py_ssize_t num_decoders, object duration)
 
     @cython.locals(request=_Request)

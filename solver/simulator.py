@@ -70,12 +70,17 @@ def recomputed_tokens(computed: int, new: int, dropped_kv: int) -> int:
     return max(0, min(computed + new, dropped_kv) - computed)
 
 
+def request_without_recompute(new: int, context: int, recomputed: int) -> tuple[int, int]:
+    """One request of the step without its recomputation, as (new tokens, context tokens): its `recomputed`
+    tokens leave its new tokens and join the KV it held before the step."""
+    return new - recomputed, context + recomputed
+
+
 def without_recompute(
     new_tokens: Sequence[int], context_tokens: Sequence[int], recomputed: Sequence[int]
 ) -> tuple[list[int], list[int]]:
-    """The step without its recomputation, as (new tokens, context tokens) per request: each request's
-    recomputed tokens leave its new tokens and join the KV it held before the step. The tax is the step's time
-    minus this step's time, on the same cost model."""
+    """The step without its recomputation, as (new tokens, context tokens) per request
+    (`request_without_recompute`). The tax is the step's time minus this step's time, on the same cost model."""
     if not len(new_tokens) == len(context_tokens) == len(recomputed):
         raise ValueError(
             f"{len(new_tokens)} new-token counts, {len(context_tokens)} context lengths, {len(recomputed)} "
@@ -83,8 +88,9 @@ def without_recompute(
         )
     without_new, without_context = [], []
     for i in range(len(new_tokens)):
-        without_new.append(new_tokens[i] - recomputed[i])
-        without_context.append(context_tokens[i] + recomputed[i])
+        new, context = request_without_recompute(new_tokens[i], context_tokens[i], recomputed[i])
+        without_new.append(new)
+        without_context.append(context)
     return without_new, without_context
 
 
@@ -1058,26 +1064,19 @@ class Simulator:
 
     def _recompute_tax(self, scheduled: list[ScheduledChunk], num_decoders: int, duration: int) -> int:
         """The recompute tax of the step about to run (before its decoders advance), in picoseconds: its
-        `duration` minus the time of the same step without its recomputation (`without_recompute`), on the same
-        integer cost model as `_apply`. Implicit decoders never recompute (they decode past all they held), so
-        they stay in the step as they are."""
-        new_tokens, context_tokens, again = [], [], []
-        for request, num_new_tokens, num_computed_tokens in scheduled:
-            new_tokens.append(num_new_tokens)
-            context_tokens.append(num_computed_tokens)
-            # Only KV below what a preemption dropped is computed again (the call costs, most chunks owe none).
-            again.append(
-                recomputed_tokens(num_computed_tokens, num_new_tokens, request.dropped_kv)
-                if num_computed_tokens < request.dropped_kv
-                else 0
-            )
-        without_new, without_context = without_recompute(new_tokens, context_tokens, again)
+        `duration` minus the time of the same step without its recomputation (`without_recompute`, request by
+        request, without building its lists), on the same integer cost model as `_apply`. Implicit decoders never
+        recompute (they decode past all they held), so they stay in the step as they are."""
         num_tokens = num_requests = num_decoders
         kv_tokens = self.sum_decode_base + num_decoders * (self.decode_steps + 1) if num_decoders else 0
         attention_pairs = 0
-        for i in range(len(without_new)):
-            num_new_tokens = without_new[i]
-            num_computed_tokens = without_context[i]
+        for request, num_new_tokens, num_computed_tokens in scheduled:
+            if num_computed_tokens < request.dropped_kv:  # only KV below what a preemption dropped is redone
+                num_new_tokens, num_computed_tokens = request_without_recompute(
+                    num_new_tokens,
+                    num_computed_tokens,
+                    recomputed_tokens(num_computed_tokens, num_new_tokens, request.dropped_kv),
+                )
             if num_new_tokens == 0:  # all of its work was recomputation: not in the step at all
                 continue
             num_tokens += num_new_tokens
