@@ -957,8 +957,11 @@ class Simulator:
             token_budget -= num_new_tokens
         preempted_reqs: list[_Request] = []
         if num_new_blocks > self.num_usable_blocks - self.num_used_blocks:
-            if policy.order == "priority" or not policy.eviction or policy.victim != "newest":
-                return False  # priority victims are not at the tail; the literal walk decides
+            if policy.order == "priority" or not policy.eviction or policy.victim != "newest" or self.caching:
+                # Priority victims are not at the tail. Under prefix caching the order matters too: vLLM's walk
+                # allocates for the requests ahead of a victim before it frees the victim, so those allocations
+                # evict cached free blocks that an eager "free first" would spare. The literal walk decides.
+                return False
             while num_new_blocks > self.num_usable_blocks - self.num_used_blocks:
                 preempted_req = self.running.pop()
                 if scheduled and scheduled[-1][0] is preempted_req:
