@@ -1459,10 +1459,11 @@ def stale_sources(core: ModuleType) -> list[str]:
 
 
 def pure_core() -> ModuleType:
-    """This file as plain Python, whichever core `simulate` is: the oracle the compiled core is tested against.
-    Under the compiled core it is loaded from the source file under a name of its own, so that the two cores'
-    classes never mix."""
-    if not COMPILED:
+    """This file as plain Python over the plain-Python prefix cache, whichever core `simulate` is: the oracle the
+    compiled core is tested against. Under a compiled core or pool it is loaded from the source file under a name
+    of its own, so that the two cores' classes never mix."""
+    pool = sys.modules["vllm_shadow.solver.kv_cache"]
+    if not COMPILED and not pool.COMPILED:
         return sys.modules[__name__]
     module = sys.modules.get(_PURE_MODULE)
     if module is None:
@@ -1470,7 +1471,11 @@ def pure_core() -> ModuleType:
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         sys.modules[_PURE_MODULE] = module
-        spec.loader.exec_module(module)
+        sys.modules["vllm_shadow.solver.kv_cache"] = pool.pure_pool()  # what its import of the pool finds
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            sys.modules["vllm_shadow.solver.kv_cache"] = pool
     return module
 
 

@@ -210,8 +210,9 @@ class EngineTracker(WindowTracker):
             self.stats.unknown_requests += 1
             return
         request.reported_output = event.output_tokens
-        if event.block_hashes:  # its generated blocks' hashes: a later prompt holding its output hits them
-            request.block_hashes += event.block_hashes
+        # Its generated blocks' hashes (event.block_hashes) are not taken here: the live prefix-cache model
+        # (tracking/prefix_cache.py) that gives each window its start state does not cache output blocks yet,
+        # and a window replay holding them diverges from its own start state. `shadow fidelity` uses them.
         if event.request_id in self._waiting and request.generated == 0 and request.computed == 0:
             # Aborted before it ever ran: no step will name it again.
             del self._waiting[event.request_id]
