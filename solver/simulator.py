@@ -344,6 +344,14 @@ class Simulator:
         rather than one of records: they are read on every step."""
         num_arrivals = len(arriving)
         next_arrival = 0
+        # A policy can thrash forever (preempting and readmitting without finishing anything: V0's prefill-first
+        # batching under priority preemption on a tiny KV cache does). Past this much computation the run
+        # stops with an error instead of spinning: every request computed a hundred times over.
+        max_tokens_processed = _THRASH_FACTOR * (
+            sum([r.num_prompt_tokens + r.max_tokens for r in arriving])
+            + sum([r.num_prompt_tokens + r.max_tokens for r in self.running])
+            + _THRASH_FACTOR
+        )
         while True:
             clock = self.num_steps if by_step else self.now
             fed = False
@@ -364,6 +372,12 @@ class Simulator:
                     continue
                 if self._step_fast():
                     continue
+            if self.num_tokens_processed > max_tokens_processed:
+                raise RuntimeError(
+                    f"scheduler {self.policy} thrashes: {self.num_tokens_processed:,} tokens computed in "
+                    f"{self.num_steps:,} steps, a hundred times the requests' own, with {len(self.running)} "
+                    f"running and {self.waiting.size} waiting"
+                )
             plan = self._schedule_literal()
             if not plan.scheduled and not plan.num_implicit_decoders:
                 if self.finishing:  # an empty round: its update still processes the previous step's output
@@ -1262,6 +1276,7 @@ class Simulator:
         return True
 
 
+_THRASH_FACTOR = 100  # see Simulator.run
 _JOB_SHIFT = 40  # LightLLM's check packs (tokens left, tokens held) into one int: see Simulator._peak_fits
 _NO_HIT: tuple[list[HeldEntry], int, int] = ([], 0, 0)  # never mutated: an admission takes a fresh list
 

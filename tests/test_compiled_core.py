@@ -132,8 +132,8 @@ def run_both(requests, policy, *, initial=(), arrival_steps=None, **kw) -> tuple
                     **kw,
                 )
             )
-        except ValueError as exc:  # an initial state the policy cannot take over: both cores must refuse it
-            return {"refused": str(exc)}
+        except (ValueError, RuntimeError) as exc:  # an initial state the policy cannot take over, or a policy
+            return {"refused": str(exc)}  # that thrashes: both cores must refuse it alike
 
     return outcome(compiled), outcome(pure)
 

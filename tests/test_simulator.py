@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, given, reject, settings
 from hypothesis import strategies as st
 
 from vllm_shadow.adapters.events import RequestArrival
 from vllm_shadow.costmodel.linear import LinearCostModel
-from vllm_shadow.solver.kv_cache import PrivateRun, held_runs, num_blocks
 from vllm_shadow.solver.policies import PRESETS, parse_policy
 from vllm_shadow.solver.simulator import RunningRequest, pure_core, simulate
 from vllm_shadow.tracking.recompute import recomputed_tokens, step_recompute_tax
@@ -398,24 +398,53 @@ CACHING_KNOBS = st.fixed_dictionaries(
 )
 
 
+def simulate_finishing(*args, **kwargs):
+    """`simulate`, for property tests: a drawn policy that thrashes (simulate's explicit error, tested on its
+    own) says nothing about the property, so the example is rejected."""
+    try:
+        return simulate(*args, **kwargs)
+    except RuntimeError as exc:
+        if "thrashes" not in str(exc):
+            raise
+        reject()
+
+
+def test_a_policy_that_thrashes_stops_with_an_error_instead_of_spinning() -> None:
+    # V0's prefill-first batching under priority preemption on 7 usable blocks: prefills of readmitted requests
+    # keep preempting the decoders before anyone finishes (it ran forever, and filled memory, before the cap).
+    rows = [
+        (0.3, 35, 1, 0), (0.6, 46, 35, 1), (2.6, 3, 18, 0), (2.6, 2, 10, 0), (2.9, 10, 12, 1), (3.2, 37, 19, 2),
+        (3.2, 35, 33, 2), (3.2, 23, 6, 0), (3.2, 5, 37, 1), (3.2, 56, 21, 2), (3.2, 12, 35, 1),
+        (3.21, 48, 11, 2), (3.21, 14, 12, 1), (3.21, 52, 29, 2), (3.21, 39, 14, 0), (3.22, 27, 40, 0),
+        (3.52, 40, 24, 2), (3.52, 50, 14, 1), (3.52, 36, 17, 0),
+    ]  # fmt: skip
+    reqs = [RequestArrival(f"r{i}", t, p, o, priority=pr) for i, (t, p, o, pr) in enumerate(rows)]
+    policy = "vllm-v0(max_num_seqs=11,max_num_batched_tokens=9,long_prefill_token_threshold=5,order=priority)"
+    with pytest.raises(RuntimeError, match=r"thrashes: .* tokens computed in .* steps"):
+        simulate(reqs, policy, COST, num_kv_blocks=8, block_size=16)
+    # The same requests with room to finish: no error.
+    assert len(simulate(reqs, policy, COST, num_kv_blocks=64, block_size=16).requests) == len(reqs)
+
+
 def _check_kv_invariants(sim) -> None:
     """Reference counts equal the running requests holding each block; held blocks are cached and out of the
     free queue; the blocks in use are the distinct held blocks plus every request's private ones."""
+    pool = sys.modules[type(sim.block_pool).__module__]  # the pool's own build: the plain one under pure_core
     holders: dict[int, int] = {}
     runs = {}  # the pool keeps cached blocks as runs of one reference count (solver.kv_cache)
     num_private = 0
     for request in sim.running:
         num_computed = sim._num_computed_tokens(request)
-        for run in held_runs(request.held_blocks):
+        for run in pool.held_runs(request.held_blocks):
             holders[id(run)] = holders.get(id(run), 0) + 1
             runs[id(run)] = run
-        num_private += math.ceil(num_computed / sim.block_size) - num_blocks(request.held_blocks)
+        num_private += math.ceil(num_computed / sim.block_size) - pool.num_blocks(request.held_blocks)
     index = sim.block_pool.cached_block_hash_to_block
     for key, run in runs.items():
         assert run.ref_cnt == holders[key] and any(r is run for r in index[run.block_hashes[run.lo]])
         assert run.entry is None and run.hi > run.lo  # held blocks are out of the free queue
     queue = list(sim.block_pool.queued())
-    assert all(isinstance(b, PrivateRun) or b.ref_cnt == 0 for b in queue)
+    assert all(isinstance(b, pool.PrivateRun) or b.ref_cnt == 0 for b in queue)
     assert len({id(b) for b in queue}) == len(queue)
     assert sim.block_pool.num_queued_blocks == sum(b.hi - b.lo for b in queue)
     num_held = sum(r.hi - r.lo for r in runs.values())
@@ -482,8 +511,10 @@ def test_prefix_caching_fast_paths_equal_stepping_and_keep_kv_invariants(workloa
     if knobs["preset"] == "vllm-v0":
         knobs = {**knobs, "async_scheduling": False}  # V0's prefill-first batching has no async scheduler
     policy = policy_from(dict(knobs))
-    fast = simulate(reqs, policy, COST, num_kv_blocks=blocks, block_size=block_size, record_steps=True)
-    slow = simulate(
+    fast = simulate_finishing(
+        reqs, policy, COST, num_kv_blocks=blocks, block_size=block_size, record_steps=True
+    )
+    slow = simulate_finishing(
         reqs, policy, COST, num_kv_blocks=blocks, block_size=block_size, record_steps=True, fast_forward=False
     )
     # Token conservation: what each admission found cached is work not done.
@@ -592,7 +623,9 @@ def test_the_simulated_recompute_tax_is_the_engine_tracker_s_on_the_simulated_st
     if knobs["preset"] == "vllm-v0":
         knobs = {**knobs, "async_scheduling": False}  # V0's prefill-first batching has no async scheduler
     policy = policy_from(dict(knobs))
-    result = simulate(reqs, policy, COST, num_kv_blocks=blocks, block_size=block_size, record_steps=True)
+    result = simulate_finishing(
+        reqs, policy, COST, num_kv_blocks=blocks, block_size=block_size, record_steps=True
+    )
     # Only workloads that preempt say anything here, and only those whose every preemption a step record shows:
     # a step that only preempts (its request was its own victim, nothing else scheduled) runs nothing, and the
     # simulator records no step for it, so a walk over its records cannot see that victim drop its KV.
