@@ -180,6 +180,14 @@ def mirror_coverage(s: Scope) -> str:
     return f"{seen} / on({ENGINE}) {vllm_requests_rate(s)}"
 
 
+def vllm_prefix_cache_hit_ratio(s: Scope) -> str:
+    """vLLM's own prefix-cache hit rate: prompt tokens found cached over prompt tokens looked up (0, not NaN,
+    for an engine that looks nothing up: caching off, or idle)."""
+    hits = f"sum by ({ENGINE}) ({s.rate(s.v('prefix_cache_hits_total'))})"
+    queries = f"sum by ({ENGINE}) ({s.rate(s.v('prefix_cache_queries_total'))})"
+    return f"{hits} / on({ENGINE}) clamp_min({queries}, 1e-9)"
+
+
 def vllm_ttft_quantile(s: Scope, quantile: str) -> str:
     """vLLM's own TTFT quantile over the range, from its histogram."""
     buckets = s.rate(s.v("time_to_first_token_seconds_bucket"))

@@ -254,6 +254,23 @@ def build() -> model.Dashboard:
     )
     layout.add(
         timeseries_panel(
+            "Prefix-cache hit rate: vLLM against each configuration",
+            "Prompt tokens found in the prefix cache over prompt tokens looked up: vLLM's own counters "
+            "(vllm:prefix_cache_hits / vllm:prefix_cache_queries) against each configuration's simulated rate "
+            "on the last evaluated window's requests. The self replay's must track vLLM's; a candidate that "
+            "turns caching off has none.",
+            [
+                Query(promql.vllm_prefix_cache_hit_ratio(S), "vLLM {{model_name}} [{{engine}}]"),
+                Query(S.s("window_simulated_prefix_cache_hit_ratio"), "{{candidate}}"),
+            ],
+            unit="percentunit",
+            min_value=0,
+            max_value=1,
+        ),
+        width=12,
+    )
+    layout.add(
+        timeseries_panel(
             "Preemptions (vLLM)",
             "vLLM's recompute preemptions per second: the self replay must reproduce every one of them.",
             [
