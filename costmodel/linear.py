@@ -31,7 +31,7 @@ from typing import NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike
 
-from vllm_shadow.costmodel.nnls import cholesky, cholesky_solve, nnls, nnls_gram
+from vllm_shadow.costmodel.nnls import nnls, nnls_gram_packed, pack, packed_index, passive_solver
 
 COEFFICIENTS = ("a", "b", "c", "d", "e")
 _OPTIONAL_COEFFICIENTS = ("d", "e")  # absent from older profile files: 0
@@ -216,18 +216,17 @@ class OnlineCalibrator:
             raise ValueError(f"the prior must predict positive times for non-empty batches, got {prior}")
         weighted = reference / predicted[:, None]
         prior_information = prior_weight * weighted.T @ weighted / len(reference)
-        # The per-step state is plain Python floats, symmetric matrices as their lower triangle (row i holds
-        # i + 1 entries): on a 5x5 system numpy's per-call overhead was nearly all of an update's cost.
-        size = len(COEFFICIENTS)
-        self._prior_information = [prior_information[i, : i + 1].tolist() for i in range(size)]
+        # The per-step state is plain Python floats, symmetric matrices packed as their lower triangle
+        # (costmodel/nnls.py): on a 5x5 system numpy's per-call overhead was nearly all of an update's cost.
+        self._prior_information = pack([prior_information[i, : i + 1].tolist() for i in range(_SIZE)])
         self._prior_moment = (prior_information @ prior_coefficients).tolist()
         self._forgetting = forgetting
-        self._information = [[0.0] * (i + 1) for i in range(size)]  # sum of lambda^age * w x x^T
-        self._moment = [0.0] * size  # sum of lambda^age * w x y
+        self._information = [0.0] * len(_ROWS)  # sum of lambda^age * w x x^T
+        self._moment = [0.0] * _SIZE  # sum of lambda^age * w x y
         self._effective_samples = 0.0  # sum of lambda^age
         self._coefficients = prior_coefficients.tolist()
         # Those of the last refit if a constraint held one at zero, else empty (see _solve).
-        self._positive_coefficients: list[int] = []
+        self._positive_coefficients: tuple[int, ...] = ()
         self._error_sum = 0.0  # sum of lambda^age * |prediction - y| / y, predictions made before each update
         self._samples = 0
 
@@ -239,19 +238,23 @@ class OnlineCalibrator:
         self, new_tokens: Sequence[int], context_tokens: Sequence[int], measured_seconds: float
     ) -> None:
         """Fold in one measured step: score the current model on it first, then refit."""
-        features = batch_features(new_tokens, context_tokens)
-        if features.tokens == 0:
+        tokens, kv_tokens, attention_units, requests = batch_features(new_tokens, context_tokens)
+        if tokens == 0:
             raise ValueError("an empty batch has no measured compute time to learn from")
         if not (math.isfinite(measured_seconds) and measured_seconds > 0):
             raise ValueError(f"measured step time must be finite and positive, got {measured_seconds}")
-        x = (1.0, *map(float, features))
+        x = (1.0, float(tokens), float(kv_tokens), float(attention_units), float(requests))
         lam = self._forgetting
-        predicted = sum(c * v for c, v in zip(self._coefficients, x, strict=True))
+        c0, c1, c2, c3, c4 = self._coefficients
+        x0, x1, x2, x3, x4 = x
+        # sum() as before: from 3.12 it sums floats with compensation, which `+` would not reproduce.
+        predicted = sum((c0 * x0, c1 * x1, c2 * x2, c3 * x3, c4 * x4))
         self._error_sum = lam * self._error_sum + abs(predicted - measured_seconds) / measured_seconds
         weight = 1.0 / measured_seconds**2  # relative least squares, as in fit_linear
-        for row, xi in zip(self._information, x, strict=True):
-            for j in range(len(row)):
-                row[j] = lam * row[j] + weight * (xi * x[j])
+        self._information = [
+            lam * value + weight * (x[i] * x[j])
+            for value, i, j in zip(self._information, _ROWS, _COLUMNS, strict=True)
+        ]
         weighted_time = weight * measured_seconds
         self._moment = [lam * m + weighted_time * xi for m, xi in zip(self._moment, x, strict=True)]
         self._effective_samples = lam * self._effective_samples + 1.0
@@ -270,20 +273,19 @@ class OnlineCalibrator:
 
     def _solve(self) -> list[float]:
         system = [
-            [value + prior for value, prior in zip(row, prior_row, strict=True)]
-            for row, prior_row in zip(self._information, self._prior_information, strict=True)
+            value + prior for value, prior in zip(self._information, self._prior_information, strict=True)
         ]
         rhs = [m + p for m, p in zip(self._moment, self._prior_moment, strict=True)]
         # Jacobi scaling keeps the 5x5 system well conditioned although P^2 can be 1e14 times 1^2.
-        scale = [math.sqrt(row[-1]) for row in system]
+        scale = [math.sqrt(system[d]) for d in _DIAGONAL]
         scaled_system = [
-            [value / (scale[i] * scale[j]) for j, value in enumerate(row)] for i, row in enumerate(system)
+            value / (scale[i] * scale[j]) for value, i, j in zip(system, _ROWS, _COLUMNS, strict=True)
         ]
         scaled_rhs = [value / s for value, s in zip(rhs, scale, strict=True)]
         if not self._positive_coefficients:  # the last refit needed no constraint: try without
             # The system is positive definite (the prior's reference batches vary all five features
             # independently), so Cholesky solves it.
-            solution = cholesky_solve(cholesky(scaled_system), scaled_rhs)
+            solution = _SOLVE_ALL(scaled_system, scaled_rhs)
             if min(solution) >= 0:
                 return [value / s for value, s in zip(solution, scale, strict=True)]
         # The non-negative least-squares problem with the same normal equations (with system = L L^T the
@@ -291,10 +293,19 @@ class OnlineCalibrator:
         # unconstrained solution whenever that is non-negative, so after a constrained refit this goes straight
         # here: consecutive refits differ by one step's data, the previous refit's positive coefficients are
         # nearly always this one's, and nnls_gram tries them first.
-        solution = nnls_gram(scaled_system, scaled_rhs, passive_hint=self._positive_coefficients)
-        positive = [i for i, value in enumerate(solution) if value > 0]
-        self._positive_coefficients = positive if len(positive) < len(solution) else []
+        solution = nnls_gram_packed(scaled_system, scaled_rhs, passive_hint=self._positive_coefficients)
+        positive = tuple(i for i, value in enumerate(solution) if value > 0)
+        self._positive_coefficients = positive if len(positive) < len(solution) else ()
         return [value / s for value, s in zip(solution, scale, strict=True)]
+
+
+_SIZE = len(COEFFICIENTS)
+# Row, column and diagonal positions of the calibrator's packed 5x5 matrices.
+_PAIRS = [(i, j) for i in range(_SIZE) for j in range(i + 1)]
+_ROWS = tuple(i for i, _ in _PAIRS)
+_COLUMNS = tuple(j for _, j in _PAIRS)
+_DIAGONAL = tuple(packed_index(i, i) for i in range(_SIZE))
+_SOLVE_ALL = passive_solver(_SIZE, tuple(range(_SIZE)))
 
 
 def _feature_matrix(features: ArrayLike) -> np.ndarray:

@@ -12,8 +12,9 @@ Symmetric matrices are passed as their lower triangle, row i holding its first i
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -131,40 +132,41 @@ def nnls_gram(
     similar problems) is tried first: if its solution meets the optimality conditions that end the active-set
     iterations, it is the unique optimum and the iterations are skipped.
     """
+    return nnls_gram_packed(pack(gram), moment, tolerance=tolerance, passive_hint=passive_hint)
+
+
+def nnls_gram_packed(
+    gram: Sequence[float],
+    moment: Sequence[float],
+    *,
+    tolerance: float | None = None,
+    passive_hint: Sequence[int] = (),
+) -> list[float]:
+    """`nnls_gram` with the Gram matrix packed (`pack`)."""
     n = len(moment)
+    if len(gram) != n * (n + 1) // 2:
+        raise ValueError(f"a packed {n}x{n} matrix has {n * (n + 1) // 2} entries, got {len(gram)}")
     if tolerance is None:
         tolerance = 10 * _EPSILON * n * math.sqrt(n)
-    norms = [math.sqrt(gram[i][i]) if gram[i][i] > 0 else 1.0 for i in range(n)]
-    scaled = [[row[j] / (norms[i] * norms[j]) for j in range(i + 1)] for i, row in enumerate(gram)]
-    b = [moment[i] / norms[i] for i in range(n)]
-
-    def gradient_at(x: list[float], rows: Iterable[int]) -> dict[int, float]:
-        # A^T (b - A x) = A^T b - A^T A x, on the rows asked for: the variables that could enter the passive set
-        used = [j for j in range(n) if x[j]]
-        return {
-            i: b[i] - sum([(scaled[i][j] if j <= i else scaled[j][i]) * x[j] for j in used]) for i in rows
-        }
-
-    def passive_solution(passive: Sequence[int]) -> list[float]:
-        # passive is sorted, so each of its rows reads the stored lower triangle
-        factor = cholesky(
-            [[scaled[i][j] for j in passive[: position + 1]] for position, i in enumerate(passive)]
-        )
-        solved = cholesky_solve(factor, [b[i] for i in passive])
-        z = [0.0] * n
-        for i, value in zip(passive, solved, strict=True):
-            z[i] = value
-        return z
+    diagonal = [gram[packed_index(i, i)] for i in range(n)]
+    norms = [math.sqrt(value) if value > 0 else 1.0 for value in diagonal]
+    rows, columns = _packed_positions(n)
+    scaled = [value / (norms[i] * norms[j]) for value, i, j in zip(gram, rows, columns, strict=True)]
+    b = [value / norm for value, norm in zip(moment, norms, strict=True)]
 
     def unscaled(x: list[float]) -> list[float]:
         return [value / norm for value, norm in zip(x, norms, strict=True)]
 
     if passive_hint:
-        z = passive_solution(sorted(passive_hint))
-        if all(z[i] > tolerance for i in passive_hint):
-            others = [i for i in range(n) if i not in passive_hint]
-            if all(value <= tolerance for value in gradient_at(z, others).values()):
-                return unscaled(z)
+        hint = tuple(sorted(passive_hint))
+        z = passive_solver(n, hint)(scaled, b)
+        if _stationary_check(n, hint)(scaled, b, z, tolerance):
+            return unscaled(z)
+
+    def gradient_at(x: list[float], rows: Iterable[int]) -> dict[int, float]:
+        # A^T (b - A x) = A^T b - A^T A x, on the rows asked for: the variables that could enter the passive set
+        used = [j for j in range(n) if x[j]]
+        return {i: b[i] - sum([scaled[packed_index(i, j)] * x[j] for j in used]) for i in rows}
 
     x = [0.0] * n
     passive: list[int] = []  # kept sorted
@@ -176,7 +178,7 @@ def nnls_gram(
             break
         passive = sorted([*passive, max(candidates, key=lambda i: gradient[i])])
         while True:
-            z = passive_solution(passive)
+            z = passive_solver(n, tuple(passive))(scaled, b)
             if all(z[i] > tolerance for i in passive):
                 x = z
                 break
@@ -192,3 +194,90 @@ def nnls_gram(
                 break
         gradient = gradient_at(x, [i for i in range(n) if i not in passive])
     return unscaled(x)
+
+
+@functools.cache
+def _packed_positions(n: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The row and the column of each entry of a packed n x n matrix."""
+    pairs = [(i, j) for i in range(n) for j in range(i + 1)]
+    return tuple(i for i, _ in pairs), tuple(j for _, j in pairs)
+
+
+# ---- the same solves as straight-line code, for the online calibrator's hot path --------------------------
+#
+# A symmetric n x n matrix is passed "packed": its lower triangle row by row in one flat list, entry (i, j) with
+# j <= i at i (i + 1) / 2 + j. Each function below is generated once per shape and does the arithmetic of the
+# loop versions above in the same order, so its results are the same to the last bit (tests/test_costmodel_nnls.py
+# holds them to it); what it saves is the interpreter's loop, index and list work, most of a 5x5 solve's cost.
+
+
+def packed_index(i: int, j: int) -> int:
+    """Where entry (i, j) of a symmetric matrix sits in its packed lower triangle."""
+    if j > i:
+        i, j = j, i
+    return i * (i + 1) // 2 + j
+
+
+def pack(lower: Sequence[Sequence[float]]) -> list[float]:
+    """The packed form of a lower triangle given row by row (row i of length i + 1)."""
+    return [value for row in lower for value in row]
+
+
+_PassiveSolver = Callable[[Sequence[float], Sequence[float]], list[float]]
+
+
+@functools.cache
+def passive_solver(n: int, passive: tuple[int, ...]) -> _PassiveSolver:
+    """solve(packed, rhs) -> z of length n: z on the sorted indices `passive` solves the system restricted to
+    their rows and columns (`cholesky` then `cholesky_solve`, operation for operation), and is 0 elsewhere.
+    Raises `numpy.linalg.LinAlgError` where `cholesky` would."""
+    if list(passive) != sorted(set(passive)) or not all(0 <= i < n for i in passive):
+        raise ValueError(f"passive must be sorted distinct indices below {n}, got {passive}")
+    k = len(passive)
+    lines = ["def solve(m, r):"]
+    for i in range(k):
+        for j in range(i):
+            products = "".join(f" - l{i}_{q} * l{j}_{q}" for q in range(j))
+            lines.append(f"    l{i}_{j} = (m[{packed_index(passive[i], passive[j])}]{products}) / l{j}_{j}")
+        squares = "".join(f" - l{i}_{q} * l{i}_{q}" for q in range(i))
+        lines.append(f"    pivot = m[{packed_index(passive[i], passive[i])}]{squares}")
+        lines.append("    if not pivot > 0:")
+        lines.append('        raise LinAlgError("matrix is not positive definite")')
+        lines.append(f"    l{i}_{i} = sqrt(pivot)")
+    for i in range(k):
+        products = "".join(f" - l{i}_{q} * y{q}" for q in range(i))
+        lines.append(f"    y{i} = (r[{passive[i]}]{products}) / l{i}_{i}")
+    for i in reversed(range(k)):
+        products = "".join(f" - l{q}_{i} * x{q}" for q in range(i + 1, k))
+        lines.append(f"    x{i} = (y{i}{products}) / l{i}_{i}")
+    position = {index: p for p, index in enumerate(passive)}
+    values = ", ".join(f"x{position[i]}" if i in position else "0.0" for i in range(n))
+    lines.append(f"    return [{values}]")
+    scope: dict[str, object] = {"sqrt": math.sqrt, "LinAlgError": np.linalg.LinAlgError}
+    exec("\n".join(lines), scope)
+    return scope["solve"]  # type: ignore[return-value]
+
+
+@functools.cache
+def _stationary_check(
+    n: int, passive: tuple[int, ...]
+) -> Callable[[Sequence[float], Sequence[float], list[float], float], bool]:
+    """check(packed, b, z, tolerance): whether z, positive on `passive` only, meets the conditions that end the
+    active-set iterations (`nnls_gram`'s hint test: every passive entry above the tolerance, every other
+    variable's gradient b_i - (A^T A z)_i at most the tolerance), summed as `nnls_gram` sums them."""
+    lines = ["def check(m, b, z, tolerance):"]
+    if passive:
+        lines.append(f"    if not ({' and '.join(f'z[{i}] > tolerance' for i in passive)}):")
+        lines.append("        return False")
+    for i in range(n):
+        if i in passive:
+            continue
+        terms = ", ".join(f"m[{packed_index(i, j)}] * z[{j}]" for j in passive)
+        lines.append(
+            f"    if b[{i}] - sum(({terms},)) > tolerance:" if passive else f"    if b[{i}] - 0 > tolerance:"
+        )
+        lines.append("        return False")
+    lines.append("    return True")
+    scope: dict[str, object] = {}
+    exec("\n".join(lines), scope)
+    return scope["check"]  # type: ignore[return-value]

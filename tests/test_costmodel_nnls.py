@@ -1,9 +1,20 @@
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_shadow.costmodel.nnls import cholesky, cholesky_solve, nnls, nnls_gram
+from vllm_shadow.costmodel.nnls import (
+    cholesky,
+    cholesky_solve,
+    nnls,
+    nnls_gram,
+    nnls_gram_packed,
+    pack,
+    packed_index,
+    passive_solver,
+)
 
 
 def _kkt_violation(a: np.ndarray, b: np.ndarray, x: np.ndarray) -> float:
@@ -113,3 +124,40 @@ def test_gram_form_clamps_a_coefficient_like_nnls_from_any_hint() -> None:
         np.testing.assert_allclose(
             nnls_gram(_lower(a.T @ a), (a.T @ b).tolist(), passive_hint=hint), [1.5, 0.0]
         )
+
+
+# ---- the straight-line solves: the loop versions' arithmetic, to the last bit
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), size=st.integers(1, 5))
+def test_passive_solver_is_cholesky_then_cholesky_solve_bit_for_bit(seed: int, size: int) -> None:
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(size + 3, size)) * 10.0 ** rng.integers(-3, 4, size=size)
+    lower, rhs = _lower(a.T @ a), rng.normal(size=size).tolist()
+    for passive in (p for r in range(1, size + 1) for p in itertools.combinations(range(size), r)):
+        rows = [[lower[i][j] for j in passive[: position + 1]] for position, i in enumerate(passive)]
+        expected = [0.0] * size
+        for i, value in zip(passive, cholesky_solve(cholesky(rows), [rhs[i] for i in passive]), strict=True):
+            expected[i] = value
+        assert passive_solver(size, passive)(pack(lower), rhs) == expected
+
+
+def test_passive_solver_refuses_what_cholesky_refuses() -> None:
+    with pytest.raises(np.linalg.LinAlgError):
+        passive_solver(2, (0, 1))(pack([[1.0], [2.0, 1.0]]), [1.0, 1.0])
+    assert passive_solver(2, (1,))(pack([[1.0], [2.0, 4.0]]), [1.0, 2.0]) == [
+        0.0,
+        0.5,
+    ]  # its own block is fine
+    with pytest.raises(ValueError, match="sorted"):
+        passive_solver(3, (2, 0))
+
+
+def test_packed_layout() -> None:
+    lower = [[1.0], [2.0, 3.0], [4.0, 5.0, 6.0]]
+    packed = pack(lower)
+    assert packed == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    assert all(packed[packed_index(i, j)] == lower[max(i, j)][min(i, j)] for i in range(3) for j in range(3))
+    with pytest.raises(ValueError, match="packed"):
+        nnls_gram_packed(packed, [1.0, 2.0])
