@@ -42,7 +42,11 @@ def compiled_core() -> list[Extension]:
         if not copy.exists() or copy.read_bytes() != source.read_bytes():
             shutil.copyfile(source, copy)
     return cythonize(
-        [Extension(f"vllm_shadow.solver.{module}", [source]) for module, source in MODULES.items()],
+        [
+            *(Extension(f"vllm_shadow.solver.{module}", [source]) for module, source in MODULES.items()),
+            # The gRPC ingest's wire reader (adapters/wire.py's fast path), a .pyx of its own: no .pxd.
+            Extension("vllm_shadow.adapters._wire_compiled", ["adapters/_wire_compiled.pyx"]),
+        ],
         include_path=[str(staged.parent.parent)],
         build_dir="build/cython",  # the generated C stays out of the source tree
         compiler_directives={

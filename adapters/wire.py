@@ -2,15 +2,23 @@
 
 `decode_batch` is the trust boundary of the gRPC ingest: whatever bytes arrive, it returns a well-formed batch
 of schema dataclasses whose numbers are possible (see `adapters.validation`) or raises `WireError`, never
-anything else; an `InvalidWireBatch` is a well-formed message with an impossible number.
+anything else; an `InvalidWireBatch` is a well-formed message with an impossible number. It reads through the
+compiled reader (adapters/_wire_compiled.pyx) where that is built, and through protobuf's own parser
+(`decode_batch_upb`, the oracle) everything that reader leaves to it; the two decode alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import math
+import os
+import sys
+import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import ModuleType
 from typing import TypeVar
 
 from google.protobuf.message import DecodeError
@@ -55,21 +63,55 @@ def encode_batch(batch: EventBatch) -> bytes:
 
 
 def decode_batch(data: bytes) -> EventBatch:
+    fast = _compiled.decode(data, _new_step, _new_arrival, _new_finish) if _compiled is not None else None
+    if fast is None:  # no compiled reader, or bytes it leaves to upb (an announcement, anything unusual)
+        return decode_batch_upb(data)
+    events, checked, source, sequence, dropped, incarnation, part, parts, lost_batches = fast
+    return _checked_batch(events, checked, source, sequence, dropped, incarnation, part, parts, lost_batches)
+
+
+def decode_batch_upb(data: bytes) -> EventBatch:
+    """`decode_batch` through protobuf's own parser (upb): the oracle of the compiled reader, and the path of
+    everything that reader leaves to it."""
     msg = pb.EventBatch()
     try:
         msg.ParseFromString(data)
     except DecodeError as exc:
         raise WireError(f"not an EventBatch message: {exc}") from exc
     events, checked = _decode_events(msg.events)
-    batch = EventBatch(
+    return _checked_batch(
         events,
+        checked,
         msg.source,
         msg.sequence,
         msg.dropped,
-        incarnation=msg.incarnation,
-        part=msg.part,
-        parts=msg.parts or 1,  # proto3 has no unset: 0 is a sender that never splits
-        lost_batches=msg.lost_batches,
+        msg.incarnation,
+        msg.part,
+        msg.parts,
+        msg.lost_batches,
+    )
+
+
+def _checked_batch(
+    events: list[Event],
+    checked: bool,
+    source: str,
+    sequence: int,
+    dropped: int,
+    incarnation: int,
+    part: int,
+    parts: int,
+    lost_batches: int,
+) -> EventBatch:
+    batch = EventBatch(
+        events,
+        source,
+        sequence,
+        dropped,
+        incarnation=incarnation,
+        part=part,
+        parts=parts or 1,  # proto3 has no unset: 0 is a sender that never splits
+        lost_batches=lost_batches,
     )
     if not (checked and 0 <= batch.part < batch.parts <= MAX_PARTS):
         # A number failed the decoder's quick checks: the validator finds it and words the refusal.
@@ -292,3 +334,37 @@ def _token_map(index: int, name: str, ids: Sequence[str], counts: Sequence[int])
     if len(tokens) != len(ids):
         raise WireError(f"event {index}: a request id appears twice in one step's {name} tokens")
     return tokens
+
+
+# ---- the compiled reader ------------------------------------------------------------------------------------
+
+COMPILED_MODULE = "vllm_shadow.adapters._wire_compiled"
+
+
+def compiled_reader() -> ModuleType | None:
+    """adapters/_wire_compiled.pyx as built by setup.py, or None: not built (VLLM_SHADOW_SKIP_COMPILE=1, a
+    checkout used without installing), not wanted (VLLM_SHADOW_PURE_PYTHON=1), older than its source in a
+    checkout (with a warning), or on a big-endian machine (it reads doubles as little-endian). A build that is
+    there but does not load is an error, not a fallback."""
+    if os.environ.get("VLLM_SHADOW_PURE_PYTHON", "") not in ("", "0") or sys.byteorder != "little":
+        return None
+    try:
+        module = importlib.import_module(COMPILED_MODULE)
+    except ModuleNotFoundError as error:
+        if error.name != COMPILED_MODULE:
+            raise
+        return None
+    source = Path(__file__).with_name("_wire_compiled.pyx")
+    built = Path(module.__file__).stat().st_mtime if module.__file__ is not None else math.inf
+    if source.exists() and source.stat().st_mtime > built:
+        warnings.warn(
+            "the compiled wire reader is older than _wire_compiled.pyx: decoding through upb until it is "
+            "rebuilt (`pip install -e .`)",
+            stacklevel=2,
+        )
+        return None
+    return module
+
+
+_compiled = compiled_reader()
+COMPILED = _compiled is not None  # whether decode_batch reads through the compiled reader first
