@@ -24,14 +24,21 @@ fidelity is judged in relative terms. Plain least squares would let a few long p
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike
 
-from vllm_shadow.costmodel.nnls import nnls, nnls_gram_packed, pack, packed_index, passive_solver
+from vllm_shadow.costmodel.nnls import (
+    jacobi_scaler,
+    nnls,
+    nnls_gram_packed,
+    pack,
+    packed_index,
+    passive_solver,
+)
 
 COEFFICIENTS = ("a", "b", "c", "d", "e")
 _OPTIONAL_COEFFICIENTS = ("d", "e")  # absent from older profile files: 0
@@ -114,6 +121,23 @@ def batch_features(new_tokens: Sequence[int], context_tokens: Sequence[int]) -> 
     """(T, K, P, R) of a batch: see the module docstring. Requests with 0 new tokens contribute nothing."""
     if len(new_tokens) != len(context_tokens):
         raise ValueError(f"{len(new_tokens)} new-token counts but {len(context_tokens)} context lengths")
+    if (
+        isinstance(new_tokens, list | tuple)
+        and isinstance(context_tokens, list | tuple)
+        and 0 not in new_tokens
+    ):
+        # Every request computes (as in every step an engine reports): the same integers, summed in C, with the
+        # quadratic term walked only when a request computes more than one token (never in pure decode).
+        total = sum(new_tokens)
+        requests = len(new_tokens)
+        attention = (
+            0
+            if new_tokens.count(1) == requests
+            else sum(
+                [new * (ctx + new) for new, ctx in zip(new_tokens, context_tokens, strict=True) if new > 1]
+            )
+        )
+        return BatchFeatures(total, sum(context_tokens) + total, attention, requests)
     total = kv = attention = requests = 0
     for new, ctx in zip(new_tokens, context_tokens, strict=True):
         if new == 0:
@@ -221,7 +245,7 @@ class OnlineCalibrator:
         self._prior_information = pack([prior_information[i, : i + 1].tolist() for i in range(_SIZE)])
         self._prior_moment = (prior_information @ prior_coefficients).tolist()
         self._forgetting = forgetting
-        self._information = [0.0] * len(_ROWS)  # sum of lambda^age * w x x^T
+        self._information = [0.0] * _PACKED_SIZE  # sum of lambda^age * w x x^T
         self._moment = [0.0] * _SIZE  # sum of lambda^age * w x y
         self._effective_samples = 0.0  # sum of lambda^age
         self._coefficients = prior_coefficients.tolist()
@@ -251,12 +275,9 @@ class OnlineCalibrator:
         predicted = sum((c0 * x0, c1 * x1, c2 * x2, c3 * x3, c4 * x4))
         self._error_sum = lam * self._error_sum + abs(predicted - measured_seconds) / measured_seconds
         weight = 1.0 / measured_seconds**2  # relative least squares, as in fit_linear
-        self._information = [
-            lam * value + weight * (x[i] * x[j])
-            for value, i, j in zip(self._information, _ROWS, _COLUMNS, strict=True)
-        ]
-        weighted_time = weight * measured_seconds
-        self._moment = [lam * m + weighted_time * xi for m, xi in zip(self._moment, x, strict=True)]
+        self._information, self._moment = _FOLD(
+            self._information, self._moment, x, lam, weight, measured_seconds
+        )
         self._effective_samples = lam * self._effective_samples + 1.0
         self._samples += 1
         self._coefficients = self._solve()
@@ -272,16 +293,11 @@ class OnlineCalibrator:
         return self._error_sum / self._effective_samples
 
     def _solve(self) -> list[float]:
-        system = [
-            value + prior for value, prior in zip(self._information, self._prior_information, strict=True)
-        ]
-        rhs = [m + p for m, p in zip(self._moment, self._prior_moment, strict=True)]
-        # Jacobi scaling keeps the 5x5 system well conditioned although P^2 can be 1e14 times 1^2.
-        scale = [math.sqrt(system[d]) for d in _DIAGONAL]
-        scaled_system = [
-            value / (scale[i] * scale[j]) for value, i, j in zip(system, _ROWS, _COLUMNS, strict=True)
-        ]
-        scaled_rhs = [value / s for value, s in zip(rhs, scale, strict=True)]
+        # The system is the data's plus the prior's. Jacobi scaling keeps it well conditioned although P^2 can
+        # be 1e14 times 1^2.
+        scale, scaled_system, scaled_rhs = _SCALE(
+            self._information, self._prior_information, self._moment, self._prior_moment
+        )
         if not self._positive_coefficients:  # the last refit needed no constraint: try without
             # The system is positive definite (the prior's reference batches vary all five features
             # independently), so Cholesky solves it.
@@ -299,12 +315,25 @@ class OnlineCalibrator:
         return [value / s for value, s in zip(solution, scale, strict=True)]
 
 
+def _folder(n: int) -> Callable[..., tuple[list[float], list[float]]]:
+    """fold(information, moment, x, lam, weight, y) -> the packed information lam I + weight x x^T and the moment
+    lam m + (weight y) x, as straight-line code (the loops it replaces, operation for operation)."""
+    lines = ["def fold(info, moment, x, lam, weight, y):", f"    {', '.join(f'x{i}' for i in range(n))}, = x"]
+    lines.append("    weighted_time = weight * y")
+    entries = ", ".join(
+        f"lam * info[{packed_index(i, j)}] + weight * (x{i} * x{j})" for i in range(n) for j in range(i + 1)
+    )
+    moments = ", ".join(f"lam * moment[{i}] + weighted_time * x{i}" for i in range(n))
+    lines.append(f"    return [{entries}], [{moments}]")
+    scope: dict[str, object] = {}
+    exec("\n".join(lines), scope)
+    return scope["fold"]  # type: ignore[return-value]
+
+
 _SIZE = len(COEFFICIENTS)
-# Row, column and diagonal positions of the calibrator's packed 5x5 matrices.
-_PAIRS = [(i, j) for i in range(_SIZE) for j in range(i + 1)]
-_ROWS = tuple(i for i, _ in _PAIRS)
-_COLUMNS = tuple(j for _, j in _PAIRS)
-_DIAGONAL = tuple(packed_index(i, i) for i in range(_SIZE))
+_PACKED_SIZE = _SIZE * (_SIZE + 1) // 2
+_FOLD = _folder(_SIZE)
+_SCALE = jacobi_scaler(_SIZE, summed=True)
 _SOLVE_ALL = passive_solver(_SIZE, tuple(range(_SIZE)))
 
 

@@ -148,11 +148,7 @@ def nnls_gram_packed(
         raise ValueError(f"a packed {n}x{n} matrix has {n * (n + 1) // 2} entries, got {len(gram)}")
     if tolerance is None:
         tolerance = 10 * _EPSILON * n * math.sqrt(n)
-    diagonal = [gram[packed_index(i, i)] for i in range(n)]
-    norms = [math.sqrt(value) if value > 0 else 1.0 for value in diagonal]
-    rows, columns = _packed_positions(n)
-    scaled = [value / (norms[i] * norms[j]) for value, i, j in zip(gram, rows, columns, strict=True)]
-    b = [value / norm for value, norm in zip(moment, norms, strict=True)]
+    norms, scaled, b = jacobi_scaler(n, guarded=True)(gram, moment)
 
     def unscaled(x: list[float]) -> list[float]:
         return [value / norm for value, norm in zip(x, norms, strict=True)]
@@ -194,13 +190,6 @@ def nnls_gram_packed(
                 break
         gradient = gradient_at(x, [i for i in range(n) if i not in passive])
     return unscaled(x)
-
-
-@functools.cache
-def _packed_positions(n: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The row and the column of each entry of a packed n x n matrix."""
-    pairs = [(i, j) for i in range(n) for j in range(i + 1)]
-    return tuple(i for i, _ in pairs), tuple(j for _, j in pairs)
 
 
 # ---- the same solves as straight-line code, for the online calibrator's hot path --------------------------
@@ -281,3 +270,27 @@ def _stationary_check(
     scope: dict[str, object] = {}
     exec("\n".join(lines), scope)
     return scope["check"]  # type: ignore[return-value]
+
+
+_Scaler = Callable[..., tuple[list[float], list[float], list[float]]]
+
+
+@functools.cache
+def jacobi_scaler(n: int, *, guarded: bool = False, summed: bool = False) -> _Scaler:
+    """scale(m, r) -> (s, scaled m, scaled r) of a packed n x n system m x = r: s_i = sqrt(m_ii), the matrix's
+    entries divided by s_i s_j, the right-hand side's by s_i. `guarded`: s_i = 1 where m_ii is not positive.
+    `summed`: the system is the sum of two, scale(m, m2, r, r2), added entry by entry first. The comprehensions
+    `nnls_gram` and the calibrator spelled this as, as straight-line code: the same results, bit for bit."""
+    lines = [f"def scale(m, {'m2, r, r2' if summed else 'r'}):"]
+    for k in range(n * (n + 1) // 2):
+        lines.append(f"    a{k} = m[{k}]{f' + m2[{k}]' if summed else ''}")
+    for i in range(n):
+        d = packed_index(i, i)
+        lines.append(f"    s{i} = sqrt(a{d}){f' if a{d} > 0 else 1.0' if guarded else ''}")
+    scales = ", ".join(f"s{i}" for i in range(n))
+    entries = ", ".join(f"a{packed_index(i, j)} / (s{i} * s{j})" for i in range(n) for j in range(i + 1))
+    rhs = ", ".join(f"(r[{i}]{f' + r2[{i}]' if summed else ''}) / s{i}" for i in range(n))
+    lines.append(f"    return [{scales}], [{entries}], [{rhs}]")
+    scope: dict[str, object] = {"sqrt": math.sqrt}
+    exec("\n".join(lines), scope)
+    return scope["scale"]  # type: ignore[return-value]

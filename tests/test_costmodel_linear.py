@@ -101,6 +101,26 @@ def test_vectorised_and_incremental_predictions_match_batch_time(requests: list[
     assert TRUTH.predict(np.array([features]))[0] == pytest.approx(expected, rel=1e-12)
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(-3, 4096), st.integers(0, 32768)), max_size=40),
+    st.sampled_from([list, tuple]),
+)
+def test_features_are_the_sums_over_requests_that_compute(
+    requests: list[tuple[int, int]], kind: type
+) -> None:
+    # Whichever way batch_features adds them up (in C when no request is idle), they are these sums.
+    computing = [(n, c) for n, c in requests if n != 0]
+    expected = (
+        sum(n for n, _ in computing),
+        sum(c + n for n, c in computing),
+        sum(n * (c + n) for n, c in computing if n > 1),
+        len(computing),
+    )
+    assert batch_features(kind(n for n, _ in requests), kind(c for _, c in requests)) == expected
+    assert batch_features(np.array([n for n, _ in requests]), np.array([c for _, c in requests])) == expected
+
+
 def test_negative_or_non_finite_coefficients_are_refused() -> None:
     with pytest.raises(ValueError, match="coefficient c"):
         LinearCostModel(a=1.0, b=1.0, c=-1e-9)

@@ -1,4 +1,5 @@
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ from hypothesis import strategies as st
 from vllm_shadow.costmodel.nnls import (
     cholesky,
     cholesky_solve,
+    jacobi_scaler,
     nnls,
     nnls_gram,
     nnls_gram_packed,
@@ -161,3 +163,29 @@ def test_packed_layout() -> None:
     assert all(packed[packed_index(i, j)] == lower[max(i, j)][min(i, j)] for i in range(3) for j in range(3))
     with pytest.raises(ValueError, match="packed"):
         nnls_gram_packed(packed, [1.0, 2.0])
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), size=st.integers(1, 5))
+def test_jacobi_scaler_is_the_entrywise_scaling_bit_for_bit(seed: int, size: int) -> None:
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(size + 3, size)) * 10.0 ** rng.integers(-3, 4, size=size)
+    m, m2 = pack(_lower(a.T @ a)), pack(_lower(np.diag(rng.uniform(0, 1, size))))
+    r, r2 = rng.normal(size=size).tolist(), rng.normal(size=size).tolist()
+    pairs = [(i, j) for i in range(size) for j in range(i + 1)]
+    total = [x + y for x, y in zip(m, m2, strict=True)]
+    s = [math.sqrt(total[packed_index(i, i)]) for i in range(size)]
+    expected = (
+        s,
+        [total[k] / (s[i] * s[j]) for k, (i, j) in enumerate(pairs)],
+        [(x + y) / si for x, y, si in zip(r, r2, s, strict=True)],
+    )
+    assert jacobi_scaler(size, summed=True)(m, m2, r, r2) == expected
+    m[0] = 0.0  # a zero diagonal: guarded, its scale is 1
+    s = [math.sqrt(m[packed_index(i, i)]) if m[packed_index(i, i)] > 0 else 1.0 for i in range(size)]
+    expected = (
+        s,
+        [m[k] / (s[i] * s[j]) for k, (i, j) in enumerate(pairs)],
+        [x / si for x, si in zip(r, s, strict=True)],
+    )
+    assert jacobi_scaler(size, guarded=True)(m, r) == expected
