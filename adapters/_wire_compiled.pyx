@@ -1,12 +1,12 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, infer_types=False
 """The fast path of `adapters.wire.decode_batch`: an `EventBatch` message read straight from its bytes.
 
-`decode(data, new_step, new_arrival, new_finish)` reads the protobuf wire format of shadow_events.proto's
-EventBatch in one pass and builds the schema events with the three builders it is given (wire.py's), or returns
-None to hand the bytes to the upb path: wire.py's `_decode_with_upb`, which stays the oracle and decides every
-case this one does not take. What it takes, it must decode exactly as the upb path would (tests/test_wire.py
-holds the two equal on random batches and on corrupted bytes). It takes only what an honest publisher sends and
-leaves to upb, so never has to word, every other case:
+`decode(data)` reads the protobuf wire format of shadow_events.proto's EventBatch in one pass and builds the
+schema events (adapters/events.py) as their own constructors would, or returns None to hand the bytes to the
+upb path: wire.py's `decode_batch_upb`, which stays the oracle and decides every case this one does not take.
+What it takes, it must decode exactly as the upb path would (tests/test_wire_compiled.py holds the two equal on
+random batches and on corrupted bytes). It takes what an honest publisher sends, and leaves to upb, so never
+has to word a refusal:
 - an EngineInfo (the first batch of a sender; its JSON and settings are the upb path's business), an unknown
   field or wire type, a second kind in one Event, an Event with none;
 - anything malformed (a truncated field, a varint past 10 bytes, a length past the end, a string that is not
@@ -17,10 +17,16 @@ protobuf specification asks of every parser. The doubles are read as little-endi
 use this module on a big-endian machine). The numbers' quick checks (`checked`) are wire.py's own.
 """
 
+import dataclasses
+
 from cpython.dict cimport PyDict_SetItem
+from cpython.object cimport PyObject, PyTypeObject, Py_TYPE
+from cpython.tuple cimport PyTuple_GET_ITEM
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memcpy
+
+from vllm_shadow.adapters.events import EngineStep, RequestArrival, RequestFinish
 
 cdef double _INF = float("inf")
 
@@ -28,6 +34,38 @@ cdef enum:  # wire types
     VARINT = 0
     I64 = 1
     LEN = 2
+
+
+cdef tuple _NO_ARGS = ()
+
+
+cdef class _Builder:
+    """Builds a frozen slots dataclass as its `__init__` would, every field set, without `__init__`'s
+    `object.__setattr__` per field: each slot is set through its member descriptor's C setter (wire.py's
+    `_frozen_builder`, in C)."""
+
+    cdef type cls
+    cdef tuple slots  # the member descriptors, in field order
+
+    def __init__(self, type cls, Py_ssize_t fields):
+        if hasattr(cls, "__post_init__"):
+            raise TypeError(f"{cls.__name__} has a __post_init__, which this builder would skip")
+        self.cls = cls
+        self.slots = tuple(getattr(cls, f.name) for f in dataclasses.fields(cls))
+        if len(self.slots) != fields:  # the schema changed under this reader
+            raise TypeError(f"{cls.__name__} has {len(self.slots)} fields, this reader builds {fields}")
+
+    cdef inline object new(self):
+        return (<PyTypeObject*>self.cls).tp_new(self.cls, <PyObject*>_NO_ARGS, NULL)
+
+    cdef inline int put(self, object event, Py_ssize_t index, object value) except -1:
+        cdef object slot = <object>PyTuple_GET_ITEM(self.slots, index)
+        return Py_TYPE(slot).tp_descr_set(slot, event, value)
+
+
+cdef _Builder _STEP = _Builder(EngineStep, 9)
+cdef _Builder _ARRIVAL = _Builder(RequestArrival, 8)
+cdef _Builder _FINISH = _Builder(RequestFinish, 5)
 
 
 cdef class _Reader:
@@ -152,7 +190,7 @@ cdef inline dict _token_map(list ids, list counts):
     return tokens
 
 
-cdef object _step(_Reader r, object new_step, bint* checked):
+cdef object _step(_Reader r, bint* checked):
     cdef uint64_t key
     cdef int field, wire
     cdef int64_t number = 0, kv = 0
@@ -211,20 +249,20 @@ cdef object _step(_Reader r, object new_step, bint* checked):
         and least_cached >= 0
     ):
         checked[0] = False
-    return new_step(
-        number,
-        start,
-        duration,
-        scheduled,
-        tuple(preempted) if preempted else (),
-        tuple(resumed) if resumed else (),
-        tuple(finished) if finished else (),
-        kv,
-        cached,
-    )
+    event = _STEP.new()
+    _STEP.put(event, 0, number)
+    _STEP.put(event, 1, start)
+    _STEP.put(event, 2, duration)
+    _STEP.put(event, 3, scheduled)
+    _STEP.put(event, 4, tuple(preempted) if preempted else ())
+    _STEP.put(event, 5, tuple(resumed) if resumed else ())
+    _STEP.put(event, 6, tuple(finished) if finished else ())
+    _STEP.put(event, 7, kv)
+    _STEP.put(event, 8, cached)
+    return event
 
 
-cdef object _arrival(_Reader r, object new_arrival, bint* checked):
+cdef object _arrival(_Reader r, bint* checked):
     cdef uint64_t key
     cdef int field, wire
     cdef double time = 0.0
@@ -271,19 +309,19 @@ cdef object _arrival(_Reader r, object new_arrival, bint* checked):
         and (not has_max_tokens or max_tokens >= 0)
     ):
         checked[0] = False
-    return new_arrival(
-        request_id,
-        time,
-        prompt,
-        output if has_output else None,
-        max_tokens if has_max_tokens else None,
-        priority,
-        tuple(prefix) if prefix else (),
-        tuple(hashes) if hashes else (),
-    )
+    event = _ARRIVAL.new()
+    _ARRIVAL.put(event, 0, request_id)
+    _ARRIVAL.put(event, 1, time)
+    _ARRIVAL.put(event, 2, prompt)
+    _ARRIVAL.put(event, 3, output if has_output else None)
+    _ARRIVAL.put(event, 4, max_tokens if has_max_tokens else None)
+    _ARRIVAL.put(event, 5, priority)
+    _ARRIVAL.put(event, 6, tuple(prefix) if prefix else ())
+    _ARRIVAL.put(event, 7, tuple(hashes) if hashes else ())
+    return event
 
 
-cdef object _finish(_Reader r, object new_finish, bint* checked):
+cdef object _finish(_Reader r, bint* checked):
     cdef uint64_t key
     cdef int field, wire
     cdef double time = 0.0
@@ -318,10 +356,16 @@ cdef object _finish(_Reader r, object new_finish, bint* checked):
             return None
     if checked[0] and not (-_INF < time < _INF and output >= 0):
         checked[0] = False
-    return new_finish(request_id, time, output, reason, tuple(hashes) if hashes else ())
+    event = _FINISH.new()
+    _FINISH.put(event, 0, request_id)
+    _FINISH.put(event, 1, time)
+    _FINISH.put(event, 2, output)
+    _FINISH.put(event, 3, reason)
+    _FINISH.put(event, 4, tuple(hashes) if hashes else ())
+    return event
 
 
-cdef object _event(_Reader r, object new_step, object new_arrival, object new_finish, bint* checked):
+cdef object _event(_Reader r, bint* checked):
     """One Event message: exactly one of step, arrival, finish; None for anything else."""
     cdef uint64_t key
     cdef int field
@@ -333,15 +377,15 @@ cdef object _event(_Reader r, object new_step, object new_arrival, object new_fi
     if r.bad or r.p != r.end:  # a second field in the Event (another kind, or the same one to merge)
         return None
     if field == 3:
-        return _step(inner, new_step, checked)
+        return _step(inner, checked)
     if field == 1:
-        return _arrival(inner, new_arrival, checked)
+        return _arrival(inner, checked)
     if field == 2:
-        return _finish(inner, new_finish, checked)
+        return _finish(inner, checked)
     return None  # an EngineInfo, or no kind the schema knows
 
 
-def decode(object data, object new_step, object new_arrival, object new_finish):
+def decode(object data):
     """(events, checked, source, sequence, dropped, incarnation, part, parts, lost_batches) of an EventBatch
     message, `parts` as sent (0 when unset), or None: the upb path decides (see the module docstring)."""
     if type(data) is not bytes:
@@ -370,7 +414,7 @@ def decode(object data, object new_step, object new_arrival, object new_finish):
             inner = r.sub()
             if r.bad:
                 return None
-            event = _event(inner, new_step, new_arrival, new_finish, &checked)
+            event = _event(inner, &checked)
             if event is None:
                 return None
             events.append(event)

@@ -63,7 +63,7 @@ def encode_batch(batch: EventBatch) -> bytes:
 
 
 def decode_batch(data: bytes) -> EventBatch:
-    fast = _compiled.decode(data, _new_step, _new_arrival, _new_finish) if _compiled is not None else None
+    fast = _compiled.decode(data) if _compiled is not None else None
     if fast is None:  # no compiled reader, or bytes it leaves to upb (an announcement, anything unusual)
         return decode_batch_upb(data)
     events, checked, source, sequence, dropped, incarnation, part, parts, lost_batches = fast

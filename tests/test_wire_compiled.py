@@ -33,7 +33,7 @@ def _outcome(decode: object, data: bytes) -> tuple[object, object]:
 def _compiled(data: bytes) -> object:
     """What the compiled reader alone makes of `data`: a tuple, or None (left to upb)."""
     assert wire._compiled is not None
-    return wire._compiled.decode(data, wire._new_step, wire._new_arrival, wire._new_finish)
+    return wire._compiled.decode(data)
 
 
 def _assert_as_upb(data: bytes) -> None:
