@@ -148,16 +148,14 @@ def nnls_gram_packed(
         raise ValueError(f"a packed {n}x{n} matrix has {n * (n + 1) // 2} entries, got {len(gram)}")
     if tolerance is None:
         tolerance = 10 * _EPSILON * n * math.sqrt(n)
+    if passive_hint:
+        solution = hinted_nnls(n, tuple(sorted(passive_hint)))(gram, moment, tolerance)
+        if solution is not None:
+            return solution
     norms, scaled, b = jacobi_scaler(n, guarded=True)(gram, moment)
 
     def unscaled(x: list[float]) -> list[float]:
         return [value / norm for value, norm in zip(x, norms, strict=True)]
-
-    if passive_hint:
-        hint = tuple(sorted(passive_hint))
-        z = passive_solver(n, hint)(scaled, b)
-        if _stationary_check(n, hint)(scaled, b, z, tolerance):
-            return unscaled(z)
 
     def gradient_at(x: list[float], rows: Iterable[int]) -> dict[int, float]:
         # A^T (b - A x) = A^T b - A^T A x, on the rows asked for: the variables that could enter the passive set
@@ -222,23 +220,10 @@ def passive_solver(n: int, passive: tuple[int, ...]) -> _PassiveSolver:
     Raises `numpy.linalg.LinAlgError` where `cholesky` would."""
     if list(passive) != sorted(set(passive)) or not all(0 <= i < n for i in passive):
         raise ValueError(f"passive must be sorted distinct indices below {n}, got {passive}")
-    k = len(passive)
     lines = ["def solve(m, r):"]
-    for i in range(k):
-        for j in range(i):
-            products = "".join(f" - l{i}_{q} * l{j}_{q}" for q in range(j))
-            lines.append(f"    l{i}_{j} = (m[{packed_index(passive[i], passive[j])}]{products}) / l{j}_{j}")
-        squares = "".join(f" - l{i}_{q} * l{i}_{q}" for q in range(i))
-        lines.append(f"    pivot = m[{packed_index(passive[i], passive[i])}]{squares}")
-        lines.append("    if not pivot > 0:")
-        lines.append('        raise LinAlgError("matrix is not positive definite")')
-        lines.append(f"    l{i}_{i} = sqrt(pivot)")
-    for i in range(k):
-        products = "".join(f" - l{i}_{q} * y{q}" for q in range(i))
-        lines.append(f"    y{i} = (r[{passive[i]}]{products}) / l{i}_{i}")
-    for i in reversed(range(k)):
-        products = "".join(f" - l{q}_{i} * x{q}" for q in range(i + 1, k))
-        lines.append(f"    x{i} = (y{i}{products}) / l{i}_{i}")
+    lines += _cholesky_solve_lines(
+        len(passive), lambda i, j: f"m[{packed_index(passive[i], passive[j])}]", lambda i: f"r[{passive[i]}]"
+    )
     position = {index: p for p, index in enumerate(passive)}
     values = ", ".join(f"x{position[i]}" if i in position else "0.0" for i in range(n))
     lines.append(f"    return [{values}]")
@@ -247,29 +232,74 @@ def passive_solver(n: int, passive: tuple[int, ...]) -> _PassiveSolver:
     return scope["solve"]  # type: ignore[return-value]
 
 
+def _cholesky_solve_lines(k: int, entry: Callable[[int, int], str], rhs: Callable[[int], str]) -> list[str]:
+    """Straight-line `cholesky` then `cholesky_solve` of a k x k system whose entry (i, j), j <= i, and
+    right-hand side i are the expressions `entry(i, j)` and `rhs(i)`; the solution ends in x0 .. x{k-1}."""
+    lines = []
+    for i in range(k):
+        for j in range(i):
+            products = "".join(f" - l{i}_{q} * l{j}_{q}" for q in range(j))
+            lines.append(f"    l{i}_{j} = ({entry(i, j)}{products}) / l{j}_{j}")
+        squares = "".join(f" - l{i}_{q} * l{i}_{q}" for q in range(i))
+        lines.append(f"    pivot = {entry(i, i)}{squares}")
+        lines.append("    if not pivot > 0:")
+        lines.append('        raise LinAlgError("matrix is not positive definite")')
+        lines.append(f"    l{i}_{i} = sqrt(pivot)")
+    for i in range(k):
+        products = "".join(f" - l{i}_{q} * y{q}" for q in range(i))
+        lines.append(f"    y{i} = ({rhs(i)}{products}) / l{i}_{i}")
+    for i in reversed(range(k)):
+        products = "".join(f" - l{q}_{i} * x{q}" for q in range(i + 1, k))
+        lines.append(f"    x{i} = (y{i}{products}) / l{i}_{i}")
+    return lines
+
+
+_Hinted = Callable[[Sequence[float], Sequence[float], float], "list[float] | None"]
+
+
 @functools.cache
-def _stationary_check(
-    n: int, passive: tuple[int, ...]
-) -> Callable[[Sequence[float], Sequence[float], list[float], float], bool]:
-    """check(packed, b, z, tolerance): whether z, positive on `passive` only, meets the conditions that end the
-    active-set iterations (`nnls_gram`'s hint test: every passive entry above the tolerance, every other
-    variable's gradient b_i - (A^T A z)_i at most the tolerance), summed as `nnls_gram` sums them."""
-    lines = ["def check(m, b, z, tolerance):"]
-    if passive:
-        lines.append(f"    if not ({' and '.join(f'z[{i}] > tolerance' for i in passive)}):")
-        lines.append("        return False")
+def hinted_nnls(n: int, passive: tuple[int, ...]) -> _Hinted:
+    """hinted(gram, moment, tolerance) -> `nnls_gram_packed`'s answer when the variables positive at the optimum
+    are exactly the sorted indices `passive`, else None: its scaling, its solve on the hint, its optimality
+    test and its unscaling in one straight-line function, operation for operation (so the same answer, bit for
+    bit), computing only the scaled entries the solve and the test read."""
+    if not passive or list(passive) != sorted(set(passive)) or not all(0 <= i < n for i in passive):
+        raise ValueError(f"passive must be sorted distinct indices below {n}, got {passive}")
+    others = [i for i in range(n) if i not in passive]
+
+    def scaled(i: int, j: int) -> str:
+        i, j = max(i, j), min(i, j)
+        return f"a{i}_{j}"
+
+    lines = ["def hinted(m, r, tolerance):"]
     for i in range(n):
-        if i in passive:
-            continue
-        terms = ", ".join(f"m[{packed_index(i, j)}] * z[{j}]" for j in passive)
-        lines.append(
-            f"    if b[{i}] - sum(({terms},)) > tolerance:" if passive else f"    if b[{i}] - 0 > tolerance:"
-        )
-        lines.append("        return False")
-    lines.append("    return True")
-    scope: dict[str, object] = {}
+        d = packed_index(i, i)
+        lines.append(f"    s{i} = sqrt(m[{d}]) if m[{d}] > 0 else 1.0")
+    needed = {scaled(i, j) for i in passive for j in passive} | {
+        scaled(i, j) for i in others for j in passive
+    }
+    for i in range(n):
+        for j in range(i + 1):
+            if scaled(i, j) in needed:
+                lines.append(f"    a{i}_{j} = m[{packed_index(i, j)}] / (s{i} * s{j})")
+    for i in range(n):
+        lines.append(f"    b{i} = r[{i}] / s{i}")
+    lines += _cholesky_solve_lines(
+        len(passive), lambda i, j: scaled(passive[i], passive[j]), lambda i: f"b{passive[i]}"
+    )
+    lines.append(f"    if not ({' and '.join(f'x{p} > tolerance' for p in range(len(passive)))}):")
+    lines.append("        return None")
+    for i in others:
+        # the gradient b_i - (A^T A z)_i over the positive variables in index order, summed as nnls_gram sums it
+        terms = ", ".join(f"{scaled(i, j)} * x{p}" for p, j in enumerate(passive))
+        lines.append(f"    if b{i} - sum(({terms},)) > tolerance:")
+        lines.append("        return None")
+    position = {index: p for p, index in enumerate(passive)}
+    values = ", ".join(f"x{position[i]} / s{i}" if i in position else f"0.0 / s{i}" for i in range(n))
+    lines.append(f"    return [{values}]")
+    scope: dict[str, object] = {"sqrt": math.sqrt, "LinAlgError": np.linalg.LinAlgError}
     exec("\n".join(lines), scope)
-    return scope["check"]  # type: ignore[return-value]
+    return scope["hinted"]  # type: ignore[return-value]
 
 
 _Scaler = Callable[..., tuple[list[float], list[float], list[float]]]

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from vllm_shadow.costmodel.nnls import (
     cholesky,
     cholesky_solve,
+    hinted_nnls,
     jacobi_scaler,
     nnls,
     nnls_gram,
@@ -189,3 +190,21 @@ def test_jacobi_scaler_is_the_entrywise_scaling_bit_for_bit(seed: int, size: int
         [x / si for x, si in zip(r, s, strict=True)],
     )
     assert jacobi_scaler(size, guarded=True)(m, r) == expected
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), size=st.integers(1, 5))
+def test_a_right_hint_gives_the_iterations_answer_bit_for_bit(seed: int, size: int) -> None:
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(size + 4, size)) * 10.0 ** rng.integers(-3, 4, size=size)
+    gram, moment = pack(_lower(a.T @ a)), (a.T @ rng.normal(size=size + 4)).tolist()
+    found = nnls_gram_packed(gram, moment)  # no hint: the active-set iterations
+    positive = tuple(i for i, value in enumerate(found) if value > 0)
+    tolerance = 10 * np.finfo(float).eps * size * math.sqrt(size)
+    if positive:
+        assert hinted_nnls(size, positive)(gram, moment, tolerance) == found
+        assert nnls_gram_packed(gram, moment, passive_hint=positive) == found
+    for wrong in (p for r in range(1, size + 1) for p in itertools.combinations(range(size), r)):
+        if wrong != positive:  # a wrong hint is refused (or meets the optimality test: then it is the answer)
+            answer = hinted_nnls(size, wrong)(gram, moment, tolerance)
+            assert answer is None or np.allclose(answer, found, rtol=1e-6, atol=1e-12)
