@@ -21,7 +21,9 @@ window's key times (the start, arrivals, finish deadlines): per key time, how ma
 and how many have started, and per request how many tokens it has emitted by then; every interval from an
 arrival to a deadline must hold the batches that lie wholly inside it, each at least `a` plus the work of the
 tokens in it. It holds for every schedule that meets the deadlines (pausing, chunking and evictions included)
-and usually proves what CP-SAT's per-batch time layer cannot on a busy window.
+and usually proves what CP-SAT's per-batch time layer cannot on a busy window. Where memory binds, rows for the
+KV capacity between key times join it as cutting planes (only those its solution violates: all of them at once
+are too many for GLOP).
 """
 
 from __future__ import annotations
@@ -178,6 +180,7 @@ class TimeCapacityBound:
     variables: int
     constraints: int
     seconds: float
+    kv_rounds: int = 0  # rounds of KV rows added (cutting planes)
 
 
 def time_capacity_batches(
@@ -187,6 +190,7 @@ def time_capacity_batches(
     time_limit: float = 60.0,
     max_keys_apart: int | None = None,
     max_keys: int | None = None,
+    kv_cut_rounds: int = 50,
 ) -> TimeCapacityBound:
     """Fewest batches of any schedule meeting `deadlines`, from the linear programme over key times (see the
     module docstring). At key time k (sorted: the window start, arrivals, finish deadlines):
@@ -202,6 +206,9 @@ def time_capacity_batches(
         token by k', its whole prefill; a request wholly inside costs at least `request_work_seconds`. Their
         time, a per batch plus that work, is at most k' - k. Intervals run from the start or an arrival to a
         deadline (first token or finish).
+      * KV capacity (`_KvRows`): the batches ending in (k, k'] hold the blocks of the tokens emitted in them,
+        at most `kv_blocks` each; these rows are added lazily, the most violated first, for up to
+        `kv_cut_rounds` rounds (0: none), each round re-solving the LP (every round's value is a valid bound).
     The batch count is E at the last key (a request without a finish deadline is bounded only by the others).
     Nothing is proven (0) when the LP is not solved within `time_limit` seconds. `max_keys_apart` keeps only
     the intervals whose ends are at most that many key times apart (fewer constraints, a weaker but still
@@ -325,11 +332,107 @@ def time_capacity_batches(
                 terms[ended[k]] = terms.get(ended[k], 0.0) + running_share
             constraint(-infinity, keys[k2] - keys[k] - fixed, terms)
     solver.Minimize(ended[last])
-    solver.SetTimeLimit(max(int(time_limit * 1000), 1))
-    status = solver.Solve()
+    kv = _KvRows(window, emitted, ended, arrival_key, finish_key) if kv_cut_rounds > 0 else None
+    value, rounds = None, 0
+    while True:
+        remaining = time_limit - (time.perf_counter() - started)
+        solver.SetTimeLimit(max(int(remaining * 1000), 1))
+        if remaining <= 0 or solver.Solve() != pywraplp.Solver.OPTIMAL:
+            break  # the last LP solved (fewer rows) still bounds every schedule
+        value = solver.Objective().Value()
+        if kv is None or rounds >= kv_cut_rounds or not kv.add_violated(solver, constraint):
+            break
+        rounds += 1
     seconds = time.perf_counter() - started
-    if status != pywraplp.Solver.OPTIMAL:
+    if value is None:
         return TimeCapacityBound(0, solver.NumVariables(), solver.NumConstraints(), seconds)
-    value = solver.Objective().Value()
     batches = math.ceil(value - _LP_TOLERANCE * max(1.0, value))
-    return TimeCapacityBound(max(batches, 0), solver.NumVariables(), solver.NumConstraints(), seconds)
+    return TimeCapacityBound(max(batches, 0), solver.NumVariables(), solver.NumConstraints(), seconds, rounds)
+
+
+class _KvRows:
+    """KV capacity between key times, added to the LP lazily (cutting planes; all of them at once made GLOP run
+    past its time limit on a 64-request window). The batches that end in (k, k'] number E[k'] - E[k] and each
+    holds at most `kv_blocks` blocks, while request i emits x[i,k'] - x[i,k] tokens in them, its t-th remaining
+    one in a batch where it holds blocks(target + t) (`_block_area` summed). That area, a function F of the
+    emitted counts, is bounded below linearly for every integer schedule: F(v) - F(u) >= blocks(target) * (v -
+    u) (each token's blocks at least the first one's), and when the request finishes inside the interval
+    (v = remaining), F(rem) - F(u) >= F(rem) / rem * (rem - u) (concave in u: above its chord)."""
+
+    def __init__(self, window: Window, emitted: dict, ended: list, arrival_key: dict, finish_key: dict):
+        limits = window.limits
+        self.kv_blocks = limits.kv_blocks
+        self.emitted = emitted
+        self.ended = ended
+        keys = len(ended)
+        self.rids = [r.request_id for r in window.requests]
+        self.rem = np.array([r.remaining_outputs for r in window.requests], dtype=float)
+        self.area = np.array([_block_area(r, limits.block_size) for r in window.requests], dtype=float)
+        self.first = np.array([limits.blocks(r.target_tokens) for r in window.requests], dtype=float)
+        self.arrival_key = np.array([arrival_key[rid] for rid in self.rids])
+        self.finish_key = np.array([finish_key[rid] for rid in self.rids])
+        self.index = np.arange(keys)
+        self.added: set[tuple[int, int]] = set()
+
+    def _values(self) -> tuple[np.ndarray, np.ndarray]:
+        x = np.array(
+            [
+                [v if isinstance(v, int) else v.solution_value() for v in self.emitted[rid]]
+                for rid in self.rids
+            ],
+            dtype=float,
+        )
+        return x, np.array([e.solution_value() for e in self.ended])
+
+    def _area(self, k: int, x: np.ndarray) -> np.ndarray:
+        """Per request (rows) and later key k' (columns): the area's lower bound for (k, k'] at `x`."""
+        keys = self.index[None, :]
+        alive = (self.arrival_key[:, None] < keys) & (self.finish_key[:, None] > k) & (keys > k)
+        fresh = (k <= self.arrival_key)[:, None]  # emitted nothing by k
+        done = keys >= self.finish_key[:, None]  # emitted everything by k'
+        u, v = x[:, k : k + 1], x
+        chord = np.divide(self.area, self.rem)[:, None] * (self.rem[:, None] - u)
+        lower = np.where(
+            done,
+            np.where(fresh, self.area[:, None], chord),
+            self.first[:, None] * (v - u),
+        )
+        return np.where(alive, lower, 0.0)
+
+    def add_violated(self, solver, constraint, most: int = 400) -> bool:
+        """Add the `most` KV rows the LP's solution violates most (False: none is violated)."""
+        x, ended = self._values()
+        found = []
+        for k in range(len(self.ended) - 1):
+            excess = self._area(k, x).sum(axis=0) - self.kv_blocks * (ended - ended[k])
+            for k2 in np.flatnonzero(excess > 1e-6 * self.kv_blocks):
+                if k2 > k and (k, int(k2)) not in self.added:
+                    found.append((excess[k2], k, int(k2)))
+        found.sort(reverse=True)
+        for _, k, k2 in found[:most]:
+            self.added.add((k, k2))
+            self._add_row(solver, constraint, k, k2)
+        return bool(found)
+
+    def _add_row(self, solver, constraint, k: int, k2: int) -> None:
+        terms: dict = {self.ended[k2]: -float(self.kv_blocks), self.ended[k]: float(self.kv_blocks)}
+        fixed = 0.0
+        for i, rid in enumerate(self.rids):
+            if not (self.arrival_key[i] < k2 and self.finish_key[i] > k):
+                continue
+            row = self.emitted[rid]
+            fresh, done = k <= self.arrival_key[i], k2 >= self.finish_key[i]
+            if fresh and done:
+                fixed += self.area[i]
+                continue
+            if done:
+                slope = self.area[i] / self.rem[i]
+                pairs = [(row[k2], slope), (row[k], -slope)]
+            else:
+                pairs = [(row[k2], self.first[i]), (row[k], -self.first[i])]
+            for var, coefficient in pairs:
+                if isinstance(var, int):
+                    fixed += coefficient * var
+                else:
+                    terms[var] = terms.get(var, 0.0) + coefficient
+        constraint(-solver.infinity(), -fixed, terms)
