@@ -10,8 +10,10 @@ recorded stream is then replayed by the simulator in step space and compared ste
 tokens per request, preemption victims and prefix-cache hits.
 
 Prompts are token ids: Mooncake's come from its hash ids (each hash id is a fixed run of tokens, so shared
-hash ids are shared prefix blocks), the Azure traces' are distinct random tokens, and `shared-prompt` is a
-synthetic workload of a few long system prompts followed by a request's own question. Sampled tokens are
+hash ids are shared prefix blocks), the Azure traces' are distinct random tokens, `shared-prompt` is a
+synthetic workload of a few long system prompts followed by a request's own question, and `chat` is 1,000
+four-turn conversations whose every turn sends back the whole history, the engine's own replies included, a
+few iterations after the previous turn finished. Sampled tokens are
 distinct per request, as real generations are.
 
     python benchmarks/fidelity_scale.py                 # the full table (>= 1,000,000 steps), into RESULTS
@@ -38,13 +40,13 @@ os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 
 from vllm_shadow.adapters.events import EngineStep, Event, RequestArrival
 from vllm_shadow.adapters.traces import read_trace, resolve_trace
-from vllm_shadow.adapters.vllm.prefix_workloads import prompt_from_keys
+from vllm_shadow.adapters.vllm.prefix_workloads import conversations, prompt_from_keys
 from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.solver.simulator import simulate
 
 BLOCK_SIZE = 16
 MAX_MODEL_LEN = 32768
-TRACES = ("azure-conv", "azure-code", "mooncake-conv", "shared-prompt")
+TRACES = ("azure-conv", "azure-code", "mooncake-conv", "shared-prompt", "chat")
 RESULTS = Path(__file__).resolve().parent / "RESULTS-fidelity.md"
 SECTION = "## GPU scale: vLLM's Scheduler and AsyncScheduler in-process"
 HEADER = """Reproduce: `python benchmarks/fidelity_scale.py` (all configurations in one process; or split them with
@@ -119,9 +121,58 @@ class Workload:
     priorities: list[int]
     arrival_iterations: list[int]
     run_tokens: int  # tokens per key
+    # Conversations: a turn's whole prompt (its keys are then unused), and the index of the turn whose finish
+    # it waits for (its arrival iteration then counts from that finish).
+    prompts: list[tuple[int, ...]] | None = None
+    after: list[int | None] | None = None
 
     def prompt(self, index: int) -> list[int]:
+        if self.prompts is not None:
+            return list(self.prompts[index])
         return prompt_from_keys(self.prompt_keys[index], self.prompt_lengths[index], self.run_tokens)
+
+
+def sampled_token(index: int) -> int:
+    """The token the driver samples for the workload's request `index`, every step (distinct per request)."""
+    return 100 + index % 29000
+
+
+def _chat_workload(count: int) -> Workload:
+    """Multi-turn conversations whose every turn sends back the whole history, the engine's own replies
+    included: a turn hits the blocks its previous turn's output filled, cached since that turn finished. A
+    turn arrives a few iterations after its previous one finished; first turns arrive steadily."""
+    turns = 4
+    requests = conversations(
+        (count + turns - 1) // turns,
+        turns,
+        first_message_tokens=(200, 1500),
+        user_message_tokens=(20, 300),
+        output_tokens=(32, 480),
+        system_prompts=3,
+        system_prompt_tokens=700,
+        engine_replies=True,
+    )[:count]
+    index = {p.arrival.request_id: i for i, p in enumerate(requests)}
+    prompts: list[tuple[int, ...]] = []
+    for p in requests:
+        if p.after_output:  # the previous turn's prompt, what the engine generated for it, the new message
+            parent = index[p.after]  # type: ignore[index]
+            reply = (sampled_token(parent),) * requests[parent].arrival.output_tokens  # type: ignore[operator]
+            prompts.append(prompts[parent] + reply + p.prompt_token_ids)
+        else:
+            prompts.append(p.prompt_token_ids)
+    rng = random.Random(3)
+    return Workload(
+        request_ids=[p.arrival.request_id for p in requests],
+        prompt_keys=[() for _ in requests],
+        prompt_lengths=[len(tokens) for tokens in prompts],
+        output_tokens=[p.arrival.output_tokens or 1 for p in requests],
+        priorities=[0 for _ in requests],
+        arrival_iterations=[rng.randint(1, 40) if p.after else 4 * i for i, p in enumerate(requests)],
+        run_tokens=0,
+        prompts=prompts,
+        after=[index[p.after] if p.after else None for p in requests],
+    )
 
 
 def _shared_prompt_trace(n: int) -> list[RequestArrival]:
@@ -137,6 +188,16 @@ def _shared_prompt_trace(n: int) -> list[RequestArrival]:
 
 def load_workload(config: ScaleConfig) -> Workload:
     run_tokens = 0
+    if config.trace == "chat":
+        workload = _chat_workload(config.limit or 4000)
+        if config.requests_per_step != 1.0:  # first turns' spacing scaled to the configured rate
+            spacing = 1.0 / config.requests_per_step
+            first = [i for i, a in enumerate(workload.after or ()) if a is None]
+            iterations = list(workload.arrival_iterations)
+            for n, i in enumerate(first):
+                iterations[i] = int(n * spacing * 4)
+            workload = dataclasses.replace(workload, arrival_iterations=iterations)
+        return workload
     if config.trace == "shared-prompt":
         # A system prompt of 1,024 tokens per key (1-4 keys), then the request's own question.
         run_tokens = 1024
@@ -283,12 +344,18 @@ def drive(
     scheduler, publisher, hasher = build_scheduler(config)
     batch_queue = 2 if config.async_scheduling else 1
     arrivals: dict[int, list[int]] = {}
+    followers: dict[str, list[int]] = {}  # a turn's id -> the turns that arrive once it finished
     for index, iteration in enumerate(workload.arrival_iterations):
-        arrivals.setdefault(iteration, []).append(index)
+        parent = workload.after[index] if workload.after is not None else None
+        if parent is None:
+            arrivals.setdefault(iteration, []).append(index)
+        else:
+            followers.setdefault(workload.request_ids[parent], []).append(index)
+    num_unannounced = sum(map(len, followers.values()))  # turns whose previous turn has not finished yet
     last_arrival = max(arrivals)
     decided: list[Decided] = []
     in_flight: deque = deque()
-    sample_token = {rid: 100 + i % 29000 for i, rid in enumerate(workload.request_ids)}
+    sample_token = {rid: sampled_token(i) for i, rid in enumerate(workload.request_ids)}
     idle_rounds = 0
     for iteration in itertools.count():
         if max_steps is None or len(decided) < max_steps:
@@ -304,8 +371,14 @@ def drive(
                     )
                 )
         else:
-            last_arrival = -1
-        if iteration > last_arrival and not scheduler.has_requests() and not in_flight:
+            last_arrival, num_unannounced = -1, 0
+            followers.clear()
+        if (
+            iteration > last_arrival
+            and not num_unannounced
+            and not scheduler.has_requests()
+            and not in_flight
+        ):
             break
         if scheduler.has_requests():
             output = scheduler.schedule()
@@ -326,7 +399,7 @@ def drive(
             done, sampling = in_flight.pop()
             ids = list(done.num_scheduled_tokens)
             sampled = set(sampling)
-            scheduler.update_from_output(
+            outputs = scheduler.update_from_output(
                 done,
                 ModelRunnerOutput(
                     req_ids=ids,
@@ -334,6 +407,15 @@ def drive(
                     sampled_token_ids=[[sample_token[r]] if r in sampled else [] for r in ids],
                 ),
             )
+            if followers:
+                for client_outputs in outputs.values():
+                    for out in client_outputs.outputs:
+                        if out.finish_reason is not None:
+                            for index in followers.pop(out.request_id, ()):
+                                num_unannounced -= 1
+                                when = iteration + workload.arrival_iterations[index]
+                                arrivals.setdefault(when, []).append(index)
+                                last_arrival = max(last_arrival, when)
     scheduler.shutdown()
     return decided, publisher.events
 
@@ -442,6 +524,7 @@ def configurations() -> list[ScaleConfig]:
         ScaleConfig(
             "shared-prompt", 1200, 256, 4096, long_prefill_token_threshold=1024, requests_per_step=1.5
         ),
+        ScaleConfig("chat", 3000, 256, 8192, requests_per_step=0.4),
     ]
     return [
         dataclasses.replace(config, enable_prefix_caching=caching, async_scheduling=asynchronous)

@@ -62,6 +62,11 @@ def quantiles(values: Iterable[float]) -> tuple[float, float, float]:
     return _percentile(ordered, 50), _percentile(ordered, 90), _percentile(ordered, 99)
 
 
+class SchedulerThrashes(RuntimeError):
+    """The policy preempts and readmits on this workload without finishing it (past a hundred times the
+    requests' own computation): a property of the policy and the KV cache, reported, not a crash."""
+
+
 @dataclass(slots=True)
 class SimResult:
     policy: str

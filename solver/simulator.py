@@ -43,7 +43,7 @@ from vllm_shadow.adapters.events import EngineStep, RequestArrival
 from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.solver.kv_cache import BlockPool, HeldEntry, PrivateRun, num_blocks, num_held_blocks
 from vllm_shadow.solver.policies import Policy, parse_policy
-from vllm_shadow.solver.records import RequestRecord, SimResult
+from vllm_shadow.solver.records import RequestRecord, SchedulerThrashes, SimResult
 
 PS_PER_S = 10**12  # time is kept in integer picoseconds so that closed-form sums equal step-by-step sums
 
@@ -373,7 +373,7 @@ class Simulator:
                 if self._step_fast():
                     continue
             if self.num_tokens_processed > max_tokens_processed:
-                raise RuntimeError(
+                raise SchedulerThrashes(
                     f"scheduler {self.policy} thrashes: {self.num_tokens_processed:,} tokens computed in "
                     f"{self.num_steps:,} steps, a hundred times the requests' own, with {len(self.running)} "
                     f"running and {self.waiting.size} waiting"
@@ -521,18 +521,20 @@ class Simulator:
         """vLLM's `free`: the (explicit) request's blocks are released in reverse, so that its tail is evicted
         first: the block without a hash goes to the front of the free queue, cached blocks nobody else holds
         to its back. Returns how many blocks became free."""
-        if preempted and self.async_scheduling:
-            last_step = self.num_steps - 1
-            if (
-                request.last_run_step == last_step
-                and request.last_run_decode
-                and request.prev_run_step == last_step - 1
-            ):
-                # The token it computed last step was sampled the step before, whose output was processed
-                # only after last step's caching: the block that token filled has no hash yet.
-                request.num_cached_blocks = min(
-                    request.num_cached_blocks, (request.num_computed_tokens - 1) // self.block_size
-                )
+        if (
+            preempted
+            and self.async_scheduling
+            and request.last_run_step == self.num_steps - 1
+            and request.last_run_decode
+            and request.prev_run_step == request.last_run_step - 1
+        ):
+            # The token it computed last step was sampled the step before, whose output was processed only
+            # after last step's caching, and a victim's own output is never cached (AsyncScheduler's
+            # `_update_request_with_output`): the block that token filled has no hash. A finished request's
+            # last output caches all it computed.
+            request.num_cached_blocks = min(
+                request.num_cached_blocks, (request.num_computed_tokens - 1) // self.block_size
+            )
         pool = self.block_pool
         if pool.num_queued_blocks > self.num_usable_blocks - self.num_used_blocks:
             pool.evict_to(self.num_usable_blocks - self.num_used_blocks)  # allocations so far came first
@@ -1054,7 +1056,8 @@ class Simulator:
             if track_runs:
                 request.prev_run_step = request.last_run_step
                 request.last_run_step = step
-                request.last_run_decode = (
+                # It computes the token its previous run sampled (not a prefill's 1-token last chunk).
+                request.last_run_decode = request.last_run_sampled and (
                     num_computed_tokens == request.num_prompt_tokens + request.num_output_tokens - 1
                 )
                 request.last_run_sampled = (
@@ -1366,11 +1369,10 @@ def simulate(
         records.append(rec)
         block_hashes, output_block_hashes = r.block_hashes, ()
         if len(block_hashes) > r.prompt_tokens // block_size:
-            # Past its prompt's, the hashes of its generated blocks (from its finish), used when it finishes;
-            # under async scheduling vLLM learns each a step late, which is modelled for private blocks only.
+            # Past its prompt's, the hashes of its generated blocks (from its finish), used when it finishes.
             block_hashes, output_block_hashes = (
                 block_hashes[: r.prompt_tokens // block_size],
-                () if policy.async_scheduling else block_hashes[r.prompt_tokens // block_size :],
+                block_hashes[r.prompt_tokens // block_size :],
             )
         return _Request(
             r.request_id,

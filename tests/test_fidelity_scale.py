@@ -22,6 +22,11 @@ CONFIGS = [
         "mooncake-conv", 4000, 128, 8192, enable_chunked_prefill=False, enable_prefix_caching=True,
         requests_per_step=0.3, limit=150,
     ),
+    # Turns sending back the engine's replies hit the blocks those filled, cached at the finish; under async
+    # scheduling a victim's last block has no hash yet, a finished request's has.
+    ScaleConfig(
+        "chat", 1500, 128, 4096, enable_prefix_caching=True, async_scheduling=True, requests_per_step=0.3, limit=240
+    ),
 ]  # fmt: skip
 
 

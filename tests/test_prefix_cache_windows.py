@@ -120,10 +120,49 @@ def test_vllm_s_scheduler_with_shared_prompts_windows_replay_with_the_hits_the_h
         limit=48,
     )
     decided, events = drive(config, load_workload(config))
+    assert any(d.preempted for d in decided) and sum(bool(d.cached_tokens) for d in decided) > 10
+    _windows_replay_step_for_step(decided, events)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_chat_turns_that_send_back_the_engine_s_replies_hit_them_in_window_replays(
+    async_scheduling: bool,
+) -> None:
+    # Conversations whose every turn sends back the whole history, the engine's own replies included (vLLM's
+    # Scheduler in-process, KV short enough to preempt). A turn hits the blocks its previous turn's output
+    # filled: vLLM caches them under hashes the hook publishes at the finish (`RequestFinish.block_hashes`).
+    # Windows replay step for step only if the tracker's cache model and the window replays cache them too.
+    pytest.importorskip("vllm", reason="the CPU build of vLLM is installed by `make test`")
+    from benchmarks.fidelity_scale import ScaleConfig, drive, load_workload
+
+    config = ScaleConfig(
+        "chat",
+        800,
+        64,
+        2048,
+        enable_prefix_caching=True,
+        async_scheduling=async_scheduling,
+        requests_per_step=0.3,
+        limit=64,
+    )
+    workload = load_workload(config)
+    decided, events = drive(config, workload)
+    index = {r: i for i, r in enumerate(workload.request_ids)}
+    assert workload.after is not None
+    hits_on_replies = [
+        request_id
+        for d in decided
+        for request_id, hit in d.cached_tokens.items()
+        if (parent := workload.after[index[request_id]]) is not None and hit > workload.prompt_lengths[parent]
+    ]
+    assert len(hits_on_replies) >= 5 and any(d.preempted for d in decided)
+    _windows_replay_step_for_step(decided, events)
+
+
+def _windows_replay_step_for_step(decided: list, events: list) -> None:
     steps = [e for e in events if isinstance(e, EngineStep) and e.scheduled_tokens]
     assert [s.cached_tokens for s in steps] == [d.cached_tokens for d in decided]
-    assert any(d.preempted for d in decided) and sum(bool(d.cached_tokens) for d in decided) > 10
-
     info = events[0]
     assert isinstance(info, EngineInfo)
     span = steps[-1].start_time + steps[-1].duration - steps[0].start_time

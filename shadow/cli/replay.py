@@ -29,7 +29,7 @@ from vllm_shadow.cli.options import (
     prefix_caching_on,
 )
 from vllm_shadow.solver.policies import Policy, parse_policy, split_policies
-from vllm_shadow.solver.records import SimResult
+from vllm_shadow.solver.records import SchedulerThrashes, SimResult
 from vllm_shadow.solver.simulator import simulate
 
 DEFAULT_POLICIES = "vllm,vllm-v0,sarathi,orca,lightllm,no-eviction,sjf"
@@ -56,7 +56,10 @@ def _replay_task(task: tuple[list[RequestArrival], str, Setup]) -> tuple[dict, f
     """A policy's summary with its prefix-cache counts (when it caches) and `simulate_seconds`, the wall time
     of the simulator's loop alone (no trace parsing, no summary), comparable with another simulator's loop."""
     started = time.perf_counter()
-    result = replay_one(*task)
+    try:
+        result = replay_one(*task)
+    except SchedulerThrashes as exc:  # that policy never finishes this trace: said in its row, not a crash
+        return {"policy": task[1], "error": str(exc)}, time.perf_counter() - started
     simulated = time.perf_counter()
     summary = result.summary() | {"simulate_seconds": simulated - started}
     caching = parse_policy(task[1]).enable_prefix_caching
@@ -114,6 +117,8 @@ def _fmt(value: float, scale: float = 1.0, digits: int = 2) -> str:
 
 
 def print_table(rows: list[dict], trace: Trace, setup: Setup, console: Console) -> None:
+    failed = [row for row in rows if "error" in row]  # policies that never finish the trace: named below
+    rows = [row for row in rows if "error" not in row]
     console.print(
         f"[bold]{trace.source.name if trace.source else 'trace'}[/]: {rows[0]['requests'] if rows else 0:,} "
         f"requests over "
@@ -176,6 +181,8 @@ def print_table(rows: list[dict], trace: Trace, setup: Setup, console: Console) 
         "policy; prefix hits: prompt tokens found in the prefix cache at admission, of those looked up (vLLM's "
         "prefix_cache_hits / prefix_cache_queries).[/]"
     )
+    for row in failed:
+        console.print(f"[bold red]{row['policy']}: not replayed:[/] {row['error']}")
 
 
 def _hit_rate(row: dict) -> str:
@@ -190,7 +197,7 @@ def overload_note(rows: list[dict], trace: Trace, rate_scale: float = 1.0) -> st
     the engine can serve, a queue builds up, and latencies measure the backlog."""
     if trace.span <= 0:
         return None
-    loads = {row["policy"]: row["gpu_seconds"] / trace.span for row in rows}
+    loads = {row["policy"]: row["gpu_seconds"] / trace.span for row in rows if "error" not in row}
     over = [policy for policy, load in loads.items() if load > 1.0]
     if not over:
         return None
@@ -236,7 +243,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--json",
         action="store_true",
         help="print a JSON list, one object per policy (with the trace's exclusions, caps and vLLM's "
-        "rejections in each)",
+        "rejections in each; a policy that never finishes the trace has `error` instead of figures)",
     )
     parser.set_defaults(func=run)
 
@@ -297,6 +304,8 @@ def run(args: argparse.Namespace) -> int:
     account = accounting(trace, setup, admitted)
     # Each row keeps the policy's name as given; whether it cached is its own key.
     rows = [row | {"policy": spec} | account for row, spec in zip(rows, specs, strict=True)]
+    if all("error" in row for row in rows):
+        raise ValueError("no policy could replay the trace: " + "; ".join(row["error"] for row in rows))
     notes = [n for n in (rejection_note(setup, admitted), overload_note(rows, trace, args.rate_scale)) if n]
     if args.json:
         print(json.dumps([_json_safe(r) for r in rows], indent=2))

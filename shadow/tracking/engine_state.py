@@ -43,6 +43,7 @@ class _Request:
         "generated",
         "last_progress",
         "max_tokens",
+        "output_block_hashes",
         "priority",
         "prompt",
         "refs",
@@ -59,6 +60,7 @@ class _Request:
         self.max_tokens = event.max_tokens
         self.priority = event.priority
         self.block_hashes = event.block_hashes
+        self.output_block_hashes: tuple[int, ...] = ()  # its generated blocks', from its finish
         self.computed = 0
         self.dropped_kv = 0  # KV tokens its preemptions dropped (the most): what it computes again
         self.generated = 0
@@ -77,6 +79,12 @@ class _Request:
     def arrival_event(
         self, t0: float, *, prompt: int | None = None, output: int | None = None
     ) -> RequestArrival:
+        """As the simulator takes it: with its generated blocks' hashes after its prompt's, which it caches
+        when it finishes, unless it restarts with what it had emitted as prompt (`prompt`): a preempted
+        request's generated blocks are its own private blocks until it finishes."""
+        block_hashes = self.block_hashes
+        if prompt is None and self.output_block_hashes:
+            block_hashes += self.output_block_hashes
         return RequestArrival(
             self.request_id,
             self.arrival - t0,
@@ -84,7 +92,7 @@ class _Request:
             self.output if output is None else output,
             self.max_tokens,
             self.priority,
-            block_hashes=self.block_hashes,
+            block_hashes=block_hashes,
         )
 
 
@@ -210,9 +218,10 @@ class EngineTracker(WindowTracker):
             self.stats.unknown_requests += 1
             return
         request.reported_output = event.output_tokens
-        # Its generated blocks' hashes (event.block_hashes) are not taken here: the live prefix-cache model
-        # (tracking/prefix_cache.py) that gives each window its start state does not cache output blocks yet,
-        # and a window replay holding them diverges from its own start state. `shadow fidelity` uses them.
+        if event.block_hashes and self._cache is not None:
+            # Its generated blocks' hashes: cached when it is freed, in the cache model and in window replays.
+            request.output_block_hashes = event.block_hashes
+            self._cache.output_hashes(event.request_id, event.block_hashes)
         if event.request_id in self._waiting and request.generated == 0 and request.computed == 0:
             # Aborted before it ever ran: no step will name it again.
             del self._waiting[event.request_id]

@@ -10,8 +10,9 @@ as vLLM's would). The engine's count of blocks in use after each step checks the
 The bookkeeping is the simulator's (`vllm_shadow.solver.kv_cache` and `Simulator._free_cached_blocks`,
 `_cache_blocks`, `_find_longest_cache_hit`, `_admit_with_hits`), block by block (a tracker sees each block
 once or twice, a replay many times): cached blocks with a published hash, keyed by it, the first inserted
-taken on a duplicate; blocks no other request can hit (generated tokens, a prompt
-without hashes) as one run per request once freed; the free queue's cached part in eviction order, lazily
+taken on a duplicate (a finished request's generated blocks too, under the hashes its finish publishes);
+blocks no other request can hit (a running or preempted request's generated tokens, a prompt without hashes)
+as one run per request once freed; the free queue's cached part in eviction order, lazily
 evicted down to the free block count. Within a step a victim is freed when the running request that needed
 its blocks allocates, as in vLLM's `schedule()`; under async scheduling a finished request is freed one
 schedule later (`step`'s `finishing`). A window's start state is that free queue, front first
@@ -128,10 +129,18 @@ class _Pool:
 
 
 class _CachedRequest:
-    __slots__ = ("block_hashes", "computed", "held_blocks", "num_cached_blocks", "private_run")
+    __slots__ = (
+        "block_hashes",
+        "computed",
+        "held_blocks",
+        "num_cached_blocks",
+        "output_block_hashes",
+        "private_run",
+    )
 
     def __init__(self, block_hashes: tuple[int, ...]) -> None:
         self.block_hashes = block_hashes
+        self.output_block_hashes: tuple[int, ...] = ()  # its generated blocks', published at its finish
         self.computed = 0  # tokens whose KV it holds
         self.held_blocks: list[_Block] = []  # its cached blocks with a published hash, a prefix
         self.num_cached_blocks = 0  # its leading full blocks (past held_blocks, private ones)
@@ -172,6 +181,26 @@ class PrefixCacheModel:
     def arrived(self, request_id: str, block_hashes: tuple[int, ...]) -> None:
         self._requests.setdefault(request_id, _CachedRequest(block_hashes))
 
+    def output_hashes(self, request_id: str, block_hashes: tuple[int, ...]) -> None:
+        """The hashes of a finishing request's generated blocks (`RequestFinish.block_hashes`): when it is
+        freed, the blocks its output filled are cached under them, as vLLM caches them, and a later prompt
+        holding that output (a conversation's next turn) hits them."""
+        state = self._requests.get(request_id)
+        if state is not None:
+            state.output_block_hashes = block_hashes
+
+    def _output_hashes_to_cache(self, state: _CachedRequest) -> tuple[int, ...]:
+        """Those of its generated blocks that become cached when a finished request is freed: the full blocks
+        it computed past its prompt's, where its prompt's are all cached (the chain is unbroken)."""
+        held = len(state.held_blocks)
+        if (
+            not state.output_block_hashes
+            or held != len(state.block_hashes)
+            or state.num_cached_blocks <= held
+        ):
+            return ()
+        return state.output_block_hashes[: state.num_cached_blocks - held]
+
     def _evict(self) -> None:
         num_free_blocks = self.num_usable_blocks - self.num_used_blocks
         if self.pool.num_queued_blocks > num_free_blocks:
@@ -190,6 +219,8 @@ class PrefixCacheModel:
         state = self._state(request_id)
         self._evict()  # allocations so far came first
         pool = self.pool
+        if not resumable:
+            state.held_blocks += [pool.cache(h) for h in self._output_hashes_to_cache(state)]
         held = len(state.held_blocks)
         num_freed = _cdiv(state.computed, self.block_size) - held
         if state.num_cached_blocks > held:
@@ -323,13 +354,15 @@ class PrefixCacheModel:
             state = self._requests.get(request_id)
             if state is None or not state.computed:
                 continue
-            held = len(state.held_blocks)
+            output_hashes = self._output_hashes_to_cache(state)
+            held = len(state.held_blocks) + len(output_hashes)
             if state.num_cached_blocks > held:  # as `_free` puts them: nobody's to hit
                 reachable = max((num_tokens - 1) // self.block_size, held)
                 if state.num_cached_blocks > reachable:
                     entries.append(("", reachable, state.num_cached_blocks))
                 if reachable > held:
                     entries.append(("", held, min(state.num_cached_blocks, reachable)))
+            entries += reversed(output_hashes)  # cached as it is freed, by nobody else held
             for block in reversed(state.held_blocks):
                 ref_cnt[block] = ref_cnt.get(block, block.ref_cnt) - 1
                 if ref_cnt[block] == 0:
