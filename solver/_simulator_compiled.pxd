@@ -20,6 +20,11 @@ cpdef (Py_ssize_t, Py_ssize_t) request_without_recompute(Py_ssize_t new, Py_ssiz
 cpdef tuple without_recompute(object new_tokens, object context_tokens, object recomputed)
 
 cdef Py_ssize_t _JOB_SHIFT
+cdef Py_ssize_t _SEQ_BITS
+cdef Py_ssize_t _SEQ_MASK
+
+# Times stay Python ints (see above).
+cdef object _steps_starting_before(object gap, object first_step, object slope)
 
 
 @cython.final
@@ -35,7 +40,7 @@ cdef class _Request:
     cdef public bint implicit_decoder
     cdef public Py_ssize_t decode_base
     cdef public Py_ssize_t dropped_kv
-    cdef public Py_ssize_t finish_epoch
+    cdef public Py_ssize_t finish_seq
     cdef public Py_ssize_t num_reserved_blocks
     cdef public object block_hashes
     cdef public object output_block_hashes
@@ -72,6 +77,19 @@ cdef class _WaitingQueue:
 @cython.final
 cdef class Simulator:
     cdef public object policy
+    cdef public Py_ssize_t max_num_seqs
+    cdef public Py_ssize_t max_num_batched_tokens
+    cdef public Py_ssize_t long_prefill_token_threshold
+    cdef public bint chunked_prefill
+    cdef public bint decode_first
+    cdef public bint eviction
+    cdef public bint continuous_batching
+    cdef public bint prefill_first
+    cdef public bint static_batching
+    cdef public bint admit_full_prompt
+    cdef public bint admit_future_peak
+    cdef public bint priority_order
+    cdef public bint least_computed_victim
     cdef public Py_ssize_t block_size
     cdef public Py_ssize_t num_kv_blocks
     cdef public Py_ssize_t num_usable_blocks
@@ -98,6 +116,7 @@ cdef class Simulator:
     cdef public Py_ssize_t sum_decode_base
     cdef public list decode_base_residues
     cdef public list finish_heap
+    cdef public list finish_heap_requests
     cdef public Py_ssize_t finish_heap_pushes
     cdef public bint admission_blocked
     cdef public list step_log
@@ -116,6 +135,7 @@ cdef class Simulator:
     cpdef run(self, list arrival_whens, list arriving, bint by_step)
 
     cdef Py_ssize_t _feed_idle(self, list arrival_whens, list arriving, Py_ssize_t next_arrival, bint by_step) except -1
+    @cython.locals(finish_at=object)
     cdef _to_implicit(self, _Request request)
     cdef _to_explicit(self, _Request request)
     cdef Py_ssize_t _num_computed_tokens(self, _Request request)
@@ -183,7 +203,8 @@ cdef class Simulator:
 
     @cython.locals(num_scheduled_tokens=Py_ssize_t, kv_tokens=Py_ssize_t, attention_pairs=Py_ssize_t,
                    num_new_tokens=Py_ssize_t, num_computed_tokens=Py_ssize_t, step=Py_ssize_t, finished=list,
-                   track_runs=bint, request=_Request, finish_heap=list, recomputing=bint)
+                   track_runs=bint, request=_Request, finish_heap=list, recomputing=bint, finish_limit=object,
+                   seq=Py_ssize_t)
     cdef _apply(self, list scheduled, list preempted_reqs, Py_ssize_t num_decoders)
 
     @cython.locals(request=_Request, num_new_tokens=Py_ssize_t, num_computed_tokens=Py_ssize_t,
@@ -202,10 +223,10 @@ cdef class Simulator:
                    list preempted_reqs)
 
     @cython.locals(block_size=Py_ssize_t, full_cycles=Py_ssize_t, rest=Py_ssize_t, total=Py_ssize_t,
-                   end=Py_ssize_t, first=Py_ssize_t, residues=list)
+                   end=Py_ssize_t, first=Py_ssize_t, residues=list, residue=Py_ssize_t)
     cdef Py_ssize_t _decode_blocks_over(self, Py_ssize_t num_steps) except? -1
 
     @cython.locals(num_decoders=Py_ssize_t, static_full=bint, k=Py_ssize_t, num_free_blocks=Py_ssize_t,
                    lo=Py_ssize_t, hi=Py_ssize_t, mid=Py_ssize_t, num_new_blocks=Py_ssize_t, j=Py_ssize_t,
-                   finished=list, finish_heap=list, request=_Request)
+                   finished=list, finish_heap=list, request=_Request, finish_limit=object, seq=Py_ssize_t)
     cdef bint _fast_forward(self, object next_arrival_time, object next_arrival_step) except -1
