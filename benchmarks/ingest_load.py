@@ -33,7 +33,7 @@ receiver compete for the same two cores) vary by tens of percent between runs.
     python benchmarks/ingest_load.py                       # every scenario, about 5 minutes
     python benchmarks/ingest_load.py --scenarios baseline --max-steps 3 --step-seconds 2
     python benchmarks/ingest_load.py --json results.json
-    python benchmarks/ingest_load.py --only-path            # the receive path in-process alone, about a minute
+    python benchmarks/ingest_load.py --only-path            # the receive path in-process alone, under a minute
 """
 
 from __future__ import annotations
@@ -56,11 +56,12 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests import shadow_support as support
+from vllm_shadow.adapters import wire
 from vllm_shadow.adapters.events import EngineInfo, EngineStep, Event, RequestArrival
 from vllm_shadow.adapters.grpc_ingest import DEFAULT_MAX_CONCURRENT_RPCS, GrpcSink, IngestServer, IngestStats
 from vllm_shadow.adapters.publisher import EventBatch, Publisher
 from vllm_shadow.adapters.recorder import read_events
-from vllm_shadow.adapters.wire import decode_batch, encode_batch
+from vllm_shadow.adapters.wire import decode_batch, decode_batch_upb, encode_batch
 from vllm_shadow.runtime.core import EvaluationSettings, ShadowConfig, ShadowCore
 from vllm_shadow.tracking.tracker import TrackerLimits
 
@@ -418,8 +419,9 @@ class PathCost:
 
 
 def receive_path(engines: int, repetitions: int, batch_size: int = 1024) -> list[PathCost]:
-    """Decode, then decode + sequencing + tracking (`ShadowCore.ingest`, as the gRPC sink calls it), on this
-    process's CPU, for the engines' encoded batches as a publisher sends them."""
+    """Decode (as the gRPC ingest does, and through upb alone), then decode + sequencing + tracking
+    (`ShadowCore.ingest`, as the gRPC sink calls it), on this process's CPU, for the engines' encoded batches as
+    a publisher sends them."""
     streams = [EngineStream(i) for i in range(engines)]
     messages: list[bytes] = []
     for i, stream in enumerate(streams):
@@ -433,6 +435,10 @@ def receive_path(engines: int, repetitions: int, batch_size: int = 1024) -> list
     for m in messages:
         decode_batch(m)
     out.append(PathCost("decode (wire -> events)", total, time.process_time() - start))
+    start = time.process_time()
+    for m in messages:
+        decode_batch_upb(m)
+    out.append(PathCost("  the same through upb (the oracle)", total, time.process_time() - start))
     for what, per_second, decoded in (
         ("decode + sequencing + trackers", TrackerLimits().calibration_steps_per_second, False),
         ("  the same, online calibration off", 1e-9, False),
@@ -561,7 +567,8 @@ def main() -> None:
         return
     print(
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; ingest server: at most "
-        f"{args.max_concurrent_rpcs} calls at once",
+        f"{args.max_concurrent_rpcs} calls at once; wire decoding through "
+        f"{'the compiled reader' if wire.COMPILED else 'upb (the compiled reader is not built)'}",
         flush=True,
     )
     steps: list[Step] = []
@@ -574,13 +581,13 @@ def main() -> None:
         costs = receive_path(1, args.path_repetitions) + receive_path(
             args.max_engines, args.path_repetitions // 4
         )
-        print(f"\n{'receive path in-process':<40} {'events':>8} {'CPU s':>7} {'events/CPU-s':>13}")
+        print(f"\n{'receive path in-process':<42} {'events':>8} {'CPU s':>7} {'events/CPU-s':>13}")
         per_group = len(costs) // 2
         for engines, group in ((1, costs[:per_group]), (args.max_engines, costs[per_group:])):
             print(f"{engines} engine(s)")
             for c in group:
                 print(
-                    f"  {c.what:<38} {c.events:>8,} {c.cpu_seconds:>7.2f} {c.events_per_cpu_second:>13,.0f}"
+                    f"  {c.what:<40} {c.events:>8,} {c.cpu_seconds:>7.2f} {c.events_per_cpu_second:>13,.0f}"
                 )
     if args.json:
         args.json.write_text(

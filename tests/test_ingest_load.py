@@ -77,6 +77,7 @@ def test_the_receive_path_takes_every_event_of_the_relabelled_streams() -> None:
     costs = receive_path(engines=2, repetitions=1)
     assert [c.what.strip() for c in costs] == [
         "decode (wire -> events)",
+        "the same through upb (the oracle)",
         "decode + sequencing + trackers",
         "the same, online calibration off",
         "the same, decoded beforehand",

@@ -145,6 +145,7 @@ ENGINE_SIDE = {
     f"{NAMESPACE}.adapters.events",
     f"{NAMESPACE}.adapters.publisher",
     f"{NAMESPACE}.adapters.wire",
+    f"{NAMESPACE}.adapters._wire_compiled",  # the wire code's compiled reader, where it is built
     f"{NAMESPACE}.adapters.validation",
     f"{NAMESPACE}.adapters.proto",
     f"{NAMESPACE}.adapters.proto.shadow_events_pb2",
