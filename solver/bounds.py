@@ -172,6 +172,9 @@ def relaxation_bound(
 
 # The LP is solved in floating point: its value is rounded up only past this relative tolerance.
 _LP_TOLERANCE = 1e-6
+# Batches a round of KV rows must add to the LP's value for another round to run: on a degenerate optimum
+# rows violated by a hair kept coming for the whole time limit without moving it.
+_KV_ROUND_PROGRESS = 0.01
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,7 +211,8 @@ def time_capacity_batches(
         deadline (first token or finish).
       * KV capacity (`_KvRows`): the batches ending in (k, k'] hold the blocks of the tokens emitted in them,
         at most `kv_blocks` each; these rows are added lazily, the most violated first, for up to
-        `kv_cut_rounds` rounds (0: none), each round re-solving the LP (every round's value is a valid bound).
+        `kv_cut_rounds` rounds (0: none) or until a round raises the value by less than 0.01 batches, each
+        round re-solving the LP (every round's value is a valid bound).
     The batch count is E at the last key (a request without a finish deadline is bounded only by the others).
     Nothing is proven (0) when the LP is not solved within `time_limit` seconds. `max_keys_apart` keeps only
     the intervals whose ends are at most that many key times apart (fewer constraints, a weaker but still
@@ -339,8 +343,9 @@ def time_capacity_batches(
         solver.SetTimeLimit(max(int(remaining * 1000), 1))
         if remaining <= 0 or solver.Solve() != pywraplp.Solver.OPTIMAL:
             break  # the last LP solved (fewer rows) still bounds every schedule
+        stalled = value is not None and solver.Objective().Value() < value + _KV_ROUND_PROGRESS
         value = solver.Objective().Value()
-        if kv is None or rounds >= kv_cut_rounds or not kv.add_violated(solver, constraint):
+        if kv is None or stalled or rounds >= kv_cut_rounds or not kv.add_violated(solver, constraint):
             break
         rounds += 1
     seconds = time.perf_counter() - started
@@ -405,7 +410,7 @@ class _KvRows:
         found = []
         for k in range(len(self.ended) - 1):
             excess = self._area(k, x).sum(axis=0) - self.kv_blocks * (ended - ended[k])
-            for k2 in np.flatnonzero(excess > 1e-6 * self.kv_blocks):
+            for k2 in np.flatnonzero(excess > 1e-3 * self.kv_blocks):
                 if k2 > k and (k, int(k2)) not in self.added:
                     found.append((excess[k2], k, int(k2)))
         found.sort(reverse=True)
