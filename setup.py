@@ -22,6 +22,8 @@ MODULES = {
     "_simulator_compiled": "solver/simulator.py",
     "_kv_cache_compiled": "solver/kv_cache.py",
 }
+# The modules whose C integer arithmetic is checked for overflow (see solver/_simulator_compiled.pxd).
+CHECKED_OVERFLOW = {"_simulator_compiled"}
 
 
 def compiled_core() -> list[Extension]:
@@ -41,19 +43,37 @@ def compiled_core() -> list[Extension]:
         # recompile) both modules at every install, not just the one whose sources changed.
         if not copy.exists() or copy.read_bytes() != source.read_bytes():
             shutil.copyfile(source, copy)
+            # cythonize does not see the staged .pxd as a dependency of the .py: its C must be generated anew.
+            Path("build/cython", MODULES[module]).with_suffix(".c").unlink(missing_ok=True)
+    extensions = [
+        *(Extension(f"vllm_shadow.solver.{module}", [source]) for module, source in MODULES.items()),
+        # The gRPC ingest's wire reader (adapters/wire.py's fast path), a .pyx of its own: no .pxd.
+        Extension("vllm_shadow.adapters._wire_compiled", ["adapters/_wire_compiled.pyx"]),
+    ]
+    checked = [e for e in extensions if e.name.rsplit(".", 1)[-1] in CHECKED_OVERFLOW]
+    unchecked = [e for e in extensions if e not in checked]
+    include = str(staged.parent.parent)
+    return [
+        *cythonize_all(cythonize, checked, include, True),
+        *cythonize_all(cythonize, unchecked, include, False),
+    ]
+
+
+def cythonize_all(
+    cythonize, extensions: list[Extension], include: str, overflowcheck: bool
+) -> list[Extension]:
     return cythonize(
-        [
-            *(Extension(f"vllm_shadow.solver.{module}", [source]) for module, source in MODULES.items()),
-            # The gRPC ingest's wire reader (adapters/wire.py's fast path), a .pyx of its own: no .pxd.
-            Extension("vllm_shadow.adapters._wire_compiled", ["adapters/_wire_compiled.pyx"]),
-        ],
-        include_path=[str(staged.parent.parent)],
+        extensions,
+        include_path=[include],
         build_dir="build/cython",  # the generated C stays out of the source tree
         compiler_directives={
             "language_level": 3,
             # The .pxd is the only source of C types: the .py's annotations (`int`, `list[...]`) keep their
             # Python meaning, so both cores accept the same arguments.
             "annotation_typing": False,
+            # C integer arithmetic that would overflow raises OverflowError instead of wrapping (the simulator
+            # core's times are C 64-bit integers; simulator.simulate then runs the plain-Python core).
+            "overflowcheck": overflowcheck,
         },
     )
 

@@ -4,9 +4,11 @@
 # the hot methods C functions, and their counters C integers. A declaration that does not match the .py fails the
 # build.
 #
-# What stays a Python int, on purpose: every time in picoseconds (an hour is 3.6e15 ps, and products of times and
-# step counts in the closed-form sums could pass 2**63), so the compiled core's figures equal the pure core's to
-# the last digit. Token and block counts are C integers (Py_ssize_t): they are bounded by the KV cache.
+# Times in picoseconds are C 64-bit integers (`long long`: 2**63 ps is 106 days), token and block counts C
+# integers (Py_ssize_t): setup.py compiles this module with overflowcheck, so that a figure that would not fit
+# raises OverflowError instead of wrapping, and `simulate` (the dispatch at the end of simulator.py) then runs the
+# plain-Python core, whose ints are unbounded: the compiled core's figures equal the pure core's to the last digit.
+# A time becomes seconds as in Python (`ps / PS_PER_S`, PS_PER_S a Python int): correctly rounded.
 
 cimport cython
 
@@ -23,14 +25,14 @@ cdef Py_ssize_t _JOB_SHIFT
 cdef Py_ssize_t _SEQ_BITS
 cdef Py_ssize_t _SEQ_MASK
 
-# Times stay Python ints (see above).
+# As Python ints: its float estimate must see what the pure core's sees.
 cdef object _steps_starting_before(object gap, object first_step, object slope)
 
 
 @cython.final
 cdef class _Request:
     cdef public object request_id
-    cdef public object arrival_time
+    cdef public long long arrival_time
     cdef public Py_ssize_t num_prompt_tokens
     cdef public Py_ssize_t max_tokens
     cdef public object queue_key
@@ -94,20 +96,20 @@ cdef class Simulator:
     cdef public Py_ssize_t num_kv_blocks
     cdef public Py_ssize_t num_usable_blocks
     cdef public Py_ssize_t watermark_blocks
-    cdef public object step_ps
-    cdef public object token_ps
-    cdef public object kv_token_ps
-    cdef public object attention_pair_ps
-    cdef public object request_ps
+    cdef public long long step_ps
+    cdef public long long token_ps
+    cdef public long long kv_token_ps
+    cdef public long long attention_pair_ps
+    cdef public long long request_ps
     cdef public bint record_steps
     cdef public bint fast
     cdef public list running
     cdef public _WaitingQueue waiting
     cdef public Py_ssize_t num_used_blocks
     cdef public Py_ssize_t num_reserved_blocks
-    cdef public object now
-    cdef public object busy_ps
-    cdef public object recompute_ps
+    cdef public long long now
+    cdef public long long busy_ps
+    cdef public long long recompute_ps
     cdef public Py_ssize_t num_steps
     cdef public Py_ssize_t peak_used_blocks
     cdef public Py_ssize_t num_tokens_processed
@@ -131,9 +133,11 @@ cdef class Simulator:
     cpdef add_running(self, _Request request, Py_ssize_t num_computed_tokens, Py_ssize_t num_output_tokens)
     cdef _hold_initial_blocks(self, _Request request)
 
-    @cython.locals(num_arrivals=Py_ssize_t, next_arrival=Py_ssize_t, fed=bint, request=_Request)
+    @cython.locals(num_arrivals=Py_ssize_t, next_arrival=Py_ssize_t, fed=bint, request=_Request,
+                   clock=cython.longlong)
     cpdef run(self, list arrival_whens, list arriving, bint by_step)
 
+    @cython.locals(when=cython.longlong)
     cdef Py_ssize_t _feed_idle(self, list arrival_whens, list arriving, Py_ssize_t next_arrival, bint by_step) except -1
     @cython.locals(finish_at=object)
     cdef _to_implicit(self, _Request request)
@@ -204,13 +208,14 @@ cdef class Simulator:
     @cython.locals(num_scheduled_tokens=Py_ssize_t, kv_tokens=Py_ssize_t, attention_pairs=Py_ssize_t,
                    num_new_tokens=Py_ssize_t, num_computed_tokens=Py_ssize_t, step=Py_ssize_t, finished=list,
                    track_runs=bint, request=_Request, finish_heap=list, recomputing=bint, finish_limit=object,
-                   seq=Py_ssize_t)
+                   seq=Py_ssize_t, start=cython.longlong, duration=cython.longlong)
     cdef _apply(self, list scheduled, list preempted_reqs, Py_ssize_t num_decoders)
 
+    # Py_ssize_t, not long long, only because Cython 3.3 spells a long long's error value -1LLLL.
     @cython.locals(request=_Request, num_new_tokens=Py_ssize_t, num_computed_tokens=Py_ssize_t,
                    num_tokens=Py_ssize_t, num_requests=Py_ssize_t, kv_tokens=Py_ssize_t,
-                   attention_pairs=Py_ssize_t)
-    cdef object _recompute_tax(self, list scheduled, Py_ssize_t num_decoders, object duration)
+                   attention_pairs=Py_ssize_t, without_ps=cython.longlong)
+    cdef Py_ssize_t _recompute_tax(self, list scheduled, Py_ssize_t num_decoders, long long duration) except? -1
 
     @cython.locals(request=_Request)
     cdef _free_finishing(self)
@@ -219,7 +224,7 @@ cdef class Simulator:
     cdef _finish_requests(self, list finished, object end_s)
 
     @cython.locals(request=_Request, num_new_tokens=Py_ssize_t)
-    cdef _log_step(self, object start, object duration, list scheduled, Py_ssize_t num_decoders,
+    cdef _log_step(self, long long start, long long duration, list scheduled, Py_ssize_t num_decoders,
                    list preempted_reqs)
 
     @cython.locals(block_size=Py_ssize_t, full_cycles=Py_ssize_t, rest=Py_ssize_t, total=Py_ssize_t,
@@ -228,5 +233,7 @@ cdef class Simulator:
 
     @cython.locals(num_decoders=Py_ssize_t, static_full=bint, k=Py_ssize_t, num_free_blocks=Py_ssize_t,
                    lo=Py_ssize_t, hi=Py_ssize_t, mid=Py_ssize_t, num_new_blocks=Py_ssize_t, j=Py_ssize_t,
-                   finished=list, finish_heap=list, request=_Request, finish_limit=object, seq=Py_ssize_t)
+                   finished=list, finish_heap=list, request=_Request, finish_limit=object, seq=Py_ssize_t,
+                   first_step_ps=cython.longlong, slope_ps=cython.longlong, gap=cython.longlong,
+                   total_ps=cython.longlong)
     cdef bint _fast_forward(self, object next_arrival_time, object next_arrival_step) except -1

@@ -24,6 +24,7 @@ Python stays the oracle (`pure_core()`) and the fallback: VLLM_SHADOW_PURE_PYTHO
 
 from __future__ import annotations
 
+import functools
 import gc
 import heapq
 import importlib
@@ -1530,5 +1531,15 @@ if __name__ == "vllm_shadow.solver.simulator" and not pure_requested():
     elif _core is not None:
         # Not plain assignments: in the build Cython compiles from this file, `Simulator` is an extension type,
         # whose name cannot be rebound. Its results are this package's records (it imports records.py).
-        globals().update(Simulator=_core.Simulator, simulate=_core.simulate)
+        globals().update(Simulator=_core.Simulator, simulate=_simulate_exactly)
         COMPILED = True
+
+        @functools.wraps(_core.simulate)
+        def _simulate_exactly(*args, **kwargs):  # type: ignore[no-untyped-def]
+            # The compiled core keeps times in 64-bit integers (2**63 ps is 106 days of engine time) and raises
+            # OverflowError rather than wrap; the plain-Python core's ints are unbounded: the same result.
+            try:
+                return _core.simulate(*args, **kwargs)
+            except OverflowError:
+                return pure_core().simulate(*args, **kwargs)
+

@@ -185,6 +185,25 @@ def test_both_cores_refuse_bad_input_alike():
             core.simulate([], "nope", COST, num_kv_blocks=4, block_size=4)
 
 
+def test_engine_time_past_64_bits_falls_back_to_the_pure_core():
+    """The compiled core keeps picoseconds in 64-bit integers: a replay whose clock passes 2**63 ps (steps of a
+    million seconds here) makes it raise OverflowError, never wrap, and `simulate` answers with the pure core."""
+    compiled, pure = cores()
+    slow = LinearCostModel(a=1e6, b=0.0, c=0.0, d=0.0)
+    requests = [RequestArrival(f"r{i}", 0.0, 8, 4) for i in range(4)]
+    kw = {"num_kv_blocks": 64, "block_size": 4, "record_steps": True}
+    with pytest.raises(OverflowError):
+        compiled.simulate(requests, "vllm(max_num_seqs=1)", slow, **kw)
+    expected = pure.simulate(requests, "vllm(max_num_seqs=1)", slow, **kw)
+    assert expected.gpu_seconds > 2**63 / 1e12
+    assert view(simulator.simulate(requests, "vllm(max_num_seqs=1)", slow, **kw)) == view(expected)
+    # Below 2**63 ps the compiled core answers alone, to the same digit.
+    fast = LinearCostModel(a=1e5, b=0.0, c=0.0, d=0.0)
+    assert view(compiled.simulate(requests, "vllm(max_num_seqs=1)", fast, **kw)) == view(
+        pure.simulate(requests, "vllm(max_num_seqs=1)", fast, **kw)
+    )
+
+
 def test_a_real_trace_slice_replays_identically():
     """A thousand requests of the bundled Azure trace on an A100-sized cache: long decode stretches, thousands
     of steps, the fast paths and the closed-form sums at scale."""
