@@ -1529,10 +1529,6 @@ if __name__ == "vllm_shadow.solver.simulator" and not pure_requested():
             stacklevel=2,
         )
     elif _core is not None:
-        # Not plain assignments: in the build Cython compiles from this file, `Simulator` is an extension type,
-        # whose name cannot be rebound. Its results are this package's records (it imports records.py).
-        globals().update(Simulator=_core.Simulator, simulate=_simulate_exactly)
-        COMPILED = True
 
         @functools.wraps(_core.simulate)
         def _simulate_exactly(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -1543,3 +1539,7 @@ if __name__ == "vllm_shadow.solver.simulator" and not pure_requested():
             except OverflowError:
                 return pure_core().simulate(*args, **kwargs)
 
+        # Not plain assignments: in the build Cython compiles from this file, `Simulator` is an extension type,
+        # whose name cannot be rebound. Its results are this package's records (it imports records.py).
+        globals().update(Simulator=_core.Simulator, simulate=_simulate_exactly)
+        COMPILED = True
