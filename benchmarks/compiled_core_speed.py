@@ -14,7 +14,6 @@ seconds (and wall seconds) for one `simulate` call, results checked equal betwee
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import sys
 import time
@@ -35,22 +34,6 @@ POLICIES = {
     "vLLM (cap 128, 4,096 tokens)": "vllm(max_num_seqs=128,max_num_batched_tokens=4096)",
     "Sarathi (chunk 512)": "sarathi(max_num_seqs=128,max_num_batched_tokens=512)",
 }
-
-
-def pure_core_on_pure_pool():
-    """solver/simulator.py as plain Python over the plain-Python prefix cache (`simulator.pure_core()` takes the
-    pool from solver.kv_cache, which hands out the compiled one where it is built)."""
-    name = "vllm_shadow.solver._simulator_pure_on_pure_pool"
-    spec = importlib.util.spec_from_file_location(name, simulator.__file__)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    in_use = sys.modules["vllm_shadow.solver.kv_cache"]
-    sys.modules["vllm_shadow.solver.kv_cache"] = kv_cache.pure_pool()
-    try:
-        sys.modules[name] = module
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
-    finally:
-        sys.modules["vllm_shadow.solver.kv_cache"] = in_use
-    return module
 
 
 def timed(call: Callable[[], object]) -> tuple[float, float, object]:
@@ -89,7 +72,8 @@ def main() -> None:
         )
     if not kv_cache.COMPILED:
         sys.exit("the compiled pool is not in use (VLLM_SHADOW_PURE_PYTHON is set?)")
-    cores = {"pure": pure_core_on_pure_pool(), "compiled": compiled}
+    # pure_core(): solver/simulator.py as plain Python over the plain-Python prefix cache.
+    cores = {"pure": simulator.pure_core(), "compiled": compiled}
 
     cost = project_cost()
     blocks = kv_capacity_blocks(load_model(MODEL), get_hardware(HARDWARE), tp=TP, block_size=BLOCK_SIZE)

@@ -51,17 +51,15 @@ selects it, as it selects the plain-Python simulator core.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import os
 import sys
-import warnings
 from bisect import bisect_left, insort
 from collections import deque
 from collections.abc import Hashable, Iterator, Sequence
 from itertools import compress, pairwise
 from pathlib import Path
 from types import ModuleType
+
+from vllm_shadow.solver import compiled_build
 
 # A request's held (or hit) blocks: (run, lo, hi), blocks lo..hi-1 of the run's chain, in block-table order.
 HeldEntry = tuple["CachedRun", int, int]
@@ -557,31 +555,19 @@ _COMPILED_NAMES = (
 )
 
 
-def pure_requested() -> bool:
-    """VLLM_SHADOW_PURE_PYTHON=1 (any value but empty or 0) selects the plain-Python pool (and simulator core)."""
-    return os.environ.get("VLLM_SHADOW_PURE_PYTHON", "") not in ("", "0")
+_SOURCE = Path(__file__)
+_DECLARATIONS = _SOURCE.with_name("_kv_cache_compiled.pxd")
 
 
 def compiled_pool() -> ModuleType | None:
-    """This file as compiled by setup.py, or None where it was not built (VLLM_SHADOW_SKIP_COMPILE=1, or a
-    checkout used without installing). A build that is there but does not load is an error, not a fallback."""
-    try:
-        return importlib.import_module(COMPILED_MODULE)
-    except ModuleNotFoundError as error:
-        if error.name != COMPILED_MODULE:
-            raise
-        return None
+    """This file as compiled by setup.py, or None where it was not built (see solver.compiled_build)."""
+    return compiled_build.compiled_module(COMPILED_MODULE)
 
 
 def stale_sources(pool: ModuleType) -> list[str]:
     """In a source checkout, the files edited since `pool` was built (an edited .py runs as the .py until it is
     rebuilt); none in an installed package, whose build and sources came together."""
-    source = Path(__file__)
-    declarations = source.with_name("_kv_cache_compiled.pxd")
-    if not declarations.exists() or pool.__file__ is None:
-        return []
-    built = Path(pool.__file__).stat().st_mtime
-    return [path.name for path in (source, declarations) if path.stat().st_mtime > built]
+    return compiled_build.stale_sources(pool, _SOURCE, _DECLARATIONS)
 
 
 def pure_pool() -> ModuleType:
@@ -590,26 +576,13 @@ def pure_pool() -> ModuleType:
     never mix."""
     if not COMPILED:
         return sys.modules[__name__]
-    module = sys.modules.get(_PURE_MODULE)
-    if module is None:
-        spec = importlib.util.spec_from_file_location(_PURE_MODULE, __file__)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[_PURE_MODULE] = module
-        spec.loader.exec_module(module)
-    return module
+    return compiled_build.load_as_python(_PURE_MODULE, _SOURCE)
 
 
 COMPILED = False  # whether the classes and functions above are the compiled pool's
-if __name__ == "vllm_shadow.solver.kv_cache" and not pure_requested():
-    _pool = compiled_pool()
-    if _pool is not None and stale_sources(_pool):
-        warnings.warn(
-            f"the compiled prefix cache is older than {', '.join(stale_sources(_pool))}: running the plain-Python "
-            "pool until it is rebuilt (`pip install -e .`)",
-            stacklevel=2,
-        )
-    elif _pool is not None:
+if __name__ == "vllm_shadow.solver.kv_cache":
+    _pool = compiled_build.build_in_use(COMPILED_MODULE, _SOURCE, _DECLARATIONS, "prefix cache", "pool")
+    if _pool is not None:
         # Not plain assignments: in the build Cython compiles from this file, these names are extension types and
         # C functions, whose names cannot be rebound.
         globals().update({name: getattr(_pool, name) for name in _COMPILED_NAMES})

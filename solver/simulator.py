@@ -27,12 +27,8 @@ from __future__ import annotations
 import functools
 import gc
 import heapq
-import importlib
-import importlib.util
 import math
-import os
 import sys
-import warnings
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -42,6 +38,7 @@ from typing import NamedTuple
 
 from vllm_shadow.adapters.events import EngineStep, RequestArrival
 from vllm_shadow.costmodel.linear import LinearCostModel
+from vllm_shadow.solver import compiled_build
 from vllm_shadow.solver.kv_cache import BlockPool, HeldEntry, PrivateRun, num_blocks, num_held_blocks
 from vllm_shadow.solver.policies import Policy, parse_policy
 from vllm_shadow.solver.records import RequestRecord, SchedulerThrashes, SimResult
@@ -1471,64 +1468,38 @@ COMPILED_MODULE = "vllm_shadow.solver._simulator_compiled"
 _PURE_MODULE = "vllm_shadow.solver._simulator_pure"
 
 
-def pure_requested() -> bool:
-    """VLLM_SHADOW_PURE_PYTHON=1 (any value but empty or 0) selects the plain-Python core."""
-    return os.environ.get("VLLM_SHADOW_PURE_PYTHON", "") not in ("", "0")
+_SOURCE = Path(__file__)
+_DECLARATIONS = _SOURCE.with_name("_simulator_compiled.pxd")
 
 
 def compiled_core() -> ModuleType | None:
-    """This file as compiled by setup.py, or None where it was not built (VLLM_SHADOW_SKIP_COMPILE=1, or a
-    checkout used without installing). A build that is there but does not load is an error, not a fallback."""
-    try:
-        return importlib.import_module(COMPILED_MODULE)
-    except ModuleNotFoundError as error:
-        if error.name != COMPILED_MODULE:
-            raise
-        return None
+    """This file as compiled by setup.py, or None where it was not built (see solver.compiled_build)."""
+    return compiled_build.compiled_module(COMPILED_MODULE)
 
 
 def stale_sources(core: ModuleType) -> list[str]:
     """In a source checkout, the files edited since `core` was built (an edited .py runs as the .py until the
     core is rebuilt); none in an installed package, whose build and sources came together."""
-    source = Path(__file__)
-    declarations = source.with_name("_simulator_compiled.pxd")
-    if not declarations.exists() or core.__file__ is None:
-        return []
-    built = Path(core.__file__).stat().st_mtime
-    return [path.name for path in (source, declarations) if path.stat().st_mtime > built]
+    return compiled_build.stale_sources(core, _SOURCE, _DECLARATIONS)
 
 
 def pure_core() -> ModuleType:
     """This file as plain Python over the plain-Python prefix cache, whichever core `simulate` is: the oracle the
     compiled core is tested against. Under a compiled core or pool it is loaded from the source file under a name
-    of its own, so that the two cores' classes never mix."""
+    of its own, so that the two cores' classes never mix (the core and the pool fall back together)."""
     pool = sys.modules["vllm_shadow.solver.kv_cache"]
     if not COMPILED and not pool.COMPILED:
         return sys.modules[__name__]
-    module = sys.modules.get(_PURE_MODULE)
-    if module is None:
-        spec = importlib.util.spec_from_file_location(_PURE_MODULE, __file__)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[_PURE_MODULE] = module
-        sys.modules["vllm_shadow.solver.kv_cache"] = pool.pure_pool()  # what its import of the pool finds
-        try:
-            spec.loader.exec_module(module)
-        finally:
-            sys.modules["vllm_shadow.solver.kv_cache"] = pool
-    return module
+    # What its import of the pool finds: the plain-Python pool.
+    return compiled_build.load_as_python(
+        _PURE_MODULE, _SOURCE, using={"vllm_shadow.solver.kv_cache": pool.pure_pool()}
+    )
 
 
 COMPILED = False  # whether `Simulator` and `simulate` below are the compiled core's
-if __name__ == "vllm_shadow.solver.simulator" and not pure_requested():
-    _core = compiled_core()
-    if _core is not None and stale_sources(_core):
-        warnings.warn(
-            f"the compiled simulator core is older than {', '.join(stale_sources(_core))}: running the "
-            "plain-Python core until it is rebuilt (`pip install -e .`)",
-            stacklevel=2,
-        )
-    elif _core is not None:
+if __name__ == "vllm_shadow.solver.simulator":
+    _core = compiled_build.build_in_use(COMPILED_MODULE, _SOURCE, _DECLARATIONS, "simulator core", "core")
+    if _core is not None:
 
         @functools.wraps(_core.simulate)
         def _simulate_exactly(*args, **kwargs):  # type: ignore[no-untyped-def]

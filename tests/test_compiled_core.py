@@ -237,3 +237,30 @@ def test_the_environment_selects_the_core():
     pure = "False vllm_shadow.solver.simulator vllm_shadow.solver.simulator"
     assert _core_in_a_fresh_interpreter("1") == pure
     assert _core_in_a_fresh_interpreter("0").startswith("True ")
+
+
+def test_a_stale_or_missing_build_falls_back_with_a_warning(tmp_path, monkeypatch):
+    """solver.compiled_build, which both the core and the prefix cache load their builds through: a build older
+    than its .py or .pxd is not used (with a warning naming the edited file), a missing one is None, a build
+    that fails to import for another reason is an error, and VLLM_SHADOW_PURE_PYTHON turns any build off."""
+    from vllm_shadow.solver import compiled_build
+
+    compiled, _pure = cores()
+    source, declarations = tmp_path / "simulator.py", tmp_path / "_simulator_compiled.pxd"
+    source.write_text("")
+    declarations.write_text("")
+    built = os.stat(compiled.__file__).st_mtime
+    os.utime(source, (built - 10, built - 10))
+    os.utime(declarations, (built - 10, built - 10))
+    monkeypatch.delenv("VLLM_SHADOW_PURE_PYTHON", raising=False)
+    args = (simulator.COMPILED_MODULE, source, declarations, "simulator core", "core")
+    assert compiled_build.build_in_use(*args) is compiled
+    os.utime(declarations, (built + 10, built + 10))
+    with pytest.warns(UserWarning, match="older than _simulator_compiled.pxd: running the plain-Python core"):
+        assert compiled_build.build_in_use(*args) is None
+    monkeypatch.setenv("VLLM_SHADOW_PURE_PYTHON", "1")
+    os.utime(declarations, (built - 10, built - 10))
+    assert compiled_build.build_in_use(*args) is None
+    assert compiled_build.compiled_module("vllm_shadow.solver._no_such_build") is None
+    with pytest.raises(ModuleNotFoundError):  # another module missing than the build itself: an error
+        compiled_build.compiled_module("vllm_shadow.solver._no_such_package.build")
