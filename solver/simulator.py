@@ -1359,35 +1359,38 @@ def simulate(
     records: list[RequestRecord] = []
     num_usable_blocks = num_kv_blocks - 1
 
+    order = policy.order
+
     def make(index: int, r: RequestArrival) -> _Request:
-        if r.output_tokens is None or r.output_tokens < 1:
-            raise ValueError(f"request {r.request_id}: output_tokens must be known and >= 1 to simulate")
-        if r.prompt_tokens < 1:
-            raise ValueError(f"request {r.request_id}: prompt_tokens must be >= 1")
-        if cdiv(r.prompt_tokens + r.output_tokens - 1, block_size) > num_usable_blocks:
+        # Each field of the arrival read once: this runs for every request of a replay.
+        request_id, prompt_tokens, output_tokens = r.request_id, r.prompt_tokens, r.output_tokens
+        if output_tokens is None or output_tokens < 1:
+            raise ValueError(f"request {request_id}: output_tokens must be known and >= 1 to simulate")
+        if prompt_tokens < 1:
+            raise ValueError(f"request {request_id}: prompt_tokens must be >= 1")
+        if cdiv(prompt_tokens + output_tokens - 1, block_size) > num_usable_blocks:
             raise ValueError(
-                f"request {r.request_id}: {r.prompt_tokens}+{r.output_tokens} tokens can never fit in "
+                f"request {request_id}: {prompt_tokens}+{output_tokens} tokens can never fit in "
                 f"{num_usable_blocks} KV blocks of {block_size} tokens"
             )
         arrival_time = round(r.time * PS_PER_S)
         # The record's arrival is on the simulator's picosecond clock, so latencies are never negative.
-        rec = RequestRecord(
-            r.request_id, arrival_time / PS_PER_S, r.prompt_tokens, r.output_tokens, r.priority
-        )
+        rec = RequestRecord(request_id, arrival_time / PS_PER_S, prompt_tokens, output_tokens, r.priority)
         records.append(rec)
         block_hashes, output_block_hashes = r.block_hashes, ()
-        if len(block_hashes) > r.prompt_tokens // block_size:
+        num_prompt_blocks = prompt_tokens // block_size
+        if len(block_hashes) > num_prompt_blocks:
             # Past its prompt's, the hashes of its generated blocks (from its finish), used when it finishes.
             block_hashes, output_block_hashes = (
-                block_hashes[: r.prompt_tokens // block_size],
-                block_hashes[r.prompt_tokens // block_size :],
+                block_hashes[:num_prompt_blocks],
+                block_hashes[num_prompt_blocks:],
             )
         return _Request(
-            r.request_id,
+            request_id,
             arrival_time,
-            r.prompt_tokens,
-            r.output_tokens,
-            _queue_key(policy.order, r, arrival_time, index),
+            prompt_tokens,
+            output_tokens,
+            None if order == "fcfs" else _queue_key(order, r, arrival_time, index),
             rec,
             block_hashes,
             output_block_hashes,
@@ -1407,42 +1410,34 @@ def simulate(
             f"{sim.num_reserved_blocks} blocks, more than the {num_usable_blocks} available"
         )
     offset = len(initial_running)
-    pending: list[tuple[int, int, _Request]] = []  # (arrival time or step, index, request)
-    # Two objects per request that live as long as the replay and form no cycle: the cyclic collector, left on,
-    # would walk the growing heap over and over while they are built (a third of the compiled core's time).
+    # The replay builds two objects per request that live as long as it does, then allocates a few small ones a
+    # step (chunks, lists) that die young: the cyclic collector, left on, would walk the growing heap of records
+    # and requests over and over (a third of the compiled core's time while they are built, some 8% during the
+    # run). The few cycles a run leaves (the prefix cache's free-queue entries and their runs) are collected once
+    # it is back on.
     collecting = gc.isenabled()
     gc.disable()
     try:
+        pending: list[tuple[int, int, _Request]] = []  # (arrival time or step, index, request)
         for index, r in enumerate(requests):
             request = make(offset + index, r)
             when = arrival_steps[r.request_id] if arrival_steps is not None else request.arrival_time
             pending.append((when, offset + index, request))
-    finally:
-        if collecting:
-            gc.enable()
-    pending.sort()  # indices are unique: requests are never compared
-    if initial_free_queue and sim.caching:
-        by_id = {request.request_id: request for _when, _index, request in pending}
-        for entry in initial_free_queue:
-            if isinstance(entry, tuple):
-                run = sim.block_pool.free_private_run(entry[1], entry[2])
-                if entry[0] in by_id:
-                    by_id[entry[0]].private_run = run
-            else:
-                sim.block_pool.free_block(sim.block_pool.cache_full_block(entry))
-    arrival_whens = [when for when, _index, _request in pending]
-    if start_time is not None:
-        sim.now = round(start_time * PS_PER_S)
-    elif arrival_steps is None and (initial_running or pending):
-        sim.now = min([r.arrival_time for r in sim.running] + arrival_whens[:1])
-
-    # The run allocates a few small objects a step (chunks, lists, finish-heap entries) that die young: the
-    # cyclic collector, left on, would walk the replay's records and requests at each of its passes (some 8% of
-    # the compiled core's time). The few cycles a run leaves (the prefix cache's free-queue entries and their
-    # runs) are collected once it is back on.
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
+        pending.sort()  # indices are unique: requests are never compared
+        if initial_free_queue and sim.caching:
+            by_id = {request.request_id: request for _when, _index, request in pending}
+            for entry in initial_free_queue:
+                if isinstance(entry, tuple):
+                    run = sim.block_pool.free_private_run(entry[1], entry[2])
+                    if entry[0] in by_id:
+                        by_id[entry[0]].private_run = run
+                else:
+                    sim.block_pool.free_block(sim.block_pool.cache_full_block(entry))
+        arrival_whens = [when for when, _index, _request in pending]
+        if start_time is not None:
+            sim.now = round(start_time * PS_PER_S)
+        elif arrival_steps is None and (initial_running or pending):
+            sim.now = min([r.arrival_time for r in sim.running] + arrival_whens[:1])
         sim.run(
             arrival_whens, [request for _when, _index, request in pending], by_step=arrival_steps is not None
         )
