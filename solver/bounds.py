@@ -205,8 +205,10 @@ def time_capacity_batches(
         one batch then running;
       * the batches wholly inside [k, k'] (at least E[k'] - S[k]) hold at least x[i,k'] - x[i,k] - (S[k] - E[k])
         tokens of a request that arrived before k (all of them, from 0, if it arrived at k or later), each
-        costing at least b + c * (its target) + e, and, if it also arrives at or after k and must emit its first
-        token by k', its whole prefill; a request wholly inside costs at least `request_work_seconds`. Their
+        costing at least b + c * (its target) + e (b + e + c * (target + (remaining - 1) / 2) when it finishes by
+        k': the chord of its growing context), and, if it also arrives at or after k, its whole prefill when it
+        must emit its first token by k', else that prefill times x[i,k'] / remaining (a token emitted means the
+        prefill ran inside); a request wholly inside costs at least `request_work_seconds`. Their
         time, a per batch plus that work, is at most k' - k. Intervals run from the start or an arrival to a
         deadline (first token or finish).
       * KV capacity (`_KvRows`): the batches ending in (k, k'] hold the blocks of the tokens emitted in them,
@@ -294,6 +296,12 @@ def time_capacity_batches(
         emitted[rid] = row
 
     token_work = {r.request_id: cost.b + cost.c * r.target_tokens + cost.e for r in requests}
+    # Tokens up to a request's last, their context growing: at least the mean context's (the work of tokens u..rem-1
+    # is concave in u, so above its chord from u = 0 to u = rem).
+    finishing_work = {
+        r.request_id: cost.b + cost.e + cost.c * (r.target_tokens + (r.remaining_outputs - 1) / 2)
+        for r in requests
+    }
     whole_work = {r.request_id: request_work_seconds(r, cost) for r in requests}
     prefill_work = {
         r.request_id: cost.b * (r.target_tokens - r.computed_tokens - 1) + prefill_extra_bound(r, cost)
@@ -319,10 +327,14 @@ def time_capacity_batches(
                     fixed += whole_work[rid]
                     continue
                 w = token_work[rid]
+                if finish_key[rid] <= k2:
+                    w = finishing_work[rid]
                 pairs = [(emitted[rid][k2], w)]
                 if arrival_key[rid] >= k:
                     if first_key_of.get(rid) is not None and first_key_of[rid] <= k2:
                         fixed += prefill_work[rid]
+                    else:  # a token emitted by k' means the prefill ran inside: min(1, x) >= x / remaining
+                        pairs.append((emitted[rid][k2], prefill_work[rid] / r.remaining_outputs))
                 else:
                     pairs.append((emitted[rid][k], -w))
                     running_share += w

@@ -222,28 +222,30 @@ def test_kv_rows_of_the_time_capacity_lp_hold_against_exhaustive_search(window, 
     best, schedule = exhaustive_optimum(window, cost, Objective(), EVERYTHING, deadlines)
     with_kv = time_capacity_batches(window, cost, deadlines)
     without_kv = time_capacity_batches(window, cost, deadlines, kv_cut_rounds=0)
+    assert without_kv.batches >= 1  # solved: the engine's schedule meets every row
     assert with_kv.batches >= without_kv.batches
     assert with_kv.batches <= len(schedule)
     assert relaxation_bound(window, cost, deadlines, with_kv.batches).gpu_seconds <= best + 1e-9
 
 
 def test_kv_rows_prove_more_batches_on_a_memory_bound_window():
-    """16 Azure code requests on an A10G's 932 blocks under vLLM's own times: neither the block-batches over
-    the capacity nor the time-capacity LP without KV rows proves more than 48 batches, the LP with them
-    proves more (vLLM uses 70), and the bound stays below vLLM's schedule."""
+    """48 Azure code requests on an A10G's 932 blocks under vLLM's own times: the block-batches over the
+    capacity prove 152 batches, the time-capacity LP without KV rows 147, with them 163 (vLLM uses 218), and
+    the bound stays below vLLM's schedule."""
     from vllm_shadow.cli.optimal import roofline_without_attention_term
     from vllm_shadow.costmodel.architecture import load_model
     from vllm_shadow.costmodel.hardware import get_hardware
     from vllm_shadow.solver.optimal import engine_deadlines
 
     cost = roofline_without_attention_term(load_model("llama-2-7b"), get_hardware("a10g"), 1)
-    trace = read_trace(resolve_trace("azure-code"), start=1200, limit=16)
+    trace = read_trace(resolve_trace("azure-code"), start=1200, limit=48)
     window = Window.from_arrivals(trace.requests, EngineLimits(kv_blocks=932, block_size=16))
     engine = run_heuristics(window, cost, Objective(), ["vllm"])[0]
     deadlines = engine_deadlines(engine.replay)
     without_kv = time_capacity_batches(window, cost, deadlines, kv_cut_rounds=0)
     with_kv = time_capacity_batches(window, cost, deadlines)
+    assert 1 <= without_kv.batches <= len(engine.schedule)
     floor = max(min_batches(window, deadlines), without_kv.batches)
     assert with_kv.kv_rounds >= 1
-    assert floor + 5 <= with_kv.batches <= len(engine.schedule)
+    assert floor + 8 <= with_kv.batches <= len(engine.schedule)
     assert relaxation_bound(window, cost, deadlines, with_kv.batches).gpu_seconds <= engine.objective + 1e-9
