@@ -57,6 +57,7 @@ cdef class _Request:
     cdef public Py_ssize_t prev_run_step
     cdef public bint last_run_decode
     cdef public bint last_run_sampled
+    cdef public bint ever_scheduled
 
 
 @cython.locals(index=Py_ssize_t)
@@ -200,7 +201,7 @@ cdef class Simulator:
     cdef _freeze_decoders(self, dict scheduled_decoders)
 
     @cython.locals(block_size=Py_ssize_t, scheduled=list, long_prefill_token_threshold=Py_ssize_t,
-                   num_decoders=Py_ssize_t, token_budget=Py_ssize_t, num_new_blocks=Py_ssize_t, chunk_blocks=list,
+                   num_decoders=Py_ssize_t, token_budget=Py_ssize_t, num_new_blocks=Py_ssize_t,
                    request=_Request, num_computed_tokens=Py_ssize_t, num_new_tokens=Py_ssize_t, blocks=Py_ssize_t,
                    preempted_reqs=list, preempted_req=_Request)
     cdef bint _step_fast(self) except -1

@@ -111,6 +111,7 @@ class _Request:
         "block_hashes",
         "decode_base",
         "dropped_kv",
+        "ever_scheduled",
         "finish_seq",
         "finishing",
         "held_blocks",
@@ -153,6 +154,7 @@ class _Request:
         self.queue_key = queue_key  # waiting-queue order key (None under FCFS)
         self.record = record
         self.num_output_tokens = 0  # output tokens produced (explicit requests only)
+        self.ever_scheduled = False  # whether a step ran any of its tokens (its record's first_scheduled)
         self.num_computed_tokens = 0  # tokens whose KV is held (explicit requests only)
         self.implicit_decoder = False  # decoding with num_computed_tokens == decode_base + decode_steps
         self.decode_base = 0
@@ -952,7 +954,6 @@ class Simulator:
         prefilling = self.running[num_decoders:] if len(self.running) > num_decoders else ()
         # The decoders whose next token opens a new block: those with decode_base = -decode_steps mod block_size.
         num_new_blocks = self.decode_base_residues[-self.decode_steps % block_size]
-        chunk_blocks: list[int] = []
         for request in prefilling:
             if request.implicit_decoder:
                 return False  # a prefilling request sits between decoders: the literal walk decides
@@ -969,21 +970,23 @@ class Simulator:
                 num_computed_tokens, block_size
             )
             scheduled.append((request, num_new_tokens, num_computed_tokens))
-            chunk_blocks.append(blocks)
             num_new_blocks += blocks
             token_budget -= num_new_tokens
-        preempted_reqs: list[_Request] = []
+        preempted_reqs = _NO_REQUESTS
         if num_new_blocks > self.num_usable_blocks - self.num_used_blocks:
             if self.priority_order or not self.eviction or self.least_computed_victim or self.caching:
                 # Priority victims are not at the tail. Under prefix caching the order matters too: vLLM's walk
                 # allocates for the requests ahead of a victim before it frees the victim, so those allocations
                 # evict cached free blocks that an eager "free first" would spare. The literal walk decides.
                 return False
+            preempted_reqs = []
             while num_new_blocks > self.num_usable_blocks - self.num_used_blocks:
                 preempted_req = self.running.pop()
                 if scheduled and scheduled[-1][0] is preempted_req:
-                    scheduled.pop()
-                    num_new_blocks -= chunk_blocks.pop()
+                    _request, num_new_tokens, num_computed_tokens = scheduled.pop()
+                    num_new_blocks -= cdiv(num_computed_tokens + num_new_tokens, block_size) - cdiv(
+                        num_computed_tokens, block_size
+                    )  # the blocks its chunk would have taken
                 elif (
                     preempted_req.implicit_decoder
                     and (preempted_req.decode_base + self.decode_steps) % block_size == 0
@@ -1050,7 +1053,8 @@ class Simulator:
         track_runs = self.async_scheduling and self.caching
         for request, num_new_tokens, num_computed_tokens in scheduled:
             record = request.record
-            if record.first_scheduled != record.first_scheduled:  # NaN: never scheduled before
+            if not request.ever_scheduled:  # a C field, where the record's NaN is a Python attribute
+                request.ever_scheduled = True
                 record.first_scheduled = start / PS_PER_S
             if track_runs:
                 request.prev_run_step = request.last_run_step
@@ -1290,6 +1294,7 @@ _JOB_SHIFT = 40  # LightLLM's check packs (tokens left, tokens held) into one in
 _SEQ_BITS = 40  # the finish heap packs (finish, push number) into one int: see Simulator.finish_heap
 _SEQ_MASK = 0xFF_FFFF_FFFF  # (1 << _SEQ_BITS) - 1, a literal: in C, 1 << 40 would shift a 32-bit int
 _NO_HIT: tuple[list[HeldEntry], int, int] = ([], 0, 0)  # never mutated: an admission takes a fresh list
+_NO_REQUESTS: list[_Request] = []  # never mutated: a step's preemptions, where it has none
 
 
 def _remove(requests: list[_Request], request: _Request) -> None:
