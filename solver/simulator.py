@@ -99,6 +99,14 @@ class RunningRequest:
     request: RequestArrival
     computed_tokens: int  # tokens whose KV is held
     generated_tokens: int  # output tokens produced so far
+    # Its last token is in flight (async scheduling: the step before the start produced it, and vLLM frees the
+    # request after the first step's schedule): it holds its blocks and its place in the running queue until
+    # then, under a policy without async scheduling it is freed before the first step; it is no request of the
+    # replay (no record). Its `generated_tokens` are its whole output.
+    finishing: bool = False
+    # Async scheduling: its last run, the step right before the start, decoded the token its run the step
+    # before had sampled, so vLLM had not cached the block of that token (were it preempted at the first step).
+    decoded_in_flight: bool = False
 
 
 class _Request:
@@ -345,6 +353,30 @@ class Simulator:
             self._hold_initial_blocks(request)
         if num_output_tokens > 0 and num_computed_tokens == request.num_prompt_tokens + num_output_tokens - 1:
             self._to_implicit(request)
+
+    def add_finishing(self, request: _Request, num_computed_tokens: int) -> None:
+        """Put a request whose last token is in flight at the tail of the running queue (the initial state,
+        async scheduling): it holds its blocks until the first step's output is processed (`finishing`)."""
+        request.num_output_tokens = request.max_tokens
+        request.num_computed_tokens = num_computed_tokens
+        if not 0 < num_computed_tokens < request.num_prompt_tokens + request.max_tokens:
+            raise ValueError(
+                f"initial request {request.request_id}: inconsistent state computed={num_computed_tokens} "
+                f"finishing with {request.max_tokens} tokens"
+            )
+        if not self.eviction:
+            request.num_reserved_blocks = cdiv(
+                request.num_prompt_tokens + request.max_tokens - 1, self.block_size
+            )
+            self.num_reserved_blocks += request.num_reserved_blocks
+        self.running.append(request)
+        self.num_running_seq += 1
+        request.running_seq = self.num_running_seq
+        self.num_used_blocks += cdiv(num_computed_tokens, self.block_size)
+        if self.caching:
+            self._hold_initial_blocks(request)
+        request.finishing = True
+        self.finishing.append(request)
 
     def _hold_initial_blocks(self, request: _Request) -> None:
         """An initial request's full blocks are cached; one whose hash another initial request already holds
@@ -1349,7 +1381,8 @@ def simulate(
     """Replay `requests` (output lengths known) under `policy` on a KV cache of `num_kv_blocks` blocks
     (vLLM's count, including its null block) of `block_size` tokens.
 
-    `initial_running` are requests already holding KV at `start_time`, in running-queue order.
+    `initial_running` are requests already holding KV at `start_time`, in running-queue order (with those
+    whose last token is in flight: `RunningRequest.finishing`).
     `arrival_steps` switches arrivals from time to step space: request id -> the number of non-empty steps
     the engine had run when the request entered its queue (the fidelity test's mode).
     `fast_forward=False` steps through the literal loop every time (the reference the shortcuts are tested on).
@@ -1402,7 +1435,17 @@ def simulate(
         )
 
     for index, state in enumerate(initial_running):
-        sim.add_running(make(index, state.request), state.computed_tokens, state.generated_tokens)
+        if state.finishing:
+            sim.add_finishing(make(index, state.request), state.computed_tokens)
+            records.pop()  # served before the start: not the replay's
+        else:
+            request = make(index, state.request)
+            sim.add_running(request, state.computed_tokens, state.generated_tokens)
+            if state.decoded_in_flight and sim.async_scheduling:
+                # It decoded in the step before the start and in the one before that (`_to_explicit`).
+                request.implicit_stamp = sim.last_decode_step = -1
+                request.last_run_step, request.prev_run_step = -1, -2
+                request.last_run_decode = request.last_run_sampled = True
     if sim.num_used_blocks > num_usable_blocks:
         raise ValueError(
             f"initial requests hold {sim.num_used_blocks} blocks, more than the {num_usable_blocks} available"
@@ -1414,6 +1457,8 @@ def simulate(
             f"{policy.preset} cannot take over: its reservations for the initial requests need "
             f"{sim.num_reserved_blocks} blocks, more than the {num_usable_blocks} available"
         )
+    if sim.finishing and not policy.async_scheduling:
+        sim._free_finishing()  # without async scheduling, freed when the step that finished them ended
     offset = len(initial_running)
     # The replay builds two objects per request that live as long as it does, then allocates a few small ones a
     # step (chunks, lists) that die young: the cyclic collector, left on, would walk the growing heap of records

@@ -133,18 +133,21 @@ def test_chat_turns_that_send_back_the_engine_s_replies_hit_them_in_window_repla
     # Scheduler in-process, KV short enough to preempt). A turn hits the blocks its previous turn's output
     # filled: vLLM caches them under hashes the hook publishes at the finish (`RequestFinish.block_hashes`).
     # Windows replay step for step only if the tracker's cache model and the window replays cache them too.
+    # Under async scheduling some window starts fall where a finished request is not freed yet, or where a
+    # victim's last block would have no hash: cuts at three window lengths, on a clock of steps (the hook's is
+    # the wall clock, which would move the cuts from run to run).
     pytest.importorskip("vllm", reason="the CPU build of vLLM is installed by `make test`")
     from benchmarks.fidelity_scale import ScaleConfig, drive, load_workload
 
     config = ScaleConfig(
         "chat",
-        800,
+        500,
         64,
         2048,
         enable_prefix_caching=True,
         async_scheduling=async_scheduling,
         requests_per_step=0.3,
-        limit=64,
+        limit=96,
     )
     workload = load_workload(config)
     decided, events = drive(config, workload)
@@ -157,16 +160,34 @@ def test_chat_turns_that_send_back_the_engine_s_replies_hit_them_in_window_repla
         if (parent := workload.after[index[request_id]]) is not None and hit > workload.prompt_lengths[parent]
     ]
     assert len(hits_on_replies) >= 5 and any(d.preempted for d in decided)
-    _windows_replay_step_for_step(decided, events)
+    events = _on_a_step_clock(events)
+    windows = [w for per_run in (7, 16, 29) for w in _windows_replay_step_for_step(decided, events, per_run)]
+    if async_scheduling:
+        assert sum(r.finishing for w in windows for r in w.running) >= 1
 
 
-def _windows_replay_step_for_step(decided: list, events: list) -> None:
+def _on_a_step_clock(events: list) -> list:
+    """The stream with every step 10 ms long and every other event timed at the next step's start."""
+    clock, timed = 0.0, []
+    for event in events:
+        if isinstance(event, EngineStep):
+            timed.append(dataclasses.replace(event, start_time=clock, duration=0.01))
+            clock += 0.01
+        elif isinstance(event, (RequestArrival, RequestFinish)):
+            timed.append(dataclasses.replace(event, time=clock))
+        else:
+            timed.append(event)
+    return timed
+
+
+def _windows_replay_step_for_step(decided: list, events: list, windows_per_run: int = 8) -> list:
     steps = [e for e in events if isinstance(e, EngineStep) and e.scheduled_tokens]
     assert [s.cached_tokens for s in steps] == [d.cached_tokens for d in decided]
     info = events[0]
     assert isinstance(info, EngineInfo)
     span = steps[-1].start_time + steps[-1].duration - steps[0].start_time
-    tracker = _tracker(info, WindowRules(seconds=span / 8))  # windows over the whole run, finishes included
+    # Windows over the whole run, finishes included.
+    tracker = _tracker(info, WindowRules(seconds=span / windows_per_run))
     for event in events[1:]:
         tracker.apply(event)
     tracker.flush()
@@ -176,3 +197,33 @@ def _windows_replay_step_for_step(decided: list, events: list) -> None:
         fidelity = check_fidelity(window, Slo())
         assert fidelity.steps_matched == fidelity.steps_compared, fidelity.first_mismatch
     assert sum(len(w.free_queue) > 0 for w in windows) >= 2
+    return windows
+
+
+@pytest.mark.parametrize("decoded_in_flight", [False, True])
+def test_a_window_start_says_which_decoder_s_last_block_async_scheduling_left_unhashed(
+    decoded_in_flight: bool,
+) -> None:
+    # Async scheduling: vLLM caches a decoder's newest block only when the output of the step that sampled its
+    # token is processed, and never a victim's (AsyncScheduler; tests/test_fidelity_scale.py holds the simulator
+    # to it). "b" (47-token prompt, 2 tokens out, 48 computed: 3 full blocks) is preempted at the window's first
+    # step, where "a" takes the last free block. If it decoded in the step before the start the token sampled
+    # the step before that (`decoded_in_flight`), its third block has no hash and its resume finds 32 tokens
+    # cached, else 48.
+    from vllm_shadow.costmodel.linear import LinearCostModel
+    from vllm_shadow.solver.simulator import RunningRequest, simulate
+
+    policy = "vllm(max_num_seqs=2,max_num_batched_tokens=64,enable_prefix_caching=true,async_scheduling=true)"
+    running = [
+        RunningRequest(
+            RequestArrival(name, 0.0, 47, 6, block_hashes=hashes), 48, 2, decoded_in_flight=decoded_in_flight
+        )
+        for name, hashes in (("a", (1, 2)), ("b", (3, 4)))
+    ]
+    result = simulate(
+        [], policy, LinearCostModel(a=1e-3, b=0.0, c=0.0, d=0.0), num_kv_blocks=8, block_size=16,
+        initial_running=running, start_time=0.0, record_steps=True,
+    )  # fmt: skip
+    assert result.steps is not None and result.steps[0].preempted == ("b",)
+    (resumed,) = [s for s in result.steps if "b" in s.cached_tokens]
+    assert resumed.cached_tokens["b"] == (32 if decoded_in_flight else 48)

@@ -172,6 +172,7 @@ def optimal_problem(window: TrafficWindow) -> Window:
             r.generated_tokens,
         )
         for r in window.running
+        if not r.finishing  # its last token in flight at the start: no work left
     ]
     requests += [
         WindowRequest(a.request_id, a.time, a.prompt_tokens, a.output_tokens or 1) for a in _fresh(window)

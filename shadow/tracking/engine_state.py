@@ -32,6 +32,7 @@ from vllm_shadow.tracking.windows import TrafficWindow
 
 class _Request:
     __slots__ = (
+        "admission",
         "arrival",
         "arrival_step",
         "block_hashes",
@@ -41,9 +42,13 @@ class _Request:
         "finished",
         "first_token",
         "generated",
+        "last_decode",
         "last_progress",
+        "last_run",
+        "last_sampled",
         "max_tokens",
         "output_block_hashes",
+        "prev_run",
         "priority",
         "prompt",
         "refs",
@@ -69,6 +74,11 @@ class _Request:
         self.finished = False
         self.reported_output: int | None = None
         self.last_progress = now
+        self.admission = -1  # when it last joined the running queue: its place there
+        # Under async scheduling with prefix caching: the (non-empty) steps of its last two runs, whether its
+        # last run sampled a token, and whether it computed the token its previous run sampled.
+        self.last_run = self.prev_run = -2
+        self.last_sampled = self.last_decode = False
         self.refs = 0  # windows (open or closed) that need this request's data
         self.tainted = tainted  # state unknown: events about it were lost
 
@@ -106,7 +116,10 @@ class _WindowBookkeeping:
     cost: LinearCostModel
     cost_error: float
     cost_samples: int
-    running: list[tuple[str, int, int]]  # (id, computed, generated) at the start, running-queue order
+    # (id, computed, generated, finishing, decoded in flight) at the start, running-queue order; under async
+    # scheduling, finishing: its last token in flight, freed after the window's first schedule; decoded in
+    # flight: see `RunningRequest.decoded_in_flight`.
+    running: list[tuple[str, int, int, bool, bool]]
     waiting: list[tuple[str, int]]  # (id, generated) at the start, queue order
     # The engine held more requests at the start than a window may: the window only marks time (no state,
     # no steps kept) and is counted as skipped when it closes. Evaluating it would cost more than it is worth.
@@ -123,7 +136,7 @@ class _WindowBookkeeping:
     free_queue: tuple[FreeQueueEntry, ...] = ()  # the prefix cache's free queue at the start, front first
 
     def request_ids(self) -> list[str]:
-        return [r for r, _, _ in self.running] + [r for r, _ in self.waiting] + self.own
+        return [r for r, *_ in self.running] + [r for r, _ in self.waiting] + self.own
 
 
 class EngineTracker(WindowTracker):
@@ -153,7 +166,10 @@ class EngineTracker(WindowTracker):
         # Under async scheduling vLLM frees what step N finished only after it has scheduled step N+1 (empty or
         # not): those requests are freed once the next step event has been replayed.
         self._async = info.scheduler.async_scheduling
-        self._cache_finishing: list[tuple[str, int]] = []
+        # Under async scheduling with prefix caching: requests the last step finished, which vLLM frees after
+        # the next step's schedule, in running-queue order.
+        self._cache_finishing: list[_Request] = []
+        self._admissions = 0
 
     # ---- reading --------------------------------------------------------------------------------------------
 
@@ -252,6 +268,7 @@ class EngineTracker(WindowTracker):
         self._ensure_open()
         victims = self._preempt(step.preempted) if step.preempted else []
         hits = self._cache_step(step, victims) if self._cache is not None else {}
+        track_runs, step_index = self._async and self._cache is not None, self.stats.steps
         new_tokens, context, again = [], [], []
         for request_id, n in step.scheduled_tokens.items():
             request = requests.get(request_id)
@@ -260,8 +277,16 @@ class EngineTracker(WindowTracker):
             if request_id not in self._running:  # admitted this step: new, or resumed after preemption
                 del self._waiting[request_id]
                 self._running[request_id] = None
+                request.admission = self._admissions
+                self._admissions += 1
                 # What it found in the prefix cache is KV it holds without computing it (nor recomputing it).
                 request.computed = hits.get(request_id, 0)
+            if track_runs:
+                request.last_decode = request.last_sampled and (
+                    request.computed == request.prompt + request.generated - 1
+                )
+                request.prev_run, request.last_run = request.last_run, step_index
+                request.last_sampled = request.computed + n >= request.prompt + request.generated
             new_tokens.append(n)
             context.append(request.computed)
             # Only KV below what a preemption dropped is computed again; most requests never lost any, and
@@ -316,13 +341,24 @@ class EngineTracker(WindowTracker):
             else:
                 hit = published.get(request_id, 0) if self._hits_published else None
                 admissions.append(Admission(request_id, request.prompt + request.generated, n, hit))
-        preempted = [(r, requests[r].prompt + requests[r].generated) for r in victims]
-        finishing, self._cache_finishing = self._cache_finishing, []
+        preempted = [(r, requests[r].prompt + requests[r].generated, self._unhashed_tail(r)) for r in victims]
+        finishing = [(r.request_id, r.prompt + r.generated) for r in self._cache_finishing]
+        self._cache_finishing = []
         return self._cache.step(running, preempted, admissions, step.kv_blocks_used or None, finishing)
+
+    def _unhashed_tail(self, victim_id: str) -> bool:
+        """Under async scheduling, whether a victim's last block has no hash: its last run, the step before,
+        computed the token its run the step before that sampled, whose output was processed only after the
+        last run's caching, and a victim's own output is never cached (the simulator's `_free_cached_blocks`)."""
+        if not self._async:
+            return False
+        victim = self._requests[victim_id]
+        last_step = self.stats.steps - 1
+        return victim.last_run == last_step and victim.last_decode and victim.prev_run == last_step - 1
 
     def _free_finishing(self) -> None:
         if self._cache is not None and self._cache_finishing:
-            self._cache.finished(self._cache_finishing)
+            self._cache.finished([(r.request_id, r.prompt + r.generated) for r in self._cache_finishing])
             self._cache_finishing = []
 
     def _preempt(self, preempted: tuple[str, ...]) -> list[str]:
@@ -348,11 +384,12 @@ class EngineTracker(WindowTracker):
                 (r for r in step.finished if r in self._requests and not self._requests[r].finished),
                 key=lambda r: position.get(r, -1),
             )
-            finishing = [(r, self._requests[r].prompt + self._requests[r].generated) for r in leaving]
             if self._async:
-                self._cache_finishing += finishing
+                self._cache_finishing += [self._requests[r] for r in leaving]
             else:
-                self._cache.finished(finishing)
+                self._cache.finished(
+                    [(r, self._requests[r].prompt + self._requests[r].generated) for r in leaving]
+                )
         for request_id in step.finished:
             request = self._requests.get(request_id)
             if request is None or request.finished:
@@ -394,12 +431,30 @@ class EngineTracker(WindowTracker):
             self._next_index += 1
             return
         requests = self._requests
-        running = [(r, requests[r].computed, requests[r].generated) for r in self._running]
+        running = [
+            (r, requests[r].computed, requests[r].generated, False, self._unhashed_tail(r))
+            for r in self._running
+        ]
+        # Finished, not yet freed (async): in the running queue until then, merged in at their places. One
+        # that did not finish as a request does (aborted) is taken as freed already.
+        finishing = [
+            r for r in self._cache_finishing if r.generated and r.computed == r.prompt + r.generated - 1
+        ]
+        aborted = [
+            (r.request_id, r.prompt + r.generated) for r in self._cache_finishing if r not in finishing
+        ]
+        if finishing:
+            for request in finishing:
+                requests.setdefault(request.request_id, request)  # kept until the window is built
+            running += [(r.request_id, r.computed, r.generated, True, False) for r in finishing]
+            running.sort(key=lambda entry: requests[entry[0]].admission)
         order = list(self._waiting)
         if self._priority:
             order.sort(key=lambda r: (requests[r].priority, requests[r].arrival))
         waiting = [(r, requests[r].generated) for r in order]
-        for request_id in (*self._running, *order):
+        for request_id, *_ in running:
+            requests[request_id].refs += 1
+        for request_id in order:
             requests[request_id].refs += 1
         self._open = _WindowBookkeeping(
             self._next_index,
@@ -409,7 +464,7 @@ class EngineTracker(WindowTracker):
             self.calibrator.samples,
             running,
             waiting,
-            free_queue=self._cache.free_queue(self._cache_finishing) if self._cache is not None else (),
+            free_queue=self._cache.free_queue(aborted) if self._cache is not None else (),
         )
         self._next_index += 1
 
@@ -481,12 +536,26 @@ class EngineTracker(WindowTracker):
             t0 = min((requests[r].arrival for r in window.own), default=0.0)
         approximations = 0
         running = []
-        for request_id, computed, generated in window.running:
+        for request_id, computed, generated, finishing, decoded_in_flight in window.running:
             request = requests[request_id]
+            if finishing:
+                running.append(
+                    RunningRequest(
+                        request.arrival_event(t0, output=generated), computed, generated, finishing=True
+                    )
+                )
+                continue
             output = request.output
             if output <= generated:  # aborted right at the window start: let it emit one more token
                 output, approximations = generated + 1, approximations + 1
-            running.append(RunningRequest(request.arrival_event(t0, output=output), computed, generated))
+            running.append(
+                RunningRequest(
+                    request.arrival_event(t0, output=output),
+                    computed,
+                    generated,
+                    decoded_in_flight=decoded_in_flight,
+                )
+            )
         waiting = []
         for request_id, generated in window.waiting:
             request = requests[request_id]

@@ -214,9 +214,14 @@ class PrefixCacheModel:
             state.held_blocks.append(self.pool.cache(state.block_hashes[index]))
         state.num_cached_blocks = num_full_blocks
 
-    def _free(self, request_id: str, num_tokens: int, *, resumable: bool) -> None:
-        """vLLM's `free`, blocks released tail first. `num_tokens`: its prompt plus what it had emitted."""
+    def _free(
+        self, request_id: str, num_tokens: int, unhashed_tail: bool = False, *, resumable: bool
+    ) -> None:
+        """vLLM's `free`, blocks released tail first. `num_tokens`: its prompt plus what it had emitted;
+        `unhashed_tail`: its last computed block got no hash (an async victim's, see `step`)."""
         state = self._state(request_id)
+        if unhashed_tail:
+            state.num_cached_blocks = min(state.num_cached_blocks, (state.computed - 1) // self.block_size)
         self._evict()  # allocations so far came first
         pool = self.pool
         if not resumable:
@@ -292,14 +297,16 @@ class PrefixCacheModel:
     def step(
         self,
         running: Sequence[tuple[str, int]],
-        victims: Sequence[tuple[str, int]],
+        victims: Sequence[tuple[str, int, bool]],
         admissions: Sequence[Admission],
         kv_blocks_used: int | None = None,
         finishing: Sequence[tuple[str, int]] = (),
     ) -> dict[str, int]:
         """One step as the engine ran it: `running` (id, new tokens) the requests it ran that were running
-        before, in running-queue order; `victims` (id, prompt plus emitted tokens) those it preempted, tail
-        first; `admissions` in admission order. Returns the hit (tokens) of each admission.
+        before, in running-queue order; `victims` (id, prompt plus emitted tokens, whether the block holding its
+        last computed token has no hash: under async scheduling, when that token was sampled by its run the
+        step before) those it preempted, tail first; `admissions` in admission order. Returns the hit (tokens)
+        of each admission.
 
         `finishing` (async scheduling): requests the previous step finished, which vLLM frees after this step's
         schedule when that step was still in flight, else before; the engine's count of blocks in use
