@@ -357,7 +357,12 @@ def time_capacity_batches(
             break  # the last LP solved (fewer rows) still bounds every schedule
         stalled = value is not None and solver.Objective().Value() < value + _KV_ROUND_PROGRESS
         value = solver.Objective().Value()
-        if kv is None or stalled or rounds >= kv_cut_rounds or not kv.add_violated(solver, constraint):
+        if (
+            kv is None
+            or stalled
+            or rounds >= kv_cut_rounds
+            or not kv.add_violated(solver, constraint, started + time_limit)
+        ):
             break
         rounds += 1
     seconds = time.perf_counter() - started
@@ -416,11 +421,14 @@ class _KvRows:
         )
         return np.where(alive, lower, 0.0)
 
-    def add_violated(self, solver, constraint, most: int = 400) -> bool:
-        """Add the `most` KV rows the LP's solution violates most (False: none is violated)."""
+    def add_violated(self, solver, constraint, stop_at: float, most: int = 400) -> bool:
+        """Add the `most` KV rows the LP's solution violates most (False: none is violated). The scan over key
+        pairs is quadratic in the keys: past `stop_at` (perf_counter seconds) it keeps what it has found."""
         x, ended = self._values()
         found = []
         for k in range(len(self.ended) - 1):
+            if time.perf_counter() > stop_at:
+                break
             excess = self._area(k, x).sum(axis=0) - self.kv_blocks * (ended - ended[k])
             for k2 in np.flatnonzero(excess > 1e-3 * self.kv_blocks):
                 if k2 > k and (k, int(k2)) not in self.added:
