@@ -356,25 +356,10 @@ class Simulator:
 
     def add_finishing(self, request: _Request, num_computed_tokens: int) -> None:
         """Put a request whose last token is in flight at the tail of the running queue (the initial state,
-        async scheduling): it holds its blocks until the first step's output is processed (`finishing`)."""
+        async scheduling): the running request it was before that token, holding its blocks until the first
+        step's output is processed (`finishing`)."""
+        self.add_running(request, num_computed_tokens, request.max_tokens - 1)
         request.num_output_tokens = request.max_tokens
-        request.num_computed_tokens = num_computed_tokens
-        if not 0 < num_computed_tokens < request.num_prompt_tokens + request.max_tokens:
-            raise ValueError(
-                f"initial request {request.request_id}: inconsistent state computed={num_computed_tokens} "
-                f"finishing with {request.max_tokens} tokens"
-            )
-        if not self.eviction:
-            request.num_reserved_blocks = cdiv(
-                request.num_prompt_tokens + request.max_tokens - 1, self.block_size
-            )
-            self.num_reserved_blocks += request.num_reserved_blocks
-        self.running.append(request)
-        self.num_running_seq += 1
-        request.running_seq = self.num_running_seq
-        self.num_used_blocks += cdiv(num_computed_tokens, self.block_size)
-        if self.caching:
-            self._hold_initial_blocks(request)
         request.finishing = True
         self.finishing.append(request)
 
