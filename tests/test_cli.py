@@ -171,28 +171,18 @@ def test_shared_option_groups_show_each_command_s_own_defaults(capsys):
 
 
 def test_replay_reports_a_policy_that_never_finishes_and_replays_the_others() -> None:
-    # V0's prefill-first batching under priority preemption on 7 usable blocks readmits and preempts without end
-    # (tests/test_simulator.py has the workload): its row says so instead of the command stopping with a
-    # traceback, and vLLM's policy is replayed beside it as usual.
+    # A policy that readmits and preempts without end on 7 usable blocks: its row says so instead of the command
+    # stopping with a traceback, and vLLM's policy is replayed beside it as usual.
     from rich.console import Console
 
-    from vllm_shadow.adapters.events import RequestArrival
+    from tests.test_simulator import thrashing_workload
     from vllm_shadow.adapters.traces import Trace
     from vllm_shadow.cli.options import Setup
     from vllm_shadow.cli.replay import print_table, replay_all
     from vllm_shadow.costmodel.linear import LinearCostModel
 
-    rows = [
-        (0.3, 35, 1, 0), (0.6, 46, 35, 1), (2.6, 3, 18, 0), (2.6, 2, 10, 0), (2.9, 10, 12, 1), (3.2, 37, 19, 2),
-        (3.2, 35, 33, 2), (3.2, 23, 6, 0), (3.2, 5, 37, 1), (3.2, 56, 21, 2), (3.2, 12, 35, 1),
-        (3.21, 48, 11, 2), (3.21, 14, 12, 1), (3.21, 52, 29, 2), (3.21, 39, 14, 0), (3.22, 27, 40, 0),
-        (3.52, 40, 24, 2), (3.52, 50, 14, 1), (3.52, 36, 17, 0),
-    ]  # fmt: skip
-    requests = [RequestArrival(f"r{i}", t, p, o, priority=pr) for i, (t, p, o, pr) in enumerate(rows)]
+    requests, thrashing = thrashing_workload()
     setup = Setup("m", "cpu", 1, 16, 8, LinearCostModel(a=1e-3, b=1e-5, c=0.0, d=0.0), "test", 4096)
-    thrashing = (
-        "vllm-v0(max_num_seqs=11,max_num_batched_tokens=9,long_prefill_token_threshold=5,order=priority)"
-    )
     failed, replayed = replay_all(requests, [thrashing, "vllm"], setup)
     assert set(failed) == {"policy", "error", "wall_s"} and "thrashes" in failed["error"]
     assert replayed["finished"] == len(requests) and "error" not in replayed

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from vllm_shadow.adapters.events import RequestArrival
 from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.solver.policies import PRESETS, parse_policy
+from vllm_shadow.solver.records import SchedulerThrashes
 from vllm_shadow.solver.simulator import RunningRequest, pure_core, simulate
 from vllm_shadow.tracking.recompute import recomputed_tokens, step_recompute_tax
 
@@ -403,24 +404,30 @@ def simulate_finishing(*args, **kwargs):
     own) says nothing about the property, so the example is rejected."""
     try:
         return simulate(*args, **kwargs)
-    except RuntimeError as exc:
-        if "thrashes" not in str(exc):
-            raise
+    except SchedulerThrashes:
         reject()
 
 
-def test_a_policy_that_thrashes_stops_with_an_error_instead_of_spinning() -> None:
-    # V0's prefill-first batching under priority preemption on 7 usable blocks: prefills of readmitted requests
-    # keep preempting the decoders before anyone finishes (it ran forever, and filled memory, before the cap).
+def thrashing_workload() -> tuple[list[RequestArrival], str]:
+    """V0's prefill-first batching under priority preemption on 7 usable blocks (`num_kv_blocks=8`): prefills of
+    readmitted requests keep preempting the decoders before anyone finishes (a hypothesis draw; it ran forever,
+    and filled memory, before the simulator's cap)."""
     rows = [
         (0.3, 35, 1, 0), (0.6, 46, 35, 1), (2.6, 3, 18, 0), (2.6, 2, 10, 0), (2.9, 10, 12, 1), (3.2, 37, 19, 2),
         (3.2, 35, 33, 2), (3.2, 23, 6, 0), (3.2, 5, 37, 1), (3.2, 56, 21, 2), (3.2, 12, 35, 1),
         (3.21, 48, 11, 2), (3.21, 14, 12, 1), (3.21, 52, 29, 2), (3.21, 39, 14, 0), (3.22, 27, 40, 0),
         (3.52, 40, 24, 2), (3.52, 50, 14, 1), (3.52, 36, 17, 0),
     ]  # fmt: skip
-    reqs = [RequestArrival(f"r{i}", t, p, o, priority=pr) for i, (t, p, o, pr) in enumerate(rows)]
-    policy = "vllm-v0(max_num_seqs=11,max_num_batched_tokens=9,long_prefill_token_threshold=5,order=priority)"
-    with pytest.raises(RuntimeError, match=r"thrashes: .* tokens computed in .* steps"):
+    requests = [RequestArrival(f"r{i}", t, p, o, priority=pr) for i, (t, p, o, pr) in enumerate(rows)]
+    return (
+        requests,
+        "vllm-v0(max_num_seqs=11,max_num_batched_tokens=9,long_prefill_token_threshold=5,order=priority)",
+    )
+
+
+def test_a_policy_that_thrashes_stops_with_an_error_instead_of_spinning() -> None:
+    reqs, policy = thrashing_workload()
+    with pytest.raises(SchedulerThrashes, match=r"thrashes: .* tokens computed in .* steps"):
         simulate(reqs, policy, COST, num_kv_blocks=8, block_size=16)
     # The same requests with room to finish: no error.
     assert len(simulate(reqs, policy, COST, num_kv_blocks=64, block_size=16).requests) == len(reqs)
