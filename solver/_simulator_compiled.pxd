@@ -120,6 +120,7 @@ cdef class Simulator:
     cdef public list decode_base_residues
     cdef public list finish_heap
     cdef public list finish_heap_requests
+    cdef public long long next_finish
     cdef public Py_ssize_t finish_heap_pushes
     cdef public bint admission_blocked
     cdef public list step_log

@@ -311,6 +311,9 @@ class Simulator:
         self.finish_heap: list[int] = []
         self.finish_heap_requests: list[_Request] = []
         self.finish_heap_pushes = 0
+        self.next_finish = (
+            _NEVER  # the heap's first finish (its top's decode_steps): most steps finish nobody
+        )
         self.admission_blocked = False  # last step's admission failed in a way a decode stretch cannot undo
         self.step_log: list[EngineStep] = []
         # Prefix caching: num_used_blocks counts the blocks some request holds; a cached block nobody holds is
@@ -469,6 +472,8 @@ class Simulator:
         heapq.heappush(self.finish_heap, finish_at << _SEQ_BITS | self.finish_heap_pushes)
         self.finish_heap_requests.append(request)
         self.finish_heap_pushes += 1
+        if finish_at < self.next_finish:
+            self.next_finish = finish_at
 
     def _to_explicit(self, request: _Request) -> None:
         request.num_computed_tokens = request.decode_base + self.decode_steps
@@ -1065,7 +1070,7 @@ class Simulator:
             self.last_decode_step = step
         if self.finishing:  # async: the previous step's output is processed after this step was scheduled
             self._free_finishing()
-        end_s = self.now / PS_PER_S
+        end_s = None  # the step's end in seconds, computed when a record needs it
         finished: list[_Request] = []
         track_runs = self.async_scheduling and self.caching
         for request, num_new_tokens, num_computed_tokens in scheduled:
@@ -1089,13 +1094,15 @@ class Simulator:
             if request.num_computed_tokens == request.num_prompt_tokens + request.num_output_tokens:
                 request.num_output_tokens += 1
                 if request.num_output_tokens == 1:
+                    if end_s is None:
+                        end_s = self.now / PS_PER_S
                     record.first_token = end_s
                 if request.num_output_tokens == request.max_tokens:
                     finished.append(request)
                 else:
                     self._to_implicit(request)
-        finish_heap = self.finish_heap
-        if finish_heap:
+        if self.next_finish <= self.decode_steps:
+            finish_heap = self.finish_heap
             finish_limit = self.decode_steps + 1  # a Python int in the compiled core, shifted below
             finish_limit <<= _SEQ_BITS
             while finish_heap and finish_heap[0] < finish_limit:
@@ -1103,8 +1110,9 @@ class Simulator:
                 request = self.finish_heap_requests[seq]
                 if request.finish_seq == seq and request.implicit_decoder:
                     finished.append(request)
+            self.next_finish = finish_heap[0] >> _SEQ_BITS if finish_heap else _NEVER
         if finished:
-            self._finish_requests(finished, end_s)
+            self._finish_requests(finished, self.now / PS_PER_S if end_s is None else end_s)
 
     def _recompute_tax(self, scheduled: list[ScheduledChunk], num_decoders: int, duration: int) -> int:
         """The recompute tax of the step about to run (before its decoders advance), in picoseconds: its
@@ -1237,7 +1245,7 @@ class Simulator:
         if self.waiting.size and not (self.admission_blocked or static_full):
             return False
         # Steps until the next finish; a stale heap entry can only make the stretch shorter, never wrong.
-        k = max((self.finish_heap[0] >> _SEQ_BITS) - self.decode_steps, 1) if self.finish_heap else 1
+        k = max(self.next_finish - self.decode_steps, 1) if self.finish_heap else 1
         # Step j of the stretch lasts first_step_ps + slope_ps * j: each step reads num_decoders more KV tokens.
         first_step_ps = (
             self.step_ps
@@ -1292,15 +1300,17 @@ class Simulator:
         self.last_decode_step = self.num_steps - 1
         end_s = self.now / PS_PER_S
         finished = []
-        finish_heap = self.finish_heap
-        finish_limit = self.decode_steps + 1
-        finish_limit <<= _SEQ_BITS
-        while finish_heap and finish_heap[0] < finish_limit:
-            seq = heapq.heappop(finish_heap) & _SEQ_MASK
-            request = self.finish_heap_requests[seq]
-            if request.finish_seq == seq and request.implicit_decoder:
-                request.num_output_tokens = request.max_tokens
-                finished.append(request)
+        if self.next_finish <= self.decode_steps:
+            finish_heap = self.finish_heap
+            finish_limit = self.decode_steps + 1
+            finish_limit <<= _SEQ_BITS
+            while finish_heap and finish_heap[0] < finish_limit:
+                seq = heapq.heappop(finish_heap) & _SEQ_MASK
+                request = self.finish_heap_requests[seq]
+                if request.finish_seq == seq and request.implicit_decoder:
+                    request.num_output_tokens = request.max_tokens
+                    finished.append(request)
+            self.next_finish = finish_heap[0] >> _SEQ_BITS if finish_heap else _NEVER
         if finished:
             self._finish_requests(finished, end_s)
         return True
@@ -1309,6 +1319,7 @@ class Simulator:
 _THRASH_FACTOR = 100  # see Simulator.run
 _JOB_SHIFT = 40  # LightLLM's check packs (tokens left, tokens held) into one int: see Simulator._peak_fits
 _SEQ_BITS = 40  # the finish heap packs (finish, push number) into one int: see Simulator.finish_heap
+_NEVER = 0x4000_0000_0000_0000  # 2**62: a finish no replay reaches (Simulator.next_finish)
 _SEQ_MASK = 0xFF_FFFF_FFFF  # (1 << _SEQ_BITS) - 1, a literal: in C, 1 << 40 would shift a 32-bit int
 _NO_HIT: tuple[list[HeldEntry], int, int] = ([], 0, 0)  # never mutated: an admission takes a fresh list
 _NO_REQUESTS: list[_Request] = []  # never mutated: a step's preemptions, where it has none
