@@ -311,9 +311,8 @@ class Simulator:
         self.finish_heap: list[int] = []
         self.finish_heap_requests: list[_Request] = []
         self.finish_heap_pushes = 0
-        self.next_finish = (
-            _NEVER  # the heap's first finish (its top's decode_steps): most steps finish nobody
-        )
+        # The heap's first finish (its top's decode_steps; _NEVER when empty): most steps finish nobody.
+        self.next_finish = _NEVER
         self.admission_blocked = False  # last step's admission failed in a way a decode stretch cannot undo
         self.step_log: list[EngineStep] = []
         # Prefix caching: num_used_blocks counts the blocks some request holds; a cached block nobody holds is
