@@ -34,6 +34,8 @@ receiver compete for the same two cores) vary by tens of percent between runs.
     python benchmarks/ingest_load.py --scenarios baseline --max-steps 3 --step-seconds 2
     python benchmarks/ingest_load.py --json results.json
     python benchmarks/ingest_load.py --only-path            # the receive path in-process alone, under a minute
+    python benchmarks/ingest_load.py --path-against HEAD~1  # the whole path, this tree's tracker and core
+                                                            # alternating with those of a git revision
 """
 
 from __future__ import annotations
@@ -418,10 +420,11 @@ class PathCost:
         return self.events / self.cpu_seconds
 
 
-def receive_path(engines: int, repetitions: int, batch_size: int = 1024) -> list[PathCost]:
-    """Decode (as the gRPC ingest does, and through upb alone), then decode + sequencing + tracking
-    (`ShadowCore.ingest`, as the gRPC sink calls it), on this process's CPU, for the engines' encoded batches as
-    a publisher sends them."""
+BOUNDS = (DEFAULTS.limits.max_live_requests, DEFAULTS.max_engines, DEFAULTS.max_sources)
+
+
+def encoded_streams(engines: int, repetitions: int, batch_size: int = 1024) -> list[bytes]:
+    """The engines' streams as a publisher sends them: encoded batches, each engine's announcement first."""
     streams = [EngineStream(i) for i in range(engines)]
     messages: list[bytes] = []
     for i, stream in enumerate(streams):
@@ -429,6 +432,14 @@ def receive_path(engines: int, repetitions: int, batch_size: int = 1024) -> list
         for sequence, start in enumerate(range(0, len(events), batch_size)):
             batch = EventBatch(events[start : start + batch_size], f"engine-{i}", sequence, incarnation=1)
             messages.append(encode_batch(batch))
+    return messages
+
+
+def receive_path(engines: int, repetitions: int, batch_size: int = 1024) -> list[PathCost]:
+    """Decode (as the gRPC ingest does, and through upb alone), then decode + sequencing + tracking
+    (`ShadowCore.ingest`, as the gRPC sink calls it), on this process's CPU, for the engines' encoded batches as
+    a publisher sends them."""
+    messages = encoded_streams(engines, repetitions, batch_size)
     total = sum(len(decode_batch(m).events) for m in messages)
     out = []
     start = time.process_time()
@@ -464,6 +475,51 @@ def receive_path(engines: int, repetitions: int, batch_size: int = 1024) -> list
             e.sequence.lost_batches == 0 and e.tracker.requests_rejected == 0 for e in snapshot.engines
         )
         out.append(PathCost(what, total, seconds))
+    return out
+
+
+def revision_core(revision: str) -> Any:
+    """`ShadowCore` with the tracker (shadow/tracking/engine_state.py) and the core (shadow/runtime/core.py) of a
+    git revision, loaded beside this tree's under private module names; everything else is this tree's."""
+    root = Path(__file__).resolve().parent.parent
+    modules = {}
+    for name, path, imports in (
+        ("engine_state", "shadow/tracking/engine_state.py", ()),
+        (
+            "core",
+            "shadow/runtime/core.py",
+            (("vllm_shadow.tracking.engine_state", "_revision_engine_state"),),
+        ),
+    ):
+        source = subprocess.run(
+            ["git", "show", f"{revision}:{path}"], cwd=root, check=True, capture_output=True, text=True
+        ).stdout
+        for ours, theirs in imports:
+            source = source.replace(f"from {ours} import", f"from {theirs} import")
+        module = type(sys)(f"_revision_{name}")
+        sys.modules[module.__name__] = module  # dataclasses look their module up
+        exec(compile(source, f"{revision}:{path}", "exec"), module.__dict__)
+        modules[name] = module
+    return modules["core"].ShadowCore
+
+
+def path_against(
+    revision: str, rounds: int, repetitions: int, engines: int
+) -> list[tuple[int, float, float]]:
+    """decode + sequencing + trackers (as in `receive_path`), the revision's core and this tree's alternating in
+    one process on the same batches: (engines, theirs, ours) in events per CPU second, per round."""
+    theirs_cls = revision_core(revision)
+    loads = {1: encoded_streams(1, repetitions), engines: encoded_streams(engines, repetitions // 4)}
+    out = []
+    for _ in range(rounds):
+        for count, messages in loads.items():
+            figures = []
+            for core_cls in (theirs_cls, ShadowCore):
+                core = core_cls(shadow_config(*BOUNDS), NoEvaluation())
+                start = time.process_time()
+                events = sum(core.ingest(decode_batch(m), "grpc") for m in messages)
+                figures.append(events / (time.process_time() - start))
+            out.append((count, *figures))
     return out
 
 
@@ -546,6 +602,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-path", action="store_true", help="skip the in-process measure of the receive path")
     p.add_argument("--only-path", action="store_true", help="only the in-process measure of the receive path")
     p.add_argument("--path-repetitions", type=int, default=40, help="recorded-stream repetitions per engine")
+    p.add_argument(
+        "--path-against",
+        metavar="REV",
+        help="only the whole receive path, this tree's tracker and core alternating with those of git REV",
+    )
+    p.add_argument("--path-rounds", type=int, default=5, help="--path-against: alternating rounds")
     p.add_argument("--max-live-requests", type=int, default=DEFAULTS.limits.max_live_requests)
     p.add_argument("--max-engines", type=int, default=DEFAULTS.max_engines)
     p.add_argument("--max-sources", type=int, default=DEFAULTS.max_sources)
@@ -571,6 +633,15 @@ def main() -> None:
         f"{'the compiled reader' if wire.COMPILED else 'upb (the compiled reader is not built)'}",
         flush=True,
     )
+    if args.path_against:
+        print(f"decode + sequencing + trackers, events per CPU second: {args.path_against} | this tree")
+        for engines, theirs, ours in path_against(
+            args.path_against, args.path_rounds, args.path_repetitions, args.max_engines
+        ):
+            print(
+                f"  {engines:2d} engine(s) {theirs:>9,.0f} | {ours:>9,.0f}  x{ours / theirs:.2f}", flush=True
+            )
+        return
     steps: list[Step] = []
     if not args.only_path:
         print(HEADER, flush=True)

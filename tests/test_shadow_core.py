@@ -11,7 +11,9 @@ from tests import shadow_support as support
 from tests.waiting import ManualClock, drain
 from vllm_shadow.adapters.events import EngineInfo, RequestArrival, RequestFinish
 from vllm_shadow.adapters.publisher import EventBatch
+from vllm_shadow.evaluation.costs import engine_prior
 from vllm_shadow.evaluation.recommend import Goal
+from vllm_shadow.runtime import core as core_module
 from vllm_shadow.runtime.core import EvaluationSettings, ShadowConfig, ShadowCore
 from vllm_shadow.runtime.tasks import LocalTasks
 from vllm_shadow.tracking.reasons import SkipReason, UnattributedReason
@@ -105,6 +107,26 @@ def test_several_engines_feed_one_shadow() -> None:
     assert [e.engine for e in engines] == ["0", "1"]
     assert engines[0].windows_evaluated == engines[1].windows_evaluated >= 5
     assert engines[0].tracker.requests_finished == engines[1].tracker.requests_finished
+
+
+def test_replicas_of_one_deployment_share_one_cost_prior(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The roofline fit behind a prior takes milliseconds: done once per announcement, engine index aside.
+    fitted = []
+
+    def counted(info: EngineInfo, hardware: str):
+        fitted.append(info.engine)
+        return engine_prior(info, hardware)
+
+    monkeypatch.setattr(core_module, "engine_prior", counted)
+    core = ShadowCore(config(optimal=False), LocalTasks())
+    stream = support.events("fcfs-kv12")
+    info = support.info_of(stream)
+    wider = dataclasses.replace(info, tensor_parallel_size=2)
+    for source, engine, announced in (("host:1", "0", info), ("host:2", "1", info), ("host:3", "2", wider)):
+        core.ingest(EventBatch([dataclasses.replace(announced, engine=engine), *stream[1:100]], source, 0, 0))
+    assert fitted == ["0", "2"]
+    engines = core.snapshot().engines
+    assert [e.cost_prior for e in engines] == [engine_prior(i, "cpu")[1] for i in (info, info, wider)]
 
 
 def test_an_engine_restarted_mid_run_is_counted_and_tracked_afresh() -> None:

@@ -43,6 +43,26 @@ def test_every_window_replays_the_engine_step_for_step_from_its_start_state(
     assert sum(len(w.running) for w in windows) > 0 and sum(len(w.waiting) for w in windows) > 0
 
 
+@pytest.mark.parametrize("name", support.NAMES)
+def test_a_batch_applied_at_once_gives_what_its_events_applied_one_by_one_give(name: str) -> None:
+    # `apply_run` is the core's hot path (one call per batch); `apply` the reference, one event at a time.
+    stream = support.events(name)
+    info, rest = support.info_of(stream), stream[1:]
+    one_by_one, by_batch = support.tracker(info, 0.25), support.tracker(info, 0.25)
+    for event in rest:
+        one_by_one.apply(event)
+    batch = [*rest[:500], info, *rest[500:1000]]  # an announcement is the caller's: the run stops before it
+    assert by_batch.apply_run(batch, 0) == 500 and by_batch.apply_run(batch, 501) == len(batch)
+    for start in range(1000, len(rest), 777):
+        assert by_batch.apply_run(rest[start : start + 777], 0) == len(rest[start : start + 777])
+    for tracker in (one_by_one, by_batch):
+        tracker.flush()
+    windows = one_by_one.take_ready()
+    assert len(windows) >= 5 and repr(by_batch.take_ready()) == repr(windows)  # repr: NaN equal to NaN
+    assert repr(by_batch.stats) == repr(one_by_one.stats)
+    assert by_batch.stats.events["step"] == sum(isinstance(e, EngineStep) for e in rest)
+
+
 def test_some_window_starts_with_a_preempted_request_waiting_to_recompute() -> None:
     stream = support.events("priority-kv16")
     prompts = {e.request_id: e.prompt_tokens for e in stream if isinstance(e, RequestArrival)}

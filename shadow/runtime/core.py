@@ -26,11 +26,12 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from copy import deepcopy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from vllm_shadow.adapters.events import EngineInfo, EngineStep, Event, RequestArrival
 from vllm_shadow.adapters.publisher import EventBatch
+from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.evaluation.candidates import Candidate, SearchSpace, build_candidates
 from vllm_shadow.evaluation.costs import engine_prior
 from vllm_shadow.evaluation.recommend import Goal, Verdict, recommend
@@ -167,6 +168,7 @@ class ShadowCore:
         self._queue: deque[TrafficWindow] = deque()
         self._in_flight: list[_InFlight] = []
         self._candidates: dict[object, list[Candidate]] = {}  # by scheduler settings
+        self._priors: dict[str, tuple[LinearCostModel, str]] = {}  # by announcement, engine index left out
         self._batches: Counter[str] = Counter()
         self._events: Counter[str] = Counter()
         self._unattributed: Counter[str] = Counter()
@@ -201,11 +203,22 @@ class ShadowCore:
             self._detach_restarted(source)
         if gap_before and source.engine is not None:
             source.engine.tracker.lost_events()
+        events = batch.events
+        index, end = 0, len(events)
+        while index < end:
+            engine = source.engine
+            if engine is not None and not source.ignored:
+                # Straight to its tracker up to the next announcement, which `_route` takes (a restart?).
+                index = engine.tracker.apply_run(events, index)
+                if index == end:
+                    break
+            self._route(source, events[index])
+            index += 1
         last_step_end = math.nan
-        for event in batch.events:
-            self._route(source, event)
+        for event in reversed(events):
             if isinstance(event, EngineStep):
                 last_step_end = event.start_time + event.duration
+                break
         if source.engine is not None:
             self._engines.move_to_end(source.engine.key)
             if last_step_end == last_step_end:
@@ -319,7 +332,7 @@ class ShadowCore:
                 stale.engine = None
                 stale.ignored = reason == SkipReason.SUPERSEDED
         tracker_cls = EngineTracker if mode == STEPS else RequestOnlyTracker
-        prior, prior_source = engine_prior(source.info, self.config.hardware)
+        prior, prior_source = self._prior_for(source.info)
         tracker = tracker_cls(
             source.info,
             rules=self.config.windows,
@@ -349,6 +362,14 @@ class ShadowCore:
             engine.candidates, engine.cost_prior = candidates, prior_source
         source.engine = engine
         return None
+
+    def _prior_for(self, info: EngineInfo) -> tuple[LinearCostModel, str]:
+        """`engine_prior`, once for all the engines that announce the same but for their index (replicas of
+        one deployment, an engine restarted): its roofline fit takes as long as thousands of events."""
+        key = repr(replace(info, engine=""))
+        if key not in self._priors:
+            self._priors[key] = engine_prior(info, self.config.hardware)
+        return self._priors[key]
 
     def _candidates_for(self, info: EngineInfo) -> list[Candidate]:
         settings = info.scheduler

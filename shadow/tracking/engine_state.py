@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,8 @@ from vllm_shadow.tracking.reasons import SkipReason
 from vllm_shadow.tracking.recompute import RecomputeTax, recomputed_tokens, step_recompute_tax
 from vllm_shadow.tracking.tracker import WindowTracker
 from vllm_shadow.tracking.windows import TrafficWindow
+
+_NO_HITS: dict[str, int] = {}  # a step's prefix-cache hits without a cache model (never written)
 
 
 class _Request:
@@ -170,6 +173,8 @@ class EngineTracker(WindowTracker):
         # the next step's schedule, in running-queue order.
         self._cache_finishing: list[_Request] = []
         self._admissions = 0
+        # Under async scheduling with prefix caching each request's last runs are kept (`_unhashed_tail`).
+        self._track_runs = self._async and self._cache is not None
 
     # ---- reading --------------------------------------------------------------------------------------------
 
@@ -201,6 +206,37 @@ class EngineTracker(WindowTracker):
             self._finish_reported(event)
         elif isinstance(event, EngineInfo):
             self.stats.events["info"] += 1  # the same announcement again (a restart is the caller's business)
+
+    def apply_run(self, events: Sequence[Event], start: int) -> int:
+        """`apply` over `events[start:]` up to the first `EngineInfo` (the caller's); returns its index, or
+        len(events). The hot path: the events of one batch arrived together, so the clock is read once and the
+        counters are added once."""
+        self.last_event_at = self._clock()
+        steps = arrivals = finishes = 0
+        index = start
+        try:
+            for index in range(start, len(events)):
+                event = events[index]
+                kind = type(event)
+                if kind is EngineStep:
+                    steps += 1
+                    self._step(event)
+                elif kind is RequestArrival:
+                    arrivals += 1
+                    self._arrival(event)
+                elif kind is RequestFinish:
+                    finishes += 1
+                    self._finish_reported(event)
+                elif isinstance(event, EngineInfo):
+                    return index
+                else:
+                    self.apply(event)  # a subclass of an event kind: the general dispatch
+            return len(events)
+        finally:
+            counts = self.stats.events
+            for kind_name, count in (("step", steps), ("arrival", arrivals), ("finish", finishes)):
+                if count:
+                    counts[kind_name] += count
 
     def lost_events(self) -> None:
         """Events were lost just before the next one: nothing tracked so far can be trusted."""
@@ -246,16 +282,94 @@ class EngineTracker(WindowTracker):
             self._finalize(request, event.time)
 
     def _step(self, step: EngineStep) -> None:
-        if not step.scheduled_tokens:
+        scheduled = step.scheduled_tokens
+        if not scheduled:
             self.stats.empty_steps += 1
             self._free_finishing()  # async: the previous step's finishes were freed after this (empty) schedule
-            self._finish_listed(step, step.start_time + step.duration)
+            if step.finished:
+                self._finish_listed(step, step.start_time + step.duration)
             return
         end = step.start_time + step.duration
         requests = self._requests
+        # One set comparison in C instead of a lookup per request: an id never announced is rare.
+        if not scheduled.keys() <= requests.keys():
+            self._track_unknown(step, end)
+            if not scheduled.keys() <= requests.keys():  # beyond the bound, not tracked: left out below
+                scheduled = {r: n for r, n in scheduled.items() if r in requests}
+        if self._open is None:
+            self._ensure_open()
+        victims = self._preempt(step.preempted) if step.preempted else []
+        hits = self._cache_step(step, victims) if self._cache is not None else _NO_HITS
+        track_runs, step_index = self._track_runs, self.stats.steps
+        running, waiting = self._running, self._waiting
+        # The step's tokens, each request's KV before it and what of it is computed again, in step order. A
+        # request computes again only KV below what a preemption dropped: most never lost any, so `again` is
+        # made only once a request in this step did (all zeros before it).
+        new_tokens, context, again = list(scheduled.values()), [], None
+        for request_id, n in scheduled.items():
+            request = requests[request_id]
+            if request_id not in running:  # admitted this step: new, or resumed after preemption
+                del waiting[request_id]
+                running[request_id] = None
+                request.admission = self._admissions
+                self._admissions += 1
+                # What it found in the prefix cache is KV it holds without computing it (nor recomputing it).
+                request.computed = hits.get(request_id, 0)
+            computed = request.computed
+            if track_runs:
+                request.last_decode = request.last_sampled and (
+                    computed == request.prompt + request.generated - 1
+                )
+                request.prev_run, request.last_run = request.last_run, step_index
+                request.last_sampled = computed + n >= request.prompt + request.generated
+            if computed < request.dropped_kv:
+                if again is None:
+                    again = [0] * len(context)
+                again.append(recomputed_tokens(computed, n, request.dropped_kv))
+            elif again is not None:
+                again.append(0)
+            context.append(computed)
+            computed += n
+            request.computed = computed
+            request.last_progress = end
+            if computed >= request.prompt + request.generated:  # the batch sampled a token
+                request.generated += 1
+                if request.generated == 1:
+                    request.first_token = end
+        if self._tainted_live == 0 and step.duration > 0 and end >= self._next_calibration:
+            self.calibrator.update(new_tokens, context, step.duration)
+            self._next_calibration = end + 1.0 / self.limits.calibration_steps_per_second
+        stats = self.stats
+        stats.steps += 1
+        stats.actual_gpu_seconds += step.duration
+        stats.last_step_end = end
+        window = self._open
+        if window is not None:
+            window.traffic += 1
+            if math.isnan(window.start_time):
+                window.start_time = step.start_time
+            if not window.too_large:
+                window.steps.append(step)
+                if step.preempted or (again is not None and any(again)):
+                    model = self.calibrator.model()
+                    window.recompute += step_recompute_tax(
+                        model, new_tokens, context, again or [0] * len(new_tokens), len(step.preempted)
+                    )
+        if step.finished:
+            self._finish_listed(step, end)
+        window = self._open
+        if window is not None:  # closed once full (`WindowRules.full`), and the next one opened at once
+            elapsed = 0.0 if math.isnan(window.start_time) else end - window.start_time
+            if self.rules.full(elapsed, window.arrived, len(window.running) + len(window.waiting)):
+                self._close()
+                self._ensure_open()
+
+    def _track_unknown(self, step: EngineStep, end: float) -> None:
+        """The step names requests never announced: their arrivals were lost, so from here on what the engine
+        holds is not what we hold. Each is tracked as a tainted placeholder, while there is room."""
+        requests = self._requests
         for request_id in step.scheduled_tokens:
             if request_id not in requests:
-                # Its arrival was lost: from here on, what the engine holds is not what we hold.
                 self.stats.unknown_requests += 1
                 self._taint_all(SkipReason.LOST_EVENTS)
                 if len(requests) >= self.limits.max_live_requests:
@@ -265,63 +379,6 @@ class EngineTracker(WindowTracker):
                 requests[request_id] = placeholder
                 self._running[request_id] = None
                 self._tainted_live += 1
-        self._ensure_open()
-        victims = self._preempt(step.preempted) if step.preempted else []
-        hits = self._cache_step(step, victims) if self._cache is not None else {}
-        track_runs, step_index = self._async and self._cache is not None, self.stats.steps
-        new_tokens, context, again = [], [], []
-        for request_id, n in step.scheduled_tokens.items():
-            request = requests.get(request_id)
-            if request is None:
-                continue  # unknown and beyond the bound (counted above)
-            if request_id not in self._running:  # admitted this step: new, or resumed after preemption
-                del self._waiting[request_id]
-                self._running[request_id] = None
-                request.admission = self._admissions
-                self._admissions += 1
-                # What it found in the prefix cache is KV it holds without computing it (nor recomputing it).
-                request.computed = hits.get(request_id, 0)
-            if track_runs:
-                request.last_decode = request.last_sampled and (
-                    request.computed == request.prompt + request.generated - 1
-                )
-                request.prev_run, request.last_run = request.last_run, step_index
-                request.last_sampled = request.computed + n >= request.prompt + request.generated
-            new_tokens.append(n)
-            context.append(request.computed)
-            # Only KV below what a preemption dropped is computed again; most requests never lost any, and
-            # the call is a measurable share of the tracker's time.
-            again.append(
-                recomputed_tokens(request.computed, n, request.dropped_kv)
-                if request.computed < request.dropped_kv
-                else 0
-            )
-            request.computed += n
-            request.last_progress = end
-            if request.computed >= request.prompt + request.generated:  # the batch sampled a token
-                request.generated += 1
-                if request.generated == 1:
-                    request.first_token = end
-        if self._tainted_live == 0 and step.duration > 0 and end >= self._next_calibration:
-            self.calibrator.update(new_tokens, context, step.duration)
-            self._next_calibration = end + 1.0 / self.limits.calibration_steps_per_second
-        self.stats.steps += 1
-        self.stats.actual_gpu_seconds += step.duration
-        self.stats.last_step_end = end
-        window = self._open
-        if window is not None:
-            window.traffic += 1
-            if math.isnan(window.start_time):
-                window.start_time = step.start_time
-            if not window.too_large:
-                window.steps.append(step)
-                if step.preempted or any(again):
-                    model = self.calibrator.model()
-                    window.recompute += step_recompute_tax(
-                        model, new_tokens, context, again, len(step.preempted)
-                    )
-        self._finish_listed(step, end)
-        self._maybe_close(end)
 
     def _cache_step(self, step: EngineStep, victims: list[str]) -> dict[str, int]:
         """Replay the step on the prefix-cache model (victims already out of the running queue); returns the hit
@@ -467,16 +524,6 @@ class EngineTracker(WindowTracker):
             free_queue=self._cache.free_queue(aborted) if self._cache is not None else (),
         )
         self._next_index += 1
-
-    def _maybe_close(self, now: float) -> None:
-        window = self._open
-        if window is None:
-            return
-        elapsed = 0.0 if math.isnan(window.start_time) else now - window.start_time
-        carried = len(window.running) + len(window.waiting)
-        if self.rules.full(elapsed, window.arrived, carried):
-            self._close()
-            self._ensure_open()
 
     def close_idle(self) -> None:
         """Close the open window if it holds requests and the engine has been silent for `idle_seconds`."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from vllm_shadow.adapters.events import EngineInfo, Event
@@ -106,6 +106,16 @@ class WindowTracker(ABC):
     @abstractmethod
     def apply(self, event: Event) -> None:
         """Apply one event, in stream order."""
+
+    def apply_run(self, events: Sequence[Event], start: int) -> int:
+        """Apply `events[start:]` in order up to the first `EngineInfo`, which is the caller's (an announcement
+        may be a restart); returns its index, or len(events)."""
+        for index in range(start, len(events)):
+            event = events[index]
+            if isinstance(event, EngineInfo):
+                return index
+            self.apply(event)
+        return len(events)
 
     @abstractmethod
     def lost_events(self) -> None:
