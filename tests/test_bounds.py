@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from ortools.linear_solver import pywraplp
 
 from vllm_shadow.adapters.traces import read_trace, resolve_trace
 from vllm_shadow.costmodel.linear import LinearCostModel
@@ -249,3 +251,44 @@ def test_kv_rows_prove_more_batches_on_a_memory_bound_window():
     assert with_kv.kv_rounds >= 1
     assert floor + 8 <= with_kv.batches <= len(engine.schedule)
     assert relaxation_bound(window, cost, deadlines, with_kv.batches).gpu_seconds <= engine.objective + 1e-9
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    prompt=st.integers(1, 40),
+    output=st.integers(1, 40),
+    block_size=st.sampled_from([1, 2, 3, 16]),
+)
+def test_kv_envelope_rows_are_below_every_integer_block_area(prompt, output, block_size):
+    """The KV rows' envelope: request i's tokens u..v-1 hold at least f(q) * (v - u) + (F(q) - q * f(q)) *
+    (1 - u / rem) blocks for every token q, checked over every integer 0 <= u <= v <= rem; at q = 0 it is the
+    first-block row, and a later q is strictly tighter somewhere once the blocks grow."""
+    from vllm_shadow.solver.bounds import _KvRows
+
+    request = WindowRequest("r", 0.0, prompt, output)
+    window = Window((request,), EngineLimits(kv_blocks=10_000, block_size=block_size))
+    # The request emits u tokens by key 1 and v by key 2 (variables), all of them by key 3.
+    solver = pywraplp.Solver.CreateSolver("GLOP")
+    u_var, v_var = solver.NumVar(0, 10, "u"), solver.NumVar(0, 10, "v")
+    ended = [solver.NumVar(0, 100, f"E{k}") for k in range(4)]
+    rem = request.remaining_outputs
+    rows = _KvRows(window, {"r": [0, u_var, v_var, rem]}, ended, {"r": 0}, {"r": 3})
+    recorded = []
+    blocks = [window.limits.blocks(request.target_tokens + t) for t in range(rem)]
+    area = [sum(blocks[:t]) for t in range(rem + 1)]
+    tighter = False
+    for q in range(rem):
+        slope, offset = (value[0, 0] for value in rows._tangent(np.array([[q]])))
+        assert slope == blocks[q] and offset == area[q] - q * blocks[q]
+        # The row the LP gets for the batches ending in (key 1, key 2]: terms . x <= upper, the request's part.
+        rows._add_row(
+            solver, lambda lower, upper, terms: recorded.append((upper, terms)), 1, 2, np.array([q])
+        )
+        upper, terms = recorded[-1]
+        for u in range(rem + 1):
+            for v in range(u, rem + 1):
+                row = slope * (v - u) + offset * (1 - u / rem)
+                assert row <= area[v] - area[u] + 1e-9, (q, u, v)
+                assert terms.get(u_var, 0.0) * u + terms.get(v_var, 0.0) * v - upper == pytest.approx(row)
+                tighter |= row > blocks[0] * (v - u) + 1e-9
+    assert tighter == (blocks[-1] > blocks[0])
