@@ -85,7 +85,19 @@ def request_work_seconds(request: WindowRequest, cost: LinearCostModel) -> float
 
 
 def _block_area(request: WindowRequest, block_size: int) -> int:
-    return sum(cdiv(request.target_tokens + t, block_size) for t in range(request.remaining_outputs))
+    """The KV block-batches of a request's emissions: blocks(target + t) summed over its remaining outputs."""
+    first = request.target_tokens
+    return _sum_cdiv(first + request.remaining_outputs - 1, block_size) - _sum_cdiv(first - 1, block_size)
+
+
+def _sum_cdiv(m: int, block_size: int) -> int:
+    """cdiv(1, b) + ... + cdiv(m, b) in closed form (0 for m <= 0): the q full runs of b equal values 1..q,
+    then the r values past them at q + 1. The live shadow bounds every window, and the sum token by token was
+    most of its time."""
+    if m <= 0:
+        return 0
+    q, r = divmod(m, block_size)
+    return block_size * q * (q + 1) // 2 + r * (q + 1)
 
 
 def min_batches(window: Window, deadlines: Deadlines | None = None) -> int:

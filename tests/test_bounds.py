@@ -292,3 +292,21 @@ def test_kv_envelope_rows_are_below_every_integer_block_area(prompt, output, blo
                 assert terms.get(u_var, 0.0) * u + terms.get(v_var, 0.0) * v - upper == pytest.approx(row)
                 tighter |= row > blocks[0] * (v - u) + 1e-9
     assert tighter == (blocks[-1] > blocks[0])
+
+
+@given(
+    prompt=st.integers(1, 5000),
+    output=st.integers(1, 3000),
+    generated=st.integers(0, 2999),
+    block_size=st.sampled_from([1, 2, 3, 16, 17, 64]),
+)
+def test_a_request_s_block_area_in_closed_form_is_the_sum_over_its_emissions(
+    prompt, output, generated, block_size
+):
+    from vllm_shadow.solver.bounds import _block_area
+    from vllm_shadow.solver.problem import WindowRequest, cdiv
+
+    generated = min(generated, output - 1)
+    request = WindowRequest("r", 0.0, prompt, output, computed_tokens=0, generated_tokens=generated)
+    by_emission = sum(cdiv(request.target_tokens + t, block_size) for t in range(request.remaining_outputs))
+    assert _block_area(request, block_size) == by_emission
