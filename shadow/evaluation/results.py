@@ -57,13 +57,15 @@ class LatencySummary:
     def of(
         cls, ttft: Sequence[float], tpot: Sequence[float], e2e: Sequence[float], slo: Slo
     ) -> LatencySummary:
-        attained = [slo.met(a, b) for a, b in zip(ttft, tpot, strict=True)]
+        attainment = math.nan  # without an SLO nothing is met or missed (and a window's candidates skip the walk)
+        if slo.defined and ttft:
+            attainment = sum(slo.met(a, b) for a, b in zip(ttft, tpot, strict=True)) / len(ttft)
         return cls(
             requests=len(e2e),
             ttft=quantiles(ttft),
             tpot=quantiles(tpot),
             e2e=quantiles(e2e),
-            slo_attainment=sum(attained) / len(attained) if slo.defined and attained else math.nan,
+            slo_attainment=attainment,
         )
 
 
