@@ -13,6 +13,7 @@ ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from tests import shadow_support as support  # noqa: E402
+from tests.ray_cluster import wait_until_every_node_schedulable  # noqa: E402
 from tests.waiting import wait_until  # noqa: E402
 from vllm_shadow.adapters.events import EngineInfo  # noqa: E402
 from vllm_shadow.adapters.publisher import EventBatch  # noqa: E402
@@ -45,6 +46,7 @@ def test_two_engines_windows_are_evaluated_on_both_nodes() -> None:
         ray.init(address=cluster.address, namespace="shadow-multinode", log_to_driver=False)
         nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         assert len(nodes) == 2
+        wait_until_every_node_schedulable(ray, nodes)  # or SPREAD may place every task on the head node
         config = ServiceConfig(
             shadow=ShadowConfig(
                 windows=WindowRules(seconds=0.5),
