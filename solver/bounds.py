@@ -358,7 +358,11 @@ def time_capacity_batches(
             if running_share:
                 terms[begun[k]] -= running_share
                 terms[ended[k]] = terms.get(ended[k], 0.0) + running_share
-            constraint(-infinity, keys[k2] - keys[k] - fixed, terms)
+            # Slack of 1e-6 of the span (at least 1 us): a deadline computed as the sum of the very work charged
+            # here leaves the engine's own schedule within GLOP's tolerances of the row, and GLOP then called
+            # the LP infeasible (a hypothesis draw with e = 6e-8). A looser row only weakens the bound.
+            span = keys[k2] - keys[k]
+            constraint(-infinity, span - fixed + 1e-6 * max(span, 1.0), terms)
     solver.Minimize(ended[last])
     kv = _KvRows(window, emitted, ended, arrival_key, finish_key) if kv_cut_rounds > 0 else None
     value, rounds = None, 0

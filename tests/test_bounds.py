@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from ortools.linear_solver import pywraplp
 
@@ -213,6 +213,15 @@ batch_bound_costs = st.builds(
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(window=tight_two_request_windows, cost=batch_bound_costs, slack=st.floats(1.0, 2.0))
+@example(  # a CI draw: deadlines the engine meets within GLOP's tolerances made the LP "infeasible"
+    window=Window(
+        (WindowRequest("r0", 0.0, 1, 1), WindowRequest("r1", 1.0, 1, 1)),
+        EngineLimits(kv_blocks=1, block_size=2),
+        start=0.0,
+    ),
+    cost=LinearCostModel(1.0, 0.0, 0.0, 0.0, 5.960464477539063e-08),
+    slack=1.0,
+)
 def test_kv_rows_of_the_time_capacity_lp_hold_against_exhaustive_search(window, cost, slack):
     """The LP's KV rows (cutting planes: the batches between two key times hold the blocks of the tokens
     emitted there) only raise its batch count, and the count stays valid for every schedule meeting the
