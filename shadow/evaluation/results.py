@@ -57,7 +57,9 @@ class LatencySummary:
     def of(
         cls, ttft: Sequence[float], tpot: Sequence[float], e2e: Sequence[float], slo: Slo
     ) -> LatencySummary:
-        attainment = math.nan  # without an SLO nothing is met or missed (and a window's candidates skip the walk)
+        attainment = (
+            math.nan
+        )  # without an SLO nothing is met or missed (and a window's candidates skip the walk)
         if slo.defined and ttft:
             attainment = sum(slo.met(a, b) for a, b in zip(ttft, tpot, strict=True)) / len(ttft)
         return cls(
