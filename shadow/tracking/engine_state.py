@@ -109,6 +109,11 @@ class _Request:
         )
 
 
+def _exits(requests: list[_Request]) -> list[tuple[str, int]]:
+    """Requests leaving the engine as the prefix-cache model takes them: (id, prompt plus emitted tokens)."""
+    return [(r.request_id, r.prompt + r.generated) for r in requests]
+
+
 @dataclass(slots=True)
 class _WindowBookkeeping:
     """The tracker's own record of a window while it is open and until its requests finish: ids and the
@@ -399,7 +404,7 @@ class EngineTracker(WindowTracker):
                 hit = published.get(request_id, 0) if self._hits_published else None
                 admissions.append(Admission(request_id, request.prompt + request.generated, n, hit))
         preempted = [(r, requests[r].prompt + requests[r].generated, self._unhashed_tail(r)) for r in victims]
-        finishing = [(r.request_id, r.prompt + r.generated) for r in self._cache_finishing]
+        finishing = _exits(self._cache_finishing)
         self._cache_finishing = []
         return self._cache.step(running, preempted, admissions, step.kv_blocks_used or None, finishing)
 
@@ -415,7 +420,7 @@ class EngineTracker(WindowTracker):
 
     def _free_finishing(self) -> None:
         if self._cache is not None and self._cache_finishing:
-            self._cache.finished([(r.request_id, r.prompt + r.generated) for r in self._cache_finishing])
+            self._cache.finished(_exits(self._cache_finishing))
             self._cache_finishing = []
 
     def _preempt(self, preempted: tuple[str, ...]) -> list[str]:
@@ -497,9 +502,7 @@ class EngineTracker(WindowTracker):
         finishing = [
             r for r in self._cache_finishing if r.generated and r.computed == r.prompt + r.generated - 1
         ]
-        aborted = [
-            (r.request_id, r.prompt + r.generated) for r in self._cache_finishing if r not in finishing
-        ]
+        aborted = _exits([r for r in self._cache_finishing if r not in finishing])
         if finishing:
             for request in finishing:
                 requests.setdefault(request.request_id, request)  # kept until the window is built
