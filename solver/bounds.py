@@ -103,18 +103,18 @@ def _sum_cdiv(m: int, block_size: int) -> int:
 def min_batches(window: Window, deadlines: Deadlines | None = None) -> int:
     limits = window.limits
     requests = window.requests
-    area = sum(_block_area(r, limits.block_size) for r in requests)
+    areas = [_block_area(r, limits.block_size) for r in requests]
     emissions = sum(r.remaining_outputs for r in requests)
     tokens = sum(r.peak_tokens - r.computed_tokens for r in requests)
     unconstrained = max(
         max((r.remaining_outputs for r in requests), default=0),
-        cdiv(area, limits.kv_blocks),
+        cdiv(sum(areas), limits.kv_blocks),
         cdiv(emissions, limits.max_num_seqs),
         cdiv(tokens, limits.max_num_batched_tokens),
     )
     if deadlines is None or not deadlines.finish:
         return unconstrained
-    return max(unconstrained, deadline_min_batches(window, deadlines))
+    return max(unconstrained, _deadline_min_batches(window, deadlines, areas))
 
 
 def deadline_min_batches(window: Window, deadlines: Deadlines) -> int:
@@ -122,34 +122,67 @@ def deadline_min_batches(window: Window, deadlines: Deadlines) -> int:
     that arrive at or after s (or the window start) and must finish by t, at least as many as the longest of
     them emits and as their KV block-batches over the capacity (token and sequence totals likewise). Dynamic
     programming over t in deadline order: best(t) = max(best(earlier t), best(up to s) + forced(s, t))."""
+    areas = [_block_area(r, window.limits.block_size) for r in window.requests]
+    return _deadline_min_batches(window, deadlines, areas)
+
+
+def _deadline_min_batches(window: Window, deadlines: Deadlines, areas: list[int]) -> int:
+    """`deadline_min_batches` with each request's `_block_area` given (`min_batches` has them). The live
+    shadow bounds every window under deadlines: the forced batches of every (start, end) pair are numpy
+    matrices, a block of ends at a time, and only the running best is left to a loop over the ends."""
     limits = window.limits
-    requests = [r for r in window.requests if r.request_id in deadlines.finish]
-    if not requests:
+    due_by = deadlines.finish
+    chosen = [i for i, r in enumerate(window.requests) if r.request_id in due_by]
+    if not chosen:
         return 0
+    requests = [window.requests[i] for i in chosen]
     arrival = np.array([max(r.arrival, window.start) for r in requests])
-    due = np.array([deadlines.finish[r.request_id] for r in requests])
-    longest = np.array([r.remaining_outputs for r in requests])
-    area = np.array([_block_area(r, limits.block_size) for r in requests])
-    tokens = np.array([r.peak_tokens - r.computed_tokens for r in requests])
-    ends = np.unique(due)
-    best = np.zeros(len(ends), dtype=np.int64)  # best[k]: over intervals ending by ends[k]
-    for k, end in enumerate(ends):
-        inside = np.flatnonzero(due <= end)
-        order = inside[np.argsort(-arrival[inside], kind="stable")]  # latest arrival first
-        # forced[i]: batches the requests arriving at or after arrival[order[i]] force into [that, end].
-        forced = np.maximum.reduce(
-            [
-                np.maximum.accumulate(longest[order]),
-                -(-np.cumsum(area[order]) // limits.kv_blocks),
-                -(-np.cumsum(longest[order]) // limits.max_num_seqs),
-                -(-np.cumsum(tokens[order]) // limits.max_num_batched_tokens),
-            ]
+    order = np.argsort(-arrival, kind="stable")  # latest arrival first: an interval's requests are a prefix
+    arrival = arrival[order]
+    due = np.array([due_by[r.request_id] for r in requests])[order]
+    longest = np.array([r.remaining_outputs for r in requests])[order]
+    area = np.array([areas[i] for i in chosen])[order]
+    tokens = np.array([r.peak_tokens - r.computed_tokens for r in requests])[order]
+    # A total within its limit forces at most one batch, which every request's own emissions force already.
+    totals = [
+        (values, limit)
+        for values, limit in (
+            (area, limits.kv_blocks),
+            (longest, limits.max_num_seqs),
+            (tokens, limits.max_num_batched_tokens),
         )
-        # Intervals that end by this interval's start (a batch of one ends by the other's start).
-        before = np.searchsorted(ends, arrival[order], side="right") - 1
-        earlier = np.where(before >= 0, best[np.maximum(before, 0)], 0)
-        best[k] = max(best[k - 1] if k else 0, int((earlier + forced).max()))
-    return int(best[-1])
+        if int(values.sum()) > limit
+    ]
+    ends = np.unique(due)
+    # The intervals that end by arrival[i] (a batch of one ends by the other's start) are those ending by
+    # ends[earlier[i] - 1]. `earlier` does not increase along the order: the requests whose last such end is
+    # ends[k] are the columns [since[k], until[k]), and best_before takes the best count once end k is done.
+    # Until then a column reads 0, as in the programme one end at a time (a request due by its own arrival).
+    earlier = np.searchsorted(ends, arrival, side="right")
+    after = np.arange(1, len(ends) + 1)
+    since = np.searchsorted(-earlier, -after, side="left")
+    until = np.searchsorted(-earlier, -after, side="right")
+    best_before = np.zeros(len(requests), dtype=np.int64)
+    best = 0
+    rows = max(1, _DP_CELLS // len(requests))  # ends per block: each matrix at most _DP_CELLS entries
+    for first in range(0, len(ends), rows):
+        inside = due <= ends[first : first + rows, None]
+        # forced[k, i]: batches the requests arriving at or after arrival[i] and due by ends[k] force into
+        # [arrival[i], ends[k]]; only the requests due by ends[k] start an interval ending there.
+        forced = np.maximum.accumulate(np.where(inside, longest, 0), axis=1)
+        for values, limit in totals:
+            np.maximum(
+                forced, (np.cumsum(np.where(inside, values, 0), axis=1) + (limit - 1)) // limit, out=forced
+            )
+        np.copyto(forced, _NO_INTERVAL, where=~inside)
+        for k, row in enumerate(forced, start=first):
+            best = max(best, int((best_before + row).max()))
+            best_before[since[k] : until[k]] = best
+    return best
+
+
+_DP_CELLS = 1 << 18  # entries of one block of `_deadline_min_batches`'s matrices (2 MiB each)
+_NO_INTERVAL = -(1 << 62)  # below any batch count: a request not due by an end starts no interval there
 
 
 def relaxation_bound(
