@@ -25,6 +25,9 @@ cdef Py_ssize_t _JOB_SHIFT
 cdef Py_ssize_t _SEQ_BITS
 cdef Py_ssize_t _SEQ_MASK
 
+cdef long long _EXACT_PS
+cdef double _seconds(long long ps) except? -1
+
 # As Python ints: its float estimate must see what the pure core's sees.
 cdef object _steps_starting_before(object gap, object first_step, object slope)
 
@@ -58,6 +61,8 @@ cdef class _Request:
     cdef public bint last_run_decode
     cdef public bint last_run_sampled
     cdef public bint ever_scheduled
+    cdef public Py_ssize_t scheduled_new_tokens
+    cdef public Py_ssize_t scheduled_computed_tokens
 
 
 @cython.locals(index=Py_ssize_t)
@@ -192,10 +197,10 @@ cdef class Simulator:
                    num_unrun_tokens=Py_ssize_t)
     cdef _schedule_literal(self)
 
-    @cython.locals(j=Py_ssize_t, request=_Request, num_new_tokens=Py_ssize_t, num_computed_tokens=Py_ssize_t)
+    @cython.locals(j=Py_ssize_t, num_new_tokens=Py_ssize_t, num_computed_tokens=Py_ssize_t)
     cdef Py_ssize_t _unschedule(self, _Request victim, list scheduled, dict scheduled_decoders) except? -1
 
-    @cython.locals(num_new_tokens=Py_ssize_t, j=Py_ssize_t, request=_Request, num_new=Py_ssize_t, decoding=bint)
+    @cython.locals(num_new_tokens=Py_ssize_t, j=Py_ssize_t, decoding=bint)
     cdef Py_ssize_t _unschedule_cached(self, _Request victim, list scheduled, dict scheduled_decoders) except? -1
 
     @cython.locals(request=_Request)
@@ -204,7 +209,7 @@ cdef class Simulator:
     @cython.locals(block_size=Py_ssize_t, scheduled=list, long_prefill_token_threshold=Py_ssize_t,
                    num_decoders=Py_ssize_t, token_budget=Py_ssize_t, num_new_blocks=Py_ssize_t,
                    request=_Request, num_computed_tokens=Py_ssize_t, num_new_tokens=Py_ssize_t, blocks=Py_ssize_t,
-                   preempted_reqs=list, preempted_req=_Request)
+                   preempted_reqs=list, preempted_req=_Request, running=list, index=Py_ssize_t)
     cdef bint _step_fast(self) except -1
 
     @cython.locals(num_scheduled_tokens=Py_ssize_t, kv_tokens=Py_ssize_t, attention_pairs=Py_ssize_t,

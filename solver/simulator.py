@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import functools
 import gc
-import heapq
 import math
 import sys
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from heapq import heappop, heappush
 from pathlib import Path
 from types import ModuleType
 from typing import NamedTuple
@@ -142,6 +142,8 @@ class _Request:
         "record",
         "request_id",
         "running_seq",
+        "scheduled_computed_tokens",
+        "scheduled_new_tokens",
     )
 
     def __init__(
@@ -192,11 +194,14 @@ class _Request:
         self.prev_run_step = -2
         self.last_run_decode = False
         self.last_run_sampled = False
+        # Its chunk in the step being scheduled (a request is scheduled at most once a step; read only while it
+        # is in that step's list): its new tokens, and the KV tokens it held when it was scheduled.
+        self.scheduled_new_tokens = 0
+        self.scheduled_computed_tokens = 0
 
 
-# One scheduled piece of work: (request, num_new_tokens, num_computed_tokens before the step). A plain tuple,
-# not a NamedTuple: one is built per prefill chunk in the hot loop, and its fields are only ever unpacked.
-ScheduledChunk = tuple[_Request, int, int]
+# A step's scheduled pieces of work are its requests, each with its chunk in its fields `scheduled_new_tokens`
+# and `scheduled_computed_tokens` (C fields in the compiled core: no tuple and no Python ints per chunk).
 
 
 class StepPlan(NamedTuple):
@@ -204,7 +209,7 @@ class StepPlan(NamedTuple):
     requests' chunks, the requests it preempted, and how many implicit decoders run one token each (all of
     them, or none in a prefill-only step)."""
 
-    scheduled: list[ScheduledChunk]
+    scheduled: list[_Request]
     preempted: list[_Request]
     num_implicit_decoders: int
 
@@ -222,14 +227,14 @@ class _WaitingQueue:
     def add_request(self, request: _Request) -> None:
         self.size += 1
         if self.ordered:
-            heapq.heappush(self.heap, (request.queue_key, request))
+            heappush(self.heap, (request.queue_key, request))
         else:
             self.fifo.append(request)
 
     def prepend_request(self, request: _Request) -> None:
         self.size += 1
         if self.ordered:
-            heapq.heappush(self.heap, (request.queue_key, request))
+            heappush(self.heap, (request.queue_key, request))
         else:
             self.fifo.appendleft(request)
 
@@ -238,7 +243,7 @@ class _WaitingQueue:
 
     def pop_request(self) -> _Request:
         self.size -= 1
-        return heapq.heappop(self.heap)[1] if self.ordered else self.fifo.popleft()
+        return heappop(self.heap)[1] if self.ordered else self.fifo.popleft()
 
 
 class Simulator:
@@ -468,7 +473,7 @@ class Simulator:
         # compiled core too: shifted, a long run's step count would pass a C integer's range.)
         finish_at = request.num_prompt_tokens + request.max_tokens - 1 - request.decode_base
         request.finish_seq = self.finish_heap_pushes
-        heapq.heappush(self.finish_heap, finish_at << _SEQ_BITS | self.finish_heap_pushes)
+        heappush(self.finish_heap, finish_at << _SEQ_BITS | self.finish_heap_pushes)
         self.finish_heap_requests.append(request)
         self.finish_heap_pushes += 1
         if finish_at < self.next_finish:
@@ -720,7 +725,7 @@ class Simulator:
         return threshold if len(self.running) + self.waiting.size > 1 else 0
 
     def _schedule_waiting(
-        self, token_budget: int, scheduled: list[ScheduledChunk], long_prefill_token_threshold: int
+        self, token_budget: int, scheduled: list[_Request], long_prefill_token_threshold: int
     ) -> int:
         """vLLM's second pass: admit waiting requests in queue order; returns the token budget left. Records
         whether admission stopped for a reason that a stretch of pure decoding cannot undo (the fast-forward's
@@ -779,7 +784,9 @@ class Simulator:
                 )
             else:
                 self.num_used_blocks += cdiv(num_new_tokens, self.block_size)
-            scheduled.append((request, num_new_tokens, num_computed_tokens))
+            request.scheduled_new_tokens = num_new_tokens
+            request.scheduled_computed_tokens = num_computed_tokens
+            scheduled.append(request)
             token_budget -= num_new_tokens
         self.admission_blocked = blocked and not self.admit_future_peak
         return token_budget
@@ -816,7 +823,7 @@ class Simulator:
         preempted. Implicit decoders that run stay implicit; those that do not are made explicit."""
         token_budget = self.max_num_batched_tokens
         long_prefill_token_threshold = self._long_prefill_token_threshold()
-        scheduled: list[ScheduledChunk] = []
+        scheduled: list[_Request] = []
         scheduled_decoders: dict[int, int] = {}  # implicit decoders scheduled: id -> blocks allocated
         preempted_reqs: list[_Request] = []
         static_admit = self.static_batching and not self.running
@@ -883,7 +890,9 @@ class Simulator:
             if request.implicit_decoder:
                 scheduled_decoders[id(request)] = num_new_blocks  # private blocks: cached lazily
             else:
-                scheduled.append((request, num_new_tokens, num_computed_tokens))
+                request.scheduled_new_tokens = num_new_tokens
+                request.scheduled_computed_tokens = num_computed_tokens
+                scheduled.append(request)
                 if self.caching:
                     self._cache_blocks(request, num_computed_tokens + num_new_tokens)
             token_budget -= num_new_tokens
@@ -894,7 +903,7 @@ class Simulator:
         return StepPlan(scheduled, preempted_reqs, self.num_implicit_decoders)
 
     def _unschedule(
-        self, victim: _Request, scheduled: list[ScheduledChunk], scheduled_decoders: dict[int, int]
+        self, victim: _Request, scheduled: list[_Request], scheduled_decoders: dict[int, int]
     ) -> int:
         """Undo a priority victim's allocation made earlier in this step; returns the tokens given back. With
         prefix caching its blocks for this step stay allocated (and cached) until its preemption frees them, as
@@ -904,8 +913,10 @@ class Simulator:
         if id(victim) in scheduled_decoders:
             self.num_used_blocks -= scheduled_decoders.pop(id(victim))
             return 1
-        for j, (request, num_new_tokens, num_computed_tokens) in enumerate(scheduled):
-            if request is victim:
+        for j in range(len(scheduled)):
+            if scheduled[j] is victim:
+                num_new_tokens = victim.scheduled_new_tokens
+                num_computed_tokens = victim.scheduled_computed_tokens
                 self.num_used_blocks -= cdiv(num_computed_tokens + num_new_tokens, self.block_size) - cdiv(
                     num_computed_tokens, self.block_size
                 )
@@ -914,17 +925,17 @@ class Simulator:
         return 0
 
     def _unschedule_cached(
-        self, victim: _Request, scheduled: list[ScheduledChunk], scheduled_decoders: dict[int, int]
+        self, victim: _Request, scheduled: list[_Request], scheduled_decoders: dict[int, int]
     ) -> int:
         num_new_tokens = 0
         if scheduled_decoders.pop(id(victim), None) is not None:
             self._to_explicit(victim)
             num_new_tokens = 1
         else:
-            for j, (request, num_new, _num_computed_tokens) in enumerate(scheduled):
-                if request is victim:
+            for j in range(len(scheduled)):
+                if scheduled[j] is victim:
                     del scheduled[j]
-                    num_new_tokens = num_new
+                    num_new_tokens = victim.scheduled_new_tokens
                     break
         if num_new_tokens:
             # Its block table covers this step's tokens; the preemption frees (and counts) all of it.
@@ -961,7 +972,7 @@ class Simulator:
         the step itself rather than return a StepPlan: this is the hot path, and building a plan object on every
         step measurably slows the replay, by some 3%.)"""
         block_size = self.block_size
-        scheduled: list[ScheduledChunk] = []
+        scheduled: list[_Request] = []
         long_prefill_token_threshold = self._long_prefill_token_threshold()
         if self.prefill_first and self.waiting.size:
             self._schedule_waiting(self.max_num_batched_tokens, scheduled, long_prefill_token_threshold)
@@ -972,10 +983,11 @@ class Simulator:
         token_budget = self.max_num_batched_tokens - num_decoders
         if token_budget < 0:
             return False
-        prefilling = self.running[num_decoders:] if len(self.running) > num_decoders else ()
         # The decoders whose next token opens a new block: those with decode_base = -decode_steps mod block_size.
         num_new_blocks = self.decode_base_residues[-self.decode_steps % block_size]
-        for request in prefilling:
+        running = self.running
+        for index in range(num_decoders, len(running)):  # the prefilling requests, at the tail
+            request = running[index]
             if request.implicit_decoder:
                 return False  # a prefilling request sits between decoders: the literal walk decides
             if request.finishing:
@@ -990,7 +1002,9 @@ class Simulator:
             blocks = cdiv(num_computed_tokens + num_new_tokens, block_size) - cdiv(
                 num_computed_tokens, block_size
             )
-            scheduled.append((request, num_new_tokens, num_computed_tokens))
+            request.scheduled_new_tokens = num_new_tokens
+            request.scheduled_computed_tokens = num_computed_tokens
+            scheduled.append(request)
             num_new_blocks += blocks
             token_budget -= num_new_tokens
         preempted_reqs = _NO_REQUESTS
@@ -1003,8 +1017,10 @@ class Simulator:
             preempted_reqs = []
             while num_new_blocks > self.num_usable_blocks - self.num_used_blocks:
                 preempted_req = self.running.pop()
-                if scheduled and scheduled[-1][0] is preempted_req:
-                    _request, num_new_tokens, num_computed_tokens = scheduled.pop()
+                if scheduled and scheduled[-1] is preempted_req:
+                    scheduled.pop()
+                    num_new_tokens = preempted_req.scheduled_new_tokens
+                    num_computed_tokens = preempted_req.scheduled_computed_tokens
                     num_new_blocks -= cdiv(num_computed_tokens + num_new_tokens, block_size) - cdiv(
                         num_computed_tokens, block_size
                     )  # the blocks its chunk would have taken
@@ -1017,8 +1033,8 @@ class Simulator:
                 preempted_reqs.append(preempted_req)
         self.num_used_blocks += num_new_blocks
         if self.caching:
-            for request, num_new_tokens, num_computed_tokens in scheduled:
-                self._cache_blocks(request, num_computed_tokens + num_new_tokens)
+            for request in scheduled:
+                self._cache_blocks(request, request.scheduled_computed_tokens + request.scheduled_new_tokens)
         if not preempted_reqs and (self.continuous_batching or (self.static_batching and not self.running)):
             self._schedule_waiting(token_budget, scheduled, long_prefill_token_threshold)
         num_decoders = self.num_implicit_decoders
@@ -1027,9 +1043,7 @@ class Simulator:
         self._apply(scheduled, preempted_reqs, num_decoders)
         return True
 
-    def _apply(
-        self, scheduled: list[ScheduledChunk], preempted_reqs: list[_Request], num_decoders: int
-    ) -> None:
+    def _apply(self, scheduled: list[_Request], preempted_reqs: list[_Request], num_decoders: int) -> None:
         """Run a scheduled step: charge its time, advance tokens, emit tokens, finish requests. `num_decoders`
         implicit decoders run one token each (all of them, or none in a prefill-only step)."""
         num_scheduled_tokens = num_decoders
@@ -1037,7 +1051,9 @@ class Simulator:
         kv_tokens = self.sum_decode_base + num_decoders * (self.decode_steps + 1) if num_decoders else 0
         attention_pairs = 0
         recomputing = False
-        for request, num_new_tokens, num_computed_tokens in scheduled:
+        for request in scheduled:
+            num_new_tokens = request.scheduled_new_tokens
+            num_computed_tokens = request.scheduled_computed_tokens
             num_scheduled_tokens += num_new_tokens
             kv_tokens += num_computed_tokens + num_new_tokens
             if num_new_tokens > 1:
@@ -1072,11 +1088,13 @@ class Simulator:
         end_s = None  # the step's end in seconds, computed when a record needs it
         finished: list[_Request] = []
         track_runs = self.async_scheduling and self.caching
-        for request, num_new_tokens, num_computed_tokens in scheduled:
+        for request in scheduled:
+            num_new_tokens = request.scheduled_new_tokens
+            num_computed_tokens = request.scheduled_computed_tokens
             record = request.record
             if not request.ever_scheduled:  # a C field, where the record's NaN is a Python attribute
                 request.ever_scheduled = True
-                record.first_scheduled = start / PS_PER_S
+                record.first_scheduled = _seconds(start)
             if track_runs:
                 request.prev_run_step = request.last_run_step
                 request.last_run_step = step
@@ -1094,7 +1112,7 @@ class Simulator:
                 request.num_output_tokens += 1
                 if request.num_output_tokens == 1:
                     if end_s is None:
-                        end_s = self.now / PS_PER_S
+                        end_s = _seconds(self.now)
                     record.first_token = end_s
                 if request.num_output_tokens == request.max_tokens:
                     finished.append(request)
@@ -1105,15 +1123,15 @@ class Simulator:
             finish_limit = self.decode_steps + 1  # a Python int in the compiled core, shifted below
             finish_limit <<= _SEQ_BITS
             while finish_heap and finish_heap[0] < finish_limit:
-                seq = heapq.heappop(finish_heap) & _SEQ_MASK
+                seq = heappop(finish_heap) & _SEQ_MASK
                 request = self.finish_heap_requests[seq]
                 if request.finish_seq == seq and request.implicit_decoder:
                     finished.append(request)
             self.next_finish = finish_heap[0] >> _SEQ_BITS if finish_heap else _NEVER
         if finished:
-            self._finish_requests(finished, self.now / PS_PER_S if end_s is None else end_s)
+            self._finish_requests(finished, _seconds(self.now) if end_s is None else end_s)
 
-    def _recompute_tax(self, scheduled: list[ScheduledChunk], num_decoders: int, duration: int) -> int:
+    def _recompute_tax(self, scheduled: list[_Request], num_decoders: int, duration: int) -> int:
         """The recompute tax of the step about to run (before its decoders advance), in picoseconds: its
         `duration` minus the time of the same step without its recomputation (`without_recompute`, request by
         request, without building its lists), on the same integer cost model as `_apply`. Implicit decoders never
@@ -1121,7 +1139,9 @@ class Simulator:
         num_tokens = num_requests = num_decoders
         kv_tokens = self.sum_decode_base + num_decoders * (self.decode_steps + 1) if num_decoders else 0
         attention_pairs = 0
-        for request, num_new_tokens, num_computed_tokens in scheduled:
+        for request in scheduled:
+            num_new_tokens = request.scheduled_new_tokens
+            num_computed_tokens = request.scheduled_computed_tokens
             if num_computed_tokens < request.dropped_kv:  # only KV below what a preemption dropped is redone
                 num_new_tokens, num_computed_tokens = request_without_recompute(
                     num_new_tokens,
@@ -1186,15 +1206,15 @@ class Simulator:
         self,
         start: int,
         duration: int,
-        scheduled: list[ScheduledChunk],
+        scheduled: list[_Request],
         num_decoders: int,
         preempted_reqs: list[_Request],
     ) -> None:
         num_scheduled_tokens = (
             {r.request_id: 1 for r in self.running if r.implicit_decoder} if num_decoders else {}
         )
-        for request, num_new_tokens, _num_computed_tokens in scheduled:
-            num_scheduled_tokens[request.request_id] = num_new_tokens
+        for request in scheduled:
+            num_scheduled_tokens[request.request_id] = request.scheduled_new_tokens
         self.step_log.append(
             EngineStep(
                 step=self.num_steps,
@@ -1297,14 +1317,14 @@ class Simulator:
         self.num_steps += k
         self.decode_steps += k
         self.last_decode_step = self.num_steps - 1
-        end_s = self.now / PS_PER_S
+        end_s = _seconds(self.now)
         finished = []
         if self.next_finish <= self.decode_steps:
             finish_heap = self.finish_heap
             finish_limit = self.decode_steps + 1
             finish_limit <<= _SEQ_BITS
             while finish_heap and finish_heap[0] < finish_limit:
-                seq = heapq.heappop(finish_heap) & _SEQ_MASK
+                seq = heappop(finish_heap) & _SEQ_MASK
                 request = self.finish_heap_requests[seq]
                 if request.finish_seq == seq and request.implicit_decoder:
                     request.num_output_tokens = request.max_tokens
@@ -1322,6 +1342,18 @@ _NEVER = 0x4000_0000_0000_0000  # 2**62: a finish no replay reaches (Simulator.n
 _SEQ_MASK = 0xFF_FFFF_FFFF  # (1 << _SEQ_BITS) - 1, a literal: in C, 1 << 40 would shift a 32-bit int
 _NO_HIT: tuple[list[HeldEntry], int, int] = ([], 0, 0)  # never mutated: an admission takes a fresh list
 _NO_REQUESTS: list[_Request] = []  # never mutated: a step's preemptions, where it has none
+
+
+# Below 2**53 picoseconds (2.5 hours) a time and PS_PER_S are both exact doubles, and one IEEE division rounds
+# correctly, as Python's int / int does: the same float, divided in C in the compiled core.
+_EXACT_PS = 0x20_0000_0000_0000  # 2**53
+
+
+def _seconds(ps: int) -> float:
+    """`ps / PS_PER_S`, the time `ps` in seconds."""
+    if -_EXACT_PS < ps < _EXACT_PS:
+        return ps / 1e12
+    return ps / PS_PER_S
 
 
 def _remove(requests: list[_Request], request: _Request) -> None:
