@@ -83,11 +83,10 @@ def compare_steps(real: Sequence[EngineStep], simulated: Sequence[EngineStep]) -
             )
             continue
         kinds = []
-        if r.scheduled_tokens.keys() != s.scheduled_tokens.keys():
-            kinds.append(MEMBERSHIP)
-        elif r.scheduled_tokens != s.scheduled_tokens:
-            kinds.append(TOKENS)
-        if set(r.preempted) != set(s.preempted):
+        # Most steps match: one comparison of each side decides them.
+        if r.scheduled_tokens != s.scheduled_tokens:
+            kinds.append(MEMBERSHIP if r.scheduled_tokens.keys() != s.scheduled_tokens.keys() else TOKENS)
+        if r.preempted != s.preempted and set(r.preempted) != set(s.preempted):
             kinds.append(PREEMPTION)
         if kinds:
             result.mismatches.append(
