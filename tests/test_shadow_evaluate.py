@@ -13,6 +13,7 @@ from vllm_shadow.evaluation.evaluate import (
     LatencySummary,
     Slo,
     check_fidelity,
+    engine_replay,
     optimal_problem,
     run_candidates,
     solve_window_optimum,
@@ -147,3 +148,21 @@ def test_the_assembly_counts_what_failed_and_needs_the_self_replay(windows) -> N
     assert assembled.optimal_failed and assembled.evaluation.task_locations == ("here", "here")
     lost = assemble_evaluation(window, candidates, settings, dataclasses.replace(outputs, fidelity=None), 0.5)
     assert lost.evaluation is None
+
+
+def test_the_optimum_that_reuses_the_fidelity_check_s_replay_equals_one_solved_alone(windows) -> None:
+    """Within a process the optimum's deadlines take the self replay the fidelity check just ran: the same
+    bounds, gaps and scopes as a copy of the window (a different object, so nothing shared) bounded alone."""
+    slo = Slo(1.0, 0.05)
+    for window in windows["fcfs-kv6-crowded"][:6]:
+        check_fidelity(window, slo)
+        shared = solve_window_optimum(window, time_limit=1.0, max_requests=0, slo=slo)
+        alone = solve_window_optimum(dataclasses.replace(window), time_limit=1.0, max_requests=0, slo=slo)
+        for a, b in ((shared.unconstrained, alone.unconstrained), (shared.constrained, alone.constrained)):
+            assert dataclasses.replace(a, solve_seconds=0.0) == dataclasses.replace(b, solve_seconds=0.0)
+    # The replay is handed over once: a third call of the same window simulates again, equal still.
+    window = windows["fcfs-kv12"][1]
+    first = engine_replay(window)
+    assert engine_replay(window) is first
+    again = engine_replay(window)
+    assert again is not first and repr(again) == repr(first)

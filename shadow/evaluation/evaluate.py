@@ -1,6 +1,7 @@
 """Evaluate one window: the self replay (fidelity), the candidate configurations, and the optimum.
 
-Pure functions of a `TrafficWindow`, run as Ray tasks (or in any executor): no I/O, no shared state. Every
+Pure functions of a `TrafficWindow`, run as Ray tasks (or in any executor): no I/O, and no shared state but
+the last self replay, which the fidelity check and the optimum of a window share within a process. Every
 simulation starts from the engine state at the window start and serves the window's requests to completion;
 latency is summarised over the window's own requests (those carried in have their first token in the past).
 
@@ -22,6 +23,7 @@ import math
 import statistics
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 
 from vllm_shadow.adapters.events import RequestArrival
 from vllm_shadow.costmodel.linear import LinearCostModel
@@ -79,25 +81,43 @@ def simulate_window(
 
 
 def candidate_outcome(
-    window: TrafficWindow, label: str, result: SimResult, slo: Slo, *, keep_requests: bool = False
+    window: TrafficWindow,
+    label: str,
+    result: SimResult,
+    slo: Slo,
+    *,
+    keep_requests: bool = False,
+    own: AbstractSet[str] | None = None,
 ) -> CandidateOutcome:
-    own = {r.request_id for r in window.arrivals}
-    records = [r for r in result.requests if r.request_id in own]
-    latency = LatencySummary.of(
-        [r.ttft for r in records], [r.tpot for r in records], [r.e2e for r in records], slo
-    )
+    """`result` summarised over the window's own requests (`own`: their ids, when the caller has them)."""
+    if own is None:
+        own = _own_ids(window)
+    records = []
+    preemptions = recomputed = queries = hits = 0
+    for r in result.requests:  # one walk: every candidate of every window is summarised
+        preemptions += r.preemptions
+        recomputed += r.recomputed_tokens
+        if r.request_id in own:
+            records.append(r)
+            if r.first_scheduled == r.first_scheduled:  # admitted: it looked its prompt up
+                queries += r.prompt_tokens
+            hits += r.num_cached_tokens
     return CandidateOutcome(
         label=label,
         gpu_seconds=result.gpu_seconds,
-        latency=latency,
-        preemptions=sum(r.preemptions for r in result.requests),
+        latency=LatencySummary.of_records(records, slo),
+        preemptions=preemptions,
         steps=result.num_steps,
-        recomputed_tokens=sum(r.recomputed_tokens for r in result.requests),
+        recomputed_tokens=recomputed,
         recompute_gpu_seconds=result.recompute_gpu_seconds,
-        prefix_cache_queries=sum(r.prompt_tokens for r in records if r.first_scheduled == r.first_scheduled),
-        prefix_cache_hits=sum(r.num_cached_tokens for r in records),
+        prefix_cache_queries=queries,
+        prefix_cache_hits=hits,
         requests=tuple(records) if keep_requests else (),
     )
+
+
+def _own_ids(window: TrafficWindow) -> frozenset[str]:
+    return frozenset(r.request_id for r in window.arrivals)
 
 
 def run_candidates(
@@ -106,11 +126,14 @@ def run_candidates(
     """Simulate each policy on the window. A failing policy is reported, not raised: one bad candidate must
     not cost the window its other results."""
     out = []
+    own = _own_ids(window)
     for spec in policies:
         policy = parse_policy(spec)
         try:
             result = simulate_window(window, policy)
-            out.append(candidate_outcome(window, str(policy), result, slo, keep_requests=keep_requests))
+            out.append(
+                candidate_outcome(window, str(policy), result, slo, keep_requests=keep_requests, own=own)
+            )
         except (ValueError, RuntimeError, AssertionError) as exc:
             out.append(CandidateOutcome(str(policy), math.nan, None, error=f"{type(exc).__name__}: {exc}"))
     return out
@@ -124,7 +147,7 @@ def _median_relative_error(pairs: Iterable[tuple[float, float]]) -> float:
 def check_fidelity(window: TrafficWindow, slo: Slo, *, keep_requests: bool = False) -> Fidelity:
     """Self replay of the engine's current configuration, in step space and in time."""
     current = current_policy(window.info.scheduler)
-    timed = simulate_window(window, current)
+    timed = engine_replay(window)
     self_replay = candidate_outcome(window, str(current), timed, slo, keep_requests=keep_requests)
     observed = window.observed
     actual = LatencySummary.of(
@@ -194,8 +217,31 @@ ENGINE_TIME_SLACK = 1e-4  # seconds
 
 
 def engine_replay(window: TrafficWindow, *, record_steps: bool = False) -> SimResult:
-    """The engine's configuration on the window: the self replay (with its steps, to hand CP-SAT as a hint)."""
-    return simulate_window(window, current_policy(window.info.scheduler), record_steps=record_steps)
+    """The engine's configuration on the window: the self replay (with its steps, to hand CP-SAT as a hint).
+    The fidelity check and the optimum's deadlines both need it: where both run in one process (the report,
+    a thread pool, the benchmark), the second call of a window takes the first's result (`_LastReplay`)."""
+    global _last_replay
+    last = _last_replay
+    if last is not None and last.window is window and last.record_steps == record_steps:
+        _last_replay = None  # both uses are served: hold the window no longer
+        return last.result
+    result = simulate_window(window, current_policy(window.info.scheduler), record_steps=record_steps)
+    _last_replay = _LastReplay(window, record_steps, result)
+    return result
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _LastReplay:
+    """The last self replay this process ran. A simulation is a pure function of the window and the policy,
+    so the same window object (compared by identity) replays the same; threads that interleave windows only
+    miss, and simulate again."""
+
+    window: TrafficWindow
+    record_steps: bool
+    result: SimResult
+
+
+_last_replay: _LastReplay | None = None
 
 
 def engine_deadlines_of(problem: Window, engine: SimResult) -> Deadlines:

@@ -15,7 +15,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from vllm_shadow.solver.records import RequestRecord, quantiles
+from vllm_shadow.solver.records import RequestRecord, _percentile, quantiles
 from vllm_shadow.tracking.recompute import RecomputeTax
 from vllm_shadow.tracking.windows import EngineKey
 
@@ -69,6 +69,46 @@ class LatencySummary:
             e2e=quantiles(e2e),
             slo_attainment=attainment,
         )
+
+    @classmethod
+    def of_records(cls, records: Sequence[RequestRecord], slo: Slo) -> LatencySummary:
+        """`of` the records' TTFT, TPOT and end-to-end latency (the records' own properties), in one walk: each
+        of a window's 20 candidates summarises its requests, and the walks were a third of its outcome's time."""
+        ttft, tpot, e2e = [], [], []
+        for r in records:
+            arrival, first, finish = r.arrival, r.first_token, r.finish
+            ttft.append(first - arrival)
+            tpot.append((finish - first) / (r.output_tokens - 1) if r.output_tokens > 1 else math.nan)
+            e2e.append(finish - arrival)
+        attainment = math.nan
+        if slo.defined and ttft:
+            attainment = _attained(ttft, tpot, slo) / len(ttft)
+        return cls(
+            requests=len(e2e),
+            ttft=_float_quantiles(ttft),
+            tpot=_float_quantiles(tpot),
+            e2e=_float_quantiles(e2e),
+            slo_attainment=attainment,
+        )
+
+
+def _attained(ttft: list[float], tpot: list[float], slo: Slo) -> int:
+    """How many requests meet `slo` (`Slo.met` of each, its targets read once)."""
+    ttft_target, tpot_target = slo.ttft_seconds, slo.tpot_seconds
+    met = 0
+    for a, b in zip(ttft, tpot, strict=True):
+        if ttft_target is not None and not a <= ttft_target:
+            continue
+        met += tpot_target is None or b != b or b <= tpot_target  # b != b: a one-token output's nan TPOT
+    return met
+
+
+def _float_quantiles(values: list[float]) -> tuple[float, float, float]:
+    """`quantiles` of a list of floats: the same p50, p90 and p99, NaNs ignored."""
+    ordered = sorted([v for v in values if v == v])
+    if not ordered:
+        return (math.nan, math.nan, math.nan)
+    return _percentile(ordered, 50), _percentile(ordered, 90), _percentile(ordered, 99)
 
 
 @dataclass(frozen=True, slots=True)
