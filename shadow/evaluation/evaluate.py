@@ -124,13 +124,27 @@ def run_candidates(
     window: TrafficWindow, policies: Sequence[Policy | str], slo: Slo, *, keep_requests: bool = False
 ) -> list[CandidateOutcome]:
     """Simulate each policy on the window. A failing policy is reported, not raised: one bad candidate must
-    not cost the window its other results."""
+    not cost the window its other results.
+
+    Policies that differ only in a sequence cap at least the window's request count are simulated once: the
+    simulator reads the cap in one place, vLLM's admission test `len(running) >= max_num_seqs`, made for a
+    waiting request while every other request at most is running, so such a cap never holds one back and the
+    runs are the same step for step (the grid's larger caps, on windows no larger than them)."""
     out = []
     own = _own_ids(window)
+    never_binds = max(window.num_requests, 1)
+    uncapped: dict[Policy, SimResult] = {}  # by the policy with its cap set to `never_binds`
     for spec in policies:
         policy = parse_policy(spec)
         try:
-            result = simulate_window(window, policy)
+            key = None
+            if policy.max_num_seqs >= never_binds:
+                key = dataclasses.replace(policy, max_num_seqs=never_binds)
+            result = uncapped.get(key) if key is not None else None
+            if result is None:
+                result = simulate_window(window, policy)
+                if key is not None:
+                    uncapped[key] = result
             out.append(
                 candidate_outcome(window, str(policy), result, slo, keep_requests=keep_requests, own=own)
             )
