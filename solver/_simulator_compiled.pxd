@@ -22,14 +22,15 @@ cpdef (Py_ssize_t, Py_ssize_t) request_without_recompute(Py_ssize_t new, Py_ssiz
 cpdef tuple without_recompute(object new_tokens, object context_tokens, object recomputed)
 
 cdef Py_ssize_t _JOB_SHIFT
-cdef Py_ssize_t _SEQ_BITS
-cdef Py_ssize_t _SEQ_MASK
+cdef long long _NEVER
 
 cdef long long _EXACT_PS
 cdef double _seconds(long long ps) except? -1
 
-# As Python ints: its float estimate must see what the pure core's sees.
-cdef object _steps_starting_before(object gap, object first_step, object slope)
+# Its float estimate sees what the pure core's sees (C doubles: the same IEEE operations); a figure past a C
+# integer's range raises OverflowError, and the plain-Python core runs (see `simulate`).
+@cython.locals(half=double, area=double, exact=bint, j=cython.longlong)
+cdef Py_ssize_t _steps_starting_before(long long gap, long long first_step, long long slope) except? -1
 
 
 @cython.final
@@ -122,8 +123,10 @@ cdef class Simulator:
     cdef public Py_ssize_t decode_steps
     cdef public Py_ssize_t num_implicit_decoders
     cdef public Py_ssize_t sum_decode_base
-    cdef public list decode_base_residues
-    cdef public list finish_heap
+    cdef long long[::1] decode_base_residues
+    cdef long long[::1] finish_steps
+    cdef long long[::1] finish_seqs
+    cdef Py_ssize_t finish_heap_size
     cdef public list finish_heap_requests
     cdef public long long next_finish
     cdef public Py_ssize_t finish_heap_pushes
@@ -146,8 +149,15 @@ cdef class Simulator:
 
     @cython.locals(when=cython.longlong)
     cdef Py_ssize_t _feed_idle(self, list arrival_whens, list arriving, Py_ssize_t next_arrival, bint by_step) except -1
-    @cython.locals(finish_at=object)
+    @cython.locals(finish_at=cython.longlong)
     cdef _to_implicit(self, _Request request)
+    @cython.locals(pos=Py_ssize_t, parent=Py_ssize_t, steps=cython.longlong[::1], seqs=cython.longlong[::1])
+    cdef _push_finish(self, long long finish_at, Py_ssize_t seq)
+    @cython.locals(pos=Py_ssize_t, child=Py_ssize_t, size=Py_ssize_t, top=Py_ssize_t, finish_at=cython.longlong,
+                   seq=Py_ssize_t, steps=cython.longlong[::1], seqs=cython.longlong[::1])
+    cdef Py_ssize_t _pop_finish(self) except -1
+    @cython.locals(size=Py_ssize_t, steps=cython.longlong[::1], seqs=cython.longlong[::1])
+    cdef _grow_finish_heap(self)
     cdef _to_explicit(self, _Request request)
     cdef Py_ssize_t _num_computed_tokens(self, _Request request)
     cdef Py_ssize_t _num_output_tokens(self, _Request request)
@@ -214,7 +224,7 @@ cdef class Simulator:
 
     @cython.locals(num_scheduled_tokens=Py_ssize_t, kv_tokens=Py_ssize_t, attention_pairs=Py_ssize_t,
                    num_new_tokens=Py_ssize_t, num_computed_tokens=Py_ssize_t, step=Py_ssize_t, finished=list,
-                   track_runs=bint, request=_Request, finish_heap=list, recomputing=bint, finish_limit=object,
+                   track_runs=bint, request=_Request, recomputing=bint,
                    seq=Py_ssize_t, start=cython.longlong, duration=cython.longlong)
     cdef _apply(self, list scheduled, list preempted_reqs, Py_ssize_t num_decoders)
 
@@ -235,12 +245,12 @@ cdef class Simulator:
                    list preempted_reqs)
 
     @cython.locals(block_size=Py_ssize_t, full_cycles=Py_ssize_t, rest=Py_ssize_t, total=Py_ssize_t,
-                   end=Py_ssize_t, first=Py_ssize_t, residues=list, residue=Py_ssize_t)
+                   end=Py_ssize_t, first=Py_ssize_t, residues=cython.longlong[::1], residue=Py_ssize_t)
     cdef Py_ssize_t _decode_blocks_over(self, Py_ssize_t num_steps) except? -1
 
     @cython.locals(num_decoders=Py_ssize_t, static_full=bint, k=Py_ssize_t, num_free_blocks=Py_ssize_t,
                    lo=Py_ssize_t, hi=Py_ssize_t, mid=Py_ssize_t, num_new_blocks=Py_ssize_t, j=Py_ssize_t,
-                   finished=list, finish_heap=list, request=_Request, finish_limit=object, seq=Py_ssize_t,
+                   finished=list, request=_Request, seq=Py_ssize_t,
                    first_step_ps=cython.longlong, slope_ps=cython.longlong, gap=cython.longlong,
                    total_ps=cython.longlong)
     cdef bint _fast_forward(self, object next_arrival_time, object next_arrival_step) except -1

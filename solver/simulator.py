@@ -28,6 +28,7 @@ import functools
 import gc
 import math
 import sys
+from array import array
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -309,11 +310,15 @@ class Simulator:
         self.num_implicit_decoders = 0
         self.sum_decode_base = 0
         # The implicit decoders counted by decode_base mod block_size: which of them open a block at each step.
-        self.decode_base_residues = [0] * block_size
-        # When the implicit decoders finish: (decode_steps at which it finishes) << _SEQ_BITS | push number. Ints
-        # compare faster than tuples; the push number indexes finish_heap_requests, and is stale unless it is
+        # (Arrays of C integers, not lists: in the compiled core their items are C integers, no Python ints.)
+        self.decode_base_residues = _zeros(block_size)
+        # When the implicit decoders finish: a binary heap of (decode_steps at which it finishes, push number)
+        # in two arrays (`_push_finish`, `_pop_finish`), finish_heap_size of them in use; the push number indexes
+        # finish_heap_requests, and is stale unless it is
         # the request's finish_seq while it is an implicit decoder.
-        self.finish_heap: list[int] = []
+        self.finish_steps = _zeros(64)
+        self.finish_seqs = _zeros(64)
+        self.finish_heap_size = 0
         self.finish_heap_requests: list[_Request] = []
         self.finish_heap_pushes = 0
         # The heap's first finish (its top's decode_steps; _NEVER when empty): most steps finish nobody.
@@ -469,15 +474,66 @@ class Simulator:
         self.num_implicit_decoders += 1
         self.sum_decode_base += request.decode_base
         self.decode_base_residues[request.decode_base % self.block_size] += 1
-        # It finishes when num_computed_tokens reaches num_prompt_tokens + max_tokens - 1. (A Python int in the
-        # compiled core too: shifted, a long run's step count would pass a C integer's range.)
+        # It finishes when num_computed_tokens reaches num_prompt_tokens + max_tokens - 1.
         finish_at = request.num_prompt_tokens + request.max_tokens - 1 - request.decode_base
         request.finish_seq = self.finish_heap_pushes
-        heappush(self.finish_heap, finish_at << _SEQ_BITS | self.finish_heap_pushes)
+        self._push_finish(finish_at, self.finish_heap_pushes)
         self.finish_heap_requests.append(request)
         self.finish_heap_pushes += 1
         if finish_at < self.next_finish:
             self.next_finish = finish_at
+
+    def _push_finish(self, finish_at: int, seq: int) -> None:
+        """Push (finish_at, seq) on the finish heap. Push numbers grow, so an entry sifts up past every entry
+        that finishes later (on the same finish the older entry stays first, as heapq would order the pairs)."""
+        if self.finish_heap_size == len(self.finish_steps):
+            self._grow_finish_heap()
+        steps, seqs = self.finish_steps, self.finish_seqs
+        pos = self.finish_heap_size
+        self.finish_heap_size += 1
+        while pos > 0:
+            parent = (pos - 1) >> 1
+            if steps[parent] <= finish_at:
+                break
+            steps[pos] = steps[parent]
+            seqs[pos] = seqs[parent]
+            pos = parent
+        steps[pos] = finish_at
+        seqs[pos] = seq
+
+    def _pop_finish(self) -> int:
+        """Remove the finish heap's first entry (the least finish, then the least push number); returns its push
+        number."""
+        steps, seqs = self.finish_steps, self.finish_seqs
+        top = seqs[0]
+        size = self.finish_heap_size - 1
+        self.finish_heap_size = size
+        finish_at, seq = steps[size], seqs[size]  # the last entry sifts down from the root
+        pos = 0
+        child = 1
+        while child < size:
+            if child + 1 < size and (
+                steps[child + 1] < steps[child]
+                or (steps[child + 1] == steps[child] and seqs[child + 1] < seqs[child])
+            ):
+                child += 1
+            if finish_at < steps[child] or (finish_at == steps[child] and seq < seqs[child]):
+                break
+            steps[pos] = steps[child]
+            seqs[pos] = seqs[child]
+            pos = child
+            child = 2 * pos + 1
+        if size:
+            steps[pos] = finish_at
+            seqs[pos] = seq
+        return top
+
+    def _grow_finish_heap(self) -> None:
+        size = self.finish_heap_size
+        steps, seqs = _zeros(2 * size), _zeros(2 * size)
+        steps[:size] = self.finish_steps[:size]
+        seqs[:size] = self.finish_seqs[:size]
+        self.finish_steps, self.finish_seqs = steps, seqs
 
     def _to_explicit(self, request: _Request) -> None:
         request.num_computed_tokens = request.decode_base + self.decode_steps
@@ -1119,15 +1175,12 @@ class Simulator:
                 else:
                     self._to_implicit(request)
         if self.next_finish <= self.decode_steps:
-            finish_heap = self.finish_heap
-            finish_limit = self.decode_steps + 1  # a Python int in the compiled core, shifted below
-            finish_limit <<= _SEQ_BITS
-            while finish_heap and finish_heap[0] < finish_limit:
-                seq = heappop(finish_heap) & _SEQ_MASK
+            while self.finish_heap_size and self.finish_steps[0] <= self.decode_steps:
+                seq = self._pop_finish()
                 request = self.finish_heap_requests[seq]
                 if request.finish_seq == seq and request.implicit_decoder:
                     finished.append(request)
-            self.next_finish = finish_heap[0] >> _SEQ_BITS if finish_heap else _NEVER
+            self.next_finish = self.finish_steps[0] if self.finish_heap_size else _NEVER
         if finished:
             self._finish_requests(finished, _seconds(self.now) if end_s is None else end_s)
 
@@ -1264,7 +1317,7 @@ class Simulator:
         if self.waiting.size and not (self.admission_blocked or static_full):
             return False
         # Steps until the next finish; a stale heap entry can only make the stretch shorter, never wrong.
-        k = max(self.next_finish - self.decode_steps, 1) if self.finish_heap else 1
+        k = max(self.next_finish - self.decode_steps, 1) if self.finish_heap_size else 1
         # Step j of the stretch lasts first_step_ps + slope_ps * j: each step reads num_decoders more KV tokens.
         first_step_ps = (
             self.step_ps
@@ -1320,16 +1373,13 @@ class Simulator:
         end_s = _seconds(self.now)
         finished = []
         if self.next_finish <= self.decode_steps:
-            finish_heap = self.finish_heap
-            finish_limit = self.decode_steps + 1
-            finish_limit <<= _SEQ_BITS
-            while finish_heap and finish_heap[0] < finish_limit:
-                seq = heappop(finish_heap) & _SEQ_MASK
+            while self.finish_heap_size and self.finish_steps[0] <= self.decode_steps:
+                seq = self._pop_finish()
                 request = self.finish_heap_requests[seq]
                 if request.finish_seq == seq and request.implicit_decoder:
                     request.num_output_tokens = request.max_tokens
                     finished.append(request)
-            self.next_finish = finish_heap[0] >> _SEQ_BITS if finish_heap else _NEVER
+            self.next_finish = self.finish_steps[0] if self.finish_heap_size else _NEVER
         if finished:
             self._finish_requests(finished, end_s)
         return True
@@ -1337,9 +1387,7 @@ class Simulator:
 
 _THRASH_FACTOR = 100  # see Simulator.run
 _JOB_SHIFT = 40  # LightLLM's check packs (tokens left, tokens held) into one int: see Simulator._peak_fits
-_SEQ_BITS = 40  # the finish heap packs (finish, push number) into one int: see Simulator.finish_heap
 _NEVER = 0x4000_0000_0000_0000  # 2**62: a finish no replay reaches (Simulator.next_finish)
-_SEQ_MASK = 0xFF_FFFF_FFFF  # (1 << _SEQ_BITS) - 1, a literal: in C, 1 << 40 would shift a 32-bit int
 _NO_HIT: tuple[list[HeldEntry], int, int] = ([], 0, 0)  # never mutated: an admission takes a fresh list
 _NO_REQUESTS: list[_Request] = []  # never mutated: a step's preemptions, where it has none
 
@@ -1354,6 +1402,11 @@ def _seconds(ps: int) -> float:
     if -_EXACT_PS < ps < _EXACT_PS:
         return ps / 1e12
     return ps / PS_PER_S
+
+
+def _zeros(n: int) -> array:
+    """`n` zeros as C 64-bit integers."""
+    return array("q", bytes(8 * n))
 
 
 def _remove(requests: list[_Request], request: _Request) -> None:
@@ -1375,7 +1428,11 @@ def _steps_starting_before(gap: int, first_step: int, slope: int) -> int:
     j*first_step + slope*j*(j-1)/2 < gap. A float estimate, corrected with exact integer arithmetic."""
     if slope:
         half = first_step - slope / 2
-        j = int((-half + math.sqrt(half * half + 2 * slope * gap)) / slope) + 2
+        # 2 * slope * gap as a float: while both factors are exact doubles, their product as doubles rounds as
+        # the exact integer does (so the compiled core multiplies C doubles).
+        exact = 2 * slope < _EXACT_PS and -_EXACT_PS < gap < _EXACT_PS
+        area = 2.0 * slope * gap if exact else float(2 * slope * gap)
+        j = int((-half + math.sqrt(half * half + area)) / slope) + 2
     else:
         j = gap // first_step + 2 if first_step else 0
     while j > 0 and j * first_step + slope * j * (j - 1) // 2 >= gap:

@@ -6,6 +6,7 @@ Scenarios use a cost model of exactly 1 second per step, so times read as step c
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import math
 import sys
 
@@ -653,3 +654,48 @@ def test_the_simulated_recompute_tax_is_the_engine_tracker_s_on_the_simulated_st
     assert stepped.recompute_gpu_seconds == pytest.approx(seconds, rel=1e-9, abs=1e-12)
     never = simulate(reqs, "no-eviction", COST, num_kv_blocks=blocks, block_size=block_size)
     assert never.recompute_gpu_seconds == 0.0
+
+
+# ---- the core's own arithmetic and heap (the plain-Python core; tests/test_compiled_core.py holds the compiled
+# core to it) ----------------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.integers(0, 40), st.none()), max_size=300))
+def test_the_finish_heap_pops_in_the_order_of_heapq_on_the_pairs(operations):
+    # An int pushes (finish, next push number), None pops; past 64 entries the arrays grow.
+    sim = pure_core().Simulator(parse_policy("vllm"), ONE_SECOND_STEPS, 100, 4)
+    reference: list[tuple[int, int]] = []
+    pushes = 0
+    for finish in operations:
+        if finish is not None:
+            sim._push_finish(finish, pushes)
+            heapq.heappush(reference, (finish, pushes))
+            pushes += 1
+        elif reference:
+            assert sim._pop_finish() == heapq.heappop(reference)[1]
+        assert sim.finish_heap_size == len(reference)
+        assert not reference or sim.finish_steps[0] == reference[0][0]
+    while reference:
+        assert sim._pop_finish() == heapq.heappop(reference)[1]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(-(2**62), 2**62))
+def test_seconds_is_the_correctly_rounded_quotient(ps):
+    core = pure_core()
+    for near in (ps, ps % 2**54 - 2**53, 2**53 - ps % 64):  # anywhere, and around the 2**53 boundary
+        assert core._seconds(near) == near / core.PS_PER_S
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 2**62), st.integers(0, 2**40), st.integers(0, 2**30))
+def test_steps_starting_before_counts_the_steps_that_start_before_the_gap(gap, first_step, slope):
+    assume(first_step or slope)
+    counted = pure_core()._steps_starting_before(gap, first_step, slope)
+
+    def starts(j: int) -> int:  # when step j starts: steps 0..j-1 lasted first_step + slope * i each
+        return j * first_step + slope * j * (j - 1) // 2
+
+    # The count of j >= 0 with starts(j) < gap: step counted - 1 starts before the gap, step counted does not.
+    assert counted >= 1 and starts(counted - 1) < gap <= starts(counted)
