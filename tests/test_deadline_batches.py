@@ -75,7 +75,7 @@ def windows_with_deadlines(draw: st.DrawFn) -> tuple[Window, Deadlines]:
     return window, Deadlines({}, finish, "test")
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(windows_with_deadlines(), st.sampled_from([1, 7, 1 << 18]))
 def test_the_block_programme_counts_what_the_one_end_at_a_time_programme_did(case, cells: int) -> None:
     window, deadlines = case

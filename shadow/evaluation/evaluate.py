@@ -133,23 +133,25 @@ def run_candidates(
     out = []
     own = _own_ids(window)
     never_binds = max(window.num_requests, 1)
-    uncapped: dict[Policy, SimResult] = {}  # by the policy with its cap set to `never_binds`
+    uncapped: dict[Policy, CandidateOutcome] = {}  # by the policy with its cap set to `never_binds`
     for spec in policies:
         policy = parse_policy(spec)
+        label = str(policy)
         try:
             key = None
             if policy.max_num_seqs >= never_binds:
                 key = dataclasses.replace(policy, max_num_seqs=never_binds)
-            result = uncapped.get(key) if key is not None else None
-            if result is None:
-                result = simulate_window(window, policy)
-                if key is not None:
-                    uncapped[key] = result
-            out.append(
-                candidate_outcome(window, str(policy), result, slo, keep_requests=keep_requests, own=own)
-            )
+                shared = uncapped.get(key)
+                if shared is not None:
+                    out.append(dataclasses.replace(shared, label=label))
+                    continue
+            result = simulate_window(window, policy)
+            outcome = candidate_outcome(window, label, result, slo, keep_requests=keep_requests, own=own)
+            if key is not None:
+                uncapped[key] = outcome
+            out.append(outcome)
         except (ValueError, RuntimeError, AssertionError) as exc:
-            out.append(CandidateOutcome(str(policy), math.nan, None, error=f"{type(exc).__name__}: {exc}"))
+            out.append(CandidateOutcome(label, math.nan, None, error=f"{type(exc).__name__}: {exc}"))
     return out
 
 
