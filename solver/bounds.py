@@ -31,7 +31,7 @@ from __future__ import annotations
 import bisect
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from ortools.linear_solver import pywraplp
@@ -186,12 +186,19 @@ _NO_INTERVAL = -(1 << 62)  # below any batch count: a request not due by an end 
 
 
 def relaxation_bound(
-    window: Window, cost: LinearCostModel, deadlines: Deadlines | None = None, least_batches: int = 0
+    window: Window,
+    cost: LinearCostModel,
+    deadlines: Deadlines | None = None,
+    least_batches: int = 0,
+    least_schedule_seconds: float = 0.0,
 ) -> RelaxationBound:
     """Holds for every schedule (that meets `deadlines`, when given: they raise the batch count), and for every
-    schedule that needs at least `least_batches` batches (a count proven elsewhere: `time_capacity_batches`)."""
+    schedule that needs at least `least_batches` batches (a count proven elsewhere: `time_capacity_batches`)
+    and at least `least_schedule_seconds` of a * batches plus recompute (`vllm_shadow.solver.paused_kv`)."""
     batches = max(min_batches(window, deadlines), least_batches)
-    gpu = cost.a * batches + sum(request_work_seconds(r, cost) for r in window.requests)
+    gpu = max(cost.a * batches, least_schedule_seconds) + sum(
+        request_work_seconds(r, cost) for r in window.requests
+    )
     e2e, ttft = [], []
     for r in window.requests:
         wait = max(window.start - r.arrival, 0.0)
@@ -229,6 +236,9 @@ class TimeCapacityBound:
     constraints: int
     seconds: float
     kv_rounds: int = 0  # rounds of KV rows added (cutting planes)
+    # The KV rows added, (k, k', q per request): a MIP over the same keys (`vllm_shadow.solver.paused_kv`)
+    # starts from them.
+    kv_rows: tuple = field(default=(), compare=False, repr=False)
 
 
 def time_capacity_batches(
@@ -256,7 +266,7 @@ def time_capacity_batches(
         prefill ran inside); a request wholly inside costs at least `request_work_seconds`. Their
         time, a per batch plus that work, is at most k' - k. Intervals run from the start or an arrival to a
         deadline (first token or finish).
-      * KV capacity (`_KvRows`): the batches ending in (k, k'] hold the blocks of the tokens emitted in them,
+      * KV capacity (`KvRows`): the batches ending in (k, k'] hold the blocks of the tokens emitted in them,
         at most `kv_blocks` each; these rows are added lazily, the most violated first, for up to
         `kv_cut_rounds` rounds (0: none) or until a round raises the value by less than 0.01 batches, each
         round re-solving the LP (every round's value is a valid bound).
@@ -270,6 +280,79 @@ def time_capacity_batches(
     none = TimeCapacityBound(0, 0, 0, 0.0)
     if min(cost.a, cost.b, cost.c, cost.d, cost.e) < 0 or max(cost.a, cost.b) <= 0 or not deadlines.finish:
         return none  # batches must take positive time, and work must only add to it
+    solver = pywraplp.Solver.CreateSolver("GLOP")
+    model = build_capacity_model(solver, window, cost, deadlines, max_keys_apart, max_keys)
+    ended, constraint = model.ended, model.constraint
+    last = len(ended) - 1
+    solver.Minimize(ended[last])
+    kv = (
+        KvRows(window, model.emitted, ended, model.arrival_key, model.finish_key)
+        if kv_cut_rounds > 0
+        else None
+    )
+    value, rounds = None, 0
+    while True:
+        remaining = time_limit - (time.perf_counter() - started)
+        solver.SetTimeLimit(max(int(remaining * 1000), 1))
+        if remaining <= 0 or solver.Solve() != pywraplp.Solver.OPTIMAL:
+            break  # the last LP solved (fewer rows) still bounds every schedule
+        # Rounds after the first solve with the dual simplex: with the KV rows added GLOP's primal took 2 s,
+        # 11 s, 40 s on the conversation window at 1,200 s; the dual takes 7-8 s a round.
+        solver.SetSolverSpecificParametersAsString("use_dual_simplex: true")
+        stalled = value is not None and solver.Objective().Value() < value + _KV_ROUND_PROGRESS
+        value = solver.Objective().Value()
+        if (
+            kv is None
+            or stalled
+            or rounds >= kv_cut_rounds
+            or not kv.add_violated(solver, constraint, started + time_limit)
+        ):
+            break
+        rounds += 1
+    seconds = time.perf_counter() - started
+    if value is None:
+        return TimeCapacityBound(0, solver.NumVariables(), solver.NumConstraints(), seconds)
+    batches = math.ceil(value - _LP_TOLERANCE * max(1.0, value))
+    return TimeCapacityBound(
+        max(batches, 0),
+        solver.NumVariables(),
+        solver.NumConstraints(),
+        seconds,
+        rounds,
+        tuple(kv.rows) if kv is not None else (),
+    )
+
+
+@dataclass(slots=True)
+class CapacityModel:
+    """The time-capacity LP's variables on a solver (`build_capacity_model`): E (`ended`), S (`begun`) and x
+    (`emitted`: per request and key time, an int where fixed, else a variable), over the sorted key times."""
+
+    solver: pywraplp.Solver
+    keys: list[float]
+    ended: list
+    begun: list
+    emitted: dict[str, list]
+    arrival_key: dict[str, int]
+    finish_key: dict[str, int]
+
+    def constraint(self, lower: float, upper: float, terms: dict):
+        row = self.solver.Constraint(lower, upper)
+        for var, coefficient in terms.items():
+            row.SetCoefficient(var, coefficient)
+        return row
+
+
+def build_capacity_model(
+    solver: pywraplp.Solver,
+    window: Window,
+    cost: LinearCostModel,
+    deadlines: Deadlines,
+    max_keys_apart: int | None = None,
+    max_keys: int | None = None,
+) -> CapacityModel:
+    """The rows of `time_capacity_batches` but the KV ones, on `solver` (an LP, or a MIP that adds its own
+    integer rows): the same keys and variables for the same arguments."""
     requests = window.requests
     start = window.start
     arrival = {r.request_id: max(r.arrival, start) for r in requests}
@@ -293,14 +376,9 @@ def time_capacity_batches(
         k = bisect.bisect_left(keys, t)
         return k if k <= last else None
 
-    solver = pywraplp.Solver.CreateSolver("GLOP")
+    model = CapacityModel(solver, keys, [], [], {}, {}, {})
+    constraint = model.constraint
     infinity = solver.infinity()
-
-    def constraint(lower: float, upper: float, terms: dict) -> None:
-        row = solver.Constraint(lower, upper)
-        for var, coefficient in terms.items():
-            row.SetCoefficient(var, coefficient)
-
     ended = [solver.NumVar(0, 0 if k == 0 else infinity, f"E{k}") for k in range(len(keys))]
     begun = [solver.NumVar(0, 0 if k == 0 else infinity, f"S{k}") for k in range(len(keys))]
     for k in range(len(keys)):
@@ -396,35 +474,12 @@ def time_capacity_batches(
             # the LP infeasible (a hypothesis draw with e = 6e-8). A looser row only weakens the bound.
             span = keys[k2] - keys[k]
             constraint(-infinity, span - fixed + 1e-6 * max(span, 1.0), terms)
-    solver.Minimize(ended[last])
-    kv = _KvRows(window, emitted, ended, arrival_key, finish_key) if kv_cut_rounds > 0 else None
-    value, rounds = None, 0
-    while True:
-        remaining = time_limit - (time.perf_counter() - started)
-        solver.SetTimeLimit(max(int(remaining * 1000), 1))
-        if remaining <= 0 or solver.Solve() != pywraplp.Solver.OPTIMAL:
-            break  # the last LP solved (fewer rows) still bounds every schedule
-        # Rounds after the first solve with the dual simplex: with the KV rows added GLOP's primal took 2 s,
-        # 11 s, 40 s on the conversation window at 1,200 s; the dual takes 7-8 s a round.
-        solver.SetSolverSpecificParametersAsString("use_dual_simplex: true")
-        stalled = value is not None and solver.Objective().Value() < value + _KV_ROUND_PROGRESS
-        value = solver.Objective().Value()
-        if (
-            kv is None
-            or stalled
-            or rounds >= kv_cut_rounds
-            or not kv.add_violated(solver, constraint, started + time_limit)
-        ):
-            break
-        rounds += 1
-    seconds = time.perf_counter() - started
-    if value is None:
-        return TimeCapacityBound(0, solver.NumVariables(), solver.NumConstraints(), seconds)
-    batches = math.ceil(value - _LP_TOLERANCE * max(1.0, value))
-    return TimeCapacityBound(max(batches, 0), solver.NumVariables(), solver.NumConstraints(), seconds, rounds)
+    model.ended, model.begun, model.emitted = ended, begun, emitted
+    model.arrival_key, model.finish_key = arrival_key, finish_key
+    return model
 
 
-class _KvRows:
+class KvRows:
     """KV capacity between key times, added to the LP lazily (cutting planes; all of them at once made GLOP run
     past its time limit on a 64-request window). The batches that end in (k, k'] number E[k'] - E[k] and each
     holds at most `kv_blocks` blocks, while request i emits x[i,k'] - x[i,k] tokens in them, its t-th remaining
@@ -460,6 +515,7 @@ class _KvRows:
         self.finish_key = np.array([finish_key[rid] for rid in self.rids])
         self.index = np.arange(keys)
         self.added: set[tuple[int, int, bytes]] = set()
+        self.rows: list[tuple[int, int, np.ndarray]] = []
 
     def _values(self) -> tuple[np.ndarray, np.ndarray]:
         x = np.array(
@@ -533,11 +589,13 @@ class _KvRows:
             if (k, k2, q.tobytes()) in self.added:
                 continue
             self.added.add((k, k2, q.tobytes()))
+            self.rows.append((k, k2, q))
             self._add_row(solver, constraint, k, k2, q)
             added += 1
         return added > 0
 
-    def _add_row(self, solver, constraint, k: int, k2: int, q: np.ndarray) -> None:
+    def _add_row(self, solver, constraint, k: int, k2: int, q: np.ndarray):
+        """The row for the batches ending in (k, k'] at tokens `q`; returns what `constraint` returns."""
         terms: dict = {self.ended[k2]: -float(self.kv_blocks), self.ended[k]: float(self.kv_blocks)}
         fixed = 0.0
         blocks, offset = (column[:, 0] for column in self._tangent(q[:, None]))
@@ -560,4 +618,4 @@ class _KvRows:
                     fixed += coefficient * var
                 else:
                     terms[var] = terms.get(var, 0.0) + coefficient
-        constraint(-solver.infinity(), -fixed, terms)
+        return constraint(-solver.infinity(), -fixed, terms)
