@@ -1,9 +1,10 @@
-"""What a window's evaluation shares between its simulations, and the premise that makes each share exact.
+"""What a window's evaluation shares between its simulations, and the premises that make each share exact.
 
-`run_candidates` simulates once the policies that differ only in a sequence cap no lower than the window's
-request count: the simulator reads the cap only in vLLM's admission test, which such a cap never fails. The
-property test holds the simulator to that on random workloads (every preset, prefix caching and async
-scheduling on and off, running requests at the start), so that a future use of the cap breaks it here first.
+`run_candidates` simulates once the policies that provably run the same steps (`SharedRuns`): those that differ
+only in a sequence cap no lower than the window's request count (the simulator reads the cap only in vLLM's
+admission test, which such a cap never fails), and, in a run without preemptions, only in the victim rule. The
+property tests hold the simulator to both on random workloads (every preset, prefix caching and async scheduling
+on and off, running requests at the start), so that a future use of either knob breaks them here first.
 """
 
 from __future__ import annotations
@@ -17,8 +18,17 @@ from hypothesis import strategies as st
 from tests import shadow_support as support
 from tests.test_compiled_core import COST, policies, view, workloads
 from vllm_shadow.evaluation.candidates import build_candidates
-from vllm_shadow.evaluation.evaluate import Slo, candidate_outcome, run_candidates, simulate_window
+from vllm_shadow.evaluation.evaluate import (
+    Slo,
+    candidate_outcome,
+    check_fidelity,
+    run_candidates,
+    simulate_window,
+)
+from vllm_shadow.solver.records import RequestRecord
 from vllm_shadow.solver.simulator import simulate
+
+_PREEMPTIONS = [f.name for f in dataclasses.fields(RequestRecord)].index("preemptions")
 
 
 def _run(requests, initial, policy, blocks: int, block_size: int) -> dict:
@@ -48,15 +58,30 @@ def test_a_sequence_cap_at_least_the_request_count_never_changes_a_run(workload,
     assert _run(requests, initial, higher, blocks, block_size) == at_count
 
 
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workloads(), policies(), st.sampled_from(["newest", "least-computed"]))
+def test_a_run_without_preemptions_is_the_same_under_either_victim_rule(
+    workload, policy, victim: str
+) -> None:
+    requests, initial, block_size, blocks = workload
+    run = _run(requests, initial, dataclasses.replace(policy, victim=victim), blocks, block_size)
+    if "refused" in run or any(record[_PREEMPTIONS] for record in run["requests"]):
+        return  # a victim was picked: the rule may matter
+    other = "least-computed" if victim == "newest" else "newest"
+    assert _run(requests, initial, dataclasses.replace(policy, victim=other), blocks, block_size) == run
+
+
 @pytest.mark.parametrize("name", [*support.NAMES, "fcfs-kv16-prefix-caching"])
 def test_candidates_that_share_a_run_report_what_their_own_runs_report(name: str) -> None:
     """Each candidate's outcome, shared run or not, equals its own simulation summarised alone, on windows of
-    the recorded engines: their grid's caps of 2x and 4x the engine's are above most windows' request counts."""
+    the recorded engines (after the fidelity check, whose self replay the candidates may share): their grid's
+    caps of 2x and 4x the engine's are above most windows' request counts, and most windows preempt nothing."""
     windows = support.windows(name, 1.0)
     policies = [c.policy for c in build_candidates(windows[0].info.scheduler)[1:]]
     slo = Slo(1.0, 0.05)
     shared = 0
     for window in windows[:8]:
+        check_fidelity(window, slo)
         outcomes = run_candidates(window, policies, slo, keep_requests=True)
         shared += sum(p.max_num_seqs >= window.num_requests for p in policies)
         for policy, outcome in zip(policies, outcomes, strict=True):

@@ -38,6 +38,7 @@ from vllm_shadow.evaluation.results import (
     Slo,
     WindowOptimum,
 )
+from vllm_shadow.evaluation.shared_runs import SharedRuns
 from vllm_shadow.evaluation.step_match import compare_steps
 from vllm_shadow.solver.bounds import relaxation_bound
 from vllm_shadow.solver.optimal import GPU_COST, slo_deadlines, solve_optimal
@@ -124,31 +125,25 @@ def run_candidates(
     window: TrafficWindow, policies: Sequence[Policy | str], slo: Slo, *, keep_requests: bool = False
 ) -> list[CandidateOutcome]:
     """Simulate each policy on the window. A failing policy is reported, not raised: one bad candidate must
-    not cost the window its other results.
-
-    Policies that differ only in a sequence cap at least the window's request count are simulated once: the
-    simulator reads the cap in one place, vLLM's admission test `len(running) >= max_num_seqs`, made for a
-    waiting request while every other request at most is running, so such a cap never holds one back and the
-    runs are the same step for step (the grid's larger caps, on windows no larger than them)."""
+    not cost the window its other results. Policies that provably run the same steps as one simulated already
+    (`SharedRuns`: a larger sequence cap than the window needs; the other victim rule, without preemptions),
+    the self replay included when this process just ran it, take its outcome under their own label."""
     out = []
     own = _own_ids(window)
-    never_binds = max(window.num_requests, 1)
-    uncapped: dict[Policy, CandidateOutcome] = {}  # by the policy with its cap set to `never_binds`
+    shared = SharedRuns(window.num_requests)
+    replay = _replay_in_process(window)
+    if replay is not None:
+        current = current_policy(window.info.scheduler)
+        shared.add(current, candidate_outcome(window, "", replay, slo, keep_requests=keep_requests, own=own))
     for spec in policies:
         policy = parse_policy(spec)
         label = str(policy)
         try:
-            key = None
-            if policy.max_num_seqs >= never_binds:
-                key = dataclasses.replace(policy, max_num_seqs=never_binds)
-                shared = uncapped.get(key)
-                if shared is not None:
-                    out.append(dataclasses.replace(shared, label=label))
-                    continue
-            result = simulate_window(window, policy)
-            outcome = candidate_outcome(window, label, result, slo, keep_requests=keep_requests, own=own)
-            if key is not None:
-                uncapped[key] = outcome
+            outcome = shared.get(policy, label)
+            if outcome is None:
+                result = simulate_window(window, policy)
+                outcome = candidate_outcome(window, label, result, slo, keep_requests=keep_requests, own=own)
+                shared.add(policy, outcome)
             out.append(outcome)
         except (ValueError, RuntimeError, AssertionError) as exc:
             out.append(CandidateOutcome(label, math.nan, None, error=f"{type(exc).__name__}: {exc}"))
@@ -244,6 +239,14 @@ def engine_replay(window: TrafficWindow, *, record_steps: bool = False) -> SimRe
     result = simulate_window(window, current_policy(window.info.scheduler), record_steps=record_steps)
     _last_replay = _LastReplay(window, record_steps, result)
     return result
+
+
+def _replay_in_process(window: TrafficWindow) -> SimResult | None:
+    """The self replay of `window` (in time, without steps) if this process has it at hand, else None."""
+    last = _last_replay
+    if last is not None and last.window is window and not last.record_steps:
+        return last.result
+    return None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
