@@ -13,8 +13,9 @@ and an either/or. This module writes them as a MIP over the same keys and rows:
     v[i]): the batches ending in it that i sits out while alive (D_j = E[j+1] - E[j]; M_j the most batches
     that fit in the interval, each at least a + b long). In each of them it holds at least blocks(target)
     (the KV of its prompt and its first emission), on top of the emission area the KV rows already charge;
-  * every KV row of the LP (k, k') and the prefix and suffix rows gain sum_i blocks_i * sum_j idle[i,j] over
-    the intervals between them (a cumulative P[k] keeps them sparse);
+  * every KV row the LP added (k, k'), and the first-block rows of each key interval and of the window's
+    prefixes and suffixes, gain sum_i blocks_i * sum_j idle[i,j] over the intervals between k and k' (a
+    cumulative P[k] keeps the rows sparse);
   * an eviction after the first emission recomputes at least the request's target tokens: b * target (plus the
     least attention of that prefill, as `prefill_extra_bound` counts it) of GPU time no other term counts.
 The objective is E at the last key + the recompute seconds over a, in batch equivalents: a * (its proven
@@ -182,9 +183,9 @@ def build_paused_kv_mip(
     kv = KvRows(window, emitted, ended, model.arrival_key, model.finish_key)
     pairs = {(k, k2): q for k, k2, q in capacity.kv_rows}
     first_block = np.zeros(len(kv.rids), dtype=int)
-    for k in range(last):
-        pairs.setdefault((k, last), first_block)
-        pairs.setdefault((0, k + 1), first_block)
+    for k in range(last):  # besides the LP's: each key interval, and the prefixes and suffixes of the window
+        for pair in ((k, k + 1), (k, last), (0, k + 1)):
+            pairs.setdefault(pair, first_block)
     for (k, k2), q in pairs.items():
         row = kv._add_row(solver, constraint, k, k2, q)
         row.SetCoefficient(area[k2], 1.0)

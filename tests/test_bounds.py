@@ -387,3 +387,31 @@ def test_paused_kv_mip_proves_the_batch_a_paused_request_costs(case):
     assert (lp_batches, batches) == (4, 5)
     assert equivalents == pytest.approx(5.0, abs=1e-4)
     assert bound == pytest.approx(best, rel=1e-5)
+
+
+@pytest.mark.parametrize("kv_blocks", [4, 3])
+def test_paused_kv_mip_meets_the_optimum_on_a_pause_and_on_an_eviction(kv_blocks):
+    """x emits its first token alone, y arrives just then and must finish in the next batch, which x's second
+    token cannot share (3 + 2 blocks). With 4 blocks x sits out y's batch holding its 2; with 3 it must be
+    evicted and recompute its 2 tokens. The MIP's batches and recompute are exactly the optimum's, so any of
+    its coefficients scaled up (the blocks held, the recompute) makes the bound exceed the optimum here."""
+    from vllm_shadow.solver.paused_kv import paused_kv_bound
+
+    cost = LinearCostModel(a=1.0, b=0.1, c=0.0)
+    window = Window(
+        (WindowRequest("x", 0.0, 2, 2), WindowRequest("y", 1.2, 2, 1)),
+        EngineLimits(kv_blocks=kv_blocks, block_size=1),
+    )
+    x_done = 3.5 if kv_blocks == 4 else 3.7  # x's last token: 1 token, or 3 recomputed
+    deadlines = Deadlines({"x": 1.2, "y": 2.4}, {"x": x_done, "y": 2.4}, "test")
+    best, schedule = exhaustive_optimum(window, cost, Objective(), EVERYTHING, deadlines)
+    assert len(schedule) == 3 and best == pytest.approx(x_done)
+    assert [b.evicted for b in schedule.batches] == [(), ("x",) if kv_blocks == 3 else (), ()]
+    capacity = time_capacity_batches(window, cost, deadlines)
+    paused = paused_kv_bound(window, cost, deadlines, capacity)
+    assert paused.status == "OPTIMAL"
+    recompute = 0.2 if kv_blocks == 3 else 0.0
+    assert paused.batch_equivalents == pytest.approx(3 + recompute, abs=1e-5)
+    bound = relaxation_bound(window, cost, deadlines, capacity.batches, paused.schedule_seconds(cost))
+    assert bound.gpu_seconds == pytest.approx(best, abs=1e-5)
+    assert bound.gpu_seconds <= best + 1e-9
