@@ -25,7 +25,18 @@ cdef Py_ssize_t _JOB_SHIFT
 cdef long long _NEVER
 
 cdef long long _EXACT_PS
+cdef double _ROUND_LIMIT
 cdef double _seconds(long long ps) except? -1
+
+@cython.locals(arrival_time=cython.longlong)
+cdef _Request _new_request(object r, Py_ssize_t index, object order, Py_ssize_t block_size,
+                           Py_ssize_t num_usable_blocks)
+
+@cython.locals(x=double, n=cython.longlong, rest=double)
+cdef long long _to_ps(object time) except? -1
+
+@cython.locals(i=Py_ssize_t)
+cdef bint _ascending(list values) except -1
 
 # Its float estimate sees what the pure core's sees (C doubles: the same IEEE operations); a figure past a C
 # integer's range raises OverflowError, and the plain-Python core runs (see `simulate`).

@@ -181,7 +181,9 @@ class _Request:
         # Its generated blocks' hashes, published with its finish: named when it finishes (below, in
         # _free_cached_blocks); until then those blocks are private, as vLLM's are to every other request.
         self.output_block_hashes = output_block_hashes
-        self.held_blocks: list[HeldEntry] = []
+        # (None until it is admitted under prefix caching, which gives it its list: most requests of a replay
+        # without prefix caching never need one.)
+        self.held_blocks: list[HeldEntry] | None = None
         self.num_cached_blocks = 0
         self.private_run: PrivateRun | None = None  # its private blocks in the free queue, since it was freed
         self.hit_memo: tuple | None = None  # (pool version, num_tokens, its lookup) while it waits
@@ -379,6 +381,7 @@ class Simulator:
         """An initial request's full blocks are cached; one whose hash another initial request already holds
         is shared (held once), as the engine's own prefix cache would have it."""
         num_full_blocks = request.num_computed_tokens // self.block_size
+        request.held_blocks = []
         self.num_used_blocks -= self.block_pool.hold_initial(
             request.held_blocks, request.block_hashes, num_full_blocks
         )
@@ -1440,6 +1443,68 @@ def _steps_starting_before(gap: int, first_step: int, slope: int) -> int:
     return j + 1
 
 
+def _new_request(
+    r: RequestArrival, index: int, order: str, block_size: int, num_usable_blocks: int
+) -> _Request:
+    """The simulator's request for the arrival `r` (the `index`-th of the replay), with its record. Each field of
+    the arrival read once: this runs for every request of a replay."""
+    request_id, prompt_tokens, output_tokens = r.request_id, r.prompt_tokens, r.output_tokens
+    if output_tokens is None or output_tokens < 1:
+        raise ValueError(f"request {request_id}: output_tokens must be known and >= 1 to simulate")
+    if prompt_tokens < 1:
+        raise ValueError(f"request {request_id}: prompt_tokens must be >= 1")
+    if cdiv(prompt_tokens + output_tokens - 1, block_size) > num_usable_blocks:
+        raise ValueError(
+            f"request {request_id}: {prompt_tokens}+{output_tokens} tokens can never fit in "
+            f"{num_usable_blocks} KV blocks of {block_size} tokens"
+        )
+    arrival_time = _to_ps(r.time)
+    # The record's arrival is on the simulator's picosecond clock, so latencies are never negative.
+    record = RequestRecord(request_id, _seconds(arrival_time), prompt_tokens, output_tokens, r.priority)
+    block_hashes, output_block_hashes = r.block_hashes, ()
+    num_prompt_blocks = prompt_tokens // block_size
+    if len(block_hashes) > num_prompt_blocks:
+        # Past its prompt's, the hashes of its generated blocks (from its finish), used when it finishes.
+        block_hashes, output_block_hashes = (
+            block_hashes[:num_prompt_blocks],
+            block_hashes[num_prompt_blocks:],
+        )
+    return _Request(
+        request_id,
+        arrival_time,
+        prompt_tokens,
+        output_tokens,
+        None if order == "fcfs" else _queue_key(order, r, arrival_time, index),
+        record,
+        block_hashes,
+        output_block_hashes,
+    )
+
+
+# Below 2**62 (picoseconds: 53 days) a double's integer part converts exactly to a C 64-bit integer.
+_ROUND_LIMIT = 4611686018427387904.0  # 2**62
+
+
+def _to_ps(time: float) -> int:
+    """`round(time * PS_PER_S)`, the time `time` in integer picoseconds; rounded half to even, as `round` does,
+    in C where the compiled core can (a float, below 2**62 ps)."""
+    if isinstance(time, float):
+        x = time * 1e12  # the float product `time * PS_PER_S` is: 10**12 is an exact double
+        if -_ROUND_LIMIT < x < _ROUND_LIMIT:
+            n = int(x)
+            rest = x - n  # exact: the fraction of a double
+            if rest > 0.5 or (rest == 0.5 and n % 2):
+                n += 1
+            elif rest < -0.5 or (rest == -0.5 and n % 2):
+                n -= 1
+            return n
+    return round(time * PS_PER_S)
+
+
+def _ascending(values: list[int]) -> bool:
+    return all(values[i - 1] <= values[i] for i in range(1, len(values)))
+
+
 def _queue_key(order: str, request: RequestArrival, arrival_time: int, index: int) -> tuple | None:
     if order == "fcfs":
         return None  # the FCFS queue is a deque in arrival order
@@ -1480,50 +1545,14 @@ def simulate(
     )
     records: list[RequestRecord] = []
     num_usable_blocks = num_kv_blocks - 1
-
     order = policy.order
 
-    def make(index: int, r: RequestArrival) -> _Request:
-        # Each field of the arrival read once: this runs for every request of a replay.
-        request_id, prompt_tokens, output_tokens = r.request_id, r.prompt_tokens, r.output_tokens
-        if output_tokens is None or output_tokens < 1:
-            raise ValueError(f"request {request_id}: output_tokens must be known and >= 1 to simulate")
-        if prompt_tokens < 1:
-            raise ValueError(f"request {request_id}: prompt_tokens must be >= 1")
-        if cdiv(prompt_tokens + output_tokens - 1, block_size) > num_usable_blocks:
-            raise ValueError(
-                f"request {request_id}: {prompt_tokens}+{output_tokens} tokens can never fit in "
-                f"{num_usable_blocks} KV blocks of {block_size} tokens"
-            )
-        arrival_time = round(r.time * PS_PER_S)
-        # The record's arrival is on the simulator's picosecond clock, so latencies are never negative.
-        rec = RequestRecord(request_id, arrival_time / PS_PER_S, prompt_tokens, output_tokens, r.priority)
-        records.append(rec)
-        block_hashes, output_block_hashes = r.block_hashes, ()
-        num_prompt_blocks = prompt_tokens // block_size
-        if len(block_hashes) > num_prompt_blocks:
-            # Past its prompt's, the hashes of its generated blocks (from its finish), used when it finishes.
-            block_hashes, output_block_hashes = (
-                block_hashes[:num_prompt_blocks],
-                block_hashes[num_prompt_blocks:],
-            )
-        return _Request(
-            request_id,
-            arrival_time,
-            prompt_tokens,
-            output_tokens,
-            None if order == "fcfs" else _queue_key(order, r, arrival_time, index),
-            rec,
-            block_hashes,
-            output_block_hashes,
-        )
-
     for index, state in enumerate(initial_running):
+        request = _new_request(state.request, index, order, block_size, num_usable_blocks)
         if state.finishing:
-            sim.add_finishing(make(index, state.request), state.computed_tokens)
-            records.pop()  # served before the start: not the replay's
+            sim.add_finishing(request, state.computed_tokens)  # served before the start: not the replay's
         else:
-            request = make(index, state.request)
+            records.append(request.record)
             sim.add_running(request, state.computed_tokens, state.generated_tokens)
             if state.decoded_in_flight and sim.async_scheduling:
                 # It decoded in the step before the start and in the one before that (`_to_explicit`).
@@ -1552,14 +1581,21 @@ def simulate(
     collecting = gc.isenabled()
     gc.disable()
     try:
-        pending: list[tuple[int, int, _Request]] = []  # (arrival time or step, index, request)
+        arriving: list[_Request] = []
+        arrival_whens: list[int] = []  # arrival time or step
         for index, r in enumerate(requests):
-            request = make(offset + index, r)
-            when = arrival_steps[r.request_id] if arrival_steps is not None else request.arrival_time
-            pending.append((when, offset + index, request))
-        pending.sort()  # indices are unique: requests are never compared
+            request = _new_request(r, offset + index, order, block_size, num_usable_blocks)
+            records.append(request.record)
+            arriving.append(request)
+            arrival_whens.append(
+                arrival_steps[r.request_id] if arrival_steps is not None else request.arrival_time
+            )
+        if not _ascending(arrival_whens):  # a stable sort: requests arriving together stay in their order
+            by_arrival = sorted(range(len(arriving)), key=arrival_whens.__getitem__)
+            arriving = [arriving[i] for i in by_arrival]
+            arrival_whens = [arrival_whens[i] for i in by_arrival]
         if initial_free_queue and sim.caching:
-            by_id = {request.request_id: request for _when, _index, request in pending}
+            by_id = {request.request_id: request for request in arriving}
             for entry in initial_free_queue:
                 if isinstance(entry, tuple):
                     run = sim.block_pool.free_private_run(entry[1], entry[2])
@@ -1567,14 +1603,11 @@ def simulate(
                         by_id[entry[0]].private_run = run
                 else:
                     sim.block_pool.free_block(sim.block_pool.cache_full_block(entry))
-        arrival_whens = [when for when, _index, _request in pending]
         if start_time is not None:
             sim.now = round(start_time * PS_PER_S)
-        elif arrival_steps is None and (initial_running or pending):
+        elif arrival_steps is None and (initial_running or arriving):
             sim.now = min([r.arrival_time for r in sim.running] + arrival_whens[:1])
-        sim.run(
-            arrival_whens, [request for _when, _index, request in pending], by_step=arrival_steps is not None
-        )
+        sim.run(arrival_whens, arriving, by_step=arrival_steps is not None)
     finally:
         if collecting:
             gc.enable()

@@ -443,10 +443,10 @@ def _check_kv_invariants(sim) -> None:
     num_private = 0
     for request in sim.running:
         num_computed = sim._num_computed_tokens(request)
-        for run in pool.held_runs(request.held_blocks):
+        for run in pool.held_runs(request.held_blocks or []):
             holders[id(run)] = holders.get(id(run), 0) + 1
             runs[id(run)] = run
-        num_private += math.ceil(num_computed / sim.block_size) - pool.num_blocks(request.held_blocks)
+        num_private += math.ceil(num_computed / sim.block_size) - pool.num_blocks(request.held_blocks or [])
     index = sim.block_pool.cached_block_hash_to_block
     for key, run in runs.items():
         assert run.ref_cnt == holders[key] and any(r is run for r in index[run.block_hashes[run.lo]])
@@ -699,3 +699,17 @@ def test_steps_starting_before_counts_the_steps_that_start_before_the_gap(gap, f
 
     # The count of j >= 0 with starts(j) < gap: step counted - 1 starts before the gap, step counted does not.
     assert counted >= 1 and starts(counted - 1) < gap <= starts(counted)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        st.floats(-1e7, 1e7, allow_nan=False),
+        # n / 8192 s is n * 122,070,312.5 ps exactly: every odd n a tie, which rounds to even.
+        st.integers(-(2**25), 2**25).map(lambda n: n / 8192),
+        st.integers(-(10**6), 10**6),
+    )
+)
+def test_to_ps_rounds_as_round_does(time):
+    core = pure_core()
+    assert core._to_ps(time) == round(time * core.PS_PER_S)
