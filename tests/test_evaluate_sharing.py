@@ -2,9 +2,10 @@
 
 `run_candidates` simulates once the policies that provably run the same steps (`SharedRuns`): those that differ
 only in a sequence cap no lower than the window's request count (the simulator reads the cap only in vLLM's
-admission test, which such a cap never fails), and, in a run without preemptions, only in the victim rule. The
-property tests hold the simulator to both on random workloads (every preset, prefix caching and async scheduling
-on and off, running requests at the start), so that a future use of either knob breaks them here first.
+admission test, which such a cap never fails), and, in a run without preemptions, only in the victim rule or
+(every request at one priority) in priority against FCFS order. The property tests hold the simulator to each
+on random workloads (every preset, prefix caching and async scheduling on and off, running requests at the
+start), so that a future use of one of these knobs breaks them here first.
 """
 
 from __future__ import annotations
@@ -69,6 +70,22 @@ def test_a_run_without_preemptions_is_the_same_under_either_victim_rule(
         return  # a victim was picked: the rule may matter
     other = "least-computed" if victim == "newest" else "newest"
     assert _run(requests, initial, dataclasses.replace(policy, victim=other), blocks, block_size) == run
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workloads(), policies(), st.integers(0, 2))
+def test_a_run_without_preemptions_is_the_same_in_priority_and_fcfs_order_at_one_priority(
+    workload, policy, priority: int
+) -> None:
+    requests, initial, block_size, blocks = workload
+    requests = [dataclasses.replace(r, priority=priority) for r in requests]
+    initial = [
+        dataclasses.replace(r, request=dataclasses.replace(r.request, priority=priority)) for r in initial
+    ]
+    run = _run(requests, initial, dataclasses.replace(policy, order="priority"), blocks, block_size)
+    if "refused" in run or any(record[_PREEMPTIONS] for record in run["requests"]):
+        return  # a victim was picked: priority order picks its own
+    assert _run(requests, initial, dataclasses.replace(policy, order="fcfs"), blocks, block_size) == run
 
 
 @pytest.mark.parametrize("name", [*support.NAMES, "fcfs-kv16-prefix-caching"])

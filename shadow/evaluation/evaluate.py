@@ -126,11 +126,13 @@ def run_candidates(
 ) -> list[CandidateOutcome]:
     """Simulate each policy on the window. A failing policy is reported, not raised: one bad candidate must
     not cost the window its other results. Policies that provably run the same steps as one simulated already
-    (`SharedRuns`: a larger sequence cap than the window needs; the other victim rule, without preemptions),
-    the self replay included when this process just ran it, take its outcome under their own label."""
+    (`SharedRuns`: a larger sequence cap than the window needs; without preemptions, the other victim rule,
+    and priority order where all priorities are equal), the self replay included when this process just ran
+    it, take its outcome under their own label."""
     out = []
     own = _own_ids(window)
-    shared = SharedRuns(window.num_requests)
+    priorities = {r.priority for r in _fresh(window)} | {r.request.priority for r in window.running}
+    shared = SharedRuns(window.num_requests, same_priority=len(priorities) <= 1)
     replay = _replay_in_process(window)
     if replay is not None:
         current = current_policy(window.info.scheduler)
