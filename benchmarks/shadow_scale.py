@@ -24,6 +24,12 @@ Engines per core = 1 / (ingest seconds per traffic second + evaluation seconds p
     python benchmarks/shadow_scale.py                  # 10 s windows, 600 s of traffic per engine
     python benchmarks/shadow_scale.py --engines 100 --seconds 60 --json results.json
     python benchmarks/shadow_scale.py --fleet 4 --fleet-engines 1000 --skip-end-to-end
+    python benchmarks/shadow_scale.py --skip-end-to-end --against 9ba8dc6   # a revision's evaluation beside
+
+With --against REV, every window is also evaluated by REV's evaluation (shadow/evaluation/evaluate.py and
+step_match.py, solver/bounds.py, loaded from git beside this tree's; the simulator and the rest are this tree's),
+alternating with this tree's in one process: every outcome, fidelity figure and bound must be equal (the solve
+times aside), and the CPU of each side is reported.
 """
 
 from __future__ import annotations
@@ -34,10 +40,12 @@ import dataclasses
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -62,7 +70,7 @@ from vllm_shadow.runtime.core import EvaluationSettings, ShadowConfig, ShadowCor
 from vllm_shadow.runtime.tasks import LocalTasks
 from vllm_shadow.solver.simulator import simulate
 from vllm_shadow.tracking.engine_state import EngineTracker
-from vllm_shadow.tracking.windows import WindowRules
+from vllm_shadow.tracking.windows import TrafficWindow, WindowRules
 
 MODEL, GPU, BLOCK = "llama-2-7b", "a100", 16
 # The shadow's default grid, bounded at 20 configurations as a deployment bounds it (`max_candidates`): the grid
@@ -151,6 +159,7 @@ def main() -> int:
     parser.add_argument("--fleet", type=int, default=0, help="also place engines over a fleet of N actors")
     parser.add_argument("--fleet-engines", type=int, default=1000, help="engines placed over the fleet")
     parser.add_argument("--skip-end-to-end", action="store_true", help="leave out the end-to-end run")
+    parser.add_argument("--against", metavar="REV", help="also evaluate with a git revision's evaluation")
     args = parser.parse_args()
     core_id = pin_to_one_core()
 
@@ -220,6 +229,8 @@ def main() -> int:
     }
     if args.fleet:
         results["fleet"] = fleet_figures(args.fleet, args.fleet_engines, engines_per_core)
+    if args.against:
+        results["against"] = evaluation_against(args.against, windows, others)
     if not args.skip_end_to_end:
         results["end_to_end"] = end_to_end(args, events, rules, traffic)
     if args.json:
@@ -267,6 +278,79 @@ def end_to_end(args: argparse.Namespace, events: list[Event], rules: WindowRules
         "windows_evaluated": evaluated,
         "windows_skipped": dict(reasons),
         "engine_seconds_per_second": args.engines * traffic / wall,
+    }
+
+
+def revision_evaluation(revision: str) -> Any:
+    """The module `vllm_shadow.evaluation.evaluate` of a git revision, with that revision's step comparison
+    and bounds, loaded beside this tree's under private names; everything else (the simulator, the result
+    types, so that outcomes compare) is this tree's."""
+    root = Path(__file__).resolve().parent.parent
+    module = None
+    for name, path, imports in (
+        ("bounds", "solver/bounds.py", ()),
+        ("step_match", "shadow/evaluation/step_match.py", ()),
+        (
+            "evaluate",
+            "shadow/evaluation/evaluate.py",
+            (
+                ("vllm_shadow.solver.bounds", "_revision_bounds"),
+                ("vllm_shadow.evaluation.step_match", "_revision_step_match"),
+            ),
+        ),
+    ):
+        source = subprocess.run(
+            ["git", "show", f"{revision}:{path}"], cwd=root, check=True, capture_output=True, text=True
+        ).stdout
+        for ours, theirs in imports:
+            source = source.replace(f"from {ours} import", f"from {theirs} import")
+        module = type(sys)(f"_revision_{name}")
+        sys.modules[module.__name__] = module  # dataclasses look their module up
+        exec(compile(source, f"{revision}:{path}", "exec"), module.__dict__)
+    return module
+
+
+def evaluation_of(evaluate: Any, window: TrafficWindow, others: list) -> str:
+    """Everything the shadow exports of a window's evaluation, as text (the optimum's solve times aside)."""
+    fidelity = evaluate.check_fidelity(window, SLO)
+    outcomes = evaluate.run_candidates(window, others, SLO)
+    optimum = evaluate.solve_window_optimum(window, time_limit=1.0, max_requests=0)
+    bounds = [
+        None if o is None else dataclasses.replace(o, solve_seconds=0.0)
+        for o in (optimum.unconstrained, optimum.constrained)
+    ]
+    return repr((fidelity, outcomes, bounds))
+
+
+def evaluation_against(revision: str, windows: list[TrafficWindow], others: list) -> dict:
+    """Each window evaluated by the revision's evaluation and by this tree's, alternating: equal figures, and
+    the CPU of each."""
+    import vllm_shadow.evaluation.evaluate as ours
+
+    theirs = revision_evaluation(revision)
+    cpu = {"theirs": 0.0, "ours": 0.0}
+    differ = []
+    for window in windows:
+        texts = {}
+        for side, evaluate in (("theirs", theirs), ("ours", ours)):
+            t0 = time.process_time()
+            texts[side] = evaluation_of(evaluate, window, others)
+            cpu[side] += time.process_time() - t0
+        if texts["theirs"] != texts["ours"]:
+            differ.append(window.index)
+    n = len(windows)
+    print(
+        f"against {revision}: {n - len(differ)}/{n} windows evaluate to the same figures "
+        f"{'(differ: ' + str(differ) + ')' if differ else '(every outcome, fidelity figure and bound)'}; "
+        f"CPU per window {cpu['theirs'] / n * 1e3:.1f} ms ({revision}) -> {cpu['ours'] / n * 1e3:.1f} ms "
+        "(this tree), alternating",
+        flush=True,
+    )
+    return {
+        "revision": revision,
+        "windows_equal": n - len(differ),
+        "windows_differing": differ,
+        "cpu_seconds_per_window": {revision: cpu["theirs"] / n, "this tree": cpu["ours"] / n},
     }
 
 
