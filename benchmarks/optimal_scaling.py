@@ -27,10 +27,16 @@ time-capacity LP (`vllm_shadow.solver.bounds.time_capacity_batches`), which for 
 valid for every schedule meeting the deadlines). Each row records the load average when it started: the
 machine is shared.
 
+`--paused-kv-keys` instead sets, per window and busy period, the time-capacity LP against the paused-KV MIP
+(`vllm_shadow.solver.paused_kv`: the blocks a started request holds while it sits out batches, or one
+recompute) over that many key times (0: all of them), each solver given `--time-limit`.
+
     python benchmarks/optimal_scaling.py                 # prints markdown tables
     python benchmarks/optimal_scaling.py --slo default --gpu a100 --starts 600,1200,1800 --sizes 64 \
         --evictions 1 --bound-starts 1200           # the SLO table of RESULTS-optimal.md
     python benchmarks/optimal_scaling.py --sizes 16,64 --time-limit 20 --bound-sizes ""
+    python benchmarks/optimal_scaling.py --slo default --gpu a10g --traces azure-conv,azure-code \
+        --starts 600,1200,1800 --sizes 64 --bound-sizes "" --paused-kv-keys 20,0   # the paused-KV MIP
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from vllm_shadow.solver.bounds import min_batches, relaxation_bound, time_capaci
 from vllm_shadow.solver.cpsat import baseline_seconds, schedule_from_runs
 from vllm_shadow.solver.optimal import busy_periods, engine_deadlines, run_heuristics, solve_optimal
 from vllm_shadow.solver.packing import best_packing
+from vllm_shadow.solver.paused_kv import paused_kv_bound
 from vllm_shadow.solver.problem import EngineLimits, Objective, Window
 from vllm_shadow.solver.schedule import Deadlines, verify
 
@@ -189,6 +196,80 @@ def bound_row(
     }
 
 
+def period_deadlines(period: Window, deadlines: Deadlines) -> Deadlines:
+    ids = {r.request_id for r in period.requests}
+    return Deadlines(
+        {k: v for k, v in deadlines.first_token.items() if k in ids},
+        {k: v for k, v in deadlines.finish.items() if k in ids},
+        deadlines.source,
+    )
+
+
+def paused_kv_row(
+    trace: str, size: int, start: float, cost, kv_blocks: int, keys: int, time_limit: float, solver: str
+) -> dict:
+    """The paused-KV MIP (`vllm_shadow.solver.paused_kv`) against the time-capacity LP on one window under
+    vLLM's own times, busy period by busy period (`keys` key times kept per period, 0: all of them), each bound
+    the best of the two; the gap is against vLLM's schedule (the best verified one on the A10G windows)."""
+    load = os.getloadavg()[0]
+    requests = read_trace(resolve_trace(trace), start=start, limit=size).requests
+    window = Window.from_arrivals(requests, EngineLimits(kv_blocks=kv_blocks, block_size=16))
+    vllm = run_heuristics(window, cost, GPU, ["vllm"])[0]
+    deadlines = engine_deadlines(vllm.replay)
+    max_keys = keys or None
+    lp_batches = mip_equivalents = bound = lp_s = mip_s = 0.0
+    variables = constraints = 0
+    statuses = []
+    periods = busy_periods(window, deadlines)
+    for period in periods:
+        due = period_deadlines(period, deadlines)
+        lp = time_capacity_batches(period, cost, due, time_limit=time_limit, max_keys=max_keys)
+        mip = paused_kv_bound(
+            period, cost, due, lp, time_limit=time_limit, max_keys=max_keys, solver_name=solver
+        )
+        lp_batches += lp.batches
+        mip_equivalents += max(mip.batch_equivalents, lp.batches)
+        bound += relaxation_bound(period, cost, due, lp.batches, mip.schedule_seconds(cost)).gpu_seconds
+        lp_s, mip_s = lp_s + lp.seconds, mip_s + mip.seconds
+        variables, constraints = variables + mip.variables, constraints + mip.constraints
+        statuses.append(mip.status)
+    return {
+        "trace": trace,
+        "start": start,
+        "requests": size,
+        "periods": len(periods),
+        "keys": keys,
+        "lp_batches": lp_batches,
+        "mip_batch_equivalents": mip_equivalents,
+        "mip_status": "+".join(sorted(set(statuses))),
+        "mip_variables": variables,
+        "mip_constraints": constraints,
+        "lp_s": lp_s,
+        "mip_s": mip_s,
+        "bound_gpu_s": bound,
+        "vllm_gpu_s": vllm.objective,
+        "vllm_batches": len(vllm.schedule),
+        "gap": (vllm.objective - bound) / vllm.objective,
+        "load": load,
+    }
+
+
+def markdown_paused(rows: list[dict]) -> str:
+    lines = [
+        "| trace | start s | periods | keys | LP batches | MIP batch equivalents | MIP status | MIP variables "
+        "| MIP constraints | LP s | MIP s | bound GPU s | vLLM GPU s (batches) | gap | load avg |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['trace']} | {r['start']:g} | {r['periods']} | {r['keys'] or 'all'} | {r['lp_batches']:.0f} "
+            f"| {r['mip_batch_equivalents']:.2f} | {r['mip_status']} | {r['mip_variables']:,} "
+            f"| {r['mip_constraints']:,} | {r['lp_s']:.1f} | {r['mip_s']:.1f} | {r['bound_gpu_s']:.3f} "
+            f"| {r['vllm_gpu_s']:.3f} ({r['vllm_batches']}) | {100 * r['gap']:.2f}% | {r['load']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
 def markdown_bounds(rows: list[dict]) -> str:
     lines = [
         "| trace | start s | SLO | requests | bound GPU s (batches) | interval / LP batches | LP variables "
@@ -262,6 +343,13 @@ def main() -> None:
         help="with --slo default, the relaxation rows' time-capacity LP keeps this many key times, arrivals "
         "moved back and deadlines forward to them (default 250; 0: no LP, the deadline intervals only)",
     )
+    parser.add_argument(
+        "--paused-kv-keys",
+        default="",
+        help="also bound each window with the paused-KV MIP over this many key times per busy period (comma "
+        "list; 0: all of them), under vLLM's own times, in place of the CP-SAT rows' --sizes windows",
+    )
+    parser.add_argument("--paused-kv-solver", default="HIGHS", help="the MIP solver: HIGHS or SCIP")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     cost, kv_blocks = engine(args.model, args.gpu)
@@ -279,6 +367,30 @@ def main() -> None:
                 print(json.dumps(bounds[-1]), flush=True)
     if bounds:
         print(markdown_bounds(bounds), flush=True)
+    if args.paused_kv_keys:
+        paused = []
+        for trace in args.traces.split(","):
+            for start in starts:
+                for size in map(int, filter(None, args.sizes.split(","))):
+                    for keys in map(int, args.paused_kv_keys.split(",")):
+                        paused.append(
+                            paused_kv_row(
+                                trace,
+                                size,
+                                start,
+                                cost,
+                                kv_blocks,
+                                keys,
+                                args.time_limit,
+                                args.paused_kv_solver,
+                            )
+                        )
+                        print(json.dumps(paused[-1]), flush=True)
+        print(markdown_paused(paused))
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump({"paused_kv": paused}, handle, indent=1)
+        return
     rows = []
     for trace in args.traces.split(","):
         for start in starts:

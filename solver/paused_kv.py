@@ -20,8 +20,9 @@ and an either/or. This module writes them as a MIP over the same keys and rows:
     least attention of that prefill, as `prefill_extra_bound` counts it) of GPU time no other term counts.
 The objective is E at the last key + the recompute seconds over a, in batch equivalents: a * (its proven
 lower bound) + every request's own work bounds the GPU time of every schedule meeting the deadlines (pausing,
-chunking and any number of evictions included). The bound is the MIP solver's proven one (its best bound, not
-its incumbent), so a solve stopped by the time limit still proves what it reached.
+chunking and any number of evictions included). The bound is the MIP solver's proven one (its dual bound, not
+its incumbent), so a solve stopped by the time limit still proves what it reached (HiGHS through MathOpt
+reports it then; SCIP through pywraplp only once it holds a solution).
 """
 
 from __future__ import annotations
@@ -29,9 +30,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 from ortools.linear_solver import pywraplp
+from ortools.math_opt.io.python import mps_converter
+from ortools.math_opt.python import mathopt
 
 from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.solver.bounds import KvRows, TimeCapacityBound, _sum_range, build_capacity_model
@@ -77,32 +81,58 @@ def paused_kv_bound(
     time_limit: float = 30.0,
     max_keys_apart: int | None = None,
     max_keys: int | None = None,
-    solver_name: str = "SCIP",
+    solver_name: str = "HIGHS",
 ) -> PausedKvBound:
     """The MIP of the module docstring over the key times of `time_capacity_batches` (called with the same
-    `max_keys_apart` and `max_keys`), with the KV rows `capacity` found. Nothing is proven (0) when the
-    solver proves nothing in `time_limit` seconds or the cost model has no positive a."""
+    `max_keys_apart` and `max_keys`), with the KV rows `capacity` found, solved by HiGHS (through MathOpt) or
+    SCIP. Nothing is proven (0) when the solver proves nothing in `time_limit` seconds or the cost model has
+    no positive a."""
     started = time.perf_counter()
     if cost.a <= 0 or min(cost.b, cost.c, cost.d, cost.e) < 0 or not deadlines.finish:
         return PausedKvBound(0.0, "NOT_SOLVED", 0, 0, 0.0)
-    mip = build_paused_kv_mip(window, cost, deadlines, capacity, max_keys_apart, max_keys, solver_name)
-    solver, objective = mip.solver, mip.solver.Objective()
-    solver.SetTimeLimit(max(int((time_limit - (time.perf_counter() - started)) * 1000), 1))
-    status = solver.Solve()
-    names = {
-        pywraplp.Solver.OPTIMAL: "OPTIMAL",
-        pywraplp.Solver.FEASIBLE: "FEASIBLE",
-        pywraplp.Solver.INFEASIBLE: "INFEASIBLE",
-    }
-    name = names.get(status, "NOT_SOLVED")
+    # Built on a pywraplp SCIP model either way: for HiGHS it is only the container exported as MPS.
+    mip = build_paused_kv_mip(window, cost, deadlines, capacity, max_keys_apart, max_keys, "SCIP")
+    remaining = max(time_limit - (time.perf_counter() - started), 0.001)
+    if solver_name == "HIGHS":
+        name, best = _solve_with_highs(mip.solver, remaining)
+    else:
+        name, best = _solve_with_scip(mip.solver, remaining)
     value = 0.0
-    if status in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE):
-        best = objective.BestBound()
-        if math.isfinite(best):
-            value = max(best - _MIP_TOLERANCE * max(1.0, abs(best)), 0.0)
+    if name in ("OPTIMAL", "FEASIBLE", "NOT_SOLVED") and math.isfinite(best):
+        value = max(best - _MIP_TOLERANCE * max(1.0, abs(best)), 0.0)
+    solver = mip.solver
     return PausedKvBound(
         value, name, solver.NumVariables(), solver.NumConstraints(), time.perf_counter() - started
     )
+
+
+def _solve_with_scip(solver: pywraplp.Solver, time_limit: float) -> tuple[str, float]:
+    """SCIP through pywraplp: its best bound is readable only once it holds a solution."""
+    solver.SetTimeLimit(max(int(time_limit * 1000), 1))
+    status = solver.Solve()
+    if status == pywraplp.Solver.INFEASIBLE:
+        return "INFEASIBLE", math.nan
+    if status not in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE):
+        return "NOT_SOLVED", math.nan
+    return ("OPTIMAL" if status == pywraplp.Solver.OPTIMAL else "FEASIBLE"), solver.Objective().BestBound()
+
+
+def _solve_with_highs(solver: pywraplp.Solver, time_limit: float) -> tuple[str, float]:
+    """HiGHS through MathOpt (the model handed over as free MPS): pywraplp's HiGHS reports nothing once the time
+    limit stops it, MathOpt reports HiGHS's dual bound whether or not a solution was found."""
+    model = mathopt.Model.from_model_proto(
+        mps_converter.mps_to_model_proto(solver.ExportModelAsMpsFormat(False, False))
+    )
+    result = mathopt.solve(
+        model,
+        mathopt.SolverType.HIGHS,
+        params=mathopt.SolveParameters(time_limit=timedelta(seconds=time_limit)),
+    )
+    reason = result.termination.reason
+    if reason == mathopt.TerminationReason.INFEASIBLE:
+        return "INFEASIBLE", math.nan
+    names = {mathopt.TerminationReason.OPTIMAL: "OPTIMAL", mathopt.TerminationReason.FEASIBLE: "FEASIBLE"}
+    return names.get(reason, "NOT_SOLVED"), result.termination.objective_bounds.dual_bound
 
 
 @dataclass(slots=True)
