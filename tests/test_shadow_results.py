@@ -42,9 +42,14 @@ def test_shadow_status_loads_neither_the_solver_nor_ray() -> None:
 
 @st.composite
 def records(draw: st.DrawFn) -> RequestRecord:
-    arrival = draw(st.floats(0, 10))
-    first = draw(st.just(math.nan) | st.floats(arrival, arrival + 5))
-    finish = draw(st.just(math.nan) | st.floats(arrival, arrival + 20))
+    if draw(st.booleans()):
+        arrival = draw(st.floats(0, 10))
+        first = draw(st.just(math.nan) | st.floats(arrival, arrival + 5))
+        finish = draw(st.just(math.nan) | st.floats(arrival, arrival + 20))
+    else:  # times in whole seconds, as a hand-written recorded run may give them
+        arrival = draw(st.integers(0, 10))
+        first = draw(st.just(math.nan) | st.integers(arrival, arrival + 5))
+        finish = draw(st.just(math.nan) | st.integers(arrival, arrival + 20))
     return RequestRecord("r", arrival, 4, draw(st.integers(1, 6)), first_token=first, finish=finish)
 
 

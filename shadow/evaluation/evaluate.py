@@ -163,12 +163,7 @@ def check_fidelity(window: TrafficWindow, slo: Slo, *, keep_requests: bool = Fal
     timed = engine_replay(window)
     self_replay = candidate_outcome(window, str(current), timed, slo, keep_requests=keep_requests)
     observed = window.observed
-    actual = LatencySummary.of(
-        [o.ttft for o in observed.values()],
-        [o.tpot for o in observed.values()],
-        [o.e2e for o in observed.values()],
-        slo,
-    )
+    actual = LatencySummary.of_records(list(observed.values()), slo)
     replayed = {r.request_id: r for r in timed.requests if r.request_id in observed}
     ttft_error = _median_relative_error(
         (replayed[i].ttft, o.ttft) for i, o in observed.items() if i in replayed

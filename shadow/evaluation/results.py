@@ -104,8 +104,8 @@ def _attained(ttft: list[float], tpot: list[float], slo: Slo) -> int:
 
 
 def _float_quantiles(values: list[float]) -> tuple[float, float, float]:
-    """`quantiles` of a list of floats: the same p50, p90 and p99, NaNs ignored."""
-    ordered = sorted([v for v in values if v == v])
+    """`quantiles` of a list of numbers: the same p50, p90 and p99, NaNs ignored."""
+    ordered = sorted([float(v) for v in values if v == v])
     if not ordered:
         return (math.nan, math.nan, math.nan)
     return _percentile(ordered, 50), _percentile(ordered, 90), _percentile(ordered, 99)
