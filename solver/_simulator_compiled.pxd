@@ -155,7 +155,8 @@ cdef class Simulator:
     cdef _hold_initial_blocks(self, _Request request)
 
     @cython.locals(num_arrivals=Py_ssize_t, next_arrival=Py_ssize_t, fed=bint, request=_Request,
-                   clock=cython.longlong)
+                   clock=cython.longlong, when=cython.longlong, num_tokens=Py_ssize_t,
+                   max_tokens_processed=Py_ssize_t)
     cpdef run(self, list arrival_whens, list arriving, bint by_step)
 
     @cython.locals(when=cython.longlong)

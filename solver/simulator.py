@@ -397,15 +397,19 @@ class Simulator:
         # A policy can thrash forever (preempting and readmitting without finishing anything: V0's prefill-first
         # batching under priority preemption on a tiny KV cache does). Past this much computation the run
         # stops with an error instead of spinning: every request computed a hundred times over.
-        max_tokens_processed = _THRASH_FACTOR * (
-            sum([r.num_prompt_tokens + r.max_tokens for r in arriving])
-            + sum([r.num_prompt_tokens + r.max_tokens for r in self.running])
-            + _THRASH_FACTOR
-        )
+        num_tokens = 0
+        for request in arriving:
+            num_tokens += request.num_prompt_tokens + request.max_tokens
+        for request in self.running:
+            num_tokens += request.num_prompt_tokens + request.max_tokens
+        max_tokens_processed = _THRASH_FACTOR * (num_tokens + _THRASH_FACTOR)
         while True:
             clock = self.num_steps if by_step else self.now
             fed = False
-            while next_arrival < num_arrivals and arrival_whens[next_arrival] <= clock:
+            while next_arrival < num_arrivals:
+                when = arrival_whens[next_arrival]  # a C integer in the compiled core
+                if when > clock:
+                    break
                 self.waiting.add_request(arriving[next_arrival])
                 next_arrival += 1
                 fed = True
@@ -1145,7 +1149,8 @@ class Simulator:
         if self.finishing:  # async: the previous step's output is processed after this step was scheduled
             self._free_finishing()
         end_s = None  # the step's end in seconds, computed when a record needs it
-        finished: list[_Request] = []
+        # A list only once a request finishes: most steps finish none.
+        finished: list[_Request] | None = None
         track_runs = self.async_scheduling and self.caching
         for request in scheduled:
             num_new_tokens = request.scheduled_new_tokens
@@ -1174,6 +1179,8 @@ class Simulator:
                         end_s = _seconds(self.now)
                     record.first_token = end_s
                 if request.num_output_tokens == request.max_tokens:
+                    if finished is None:
+                        finished = []
                     finished.append(request)
                 else:
                     self._to_implicit(request)
@@ -1182,6 +1189,8 @@ class Simulator:
                 seq = self._pop_finish()
                 request = self.finish_heap_requests[seq]
                 if request.finish_seq == seq and request.implicit_decoder:
+                    if finished is None:
+                        finished = []
                     finished.append(request)
             self.next_finish = self.finish_steps[0] if self.finish_heap_size else _NEVER
         if finished:
