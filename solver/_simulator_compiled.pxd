@@ -28,7 +28,7 @@ cdef long long _EXACT_PS
 cdef double _ROUND_LIMIT
 cdef double _seconds(long long ps) except? -1
 
-@cython.locals(arrival_time=cython.longlong)
+@cython.locals(arrival_time=cython.longlong, request=_Request)
 cdef _Request _new_request(object r, Py_ssize_t index, object order, Py_ssize_t block_size,
                            Py_ssize_t num_usable_blocks)
 
@@ -75,6 +75,10 @@ cdef class _Request:
     cdef public bint ever_scheduled
     cdef public Py_ssize_t scheduled_new_tokens
     cdef public Py_ssize_t scheduled_computed_tokens
+
+    cdef _init(self, object request_id, long long arrival_time, Py_ssize_t num_prompt_tokens,
+               Py_ssize_t max_tokens, object queue_key, object record, object block_hashes,
+               object output_block_hashes)
 
 
 @cython.locals(index=Py_ssize_t)

@@ -158,6 +158,30 @@ class _Request:
         block_hashes: tuple[int, ...] = (),
         output_block_hashes: tuple[int, ...] = (),
     ) -> None:
+        self._init(
+            request_id,
+            arrival_time,
+            num_prompt_tokens,
+            max_tokens,
+            queue_key,
+            record,
+            block_hashes,
+            output_block_hashes,
+        )
+
+    def _init(
+        self,
+        request_id: str,
+        arrival_time: int,
+        num_prompt_tokens: int,
+        max_tokens: int,
+        queue_key: tuple | None,
+        record: RequestRecord,
+        block_hashes: tuple[int, ...],
+        output_block_hashes: tuple[int, ...],
+    ) -> None:
+        """`__init__`'s work, a C function in the compiled core (`_new_request` calls it on a bare request,
+        without `__init__`'s Python arguments)."""
         self.request_id = request_id
         self.arrival_time = arrival_time  # integer picoseconds
         self.num_prompt_tokens = num_prompt_tokens
@@ -1478,7 +1502,8 @@ def _new_request(
             block_hashes[:num_prompt_blocks],
             block_hashes[num_prompt_blocks:],
         )
-    return _Request(
+    request = _Request.__new__(_Request)
+    request._init(
         request_id,
         arrival_time,
         prompt_tokens,
@@ -1488,6 +1513,7 @@ def _new_request(
         block_hashes,
         output_block_hashes,
     )
+    return request
 
 
 # Below 2**62 (picoseconds: 53 days) a double's integer part converts exactly to a C 64-bit integer.
