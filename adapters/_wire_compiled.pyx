@@ -15,20 +15,34 @@ has to word a refusal:
 Repeated numbers are read packed and unpacked, and a scalar field given twice keeps the last value, as the
 protobuf specification asks of every parser. The doubles are read as little-endian IEEE 754 (wire.py does not
 use this module on a big-endian machine). The numbers' quick checks (`checked`) are wire.py's own.
+
+Cheap for the receive path, which keeps the steps it reads (a window's steps): a string that recurs in one
+message (a request id in every step that schedules it, a finish reason) is decoded once and every event holds
+that one str (`_Strings`), so the trackers' lookups by id find the very key they stored, its hash already made;
+and the events, whose fields are numbers, strings and containers of those, are left out of the cyclic garbage
+collector's walks (`PyObject_GC_UnTrack`, as CPython does itself for tuples and dicts of atomic values): they
+cannot be part of a cycle, and the collector walked every step a window keeps, again and again.
 """
 
 import dataclasses
+import types
 
 from cpython.dict cimport PyDict_SetItem
+from cpython.mem cimport PyMem_Calloc, PyMem_Free
 from cpython.object cimport PyObject, PyTypeObject, Py_TYPE
 from cpython.tuple cimport PyTuple_GET_ITEM
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport int64_t, uint64_t
-from libc.string cimport memcpy
+from libc.string cimport memcmp, memcpy
+
+
+cdef extern from "Python.h":
+    void PyObject_GC_UnTrack(void* op)
 
 from vllm_shadow.adapters.events import EngineStep, RequestArrival, RequestFinish
 
 cdef double _INF = float("inf")
+cdef type _MEMBER_DESCRIPTOR = types.MemberDescriptorType
 
 cdef enum:  # wire types
     VARINT = 0
@@ -39,28 +53,57 @@ cdef enum:  # wire types
 cdef tuple _NO_ARGS = ()
 
 
+cdef extern from "Python.h":
+    ctypedef struct PyMemberDef:
+        int type
+        Py_ssize_t offset
+        int flags
+    ctypedef struct PyMemberDescrObject:
+        PyMemberDef* d_member
+    int T_OBJECT_EX
+    int READONLY
+    void Py_INCREF(PyObject* op)
+
+
+cdef enum:
+    _MAX_FIELDS = 16
+
+
 cdef class _Builder:
     """Builds a frozen slots dataclass as its `__init__` would, every field set, without `__init__`'s
-    `object.__setattr__` per field: each slot is set through its member descriptor's C setter (wire.py's
-    `_frozen_builder`, in C)."""
+    `object.__setattr__` per field: each field is stored straight into its slot, at the offset its member
+    descriptor gives, which is what the descriptor's own setter does for an object fresh from `tp_new` (every
+    slot empty; wire.py's `_frozen_builder` sets them through the descriptors)."""
 
     cdef type cls
-    cdef tuple slots  # the member descriptors, in field order
+    cdef Py_ssize_t fields
+    cdef Py_ssize_t offsets[_MAX_FIELDS]  # each field's slot, in field order
 
     def __init__(self, type cls, Py_ssize_t fields):
         if hasattr(cls, "__post_init__"):
             raise TypeError(f"{cls.__name__} has a __post_init__, which this builder would skip")
         self.cls = cls
-        self.slots = tuple(getattr(cls, f.name) for f in dataclasses.fields(cls))
-        if len(self.slots) != fields:  # the schema changed under this reader
-            raise TypeError(f"{cls.__name__} has {len(self.slots)} fields, this reader builds {fields}")
+        slots = [getattr(cls, f.name) for f in dataclasses.fields(cls)]
+        if len(slots) != fields or fields > _MAX_FIELDS:  # the schema changed under this reader
+            raise TypeError(f"{cls.__name__} has {len(slots)} fields, this reader builds {fields}")
+        cdef PyMemberDef* member
+        for index, slot in enumerate(slots):
+            if type(slot) is not _MEMBER_DESCRIPTOR:
+                raise TypeError(f"{cls.__name__}'s field {index} is not a slot")
+            member = (<PyMemberDescrObject*>slot).d_member
+            if member.type != T_OBJECT_EX or member.flags & READONLY:
+                raise TypeError(f"{cls.__name__}'s field {index} is not a writable object slot")
+            self.offsets[index] = member.offset
+        self.fields = fields
 
     cdef inline object new(self):
         return (<PyTypeObject*>self.cls).tp_new(self.cls, <PyObject*>_NO_ARGS, NULL)
 
-    cdef inline int put(self, object event, Py_ssize_t index, object value) except -1:
-        cdef object slot = <object>PyTuple_GET_ITEM(self.slots, index)
-        return Py_TYPE(slot).tp_descr_set(slot, event, value)
+    cdef inline void put(self, object event, Py_ssize_t index, object value) noexcept:
+        """Only once per field of an event fresh from `new` (its slots empty: nothing to release)."""
+        cdef PyObject** field = <PyObject**>((<char*><PyObject*>event) + self.offsets[index])
+        Py_INCREF(<PyObject*>value)
+        field[0] = <PyObject*>value
 
 
 cdef _Builder _STEP = _Builder(EngineStep, 9)
@@ -68,79 +111,168 @@ cdef _Builder _ARRIVAL = _Builder(RequestArrival, 8)
 cdef _Builder _FINISH = _Builder(RequestFinish, 5)
 
 
-cdef class _Reader:
-    """A cursor over one message's bytes; `bad` is set, and stays set, by anything malformed."""
+cdef struct _Reader:
+    # A cursor over one message's bytes (a C struct on the stack, one per nested message: nothing to allocate);
+    # `bad` is set, and stays set, by anything malformed.
+    const unsigned char* p
+    const unsigned char* end
+    bint bad
 
-    cdef const unsigned char* p
-    cdef const unsigned char* end
-    cdef bint bad
 
-    cdef inline uint64_t varint(self) noexcept:
-        cdef uint64_t result = 0
-        cdef int shift = 0
-        cdef unsigned char byte
-        while True:
-            if self.p >= self.end:
-                self.bad = True
-                return 0
-            byte = self.p[0]
-            self.p += 1
-            if shift == 63 and byte > 1:  # a 10th byte holds one bit; more is not a 64-bit varint
-                self.bad = True
-                return 0
-            result |= (<uint64_t>(byte & 0x7F)) << shift
-            if byte < 0x80:
-                return result
-            shift += 7
-
-    cdef inline double fixed_double(self) noexcept:
-        cdef double value = 0.0
-        if self.end - self.p < 8:
-            self.bad = True
-            return 0.0
-        memcpy(&value, self.p, 8)
-        self.p += 8
-        return value
-
-    cdef inline uint64_t fixed64(self) noexcept:
-        cdef uint64_t value = 0
-        if self.end - self.p < 8:
-            self.bad = True
+cdef inline uint64_t _varint(_Reader* r) noexcept:
+    cdef uint64_t result = 0
+    cdef int shift = 0
+    cdef unsigned char byte
+    while True:
+        if r.p >= r.end:
+            r.bad = True
             return 0
-        memcpy(&value, self.p, 8)
-        self.p += 8
-        return value
-
-    cdef inline Py_ssize_t length(self) noexcept:
-        """A length-delimited field's length, checked against what is left."""
-        cdef uint64_t n = self.varint()
-        if self.bad or n > <uint64_t>(self.end - self.p):
-            self.bad = True
+        byte = r.p[0]
+        r.p += 1
+        if shift == 63 and byte > 1:  # a 10th byte holds one bit; more is not a 64-bit varint
+            r.bad = True
             return 0
-        return <Py_ssize_t>n
+        result |= (<uint64_t>(byte & 0x7F)) << shift
+        if byte < 0x80:
+            return result
+        shift += 7
 
-    cdef inline object text(self):
-        """A string field's value, or None (bad) when it is not UTF-8."""
-        cdef Py_ssize_t n = self.length()
-        if self.bad:
-            return None
-        try:
-            value = PyUnicode_DecodeUTF8(<const char*>self.p, n, NULL)
-        except UnicodeDecodeError:
-            self.bad = True
-            return None
-        self.p += n
+
+cdef inline double _fixed_double(_Reader* r) noexcept:
+    cdef double value = 0.0
+    if r.end - r.p < 8:
+        r.bad = True
+        return 0.0
+    memcpy(&value, r.p, 8)
+    r.p += 8
+    return value
+
+
+cdef inline uint64_t _fixed64(_Reader* r) noexcept:
+    cdef uint64_t value = 0
+    if r.end - r.p < 8:
+        r.bad = True
+        return 0
+    memcpy(&value, r.p, 8)
+    r.p += 8
+    return value
+
+
+cdef inline Py_ssize_t _length(_Reader* r) noexcept:
+    """A length-delimited field's length, checked against what is left."""
+    cdef uint64_t n = _varint(r)
+    if r.bad or n > <uint64_t>(r.end - r.p):
+        r.bad = True
+        return 0
+    return <Py_ssize_t>n
+
+
+cdef inline object _plain_text(_Reader* r):
+    """A string field's value, or None (bad) when it is not UTF-8."""
+    cdef Py_ssize_t n = _length(r)
+    if r.bad:
+        return None
+    try:
+        value = PyUnicode_DecodeUTF8(<const char*>r.p, n, NULL)
+    except UnicodeDecodeError:
+        r.bad = True
+        return None
+    r.p += n
+    return value
+
+
+cdef inline _Reader _sub(_Reader* r) noexcept:
+    """A reader over a length-delimited field, which `r` skips."""
+    cdef Py_ssize_t n = _length(r)
+    cdef _Reader inner
+    inner.p = r.p
+    inner.end = r.p + n
+    inner.bad = r.bad
+    r.p += n
+    return inner
+
+
+cdef struct _Interned:
+    const unsigned char* p  # its bytes in the message (alive while the message is read)
+    Py_ssize_t n
+    uint64_t hash
+    PyObject* text  # NULL: a free slot; else owned by `_Strings.owned`
+
+
+cdef class _Strings:
+    """The strings of one message, each decoded once (an open-addressing table over their bytes), and the
+    lists a step is read into, reused from step to step. One per message: nothing here is shared between
+    threads, and the bytes it points into live as long as it does."""
+
+    cdef _Interned* table
+    cdef size_t mask
+    cdef Py_ssize_t free  # inserts left before the table is half full; then strings are only looked up
+    cdef list owned
+    # A step's scheduled ids and token counts as read, the first `used` items of each (the rest left over
+    # from an earlier step: overwritten, not freed and grown again step after step).
+    cdef list ids, counts
+
+    def __cinit__(self, Py_ssize_t message_bytes):
+        cdef size_t size = 16
+        # A string takes at least 2 bytes of the message (its tag and length): a table of about a quarter of
+        # the message's bytes, at most 2,048 slots (a batch of 1,024 events holds a few hundred distinct ids).
+        while size < 2048 and size * 4 < <size_t>message_bytes:
+            size *= 2
+        self.table = <_Interned*>PyMem_Calloc(size, sizeof(_Interned))
+        if self.table == NULL:
+            raise MemoryError()
+        self.mask = size - 1
+        self.free = <Py_ssize_t>(size // 2)
+        self.owned = []
+        self.ids = []
+        self.counts = []
+
+    def __dealloc__(self):
+        PyMem_Free(self.table)
+
+    cdef object get(self, const unsigned char* p, Py_ssize_t n):
+        """The str of these UTF-8 bytes, the same object for the same bytes; raises UnicodeDecodeError."""
+        cdef uint64_t h = 14695981039346656037ULL, word
+        cdef Py_ssize_t i = 0
+        cdef _Interned* entry
+        while i + 8 <= n:  # FNV-1a over 8-byte words, then bytes
+            memcpy(&word, p + i, 8)
+            h = (h ^ word) * 1099511628211ULL
+            i += 8
+        while i < n:
+            h = (h ^ p[i]) * 1099511628211ULL
+            i += 1
+        cdef size_t slot = <size_t>(h ^ (h >> 29)) & self.mask
+        while True:  # ends: at most half the slots are taken
+            entry = &self.table[slot]
+            if entry.text == NULL:
+                break
+            if entry.hash == h and entry.n == n and memcmp(entry.p, p, n) == 0:
+                return <object>entry.text
+            slot = (slot + 1) & self.mask
+        value = PyUnicode_DecodeUTF8(<const char*>p, n, NULL)
+        if self.free > 0:
+            self.free -= 1
+            self.owned.append(value)
+            entry.p = p
+            entry.n = n
+            entry.hash = h
+            entry.text = <PyObject*>value
         return value
 
-    cdef inline _Reader sub(self):
-        """A reader over a length-delimited field, which this one skips."""
-        cdef Py_ssize_t n = self.length()
-        cdef _Reader inner = _Reader.__new__(_Reader)
-        inner.p = self.p
-        inner.end = self.p + n
-        inner.bad = self.bad
-        self.p += n
-        return inner
+
+cdef inline object _text(_Reader* r, _Strings strings):
+    """`_plain_text` through the message's strings table."""
+    cdef Py_ssize_t n = _length(r)
+    if r.bad:
+        return None
+    try:
+        value = strings.get(r.p, n)
+    except UnicodeDecodeError:
+        r.bad = True
+        return None
+    r.p += n
+    return value
 
 
 cdef inline int64_t _int64(uint64_t value) noexcept:
@@ -151,37 +283,53 @@ cdef inline int64_t _sint64(uint64_t value) noexcept:
     return <int64_t>(value >> 1) ^ -(<int64_t>(value & 1))  # zigzag
 
 
-cdef bint _int64s(_Reader r, int wire, list out, bint zigzag, int64_t* least):
-    """A repeated int64 / sint64 field, packed (LEN) or not (VARINT), appended to `out`; `least` keeps the
-    smallest value seen. False when malformed or of another wire type."""
+cdef inline void _put(list out, Py_ssize_t* used, object value):
+    """Appends value to `out`; with `used` (how many items of `out` are in use), sets the next item instead
+    while there is one."""
+    if used == NULL:
+        out.append(value)
+    elif used[0] < len(out):
+        out[used[0]] = value
+        used[0] += 1
+    else:
+        out.append(value)
+        used[0] += 1
+
+
+cdef bint _int64s(_Reader* r, int wire, list out, bint zigzag, int64_t* least, Py_ssize_t* used=NULL):
+    """A repeated int64 / sint64 field, packed (LEN) or not (VARINT), appended to `out` (see `_put`);
+    `least` keeps the smallest value seen. False when malformed or of another wire type."""
     cdef _Reader packed
     cdef int64_t value
     if wire == VARINT:
-        value = _sint64(r.varint()) if zigzag else _int64(r.varint())
+        value = _sint64(_varint(r)) if zigzag else _int64(_varint(r))
         if r.bad:
             return False
-        out.append(value)
+        _put(out, used, value)
         if value < least[0]:
             least[0] = value
         return True
     if wire != LEN:
         return False
-    packed = r.sub()
+    packed = _sub(r)
     while not packed.bad and packed.p < packed.end:
-        value = _sint64(packed.varint()) if zigzag else _int64(packed.varint())
+        value = _sint64(_varint(&packed)) if zigzag else _int64(_varint(&packed))
         if packed.bad:
             break
-        out.append(value)
+        _put(out, used, value)
         if value < least[0]:
             least[0] = value
     return not (packed.bad or r.bad)
 
 
-cdef inline dict _token_map(list ids, list counts):
-    """ids -> counts, or None where wire.py's _token_map refuses them (unequal lengths, an id twice)."""
+cdef inline dict _token_map(list ids, list counts, Py_ssize_t n=-1, Py_ssize_t n_counts=-1):
+    """ids -> counts (their first n and n_counts items; all by default), or None where wire.py's _token_map
+    refuses them (unequal lengths, an id twice)."""
     cdef dict tokens = {}
-    cdef Py_ssize_t i, n = len(ids)
-    if n != len(counts):
+    cdef Py_ssize_t i
+    if n < 0:
+        n, n_counts = len(ids), len(counts)
+    if n != n_counts:
         return None
     for i in range(n):
         PyDict_SetItem(tokens, ids[i], counts[i])
@@ -190,52 +338,73 @@ cdef inline dict _token_map(list ids, list counts):
     return tokens
 
 
-cdef object _step(_Reader r, bint* checked):
+cdef object _step(_Reader* r, bint* checked, _Strings strings):
     cdef uint64_t key
     cdef int field, wire
     cdef int64_t number = 0, kv = 0
     cdef double start = 0.0, duration = 0.0
     cdef int64_t least_count = 0, least_cached = 0
-    cdef list ids = [], counts = [], preempted = [], resumed = [], finished = [], cached_ids = [], cached_counts = []
-    cdef list names
+    # What nearly every step has (ids and counts) in the message's reused lists; the rest made when present.
+    cdef list ids = strings.ids, counts = strings.counts
+    cdef list preempted = None, resumed = None, finished = None, cached_ids = None, cached_counts = None
+    cdef Py_ssize_t n_ids = 0, n_counts = 0
     while r.p < r.end:
-        key = r.varint()
+        key = _varint(r)
         if r.bad:
             return None
         field = <int>(key >> 3) if key >> 3 < 64 else 0
         wire = <int>(key & 7)
         if field == 1 and wire == VARINT:
-            number = _int64(r.varint())
+            number = _int64(_varint(r))
         elif field == 2 and wire == I64:
-            start = r.fixed_double()
+            start = _fixed_double(r)
         elif field == 3 and wire == I64:
-            duration = r.fixed_double()
+            duration = _fixed_double(r)
         elif field == 9 and wire == VARINT:
-            kv = _int64(r.varint())
-        elif field in (4, 6, 7, 8, 10) and wire == LEN:
-            names = (
-                ids if field == 4 else preempted if field == 6 else resumed if field == 7
-                else finished if field == 8 else cached_ids
-            )
-            name = r.text()
+            kv = _int64(_varint(r))
+        elif field == 4 and wire == LEN:
+            name = _text(r, strings)
             if name is None:
                 return None
-            names.append(name)
+            _put(ids, &n_ids, name)
+        elif field in (6, 7, 8, 10) and wire == LEN:
+            name = _text(r, strings)
+            if name is None:
+                return None
+            if field == 6:
+                if preempted is None:
+                    preempted = []
+                preempted.append(name)
+            elif field == 7:
+                if resumed is None:
+                    resumed = []
+                resumed.append(name)
+            elif field == 8:
+                if finished is None:
+                    finished = []
+                finished.append(name)
+            else:
+                if cached_ids is None:
+                    cached_ids = []
+                cached_ids.append(name)
         elif field == 5:
-            if not _int64s(r, wire, counts, False, &least_count):
+            if not _int64s(r, wire, counts, False, &least_count, &n_counts):
                 return None
         elif field == 11:
+            if cached_counts is None:
+                cached_counts = []
             if not _int64s(r, wire, cached_counts, False, &least_cached):
                 return None
         else:
             return None
         if r.bad:
             return None
-    scheduled = _token_map(ids, counts)
+    scheduled = _token_map(ids, counts, n_ids, n_counts)
     if scheduled is None:
         return None
-    if cached_ids or cached_counts:
-        cached = _token_map(cached_ids, cached_counts)
+    if cached_ids is not None or cached_counts is not None:
+        cached = _token_map(cached_ids if cached_ids is not None else [],
+                            cached_counts if cached_counts is not None else [])
         if cached is None:
             return None
     else:
@@ -259,10 +428,11 @@ cdef object _step(_Reader r, bint* checked):
     _STEP.put(event, 6, tuple(finished) if finished else ())
     _STEP.put(event, 7, kv)
     _STEP.put(event, 8, cached)
+    PyObject_GC_UnTrack(<PyObject*>event)
     return event
 
 
-cdef object _arrival(_Reader r, bint* checked):
+cdef object _arrival(_Reader* r, bint* checked, _Strings strings):
     cdef uint64_t key
     cdef int field, wire
     cdef double time = 0.0
@@ -271,27 +441,27 @@ cdef object _arrival(_Reader r, bint* checked):
     cdef list prefix = [], hashes = []
     request_id = ""
     while r.p < r.end:
-        key = r.varint()
+        key = _varint(r)
         if r.bad:
             return None
         field = <int>(key >> 3) if key >> 3 < 64 else 0
         wire = <int>(key & 7)
         if field == 1 and wire == LEN:
-            request_id = r.text()
+            request_id = _text(r, strings)
             if request_id is None:
                 return None
         elif field == 2 and wire == I64:
-            time = r.fixed_double()
+            time = _fixed_double(r)
         elif field == 3 and wire == VARINT:
-            prompt = _int64(r.varint())
+            prompt = _int64(_varint(r))
         elif field == 4 and wire == VARINT:
-            output = _int64(r.varint())
+            output = _int64(_varint(r))
             has_output = True
         elif field == 5 and wire == VARINT:
-            max_tokens = _int64(r.varint())
+            max_tokens = _int64(_varint(r))
             has_max_tokens = True
         elif field == 6 and wire == VARINT:
-            priority = _int64(r.varint())
+            priority = _int64(_varint(r))
         elif field == 7:
             if not _int64s(r, wire, prefix, True, &least):
                 return None
@@ -318,10 +488,11 @@ cdef object _arrival(_Reader r, bint* checked):
     _ARRIVAL.put(event, 5, priority)
     _ARRIVAL.put(event, 6, tuple(prefix) if prefix else ())
     _ARRIVAL.put(event, 7, tuple(hashes) if hashes else ())
+    PyObject_GC_UnTrack(<PyObject*>event)
     return event
 
 
-cdef object _finish(_Reader r, bint* checked):
+cdef object _finish(_Reader* r, bint* checked, _Strings strings):
     cdef uint64_t key
     cdef int field, wire
     cdef double time = 0.0
@@ -330,21 +501,21 @@ cdef object _finish(_Reader r, bint* checked):
     request_id = ""
     reason = ""
     while r.p < r.end:
-        key = r.varint()
+        key = _varint(r)
         if r.bad:
             return None
         field = <int>(key >> 3) if key >> 3 < 64 else 0
         wire = <int>(key & 7)
         if field == 1 and wire == LEN:
-            request_id = r.text()
+            request_id = _text(r, strings)
             if request_id is None:
                 return None
         elif field == 2 and wire == I64:
-            time = r.fixed_double()
+            time = _fixed_double(r)
         elif field == 3 and wire == VARINT:
-            output = _int64(r.varint())
+            output = _int64(_varint(r))
         elif field == 4 and wire == LEN:
-            reason = r.text()
+            reason = _text(r, strings)
             if reason is None:
                 return None
         elif field == 5:
@@ -362,26 +533,27 @@ cdef object _finish(_Reader r, bint* checked):
     _FINISH.put(event, 2, output)
     _FINISH.put(event, 3, reason)
     _FINISH.put(event, 4, tuple(hashes) if hashes else ())
+    PyObject_GC_UnTrack(<PyObject*>event)
     return event
 
 
-cdef object _event(_Reader r, bint* checked):
+cdef object _event(_Reader* r, bint* checked, _Strings strings):
     """One Event message: exactly one of step, arrival, finish; None for anything else."""
     cdef uint64_t key
     cdef int field
-    key = r.varint()
+    key = _varint(r)
     if r.bad or (key & 7) != LEN:
         return None
     field = <int>(key >> 3) if key >> 3 < 64 else 0
-    cdef _Reader inner = r.sub()
+    cdef _Reader inner = _sub(r)
     if r.bad or r.p != r.end:  # a second field in the Event (another kind, or the same one to merge)
         return None
     if field == 3:
-        return _step(inner, checked)
+        return _step(&inner, checked, strings)
     if field == 1:
-        return _arrival(inner, checked)
+        return _arrival(&inner, checked, strings)
     if field == 2:
-        return _finish(inner, checked)
+        return _finish(&inner, checked, strings)
     return None  # an EngineInfo, or no kind the schema knows
 
 
@@ -391,7 +563,7 @@ def decode(object data):
     if type(data) is not bytes:
         return None
     cdef const unsigned char[:] view = data
-    cdef _Reader r = _Reader.__new__(_Reader)
+    cdef _Reader r
     cdef uint64_t key, value
     cdef int field, wire
     cdef bint checked = True
@@ -404,28 +576,29 @@ def decode(object data):
     r.p = &view[0]
     r.end = r.p + view.shape[0]
     r.bad = False
+    cdef _Strings strings = _Strings(view.shape[0])
     while r.p < r.end:
-        key = r.varint()
+        key = _varint(&r)
         if r.bad:
             return None
         field = <int>(key >> 3) if key >> 3 < 64 else 0
         wire = <int>(key & 7)
         if field == 4 and wire == LEN:
-            inner = r.sub()
+            inner = _sub(&r)
             if r.bad:
                 return None
-            event = _event(inner, &checked)
+            event = _event(&inner, &checked, strings)
             if event is None:
                 return None
             events.append(event)
         elif field == 1 and wire == LEN:
-            source = r.text()
+            source = _plain_text(&r)
             if source is None:
                 return None
         elif field == 5 and wire == I64:
-            incarnation = r.fixed64()
+            incarnation = _fixed64(&r)
         elif wire == VARINT and field in (2, 3, 6, 7, 8):
-            value = r.varint()
+            value = _varint(&r)
             if field == 2:
                 sequence = value
             elif field == 3:

@@ -4,6 +4,7 @@ publisher sends that holds no announcement."""
 
 from __future__ import annotations
 
+import gc
 import random
 import struct
 
@@ -13,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vllm_shadow.adapters import wire
-from vllm_shadow.adapters.events import EngineInfo, EngineStep, RequestArrival
+from vllm_shadow.adapters.events import EngineInfo, EngineStep, RequestArrival, RequestFinish
 from vllm_shadow.adapters.proto import shadow_events_pb2 as pb
 from vllm_shadow.adapters.publisher import EventBatch
 from vllm_shadow.adapters.wire import WireError, decode_batch, decode_batch_upb, encode_batch
@@ -185,3 +186,34 @@ def test_events_built_by_the_compiled_reader_are_the_dataclasses_themselves(even
     decoded = decode_batch(encode_batch(EventBatch(events)))  # type: ignore[arg-type]
     assert [type(e) for e in decoded.events] == [type(e) for e in events]
     assert decoded.events == events
+
+
+def test_a_string_that_recurs_in_a_batch_is_one_object_and_its_events_are_left_to_refcounting() -> None:
+    """A request id in every step that schedules it is decoded once, so the trackers' lookups find the very
+    key they stored; steps of shrinking and growing size reuse the reader's lists; the events stay out of the
+    collector's walks (their fields are numbers, strings and containers of those)."""
+    events = [
+        RequestArrival("r1", 0.0, 5),
+        RequestArrival("r2", 0.0, 5),
+        EngineStep(0, 0.0, 0.1, {"r1": 5, "r2": 5, "x": 1, "y": 2, "z": 3}),
+        EngineStep(1, 0.1, 0.1, {"r2": 1, "r1": 1}, finished=("r2",)),
+        EngineStep(2, 0.2, 0.1, {"r1": 1, "z": 2, "w": 4}, preempted=("x",)),
+        RequestFinish("r2", 0.3, 1, "stop"),
+        RequestFinish("r1", 0.3, 2, "stop"),
+    ]
+    data = encode_batch(EventBatch(events))  # type: ignore[arg-type]
+    decoded = decode_batch(data).events
+    assert decoded == events == decode_batch_upb(data).events
+    r1 = decoded[0].request_id
+    assert all(r is r1 for e in decoded[2:5] for r in e.scheduled_tokens if r == "r1")
+    assert decoded[6].request_id is r1 and decoded[3].finished[0] is decoded[1].request_id
+    assert decoded[5].reason is decoded[6].reason
+    assert not any(gc.is_tracked(e) for e in decoded)
+
+
+def test_a_batch_of_more_distinct_strings_than_the_reader_keeps_is_read_whole() -> None:
+    """The reader's table of strings stops taking new ones once half full; the rest are decoded one by one."""
+    events = [EngineStep(i, float(i), 0.1, {f"r{i}-{j}": j + 1 for j in range(3)}) for i in range(1500)]
+    data = encode_batch(EventBatch(events))  # type: ignore[arg-type]
+    assert _compiled(data) is not None
+    assert decode_batch(data).events == events
