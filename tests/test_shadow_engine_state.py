@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests import shadow_support as support
 from vllm_shadow.adapters.events import (
@@ -259,6 +261,27 @@ def test_the_window_rules_close_on_time_or_on_requests() -> None:
     assert WindowRules(seconds=None, requests=5, max_requests=8).full(0.0, 2, 6)
     with pytest.raises(ValueError):
         WindowRules(seconds=None, requests=None)
+
+
+@given(
+    seconds=st.one_of(st.none(), st.floats(0.01, 100.0)),
+    requests=st.one_of(st.none(), st.integers(1, 50)),
+    max_requests=st.integers(1, 60),
+    elapsed=st.one_of(st.floats(0.0, 200.0), st.just(0.0)),
+    arrived=st.integers(0, 70),
+    carried=st.integers(0, 70),
+)
+def test_the_trackers_per_step_test_is_the_window_rules(
+    seconds: float | None, requests: int | None, max_requests: int, elapsed: float, arrived: int, carried: int
+) -> None:
+    """The engine tracker tests a window's fullness through `arrivals_to_full`, fixed when the window opens."""
+    if seconds is None and requests is None:
+        requests = 1
+    rules = WindowRules(seconds=seconds, requests=requests, max_requests=max_requests)
+    by_arrivals = arrived >= rules.arrivals_to_full(carried)
+    assert rules.full(elapsed, arrived, carried) == (
+        (seconds is not None and elapsed >= seconds) or by_arrivals
+    )
 
 
 def test_victims_of_one_step_wait_in_vllm_s_order_nearest_the_running_head_first() -> None:

@@ -31,6 +31,7 @@ from vllm_shadow.tracking.tracker import WindowTracker
 from vllm_shadow.tracking.windows import TrafficWindow
 
 _NO_HITS: dict[str, int] = {}  # a step's prefix-cache hits without a cache model (never written)
+_NO_VICTIMS: tuple[str, ...] = ()
 
 
 class _Request:
@@ -132,6 +133,8 @@ class _WindowBookkeeping:
     # The engine held more requests at the start than a window may: the window only marks time (no state,
     # no steps kept) and is counted as skipped when it closes. Evaluating it would cost more than it is worth.
     too_large: bool = False
+    # Arrivals at which it is full whatever its time (`WindowRules.arrivals_to_full` of what it carried in).
+    arrivals_to_full: int = 0
     own: list[str] = field(default_factory=list)
     steps: list[EngineStep] = field(default_factory=list)
     start_time: float = math.nan  # the engine clock at its first step
@@ -303,7 +306,7 @@ class EngineTracker(WindowTracker):
                 scheduled = {r: n for r, n in scheduled.items() if r in requests}
         if self._open is None:
             self._ensure_open()
-        victims = self._preempt(step.preempted) if step.preempted else []
+        victims = self._preempt(step.preempted) if step.preempted else _NO_VICTIMS
         hits = self._cache_step(step, victims) if self._cache is not None else _NO_HITS
         track_runs, step_index = self._track_runs, self.stats.steps
         running, waiting = self._running, self._waiting
@@ -337,22 +340,28 @@ class EngineTracker(WindowTracker):
             computed += n
             request.computed = computed
             request.last_progress = end
-            if computed >= request.prompt + request.generated:  # the batch sampled a token
-                request.generated += 1
-                if request.generated == 1:
+            generated = request.generated
+            if computed >= request.prompt + generated:  # the batch sampled a token
+                request.generated = generated + 1
+                if generated == 0:
                     request.first_token = end
-        if self._tainted_live == 0 and step.duration > 0 and end >= self._next_calibration:
-            self.calibrator.update(new_tokens, context, step.duration)
+        duration = step.duration
+        # The same test as `_tainted_live == 0 and duration > 0 and end >= _next_calibration`, the comparison
+        # that is false in most steps first.
+        if end >= self._next_calibration and self._tainted_live == 0 and duration > 0:
+            self.calibrator.update(new_tokens, context, duration)
             self._next_calibration = end + 1.0 / self.limits.calibration_steps_per_second
         stats = self.stats
         stats.steps += 1
-        stats.actual_gpu_seconds += step.duration
+        stats.actual_gpu_seconds += duration
         stats.last_step_end = end
         window = self._open
+        full = False
         if window is not None:
             window.traffic += 1
-            if math.isnan(window.start_time):
-                window.start_time = step.start_time
+            start = window.start_time
+            if start != start:  # nan: the window's first step
+                start = window.start_time = step.start_time
             if not window.too_large:
                 window.steps.append(step)
                 if step.preempted or (again is not None and any(again)):
@@ -360,14 +369,17 @@ class EngineTracker(WindowTracker):
                     window.recompute += step_recompute_tax(
                         model, new_tokens, context, again or [0] * len(new_tokens), len(step.preempted)
                     )
+            # Full (`WindowRules.full`, through `arrivals_to_full`): closed once this step's finishes are in,
+            # and the next one opened at once.
+            seconds = self.rules.seconds
+            full = (
+                seconds is not None and (0.0 if start != start else end - start) >= seconds
+            ) or window.arrived >= window.arrivals_to_full
         if step.finished:
             self._finish_listed(step, end)
-        window = self._open
-        if window is not None:  # closed once full (`WindowRules.full`), and the next one opened at once
-            elapsed = 0.0 if math.isnan(window.start_time) else end - window.start_time
-            if self.rules.full(elapsed, window.arrived, len(window.running) + len(window.waiting)):
-                self._close()
-                self._ensure_open()
+        if full and self._open is window:
+            self._close()
+            self._ensure_open()
 
     def _track_unknown(self, step: EngineStep, end: float) -> None:
         """The step names requests never announced: their arrivals were lost, so from here on what the engine
@@ -490,6 +502,7 @@ class EngineTracker(WindowTracker):
                 self._next_index, self.stats.steps, self.calibrator.model(), math.nan, 0, [], []
             )
             self._open.too_large = True
+            self._open.arrivals_to_full = self.rules.arrivals_to_full(0)
             self._next_index += 1
             return
         requests = self._requests
@@ -524,6 +537,7 @@ class EngineTracker(WindowTracker):
             self.calibrator.samples,
             running,
             waiting,
+            arrivals_to_full=self.rules.arrivals_to_full(len(running) + len(order)),
             free_queue=self._cache.free_queue(aborted) if self._cache is not None else (),
         )
         self._next_index += 1

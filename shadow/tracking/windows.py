@@ -64,6 +64,13 @@ class WindowRules:
             or arrived + carried >= self.max_requests
         )
 
+    def arrivals_to_full(self, carried: int) -> int:
+        """The arrivals at which a window that carried `carried` requests in is full whatever its time:
+        `full(elapsed, arrived, carried)` is `(seconds is not None and elapsed >= seconds) or arrived >=
+        arrivals_to_full(carried)`. The engine tracker tests that once per step instead of calling `full`."""
+        limit = self.max_requests - carried
+        return self.requests if self.requests is not None and self.requests < limit else limit
+
 
 @dataclass(frozen=True, slots=True)
 class TrafficWindow:
