@@ -503,21 +503,71 @@ def revision_core(revision: str) -> Any:
     return modules["core"].ShadowCore
 
 
+def revision_decoder(revision: str) -> Callable[[bytes], EventBatch]:
+    """`decode_batch` with the compiled wire reader (adapters/_wire_compiled.pyx) of a git revision, built
+    beside this tree's (once per source, under the system's temporary directory) and loaded under a private
+    package name; this tree's `decode_batch` where the revision's reader is this tree's, or it has none."""
+    root = Path(__file__).resolve().parent.parent
+    shown = subprocess.run(
+        ["git", "show", f"{revision}:adapters/_wire_compiled.pyx"], cwd=root, capture_output=True, text=True
+    )
+    ours = root / "adapters" / "_wire_compiled.pyx"
+    if shown.returncode != 0 or not wire.COMPILED or shown.stdout == ours.read_text():
+        return decode_batch
+    import hashlib
+    import importlib.util
+    import tempfile
+
+    from Cython.Build import cythonize
+    from setuptools import Extension
+    from setuptools.dist import Distribution
+
+    digest = hashlib.sha256(shown.stdout.encode()).hexdigest()[:16]
+    build = Path(tempfile.gettempdir()) / f"vllm_shadow_wire_{digest}"
+    package = f"_revision_wire_{digest}"
+    built = list((build / "lib" / package).glob("_wire_compiled.*"))
+    if not built:
+        (build / package).mkdir(parents=True, exist_ok=True)
+        source = build / package / "_wire_compiled.pyx"
+        source.write_text(shown.stdout)
+        extension = Extension(f"{package}._wire_compiled", [str(source)])
+        directives = {"language_level": 3, "annotation_typing": False, "overflowcheck": False}
+        extensions = cythonize(
+            [extension], build_dir=str(build / "c"), compiler_directives=directives, quiet=True
+        )
+        command = Distribution({"ext_modules": extensions}).get_command_obj("build_ext")
+        command.build_lib, command.build_temp = str(build / "lib"), str(build / "tmp")
+        command.ensure_finalized()
+        command.run()
+        built = list((build / "lib" / package).glob("_wire_compiled.*"))
+    spec = importlib.util.spec_from_file_location(f"{package}._wire_compiled", built[0])
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def decode(data: bytes) -> EventBatch:
+        fast = module.decode(data)
+        return decode_batch_upb(data) if fast is None else wire._checked_batch(*fast)
+
+    return decode
+
+
 def path_against(
     revision: str, rounds: int, repetitions: int, engines: int
 ) -> list[tuple[int, float, float]]:
-    """decode + sequencing + trackers (as in `receive_path`), the revision's core and this tree's alternating in
-    one process on the same batches: (engines, theirs, ours) in events per CPU second, per round."""
-    theirs_cls = revision_core(revision)
+    """decode + sequencing + trackers (as in `receive_path`), the revision's wire reader, tracker and core and
+    this tree's alternating in one process on the same batches: (engines, theirs, ours) in events per CPU
+    second, per round."""
+    theirs = (revision_decoder(revision), revision_core(revision))
     loads = {1: encoded_streams(1, repetitions), engines: encoded_streams(engines, repetitions // 4)}
     out = []
     for _ in range(rounds):
         for count, messages in loads.items():
             figures = []
-            for core_cls in (theirs_cls, ShadowCore):
+            for decode, core_cls in (theirs, (decode_batch, ShadowCore)):
                 core = core_cls(shadow_config(*BOUNDS), NoEvaluation())
                 start = time.process_time()
-                events = sum(core.ingest(decode_batch(m), "grpc") for m in messages)
+                events = sum(core.ingest(decode(m), "grpc") for m in messages)
                 figures.append(events / (time.process_time() - start))
             out.append((count, *figures))
     return out
@@ -605,7 +655,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--path-against",
         metavar="REV",
-        help="only the whole receive path, this tree's tracker and core alternating with those of git REV",
+        help="only the whole receive path, this tree's wire reader, tracker and core alternating with those "
+        "of git REV (its wire reader built on first use, about a minute)",
     )
     p.add_argument("--path-rounds", type=int, default=5, help="--path-against: alternating rounds")
     p.add_argument("--max-live-requests", type=int, default=DEFAULTS.limits.max_live_requests)
