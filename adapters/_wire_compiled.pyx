@@ -7,8 +7,10 @@ upb path: wire.py's `decode_batch_upb`, which stays the oracle and decides every
 What it takes, it must decode exactly as the upb path would (tests/test_wire_compiled.py holds the two equal on
 random batches and on corrupted bytes). It takes what an honest publisher sends, and leaves to upb, so never
 has to word a refusal:
-- an EngineInfo (the first batch of a sender; its JSON and settings are the upb path's business), an unknown
-  field or wire type, a second kind in one Event, an Event with none;
+- an EngineInfo (in a sender's first batch; its JSON and settings are the upb path's business): that one
+  Event's bytes go to the `info` decoder wire.py passes, the upb path on that Event alone, and the batch to
+  upb if it refuses them (so that the refusal is worded as for the batch);
+- an unknown field or wire type, a second kind in one Event, an Event with none;
 - anything malformed (a truncated field, a varint past 10 bytes, a length past the end, a string that is not
   UTF-8), and anything the upb path refuses (unequal id and count arrays, an id twice in one step);
 - a uint32 field above 2^32 - 1 (upb truncates it).
@@ -27,6 +29,7 @@ cannot be part of a cycle, and the collector walked every step a window keeps, a
 import dataclasses
 import types
 
+from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.dict cimport PyDict_SetItem
 from cpython.mem cimport PyMem_Calloc, PyMem_Free
 from cpython.object cimport PyObject, PyTypeObject, Py_TYPE
@@ -537,10 +540,12 @@ cdef object _finish(_Reader* r, bint* checked, _Strings strings):
     return event
 
 
-cdef object _event(_Reader* r, bint* checked, _Strings strings):
-    """One Event message: exactly one of step, arrival, finish; None for anything else."""
+cdef object _event(_Reader* r, bint* checked, _Strings strings, object info):
+    """One Event message: exactly one of step, arrival, finish, or an info through `info`; None for anything
+    else."""
     cdef uint64_t key
     cdef int field
+    cdef const unsigned char* begin = r.p
     key = _varint(r)
     if r.bad or (key & 7) != LEN:
         return None
@@ -554,12 +559,22 @@ cdef object _event(_Reader* r, bint* checked, _Strings strings):
         return _arrival(&inner, checked, strings)
     if field == 2:
         return _finish(&inner, checked, strings)
-    return None  # an EngineInfo, or no kind the schema knows
+    if field == 4 and info is not None:
+        decoded = info(PyBytes_FromStringAndSize(<const char*>begin, r.end - begin))
+        if decoded is None:
+            return None
+        event, info_checked = decoded
+        if not info_checked:
+            checked[0] = False
+        return event
+    return None  # no kind the schema knows
 
 
-def decode(object data):
+def decode(object data, object info=None):
     """(events, checked, source, sequence, dropped, incarnation, part, parts, lost_batches) of an EventBatch
-    message, `parts` as sent (0 when unset), or None: the upb path decides (see the module docstring)."""
+    message, `parts` as sent (0 when unset), or None: the upb path decides (see the module docstring).
+    `info(event_bytes)`: an Event message holding an EngineInfo, decoded as (event, checked), or None to leave
+    the batch to upb; without it such a batch is left to upb."""
     if type(data) is not bytes:
         return None
     cdef const unsigned char[:] view = data
@@ -587,7 +602,7 @@ def decode(object data):
             inner = _sub(&r)
             if r.bad:
                 return None
-            event = _event(&inner, &checked, strings)
+            event = _event(&inner, &checked, strings, info)
             if event is None:
                 return None
             events.append(event)

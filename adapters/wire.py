@@ -63,7 +63,7 @@ def encode_batch(batch: EventBatch) -> bytes:
 
 
 def decode_batch(data: bytes) -> EventBatch:
-    fast = _compiled.decode(data) if _compiled is not None else None
+    fast = _compiled.decode(data, _decode_info_event) if _compiled is not None else None
     if fast is None:  # no compiled reader, or bytes it leaves to upb (an announcement, anything unusual)
         return decode_batch_upb(data)
     events, checked, source, sequence, dropped, incarnation, part, parts, lost_batches = fast
@@ -90,6 +90,17 @@ def decode_batch_upb(data: bytes) -> EventBatch:
         msg.parts,
         msg.lost_batches,
     )
+
+
+def _decode_info_event(data: bytes) -> tuple[Event, bool] | None:
+    """One Event message holding an EngineInfo (an announcement in a batch the compiled reader reads) as the
+    upb path decodes it in a batch, with its quick check; None where that path refuses it, whatever it
+    raises: the whole batch then goes through the upb path, which refuses it in its own words."""
+    try:
+        events, checked = _decode_events([pb.Event.FromString(data)])
+    except Exception:
+        return None
+    return events[0], checked
 
 
 def _checked_batch(
