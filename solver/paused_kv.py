@@ -33,8 +33,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import numpy as np
-from ortools.linear_solver import pywraplp
-from ortools.math_opt.io.python import mps_converter
+from ortools.linear_solver import linear_solver_pb2, pywraplp
 from ortools.math_opt.python import mathopt
 
 from vllm_shadow.costmodel.linear import LinearCostModel
@@ -118,13 +117,10 @@ def _solve_with_scip(solver: pywraplp.Solver, time_limit: float) -> tuple[str, f
 
 
 def _solve_with_highs(solver: pywraplp.Solver, time_limit: float) -> tuple[str, float]:
-    """HiGHS through MathOpt (the model handed over as free MPS): pywraplp's HiGHS reports nothing once the time
-    limit stops it, MathOpt reports HiGHS's dual bound whether or not a solution was found."""
-    model = mathopt.Model.from_model_proto(
-        mps_converter.mps_to_model_proto(solver.ExportModelAsMpsFormat(False, False))
-    )
+    """HiGHS through MathOpt: pywraplp's HiGHS reports nothing once the time limit stops it, MathOpt reports
+    HiGHS's dual bound whether or not a solution was found."""
     result = mathopt.solve(
-        model,
+        _mathopt_model(solver),
         mathopt.SolverType.HIGHS,
         params=mathopt.SolveParameters(time_limit=timedelta(seconds=time_limit)),
     )
@@ -133,6 +129,29 @@ def _solve_with_highs(solver: pywraplp.Solver, time_limit: float) -> tuple[str, 
         return "INFEASIBLE", math.nan
     names = {mathopt.TerminationReason.OPTIMAL: "OPTIMAL", mathopt.TerminationReason.FEASIBLE: "FEASIBLE"}
     return names.get(reason, "NOT_SOLVED"), result.termination.objective_bounds.dual_bound
+
+
+def _mathopt_model(solver: pywraplp.Solver) -> mathopt.Model:
+    """The pywraplp model, copied through its proto at full precision (its MPS export prints 6 significant
+    digits: rounded time rows cut off the very schedules they were written for, and made a tested window
+    infeasible)."""
+    proto = linear_solver_pb2.MPModelProto()
+    solver.ExportModelToProto(proto)
+    model = mathopt.Model()
+    variables = [
+        model.add_variable(lb=v.lower_bound, ub=v.upper_bound, is_integer=v.is_integer)
+        for v in proto.variable
+    ]
+    for row in proto.constraint:
+        constraint = model.add_linear_constraint(lb=row.lower_bound, ub=row.upper_bound)
+        for i, coefficient in zip(row.var_index, row.coefficient, strict=True):
+            constraint.set_coefficient(variables[i], coefficient)
+    model.objective.is_maximize = False
+    model.objective.offset = proto.objective_offset
+    for variable, source in zip(variables, proto.variable, strict=True):
+        if source.objective_coefficient:
+            model.objective.set_linear_coefficient(variable, source.objective_coefficient)
+    return model
 
 
 @dataclass(slots=True)

@@ -368,6 +368,14 @@ PAUSED_EXAMPLES = [
 @given(window=tight_two_request_windows, cost=batch_bound_costs, slack=st.floats(1.0, 2.0))
 @example(*PAUSED_EXAMPLES[0])
 @example(*PAUSED_EXAMPLES[1])
+@example(  # deadlines that are exact multiples of a: the model handed to HiGHS as MPS (6 digits) was infeasible
+    window=Window(
+        (WindowRequest("r0", 0.0, 1, 2), WindowRequest("r1", 0.0, 1, 2)),
+        EngineLimits(kv_blocks=1, block_size=2),
+    ),
+    cost=LinearCostModel(0.2734375, 0.0, 0.0, 0.0, 0.0),
+    slack=1.0,
+)
 def test_paused_kv_mip_holds_against_exhaustive_search(window, cost, slack):
     """The paused-KV MIP (the blocks a started request holds in the batches it sits out, or one recompute if
     it is evicted) bounds a * batches + recompute of every schedule meeting the deadlines, pausing, chunking
