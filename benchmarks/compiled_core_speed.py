@@ -9,6 +9,12 @@ candidates (Llama-2-7B on one A100, the trace unclipped). Each figure is the med
 seconds (and wall seconds) for one `simulate` call, results checked equal between the cores.
 
     python benchmarks/compiled_core_speed.py [--repeats 5] [--hour-repeats 1]
+
+`--one ROW` runs only one `simulate` call of the compiled core: row ROW (0-4) of benchmarks/replay_speed.py's
+ROWS on its first 10,000 requests, untimed, for an instruction count that does not depend on the machine's load:
+
+    valgrind --tool=callgrind --toggle-collect='__pyx_pw_*_simulator_compiled_*simulate' \
+        python benchmarks/compiled_core_speed.py --one 3
 """
 
 from __future__ import annotations
@@ -22,7 +28,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.replay_speed import BLOCK_SIZE, CANDIDATES_20, HARDWARE, MODEL, TP, load_slice, project_cost
+from benchmarks.replay_speed import (
+    BLOCK_SIZE,
+    CANDIDATES_20,
+    HARDWARE,
+    MODEL,
+    ROWS,
+    TP,
+    load_slice,
+    project_cost,
+)
 from vllm_shadow.adapters.traces import read_trace, resolve_trace
 from vllm_shadow.costmodel.architecture import load_model
 from vllm_shadow.costmodel.hardware import get_hardware
@@ -58,13 +73,32 @@ def alternate(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str,
     }
 
 
+VIDUR_KV_BLOCKS = 3_328  # see benchmarks/RESULTS-replay.md
+
+
+def one_call(row: int) -> None:
+    """One `simulate` call of the compiled core on the replay benchmark's row `row` (see --one)."""
+    compiled = simulator.compiled_core()
+    if compiled is None or simulator.stale_sources(compiled):
+        sys.exit("the compiled core is not built or is older than its source: `pip install -e .` first")
+    # The replay benchmark's KV: Vidur's memory planner's 3,328 blocks for this engine, plus vLLM's null block.
+    blocks = VIDUR_KV_BLOCKS + 1
+    requests, policy = load_slice(10_000), ROWS[row].policy
+    result = compiled.simulate(requests, policy, project_cost(), num_kv_blocks=blocks, block_size=BLOCK_SIZE)
+    print(f"{ROWS[row].label}: {policy}, {len(requests):,} requests, {result.num_steps:,} steps")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--hour-repeats", type=int, default=1)
+    parser.add_argument("--one", type=int, metavar="ROW", help="one compiled simulate call of a replay row")
     args = parser.parse_args()
+    if args.one is not None:
+        one_call(args.one)
+        return
     compiled, pool = simulator.compiled_core(), kv_cache.compiled_pool()
     if compiled is None or simulator.stale_sources(compiled) or pool is None or kv_cache.stale_sources(pool):
         sys.exit(
