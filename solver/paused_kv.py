@@ -16,13 +16,16 @@ and an either/or. This module writes them as a MIP over the same keys and rows:
   * every KV row the LP added (k, k'), and the first-block rows of each key interval and of the window's
     prefixes and suffixes, gain sum_i blocks_i * sum_j idle[i,j] over the intervals between k and k' (a
     cumulative P[k] keeps the rows sparse);
-  * an eviction after the first emission recomputes at least the request's target tokens: b * target (plus the
-    least attention of that prefill, as `prefill_extra_bound` counts it) of GPU time no other term counts.
+  * an eviction after the first emission recomputes at least the request's target tokens: b * target of GPU
+    time no other term counts (their attention is left out: it is only tested with d = 0).
 The objective is E at the last key + the recompute seconds over a, in batch equivalents: a * (its proven
 lower bound) + every request's own work bounds the GPU time of every schedule meeting the deadlines (pausing,
 chunking and any number of evictions included). The bound is the MIP solver's proven one (its dual bound, not
 its incumbent), so a solve stopped by the time limit still proves what it reached (HiGHS through MathOpt
 reports it then; SCIP through pywraplp only once it holds a solution).
+
+Not used by `solve_optimal`: on the A10G windows of RESULTS-optimal.md it proves at most one batch over the LP
+in 60 s (the full-key MIP is too large, and over coarse keys the LP loses more than the MIP gains).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from ortools.linear_solver import linear_solver_pb2, pywraplp
 from ortools.math_opt.python import mathopt
 
 from vllm_shadow.costmodel.linear import LinearCostModel
-from vllm_shadow.solver.bounds import KvRows, TimeCapacityBound, _sum_range, build_capacity_model
+from vllm_shadow.solver.bounds import KvRows, TimeCapacityBound, build_capacity_model
 from vllm_shadow.solver.problem import EngineLimits, Window, WindowRequest
 from vllm_shadow.solver.schedule import Deadlines
 
@@ -68,8 +71,7 @@ def paused_blocks(request: WindowRequest, limits: EngineLimits) -> int:
 def recompute_batch_equivalents(target_tokens: int, cost: LinearCostModel) -> float:
     """The least an eviction after a request's first emission adds, over a: its KV holds at least its target
     tokens, and all of them are computed again before its next emission."""
-    extra = cost.b * target_tokens + min(cost.c, cost.d) * _sum_range(1, target_tokens - 1)
-    return extra / cost.a
+    return cost.b * target_tokens / cost.a
 
 
 def paused_kv_bound(
