@@ -88,13 +88,15 @@ cdef _remove(list requests, _Request request)
 @cython.final
 cdef class _WaitingQueue:
     cdef public bint ordered
-    cdef public object fifo
+    cdef public list fifo
+    cdef public Py_ssize_t head
     cdef public list heap
     cdef public Py_ssize_t size
 
     cdef add_request(self, _Request request)
     cdef prepend_request(self, _Request request)
     cdef _Request peek_request(self)
+    @cython.locals(request=_Request)
     cdef _Request pop_request(self)
 
 

@@ -5,6 +5,7 @@ Scenarios use a cost model of exactly 1 second per step, so times read as step c
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import heapq
 import math
@@ -713,3 +714,23 @@ def test_steps_starting_before_counts_the_steps_that_start_before_the_gap(gap, f
 def test_to_ps_rounds_as_round_does(time):
     core = pure_core()
     assert core._to_ps(time) == round(time * core.PS_PER_S)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(["add", "prepend", "pop"]), max_size=400))
+def test_the_fcfs_waiting_queue_is_a_deque(operations):
+    # Arrivals at the back, preempted requests at the front, pops from the front: past 32 pops the list drops
+    # the requests that left.
+    core = pure_core()
+    queue, reference = core._WaitingQueue(ordered=False), collections.deque()
+    for number, operation in enumerate(operations):
+        if operation == "pop":
+            if reference:
+                assert queue.peek_request() is reference[0]
+                assert queue.pop_request() is reference.popleft()
+        else:
+            request = core._Request(f"r{number}", 0, 1, 1, None, None)
+            (queue.add_request if operation == "add" else queue.prepend_request)(request)
+            (reference.append if operation == "add" else reference.appendleft)(request)
+        assert queue.size == len(reference)
+        assert queue.fifo[queue.head :] == list(reference)
