@@ -57,6 +57,7 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.revision_modules import load_revision_modules
 from tests import shadow_support as support
 from vllm_shadow.adapters import wire
 from vllm_shadow.adapters.events import EngineInfo, EngineStep, Event, RequestArrival
@@ -481,25 +482,17 @@ def receive_path(engines: int, repetitions: int, batch_size: int = 1024) -> list
 def revision_core(revision: str) -> Any:
     """`ShadowCore` with the tracker (shadow/tracking/engine_state.py) and the core (shadow/runtime/core.py) of a
     git revision, loaded beside this tree's under private module names; everything else is this tree's."""
-    root = Path(__file__).resolve().parent.parent
-    modules = {}
-    for name, path, imports in (
-        ("engine_state", "shadow/tracking/engine_state.py", ()),
+    modules = load_revision_modules(
+        revision,
         (
-            "core",
-            "shadow/runtime/core.py",
-            (("vllm_shadow.tracking.engine_state", "_revision_engine_state"),),
+            ("engine_state", "shadow/tracking/engine_state.py", ()),
+            (
+                "core",
+                "shadow/runtime/core.py",
+                (("vllm_shadow.tracking.engine_state", "_revision_engine_state"),),
+            ),
         ),
-    ):
-        source = subprocess.run(
-            ["git", "show", f"{revision}:{path}"], cwd=root, check=True, capture_output=True, text=True
-        ).stdout
-        for ours, theirs in imports:
-            source = source.replace(f"from {ours} import", f"from {theirs} import")
-        module = type(sys)(f"_revision_{name}")
-        sys.modules[module.__name__] = module  # dataclasses look their module up
-        exec(compile(source, f"{revision}:{path}", "exec"), module.__dict__)
-        modules[name] = module
+    )
     return modules["core"].ShadowCore
 
 

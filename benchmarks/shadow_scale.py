@@ -40,7 +40,6 @@ import dataclasses
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
@@ -49,6 +48,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.revision_modules import load_revision_modules
 from vllm_shadow.adapters.events import (
     EngineInfo,
     EngineStep,
@@ -285,29 +285,22 @@ def revision_evaluation(revision: str) -> Any:
     """The module `vllm_shadow.evaluation.evaluate` of a git revision, with that revision's step comparison
     and bounds, loaded beside this tree's under private names; everything else (the simulator, the result
     types, so that outcomes compare) is this tree's."""
-    root = Path(__file__).resolve().parent.parent
-    module = None
-    for name, path, imports in (
-        ("bounds", "solver/bounds.py", ()),
-        ("step_match", "shadow/evaluation/step_match.py", ()),
+    modules = load_revision_modules(
+        revision,
         (
-            "evaluate",
-            "shadow/evaluation/evaluate.py",
+            ("bounds", "solver/bounds.py", ()),
+            ("step_match", "shadow/evaluation/step_match.py", ()),
             (
-                ("vllm_shadow.solver.bounds", "_revision_bounds"),
-                ("vllm_shadow.evaluation.step_match", "_revision_step_match"),
+                "evaluate",
+                "shadow/evaluation/evaluate.py",
+                (
+                    ("vllm_shadow.solver.bounds", "_revision_bounds"),
+                    ("vllm_shadow.evaluation.step_match", "_revision_step_match"),
+                ),
             ),
         ),
-    ):
-        source = subprocess.run(
-            ["git", "show", f"{revision}:{path}"], cwd=root, check=True, capture_output=True, text=True
-        ).stdout
-        for ours, theirs in imports:
-            source = source.replace(f"from {ours} import", f"from {theirs} import")
-        module = type(sys)(f"_revision_{name}")
-        sys.modules[module.__name__] = module  # dataclasses look their module up
-        exec(compile(source, f"{revision}:{path}", "exec"), module.__dict__)
-    return module
+    )
+    return modules["evaluate"]
 
 
 def evaluation_of(evaluate: Any, window: TrafficWindow, others: list) -> str:
