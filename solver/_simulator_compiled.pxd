@@ -127,6 +127,7 @@ cdef class Simulator:
     cdef public long long request_ps
     cdef public bint record_steps
     cdef public bint fast
+    cdef public Py_ssize_t max_steps
     cdef public list running
     cdef public _WaitingQueue waiting
     cdef public Py_ssize_t num_used_blocks

@@ -296,6 +296,7 @@ class Simulator:
         *,
         record_steps: bool = False,
         fast_forward: bool = True,
+        max_steps: int | None = None,
     ) -> None:
         if num_kv_blocks < 2 or block_size < 1:
             raise ValueError(
@@ -329,6 +330,7 @@ class Simulator:
         self.request_ps = round(cost.e * PS_PER_S)  # per request in the step
         self.record_steps = record_steps
         self.fast = fast_forward
+        self.max_steps = sys.maxsize if max_steps is None else max_steps
         self.running: list[_Request] = []
         self.waiting = _WaitingQueue(policy.order != "fcfs")
         self.num_used_blocks = 0
@@ -439,6 +441,8 @@ class Simulator:
             num_tokens += request.num_prompt_tokens + request.max_tokens
         max_tokens_processed = _THRASH_FACTOR * (num_tokens + _THRASH_FACTOR)
         while True:
+            if self.num_steps >= self.max_steps:
+                return
             clock = self.num_steps if by_step else self.now
             fed = False
             while next_arrival < num_arrivals:
@@ -1374,6 +1378,7 @@ class Simulator:
         slope_ps = self.kv_token_ps * num_decoders
         if next_arrival_step is not None:
             k = min(k, next_arrival_step - self.num_steps)
+        k = min(k, self.max_steps - self.num_steps)  # a run cut short stops where it was asked to
         if next_arrival_time is not None:
             gap = next_arrival_time - self.now
             if (k - 1) * first_step_ps + slope_ps * (k - 1) * (k - 2) // 2 >= gap:  # the arrival comes first
@@ -1572,6 +1577,7 @@ def simulate(
     arrival_steps: Mapping[str, int] | None = None,
     fast_forward: bool = True,
     initial_free_queue: Sequence[int | tuple[str, int, int]] = (),
+    max_steps: int | None = None,
 ) -> SimResult:
     """Replay `requests` (output lengths known) under `policy` on a KV cache of `num_kv_blocks` blocks
     (vLLM's count, including its null block) of `block_size` tokens.
@@ -1584,10 +1590,19 @@ def simulate(
     `initial_free_queue` (with prefix caching) is vLLM's free queue at `start_time`, front first: a cached block
     nobody holds (its hash), or (request id, lo, hi) that request's private blocks lo..hi-1 (an id of none of
     `requests`: blocks nobody can hit).
+    `max_steps` cuts the run short after that many steps (the fidelity check compares only the steps the engine
+    ran in its window): its steps are the whole run's first `max_steps`, and its other figures those of the
+    run at that point (requests unfinished there have no finish).
     """
     policy = parse_policy(policy)
     sim = Simulator(
-        policy, cost, num_kv_blocks, block_size, record_steps=record_steps, fast_forward=fast_forward
+        policy,
+        cost,
+        num_kv_blocks,
+        block_size,
+        record_steps=record_steps,
+        fast_forward=fast_forward,
+        max_steps=max_steps,
     )
     records: list[RequestRecord] = []
     num_usable_blocks = num_kv_blocks - 1

@@ -11,6 +11,7 @@ The compiled core must be built (`pip install -e .` builds it). Only where the b
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import subprocess
@@ -173,6 +174,35 @@ def test_compiled_core_equals_pure_python_in_step_space(workload, policy):
         record_steps=True,
     )
     assert compiled == pure
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workloads(), policies(), st.integers(0, 60), st.booleans())
+def test_a_run_cut_short_has_the_whole_run_s_first_steps(workload, policy, max_steps, step_space):
+    """`max_steps` (the fidelity check's replay stops at the window's last step): the steps are the first
+    `max_steps` of the run to the end, in both cores, in time and in step space, fast paths included."""
+    requests, initial, block_size, blocks = workload
+    arrival_steps = {r.request_id: int(r.time * 3) for r in requests} if step_space else None
+    for core in cores():
+        run = functools.partial(
+            core.simulate,
+            requests,
+            policy,
+            COST,
+            num_kv_blocks=blocks,
+            block_size=block_size,
+            initial_running=() if step_space else initial,
+            start_time=0.0 if initial and not step_space else None,
+            arrival_steps=arrival_steps,
+            record_steps=True,
+        )
+        try:
+            whole = run()
+        except (ValueError, RuntimeError):  # refused or thrashing: nothing to cut
+            continue
+        cut = run(max_steps=max_steps)
+        assert cut.steps == whole.steps[:max_steps]
+        assert cut.num_steps == min(max_steps, whole.num_steps)
 
 
 def test_both_cores_refuse_bad_input_alike():

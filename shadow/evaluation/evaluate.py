@@ -57,11 +57,16 @@ def _fresh(window: TrafficWindow) -> list[RequestArrival]:
 
 
 def simulate_window(
-    window: TrafficWindow, policy: Policy | str, *, step_space: bool = False, record_steps: bool = False
+    window: TrafficWindow,
+    policy: Policy | str,
+    *,
+    step_space: bool = False,
+    record_steps: bool = False,
+    max_steps: int | None = None,
 ) -> SimResult:
     """Serve the window's requests from its start state under `policy`. In step space each request enters
     before the same engine step as it really did, and steps are recorded for comparison (in time too with
-    `record_steps`)."""
+    `record_steps`); `max_steps` cuts the run short (`simulate`)."""
     arrival_steps = None
     if step_space:
         if window.arrival_steps is None:
@@ -78,6 +83,7 @@ def simulate_window(
         record_steps=step_space or record_steps,
         arrival_steps=arrival_steps,
         initial_free_queue=window.free_queue,
+        max_steps=max_steps,
     )
 
 
@@ -174,15 +180,15 @@ def check_fidelity(window: TrafficWindow, slo: Slo, *, keep_requests: bool = Fal
     first_mismatch = ""
     gpu_error = math.nan
     if window.exact and window.steps:
-        simulated = simulate_window(window, current, step_space=True).steps or []
         compared = len(window.steps)
-        # The replay serves the window's requests to completion: its steps beyond the window's are not compared.
-        comparison = compare_steps(window.steps, simulated[:compared])
+        # Only the window's own steps are compared: the replay stops there instead of serving every request.
+        simulated = simulate_window(window, current, step_space=True, max_steps=compared).steps or []
+        comparison = compare_steps(window.steps, simulated)
         matched = comparison.matched
         first = comparison.first_mismatch
         first_mismatch = first.describe() if first is not None else ""
         measured = window.actual_gpu_seconds
-        replayed_busy = math.fsum(s.duration for s in simulated[:compared])
+        replayed_busy = math.fsum(s.duration for s in simulated)
         gpu_error = abs(replayed_busy - measured) / measured if measured > 0 else math.nan
     return Fidelity(compared, matched, first_mismatch, gpu_error, ttft_error, e2e_error, actual, self_replay)
 
