@@ -12,7 +12,7 @@ can rule out:
   deque fed in (arrival, index) order) and to pick a victim: when every request of the window has the same
   priority, a run without a preemption is the same under either.
 
-`tests/test_evaluate_sharing.py` holds the simulator to both on random workloads.
+`tests/test_evaluate_sharing.py` holds the simulator to each of the three on random workloads.
 """
 
 from __future__ import annotations
