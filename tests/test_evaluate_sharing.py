@@ -26,8 +26,9 @@ from vllm_shadow.evaluation.evaluate import (
     run_candidates,
     simulate_window,
 )
+from vllm_shadow.evaluation.shared_runs import peak_running
 from vllm_shadow.solver.records import RequestRecord
-from vllm_shadow.solver.simulator import simulate
+from vllm_shadow.solver.simulator import RunningRequest, simulate
 
 _PREEMPTIONS = [f.name for f in dataclasses.fields(RequestRecord)].index("preemptions")
 
@@ -57,6 +58,39 @@ def test_a_sequence_cap_at_least_the_request_count_never_changes_a_run(workload,
     at_count = _run(requests, initial, dataclasses.replace(policy, max_num_seqs=count), blocks, block_size)
     higher = dataclasses.replace(policy, max_num_seqs=count + above)
     assert _run(requests, initial, higher, blocks, block_size) == at_count
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workloads(), policies(), st.booleans(), st.integers(1, 3))
+def test_a_run_without_preemptions_is_the_same_under_every_cap_above_its_peak(
+    workload, policy, finishing: bool, above: int
+) -> None:
+    requests, initial, block_size, blocks = workload
+    if finishing and initial:  # the first one's last token in flight at the start: no record, a place held
+        first = initial[0]
+        output = first.request.output_tokens
+        initial = [RunningRequest(first.request, first.request.prompt_tokens + output - 1, output, True)]
+        initial += workload[1][1:]
+    run = _run(requests, initial, policy, blocks, block_size)
+    if "refused" in run or any(record[_PREEMPTIONS] for record in run["requests"]):
+        return  # the queue can hold a victim outside its spans
+    result = simulate(
+        requests,
+        policy,
+        COST,
+        num_kv_blocks=blocks,
+        block_size=block_size,
+        initial_running=initial,
+        start_time=0.0 if initial else None,
+    )
+    carried = {r.request.request_id for r in initial if not r.finishing}
+    peak = peak_running(result.requests, carried, sum(r.finishing for r in initial))
+    if peak >= policy.max_num_seqs:
+        return  # the cap may have held a request back
+    for cap in (peak + 1, peak + above):  # the tightest cap first
+        assert (
+            _run(requests, initial, dataclasses.replace(policy, max_num_seqs=cap), blocks, block_size) == run
+        )
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -12,19 +12,53 @@ can rule out:
   deque fed in (arrival, index) order) and to pick a victim: when every request of the window has the same
   priority, a run without a preemption is the same under either.
 
-`tests/test_evaluate_sharing.py` holds the simulator to each of the three on random workloads.
+The cap's test is also never failed in a run whose running queue stays below the cap: a run without a
+preemption, whose queue never held more than `peak_running` requests at any admission test, is the run of every
+cap above that peak (a cap of 128 shares the default's run when a window never runs 128 requests at once).
+
+`tests/test_evaluate_sharing.py` holds the simulator to each of these on random workloads.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 from vllm_shadow.evaluation.results import CandidateOutcome
 from vllm_shadow.solver.policies import Policy
+from vllm_shadow.solver.records import RequestRecord
 
 _ANY_VICTIM = "newest"  # the victim rule written into the key of a run without preemptions
 _ANY_ORDER = "fcfs"  # the order written there for priority too, where every request has the same priority
+_ANY_CAP = 1  # the sequence cap written into the key of a run whose queue stayed below its cap
+
+
+def peak_running(records: Sequence[RequestRecord], carried: AbstractSet[str], held_at_start: int) -> int:
+    """At least the running queue's length at every admission test of a run without preemptions: the most
+    requests whose [first scheduled, finish] spans share one instant. `carried`: ids of the requests running at
+    the start (in the queue from before it); `held_at_start`: requests whose last token was in flight at the
+    start, which hold a place in the queue at the first schedule under async scheduling (they have no record).
+
+    Without preemptions a request enters the queue at the start of the step that first runs its tokens and
+    leaves it once it finished: before the next schedule, or under async scheduling right after it (at its
+    finish time), so the closed spans cover every schedule at which it is in the queue."""
+    starts, ends = [], []
+    for r in records:
+        start = -math.inf if r.request_id in carried else r.first_scheduled
+        if start == start:  # NaN: never scheduled, so never in the queue
+            starts.append(start)
+            ends.append(r.finish if r.finish == r.finish else math.inf)
+    starts.sort()
+    ends.sort()
+    peak = left = 0
+    for entered, start in enumerate(starts, 1):
+        while ends[left] < start:  # every end before this start is one of an earlier start's (end >= start)
+            left += 1
+        peak = max(peak, entered - left)
+    return peak + held_at_start
 
 
 @dataclass(slots=True)
@@ -35,6 +69,9 @@ class SharedRuns:
     same_priority: bool  # every one of them has the same priority
     by_run: dict[Policy, CandidateOutcome] = field(default_factory=dict)
     without_preemption: dict[Policy, CandidateOutcome] = field(default_factory=dict)
+    # Runs without preemptions that stayed below their cap, by their key with `_ANY_CAP`: each run's peak
+    # (`peak_running`) and outcome; every cap above a run's peak runs it too.
+    below_cap: dict[Policy, list[tuple[int, CandidateOutcome]]] = field(default_factory=dict)
 
     def _run_of(self, policy: Policy) -> Policy:
         never_binds = max(self.num_requests, 1)
@@ -52,11 +89,20 @@ class SharedRuns:
         found = self.by_run.get(run)
         if found is None:
             found = self.without_preemption.get(self._unpreempted_run_of(run))
+        if found is None:
+            below = self.below_cap.get(self._below_cap_key(policy), ())
+            found = next((outcome for peak, outcome in below if policy.max_num_seqs > peak), None)
         return None if found is None else dataclasses.replace(found, label=label)
 
-    def add(self, policy: Policy, outcome: CandidateOutcome) -> None:
-        """`outcome`: `policy` simulated on the window and summarised (not a failure)."""
+    def add(self, policy: Policy, outcome: CandidateOutcome, peak: int | None = None) -> None:
+        """`outcome`: `policy` simulated on the window and summarised (not a failure); `peak`: the run's
+        `peak_running`, where known."""
         run = self._run_of(policy)
         self.by_run[run] = outcome
         if outcome.preemptions == 0:
             self.without_preemption[self._unpreempted_run_of(run)] = outcome
+            if peak is not None and peak < policy.max_num_seqs:
+                self.below_cap.setdefault(self._below_cap_key(policy), []).append((peak, outcome))
+
+    def _below_cap_key(self, policy: Policy) -> Policy:
+        return self._unpreempted_run_of(dataclasses.replace(policy, max_num_seqs=_ANY_CAP))
