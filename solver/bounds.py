@@ -100,21 +100,87 @@ def _sum_cdiv(m: int, block_size: int) -> int:
     return block_size * q * (q + 1) // 2 + r * (q + 1)
 
 
+@dataclass(frozen=True, slots=True)
+class _Columns:
+    """A window's requests as numpy columns (window order): what the bounds read of them, walked once per window
+    (`_columns`) instead of once per request per bound in Python, which was a third of the live shadow's
+    evaluation. Entry i is what the per-request definitions above give for request i."""
+
+    ids: tuple[str, ...]
+    arrival: np.ndarray  # float64
+    computed: np.ndarray  # int64, as the rest
+    target: np.ndarray
+    remaining: np.ndarray
+    tokens: np.ndarray  # peak_tokens - computed_tokens: what it still processes
+    area: np.ndarray  # `_block_area`
+    fresh: np.ndarray  # bool: nothing generated yet (its first token is in the window)
+
+
+def _columns(window: Window) -> _Columns:
+    """The window's `_Columns`, from its memo once computed (the live shadow bounds a window twice)."""
+    columns = window.memo.get(_Columns)
+    if columns is not None:
+        return columns
+    requests = window.requests
+    counts = np.array(
+        [(r.prompt_tokens, r.output_tokens, r.computed_tokens, r.generated_tokens) for r in requests],
+        dtype=np.int64,
+    ).reshape(len(requests), 4)
+    prompt, output, computed, generated = counts.T
+    target = prompt + generated
+    remaining = output - generated
+    block_size = window.limits.block_size
+    columns = _Columns(
+        ids=tuple(r.request_id for r in requests),
+        arrival=np.array([r.arrival for r in requests], dtype=np.float64),
+        computed=computed,
+        target=target,
+        remaining=remaining,
+        tokens=prompt + output - 1 - computed,
+        area=_sum_cdiv_array(target + remaining - 1, block_size) - _sum_cdiv_array(target - 1, block_size),
+        fresh=generated == 0,
+    )
+    window.memo[_Columns] = columns
+    return columns
+
+
+def _sum_range_array(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """`_sum_range` of each pair."""
+    return np.where(hi >= lo, (lo + hi) * (hi - lo + 1) // 2, 0)
+
+
+def _sum_cdiv_array(m: np.ndarray, block_size: int) -> np.ndarray:
+    """`_sum_cdiv` of each entry."""
+    q, r = np.divmod(m, block_size)
+    return np.where(m > 0, block_size * q * (q + 1) // 2 + r * (q + 1), 0)
+
+
+def _prefill_extra_array(columns: _Columns, cost: LinearCostModel) -> np.ndarray:
+    """`prefill_extra_bound` of each request."""
+    return min(cost.c, cost.d) * _sum_range_array(columns.computed + 1, columns.target - 1)
+
+
+def _work_seconds_array(columns: _Columns, cost: LinearCostModel, prefill_extra: np.ndarray) -> np.ndarray:
+    """`request_work_seconds` of each request (`prefill_extra`: `_prefill_extra_array`): the same operations
+    in the same order, so the same floats."""
+    target, remaining = columns.target, columns.remaining
+    tokens = target - columns.computed + remaining - 1
+    attended = _sum_range_array(target, target + remaining - 1)
+    return cost.b * tokens + cost.c * attended + prefill_extra + cost.e * remaining
+
+
 def min_batches(window: Window, deadlines: Deadlines | None = None) -> int:
     limits = window.limits
-    requests = window.requests
-    areas = [_block_area(r, limits.block_size) for r in requests]
-    emissions = sum(r.remaining_outputs for r in requests)
-    tokens = sum(r.peak_tokens - r.computed_tokens for r in requests)
+    columns = _columns(window)
     unconstrained = max(
-        max((r.remaining_outputs for r in requests), default=0),
-        cdiv(sum(areas), limits.kv_blocks),
-        cdiv(emissions, limits.max_num_seqs),
-        cdiv(tokens, limits.max_num_batched_tokens),
+        int(columns.remaining.max(initial=0)),
+        cdiv(int(columns.area.sum()), limits.kv_blocks),
+        cdiv(int(columns.remaining.sum()), limits.max_num_seqs),
+        cdiv(int(columns.tokens.sum()), limits.max_num_batched_tokens),
     )
     if deadlines is None or not deadlines.finish:
         return unconstrained
-    return max(unconstrained, _deadline_min_batches(window, deadlines, areas))
+    return max(unconstrained, _deadline_min_batches(window, deadlines, columns))
 
 
 def deadline_min_batches(window: Window, deadlines: Deadlines) -> int:
@@ -122,27 +188,26 @@ def deadline_min_batches(window: Window, deadlines: Deadlines) -> int:
     that arrive at or after s (or the window start) and must finish by t, at least as many as the longest of
     them emits and as their KV block-batches over the capacity (token and sequence totals likewise). Dynamic
     programming over t in deadline order: best(t) = max(best(earlier t), best(up to s) + forced(s, t))."""
-    areas = [_block_area(r, window.limits.block_size) for r in window.requests]
-    return _deadline_min_batches(window, deadlines, areas)
+    return _deadline_min_batches(window, deadlines, _columns(window))
 
 
-def _deadline_min_batches(window: Window, deadlines: Deadlines, areas: list[int]) -> int:
-    """`deadline_min_batches` with each request's `_block_area` given (`min_batches` has them). The live
-    shadow bounds every window under deadlines: the forced batches of every (start, end) pair are numpy
-    matrices, a block of ends at a time, and only the running best is left to a loop over the ends."""
+def _deadline_min_batches(window: Window, deadlines: Deadlines, columns: _Columns) -> int:
+    """`deadline_min_batches` from the window's `_Columns`. The live shadow bounds every window under
+    deadlines: the forced batches of every (start, end) pair are numpy matrices, a block of ends at a time, and
+    only the running best is left to a loop over the ends."""
     limits = window.limits
     due_by = deadlines.finish
-    chosen = [i for i, r in enumerate(window.requests) if r.request_id in due_by]
-    if not chosen:
+    chosen = np.array([rid in due_by for rid in columns.ids], dtype=bool)
+    if not chosen.any():
         return 0
-    requests = [window.requests[i] for i in chosen]
-    arrival = np.array([max(r.arrival, window.start) for r in requests])
+    arrival = np.maximum(columns.arrival[chosen], window.start)
     order = np.argsort(-arrival, kind="stable")  # latest arrival first: an interval's requests are a prefix
     arrival = arrival[order]
-    due = np.array([due_by[r.request_id] for r in requests])[order]
-    longest = np.array([r.remaining_outputs for r in requests])[order]
-    area = np.array([areas[i] for i in chosen])[order]
-    tokens = np.array([r.peak_tokens - r.computed_tokens for r in requests])[order]
+    due = np.array([due_by[rid] for rid, due in zip(columns.ids, chosen, strict=True) if due])[order]
+    longest = columns.remaining[chosen][order]
+    area = columns.area[chosen][order]
+    tokens = columns.tokens[chosen][order]
+    n = len(order)
     # A total within its limit forces at most one batch, which every request's own emissions force already.
     totals = [
         (values, limit)
@@ -162,9 +227,9 @@ def _deadline_min_batches(window: Window, deadlines: Deadlines, areas: list[int]
     after = np.arange(1, len(ends) + 1)
     since = np.searchsorted(-earlier, -after, side="left")
     until = np.searchsorted(-earlier, -after, side="right")
-    best_before = np.zeros(len(requests), dtype=np.int64)
+    best_before = np.zeros(n, dtype=np.int64)
     best = 0
-    rows = max(1, _DP_CELLS // len(requests))  # ends per block: each matrix at most _DP_CELLS entries
+    rows = max(1, _DP_CELLS // n)  # ends per block: each matrix at most _DP_CELLS entries
     for first in range(0, len(ends), rows):
         inside = due <= ends[first : first + rows, None]
         # forced[k, i]: batches the requests arriving at or after arrival[i] and due by ends[k] force into
@@ -196,24 +261,19 @@ def relaxation_bound(
     schedule that needs at least `least_batches` batches (a count proven elsewhere: `time_capacity_batches`)
     and at least `least_schedule_seconds` of a * batches plus recompute (`vllm_shadow.solver.paused_kv`)."""
     batches = max(min_batches(window, deadlines), least_batches)
-    gpu = max(cost.a * batches, least_schedule_seconds) + sum(
-        request_work_seconds(r, cost) for r in window.requests
-    )
-    e2e, ttft = [], []
-    for r in window.requests:
-        wait = max(window.start - r.arrival, 0.0)
-        alone = cost.a * r.remaining_outputs + request_work_seconds(r, cost)
-        e2e.append(wait + alone)
-        if r.generated_tokens == 0:
-            chunk = r.target_tokens - r.computed_tokens
-            ttft.append(
-                wait
-                + cost.a
-                + cost.b * chunk
-                + cost.c * r.target_tokens
-                + prefill_extra_bound(r, cost)
-                + cost.e
-            )
+    columns = _columns(window)
+    prefill_extra = _prefill_extra_array(columns, cost)
+    work = _work_seconds_array(columns, cost, prefill_extra)
+    # Sums as Python's sum() adds, one term after another in window order (numpy's pairwise sums may differ
+    # in the last bits, and the shadow's exported bounds must not change).
+    gpu = max(cost.a * batches, least_schedule_seconds) + sum(work.tolist())
+    wait = np.maximum(window.start - columns.arrival, 0.0)
+    e2e = (wait + (cost.a * columns.remaining + work)).tolist()
+    fresh = columns.fresh
+    chunk = columns.target[fresh] - columns.computed[fresh]
+    ttft = (
+        wait[fresh] + cost.a + cost.b * chunk + cost.c * columns.target[fresh] + prefill_extra[fresh] + cost.e
+    ).tolist()
     return RelaxationBound(
         batches=batches,
         gpu_seconds=gpu,

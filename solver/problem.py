@@ -11,6 +11,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from vllm_shadow.adapters.events import RequestArrival
 
@@ -86,6 +87,10 @@ class Window:
     requests: tuple[WindowRequest, ...]
     limits: EngineLimits
     start: float = 0.0  # when the engine may run its first batch
+    # What analyses derive from the window and read more than once, computed on first use (the bounds' per-request
+    # columns: the live shadow bounds each window twice, and walking its requests in Python was most of that).
+    # Not part of the window's value: neither compared, nor printed, nor passed on by `dataclasses.replace`.
+    memo: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         ids = [r.request_id for r in self.requests]
@@ -99,6 +104,14 @@ class Window:
         for r in self.requests:
             if self.limits.blocks(r.peak_tokens) > self.limits.kv_blocks:
                 raise ValueError(f"request {r.request_id} can never fit in {self.limits.kv_blocks} KV blocks")
+
+    def __getstate__(self) -> tuple:
+        return self.requests, self.limits, self.start  # a copy or a pickle starts with an empty memo
+
+    def __setstate__(self, state: tuple) -> None:
+        for name, value in zip(("requests", "limits", "start"), state, strict=True):
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "memo", {})
 
     def by_id(self) -> dict[str, WindowRequest]:
         return {r.request_id: r for r in self.requests}
