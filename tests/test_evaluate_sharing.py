@@ -26,7 +26,8 @@ from vllm_shadow.evaluation.evaluate import (
     run_candidates,
     simulate_window,
 )
-from vllm_shadow.evaluation.shared_runs import peak_running
+from vllm_shadow.evaluation.results import CandidateOutcome
+from vllm_shadow.evaluation.shared_runs import SharedRuns, peak_running
 from vllm_shadow.solver.records import RequestRecord
 from vllm_shadow.solver.simulator import RunningRequest, simulate
 
@@ -62,7 +63,7 @@ def test_a_sequence_cap_at_least_the_request_count_never_changes_a_run(workload,
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(workloads(), policies(), st.booleans(), st.integers(1, 3))
-def test_a_run_without_preemptions_is_the_same_under_every_cap_above_its_peak(
+def test_a_run_is_the_same_under_every_cap_above_its_running_peak(
     workload, policy, finishing: bool, above: int
 ) -> None:
     requests, initial, block_size, blocks = workload
@@ -72,8 +73,8 @@ def test_a_run_without_preemptions_is_the_same_under_every_cap_above_its_peak(
         initial = [RunningRequest(first.request, first.request.prompt_tokens + output - 1, output, True)]
         initial += workload[1][1:]
     run = _run(requests, initial, policy, blocks, block_size)
-    if "refused" in run or any(record[_PREEMPTIONS] for record in run["requests"]):
-        return  # the queue can hold a victim outside its spans
+    if "refused" in run:
+        return
     result = simulate(
         requests,
         policy,
@@ -91,6 +92,49 @@ def test_a_run_without_preemptions_is_the_same_under_every_cap_above_its_peak(
         assert (
             _run(requests, initial, dataclasses.replace(policy, max_num_seqs=cap), blocks, block_size) == run
         )
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    workloads(),
+    policies(),
+    st.integers(-1, 2),
+    st.sampled_from(["newest", "least-computed"]),
+    st.sampled_from(["fcfs", "priority"]),
+    st.booleans(),
+)
+def test_a_run_shared_runs_hands_out_is_the_run_of_the_policy_that_takes_it(
+    workload, policy, beside_peak: int, victim: str, order: str, one_priority: bool
+) -> None:
+    """`SharedRuns` as `run_candidates` uses it: one simulated run and its peak added, another policy differing
+    in the cap, the victim rule or the order looked up; whatever it hands out must be that policy's own run."""
+    requests, initial, block_size, blocks = workload
+    if one_priority:
+        requests = [dataclasses.replace(r, priority=0) for r in requests]
+        initial = [
+            dataclasses.replace(r, request=dataclasses.replace(r.request, priority=0)) for r in initial
+        ]
+    run = _run(requests, initial, policy, blocks, block_size)
+    if "refused" in run:
+        return
+    result = simulate(
+        requests,
+        policy,
+        COST,
+        num_kv_blocks=blocks,
+        block_size=block_size,
+        initial_running=initial,
+        start_time=0.0 if initial else None,
+    )
+    priorities = {r.priority for r in requests} | {r.request.priority for r in initial}
+    shared = SharedRuns(len(requests) + len(initial), same_priority=len(priorities) <= 1)
+    preemptions = sum(r.preemptions for r in result.requests)
+    peak = peak_running(result.requests, {r.request.request_id for r in initial}, 0)
+    shared.add(policy, CandidateOutcome("simulated", result.gpu_seconds, None, preemptions), peak)
+    cap = max(1, peak + beside_peak)  # where a cap starts to bind
+    other = dataclasses.replace(policy, max_num_seqs=cap, victim=victim, order=order)
+    if shared.get(other, "taken") is not None:
+        assert _run(requests, initial, other, blocks, block_size) == run
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])

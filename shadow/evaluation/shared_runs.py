@@ -12,9 +12,9 @@ can rule out:
   deque fed in (arrival, index) order) and to pick a victim: when every request of the window has the same
   priority, a run without a preemption is the same under either.
 
-The cap's test is also never failed in a run whose running queue stays below the cap: a run without a
-preemption, whose queue never held more than `peak_running` requests at any admission test, is the run of every
-cap above that peak (a cap of 128 shares the default's run when a window never runs 128 requests at once).
+The cap's test is also never failed in a run whose running queue stays below the cap: a run whose queue never
+held more than `peak_running` requests at an admission test is the run of every cap above that peak (a cap of
+128 shares the default's run when a window never runs 128 requests at once, as when the KV cache binds first).
 
 `tests/test_evaluate_sharing.py` holds the simulator to each of these on random workloads.
 """
@@ -37,14 +37,15 @@ _ANY_CAP = 1  # the sequence cap written into the key of a run whose queue staye
 
 
 def peak_running(records: Sequence[RequestRecord], carried: AbstractSet[str], held_at_start: int) -> int:
-    """At least the running queue's length at every admission test of a run without preemptions: the most
-    requests whose [first scheduled, finish] spans share one instant. `carried`: ids of the requests running at
-    the start (in the queue from before it); `held_at_start`: requests whose last token was in flight at the
-    start, which hold a place in the queue at the first schedule under async scheduling (they have no record).
+    """At least the running queue's length at every admission test of a run: the most requests whose
+    [first scheduled, finish] spans share one instant. `carried`: ids of the requests running at the start (in
+    the queue from before it); `held_at_start`: requests whose last token was in flight at the start, which hold
+    a place in the queue at the first schedule under async scheduling (they have no record).
 
-    Without preemptions a request enters the queue at the start of the step that first runs its tokens and
-    leaves it once it finished: before the next schedule, or under async scheduling right after it (at its
-    finish time), so the closed spans cover every schedule at which it is in the queue."""
+    A request first enters the queue at the start of the step that first runs its tokens (admission comes after
+    the step's preemptions, and gives it tokens at once) and leaves it for good once it finished: before the
+    next schedule, or under async scheduling right after it (at its finish time). So the closed spans cover
+    every schedule at which it is in the queue, and while a victim waits they over-count, which is safe."""
     starts, ends = [], []
     for r in records:
         start = -math.inf if r.request_id in carried else r.first_scheduled
@@ -69,9 +70,12 @@ class SharedRuns:
     same_priority: bool  # every one of them has the same priority
     by_run: dict[Policy, CandidateOutcome] = field(default_factory=dict)
     without_preemption: dict[Policy, CandidateOutcome] = field(default_factory=dict)
-    # Runs without preemptions that stayed below their cap, by their key with `_ANY_CAP`: each run's peak
-    # (`peak_running`) and outcome; every cap above a run's peak runs it too.
+    # Runs that stayed below their cap, by their policy with `_ANY_CAP`: each run's peak (`peak_running`) and
+    # outcome, as every cap above the peak runs it; those without preemptions also by their unpreempted key.
     below_cap: dict[Policy, list[tuple[int, CandidateOutcome]]] = field(default_factory=dict)
+    below_cap_without_preemption: dict[Policy, list[tuple[int, CandidateOutcome]]] = field(
+        default_factory=dict
+    )
 
     def _run_of(self, policy: Policy) -> Policy:
         never_binds = max(self.num_requests, 1)
@@ -90,8 +94,11 @@ class SharedRuns:
         if found is None:
             found = self.without_preemption.get(self._unpreempted_run_of(run))
         if found is None:
-            below = self.below_cap.get(self._below_cap_key(policy), ())
-            found = next((outcome for peak, outcome in below if policy.max_num_seqs > peak), None)
+            any_cap = dataclasses.replace(policy, max_num_seqs=_ANY_CAP)
+            found = _above_peak(self.below_cap.get(any_cap), policy.max_num_seqs)
+            if found is None:
+                unpreempted = self.below_cap_without_preemption.get(self._unpreempted_run_of(any_cap))
+                found = _above_peak(unpreempted, policy.max_num_seqs)
         return None if found is None else dataclasses.replace(found, label=label)
 
     def add(self, policy: Policy, outcome: CandidateOutcome, peak: int | None = None) -> None:
@@ -101,8 +108,14 @@ class SharedRuns:
         self.by_run[run] = outcome
         if outcome.preemptions == 0:
             self.without_preemption[self._unpreempted_run_of(run)] = outcome
-            if peak is not None and peak < policy.max_num_seqs:
-                self.below_cap.setdefault(self._below_cap_key(policy), []).append((peak, outcome))
+        if peak is not None and peak < policy.max_num_seqs:
+            any_cap = dataclasses.replace(policy, max_num_seqs=_ANY_CAP)
+            self.below_cap.setdefault(any_cap, []).append((peak, outcome))
+            if outcome.preemptions == 0:
+                unpreempted = self._unpreempted_run_of(any_cap)
+                self.below_cap_without_preemption.setdefault(unpreempted, []).append((peak, outcome))
 
-    def _below_cap_key(self, policy: Policy) -> Policy:
-        return self._unpreempted_run_of(dataclasses.replace(policy, max_num_seqs=_ANY_CAP))
+
+def _above_peak(runs: list[tuple[int, CandidateOutcome]] | None, cap: int) -> CandidateOutcome | None:
+    """The outcome of a run that every cap above its peak runs, `cap` among them."""
+    return next((outcome for peak, outcome in runs or () if cap > peak), None)
