@@ -2,7 +2,9 @@
 
 solver/simulator.py is compiled by Cython under its own name, `vllm_shadow.solver._simulator_compiled`, with the
 C types of solver/_simulator_compiled.pxd, and so is the prefix cache it uses, solver/kv_cache.py, as
-`vllm_shadow.solver._kv_cache_compiled` (solver/_kv_cache_compiled.pxd). The .py files are never shadowed: they
+`vllm_shadow.solver._kv_cache_compiled` (solver/_kv_cache_compiled.pxd), and the shadow's engine tracker,
+shadow/tracking/engine_state.py, as `vllm_shadow.tracking._engine_state_compiled`
+(shadow/tracking/_engine_state_compiled.pxd). The .py files are never shadowed: they
 stay importable as plain Python (the oracles, and the fallback under VLLM_SHADOW_PURE_PYTHON=1), and
 `vllm_shadow.solver.simulator.COMPILED` / `vllm_shadow.solver.kv_cache.COMPILED` say which core and pool run. A
 failed compilation fails the install; VLLM_SHADOW_SKIP_COMPILE=1 builds no extension (for a machine without a C
@@ -17,13 +19,22 @@ from pathlib import Path
 
 from setuptools import Extension, setup
 
-# The compiled modules (their .pxd beside the source, solver/<name>.pxd) and the .py each is compiled from.
+# The compiled modules (their .pxd beside the source, e.g. solver/<name>.pxd) and the .py each is compiled from.
 MODULES = {
     "_simulator_compiled": "solver/simulator.py",
     "_kv_cache_compiled": "solver/kv_cache.py",
+    "_engine_state_compiled": "shadow/tracking/engine_state.py",
 }
 # The modules whose C integer arithmetic is checked for overflow (see solver/_simulator_compiled.pxd).
-CHECKED_OVERFLOW = {"_simulator_compiled"}
+CHECKED_OVERFLOW = {"_simulator_compiled", "_engine_state_compiled"}
+# The repository's top-level folders as the package's (pyproject.toml's package-dir).
+PACKAGE_DIRS = {"shadow": "vllm_shadow", "solver": "vllm_shadow/solver"}
+
+
+def package_path(source: str) -> Path:
+    """The package folder a source file installs to: shadow/tracking/engine_state.py -> vllm_shadow/tracking."""
+    top, *rest = Path(source).parent.parts
+    return Path(PACKAGE_DIRS[top], *rest)
 
 
 def compiled_core() -> list[Extension]:
@@ -33,12 +44,13 @@ def compiled_core() -> list[Extension]:
 
     # Cython finds a module's .pxd by its package path (vllm_shadow/solver/), which the repository spells solver/:
     # the .pxd is staged there for the build.
-    staged = Path("build/cython/include/vllm_shadow/solver")
-    staged.mkdir(parents=True, exist_ok=True)
-    for package in (staged.parent, staged):
-        (package / "__init__.pxd").touch()
-    for module in MODULES:
-        source, copy = Path(f"solver/{module}.pxd"), staged / f"{module}.pxd"
+    include = Path("build/cython/include")
+    for module, module_source in MODULES.items():
+        staged = include / package_path(module_source)
+        staged.mkdir(parents=True, exist_ok=True)
+        for package in (include / "vllm_shadow", staged):
+            (package / "__init__.pxd").touch()
+        source, copy = Path(module_source).with_name(f"{module}.pxd"), staged / f"{module}.pxd"
         # Copied only when it changed: a fresh copy's time stamp would make cythonize regenerate (and the build
         # recompile) both modules at every install, not just the one whose sources changed.
         if not copy.exists() or copy.read_bytes() != source.read_bytes():
@@ -46,16 +58,18 @@ def compiled_core() -> list[Extension]:
             # cythonize does not see the staged .pxd as a dependency of the .py: its C must be generated anew.
             Path("build/cython", MODULES[module]).with_suffix(".c").unlink(missing_ok=True)
     extensions = [
-        *(Extension(f"vllm_shadow.solver.{module}", [source]) for module, source in MODULES.items()),
+        *(
+            Extension(".".join((*package_path(source).parts, module)), [source])
+            for module, source in MODULES.items()
+        ),
         # The gRPC ingest's wire reader (adapters/wire.py's fast path), a .pyx of its own: no .pxd.
         Extension("vllm_shadow.adapters._wire_compiled", ["adapters/_wire_compiled.pyx"]),
     ]
     checked = [e for e in extensions if e.name.rsplit(".", 1)[-1] in CHECKED_OVERFLOW]
     unchecked = [e for e in extensions if e not in checked]
-    include = str(staged.parent.parent)
     return [
-        *cythonize_all(cythonize, checked, include, True),
-        *cythonize_all(cythonize, unchecked, include, False),
+        *cythonize_all(cythonize, checked, str(include), True),
+        *cythonize_all(cythonize, unchecked, str(include), False),
     ]
 
 

@@ -262,7 +262,13 @@ class OnlineCalibrator:
         self, new_tokens: Sequence[int], context_tokens: Sequence[int], measured_seconds: float
     ) -> None:
         """Fold in one measured step: score the current model on it first, then refit."""
-        tokens, kv_tokens, attention_units, requests = batch_features(new_tokens, context_tokens)
+        self.update_features(*batch_features(new_tokens, context_tokens), measured_seconds)
+
+    def update_features(
+        self, tokens: int, kv_tokens: int, attention_units: int, requests: int, measured_seconds: float
+    ) -> None:
+        """`update` from the step's features (T, K, P, R), as `batch_features` gives them: for a caller that
+        sums them as it walks the step's requests anyway (the engine tracker), instead of building the lists."""
         if tokens == 0:
             raise ValueError("an empty batch has no measured compute time to learn from")
         if not (math.isfinite(measured_seconds) and measured_seconds > 0):

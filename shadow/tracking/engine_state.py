@@ -15,13 +15,17 @@ and no new window opens until the tainted requests are gone. Every drop is count
 from __future__ import annotations
 
 import math
+import sys
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from vllm_shadow.adapters.events import EngineInfo, EngineStep, Event, RequestArrival, RequestFinish
 from vllm_shadow.costmodel.linear import LinearCostModel
+from vllm_shadow.solver import compiled_build
 from vllm_shadow.solver.records import RequestRecord
 from vllm_shadow.solver.simulator import RunningRequest
 from vllm_shadow.tracking.prefix_cache import Admission, FreeQueueEntry, PrefixCacheModel
@@ -113,6 +117,69 @@ class _Request:
 def _exits(requests: list[_Request]) -> list[tuple[str, int]]:
     """Requests leaving the engine as the prefix-cache model takes them: (id, prompt plus emitted tokens)."""
     return [(r.request_id, r.prompt + r.generated) for r in requests]
+
+
+def _schedule(
+    requests: dict[str, _Request],
+    running: dict[str, None],
+    waiting: OrderedDict[str, None],
+    scheduled: dict[str, int],
+    hits: dict[str, int],
+    admissions: int,
+    track_runs: bool,
+    step_index: int,
+    end: float,
+    calibrate: bool,
+) -> tuple[list[int], list[int], list[int] | None, int, tuple[int, int, int, int]]:
+    """The tokens of one step's batch (`scheduled`, every id in `requests`), applied in step order: each request
+    admitted if it was not running (its hit in the prefix cache from `hits`, numbered from `admissions`), its
+    KV and tokens moved on, its progress stamped `end`. The per-request walk of `EngineTracker._step`, a function
+    of its own so that the compiled tracker runs it on C integers (_engine_state_compiled.pxd).
+
+    Returns the step's new tokens and each request's KV before it, in step order; what of each is computed again
+    (None if nothing is: a request computes again only KV below what a preemption dropped, so the list is made
+    only once one in this step does, all zeros before it); the next admission number; and, if `calibrate`, the
+    batch's features (T, K, P, R) as `batch_features(new tokens, KV before)` gives them (zeros otherwise)."""
+    new_tokens, context, again = list(scheduled.values()), [], None
+    tokens = kv_tokens = attention_units = count = 0
+    for request_id, n in scheduled.items():
+        request = requests[request_id]
+        if request_id not in running:  # admitted this step: new, or resumed after preemption
+            del waiting[request_id]
+            running[request_id] = None
+            request.admission = admissions
+            admissions += 1
+            # What it found in the prefix cache is KV it holds without computing it (nor recomputing it).
+            request.computed = hits.get(request_id, 0)
+        computed = request.computed
+        if track_runs:
+            request.last_decode = request.last_sampled and (
+                computed == request.prompt + request.generated - 1
+            )
+            request.prev_run, request.last_run = request.last_run, step_index
+            request.last_sampled = computed + n >= request.prompt + request.generated
+        if computed < request.dropped_kv:
+            if again is None:
+                again = [0] * len(context)
+            again.append(recomputed_tokens(computed, n, request.dropped_kv))
+        elif again is not None:
+            again.append(0)
+        context.append(computed)
+        if calibrate and n > 0:  # batch_features: a request with no new tokens counts for nothing
+            tokens += n
+            kv_tokens += computed + n
+            count += 1
+            if n > 1:
+                attention_units += n * (computed + n)
+        computed += n
+        request.computed = computed
+        request.last_progress = end
+        generated = request.generated
+        if computed >= request.prompt + generated:  # the batch sampled a token
+            request.generated = generated + 1
+            if generated == 0:
+                request.first_token = end
+    return new_tokens, context, again, admissions, (tokens, kv_tokens, attention_units, count)
 
 
 @dataclass(slots=True)
@@ -308,48 +375,24 @@ class EngineTracker(WindowTracker):
             self._ensure_open()
         victims = self._preempt(step.preempted) if step.preempted else _NO_VICTIMS
         hits = self._cache_step(step, victims) if self._cache is not None else _NO_HITS
-        track_runs, step_index = self._track_runs, self.stats.steps
-        running, waiting = self._running, self._waiting
-        # The step's tokens, each request's KV before it and what of it is computed again, in step order. A
-        # request computes again only KV below what a preemption dropped: most never lost any, so `again` is
-        # made only once a request in this step did (all zeros before it).
-        new_tokens, context, again = list(scheduled.values()), [], None
-        for request_id, n in scheduled.items():
-            request = requests[request_id]
-            if request_id not in running:  # admitted this step: new, or resumed after preemption
-                del waiting[request_id]
-                running[request_id] = None
-                request.admission = self._admissions
-                self._admissions += 1
-                # What it found in the prefix cache is KV it holds without computing it (nor recomputing it).
-                request.computed = hits.get(request_id, 0)
-            computed = request.computed
-            if track_runs:
-                request.last_decode = request.last_sampled and (
-                    computed == request.prompt + request.generated - 1
-                )
-                request.prev_run, request.last_run = request.last_run, step_index
-                request.last_sampled = computed + n >= request.prompt + request.generated
-            if computed < request.dropped_kv:
-                if again is None:
-                    again = [0] * len(context)
-                again.append(recomputed_tokens(computed, n, request.dropped_kv))
-            elif again is not None:
-                again.append(0)
-            context.append(computed)
-            computed += n
-            request.computed = computed
-            request.last_progress = end
-            generated = request.generated
-            if computed >= request.prompt + generated:  # the batch sampled a token
-                request.generated = generated + 1
-                if generated == 0:
-                    request.first_token = end
         duration = step.duration
         # The same test as `_tainted_live == 0 and duration > 0 and end >= _next_calibration`, the comparison
-        # that is false in most steps first.
-        if end >= self._next_calibration and self._tainted_live == 0 and duration > 0:
-            self.calibrator.update(new_tokens, context, duration)
+        # that is false in most steps first. Nothing below changes its terms before the calibrator's update.
+        calibrate = end >= self._next_calibration and self._tainted_live == 0 and duration > 0
+        new_tokens, context, again, self._admissions, features = _schedule(
+            requests,
+            self._running,
+            self._waiting,
+            scheduled,
+            hits,
+            self._admissions,
+            self._track_runs,
+            self.stats.steps,
+            end,
+            calibrate,
+        )
+        if calibrate:
+            self.calibrator.update_features(*features, duration)
             self._next_calibration = end + 1.0 / self.limits.calibration_steps_per_second
         stats = self.stats
         stats.steps += 1
@@ -753,3 +796,39 @@ class EngineTracker(WindowTracker):
             if not request.tainted:
                 request.tainted = True
                 self._tainted_live += 1
+
+
+# ---- the tracker in use -----------------------------------------------------------------------------------------
+
+COMPILED_MODULE = "vllm_shadow.tracking._engine_state_compiled"
+_PURE_MODULE = "vllm_shadow.tracking._engine_state_pure"
+_SOURCE = Path(__file__)
+_DECLARATIONS = _SOURCE.with_name("_engine_state_compiled.pxd")
+# What the build hands out in place of this file's own (the rest is this file's either way).
+_COMPILED_NAMES = ("EngineTracker", "_Request", "_WindowBookkeeping", "_schedule")
+
+
+def compiled_tracker() -> ModuleType | None:
+    """This file as compiled by setup.py, or None where it was not built (see solver.compiled_build)."""
+    return compiled_build.compiled_module(COMPILED_MODULE)
+
+
+def pure_tracker() -> ModuleType:
+    """This file as plain Python, whichever tracker is in use: the oracle the compiled tracker is tested against.
+    Under the compiled tracker it is loaded from the source file under a name of its own, so that the two
+    trackers' classes never mix."""
+    if not COMPILED:
+        return sys.modules[__name__]
+    return compiled_build.load_as_python(_PURE_MODULE, _SOURCE)
+
+
+COMPILED = False  # whether `EngineTracker` above is the compiled tracker
+if __name__ == "vllm_shadow.tracking.engine_state":
+    _tracker = compiled_build.build_in_use(
+        COMPILED_MODULE, _SOURCE, _DECLARATIONS, "engine tracker", "tracker"
+    )
+    if _tracker is not None:
+        # Not plain assignments: in the build Cython compiles from this file, `_Request` is an extension type,
+        # whose name cannot be rebound.
+        globals().update({name: getattr(_tracker, name) for name in _COMPILED_NAMES})
+        COMPILED = True

@@ -1,0 +1,55 @@
+# The C types of the compiled engine tracker: shadow/tracking/engine_state.py compiled by Cython as
+# `vllm_shadow.tracking._engine_state_compiled` (see setup.py), as solver/simulator.py is. The .py stays the one
+# source of the algorithm and the oracle (VLLM_SHADOW_PURE_PYTHON=1); this file only declares types for it
+# (Cython's "augmenting .pxd"): a request becomes an extension type with C fields, and the per-request walk of a
+# step (`_schedule`) runs on C integers. A declaration that does not match the .py fails the build.
+#
+# Token counts are C 64-bit integers (`long long`) and setup.py compiles this module with overflowcheck: a count
+# that would not fit raises OverflowError instead of wrapping, never a different figure. (The wire admits counts
+# up to 2**63 - 1 each, adapters/validation.py; an engine's are below 2**31.) Times are C doubles, as Python's
+# floats are: the same IEEE operations.
+
+cimport cython
+
+
+@cython.final
+cdef class _Request:
+    cdef public Py_ssize_t admission
+    cdef public double arrival
+    cdef public Py_ssize_t arrival_step
+    cdef public object block_hashes
+    cdef public long long computed
+    cdef public long long dropped_kv
+    cdef public double finish
+    cdef public bint finished
+    cdef public double first_token
+    cdef public long long generated
+    cdef public bint last_decode
+    cdef public double last_progress
+    cdef public Py_ssize_t last_run
+    cdef public bint last_sampled
+    cdef public object max_tokens
+    cdef public object output_block_hashes
+    cdef public Py_ssize_t prev_run
+    cdef public object priority
+    cdef public long long prompt
+    cdef public Py_ssize_t refs
+    cdef public object reported_output
+    cdef public object request_id
+    cdef public bint tainted
+
+
+@cython.locals(
+    request=_Request,
+    n=cython.longlong,
+    computed=cython.longlong,
+    generated=cython.longlong,
+    tokens=cython.longlong,
+    kv_tokens=cython.longlong,
+    attention_units=cython.longlong,
+    count=cython.longlong,
+    new_tokens=list,
+    context=list,
+)
+cpdef tuple _schedule(dict requests, dict running, object waiting, dict scheduled, dict hits,
+                      Py_ssize_t admissions, bint track_runs, Py_ssize_t step_index, double end, bint calibrate)
