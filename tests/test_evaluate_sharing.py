@@ -27,7 +27,7 @@ from vllm_shadow.evaluation.evaluate import (
     simulate_window,
 )
 from vllm_shadow.evaluation.results import CandidateOutcome
-from vllm_shadow.evaluation.shared_runs import SharedRuns, peak_running
+from vllm_shadow.evaluation.shared_runs import SharedRuns, one_priority, peak_running, task_groups
 from vllm_shadow.solver.records import RequestRecord
 from vllm_shadow.solver.simulator import RunningRequest, simulate
 
@@ -189,3 +189,49 @@ def test_candidates_that_share_a_run_report_what_their_own_runs_report(name: str
                 continue
             assert repr(outcome) == repr(alone)
     assert shared > 0
+
+
+@pytest.mark.parametrize("same_priority", [True, False])
+@pytest.mark.parametrize("tasks", [1, 2, 3, 40])
+def test_task_groups_keep_policies_that_may_share_a_run_in_one_task(tasks: int, same_priority: bool) -> None:
+    """Runs are shared within a task only: the candidates that `SharedRuns` may share (here: the grid's caps,
+    the victim rule, priority order at one priority) must land in one task, and the split stays a balanced
+    partition of the candidates, each task in their order."""
+    windows = support.windows("priority-kv16", 1.0)
+    policies = [c.policy for c in build_candidates(windows[0].info.scheduler)[1:]]
+    groups = task_groups(policies, tasks, same_priority)
+    assert 1 <= len(groups) <= tasks and all(groups)
+    assert sorted(map(str, (p for g in groups for p in g))) == sorted(map(str, policies))
+    for group in groups:
+        assert group == [p for p in policies if p in group]
+    task_of = {str(p): i for i, group in enumerate(groups) for p in group}
+    for taken in policies:
+        shared = SharedRuns(num_requests=10**6, same_priority=same_priority)
+        shared.add(taken, CandidateOutcome("x", 1.0, None), peak=0)  # below every cap, no preemption
+        for other in policies:
+            if shared.get(other, "y") is not None:
+                assert task_of[str(other)] == task_of[str(taken)], (taken, other)
+    alone = task_groups(policies, len(policies), same_priority)  # one task per group
+    assert len(alone) < len(policies)  # the grid has policies that may share
+    sizes = [len(g) for g in groups]
+    assert max(sizes) - min(sizes) <= max(map(len, alone))
+
+
+def test_one_priority_reads_every_request_of_the_window() -> None:
+    window = support.windows("priority-kv16", 1.0)[2]
+    everyone = [*(r.request for r in window.running), *window.waiting, *window.arrivals]
+    assert one_priority(window) == (len({r.priority for r in everyone}) <= 1)
+    level = dataclasses.replace(
+        window,
+        running=tuple(
+            dataclasses.replace(r, request=dataclasses.replace(r.request, priority=3)) for r in window.running
+        ),
+        waiting=tuple(dataclasses.replace(r, priority=3) for r in window.waiting),
+        arrivals=tuple(dataclasses.replace(r, priority=3) for r in window.arrivals),
+    )
+    assert one_priority(level)
+    if level.arrivals:
+        odd = dataclasses.replace(
+            level, arrivals=(dataclasses.replace(level.arrivals[0], priority=4), *level.arrivals[1:])
+        )
+        assert not one_priority(odd)

@@ -17,6 +17,9 @@ held more than `peak_running` requests at an admission test is the run of every 
 128 shares the default's run when a window never runs 128 requests at once, as when the KV cache binds first).
 
 `tests/test_evaluate_sharing.py` holds the simulator to each of these on random workloads.
+
+Runs are shared within one `run_candidates` call, so a window's candidates are split over tasks by `task_groups`,
+which keeps together the policies that may share a run.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from dataclasses import dataclass, field
 from vllm_shadow.evaluation.results import CandidateOutcome
 from vllm_shadow.solver.policies import Policy
 from vllm_shadow.solver.records import RequestRecord
+from vllm_shadow.tracking.windows import TrafficWindow
 
 _ANY_VICTIM = "newest"  # the victim rule written into the key of a run without preemptions
 _ANY_ORDER = "fcfs"  # the order written there for priority too, where every request has the same priority
@@ -119,3 +123,27 @@ class SharedRuns:
 def _above_peak(runs: list[tuple[int, CandidateOutcome]] | None, cap: int) -> CandidateOutcome | None:
     """The outcome of a run that every cap above its peak runs, `cap` among them."""
     return next((outcome for peak, outcome in runs or () if cap > peak), None)
+
+
+def one_priority(window: TrafficWindow) -> bool:
+    """Whether every request of the window, running, waiting or arriving, has the same priority."""
+    priorities = {r.request.priority for r in window.running}
+    priorities.update(r.priority for r in window.waiting)
+    priorities.update(r.priority for r in window.arrivals)
+    return len(priorities) <= 1
+
+
+def task_groups(policies: Sequence[Policy], tasks: int, same_priority: bool) -> list[list[Policy]]:
+    """`policies` split into at most `tasks` non-empty lists, those that may share a run in one list (they
+    differ only in the cap, the victim rule, or, at one priority, in priority against FCFS order), each list in
+    the order given. Lists are balanced by their number of policies, largest group first, as every policy of a
+    group is one simulation when its run is not shared."""
+    groups: dict[Policy, list[int]] = {}
+    for index, policy in enumerate(policies):
+        order = _ANY_ORDER if same_priority and policy.order == "priority" else policy.order
+        key = dataclasses.replace(policy, max_num_seqs=_ANY_CAP, victim=_ANY_VICTIM, order=order)
+        groups.setdefault(key, []).append(index)
+    lists: list[list[int]] = [[] for _ in range(max(1, min(tasks, len(groups))))]
+    for group in sorted(groups.values(), key=len, reverse=True):  # stable: ties in the order given
+        min(lists, key=len).extend(group)
+    return [[policies[i] for i in sorted(indices)] for indices in lists if indices]

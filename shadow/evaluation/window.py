@@ -24,6 +24,7 @@ from vllm_shadow.evaluation.evaluate import (
     solve_window_optimum,
 )
 from vllm_shadow.evaluation.results import WindowEvaluation
+from vllm_shadow.evaluation.shared_runs import one_priority, task_groups
 from vllm_shadow.tracking.windows import TrafficWindow
 
 IN_PROCESS = "in-process"  # where `evaluate_window`'s tasks ran
@@ -97,8 +98,8 @@ def plan_tasks(
     window: TrafficWindow, candidates: Sequence[Candidate], settings: EvaluationSettings, slo: Slo
 ) -> WindowTasks:
     """The tasks that evaluate `window` against `candidates` (the first is the current configuration)."""
-    others = [c.policy for c in candidates[1:]]
-    chunks = max(1, min(settings.candidate_tasks, len(others)))
+    # Policies that may share a run go to one task: runs are shared within a task (`SharedRuns`).
+    chunks = task_groups([c.policy for c in candidates[1:]], settings.candidate_tasks, one_priority(window))
     keep = {"keep_requests": True} if settings.keep_requests else {}
     optimal = None
     if settings.optimal:
@@ -115,7 +116,7 @@ def plan_tasks(
         )
     return WindowTasks(
         fidelity=WindowTask(check_fidelity, (slo,), keep),
-        candidates=tuple(WindowTask(run_candidates, (others[i::chunks], slo), keep) for i in range(chunks)),
+        candidates=tuple(WindowTask(run_candidates, (chunk, slo), keep) for chunk in chunks or [[]]),
         optimal=optimal,
     )
 
@@ -128,7 +129,12 @@ def assemble_evaluation(
     evaluation_seconds: float,
 ) -> AssembledEvaluation:
     """The window's evaluation from what its tasks returned."""
-    outcomes = [o for chunk in outputs.candidates if chunk is not None for o in chunk]
+    # In the candidates' order, however they were split into tasks.
+    rank = {c.label: i for i, c in enumerate(candidates)}
+    outcomes = sorted(
+        (o for chunk in outputs.candidates if chunk is not None for o in chunk),
+        key=lambda o: rank.get(o.label, len(rank)),
+    )
     failures = sum(bool(o.error) for o in outcomes) + sum(chunk is None for chunk in outputs.candidates)
     optimal_failed = settings.optimal and outputs.optimal is None
     if outputs.fidelity is None:
