@@ -38,6 +38,11 @@ cdef long long _to_ps(object time) except? -1
 @cython.locals(i=Py_ssize_t)
 cdef bint _ascending(list values) except -1
 
+cdef bint _IN_C
+
+@cython.locals(start=Py_ssize_t, end=Py_ssize_t, root=Py_ssize_t, child=Py_ssize_t, value=cython.longlong)
+cpdef _sort_ascending(long long[::1] values, Py_ssize_t n)
+
 # Its float estimate sees what the pure core's sees (C doubles: the same IEEE operations); a figure past a C
 # integer's range raises OverflowError, and the plain-Python core runs (see `simulate`).
 @cython.locals(half=double, area=double, exact=bint, j=cython.longlong)
@@ -75,6 +80,8 @@ cdef class _Request:
     cdef public bint ever_scheduled
     cdef public Py_ssize_t scheduled_new_tokens
     cdef public Py_ssize_t scheduled_computed_tokens
+    cdef public Py_ssize_t scheduled_plan
+    cdef public Py_ssize_t scheduled_blocks
 
     cdef _init(self, object request_id, long long arrival_time, Py_ssize_t num_prompt_tokens,
                Py_ssize_t max_tokens, object queue_key, object record, object block_hashes,
@@ -157,6 +164,9 @@ cdef class Simulator:
     cdef public list finishing
     cdef public Py_ssize_t last_decode_step
     cdef public Py_ssize_t num_running_seq
+    cdef public Py_ssize_t plan_serial
+    cdef public Py_ssize_t num_scheduled_decoders
+    cdef long long[::1] peak_jobs
 
     cpdef add_running(self, _Request request, Py_ssize_t num_computed_tokens, Py_ssize_t num_output_tokens)
     cdef _hold_initial_blocks(self, _Request request)
@@ -202,9 +212,9 @@ cdef class Simulator:
     cdef bint _admission_fits(self, _Request request, Py_ssize_t num_new_tokens,
                               Py_ssize_t num_free_blocks) except -1
 
-    @cython.locals(block_size=Py_ssize_t, final_tokens=Py_ssize_t, num_output_tokens=Py_ssize_t, held=Py_ssize_t,
+    @cython.locals(block_size=Py_ssize_t, final_tokens=Py_ssize_t, held=Py_ssize_t, running=list,
                    num_jobs=Py_ssize_t, held_now=Py_ssize_t, i=Py_ssize_t, left=Py_ssize_t, live=Py_ssize_t,
-                   r=_Request, jobs=list, job=Py_ssize_t)
+                   least_left=Py_ssize_t, r=_Request, jobs=cython.longlong[::1], job=cython.longlong)
     cdef bint _peak_fits(self, _Request candidate, Py_ssize_t limit) except -1
 
     cdef Py_ssize_t _long_prefill_token_threshold(self) except? -1
@@ -219,7 +229,7 @@ cdef class Simulator:
                           Py_ssize_t num_tokens)
 
     @cython.locals(token_budget=Py_ssize_t, long_prefill_token_threshold=Py_ssize_t, scheduled=list,
-                   scheduled_decoders=dict, preempted_reqs=list, static_admit=bint, req_index=Py_ssize_t,
+                   preempted_reqs=list, static_admit=bint, req_index=Py_ssize_t,
                    request=_Request, num_computed_tokens=Py_ssize_t, num_tokens=Py_ssize_t,
                    num_new_tokens=Py_ssize_t, num_new_blocks=Py_ssize_t, victim_index=Py_ssize_t,
                    preempted_req=_Request, candidate=_Request, num_unscheduled=Py_ssize_t,
@@ -227,13 +237,13 @@ cdef class Simulator:
     cdef _schedule_literal(self)
 
     @cython.locals(j=Py_ssize_t, num_new_tokens=Py_ssize_t, num_computed_tokens=Py_ssize_t)
-    cdef Py_ssize_t _unschedule(self, _Request victim, list scheduled, dict scheduled_decoders) except? -1
+    cdef Py_ssize_t _unschedule(self, _Request victim, list scheduled) except? -1
 
     @cython.locals(num_new_tokens=Py_ssize_t, j=Py_ssize_t, decoding=bint)
-    cdef Py_ssize_t _unschedule_cached(self, _Request victim, list scheduled, dict scheduled_decoders) except? -1
+    cdef Py_ssize_t _unschedule_cached(self, _Request victim, list scheduled) except? -1
 
     @cython.locals(request=_Request)
-    cdef _freeze_decoders(self, dict scheduled_decoders)
+    cdef _freeze_decoders(self)
 
     @cython.locals(block_size=Py_ssize_t, scheduled=list, long_prefill_token_threshold=Py_ssize_t,
                    num_decoders=Py_ssize_t, token_budget=Py_ssize_t, num_new_blocks=Py_ssize_t,

@@ -43,6 +43,13 @@ from vllm_shadow.solver.kv_cache import BlockPool, HeldEntry, PrivateRun, num_bl
 from vllm_shadow.solver.policies import Policy, parse_policy
 from vllm_shadow.solver.records import RequestRecord, SchedulerThrashes, SimResult
 
+try:
+    import cython  # in the compiled core, Cython's compile-time module: `cython.compiled` is True there
+
+    _IN_C = cython.compiled  # whether this module runs as the compiled core
+except ImportError:  # plain Python without Cython installed: the pure core
+    _IN_C = False
+
 PS_PER_S = 10**12  # time is kept in integer picoseconds so that closed-form sums equal step-by-step sums
 
 
@@ -142,8 +149,10 @@ class _Request:
         "record",
         "request_id",
         "running_seq",
+        "scheduled_blocks",
         "scheduled_computed_tokens",
         "scheduled_new_tokens",
+        "scheduled_plan",
     )
 
     def __init__(
@@ -224,6 +233,11 @@ class _Request:
         # is in that step's list): its new tokens, and the KV tokens it held when it was scheduled.
         self.scheduled_new_tokens = 0
         self.scheduled_computed_tokens = 0
+        # The literal walk's implicit decoders that run: the plan (Simulator.plan_serial) that scheduled it as
+        # one, and the blocks allocated for it there. C fields, where a dictionary keyed by id() cost a Python int
+        # and a hash insert per decoder and step (most of a literal walk's time).
+        self.scheduled_plan = 0
+        self.scheduled_blocks = 0
 
 
 # A step's scheduled pieces of work are its requests, each with its chunk in its fields `scheduled_new_tokens`
@@ -376,6 +390,11 @@ class Simulator:
         self.finishing: list[_Request] = []
         self.last_decode_step = -2  # the last step in which the implicit decoders ran
         self.num_running_seq = 0
+        # The literal walk's plans, numbered (a request's scheduled_plan names the plan it runs in as an
+        # implicit decoder), and how many implicit decoders the current plan runs.
+        self.plan_serial = 0
+        self.num_scheduled_decoders = 0
+        self.peak_jobs = _zeros(0)  # LightLLM's check's jobs (`_peak_fits`)
 
     # ---- the driver ----------------------------------------------------------------------------------------
 
@@ -787,26 +806,41 @@ class Simulator:
         peak, if each runs to its end (output lengths are known to the simulator)? Each is counted at its full
         current sequence, as if its prefill were done."""
         block_size = self.block_size
-        # Every job at its final size at once bounds the peak from above: if that fits, so does the peak.
-        final_tokens = candidate.num_prompt_tokens + candidate.max_tokens - 1
-        for r in self.running:
-            final_tokens += r.num_prompt_tokens + r.max_tokens - 1
-        if cdiv(final_tokens, block_size) + len(self.running) <= limit:
-            return True
-        # Each job is one int, (tokens left to grow) << _JOB_SHIFT | (tokens held now): ints sort faster than
-        # pairs, in the same order (neither count is negative, and a sequence holds fewer than 2**40 tokens).
-        jobs = []
+        running = self.running
+        num_jobs = len(running) + 1
+        # Each job is one integer, (tokens left to grow) << _JOB_SHIFT | (tokens held now): integers sort faster
+        # than pairs, in the same order (neither count is negative, and a sequence holds fewer than 2**40
+        # tokens). They are C integers in the compiled core (peak_jobs, kept between calls), no Python ints.
+        if len(self.peak_jobs) < num_jobs:
+            self.peak_jobs = _zeros(2 * num_jobs)
+        jobs = self.peak_jobs
+        final_tokens = 0
         held_now = 0
-        for r in [*self.running, candidate]:
-            num_output_tokens = self._num_output_tokens(r)
-            if r is candidate:
-                held = r.num_prompt_tokens + num_output_tokens
+        least_left = _NEVER
+        for i in range(num_jobs):
+            if i < num_jobs - 1:
+                r = running[i]
+                held = r.num_prompt_tokens + max(self._num_output_tokens(r), 1) - 1
             else:
-                held = r.num_prompt_tokens + max(num_output_tokens, 1) - 1
+                r = candidate
+                held = r.num_prompt_tokens + self._num_output_tokens(r)
+            left = r.num_prompt_tokens + r.max_tokens - 1 - held
+            final_tokens += held + left
             held_now += held
-            jobs.append((r.num_prompt_tokens + r.max_tokens - 1 - held) << _JOB_SHIFT | held)
-        jobs.sort()
-        num_jobs = len(jobs)
+            if left < least_left:
+                least_left = left
+            jobs[i] = left << _JOB_SHIFT | held
+        # Every job at its final size at once bounds the peak from above: if that fits, so does the peak.
+        if cdiv(final_tokens, block_size) + num_jobs - 1 <= limit:
+            return True
+        # The walk below, whose first point (every job grown by the least growth) needs no sort: where that does
+        # not fit (most refusals), the walk would refuse there too.
+        if cdiv(held_now + num_jobs * least_left, block_size) + num_jobs - 1 > limit:
+            return False
+        if _IN_C:
+            _sort_ascending(jobs, num_jobs)
+        else:
+            _sort_ascending_plain(jobs, num_jobs)
         for i in range(num_jobs):
             job = jobs[i]
             left = job >> _JOB_SHIFT
@@ -926,7 +960,9 @@ class Simulator:
         token_budget = self.max_num_batched_tokens
         long_prefill_token_threshold = self._long_prefill_token_threshold()
         scheduled: list[_Request] = []
-        scheduled_decoders: dict[int, int] = {}  # implicit decoders scheduled: id -> blocks allocated
+        # Implicit decoders scheduled: their scheduled_plan is this plan's number (and scheduled_blocks theirs).
+        self.plan_serial += 1
+        self.num_scheduled_decoders = 0
         preempted_reqs: list[_Request] = []
         static_admit = self.static_batching and not self.running
         self.admission_blocked = False
@@ -975,7 +1011,7 @@ class Simulator:
                     del self.running[victim_index]
                     if victim_index < req_index:
                         req_index -= 1
-                    num_unscheduled = self._unschedule(preempted_req, scheduled, scheduled_decoders)
+                    num_unscheduled = self._unschedule(preempted_req, scheduled)
                     token_budget += num_unscheduled
                     # Under prefix caching its computed tokens now count this step's, which never ran.
                     num_unrun_tokens = num_unscheduled if self.caching else 0
@@ -990,7 +1026,9 @@ class Simulator:
                 break
             self.num_used_blocks += num_new_blocks
             if request.implicit_decoder:
-                scheduled_decoders[id(request)] = num_new_blocks  # private blocks: cached lazily
+                request.scheduled_plan = self.plan_serial  # private blocks: cached lazily
+                request.scheduled_blocks = num_new_blocks
+                self.num_scheduled_decoders += 1
             else:
                 request.scheduled_new_tokens = num_new_tokens
                 request.scheduled_computed_tokens = num_computed_tokens
@@ -999,21 +1037,21 @@ class Simulator:
                     self._cache_blocks(request, num_computed_tokens + num_new_tokens)
             token_budget -= num_new_tokens
             req_index += 1
-        self._freeze_decoders(scheduled_decoders)
+        self._freeze_decoders()
         if not preempted_reqs and (self.continuous_batching or static_admit):
             self._schedule_waiting(token_budget, scheduled, long_prefill_token_threshold)
         return StepPlan(scheduled, preempted_reqs, self.num_implicit_decoders)
 
-    def _unschedule(
-        self, victim: _Request, scheduled: list[_Request], scheduled_decoders: dict[int, int]
-    ) -> int:
+    def _unschedule(self, victim: _Request, scheduled: list[_Request]) -> int:
         """Undo a priority victim's allocation made earlier in this step; returns the tokens given back. With
         prefix caching its blocks for this step stay allocated (and cached) until its preemption frees them, as
         in vLLM, which frees a victim's whole block table."""
         if self.caching:
-            return self._unschedule_cached(victim, scheduled, scheduled_decoders)
-        if id(victim) in scheduled_decoders:
-            self.num_used_blocks -= scheduled_decoders.pop(id(victim))
+            return self._unschedule_cached(victim, scheduled)
+        if victim.scheduled_plan == self.plan_serial:
+            victim.scheduled_plan = 0
+            self.num_scheduled_decoders -= 1
+            self.num_used_blocks -= victim.scheduled_blocks
             return 1
         for j in range(len(scheduled)):
             if scheduled[j] is victim:
@@ -1026,11 +1064,11 @@ class Simulator:
                 return num_new_tokens
         return 0
 
-    def _unschedule_cached(
-        self, victim: _Request, scheduled: list[_Request], scheduled_decoders: dict[int, int]
-    ) -> int:
+    def _unschedule_cached(self, victim: _Request, scheduled: list[_Request]) -> int:
         num_new_tokens = 0
-        if scheduled_decoders.pop(id(victim), None) is not None:
+        if victim.scheduled_plan == self.plan_serial:
+            victim.scheduled_plan = 0
+            self.num_scheduled_decoders -= 1
             self._to_explicit(victim)
             num_new_tokens = 1
         else:
@@ -1057,12 +1095,12 @@ class Simulator:
                 )
         return num_new_tokens
 
-    def _freeze_decoders(self, scheduled_decoders: dict[int, int]) -> None:
+    def _freeze_decoders(self) -> None:
         """Implicit decoders advance with decode_steps; those that do not run this step must leave the
         implicit set, or they would advance without running."""
-        if len(scheduled_decoders) != self.num_implicit_decoders:
+        if self.num_scheduled_decoders != self.num_implicit_decoders:
             for request in self.running:
-                if request.implicit_decoder and id(request) not in scheduled_decoders:
+                if request.implicit_decoder and request.scheduled_plan != self.plan_serial:
                     self._to_explicit(request)
 
     def _step_fast(self) -> bool:
@@ -1459,6 +1497,38 @@ def _seconds(ps: int) -> float:
 def _zeros(n: int) -> array:
     """`n` zeros as C 64-bit integers."""
     return array("q", bytes(8 * n))
+
+
+def _sort_ascending(values: array, n: int) -> None:
+    """Sort `values[:n]` in place: a heapsort, for the compiled core, where it runs over C integers (in plain
+    Python `_sort_ascending_plain`, list.sort in C, is faster). Integers have one sorted order: both give it."""
+    start = n // 2
+    end = n
+    while end > 1:
+        if start > 0:  # building the max-heap: sift values[start] down
+            start -= 1
+            root = start
+        else:  # the heap's largest goes behind it; its last sifts down from the root
+            end -= 1
+            value = values[end]
+            values[end] = values[0]
+            values[0] = value
+            root = 0
+        value = values[root]
+        child = 2 * root + 1
+        while child < end:
+            if child + 1 < end and values[child + 1] > values[child]:
+                child += 1
+            if values[child] <= value:
+                break
+            values[root] = values[child]
+            root = child
+            child = 2 * root + 1
+        values[root] = value
+
+
+def _sort_ascending_plain(values: array, n: int) -> None:
+    values[:n] = array("q", sorted(values[:n]))
 
 
 def _remove(requests: list[_Request], request: _Request) -> None:

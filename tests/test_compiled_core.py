@@ -294,3 +294,16 @@ def test_a_stale_or_missing_build_falls_back_with_a_warning(tmp_path, monkeypatc
     assert compiled_build.compiled_module("vllm_shadow.solver._no_such_build") is None
     with pytest.raises(ModuleNotFoundError):  # another module missing than the build itself: an error
         compiled_build.compiled_module("vllm_shadow.solver._no_such_package.build")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(-(2**62), 2**62), max_size=200), st.data())
+def test_the_peak_check_s_sort_sorts_a_prefix_in_place(values, data):
+    # The heapsort that the compiled core sorts LightLLM's jobs with (C integers), in both cores; the plain core's
+    # own check sorts with list.sort.
+    n = data.draw(st.integers(0, len(values)))
+    for core in cores():
+        array = core._zeros(len(values))
+        array[:] = core.array("q", values)
+        core._sort_ascending(array, n)
+        assert list(array) == sorted(values[:n]) + values[n:]

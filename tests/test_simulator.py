@@ -752,3 +752,44 @@ def test_the_fcfs_waiting_queue_is_a_deque(operations):
             (reference.append if operation == "add" else reference.appendleft)(request)
         assert queue.size == len(reference)
         assert queue.fifo[queue.head :] == list(reference)
+
+
+def _peak_fits_reference(jobs: list[tuple[int, int]], block_size: int, limit: int) -> bool:
+    """LightLLM's check written plainly over (tokens held now, tokens left to grow) per job: at each finish, in
+    order of growth left, the jobs still live each grown by the finishing one's growth must fit."""
+    jobs = sorted(jobs, key=lambda job: (job[1], job[0]))
+    for i, (_, left) in enumerate(jobs):
+        live = jobs[i:]
+        if -(-sum(held + left for held, _ in live) // block_size) + len(live) - 1 > limit:
+            return False
+    return True
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(1, 60), st.integers(1, 40), st.integers(0, 45)), max_size=40),
+    st.tuples(st.integers(1, 60), st.integers(1, 40)),
+    st.integers(1, 8),
+    st.data(),
+)
+def test_lightllm_s_peak_check_is_the_plain_walk(running, candidate, block_size, data):
+    # Running requests (prompt, max_tokens, output so far; capped at max_tokens) and a waiting candidate
+    # (prompt, max_tokens) against the check written plainly: the upper bound that accepts, the first point of
+    # the walk that refuses without sorting, and the sorted walk itself must all agree with it, on limits at and
+    # around each point's need (where an off-by-one shows).
+    sim = pure_core().Simulator(parse_policy("lightllm"), ONE_SECOND_STEPS, 100, block_size)
+    jobs = []
+    for number, (prompt, max_tokens, output) in enumerate(running):
+        request = pure_core()._Request(f"r{number}", 0, prompt, max_tokens, None, None)
+        request.num_output_tokens = min(output, max_tokens)
+        sim.running.append(request)
+        held = prompt + max(request.num_output_tokens, 1) - 1
+        jobs.append((held, prompt + max_tokens - 1 - held))
+    waiting = pure_core()._Request("c", 0, candidate[0], candidate[1], None, None)
+    jobs.append((candidate[0], candidate[1] - 1))
+    needs = [-(-sum(held + left for held, left in jobs) // block_size) + len(jobs) - 1]  # all at their end
+    for _, left in jobs:  # every job grown by `left` (what the walk asks where that job finishes)
+        live = [held for held, grow in jobs if grow >= left]
+        needs.append(-(-(sum(live) + len(live) * left) // block_size) + len(live) - 1)
+    limit = data.draw(st.sampled_from(needs)) + data.draw(st.integers(-1, 1))
+    assert sim._peak_fits(waiting, limit) == _peak_fits_reference(jobs, block_size, limit)
