@@ -38,7 +38,7 @@ from vllm_shadow.evaluation.results import (
     Slo,
     WindowOptimum,
 )
-from vllm_shadow.evaluation.shared_runs import SharedRuns
+from vllm_shadow.evaluation.shared_runs import SharedRuns, one_priority, peak_running
 from vllm_shadow.evaluation.step_match import compare_steps
 from vllm_shadow.solver.bounds import relaxation_bound
 from vllm_shadow.solver.optimal import GPU_COST, slo_deadlines, solve_optimal
@@ -132,17 +132,19 @@ def run_candidates(
 ) -> list[CandidateOutcome]:
     """Simulate each policy on the window. A failing policy is reported, not raised: one bad candidate must
     not cost the window its other results. Policies that provably run the same steps as one simulated already
-    (`SharedRuns`: a larger sequence cap than the window needs; without preemptions, the other victim rule,
-    and priority order where all priorities are equal), the self replay included when this process just ran
-    it, take its outcome under their own label."""
+    (`SharedRuns`: a sequence cap the run never reaches; without preemptions, the other victim rule, and
+    priority order where all priorities are equal), the self replay included when this process just ran it,
+    take its outcome under their own label."""
     out = []
     own = _own_ids(window)
-    priorities = {r.priority for r in _fresh(window)} | {r.request.priority for r in window.running}
-    shared = SharedRuns(window.num_requests, same_priority=len(priorities) <= 1)
+    shared = SharedRuns(window.num_requests, same_priority=one_priority(window))
+    carried = {r.request.request_id for r in window.running if not r.finishing}
+    held = sum(r.finishing for r in window.running)
     replay = _replay_in_process(window)
     if replay is not None:
         current = current_policy(window.info.scheduler)
-        shared.add(current, candidate_outcome(window, "", replay, slo, keep_requests=keep_requests, own=own))
+        outcome = candidate_outcome(window, "", replay, slo, keep_requests=keep_requests, own=own)
+        shared.add(current, outcome, peak_running(replay.requests, carried, held))
     for spec in policies:
         policy = parse_policy(spec)
         label = str(policy)
@@ -151,7 +153,7 @@ def run_candidates(
             if outcome is None:
                 result = simulate_window(window, policy)
                 outcome = candidate_outcome(window, label, result, slo, keep_requests=keep_requests, own=own)
-                shared.add(policy, outcome)
+                shared.add(policy, outcome, peak_running(result.requests, carried, held))
             out.append(outcome)
         except (ValueError, RuntimeError, AssertionError) as exc:
             out.append(CandidateOutcome(label, math.nan, None, error=f"{type(exc).__name__}: {exc}"))
