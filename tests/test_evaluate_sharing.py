@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from tests import shadow_support as support
 from tests.test_compiled_core import COST, policies, view, workloads
+from vllm_shadow.evaluation import evaluate
 from vllm_shadow.evaluation.candidates import build_candidates
 from vllm_shadow.evaluation.evaluate import (
     Slo,
@@ -167,18 +168,30 @@ def test_a_run_without_preemptions_is_the_same_in_priority_and_fcfs_order_at_one
 
 
 @pytest.mark.parametrize("name", [*support.NAMES, "fcfs-kv16-prefix-caching"])
-def test_candidates_that_share_a_run_report_what_their_own_runs_report(name: str) -> None:
+def test_candidates_that_share_a_run_report_what_their_own_runs_report(name: str, monkeypatch) -> None:
     """Each candidate's outcome, shared run or not, equals its own simulation summarised alone, on windows of
     the recorded engines (after the fidelity check, whose self replay the candidates may share): their grid's
-    caps of 2x and 4x the engine's are above most windows' request counts, and most windows preempt nothing."""
+    caps of 2x and 4x the engine's are above most windows' request counts, and most windows preempt nothing;
+    some windows never run as many requests at once as the grid's half cap."""
     windows = support.windows(name, 1.0)
     policies = [c.policy for c in build_candidates(windows[0].info.scheduler)[1:]]
     slo = Slo(1.0, 0.05)
-    shared = 0
+    shared = below_count = 0
+    simulated: list = []
+
+    def recorded(window, policy, **kwargs):
+        simulated.append(policy)
+        return simulate_window(window, policy, **kwargs)
+
     for window in windows[:8]:
         check_fidelity(window, slo)
-        outcomes = run_candidates(window, policies, slo, keep_requests=True)
+        simulated.clear()
+        with monkeypatch.context() as patch:
+            patch.setattr(evaluate, "simulate_window", recorded)
+            outcomes = run_candidates(window, policies, slo, keep_requests=True)
         shared += sum(p.max_num_seqs >= window.num_requests for p in policies)
+        # Shared by the running peak alone: a cap below the request count, not simulated.
+        below_count += sum(p.max_num_seqs < window.num_requests and p not in simulated for p in policies)
         for policy, outcome in zip(policies, outcomes, strict=True):
             try:
                 alone = candidate_outcome(
@@ -188,7 +201,7 @@ def test_candidates_that_share_a_run_report_what_their_own_runs_report(name: str
                 assert outcome.error
                 continue
             assert repr(outcome) == repr(alone)
-    assert shared > 0
+    assert shared > 0 and below_count > 0
 
 
 @pytest.mark.parametrize("same_priority", [True, False])
