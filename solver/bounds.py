@@ -220,34 +220,61 @@ def _deadline_min_batches(window: Window, deadlines: Deadlines, columns: _Column
     ]
     ends = np.unique(due)
     # The intervals that end by arrival[i] (a batch of one ends by the other's start) are those ending by
-    # ends[earlier[i] - 1]. `earlier` does not increase along the order: the requests whose last such end is
-    # ends[k] are the columns [since[k], until[k]), and best_before takes the best count once end k is done.
+    # ends[group[i]] (-1: none). `group` does not increase along the order: the requests of group k are the
+    # columns [top[k], bottom[k]), and from end k on they read best[k], the best count once end k is done.
     # Until then a column reads 0, as in the programme one end at a time (a request due by its own arrival).
-    earlier = np.searchsorted(ends, arrival, side="right")
-    after = np.arange(1, len(ends) + 1)
-    since = np.searchsorted(-earlier, -after, side="left")
-    until = np.searchsorted(-earlier, -after, side="right")
-    best_before = np.zeros(n, dtype=np.int64)
+    group = np.searchsorted(ends, arrival, side="right") - 1
+    keys = -np.arange(len(ends))
+    top = np.searchsorted(-group, keys, side="left")
+    bottom = np.searchsorted(-group, keys, side="right")
+    known = np.zeros(n, dtype=np.int64)  # what each column reads: best[group] once its end is done, else 0
+    best_of = np.zeros(len(ends), dtype=np.int64)
+    best_list: list[int] = []  # best_of as Python ints, for the loop within a stretch
     best = 0
     rows = max(1, _DP_CELLS // n)  # ends per block: each matrix at most _DP_CELLS entries
     for first in range(0, len(ends), rows):
-        inside = due <= ends[first : first + rows, None]
+        # inside[k, i]: 1 if request i is due by ends[k], else 0 (cast once, to multiply by thrice).
+        inside = (due <= ends[first : first + rows, None]).astype(np.int64)
         # forced[k, i]: batches the requests arriving at or after arrival[i] and due by ends[k] force into
         # [arrival[i], ends[k]]; only the requests due by ends[k] start an interval ending there.
-        forced = np.maximum.accumulate(np.where(inside, longest, 0), axis=1)
+        forced = np.maximum.accumulate(inside * longest, axis=1)
         for values, limit in totals:
-            np.maximum(
-                forced, (np.cumsum(np.where(inside, values, 0), axis=1) + (limit - 1)) // limit, out=forced
-            )
-        np.copyto(forced, _NO_INTERVAL, where=~inside)
-        for k, row in enumerate(forced, start=first):
-            best = max(best, int((best_before + row).max()))
-            best_before[since[k] : until[k]] = best
+            total = np.cumsum(inside * values, axis=1)
+            total += limit - 1
+            total //= limit
+            np.maximum(forced, total, out=forced)
+        # A request not due by an end starts no interval there: its column reads 0 instead, which reaches
+        # no more than the best count so far (each column reads an earlier best, or 0), so counts nothing.
+        forced *= inside
+        # Ends a stretch at a time: what every row of the stretch reaches with the columns as they read at
+        # its start is one matrix operation; only the groups of the stretch's own ends, whose best counts
+        # come in as it goes, are left to a loop, over their maxima (a numpy call per end was most of it).
+        for start in range(first, first + len(forced), _DP_ROWS):
+            stop = min(start + _DP_ROWS, first + len(forced))
+            stretch = forced[start - first : stop - first]
+            reach = (stretch + known).max(axis=1).tolist()
+            lo, hi = int(top[stop - 1]), int(bottom[start])  # the columns of groups start .. stop - 1
+            if hi > lo:
+                own = group[lo:hi]
+                cuts = np.flatnonzero(np.diff(own, prepend=own[0] + 1))
+                maxima = np.maximum.reduceat(stretch[:, lo:hi], cuts, axis=1).tolist()
+                groups = own[cuts].tolist()
+            else:
+                maxima, groups = [], []
+            for k in range(start, stop):
+                value = reach[k - start]
+                for g, most in zip(groups, maxima[k - start] if groups else (), strict=True):
+                    if g < k:
+                        value = max(value, best_list[g] + most)
+                best = max(best, value)
+                best_list.append(best)
+            best_of[start:stop] = best_list[start:stop]
+            known[lo:hi] = best_of[group[lo:hi]]
     return best
 
 
 _DP_CELLS = 1 << 18  # entries of one block of `_deadline_min_batches`'s matrices (2 MiB each)
-_NO_INTERVAL = -(1 << 62)  # below any batch count: a request not due by an end starts no interval there
+_DP_ROWS = 16  # ends per stretch of `_deadline_min_batches`: a matrix call per stretch, a loop within it
 
 
 def relaxation_bound(

@@ -76,16 +76,19 @@ def windows_with_deadlines(draw: st.DrawFn) -> tuple[Window, Deadlines]:
 
 
 @settings(max_examples=150, deadline=None)
-@given(windows_with_deadlines(), st.sampled_from([1, 7, 1 << 18]))
-def test_the_block_programme_counts_what_the_one_end_at_a_time_programme_did(case, cells: int) -> None:
+@given(windows_with_deadlines(), st.sampled_from([1, 7, 1 << 18]), st.sampled_from([1, 2, 5, 16]))
+def test_the_block_programme_counts_what_the_one_end_at_a_time_programme_did(
+    case, cells: int, rows: int
+) -> None:
     window, deadlines = case
     expected = one_end_at_a_time(window, deadlines)
-    previous = bounds._DP_CELLS
-    bounds._DP_CELLS = cells  # blocks of one row, of a few rows, of every row
+    previous = bounds._DP_CELLS, bounds._DP_ROWS
+    # Blocks of one row, of a few rows, of every row; stretches of one end, of a few, of more than a block.
+    bounds._DP_CELLS, bounds._DP_ROWS = cells, rows
     try:
         assert deadline_min_batches(window, deadlines) == expected
     finally:
-        bounds._DP_CELLS = previous
+        bounds._DP_CELLS, bounds._DP_ROWS = previous
 
 
 def test_disjoint_intervals_add_up_and_a_shared_one_does_not() -> None:
