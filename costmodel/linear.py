@@ -23,6 +23,7 @@ fidelity is judged in relative terms. Plain least squares would let a few long p
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from vllm_shadow.costmodel.nnls import (
+    default_tolerance,
+    hinted_nnls,
     jacobi_scaler,
     nnls,
     nnls_gram_packed,
@@ -315,7 +318,13 @@ class OnlineCalibrator:
         # unconstrained solution whenever that is non-negative, so after a constrained refit this goes straight
         # here: consecutive refits differ by one step's data, the previous refit's positive coefficients are
         # nearly always this one's, and nnls_gram tries them first.
-        solution = nnls_gram_packed(scaled_system, scaled_rhs, passive_hint=self._positive_coefficients)
+        # `nnls_gram_packed(scaled_system, scaled_rhs, passive_hint=positive)` without its per-call work: its
+        # straight-line solve on the hint, then, only where the hint is not the optimum, its iterations (which
+        # do not use the hint: the same answer without it).
+        positive = self._positive_coefficients
+        solution = _hinted_solver(positive)(scaled_system, scaled_rhs, _TOLERANCE) if positive else None
+        if solution is None:
+            solution = nnls_gram_packed(scaled_system, scaled_rhs)
         positive = tuple(i for i, value in enumerate(solution) if value > 0)
         self._positive_coefficients = positive if len(positive) < len(solution) else ()
         return [value / s for value, s in zip(solution, scale, strict=True)]
@@ -341,6 +350,8 @@ _PACKED_SIZE = _SIZE * (_SIZE + 1) // 2
 _FOLD = _folder(_SIZE)
 _SCALE = jacobi_scaler(_SIZE, summed=True)
 _SOLVE_ALL = passive_solver(_SIZE, tuple(range(_SIZE)))
+_TOLERANCE = default_tolerance(_SIZE)
+_hinted_solver = functools.partial(hinted_nnls, _SIZE)  # cached: one straight-line solver per hint
 
 
 def _feature_matrix(features: ArrayLike) -> np.ndarray:

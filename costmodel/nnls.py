@@ -135,6 +135,11 @@ def nnls_gram(
     return nnls_gram_packed(pack(gram), moment, tolerance=tolerance, passive_hint=passive_hint)
 
 
+def default_tolerance(n: int) -> float:
+    """`nnls_gram`'s default tolerance for n variables (see there)."""
+    return 10 * _EPSILON * n * math.sqrt(n)
+
+
 def nnls_gram_packed(
     gram: Sequence[float],
     moment: Sequence[float],
@@ -147,7 +152,7 @@ def nnls_gram_packed(
     if len(gram) != n * (n + 1) // 2:
         raise ValueError(f"a packed {n}x{n} matrix has {n * (n + 1) // 2} entries, got {len(gram)}")
     if tolerance is None:
-        tolerance = 10 * _EPSILON * n * math.sqrt(n)
+        tolerance = default_tolerance(n)
     if passive_hint:
         solution = hinted_nnls(n, tuple(sorted(passive_hint)))(gram, moment, tolerance)
         if solution is not None:

@@ -24,6 +24,7 @@ from types import ModuleType
 from typing import Any
 
 from vllm_shadow.adapters.events import EngineInfo, EngineStep, Event, RequestArrival, RequestFinish
+from vllm_shadow.adapters.wire import _new_arrival
 from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.solver import compiled_build
 from vllm_shadow.solver.records import RequestRecord
@@ -103,14 +104,18 @@ class _Request:
         block_hashes = self.block_hashes
         if prompt is None and self.output_block_hashes:
             block_hashes += self.output_block_hashes
-        return RequestArrival(
+        # `RequestArrival(...)` with no prefix block hashes, built as the wire reader builds events: slot by slot
+        # instead of through the frozen dataclass's `object.__setattr__`, at half the cost. A window is built
+        # while events are taken in, with one of these per request.
+        return _new_arrival(
             self.request_id,
             self.arrival - t0,
             self.prompt if prompt is None else prompt,
             self.output if output is None else output,
             self.max_tokens,
             self.priority,
-            block_hashes=block_hashes,
+            (),
+            block_hashes,
         )
 
 
