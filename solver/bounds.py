@@ -233,19 +233,20 @@ def _deadline_min_batches(window: Window, deadlines: Deadlines, columns: _Column
     best = 0
     rows = max(1, _DP_CELLS // n)  # ends per block: each matrix at most _DP_CELLS entries
     for first in range(0, len(ends), rows):
-        # inside[k, i]: 1 if request i is due by ends[k], else 0 (cast once, to multiply by thrice).
-        inside = (due <= ends[first : first + rows, None]).astype(np.int64)
+        # inside[k, i]: every bit set if request i is due by ends[k], else 0: a mask to `&` the (non-negative)
+        # counts with, made once (a bitwise and is cheaper than numpy's 64-bit multiply or `where`).
+        inside = -(due <= ends[first : first + rows, None]).astype(np.int64)
         # forced[k, i]: batches the requests arriving at or after arrival[i] and due by ends[k] force into
         # [arrival[i], ends[k]]; only the requests due by ends[k] start an interval ending there.
-        forced = np.maximum.accumulate(inside * longest, axis=1)
+        forced = np.maximum.accumulate(inside & longest, axis=1)
         for values, limit in totals:
-            total = np.cumsum(inside * values, axis=1)
+            total = np.cumsum(inside & values, axis=1)
             total += limit - 1
             total //= limit
             np.maximum(forced, total, out=forced)
         # A request not due by an end starts no interval there: its column reads 0 instead, which reaches
         # no more than the best count so far (each column reads an earlier best, or 0), so counts nothing.
-        forced *= inside
+        forced &= inside
         # Ends a stretch at a time: what every row of the stretch reaches with the columns as they read at
         # its start is one matrix operation; only the groups of the stretch's own ends, whose best counts
         # come in as it goes, are left to a loop, over their maxima (a numpy call per end was most of it).
@@ -261,12 +262,13 @@ def _deadline_min_batches(window: Window, deadlines: Deadlines, columns: _Column
                 groups = own[cuts].tolist()
             else:
                 maxima, groups = [], []
-            for k in range(start, stop):
+            for k in range(start, stop):  # comparisons, not max(): the calls were most of this loop
                 value = reach[k - start]
                 for g, most in zip(groups, maxima[k - start] if groups else (), strict=True):
-                    if g < k:
-                        value = max(value, best_list[g] + most)
-                best = max(best, value)
+                    if g < k and best_list[g] + most > value:
+                        value = best_list[g] + most
+                if value > best:
+                    best = value
                 best_list.append(best)
             best_of[start:stop] = best_list[start:stop]
             known[lo:hi] = best_of[group[lo:hi]]

@@ -93,17 +93,21 @@ class Window:
     memo: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        ids = [r.request_id for r in self.requests]
-        if len(set(ids)) != len(ids):
+        # The live shadow makes a window per evaluated window: the checks read each request's fields once,
+        # without a method call per request.
+        requests, kv_blocks, block_size = self.requests, self.limits.kv_blocks, self.limits.block_size
+        if len({r.request_id for r in requests}) != len(requests):
             raise ValueError("request ids in a window must be unique")
-        held = sum(self.limits.blocks(r.computed_tokens) for r in self.requests)
-        if held > self.limits.kv_blocks:
-            raise ValueError(
-                f"running requests hold {held} blocks, more than the {self.limits.kv_blocks} usable"
-            )
-        for r in self.requests:
-            if self.limits.blocks(r.peak_tokens) > self.limits.kv_blocks:
-                raise ValueError(f"request {r.request_id} can never fit in {self.limits.kv_blocks} KV blocks")
+        held = sum([-(-r.computed_tokens // block_size) for r in requests])
+        if held > kv_blocks:
+            raise ValueError(f"running requests hold {held} blocks, more than the {kv_blocks} usable")
+        # Blocks grow with tokens: if the longest request fits, every one does; else the first that does not
+        # is named.
+        peak = max([r.prompt_tokens + r.output_tokens - 1 for r in requests], default=0)
+        if cdiv(peak, block_size) > kv_blocks:
+            for r in requests:
+                if self.limits.blocks(r.peak_tokens) > kv_blocks:
+                    raise ValueError(f"request {r.request_id} can never fit in {kv_blocks} KV blocks")
 
     def __getstate__(self) -> tuple:
         return self.requests, self.limits, self.start  # a copy or a pickle starts with an empty memo

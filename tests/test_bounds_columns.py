@@ -11,7 +11,7 @@ import math
 import pickle
 
 import numpy as np
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from vllm_shadow.costmodel.linear import LinearCostModel
@@ -180,3 +180,45 @@ def test_the_columns_are_the_window_s_own_and_stay_out_of_its_value() -> None:
     assert shipped == window and shipped.memo == {}
     assert repr(relaxation_bound(shipped, cost)) == repr(relaxation_bound(window, cost))
     assert np.array_equal(bounds._columns(shipped).area, columns.area)
+
+
+def reference_window_error(requests: tuple[WindowRequest, ...], limits: EngineLimits) -> str | None:
+    """`Window`'s checks as they were (commit 313055a): the error message, or None."""
+    ids = [r.request_id for r in requests]
+    if len(set(ids)) != len(ids):
+        return "request ids in a window must be unique"
+    held = sum(limits.blocks(r.computed_tokens) for r in requests)
+    if held > limits.kv_blocks:
+        return f"running requests hold {held} blocks, more than the {limits.kv_blocks} usable"
+    for r in requests:
+        if limits.blocks(r.peak_tokens) > limits.kv_blocks:
+            return f"request {r.request_id} can never fit in {limits.kv_blocks} KV blocks"
+    return None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 6), st.integers(1, 40), st.integers(1, 40), st.integers(0, 39)),
+        max_size=8,
+    ),
+    st.integers(1, 12),
+    st.sampled_from([1, 2, 16]),
+)
+@example([(0, 5, 4, 0)], 7, 1)  # the longest needs one block more than there are: 8 tokens in 7
+@example([(0, 4, 4, 0), (1, 10, 8, 0), (2, 9, 9, 0)], 4, 4)  # r1 and r2 never fit: r1 is named
+def test_a_window_refuses_what_it_refused_and_names_the_same_request(shapes, kv_blocks, block_size) -> None:
+    """Duplicate ids, more blocks held than usable, and (the first) request that can never fit: the same
+    error as the checks request by request, and a window wherever they made one."""
+    requests = tuple(
+        WindowRequest(f"r{i}", 0.0, prompt, output, min(computed, prompt - 1))
+        for i, prompt, output, computed in shapes
+    )
+    limits = EngineLimits(kv_blocks=kv_blocks, block_size=block_size)
+    expected = reference_window_error(requests, limits)
+    try:
+        Window(requests, limits)
+    except ValueError as error:
+        assert str(error) == expected
+    else:
+        assert expected is None
