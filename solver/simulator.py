@@ -814,16 +814,20 @@ class Simulator:
         if len(self.peak_jobs) < num_jobs:
             self.peak_jobs = _zeros(2 * num_jobs)
         jobs = self.peak_jobs
-        final_tokens = 0
-        held_now = 0
-        least_left = _NEVER
-        for i in range(num_jobs):
-            if i < num_jobs - 1:
-                r = running[i]
-                held = r.num_prompt_tokens + max(self._num_output_tokens(r), 1) - 1
+        decode_steps = self.decode_steps
+        # The candidate, at its full sequence.
+        held = candidate.num_prompt_tokens + self._num_output_tokens(candidate)
+        left = candidate.num_prompt_tokens + candidate.max_tokens - 1 - held
+        final_tokens = held + left
+        held_now = held
+        least_left = left
+        jobs[num_jobs - 1] = left << _JOB_SHIFT | held
+        for i in range(num_jobs - 1):
+            r = running[i]
+            if r.implicit_decoder:  # prompt + output - 1 is its computed tokens (its output is at least 1)
+                held = r.decode_base + decode_steps
             else:
-                r = candidate
-                held = r.num_prompt_tokens + self._num_output_tokens(r)
+                held = r.num_prompt_tokens + max(r.num_output_tokens, 1) - 1
             left = r.num_prompt_tokens + r.max_tokens - 1 - held
             final_tokens += held + left
             held_now += held
@@ -1739,20 +1743,24 @@ def simulate(
         elif arrival_steps is None and (initial_running or arriving):
             sim.now = min([r.arrival_time for r in sim.running] + arrival_whens[:1])
         sim.run(arrival_whens, arriving, by_step=arrival_steps is not None)
+        result = SimResult(
+            policy=str(policy),
+            requests=records,
+            gpu_seconds=sim.busy_ps / PS_PER_S,
+            recompute_gpu_seconds=sim.recompute_ps / PS_PER_S,
+            num_steps=sim.num_steps,
+            peak_kv_blocks=sim.peak_used_blocks,
+            steps=sim.step_log if record_steps else None,
+            tokens_processed=sim.num_tokens_processed,
+        )
+        # The run's requests die here, before the collector is back on (none is in a cycle): its first pass
+        # then walks the records alone, not the requests too.
+        sim = arriving = None  # type: ignore[assignment]
+        request = None  # type: ignore[assignment]
     finally:
         if collecting:
             gc.enable()
-
-    return SimResult(
-        policy=str(policy),
-        requests=records,
-        gpu_seconds=sim.busy_ps / PS_PER_S,
-        recompute_gpu_seconds=sim.recompute_ps / PS_PER_S,
-        num_steps=sim.num_steps,
-        peak_kv_blocks=sim.peak_used_blocks,
-        steps=sim.step_log if record_steps else None,
-        tokens_processed=sim.num_tokens_processed,
-    )
+    return result
 
 
 # ---- the core in use --------------------------------------------------------------------------------------------

@@ -773,7 +773,8 @@ def _peak_fits_reference(jobs: list[tuple[int, int]], block_size: int, limit: in
     st.data(),
 )
 def test_lightllm_s_peak_check_is_the_plain_walk(running, candidate, block_size, data):
-    # Running requests (prompt, max_tokens, output so far; capped at max_tokens) and a waiting candidate
+    # Running requests (prompt, max_tokens, output so far; capped at max_tokens; some of them implicit decoders)
+    # and a waiting candidate
     # (prompt, max_tokens) against the check written plainly: the upper bound that accepts, the first point of
     # the walk that refuses without sorting, and the sorted walk itself must all agree with it, on limits at and
     # around each point's need (where an off-by-one shows).
@@ -783,6 +784,10 @@ def test_lightllm_s_peak_check_is_the_plain_walk(running, candidate, block_size,
         request = pure_core()._Request(f"r{number}", 0, prompt, max_tokens, None, None)
         request.num_output_tokens = min(output, max_tokens)
         sim.running.append(request)
+        if 0 < request.num_output_tokens < max_tokens and data.draw(st.booleans()):
+            # A decoder: its computed tokens are all but its last sampled one, kept implicitly.
+            request.num_computed_tokens = prompt + request.num_output_tokens - 1
+            sim._to_implicit(request)
         held = prompt + max(request.num_output_tokens, 1) - 1
         jobs.append((held, prompt + max_tokens - 1 - held))
     waiting = pure_core()._Request("c", 0, candidate[0], candidate[1], None, None)
