@@ -275,7 +275,9 @@ def _deadline_min_batches(window: Window, deadlines: Deadlines, columns: _Column
     return best
 
 
-_DP_CELLS = 1 << 18  # entries of one block of `_deadline_min_batches`'s matrices (2 MiB each)
+# Entries of one block of `_deadline_min_batches`'s matrices (256 KiB each): a block's few matrices stay in the
+# core's cache; at 2 MiB each the programme waited on memory (twice the time on the live shadow's windows).
+_DP_CELLS = 1 << 15
 _DP_ROWS = 16  # ends per stretch of `_deadline_min_batches`: a matrix call per stretch, a loop within it
 
 
