@@ -323,10 +323,13 @@ class OnlineCalibrator:
         # do not use the hint: the same answer without it).
         positive = self._positive_coefficients
         solution = _hinted_solver(positive)(scaled_system, scaled_rhs, _TOLERANCE) if positive else None
+        # Where the hint is the optimum, its positive coefficients are the hint's (fewer than all): each is its
+        # solve's value, above the tolerance, over a finite positive scale (an infinite one makes the solve
+        # raise), which cannot underflow to 0; every other one is 0.
         if solution is None:
             solution = nnls_gram_packed(scaled_system, scaled_rhs)
-        positive = tuple(i for i, value in enumerate(solution) if value > 0)
-        self._positive_coefficients = positive if len(positive) < len(solution) else ()
+            positive = tuple(i for i, value in enumerate(solution) if value > 0)
+            self._positive_coefficients = positive if len(positive) < len(solution) else ()
         return [value / s for value, s in zip(solution, scale, strict=True)]
 
 
