@@ -233,30 +233,37 @@ def _deadline_min_batches(window: Window, deadlines: Deadlines, columns: _Column
     best = 0
     rows = max(1, _DP_CELLS // n)  # ends per block: each matrix at most _DP_CELLS entries
     for first in range(0, len(ends), rows):
-        # inside[k, i]: every bit set if request i is due by ends[k], else 0: a mask to `&` the (non-negative)
-        # counts with, made once (a bitwise and is cheaper than numpy's 64-bit multiply or `where`).
-        inside = -(due <= ends[first : first + rows, None]).astype(np.int64)
-        # forced[k, i]: batches the requests arriving at or after arrival[i] and due by ends[k] force into
-        # [arrival[i], ends[k]]; only the requests due by ends[k] start an interval ending there.
-        forced = np.maximum.accumulate(inside & longest, axis=1)
+        block = ends[first : first + rows]
+        # Only the requests due by the block's last end are due by any of its ends: the others' columns would
+        # read 0 throughout (see below) and add nothing to the counts before them, so they are left out.
+        cols = np.flatnonzero(due <= block[-1])
+        # inside[k, c]: every bit set if request cols[c] is due by ends[k], else 0: a mask to `&` the
+        # (non-negative) counts with, made once (a bitwise and is cheaper than numpy's 64-bit multiply).
+        inside = -(due[cols] <= block[:, None]).astype(np.int64)
+        # forced[k, c]: batches the requests arriving at or after arrival[cols[c]] and due by ends[k] force
+        # into [arrival[cols[c]], ends[k]]; only the requests due by ends[k] start an interval ending there.
+        forced = np.maximum.accumulate(inside & longest[cols], axis=1)
         for values, limit in totals:
-            total = np.cumsum(inside & values, axis=1)
+            total = np.cumsum(inside & values[cols], axis=1)
             total += limit - 1
             total //= limit
             np.maximum(forced, total, out=forced)
         # A request not due by an end starts no interval there: its column reads 0 instead, which reaches
         # no more than the best count so far (each column reads an earlier best, or 0), so counts nothing.
         forced &= inside
+        block_group = -group[cols]  # negated: increasing along the columns, for searchsorted
         # Ends a stretch at a time: what every row of the stretch reaches with the columns as they read at
         # its start is one matrix operation; only the groups of the stretch's own ends, whose best counts
         # come in as it goes, are left to a loop, over their maxima (a numpy call per end was most of it).
         for start in range(first, first + len(forced), _DP_ROWS):
             stop = min(start + _DP_ROWS, first + len(forced))
             stretch = forced[start - first : stop - first]
-            reach = (stretch + known).max(axis=1).tolist()
-            lo, hi = int(top[stop - 1]), int(bottom[start])  # the columns of groups start .. stop - 1
+            reach = (stretch + known[cols]).max(axis=1).tolist()
+            # The block's columns of groups start .. stop - 1.
+            lo = int(np.searchsorted(block_group, 1 - stop, side="left"))
+            hi = int(np.searchsorted(block_group, -start, side="right"))
             if hi > lo:
-                own = group[lo:hi]
+                own = -block_group[lo:hi]
                 cuts = np.flatnonzero(np.diff(own, prepend=own[0] + 1))
                 maxima = np.maximum.reduceat(stretch[:, lo:hi], cuts, axis=1).tolist()
                 groups = own[cuts].tolist()
@@ -271,13 +278,15 @@ def _deadline_min_batches(window: Window, deadlines: Deadlines, columns: _Column
                     best = value
                 best_list.append(best)
             best_of[start:stop] = best_list[start:stop]
+            lo, hi = int(top[stop - 1]), int(bottom[start])  # every column of groups start .. stop - 1
             known[lo:hi] = best_of[group[lo:hi]]
     return best
 
 
-# Entries of one block of `_deadline_min_batches`'s matrices (256 KiB each): a block's few matrices stay in the
-# core's cache; at 2 MiB each the programme waited on memory (twice the time on the live shadow's windows).
-_DP_CELLS = 1 << 15
+# Entries of one block of `_deadline_min_batches`'s matrices (128 KiB each): a block's few matrices stay in the
+# core's cache (at 2 MiB each the programme waited on memory: twice the time on the live shadow's windows), and
+# the earlier blocks, whose ends fewer requests are due by, leave more columns out.
+_DP_CELLS = 1 << 14
 _DP_ROWS = 16  # ends per stretch of `_deadline_min_batches`: a matrix call per stretch, a loop within it
 
 
