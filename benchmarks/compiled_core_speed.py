@@ -10,6 +10,11 @@ seconds (and wall seconds) for one `simulate` call, results checked equal betwee
 
     python benchmarks/compiled_core_speed.py [--repeats 5] [--hour-repeats 1]
 
+`--hour-only` times only the compiled core on the whole hour, candidate by candidate (median CPU seconds of
+`--hour-repeats` passes, each pass the 20 candidates in turn), without the plain-Python core:
+
+    python benchmarks/compiled_core_speed.py --hour-only --hour-repeats 3
+
 `--one ROW` runs only one `simulate` call of the compiled core: row ROW (0-4) of benchmarks/replay_speed.py's
 ROWS on its first 10,000 requests, untimed, for an instruction count that does not depend on the machine's load:
 
@@ -88,6 +93,32 @@ def one_call(row: int) -> None:
     print(f"{ROWS[row].label}: {policy}, {len(requests):,} requests, {result.num_steps:,} steps")
 
 
+def hour_only(repeats: int) -> None:
+    """The compiled core on the whole Azure hour under each of the 20 candidates (see --hour-only)."""
+    compiled = simulator.compiled_core()
+    if compiled is None or simulator.stale_sources(compiled):
+        sys.exit("the compiled core is not built or is older than its source: `pip install -e .` first")
+    arch, hw = load_model("llama-2-7b"), get_hardware("a100")
+    hour = read_trace(resolve_trace("azure-conv")).requests
+    cost, blocks = roofline_prior(arch, hw, 1), kv_capacity_blocks(arch, hw, block_size=BLOCK_SIZE)
+    per_candidate: dict[str, list[float]] = {p: [] for p in CANDIDATES_20}
+    passes = []
+    for _ in range(repeats):
+        start = time.process_time()
+        for p in CANDIDATES_20:
+            cpu, _, _ = timed(
+                lambda p=p: compiled.simulate(hour, p, cost, num_kv_blocks=blocks, block_size=BLOCK_SIZE)
+            )
+            per_candidate[p].append(cpu)
+        passes.append(time.process_time() - start)
+    for p, cpus in per_candidate.items():
+        print(f"{p}: {statistics.median(cpus):.3f} s CPU")
+    print(
+        f"The whole hour ({len(hour):,} requests) under the 20 candidates, compiled core: median "
+        f"{statistics.median(passes):.2f} s CPU over {repeats} passes ({', '.join(f'{c:.2f}' for c in passes)})"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -95,9 +126,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--hour-repeats", type=int, default=1)
     parser.add_argument("--one", type=int, metavar="ROW", help="one compiled simulate call of a replay row")
+    parser.add_argument("--hour-only", action="store_true", help="only the compiled core on the whole hour")
     args = parser.parse_args()
     if args.one is not None:
         one_call(args.one)
+        return
+    if args.hour_only:
+        hour_only(args.hour_repeats)
         return
     compiled, pool = simulator.compiled_core(), kv_cache.compiled_pool()
     if compiled is None or simulator.stale_sources(compiled) or pool is None or kv_cache.stale_sources(pool):
