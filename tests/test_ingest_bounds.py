@@ -20,12 +20,23 @@ from tests.waiting import ManualClock
 from vllm_shadow.adapters.events import EngineInfo, EngineStep, RequestArrival, RequestFinish
 from vllm_shadow.adapters.publisher import EventBatch
 from vllm_shadow.readout.exporter import exposition
+from vllm_shadow.runtime import core as runtime_core
 from vllm_shadow.runtime.core import EvaluationSettings, ShadowConfig, ShadowCore
 from vllm_shadow.runtime.tasks import LocalTasks
+from vllm_shadow.tracking import engine_state
 from vllm_shadow.tracking.reasons import UnattributedReason
 
 OUR_CODE = str(Path(support.__file__).resolve().parent.parent)
 TESTS = str(Path(support.__file__).resolve().parent)
+
+
+@pytest.fixture(autouse=True)
+def plain_python_tracker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine tracker as plain Python: the work counted is the lines it executes, and the compiled tracker
+    (the same source, tests/test_compiled_tracker.py) executes none that a trace sees."""
+    plain = engine_state.pure_tracker().EngineTracker
+    for module in (engine_state, runtime_core, support):
+        monkeypatch.setattr(module, "EngineTracker", plain)
 
 
 class RequestId(str):
