@@ -317,3 +317,51 @@ def test_an_engine_holding_more_than_a_window_may_gets_time_marking_windows_coun
     assert all(check_fidelity(w, Slo()).step_match_ratio == 1.0 for w in ready)
     # Marking time, not churning: windows close on their rules, not at every step.
     assert len(ready) + sum(t.stats.windows_skipped.values()) < t.stats.steps / 10
+
+
+def test_an_id_used_again_after_its_request_finished_is_a_new_request() -> None:
+    """vLLM takes an id again once its request finished. The windows that still hold the first request would
+    read the second under its id: they are given up and counted, and the second is tracked like any other."""
+    t = _tracker(Clock())
+    t.apply(RequestArrival("a", 0.0, 10, max_tokens=2))
+    t.apply(RequestArrival("b", 0.0, 10, max_tokens=50))
+    t.apply(EngineStep(0, 0.0, 0.1, {"a": 10, "b": 10}))
+    t.apply(EngineStep(1, 0.1, 0.1, {"a": 1, "b": 1}, finished=("a",)))
+    t.apply(RequestArrival("a", 0.3, 20, max_tokens=1))  # the id again: a new request of 20 tokens
+    assert t.stats.windows_skipped[SkipReason.REUSED_ID] == 1
+    t.apply(EngineStep(2, 0.3, 0.1, {"b": 1, "a": 20}, finished=("a",)))
+    t.apply(EngineStep(3, 0.4, 0.1, {"b": 1}, finished=("b",)))
+    t.flush()
+    (window,) = t.take_ready()
+    assert [(r.request_id, r.prompt_tokens) for r in window.arrivals] == [("a", 20)]
+    assert [r.request.request_id for r in window.running] == ["b"]
+    assert check_fidelity(window, Slo()).step_match_ratio == 1.0
+    assert t.stats.requests_arrived == 3 and t.stats.requests_finished == 3 and t.live_requests == 0
+
+
+def test_a_step_naming_a_finished_request_again_without_its_arrival_taints_the_state() -> None:
+    """The id of a finished request, still held by a window, scheduled again with no arrival before it (the
+    new request's arrival was lost): counted as unknown and the state given up, never an exception."""
+    t = _tracker(Clock())
+    t.apply(RequestArrival("a", 0.0, 10, max_tokens=1))
+    t.apply(RequestArrival("b", 0.0, 10, max_tokens=50))
+    t.apply(EngineStep(0, 0.0, 0.1, {"b": 10, "a": 10}, finished=("a",)))
+    t.apply(EngineStep(1, 0.1, 0.1, {"b": 1, "a": 5}))
+    assert t.stats.unknown_requests == 1 and t.stats.windows_skipped[SkipReason.LOST_EVENTS] == 1
+    t.apply(EngineStep(2, 0.2, 0.1, {"b": 1}, finished=("b",)))
+    t.apply(RequestArrival("c", 0.3, 10, max_tokens=1))  # the state is known again once "b" is gone
+    t.apply(EngineStep(3, 0.3, 0.1, {"c": 10}, finished=("c",)))
+    t.flush()
+    (window,) = t.take_ready()
+    assert [r.request_id for r in window.arrivals] == ["c"] and not window.running
+    assert t.stats.steps == 4 and t.live_requests == 0
+
+
+def test_a_step_of_zero_token_counts_is_tracked_without_calibrating() -> None:
+    """Zero tokens for a request is valid on the wire: the step is tracked, the calibrator has nothing to fit."""
+    t = _tracker(Clock())
+    t.apply(RequestArrival("a", 0.0, 10, max_tokens=1))
+    t.apply(EngineStep(0, 0.0, 0.1, {"a": 0}))
+    assert t.calibrator.samples == 0 and t.stats.steps == 1
+    t.apply(EngineStep(1, 2.0, 0.1, {"a": 10}, finished=("a",)))
+    assert t.calibrator.samples == 1 and t.live_requests == 0

@@ -323,8 +323,14 @@ class EngineTracker(WindowTracker):
         self._taint_all(SkipReason.LOST_EVENTS)
 
     def _arrival(self, event: RequestArrival) -> None:
-        if event.request_id in self._requests:
-            return  # announced twice (a resent batch): the first one counts
+        known = self._requests.get(event.request_id)
+        if known is not None:
+            if not known.finished:
+                return  # announced twice (a resent batch): the first one counts
+            # A finished request's id used again (vLLM takes an id again once its request finished) while
+            # windows still hold the first request: they would read the second under its id, so they are
+            # given up, which lets the first go.
+            self._drop_windows_holding(event.request_id, SkipReason.REUSED_ID)
         if len(self._requests) >= self.limits.max_live_requests:
             self.stats.requests_rejected += 1
             # The engine now holds a request we do not: the state is unknown.
@@ -384,19 +390,32 @@ class EngineTracker(WindowTracker):
         # The same test as `_tainted_live == 0 and duration > 0 and end >= _next_calibration`, the comparison
         # that is false in most steps first. Nothing below changes its terms before the calibrator's update.
         calibrate = end >= self._next_calibration and self._tainted_live == 0 and duration > 0
-        new_tokens, context, again, self._admissions, features = _schedule(
-            requests,
-            self._running,
-            self._waiting,
-            scheduled,
-            hits,
-            self._admissions,
-            self._track_runs,
-            self.stats.steps,
-            end,
-            calibrate,
-        )
-        if calibrate:
+        try:
+            new_tokens, context, again, self._admissions, features = _schedule(
+                requests,
+                self._running,
+                self._waiting,
+                scheduled,
+                hits,
+                self._admissions,
+                self._track_runs,
+                self.stats.steps,
+                end,
+                calibrate,
+            )
+        except KeyError:
+            # It names a request that finished here and that windows still hold (its id came back for a new
+            # request whose arrival was lost): what the engine holds is not what we hold. The step stays applied
+            # up to that request; the state it leaves is unknown, so every live request is tainted.
+            self.stats.unknown_requests += 1
+            self._taint_all(SkipReason.LOST_EVENTS)
+            self.stats.steps += 1
+            self.stats.actual_gpu_seconds += step.duration
+            self.stats.last_step_end = end
+            if step.finished:
+                self._finish_listed(step, end)
+            return
+        if calibrate and features[0]:  # a step of zero-token counts (valid on the wire) has nothing to fit
             self.calibrator.update_features(*features, duration)
             self._next_calibration = end + 1.0 / self.limits.calibration_steps_per_second
         stats = self.stats
@@ -628,6 +647,20 @@ class EngineTracker(WindowTracker):
             self._ready.append(self._build(window))
             self.stats.windows_ready += 1
             self._unref(window)
+
+    def _drop_windows_holding(self, request_id: str, reason: SkipReason) -> None:
+        """Give up every window, closed or open, that holds `request_id` in any role, for `reason`."""
+        kept = deque()
+        for window in self._closed:
+            if request_id in window.request_ids():
+                self._drop(window, reason)
+            else:
+                kept.append(window)
+        self._closed = kept
+        if self._open is not None and request_id in self._open.request_ids():
+            window, self._open = self._open, None
+            self._drop(window, reason)
+        self._release_ready()
 
     def _drop(self, window: _WindowBookkeeping, reason: SkipReason) -> None:
         if window.traffic:  # a window that saw no traffic is no loss

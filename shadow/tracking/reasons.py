@@ -20,6 +20,9 @@ class SkipReason(StrEnum):
     ENGINE_RESTART = "engine_restart"  # the engine announced itself again: what it held is gone
     BACKLOG = "backlog"  # too many closed windows waiting for their requests to finish
     TOO_LARGE = "too_large"  # the engine held more requests than a window may
+    REUSED_ID = (
+        "reused_id"  # a finished request's id came back for a new request while windows held the first
+    )
     # The evaluation stage's (shadow-wide queue and tasks).
     EVALUATION_BACKLOG = "evaluation_backlog"  # dropped from a full evaluation queue
     EVALUATION_TIMEOUT = "evaluation_timeout"  # cancelled at the evaluation time-out
