@@ -91,6 +91,9 @@ cdef class _Request:
 @cython.locals(index=Py_ssize_t)
 cdef _remove(list requests, _Request request)
 
+@cython.locals(seq=Py_ssize_t, lo=Py_ssize_t, hi=Py_ssize_t, mid=Py_ssize_t, r=_Request)
+cpdef _remove_in_seq_order(list requests, _Request request)
+
 
 @cython.final
 cdef class _WaitingQueue:

@@ -307,3 +307,20 @@ def test_the_peak_check_s_sort_sorts_a_prefix_in_place(values, data):
         array[:] = core.array("q", values)
         core._sort_ascending(array, n)
         assert list(array) == sorted(values[:n]) + values[n:]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 30), min_size=1, max_size=60, unique=True), st.data())
+def test_a_finished_request_leaves_the_running_queue_alike_in_both_cores(seqs, data):
+    # In running_seq order (found by bisection) or out of it (found by the scan): only that request leaves.
+    order = sorted(seqs) if data.draw(st.booleans()) else seqs
+    leaving = data.draw(st.integers(0, len(seqs) - 1))
+    for core in cores():
+        requests = []
+        for seq in order:
+            request = core._Request(f"r{seq}", 0, 1, 1, None, None)
+            request.running_seq = seq
+            requests.append(request)
+        expected = requests[:leaving] + requests[leaving + 1 :]
+        core._remove_in_seq_order(requests, requests[leaving])
+        assert requests == expected

@@ -798,3 +798,20 @@ def test_lightllm_s_peak_check_is_the_plain_walk(running, candidate, block_size,
         needs.append(-(-(sum(live) + len(live) * left) // block_size) + len(live) - 1)
     limit = data.draw(st.sampled_from(needs)) + data.draw(st.integers(-1, 1))
     assert sim._peak_fits(waiting, limit) == _peak_fits_reference(jobs, block_size, limit)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 30), min_size=1, max_size=60, unique=True), st.data())
+def test_a_finished_request_leaves_the_running_queue_by_bisection(seqs, data):
+    # The running queue in running_seq order (as it is but under decode_first) or, shuffled, out of it (where the
+    # bisection misses and the scan must find it): only the request itself leaves, the rest keep their order.
+    core = pure_core()
+    requests = []
+    for seq in sorted(seqs) if data.draw(st.booleans()) else seqs:
+        request = core._Request(f"r{seq}", 0, 1, 1, None, None)
+        request.running_seq = seq
+        requests.append(request)
+    leaving = data.draw(st.sampled_from(requests))
+    expected = [r for r in requests if r is not leaving]
+    core._remove_in_seq_order(requests, leaving)
+    assert requests == expected
