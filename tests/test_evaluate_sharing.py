@@ -29,15 +29,16 @@ from vllm_shadow.evaluation.evaluate import (
 )
 from vllm_shadow.evaluation.results import CandidateOutcome
 from vllm_shadow.evaluation.shared_runs import SharedRuns, one_priority, peak_running, task_groups
-from vllm_shadow.solver.records import RequestRecord
+from vllm_shadow.solver.records import RequestRecord, SimResult
 from vllm_shadow.solver.simulator import RunningRequest, simulate
 
 _PREEMPTIONS = [f.name for f in dataclasses.fields(RequestRecord)].index("preemptions")
 
 
-def _run(requests, initial, policy, blocks: int, block_size: int) -> dict:
+def _simulated(requests, initial, policy, blocks: int, block_size: int) -> SimResult | str:
+    """The run, with its steps, or why the simulator refused it."""
     try:
-        result = simulate(
+        return simulate(
             requests,
             policy,
             COST,
@@ -48,8 +49,17 @@ def _run(requests, initial, policy, blocks: int, block_size: int) -> dict:
             record_steps=True,
         )
     except (ValueError, RuntimeError) as exc:
-        return {"refused": str(exc)}
+        return str(exc)
+
+
+def _view(result: SimResult | str) -> dict:
+    if isinstance(result, str):
+        return {"refused": result}
     return view(result) | {"policy": None}  # the label is the policy's own; everything else must agree
+
+
+def _run(requests, initial, policy, blocks: int, block_size: int) -> dict:
+    return _view(_simulated(requests, initial, policy, blocks, block_size))
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -73,18 +83,10 @@ def test_a_run_is_the_same_under_every_cap_above_its_running_peak(
         output = first.request.output_tokens
         initial = [RunningRequest(first.request, first.request.prompt_tokens + output - 1, output, True)]
         initial += workload[1][1:]
-    run = _run(requests, initial, policy, blocks, block_size)
-    if "refused" in run:
+    result = _simulated(requests, initial, policy, blocks, block_size)
+    if isinstance(result, str):
         return
-    result = simulate(
-        requests,
-        policy,
-        COST,
-        num_kv_blocks=blocks,
-        block_size=block_size,
-        initial_running=initial,
-        start_time=0.0 if initial else None,
-    )
+    run = _view(result)
     carried = {r.request.request_id for r in initial if not r.finishing}
     peak = peak_running(result.requests, carried, sum(r.finishing for r in initial))
     if peak >= policy.max_num_seqs:
@@ -115,18 +117,10 @@ def test_a_run_shared_runs_hands_out_is_the_run_of_the_policy_that_takes_it(
         initial = [
             dataclasses.replace(r, request=dataclasses.replace(r.request, priority=0)) for r in initial
         ]
-    run = _run(requests, initial, policy, blocks, block_size)
-    if "refused" in run:
+    result = _simulated(requests, initial, policy, blocks, block_size)
+    if isinstance(result, str):
         return
-    result = simulate(
-        requests,
-        policy,
-        COST,
-        num_kv_blocks=blocks,
-        block_size=block_size,
-        initial_running=initial,
-        start_time=0.0 if initial else None,
-    )
+    run = _view(result)
     priorities = {r.priority for r in requests} | {r.request.priority for r in initial}
     shared = SharedRuns(len(requests) + len(initial), same_priority=len(priorities) <= 1)
     preemptions = sum(r.preemptions for r in result.requests)
