@@ -174,7 +174,8 @@ def test_optimum_and_bound_against_every_heuristic(trace_window, evictions):
 
 def test_latency_optimum_found_unseeded_beats_every_heuristic():
     """No hints: CP-SAT must find the schedule itself, and prove it, with the time layer (per-batch
-    variables: outputs are capped so that the horizon stays short)."""
+    variables: outputs are capped so that the horizon stays short). It proves it in seconds; the limit is
+    generous so that a loaded machine cannot turn the proof into a time-out."""
     trace = read_trace(
         resolve_trace("azure-code"), limit=5, rate_scale=20, max_prompt_tokens=300, max_output_tokens=6
     )
@@ -182,7 +183,7 @@ def test_latency_optimum_found_unseeded_beats_every_heuristic():
     cost = LinearCostModel(a=0.02, b=2e-4, c=2e-6, d=0.0)
     for objective in (E2E, TTFT_MIX):
         heuristics = run_heuristics(window, cost, objective)
-        result = solve_optimal(window, cost, objective, max_evictions=0, time_limit=20, workers=2)
+        result = solve_optimal(window, cost, objective, max_evictions=0, time_limit=120, workers=2)
         assert result.status == "OPTIMAL" and result.source == "cp-sat"
         for h in heuristics:
             assert result.bound <= result.objective <= h.objective + 1e-9, (h.policy, str(objective))
