@@ -29,6 +29,7 @@ from vllm_shadow.evaluation.evaluate import (
 )
 from vllm_shadow.evaluation.results import CandidateOutcome
 from vllm_shadow.evaluation.shared_runs import SharedRuns, one_priority, peak_running, task_groups
+from vllm_shadow.solver.policies import parse_policy
 from vllm_shadow.solver.records import RequestRecord, SimResult
 from vllm_shadow.solver.simulator import RunningRequest, simulate
 
@@ -125,7 +126,7 @@ def test_a_run_shared_runs_hands_out_is_the_run_of_the_policy_that_takes_it(
     shared = SharedRuns(len(requests) + len(initial), same_priority=len(priorities) <= 1)
     preemptions = sum(r.preemptions for r in result.requests)
     peak = peak_running(result.requests, {r.request.request_id for r in initial}, 0)
-    shared.add(policy, CandidateOutcome("simulated", result.gpu_seconds, None, preemptions), peak)
+    shared.add(policy, CandidateOutcome("simulated", result.gpu_seconds, None, preemptions), lambda: peak)
     cap = max(1, peak + beside_peak)  # where a cap starts to bind
     other = dataclasses.replace(policy, max_num_seqs=cap, victim=victim, order=order)
     if shared.get(other, "taken") is not None:
@@ -214,7 +215,7 @@ def test_task_groups_keep_policies_that_may_share_a_run_in_one_task(tasks: int, 
     task_of = {str(p): i for i, group in enumerate(groups) for p in group}
     for taken in policies:
         shared = SharedRuns(num_requests=10**6, same_priority=same_priority)
-        shared.add(taken, CandidateOutcome("x", 1.0, None), peak=0)  # below every cap, no preemption
+        shared.add(taken, CandidateOutcome("x", 1.0, None), lambda: 0)  # below every cap, no preemption
         for other in policies:
             if shared.get(other, "y") is not None:
                 assert task_of[str(other)] == task_of[str(taken)], (taken, other)
@@ -242,3 +243,19 @@ def test_one_priority_reads_every_request_of_the_window() -> None:
             level, arrivals=(dataclasses.replace(level.arrivals[0], priority=4), *level.arrivals[1:])
         )
         assert not one_priority(odd)
+
+
+def test_a_run_s_peak_is_walked_only_where_an_expected_policy_differs_from_it_in_the_cap_alone() -> None:
+    shared = SharedRuns(num_requests=1000, same_priority=True)
+    default, half, other = (parse_policy(p) for p in ("vllm", "vllm(max_num_seqs=128)", "sarathi"))
+    shared.expect([half, other])
+    walks = []
+
+    def peak() -> int:
+        walks.append(1)
+        return 100
+
+    shared.add(other, CandidateOutcome("sarathi", 1.0, None), peak)  # no other cap of it is expected
+    assert walks == []
+    shared.add(default, CandidateOutcome("vllm", 1.0, None), peak)  # the half cap may take its run
+    assert walks == [1] and shared.get(half, "half") is not None

@@ -19,6 +19,7 @@ operator can act on: the first counts savings made by delaying requests without 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import statistics
 import time
@@ -140,20 +141,21 @@ def run_candidates(
     shared = SharedRuns(window.num_requests, same_priority=one_priority(window))
     carried = {r.request.request_id for r in window.running if not r.finishing}
     held = sum(r.finishing for r in window.running)
+    parsed = [parse_policy(spec) for spec in policies]
+    shared.expect(parsed)
     replay = _replay_in_process(window)
     if replay is not None:
         current = current_policy(window.info.scheduler)
         outcome = candidate_outcome(window, "", replay, slo, keep_requests=keep_requests, own=own)
-        shared.add(current, outcome, peak_running(replay.requests, carried, held))
-    for spec in policies:
-        policy = parse_policy(spec)
+        shared.add(current, outcome, functools.partial(peak_running, replay.requests, carried, held))
+    for policy in parsed:
         label = str(policy)
         try:
             outcome = shared.get(policy, label)
             if outcome is None:
                 result = simulate_window(window, policy)
                 outcome = candidate_outcome(window, label, result, slo, keep_requests=keep_requests, own=own)
-                shared.add(policy, outcome, peak_running(result.requests, carried, held))
+                shared.add(policy, outcome, functools.partial(peak_running, result.requests, carried, held))
             out.append(outcome)
         except (ValueError, RuntimeError, AssertionError) as exc:
             out.append(CandidateOutcome(label, math.nan, None, error=f"{type(exc).__name__}: {exc}"))

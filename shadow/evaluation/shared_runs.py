@@ -25,8 +25,9 @@ which keeps together the policies that may share a run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
@@ -80,16 +81,25 @@ class SharedRuns:
     below_cap_without_preemption: dict[Policy, list[tuple[int, CandidateOutcome]]] = field(
         default_factory=dict
     )
+    # The caps still to be looked up (`expect`), as `_run_of` sees them, by `_share_key`: a run's peak is worth
+    # its walk over the records only where one of them differs from the run's own cap. None: always.
+    expected_caps: dict[Policy, set[int]] | None = None
+
+    def expect(self, policies: Sequence[Policy]) -> None:
+        """The policies that will be looked up."""
+        self.expected_caps = {}
+        for policy in policies:
+            key = _share_key(policy, self.same_priority)
+            self.expected_caps.setdefault(key, set()).add(self._run_of(policy).max_num_seqs)
 
     def _run_of(self, policy: Policy) -> Policy:
         never_binds = max(self.num_requests, 1)
         if policy.max_num_seqs >= never_binds:
-            return dataclasses.replace(policy, max_num_seqs=never_binds)
+            return _with_cap(policy, never_binds)
         return policy
 
     def _unpreempted_run_of(self, run: Policy) -> Policy:
-        order = _ANY_ORDER if self.same_priority and run.order == "priority" else run.order
-        return dataclasses.replace(run, victim=_ANY_VICTIM, order=order)
+        return _unpreempted(run, self.same_priority)
 
     def get(self, policy: Policy, label: str) -> CandidateOutcome | None:
         """The outcome of a run that `policy` runs too, under `label`; None if none is known yet."""
@@ -98,26 +108,55 @@ class SharedRuns:
         if found is None:
             found = self.without_preemption.get(self._unpreempted_run_of(run))
         if found is None:
-            any_cap = dataclasses.replace(policy, max_num_seqs=_ANY_CAP)
+            any_cap = _with_cap(policy, _ANY_CAP)
             found = _above_peak(self.below_cap.get(any_cap), policy.max_num_seqs)
             if found is None:
                 unpreempted = self.below_cap_without_preemption.get(self._unpreempted_run_of(any_cap))
                 found = _above_peak(unpreempted, policy.max_num_seqs)
         return None if found is None else dataclasses.replace(found, label=label)
 
-    def add(self, policy: Policy, outcome: CandidateOutcome, peak: int | None = None) -> None:
-        """`outcome`: `policy` simulated on the window and summarised (not a failure); `peak`: the run's
-        `peak_running`, where known."""
+    def add(
+        self, policy: Policy, outcome: CandidateOutcome, peak_of_run: Callable[[], int] | None = None
+    ) -> None:
+        """`outcome`: `policy` simulated on the window and summarised (not a failure); `peak_of_run`: the run's
+        `peak_running`, where it can be had, called only if an expected policy could take the run by it."""
         run = self._run_of(policy)
         self.by_run[run] = outcome
         if outcome.preemptions == 0:
             self.without_preemption[self._unpreempted_run_of(run)] = outcome
-        if peak is not None and peak < policy.max_num_seqs:
-            any_cap = dataclasses.replace(policy, max_num_seqs=_ANY_CAP)
+        if peak_of_run is None:
+            return
+        if self.expected_caps is not None:
+            other_caps = self.expected_caps.get(_share_key(policy, self.same_priority), set())
+            if not other_caps - {run.max_num_seqs}:
+                return
+        peak = peak_of_run()
+        if peak < policy.max_num_seqs:
+            any_cap = _with_cap(policy, _ANY_CAP)
             self.below_cap.setdefault(any_cap, []).append((peak, outcome))
             if outcome.preemptions == 0:
                 unpreempted = self._unpreempted_run_of(any_cap)
                 self.below_cap_without_preemption.setdefault(unpreempted, []).append((peak, outcome))
+
+
+# Policies are few and recur in every window (a deployment's grid): their keys are made once, not a
+# `dataclasses.replace` per lookup.
+@functools.lru_cache(maxsize=4096)
+def _with_cap(policy: Policy, cap: int) -> Policy:
+    return dataclasses.replace(policy, max_num_seqs=cap)
+
+
+@functools.lru_cache(maxsize=4096)
+def _unpreempted(run: Policy, same_priority: bool) -> Policy:
+    """`run`'s key as a run without preemptions: any victim rule, and FCFS for priority at one priority."""
+    order = _ANY_ORDER if same_priority and run.order == "priority" else run.order
+    return dataclasses.replace(run, victim=_ANY_VICTIM, order=order)
+
+
+def _share_key(policy: Policy, same_priority: bool) -> Policy:
+    """What the policies that may share a run with `policy` have in common: all but the cap, the victim rule and
+    (at one priority) the order."""
+    return _unpreempted(_with_cap(policy, _ANY_CAP), same_priority)
 
 
 def _above_peak(runs: list[tuple[int, CandidateOutcome]] | None, cap: int) -> CandidateOutcome | None:
@@ -140,9 +179,7 @@ def task_groups(policies: Sequence[Policy], tasks: int, same_priority: bool) -> 
     group is one simulation when its run is not shared."""
     groups: dict[Policy, list[int]] = {}
     for index, policy in enumerate(policies):
-        order = _ANY_ORDER if same_priority and policy.order == "priority" else policy.order
-        key = dataclasses.replace(policy, max_num_seqs=_ANY_CAP, victim=_ANY_VICTIM, order=order)
-        groups.setdefault(key, []).append(index)
+        groups.setdefault(_share_key(policy, same_priority), []).append(index)
     lists: list[list[int]] = [[] for _ in range(max(1, min(tasks, len(groups))))]
     for group in sorted(groups.values(), key=len, reverse=True):  # stable: ties in the order given
         min(lists, key=len).extend(group)
