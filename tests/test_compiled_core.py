@@ -22,6 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.compiled_support import current_build
 from vllm_shadow.adapters.events import RequestArrival
 from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.solver import simulator
@@ -33,16 +34,9 @@ COST = LinearCostModel(a=0.004, b=3e-5, c=2e-7, d=1e-9, e=1.5e-4)
 
 def cores() -> tuple[ModuleType, ModuleType]:
     """(compiled, pure); skips only where the build was skipped on purpose, fails anywhere else."""
-    compiled = simulator.compiled_core()
-    if compiled is None:
-        if os.environ.get("VLLM_SHADOW_SKIP_COMPILE", "") not in ("", "0"):
-            pytest.skip("compiled simulator core not built (VLLM_SHADOW_SKIP_COMPILE is set)")
-        pytest.fail(
-            f"{simulator.COMPILED_MODULE} is not built: `pip install -e .` compiles it (setup.py); set "
-            "VLLM_SHADOW_SKIP_COMPILE=1 only on a machine that cannot compile it"
-        )
-    stale = simulator.stale_sources(compiled)
-    assert not stale, f"the compiled core is older than {', '.join(stale)}: rebuild it (`pip install -e .`)"
+    compiled = current_build(
+        simulator.compiled_core(), simulator.COMPILED_MODULE, "simulator core", simulator.stale_sources
+    )
     return compiled, simulator.pure_core()
 
 

@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests import shadow_support as support
+from tests.compiled_support import current_build
 from vllm_shadow.adapters.events import (
     EngineInfo,
     EngineStep,
@@ -43,17 +44,8 @@ COST = LinearCostModel(a=1e-3, b=1e-5, c=1e-7, d=1e-9, e=2e-5)
 
 def trackers() -> tuple[ModuleType, ModuleType]:
     """(compiled, pure); skips only where the build was skipped on purpose, fails anywhere else."""
-    compiled = engine_state.compiled_tracker()
-    if compiled is None:
-        if os.environ.get("VLLM_SHADOW_SKIP_COMPILE", "") not in ("", "0"):
-            pytest.skip("compiled engine tracker not built (VLLM_SHADOW_SKIP_COMPILE is set)")
-        pytest.fail(
-            f"{engine_state.COMPILED_MODULE} is not built: `pip install -e .` compiles it (setup.py); set "
-            "VLLM_SHADOW_SKIP_COMPILE=1 only on a machine that cannot compile it"
-        )
-    stale = compiled_build_stale(compiled)
-    assert not stale, (
-        f"the compiled tracker is older than {', '.join(stale)}: rebuild it (`pip install -e .`)"
+    compiled = current_build(
+        engine_state.compiled_tracker(), engine_state.COMPILED_MODULE, "engine tracker", compiled_build_stale
     )
     pure = engine_state.pure_tracker()
     assert pure.EngineTracker is not compiled.EngineTracker

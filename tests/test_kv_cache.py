@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.compiled_support import current_build
 from tests.test_compiled_core import COST, policies, view, workloads
 from vllm_shadow.solver import kv_cache, simulator
 from vllm_shadow.solver.kv_cache import BlockPool, CachedRun, num_blocks
@@ -25,13 +26,9 @@ from vllm_shadow.solver.kv_cache import BlockPool, CachedRun, num_blocks
 
 def pools() -> tuple[ModuleType, ModuleType]:
     """(compiled, pure); skips only where the build was skipped on purpose, fails anywhere else."""
-    compiled = kv_cache.compiled_pool()
-    if compiled is None:
-        if os.environ.get("VLLM_SHADOW_SKIP_COMPILE", "") not in ("", "0"):
-            pytest.skip("compiled prefix cache not built (VLLM_SHADOW_SKIP_COMPILE is set)")
-        pytest.fail(f"{kv_cache.COMPILED_MODULE} is not built: `pip install -e .` compiles it (setup.py)")
-    stale = kv_cache.stale_sources(compiled)
-    assert not stale, f"the compiled pool is older than {', '.join(stale)}: rebuild it (`pip install -e .`)"
+    compiled = current_build(
+        kv_cache.compiled_pool(), kv_cache.COMPILED_MODULE, "prefix cache", kv_cache.stale_sources
+    )
     return compiled, kv_cache.pure_pool()
 
 
