@@ -330,7 +330,7 @@ class EngineTracker(WindowTracker):
             # A finished request's id used again (vLLM takes an id again once its request finished) while
             # windows still hold the first request: they would read the second under its id, so they are
             # given up, which lets the first go.
-            self._drop_windows_holding(event.request_id, SkipReason.REUSED_ID)
+            self._drop_windows_with({event.request_id}, SkipReason.REUSED_ID, finished_too=True)
         if len(self._requests) >= self.limits.max_live_requests:
             self.stats.requests_rejected += 1
             # The engine now holds a request we do not: the state is unknown.
@@ -648,20 +648,6 @@ class EngineTracker(WindowTracker):
             self.stats.windows_ready += 1
             self._unref(window)
 
-    def _drop_windows_holding(self, request_id: str, reason: SkipReason) -> None:
-        """Give up every window, closed or open, that holds `request_id` in any role, for `reason`."""
-        kept = deque()
-        for window in self._closed:
-            if request_id in window.request_ids():
-                self._drop(window, reason)
-            else:
-                kept.append(window)
-        self._closed = kept
-        if self._open is not None and request_id in self._open.request_ids():
-            window, self._open = self._open, None
-            self._drop(window, reason)
-        self._release_ready()
-
     def _drop(self, window: _WindowBookkeeping, reason: SkipReason) -> None:
         if window.traffic:  # a window that saw no traffic is no loss
             self.stats.windows_skipped[reason] += 1
@@ -802,10 +788,14 @@ class EngineTracker(WindowTracker):
         request.tainted = False
         self._forget(request)
 
-    def _drop_windows_with(self, request_ids: set[str], reason: SkipReason) -> None:
+    def _drop_windows_with(
+        self, request_ids: set[str], reason: SkipReason, *, finished_too: bool = False
+    ) -> None:
+        """Give up the windows that hold any of `request_ids`: a closed window while they are pending in it (or in
+        any role, `finished_too`), the open one in any role."""
         kept = deque()
         for window in self._closed:
-            if window.pending & request_ids:
+            if not request_ids.isdisjoint(window.request_ids() if finished_too else window.pending):
                 self._drop(window, reason)
             else:
                 kept.append(window)
