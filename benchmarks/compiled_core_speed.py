@@ -20,6 +20,12 @@ ROWS on its first 10,000 requests, untimed, for an instruction count that does n
 
     valgrind --tool=callgrind --toggle-collect='__pyx_pw_*_simulator_compiled_*simulate' \
         python benchmarks/compiled_core_speed.py --one 3
+
+`--hour-one N` runs only the compiled core on the whole hour under candidate N (0-19 of replay_speed.py's
+CANDIDATES_20; -1: all 20 in turn), untimed, for the same kind of instruction count:
+
+    valgrind --tool=callgrind --toggle-collect='__pyx_pw_*_simulator_compiled_*simulate' \
+        python benchmarks/compiled_core_speed.py --hour-one 11
 """
 
 from __future__ import annotations
@@ -93,6 +99,19 @@ def one_call(row: int) -> None:
     print(f"{ROWS[row].label}: {policy}, {len(requests):,} requests, {result.num_steps:,} steps")
 
 
+def hour_one(candidate: int) -> None:
+    """One candidate's (or, -1, every candidate's) compiled `simulate` call on the whole hour (see --hour-one)."""
+    compiled = simulator.compiled_core()
+    if compiled is None or simulator.stale_sources(compiled):
+        sys.exit("the compiled core is not built or is older than its source: `pip install -e .` first")
+    arch, hw = load_model("llama-2-7b"), get_hardware("a100")
+    hour = read_trace(resolve_trace("azure-conv")).requests
+    cost, blocks = roofline_prior(arch, hw, 1), kv_capacity_blocks(arch, hw, block_size=BLOCK_SIZE)
+    for p in CANDIDATES_20 if candidate == -1 else [CANDIDATES_20[candidate]]:
+        result = compiled.simulate(hour, p, cost, num_kv_blocks=blocks, block_size=BLOCK_SIZE)
+        print(f"{p}: {len(hour):,} requests, {result.num_steps:,} steps")
+
+
 def hour_only(repeats: int) -> None:
     """The compiled core on the whole Azure hour under each of the 20 candidates (see --hour-only)."""
     compiled = simulator.compiled_core()
@@ -127,9 +146,13 @@ def main() -> None:
     parser.add_argument("--hour-repeats", type=int, default=1)
     parser.add_argument("--one", type=int, metavar="ROW", help="one compiled simulate call of a replay row")
     parser.add_argument("--hour-only", action="store_true", help="only the compiled core on the whole hour")
+    parser.add_argument("--hour-one", type=int, metavar="N", help="one compiled simulate call on the hour")
     args = parser.parse_args()
     if args.one is not None:
         one_call(args.one)
+        return
+    if args.hour_one is not None:
+        hour_one(args.hour_one)
         return
     if args.hour_only:
         hour_only(args.hour_repeats)
