@@ -28,14 +28,68 @@ cdef long long _EXACT_PS
 cdef double _ROUND_LIMIT
 cdef double _seconds(long long ps) except? -1
 
-@cython.locals(arrival_time=cython.longlong, request=_Request)
+@cython.locals(arrival_time=cython.longlong, request=_Request, num_prompt_tokens=Py_ssize_t,
+               max_tokens=Py_ssize_t, num_prompt_blocks=Py_ssize_t, queue_order=cython.longlong)
 cdef _Request _new_request(object r, Py_ssize_t index, object order, Py_ssize_t block_size,
                            Py_ssize_t num_usable_blocks)
+
+# A __slots__ class's slot, by its member descriptor (simulator.py's `_slot` checks that it is one, of an object
+# slot): read or set at the descriptor's offset, as its own get and set do, when the object is exactly of the
+# descriptor's class; otherwise by name. Also an instance without `__init__` (`tp_new`, every slot empty), and the
+# cyclic collector's untracking. simulator.py defines their plain-Python twins (under `not cython.compiled`).
+cdef extern from *:
+    """
+    #include <structmember.h>
+    static PyObject **__pyx_shadow_slot(PyObject *obj, PyObject *slot) {
+        if (Py_TYPE(obj) != PyDescr_TYPE(slot)) return NULL;
+        return (PyObject **)((char *)obj + ((PyMemberDescrObject *)slot)->d_member->offset);
+    }
+    static PyObject *__pyx_shadow_slot_get(PyObject *obj, PyObject *slot) {
+        PyObject **field = __pyx_shadow_slot(obj, slot);
+        if (field == NULL || *field == NULL) return PyObject_GetAttr(obj, PyDescr_NAME(slot));
+        Py_INCREF(*field);
+        return *field;
+    }
+    static int __pyx_shadow_slot_set(PyObject *obj, PyObject *slot, PyObject *value) {
+        PyObject **field = __pyx_shadow_slot(obj, slot);
+        PyObject *old;
+        if (field == NULL) return PyObject_SetAttr(obj, PyDescr_NAME(slot), value);
+        old = *field;
+        Py_INCREF(value);
+        *field = value;
+        Py_XDECREF(old);
+        return 0;
+    }
+    static PyObject *__pyx_shadow_new_bare(PyObject *cls) {
+        PyObject *no_args = PyTuple_New(0), *obj;
+        if (no_args == NULL) return NULL;
+        obj = ((PyTypeObject *)cls)->tp_new((PyTypeObject *)cls, no_args, NULL);
+        Py_DECREF(no_args);
+        return obj;
+    }
+    """
+    object _slot_get "__pyx_shadow_slot_get"(object obj, object slot)
+    int _slot_set "__pyx_shadow_slot_set"(object obj, object slot, object value) except -1
+    object _new_bare "__pyx_shadow_new_bare"(object cls)
+    void _untrack "PyObject_GC_UnTrack"(object obj)
+
+cdef tuple _RECORD_SLOTS
+cdef tuple _RECORD_DEFAULTS
+cdef object _ARRIVAL_REQUEST_ID
+cdef object _ARRIVAL_TIME
+cdef object _ARRIVAL_PROMPT_TOKENS
+cdef object _ARRIVAL_OUTPUT_TOKENS
+cdef object _ARRIVAL_PRIORITY
+cdef object _ARRIVAL_BLOCK_HASHES
+
+@cython.locals(record=object, index=Py_ssize_t)
+cpdef object _new_record(object request_id, object arrival, object prompt_tokens, object output_tokens,
+                         object priority)
 
 @cython.locals(x=double, n=cython.longlong, rest=double)
 cdef long long _to_ps(object time) except? -1
 
-@cython.locals(i=Py_ssize_t)
+@cython.locals(i=Py_ssize_t, n=Py_ssize_t)
 cdef bint _ascending(list values) except -1
 
 cdef bint _IN_C
@@ -90,6 +144,7 @@ cdef class _Request:
 
 @cython.locals(index=Py_ssize_t)
 cdef _remove(list requests, _Request request)
+
 
 @cython.locals(seq=Py_ssize_t, lo=Py_ssize_t, hi=Py_ssize_t, mid=Py_ssize_t, r=_Request)
 cpdef _remove_in_seq_order(list requests, _Request request)

@@ -30,10 +30,10 @@ import math
 import sys
 from array import array
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from heapq import heappop, heappush
 from pathlib import Path
-from types import ModuleType
+from types import MemberDescriptorType, ModuleType, SimpleNamespace
 from typing import NamedTuple
 
 from vllm_shadow.adapters.events import EngineStep, RequestArrival
@@ -45,10 +45,10 @@ from vllm_shadow.solver.records import RequestRecord, SchedulerThrashes, SimResu
 
 try:
     import cython  # in the compiled core, Cython's compile-time module: `cython.compiled` is True there
-
-    _IN_C = cython.compiled  # whether this module runs as the compiled core
 except ImportError:  # plain Python without Cython installed: the pure core
-    _IN_C = False
+    cython = SimpleNamespace(compiled=False)
+
+_IN_C = cython.compiled  # whether this module runs as the compiled core
 
 PS_PER_S = 10**12  # time is kept in integer picoseconds so that closed-form sums equal step-by-step sums
 
@@ -1594,40 +1594,123 @@ def _new_request(
     r: RequestArrival, index: int, order: str, block_size: int, num_usable_blocks: int
 ) -> _Request:
     """The simulator's request for the arrival `r` (the `index`-th of the replay), with its record. Each field of
-    the arrival read once: this runs for every request of a replay."""
-    request_id, prompt_tokens, output_tokens = r.request_id, r.prompt_tokens, r.output_tokens
+    the arrival read once, off its slot (`_slot_get`): this runs for every request of a replay."""
+    request_id = _slot_get(r, _ARRIVAL_REQUEST_ID)
+    prompt_tokens = _slot_get(r, _ARRIVAL_PROMPT_TOKENS)
+    output_tokens = _slot_get(r, _ARRIVAL_OUTPUT_TOKENS)
     if output_tokens is None or output_tokens < 1:
         raise ValueError(f"request {request_id}: output_tokens must be known and >= 1 to simulate")
     if prompt_tokens < 1:
         raise ValueError(f"request {request_id}: prompt_tokens must be >= 1")
-    if cdiv(prompt_tokens + output_tokens - 1, block_size) > num_usable_blocks:
+    # C integers in the compiled core (the record keeps the arrival's own ints).
+    num_prompt_tokens = prompt_tokens
+    max_tokens = output_tokens
+    if cdiv(num_prompt_tokens + max_tokens - 1, block_size) > num_usable_blocks:
         raise ValueError(
             f"request {request_id}: {prompt_tokens}+{output_tokens} tokens can never fit in "
             f"{num_usable_blocks} KV blocks of {block_size} tokens"
         )
-    arrival_time = _to_ps(r.time)
+    arrival_time = _to_ps(_slot_get(r, _ARRIVAL_TIME))
+    priority = _slot_get(r, _ARRIVAL_PRIORITY)
     # The record's arrival is on the simulator's picosecond clock, so latencies are never negative.
-    record = RequestRecord(request_id, _seconds(arrival_time), prompt_tokens, output_tokens, r.priority)
-    block_hashes, output_block_hashes = r.block_hashes, ()
-    num_prompt_blocks = prompt_tokens // block_size
+    record = _new_record(request_id, _seconds(arrival_time), prompt_tokens, output_tokens, priority)
+    block_hashes, output_block_hashes = _slot_get(r, _ARRIVAL_BLOCK_HASHES), ()
+    num_prompt_blocks = num_prompt_tokens // block_size
     if len(block_hashes) > num_prompt_blocks:
         # Past its prompt's, the hashes of its generated blocks (from its finish), used when it finishes.
         block_hashes, output_block_hashes = (
             block_hashes[:num_prompt_blocks],
             block_hashes[num_prompt_blocks:],
         )
+    queue_key = None  # the FCFS queue is a list in arrival order
+    if order != "fcfs":
+        queue_order = (
+            priority if order == "priority" else prompt_tokens if order == "prompt" else output_tokens
+        )
+        queue_key = (queue_order, arrival_time, index)
     request = _Request.__new__(_Request)
     request._init(
         request_id,
         arrival_time,
-        prompt_tokens,
-        output_tokens,
-        None if order == "fcfs" else _queue_key(order, r, arrival_time, index),
+        num_prompt_tokens,
+        max_tokens,
+        queue_key,
         record,
         block_hashes,
         output_block_hashes,
     )
     return request
+
+
+# A slot of a __slots__ class, by its member descriptor: `_slot_get` and `_slot_set` read and set it as the
+# descriptor does, in the compiled core straight at its offset in the object (C functions declared in
+# _simulator_compiled.pxd), without an attribute lookup; on an object of another class, by its name.
+if not cython.compiled:
+
+    def _slot_get(obj: object, slot: MemberDescriptorType) -> object:
+        return getattr(obj, slot.__name__)
+
+    def _slot_set(obj: object, slot: MemberDescriptorType, value: object) -> None:
+        setattr(obj, slot.__name__, value)
+
+    def _new_bare(cls: type) -> object:
+        """An instance of `cls` without its `__init__`: every slot empty."""
+        return cls.__new__(cls)
+
+    def _untrack(obj: object) -> None:
+        """The compiled core's `PyObject_GC_UnTrack`: the cyclic collector stops walking `obj`."""
+
+
+def _slot(cls: type, name: str) -> MemberDescriptorType:
+    """The member descriptor of `cls`'s slot `name` (an object slot, as every __slots__ name's is)."""
+    slot = cls.__dict__.get(name)
+    if type(slot) is not MemberDescriptorType or name not in cls.__slots__:  # type: ignore[attr-defined]
+        raise TypeError(f"{cls.__name__}.{name} is not a slot")
+    return slot  # type: ignore[return-value]
+
+
+_ARRIVAL_REQUEST_ID = _slot(RequestArrival, "request_id")
+_ARRIVAL_TIME = _slot(RequestArrival, "time")
+_ARRIVAL_PROMPT_TOKENS = _slot(RequestArrival, "prompt_tokens")
+_ARRIVAL_OUTPUT_TOKENS = _slot(RequestArrival, "output_tokens")
+_ARRIVAL_PRIORITY = _slot(RequestArrival, "priority")
+_ARRIVAL_BLOCK_HASHES = _slot(RequestArrival, "block_hashes")
+
+
+def _record_slots() -> tuple[tuple, tuple]:
+    """RequestRecord's slots in field order, and the defaults of all but the first five (the arguments
+    `_new_record` takes), which its `__init__` would set: what `_new_record` sets instead."""
+    names = [f.name for f in fields(RequestRecord)]
+    if names[:5] != ["request_id", "arrival", "prompt_tokens", "output_tokens", "priority"]:
+        raise TypeError(f"RequestRecord's fields changed: {names}")
+    defaults = tuple(f.default for f in fields(RequestRecord)[5:])
+    if MISSING in defaults or hasattr(RequestRecord, "__post_init__"):
+        raise TypeError("RequestRecord's __init__ does more than set its fields to plain defaults")
+    return tuple(_slot(RequestRecord, name) for name in names), defaults
+
+
+_RECORD_SLOTS, _RECORD_DEFAULTS = _record_slots()
+
+
+def _new_record(
+    request_id: str, arrival: float, prompt_tokens: int, output_tokens: int, priority: int
+) -> RequestRecord:
+    """`RequestRecord(request_id, arrival, prompt_tokens, output_tokens, priority)`. In the compiled core its
+    slots are set from C (the dataclass's generated `__init__`, interpreted Python, cost most of a request's
+    setup there), and it is left out of the cyclic collector's walks, as CPython does for a tuple of atoms: its
+    fields are a str and numbers, which make no cycle."""
+    if not _IN_C:
+        return RequestRecord(request_id, arrival, prompt_tokens, output_tokens, priority)
+    record = _new_bare(RequestRecord)
+    _slot_set(record, _RECORD_SLOTS[0], request_id)
+    _slot_set(record, _RECORD_SLOTS[1], arrival)
+    _slot_set(record, _RECORD_SLOTS[2], prompt_tokens)
+    _slot_set(record, _RECORD_SLOTS[3], output_tokens)
+    _slot_set(record, _RECORD_SLOTS[4], priority)
+    for index in range(len(_RECORD_DEFAULTS)):
+        _slot_set(record, _RECORD_SLOTS[5 + index], _RECORD_DEFAULTS[index])
+    _untrack(record)
+    return record  # type: ignore[return-value]
 
 
 # Below 2**62 (picoseconds: 53 days) a double's integer part converts exactly to a C 64-bit integer.
@@ -1651,15 +1734,12 @@ def _to_ps(time: float) -> int:
 
 
 def _ascending(values: list[int]) -> bool:
-    return all(values[i - 1] <= values[i] for i in range(1, len(values)))
-
-
-def _queue_key(order: str, request: RequestArrival, arrival_time: int, index: int) -> tuple | None:
-    if order == "fcfs":
-        return None  # the FCFS queue is a deque in arrival order
-    if order == "priority":
-        return (request.priority, arrival_time, index)
-    return (request.prompt_tokens if order == "prompt" else request.output_tokens, arrival_time, index)
+    # A loop, not all() over a generator: in the compiled core that generator cost more than a request's setup.
+    n = len(values)
+    i = 1
+    while i < n and values[i - 1] <= values[i]:
+        i += 1
+    return i >= n
 
 
 def simulate(

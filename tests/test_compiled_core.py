@@ -27,7 +27,7 @@ from vllm_shadow.adapters.events import RequestArrival
 from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.solver import simulator
 from vllm_shadow.solver.policies import PRESETS, Policy, parse_policy
-from vllm_shadow.solver.records import SimResult
+from vllm_shadow.solver.records import RequestRecord, SimResult
 
 COST = LinearCostModel(a=0.004, b=3e-5, c=2e-7, d=1e-9, e=1.5e-4)
 
@@ -318,3 +318,51 @@ def test_a_finished_request_leaves_the_running_queue_alike_in_both_cores(seqs, d
         expected = requests[:leaving] + requests[leaving + 1 :]
         core._remove_in_seq_order(requests, requests[leaving])
         assert requests == expected
+
+
+def test_a_record_built_in_c_is_the_dataclass_s_own():
+    # The compiled core sets a record's slots from C (simulator._new_record), not through its __init__.
+    for core in cores():
+        record = core._new_record("r7", 1.25, 3, 4, 2)
+        assert type(record) is RequestRecord
+        expected = RequestRecord("r7", 1.25, 3, 4, 2)
+        assert [_number(v) for v in dataclasses.astuple(record)] == [
+            _number(v) for v in dataclasses.astuple(expected)
+        ]
+        assert dataclasses.replace(record, finish=2.0).finish == 2.0
+        assert dataclasses.asdict(record)["num_cached_tokens"] == 0
+        record.preemptions += 1
+        assert record.preemptions == 1 and math.isnan(record.first_token)
+
+
+@dataclasses.dataclass
+class _OtherArrival:
+    """Not a RequestArrival: the compiled core reads such an arrival's fields by name, not off its slots."""
+
+    request_id: str
+    time: float
+    prompt_tokens: int
+    output_tokens: int
+    priority: int = 0
+    block_hashes: tuple[int, ...] = ()
+
+
+def test_an_arrival_of_another_class_replays_alike():
+    requests = [
+        RequestArrival(
+            f"r{i}", 0.1 * (i // 2), 5 + 7 * i, 1 + 3 * i, priority=i % 3, block_hashes=(i % 2, -i)
+        )
+        for i in range(12)
+    ]
+    others = [
+        _OtherArrival(**{f.name: getattr(r, f.name) for f in dataclasses.fields(_OtherArrival)})
+        for r in requests
+    ]
+    for policy in (
+        "vllm(max_num_seqs=4,max_num_batched_tokens=32,enable_prefix_caching=true)",
+        "sjf",
+        "lightllm",
+    ):
+        compiled, pure = run_both(requests, policy, num_kv_blocks=40, block_size=4, record_steps=True)
+        assert compiled == pure
+        assert run_both(others, policy, num_kv_blocks=40, block_size=4, record_steps=True) == (compiled, pure)
