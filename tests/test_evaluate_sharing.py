@@ -1,11 +1,13 @@
 """What a window's evaluation shares between its simulations, and the premises that make each share exact.
 
 `run_candidates` simulates once the policies that provably run the same steps (`SharedRuns`): those that differ
-only in a sequence cap no lower than the window's request count (the simulator reads the cap only in vLLM's
-admission test, which such a cap never fails), and, in a run without preemptions, only in the victim rule or
-(every request at one priority) in priority against FCFS order. The property tests hold the simulator to each
-on random workloads (every preset, prefix caching and async scheduling on and off, running requests at the
-start), so that a future use of one of these knobs breaks them here first.
+only in a sequence cap no lower than the window's request count or above the run's running peak (the simulator
+reads the cap only in vLLM's admission test, which such a cap never fails), in a token budget (and chunked
+prefill) or a long-prefill threshold the run never asked to exceed (`run_demands`), and, in a run without
+preemptions, only in the victim rule or (every request at one priority) in priority against FCFS order. The
+property tests hold the simulator to each on random workloads (every preset, prefix caching and async
+scheduling on and off, running requests at the start, decoding, part way through a prompt or with their last
+token in flight), so that a future use of one of these knobs breaks them here first.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from vllm_shadow.evaluation.evaluate import (
     simulate_window,
 )
 from vllm_shadow.evaluation.results import CandidateOutcome
-from vllm_shadow.evaluation.shared_runs import SharedRuns, one_priority, peak_running, task_groups
+from vllm_shadow.evaluation.shared_runs import RunDemands, SharedRuns, one_priority, run_demands, task_groups
 from vllm_shadow.solver.policies import parse_policy
 from vllm_shadow.solver.records import RequestRecord, SimResult
 from vllm_shadow.solver.simulator import RunningRequest, simulate
@@ -63,6 +65,31 @@ def _run(requests, initial, policy, blocks: int, block_size: int) -> dict:
     return _view(_simulated(requests, initial, policy, blocks, block_size))
 
 
+def _demands(result: SimResult, initial) -> RunDemands:
+    """`run_demands` as `run_candidates` calls it."""
+    carried = {
+        r.request.request_id: max(r.request.prompt_tokens - r.computed_tokens, 0)
+        for r in initial
+        if not r.finishing
+    }
+    return run_demands(result.requests, carried, sum(r.finishing for r in initial))
+
+
+def _carried_variant(workload, variant: int):
+    """The workload, its first running request (if any) turned into one whose last token is in flight
+    (variant 1) or one part way through its prompt (variant 2)."""
+    requests, initial, block_size, blocks = workload
+    if initial and variant:
+        request = initial[0].request
+        if variant == 1:
+            output = request.output_tokens
+            first = RunningRequest(request, request.prompt_tokens + output - 1, output, True)
+        else:
+            first = RunningRequest(request, request.prompt_tokens // 2, 0)
+        initial = [first, *initial[1:]]
+    return requests, initial, block_size, blocks
+
+
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(workloads(), policies(), st.integers(0, 50))
 def test_a_sequence_cap_at_least_the_request_count_never_changes_a_run(workload, policy, above: int) -> None:
@@ -74,22 +101,16 @@ def test_a_sequence_cap_at_least_the_request_count_never_changes_a_run(workload,
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(workloads(), policies(), st.booleans(), st.integers(1, 3))
+@given(workloads(), policies(), st.integers(0, 2), st.integers(1, 3))
 def test_a_run_is_the_same_under_every_cap_above_its_running_peak(
-    workload, policy, finishing: bool, above: int
+    workload, policy, variant: int, above: int
 ) -> None:
-    requests, initial, block_size, blocks = workload
-    if finishing and initial:  # the first one's last token in flight at the start: no record, a place held
-        first = initial[0]
-        output = first.request.output_tokens
-        initial = [RunningRequest(first.request, first.request.prompt_tokens + output - 1, output, True)]
-        initial += workload[1][1:]
+    requests, initial, block_size, blocks = _carried_variant(workload, variant)
     result = _simulated(requests, initial, policy, blocks, block_size)
     if isinstance(result, str):
         return
     run = _view(result)
-    carried = {r.request.request_id for r in initial if not r.finishing}
-    peak = peak_running(result.requests, carried, sum(r.finishing for r in initial))
+    peak = _demands(result, initial).running
     if peak >= policy.max_num_seqs:
         return  # the cap may have held a request back
     for cap in (peak + 1, peak + above):  # the tightest cap first
@@ -98,21 +119,71 @@ def test_a_run_is_the_same_under_every_cap_above_its_running_peak(
         )
 
 
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workloads(), policies(), st.integers(0, 2), st.integers(0, 40), st.booleans())
+def test_a_run_is_the_same_under_every_token_budget_it_never_reaches_chunked_or_not(
+    workload, policy, variant: int, above: int, flip_chunking: bool
+) -> None:
+    """A budget no lower than the run's token demand, the tightest first, with chunked prefill as it was or
+    flipped: the same run. (Where the budget did cut a chunk, stop a pass or hold a prompt back, the demand is
+    above it: a budget that cannot bind would run otherwise.)"""
+    requests, initial, block_size, blocks = _carried_variant(workload, variant)
+    result = _simulated(requests, initial, policy, blocks, block_size)
+    if isinstance(result, str):
+        return
+    run = _view(result)
+    tokens = _demands(result, initial).tokens
+    if tokens > policy.max_num_batched_tokens:
+        return  # the budget may have cut a chunk
+    chunked = policy.chunked_prefill != flip_chunking
+    for budget in (tokens, tokens + above, 10**6):  # the tightest, and one that can never bind
+        other = dataclasses.replace(policy, max_num_batched_tokens=budget, chunked_prefill=chunked)
+        assert _run(requests, initial, other, blocks, block_size) == run
+
+
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workloads(), policies(), st.integers(0, 2), st.integers(0, 20))
+def test_a_run_is_the_same_under_every_long_prefill_threshold_it_never_reaches(
+    workload, policy, variant: int, above: int
+) -> None:
+    requests, initial, block_size, blocks = _carried_variant(workload, variant)
+    result = _simulated(requests, initial, policy, blocks, block_size)
+    if isinstance(result, str):
+        return
+    run = _view(result)
+    chunk = _demands(result, initial).prefill_chunk
+    if 0 < policy.long_prefill_token_threshold < chunk:
+        return  # the threshold may have cut a chunk
+    for threshold in (chunk, chunk + above, 0):
+        other = dataclasses.replace(policy, long_prefill_token_threshold=threshold)
+        assert _run(requests, initial, other, blocks, block_size) == run
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     workloads(),
     policies(),
-    st.integers(-1, 2),
+    st.integers(0, 2),
+    st.tuples(st.integers(-1, 2), st.integers(-2, 4), st.integers(-2, 4)),
+    st.booleans(),
     st.sampled_from(["newest", "least-computed"]),
     st.sampled_from(["fcfs", "priority"]),
     st.booleans(),
 )
 def test_a_run_shared_runs_hands_out_is_the_run_of_the_policy_that_takes_it(
-    workload, policy, beside_peak: int, victim: str, order: str, one_priority: bool
+    workload,
+    policy,
+    variant: int,
+    beside: tuple[int, int, int],
+    flip_chunking: bool,
+    victim: str,
+    order: str,
+    one_priority: bool,
 ) -> None:
-    """`SharedRuns` as `run_candidates` uses it: one simulated run and its peak added, another policy differing
-    in the cap, the victim rule or the order looked up; whatever it hands out must be that policy's own run."""
-    requests, initial, block_size, blocks = workload
+    """`SharedRuns` as `run_candidates` uses it: one simulated run and its demands added, another policy
+    differing in the cap, the budget, chunked prefill, the long-prefill threshold (each near where it starts to
+    bind), the victim rule or the order looked up; whatever it hands out must be that policy's own run."""
+    requests, initial, block_size, blocks = _carried_variant(workload, variant)
     if one_priority:
         requests = [dataclasses.replace(r, priority=0) for r in requests]
         initial = [
@@ -125,10 +196,17 @@ def test_a_run_shared_runs_hands_out_is_the_run_of_the_policy_that_takes_it(
     priorities = {r.priority for r in requests} | {r.request.priority for r in initial}
     shared = SharedRuns(len(requests) + len(initial), same_priority=len(priorities) <= 1)
     preemptions = sum(r.preemptions for r in result.requests)
-    peak = peak_running(result.requests, {r.request.request_id for r in initial}, 0)
-    shared.add(policy, CandidateOutcome("simulated", result.gpu_seconds, None, preemptions), lambda: peak)
-    cap = max(1, peak + beside_peak)  # where a cap starts to bind
-    other = dataclasses.replace(policy, max_num_seqs=cap, victim=victim, order=order)
+    demands = _demands(result, initial)
+    shared.add(policy, CandidateOutcome("simulated", result.gpu_seconds, None, preemptions), lambda: demands)
+    other = dataclasses.replace(
+        policy,
+        max_num_seqs=max(1, demands.running + beside[0]),
+        max_num_batched_tokens=max(1, demands.tokens + beside[1]),
+        chunked_prefill=policy.chunked_prefill != flip_chunking,
+        long_prefill_token_threshold=max(0, demands.prefill_chunk + beside[2]),
+        victim=victim,
+        order=order,
+    )
     if shared.get(other, "taken") is not None:
         assert _run(requests, initial, other, blocks, block_size) == run
 
@@ -202,8 +280,9 @@ def test_candidates_that_share_a_run_report_what_their_own_runs_report(name: str
 @pytest.mark.parametrize("same_priority", [True, False])
 @pytest.mark.parametrize("tasks", [1, 2, 3, 40])
 def test_task_groups_keep_policies_that_may_share_a_run_in_one_task(tasks: int, same_priority: bool) -> None:
-    """Runs are shared within a task only: the candidates that `SharedRuns` may share (here: the grid's caps,
-    the victim rule, priority order at one priority) must land in one task, and the split stays a balanced
+    """Runs are shared within a task only: the candidates that `SharedRuns` may share (here: the grid's caps
+    and budgets, chunked prefill, the long-prefill threshold, the victim rule, priority order at one priority)
+    must land in one task, and the split stays a balanced
     partition of the candidates, each task in their order."""
     windows = support.windows("priority-kv16", 1.0)
     policies = [c.policy for c in build_candidates(windows[0].info.scheduler)[1:]]
@@ -215,7 +294,8 @@ def test_task_groups_keep_policies_that_may_share_a_run_in_one_task(tasks: int, 
     task_of = {str(p): i for i, group in enumerate(groups) for p in group}
     for taken in policies:
         shared = SharedRuns(num_requests=10**6, same_priority=same_priority)
-        shared.add(taken, CandidateOutcome("x", 1.0, None), lambda: 0)  # below every cap, no preemption
+        # A run that reached no cap, budget or threshold, without a preemption: shared as widely as can be.
+        shared.add(taken, CandidateOutcome("x", 1.0, None), lambda: RunDemands(0, 0, 0))
         for other in policies:
             if shared.get(other, "y") is not None:
                 assert task_of[str(other)] == task_of[str(taken)], (taken, other)
@@ -245,17 +325,21 @@ def test_one_priority_reads_every_request_of_the_window() -> None:
         assert not one_priority(odd)
 
 
-def test_a_run_s_peak_is_walked_only_where_an_expected_policy_differs_from_it_in_the_cap_alone() -> None:
+def test_a_run_s_demands_are_walked_once_and_only_when_a_policy_looked_up_needs_them() -> None:
     shared = SharedRuns(num_requests=1000, same_priority=True)
     default, half, other = (parse_policy(p) for p in ("vllm", "vllm(max_num_seqs=128)", "sarathi"))
-    shared.expect([half, other])
     walks = []
 
-    def peak() -> int:
+    def demands() -> RunDemands:
         walks.append(1)
-        return 100
+        return RunDemands(running=100, tokens=5000, prefill_chunk=3000)
 
-    shared.add(other, CandidateOutcome("sarathi", 1.0, None), peak)  # no other cap of it is expected
-    assert walks == []
-    shared.add(default, CandidateOutcome("vllm", 1.0, None), peak)  # the half cap may take its run
-    assert walks == [1] and shared.get(half, "half") is not None
+    shared.add(default, CandidateOutcome("vllm", 1.0, None), demands)
+    assert shared.get(default, "again") is not None and walks == []  # the same policy: no walk
+    assert shared.get(other, "sarathi") is None and walks == []  # another share key: no walk
+    assert shared.get(half, "half") is not None and walks == [1]
+    assert shared.get(parse_policy("vllm(max_num_batched_tokens=4096)"), "small") is None  # 5000 > 4096
+    assert shared.get(parse_policy("vllm(max_num_batched_tokens=16384,chunked_prefill=false)"), "big")
+    assert shared.get(parse_policy("vllm(long_prefill_token_threshold=2048)"), "cut") is None
+    assert shared.get(parse_policy("vllm(long_prefill_token_threshold=4096)"), "uncut") is not None
+    assert walks == [1]
