@@ -136,6 +136,8 @@ cdef class _Request:
     cdef public Py_ssize_t scheduled_computed_tokens
     cdef public Py_ssize_t scheduled_plan
     cdef public Py_ssize_t scheduled_blocks
+    cdef public long long queue_order
+    cdef public Py_ssize_t queue_index
 
     cdef _init(self, object request_id, long long arrival_time, Py_ssize_t num_prompt_tokens,
                Py_ssize_t max_tokens, object queue_key, object record, object block_hashes,
@@ -145,6 +147,13 @@ cdef class _Request:
 @cython.locals(index=Py_ssize_t)
 cdef _remove(list requests, _Request request)
 
+cdef bint _queued_before(_Request a, _Request b) noexcept
+
+@cython.locals(pos=Py_ssize_t, parent_pos=Py_ssize_t, parent=_Request)
+cdef _heap_push(list heap, _Request request)
+
+@cython.locals(last=_Request, top=_Request, size=Py_ssize_t, pos=Py_ssize_t, child=Py_ssize_t)
+cdef _Request _heap_pop(list heap)
 
 @cython.locals(seq=Py_ssize_t, lo=Py_ssize_t, hi=Py_ssize_t, mid=Py_ssize_t, r=_Request)
 cpdef _remove_in_seq_order(list requests, _Request request)

@@ -145,7 +145,9 @@ class _Request:
         "output_block_hashes",
         "prev_run_step",
         "private_run",
+        "queue_index",
         "queue_key",
+        "queue_order",
         "record",
         "request_id",
         "running_seq",
@@ -195,6 +197,9 @@ class _Request:
         self.num_prompt_tokens = num_prompt_tokens
         self.max_tokens = max_tokens  # the known output length: it finishes when it has produced this many
         self.queue_key = queue_key  # waiting-queue order key (None under FCFS)
+        # The key's items as C fields (`_queued_before`: the compiled core's heap).
+        self.queue_order = 0
+        self.queue_index = 0
         self.record = record
         self.num_output_tokens = 0  # output tokens produced (explicit requests only)
         self.ever_scheduled = False  # whether a step ran any of its tokens (its record's first_scheduled)
@@ -257,26 +262,34 @@ class StepPlan(NamedTuple):
 class _WaitingQueue:
     """The waiting queue: FCFS (preempted go to the front, as vLLM's `prepend_request`) or a heap on the policy's
     order key. The FCFS queue is a list read from `head` (not a deque: in the compiled core a list's items and a
-    C index cost no Python call); the requests before `head` have left, and are dropped once they are half of it."""
+    C index cost no Python call); the requests before `head` have left, and are dropped once they are half of it.
+    The heap is heapq's over (queue_key, request) pairs in plain Python (the oracle); in the compiled core a heap of
+    the requests themselves ordered by the key's C fields (`_heap_push`, `_heap_pop`): no tuple comparisons.
+    Keys are distinct (their last item is the request's index), so both pop the same order."""
 
     def __init__(self, ordered: bool) -> None:
         self.ordered = ordered
         self.fifo: list[_Request] = []
         self.head = 0
-        self.heap: list[tuple[tuple, _Request]] = []
+        self.heap: list = []  # (queue_key, request) pairs, or in the compiled core requests
         self.size = 0  # an attribute, not __len__: it is read on every step
 
     def add_request(self, request: _Request) -> None:
         self.size += 1
-        if self.ordered:
-            heappush(self.heap, (request.queue_key, request))
-        else:
+        if not self.ordered:
             self.fifo.append(request)
+        elif _IN_C:
+            _heap_push(self.heap, request)
+        else:
+            heappush(self.heap, (request.queue_key, request))
 
     def prepend_request(self, request: _Request) -> None:
         self.size += 1
         if self.ordered:
-            heappush(self.heap, (request.queue_key, request))
+            if _IN_C:
+                _heap_push(self.heap, request)
+            else:
+                heappush(self.heap, (request.queue_key, request))
         elif self.head:
             self.head -= 1
             self.fifo[self.head] = request
@@ -284,18 +297,65 @@ class _WaitingQueue:
             self.fifo.insert(0, request)
 
     def peek_request(self) -> _Request:
-        return self.heap[0][1] if self.ordered else self.fifo[self.head]
+        if not self.ordered:
+            return self.fifo[self.head]
+        return self.heap[0] if _IN_C else self.heap[0][1]
 
     def pop_request(self) -> _Request:
         self.size -= 1
         if self.ordered:
-            return heappop(self.heap)[1]
+            return _heap_pop(self.heap) if _IN_C else heappop(self.heap)[1]
         request = self.fifo[self.head]
         self.head += 1
         if self.head >= 32 and 2 * self.head >= len(self.fifo):
             del self.fifo[: self.head]
             self.head = 0
         return request
+
+
+def _queued_before(a: _Request, b: _Request) -> bool:
+    """Whether `a`'s queue key is below `b`'s: the key tuple's order, (queue_order, arrival_time, queue_index),
+    on C fields in the compiled core."""
+    if a.queue_order != b.queue_order:
+        return a.queue_order < b.queue_order
+    if a.arrival_time != b.arrival_time:
+        return a.arrival_time < b.arrival_time
+    return a.queue_index < b.queue_index
+
+
+def _heap_push(heap: list[_Request], request: _Request) -> None:
+    """heapq.heappush on `_queued_before`'s order."""
+    heap.append(request)
+    pos = len(heap) - 1
+    while pos > 0:
+        parent_pos = (pos - 1) >> 1
+        parent = heap[parent_pos]
+        if not _queued_before(request, parent):
+            break
+        heap[pos] = parent
+        pos = parent_pos
+    heap[pos] = request
+
+
+def _heap_pop(heap: list[_Request]) -> _Request:
+    """heapq.heappop on `_queued_before`'s order: the last request sifts down from the root."""
+    last = heap.pop()
+    size = len(heap)
+    if not size:
+        return last
+    top = heap[0]
+    pos = 0
+    child = 1
+    while child < size:
+        if child + 1 < size and _queued_before(heap[child + 1], heap[child]):
+            child += 1
+        if not _queued_before(heap[child], last):
+            break
+        heap[pos] = heap[child]
+        pos = child
+        child = 2 * pos + 1
+    heap[pos] = last
+    return top
 
 
 class Simulator:
@@ -1622,6 +1682,7 @@ def _new_request(
             block_hashes[:num_prompt_blocks],
             block_hashes[num_prompt_blocks:],
         )
+    queue_order = 0
     queue_key = None  # the FCFS queue is a list in arrival order
     if order != "fcfs":
         queue_order = (
@@ -1639,6 +1700,8 @@ def _new_request(
         block_hashes,
         output_block_hashes,
     )
+    request.queue_order = queue_order
+    request.queue_index = index
     return request
 
 

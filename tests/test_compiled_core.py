@@ -366,3 +366,26 @@ def test_an_arrival_of_another_class_replays_alike():
         compiled, pure = run_both(requests, policy, num_kv_blocks=40, block_size=4, record_steps=True)
         assert compiled == pure
         assert run_both(others, policy, num_kv_blocks=40, block_size=4, record_steps=True) == (compiled, pure)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 2), st.integers(1, 3), st.integers(1, 4), st.sampled_from([0.0, 0.0, 0.5])),
+        min_size=1,
+        max_size=200,
+    ),
+    st.sampled_from(["priority", "prompt", "output"]),
+    st.sampled_from(["vllm", "sarathi", "orca", "vllm(async_scheduling=true)"]),
+)
+def test_ordered_waiting_queues_serve_alike_in_both_cores(draws, order, preset):
+    # Long waiting queues under an order key, most keys tied but for the arrival or the index: the compiled
+    # core's heap of requests on C fields against heapq's over the key tuples.
+    requests, t = [], 0.0
+    for i, (priority, prompt, output, gap) in enumerate(draws):
+        t += gap
+        requests.append(RequestArrival(f"r{i}", t, prompt, output, priority=priority))
+    policy = dataclasses.replace(parse_policy(preset), order=order, max_num_seqs=3, max_num_batched_tokens=8)
+    compiled, pure = run_both(requests, policy, num_kv_blocks=12, block_size=2, record_steps=True)
+    assert compiled == pure
+    assert "refused" not in compiled
