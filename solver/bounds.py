@@ -12,7 +12,7 @@ KV tokens, and must process its prompt once. Summing what that alone costs gives
 Under deadlines (`Deadlines`: latency SLOs, or the engine's own times) the batch count is raised further: the
 requests that arrive at or after s and must finish by t hold every one of their batches inside [s, t], so
 batches in disjoint intervals are distinct batches (a batch has a positive duration), and the bound is the best
-sum over disjoint intervals (`deadline_min_batches`). O(total tokens), plus O(n^2) for the deadlines; no
+sum over disjoint intervals (`deadline_min_batches`). O(total tokens), plus O(n log n) for the deadlines; no
 solver. CP-SAT's bound is usually much tighter; this one is for windows too large for it.
 
 Deadlines also bound the batches that *fit*: a busy window leaves no time to spare, so requests whose intervals
@@ -192,102 +192,135 @@ def deadline_min_batches(window: Window, deadlines: Deadlines) -> int:
 
 
 def _deadline_min_batches(window: Window, deadlines: Deadlines, columns: _Columns) -> int:
-    """`deadline_min_batches` from the window's `_Columns`. The live shadow bounds every window under
-    deadlines: the forced batches of every (start, end) pair are numpy matrices, a block of ends at a time, and
-    only the running best is left to a loop over the ends."""
+    """`deadline_min_batches` from the window's `_Columns`, in O(n log n) (`_Staircase`) instead of the
+    programme's O(n^2) pairs of start and end: the live shadow bounds every window under deadlines.
+
+    A maximum distributes over the terms of forced(s, t): best(up to s) + the longest request is best at the
+    latest start that holds it, its own arrival; for a total over its limit L, best + ceil(total / L) is
+    ceil((total + L * best) / L), whose best start is that of the largest total + L * best, which a
+    `_Staircase` per total keeps as the ends go by. Where a request is due by its own arrival its interval
+    holds no start whose best count is known by its end: `_deadline_min_batches_by_end` counts those windows."""
     limits = window.limits
-    due_by = deadlines.finish
-    chosen = np.array([rid in due_by for rid in columns.ids], dtype=bool)
-    if not chosen.any():
-        return 0
+    due = list(map(deadlines.finish.get, columns.ids))
+    chosen: slice | np.ndarray = slice(None)
+    if None in due:  # a request without a finish deadline is in no interval
+        chosen = np.array([t is not None for t in due])
+        if not chosen.any():
+            return 0
+        due = [t for t in due if t is not None]
+    due_at = np.array(due)
     arrival = np.maximum(columns.arrival[chosen], window.start)
-    order = np.argsort(-arrival, kind="stable")  # latest arrival first: an interval's requests are a prefix
-    arrival = arrival[order]
-    due = np.array([due_by[rid] for rid, due in zip(columns.ids, chosen, strict=True) if due])[order]
-    longest = columns.remaining[chosen][order]
-    area = columns.area[chosen][order]
-    tokens = columns.tokens[chosen][order]
-    n = len(order)
+    longest = columns.remaining[chosen]
     # A total within its limit forces at most one batch, which every request's own emissions force already.
     totals = [
         (values, limit)
         for values, limit in (
-            (area, limits.kv_blocks),
+            (columns.area[chosen], limits.kv_blocks),
             (longest, limits.max_num_seqs),
-            (tokens, limits.max_num_batched_tokens),
+            (columns.tokens[chosen], limits.max_num_batched_tokens),
         )
         if int(values.sum()) > limit
     ]
+    if (due_at <= arrival).any():
+        return _deadline_min_batches_by_end(arrival, due_at, longest, totals)
+    # Starts are the arrivals in time order (a start's best count is known once the ends before it are done);
+    # a request's is the last at its time, so that it counts in every start that ties with it.
+    starts = np.sort(arrival)
+    start_of = np.searchsorted(starts, arrival, side="right") - 1
+    order = np.argsort(due_at, kind="stable")
+    stairs = [(_Staircase(limit), values[order].tolist()) for values, limit in totals]
+    starts = starts.tolist()
+    best_before = [0] * len(starts)  # the best count over the ends before each start, once they are done
+    best = value = opened = 0
+    end = None
+    rows = zip(due_at[order].tolist(), start_of[order].tolist(), longest[order].tolist(), strict=True)
+    for i, (due_by, k, remaining) in enumerate(rows):
+        if due_by != end:  # the previous end is done: its best count, and the starts it opens
+            for stair, _ in stairs:
+                forced = -(-stair.top // stair.limit)
+                if forced > value:
+                    value = forced
+            best, end = value, due_by
+            while opened < len(starts) and starts[opened] < end:
+                best_before[opened] = best
+                for stair, _ in stairs:
+                    stair.open(opened, best)
+                opened += 1
+        if best_before[k] + remaining > value:  # comparisons, not max(): a call per request was much of it
+            value = best_before[k] + remaining
+        for stair, amounts in stairs:
+            stair.add(k, amounts[i])
+    for stair, _ in stairs:
+        value = max(value, cdiv(stair.top, stair.limit))
+    return value
+
+
+class _Staircase:
+    """max over starts s of total(s) + L * best(s), as the ends go by: total(s) sums a per-request amount over
+    the requests due so far that arrive at or after s (`add`: the starts up to its arrival gain its amount),
+    best(s) is the best count over the ends before s (`open`: fixed once they are done; a start is opened
+    only then, and until then no request due arrives at or after it, so it would count best(s) alone).
+
+    A start s with an earlier one at least as high never leads again: every later amount raises the earlier
+    one as much. The staircase keeps the others, left to right, as `gaps` between successive values (each
+    positive) and the `top` value, the maximum: an amount lowers one gap, and where that reaches 0 the
+    start past it falls out, its gap merging into the next."""
+
+    __slots__ = ("at", "gaps", "limit", "top")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.at: list[int] = []  # the starts kept (their indices in time order)
+        self.gaps: list[int] = []  # value of at[j + 1] - value of at[j]
+        self.top = 0  # value of at[-1]
+
+    def open(self, start: int, best: int) -> None:
+        """Start `start`, later than every one opened, at best count `best` (no amount reaches it yet)."""
+        value = self.limit * best
+        if not self.at or value > self.top:
+            if self.at:
+                self.gaps.append(value - self.top)
+            self.at.append(start)
+            self.top = value
+
+    def add(self, start: int, amount: int) -> None:
+        """`amount` more for every start up to `start`."""
+        at, gaps = self.at, self.gaps
+        j = bisect.bisect_right(at, start) - 1
+        if j < 0:
+            return
+        if j == len(at) - 1:
+            self.top += amount
+            return
+        gaps[j] -= amount
+        while gaps[j] <= 0:  # at[j + 1] is no higher than at[j] now, nor ever again
+            if j + 1 == len(at) - 1:
+                self.top -= gaps[j]
+                del gaps[j], at[j + 1]
+                return
+            gaps[j] += gaps[j + 1]
+            del gaps[j + 1], at[j + 1]
+
+
+def _deadline_min_batches_by_end(
+    arrival: np.ndarray, due: np.ndarray, longest: np.ndarray, totals: list[tuple[np.ndarray, int]]
+) -> int:
+    """The programme one end at a time, for windows where a request is due by its own arrival (no schedule
+    meets them; the count is the programme's all the same): at each end, the requests due by it, latest arrival
+    first, every prefix's forced batches plus the best count over the ends before its start (0 for an end
+    not done yet: the request's own and later ones)."""
     ends = np.unique(due)
-    # The intervals that end by arrival[i] (a batch of one ends by the other's start) are those ending by
-    # ends[group[i]] (-1: none). `group` does not increase along the order: the requests of group k are the
-    # columns [top[k], bottom[k]), and from end k on they read best[k], the best count once end k is done.
-    # Until then a column reads 0, as in the programme one end at a time (a request due by its own arrival).
-    group = np.searchsorted(ends, arrival, side="right") - 1
-    keys = -np.arange(len(ends))
-    top = np.searchsorted(-group, keys, side="left")
-    bottom = np.searchsorted(-group, keys, side="right")
-    known = np.zeros(n, dtype=np.int64)  # what each column reads: best[group] once its end is done, else 0
-    best_of = np.zeros(len(ends), dtype=np.int64)
-    best_list: list[int] = []  # best_of as Python ints, for the loop within a stretch
-    best = 0
-    rows = max(1, _DP_CELLS // n)  # ends per block: each matrix at most _DP_CELLS entries
-    for first in range(0, len(ends), rows):
-        block = ends[first : first + rows]
-        # Only the requests due by the block's last end are due by any of its ends: the others' columns would
-        # read 0 throughout (see below) and add nothing to the counts before them, so they are left out.
-        cols = np.flatnonzero(due <= block[-1])
-        # inside[k, c]: every bit set if request cols[c] is due by ends[k], else 0: a mask to `&` the
-        # (non-negative) counts with, made once (a bitwise and is cheaper than numpy's 64-bit multiply).
-        inside = -(due[cols] <= block[:, None]).astype(np.int64)
-        # forced[k, c]: batches the requests arriving at or after arrival[cols[c]] and due by ends[k] force
-        # into [arrival[cols[c]], ends[k]]; only the requests due by ends[k] start an interval ending there.
-        forced = np.maximum.accumulate(inside & longest[cols], axis=1)
+    best = np.zeros(len(ends), dtype=np.int64)
+    for k, end in enumerate(ends):
+        inside = np.flatnonzero(due <= end)
+        order = inside[np.argsort(-arrival[inside], kind="stable")]
+        forced = np.maximum.accumulate(longest[order])
         for values, limit in totals:
-            total = np.cumsum(inside & values[cols], axis=1)
-            total += limit - 1
-            total //= limit
-            np.maximum(forced, total, out=forced)
-        # A request not due by an end starts no interval there: its column reads 0 instead, which reaches
-        # no more than the best count so far (each column reads an earlier best, or 0), so counts nothing.
-        forced &= inside
-        block_group = -group[cols]  # negated: increasing along the columns, for searchsorted
-        # Ends a stretch at a time: what every row of the stretch reaches with the columns as they read at
-        # its start is one matrix operation; only the groups of the stretch's own ends, whose best counts
-        # come in as it goes, are left to a loop, over their maxima (a numpy call per end was most of it).
-        for start in range(first, first + len(forced), _DP_ROWS):
-            stop = min(start + _DP_ROWS, first + len(forced))
-            stretch = forced[start - first : stop - first]
-            reach = (stretch + known[cols]).max(axis=1).tolist()
-            # The block's columns of groups start .. stop - 1.
-            lo = int(np.searchsorted(block_group, 1 - stop, side="left"))
-            hi = int(np.searchsorted(block_group, -start, side="right"))
-            if hi > lo:
-                own = -block_group[lo:hi]
-                cuts = np.flatnonzero(np.diff(own, prepend=own[0] + 1))
-                maxima = np.maximum.reduceat(stretch[:, lo:hi], cuts, axis=1).tolist()
-                groups = own[cuts].tolist()
-            else:
-                maxima, groups = [], []
-            for k in range(start, stop):  # comparisons, not max(): the calls were most of this loop
-                value = reach[k - start]
-                for g, most in zip(groups, maxima[k - start] if groups else (), strict=True):
-                    if g < k and best_list[g] + most > value:
-                        value = best_list[g] + most
-                if value > best:
-                    best = value
-                best_list.append(best)
-            best_of[start:stop] = best_list[start:stop]
-            lo, hi = int(top[stop - 1]), int(bottom[start])  # every column of groups start .. stop - 1
-            known[lo:hi] = best_of[group[lo:hi]]
-    return best
-
-
-# Entries of one block of `_deadline_min_batches`'s matrices (128 KiB each): a block's few matrices stay in the
-# core's cache (at 2 MiB each the programme waited on memory: twice the time on the live shadow's windows), and
-# the earlier blocks, whose ends fewer requests are due by, leave more columns out.
-_DP_CELLS = 1 << 14
-_DP_ROWS = 16  # ends per stretch of `_deadline_min_batches`: a matrix call per stretch, a loop within it
+            forced = np.maximum(forced, -(-np.cumsum(values[order]) // limit))
+        before = np.searchsorted(ends, arrival[order], side="right") - 1
+        earlier = np.where(before >= 0, best[before], 0)
+        best[k] = max(best[k - 1] if k else 0, int((earlier + forced).max()))
+    return int(best[-1])
 
 
 def relaxation_bound(

@@ -1,6 +1,7 @@
-"""`deadline_min_batches` (every interval's forced batches as numpy matrices) equals the dynamic programme
-it replaced, one interval end at a time, on random windows: ties in arrivals and deadlines, requests running
-at the start, some without a deadline, some due by their own arrival, and matrices cut into blocks of rows."""
+"""`deadline_min_batches` (the staircases of `bounds._Staircase`, or one end at a time where a request is due by
+its own arrival) equals the dynamic programme it replaced, one interval end at a time, on random windows: ties
+in arrivals and deadlines, requests running at the start, some without a deadline, some due by their own
+arrival."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_shadow.solver import bounds
 from vllm_shadow.solver.bounds import _block_area, deadline_min_batches, min_batches
 from vllm_shadow.solver.problem import EngineLimits, Window, WindowRequest
 from vllm_shadow.solver.schedule import Deadlines
@@ -47,19 +47,21 @@ def one_end_at_a_time(window: Window, deadlines: Deadlines) -> int:
 
 
 @st.composite
-def windows_with_deadlines(draw: st.DrawFn) -> tuple[Window, Deadlines]:
+def windows_with_deadlines(draw: st.DrawFn, due_by_arrival: bool = True) -> tuple[Window, Deadlines]:
     # Times on a coarse grid, so that arrivals and deadlines tie often.
     time = st.integers(0, 12).map(lambda t: t / 4)
     requests, finish = [], {}
+    kinds = ["after", "after", "after", "none"] + (["by arrival"] if due_by_arrival else [])
+    start = draw(st.sampled_from([0.0, 0.5, 1.0]))
     for i in range(draw(st.integers(1, 24))):
         prompt, output = draw(st.integers(1, 40)), draw(st.integers(1, 12))
         generated = draw(st.integers(0, output - 1)) if draw(st.booleans()) else 0
         computed = draw(st.integers(0, prompt + generated - 1)) if generated else 0
         arrival = draw(time)
         requests.append(WindowRequest(f"r{i}", arrival, prompt, output, computed, generated))
-        choice = draw(st.sampled_from(["after", "after", "after", "none", "by arrival"]))
-        if choice == "after":
-            finish[f"r{i}"] = arrival + draw(time) + 0.25
+        choice = draw(st.sampled_from(kinds))
+        if choice == "after":  # after the window start too, where only the staircases are drawn
+            finish[f"r{i}"] = (arrival if due_by_arrival else max(arrival, start)) + draw(time) + 0.25
         elif choice == "by arrival":  # no schedule meets it; the programme must still count the same
             finish[f"r{i}"] = arrival - draw(time)
     block_size = draw(st.sampled_from([1, 2, 16]))
@@ -71,24 +73,23 @@ def windows_with_deadlines(draw: st.DrawFn) -> tuple[Window, Deadlines]:
         max_num_seqs=draw(st.integers(1, 8)),
         max_num_batched_tokens=draw(st.integers(1, 64)),
     )
-    window = Window(tuple(requests), limits, start=draw(st.sampled_from([0.0, 0.5, 1.0])))
+    window = Window(tuple(requests), limits, start=start)
     return window, Deadlines({}, finish, "test")
 
 
 @settings(max_examples=150, deadline=None)
-@given(windows_with_deadlines(), st.sampled_from([1, 7, 1 << 18]), st.sampled_from([1, 2, 5, 16]))
-def test_the_block_programme_counts_what_the_one_end_at_a_time_programme_did(
-    case, cells: int, rows: int
-) -> None:
+@given(windows_with_deadlines())
+def test_the_programme_counts_what_the_one_end_at_a_time_programme_did(case) -> None:
     window, deadlines = case
-    expected = one_end_at_a_time(window, deadlines)
-    previous = bounds._DP_CELLS, bounds._DP_ROWS
-    # Blocks of one row, of a few rows, of every row; stretches of one end, of a few, of more than a block.
-    bounds._DP_CELLS, bounds._DP_ROWS = cells, rows
-    try:
-        assert deadline_min_batches(window, deadlines) == expected
-    finally:
-        bounds._DP_CELLS, bounds._DP_ROWS = previous
+    assert deadline_min_batches(window, deadlines) == one_end_at_a_time(window, deadlines)
+
+
+@settings(max_examples=300, deadline=None)
+@given(windows_with_deadlines(due_by_arrival=False))
+def test_the_staircases_count_what_the_one_end_at_a_time_programme_did(case) -> None:
+    """Without a request due by its own arrival: every window takes the staircases."""
+    window, deadlines = case
+    assert deadline_min_batches(window, deadlines) == one_end_at_a_time(window, deadlines)
 
 
 def test_disjoint_intervals_add_up_and_a_shared_one_does_not() -> None:
