@@ -4,7 +4,8 @@ solver/simulator.py is compiled by Cython under its own name, `vllm_shadow.solve
 C types of solver/_simulator_compiled.pxd, and so is the prefix cache it uses, solver/kv_cache.py, as
 `vllm_shadow.solver._kv_cache_compiled` (solver/_kv_cache_compiled.pxd), and the shadow's engine tracker,
 shadow/tracking/engine_state.py, as `vllm_shadow.tracking._engine_state_compiled`
-(shadow/tracking/_engine_state_compiled.pxd). The .py files are never shadowed: they
+(shadow/tracking/_engine_state_compiled.pxd), and its online calibrator, costmodel/linear.py, as
+`vllm_shadow.costmodel._linear_compiled` (costmodel/_linear_compiled.pxd). The .py files are never shadowed: they
 stay importable as plain Python (the oracles, and the fallback under VLLM_SHADOW_PURE_PYTHON=1), and
 `vllm_shadow.solver.simulator.COMPILED` / `vllm_shadow.solver.kv_cache.COMPILED` say which core and pool run. A
 failed compilation fails the install; VLLM_SHADOW_SKIP_COMPILE=1 builds no extension (for a machine without a C
@@ -24,11 +25,15 @@ MODULES = {
     "_simulator_compiled": "solver/simulator.py",
     "_kv_cache_compiled": "solver/kv_cache.py",
     "_engine_state_compiled": "shadow/tracking/engine_state.py",
+    "_linear_compiled": "costmodel/linear.py",
 }
 # The modules whose C integer arithmetic is checked for overflow (see solver/_simulator_compiled.pxd).
 CHECKED_OVERFLOW = {"_simulator_compiled", "_engine_state_compiled"}
+# A compiled module's float arithmetic is its .py's, operation for operation: never a*b+c fused into one rounding
+# (gcc contracts it wherever the target has fused multiply-add, e.g. aarch64).
+EXACT_FLOATS = ["-ffp-contract=off"]
 # The repository's top-level folders as the package's (pyproject.toml's package-dir).
-PACKAGE_DIRS = {"shadow": "vllm_shadow", "solver": "vllm_shadow/solver"}
+PACKAGE_DIRS = {"shadow": "vllm_shadow", "solver": "vllm_shadow/solver", "costmodel": "vllm_shadow/costmodel"}
 
 
 def package_path(source: str) -> Path:
@@ -59,7 +64,9 @@ def compiled_core() -> list[Extension]:
             Path("build/cython", MODULES[module]).with_suffix(".c").unlink(missing_ok=True)
     extensions = [
         *(
-            Extension(".".join((*package_path(source).parts, module)), [source])
+            Extension(
+                ".".join((*package_path(source).parts, module)), [source], extra_compile_args=EXACT_FLOATS
+            )
             for module, source in MODULES.items()
         ),
         # The gRPC ingest's wire reader (adapters/wire.py's fast path), a .pyx of its own: no .pxd.

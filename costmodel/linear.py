@@ -23,25 +23,20 @@ fidelity is judged in relative terms. Plain least squares would let a few long p
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable, Mapping, Sequence
+import math as libm  # C's libm in the build (_linear_compiled.pxd): isfinite and sqrt on C doubles
+import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 from typing import NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike
 
-from vllm_shadow.costmodel.nnls import (
-    default_tolerance,
-    hinted_nnls,
-    jacobi_scaler,
-    nnls,
-    nnls_gram_packed,
-    pack,
-    packed_index,
-    passive_solver,
-)
+from vllm_shadow.costmodel.nnls import default_tolerance, nnls, nnls_gram_packed, pack
+from vllm_shadow.solver import compiled_build
 
 COEFFICIENTS = ("a", "b", "c", "d", "e")
 _OPTIONAL_COEFFICIENTS = ("d", "e")  # absent from older profile files: 0
@@ -243,19 +238,33 @@ class OnlineCalibrator:
             raise ValueError(f"the prior must predict positive times for non-empty batches, got {prior}")
         weighted = reference / predicted[:, None]
         prior_information = prior_weight * weighted.T @ weighted / len(reference)
-        # The per-step state is plain Python floats, symmetric matrices packed as their lower triangle
-        # (costmodel/nnls.py): on a 5x5 system numpy's per-call overhead was nearly all of an update's cost.
+        # The per-step state is plain floats (C doubles in the build, _linear_compiled.pxd), symmetric matrices
+        # packed as their lower triangle (costmodel/nnls.py): on a 5x5 system numpy's per-call overhead was
+        # nearly all of an update's cost.
         self._prior_information = pack([prior_information[i, : i + 1].tolist() for i in range(_SIZE)])
         self._prior_moment = (prior_information @ prior_coefficients).tolist()
         self._forgetting = forgetting
-        self._information = [0.0] * _PACKED_SIZE  # sum of lambda^age * w x x^T
-        self._moment = [0.0] * _SIZE  # sum of lambda^age * w x y
+        self._information = _zeros(_PACKED_SIZE)  # sum of lambda^age * w x x^T
+        self._moment = _zeros(_SIZE)  # sum of lambda^age * w x y
         self._effective_samples = 0.0  # sum of lambda^age
         self._coefficients = prior_coefficients.tolist()
         # Those of the last refit if a constraint held one at zero, else empty (see _solve).
         self._positive_coefficients: tuple[int, ...] = ()
         self._error_sum = 0.0  # sum of lambda^age * |prediction - y| / y, predictions made before each update
         self._samples = 0
+        # A refit's working storage, reused so that it allocates nothing: the Jacobi-scaled system (_solve), the
+        # hint's rescaling of it (_solve_on_hint), the indices a solve is restricted to, a Cholesky factor with
+        # its forward substitution, and the solution on those indices.
+        self._scale = _zeros(_SIZE)
+        self._system = _zeros(_PACKED_SIZE)
+        self._rhs = _zeros(_SIZE)
+        self._hint_scale = _zeros(_SIZE)
+        self._hint_system = _zeros(_PACKED_SIZE)
+        self._hint_rhs = _zeros(_SIZE)
+        self._passive = list(range(_SIZE))
+        self._factor = _zeros(_PACKED_SIZE)
+        self._forward = _zeros(_SIZE)
+        self._solution = _zeros(_SIZE)
 
     @property
     def samples(self) -> int:
@@ -274,25 +283,33 @@ class OnlineCalibrator:
         sums them as it walks the step's requests anyway (the engine tracker), instead of building the lists."""
         if tokens == 0:
             raise ValueError("an empty batch has no measured compute time to learn from")
-        if not (math.isfinite(measured_seconds) and measured_seconds > 0):
+        if not (libm.isfinite(measured_seconds) and measured_seconds > 0):
             raise ValueError(f"measured step time must be finite and positive, got {measured_seconds}")
-        x = (1.0, float(tokens), float(kv_tokens), float(attention_units), float(requests))
-        lam = self._forgetting
-        c0, c1, c2, c3, c4 = self._coefficients
-        x0, x1, x2, x3, x4 = x
+        y = measured_seconds
+        x = [1.0, float(tokens), float(kv_tokens), float(attention_units), float(requests)]
+        c = self._coefficients
         # sum() as before: from 3.12 it sums floats with compensation, which `+` would not reproduce.
-        predicted = sum((c0 * x0, c1 * x1, c2 * x2, c3 * x3, c4 * x4))
-        self._error_sum = lam * self._error_sum + abs(predicted - measured_seconds) / measured_seconds
-        weight = 1.0 / measured_seconds**2  # relative least squares, as in fit_linear
-        self._information, self._moment = _FOLD(
-            self._information, self._moment, x, lam, weight, measured_seconds
-        )
+        predicted = sum((c[0] * x[0], c[1] * x[1], c[2] * x[2], c[3] * x[3], c[4] * x[4]))
+        lam = self._forgetting
+        self._error_sum = lam * self._error_sum + abs(predicted - y) / y
+        # Relative least squares, as in fit_linear. Python's float power even in the build (measured_seconds
+        # is an object there): C's pow(y, 2.0), which a compiler turns into y * y, rounds differently in about
+        # one case in a thousand.
+        weight = 1.0 / measured_seconds**2
+        information, moment = self._information, self._moment
+        weighted_time = weight * y
+        for i in range(_SIZE):
+            row = i * (i + 1) // 2
+            for j in range(i + 1):
+                information[row + j] = lam * information[row + j] + weight * (x[i] * x[j])
+            moment[i] = lam * moment[i] + weighted_time * x[i]
         self._effective_samples = lam * self._effective_samples + 1.0
         self._samples += 1
-        self._coefficients = self._solve()
+        self._solve()
 
     def model(self) -> LinearCostModel:
-        return LinearCostModel(*self._coefficients)
+        c = self._coefficients
+        return LinearCostModel(c[0], c[1], c[2], c[3], c[4])
 
     def mape(self) -> float:
         """Exponentially weighted mean absolute percentage error of the predictions made before each update
@@ -301,18 +318,38 @@ class OnlineCalibrator:
             return math.nan
         return self._error_sum / self._effective_samples
 
-    def _solve(self) -> list[float]:
+    def _solve(self) -> None:
+        """Refits the coefficients. Each step below is the arithmetic of nnls.py's functions
+        (`jacobi_scaler(_SIZE, summed=True)`, `passive_solver`, `hinted_nnls`) operation for operation, as loops
+        that the build runs on C doubles."""
         # The system is the data's plus the prior's. Jacobi scaling keeps it well conditioned although P^2 can
         # be 1e14 times 1^2.
-        scale, scaled_system, scaled_rhs = _SCALE(
-            self._information, self._prior_information, self._moment, self._prior_moment
-        )
+        system, rhs, scale = self._system, self._rhs, self._scale
+        information, prior_information = self._information, self._prior_information
+        for k in range(_PACKED_SIZE):
+            system[k] = information[k] + prior_information[k]
+        for i in range(_SIZE):
+            scale[i] = libm.sqrt(system[i * (i + 1) // 2 + i])
+        for i in range(_SIZE):
+            row = i * (i + 1) // 2
+            for j in range(i + 1):
+                system[row + j] = system[row + j] / (scale[i] * scale[j])
+            rhs[i] = (self._moment[i] + self._prior_moment[i]) / scale[i]
+        coefficients, solution = self._coefficients, self._solution
         if not self._positive_coefficients:  # the last refit needed no constraint: try without
             # The system is positive definite (the prior's reference batches vary all five features
             # independently), so Cholesky solves it.
-            solution = _SOLVE_ALL(scaled_system, scaled_rhs)
-            if min(solution) >= 0:
-                return [value / s for value, s in zip(solution, scale, strict=True)]
+            for i in range(_SIZE):
+                self._passive[i] = i
+            self._solve_on(system, rhs, _SIZE)
+            smallest = solution[0]  # min(): the first of the smallest
+            for i in range(1, _SIZE):
+                if solution[i] < smallest:
+                    smallest = solution[i]
+            if smallest >= 0:
+                for i in range(_SIZE):
+                    coefficients[i] = solution[i] / scale[i]
+                return
         # The non-negative least-squares problem with the same normal equations (with system = L L^T the
         # objective is ||L^T u - L^-1 rhs||^2 up to a constant). Its optimum is unique, and is the
         # unconstrained solution whenever that is non-negative, so after a constrained refit this goes straight
@@ -321,40 +358,105 @@ class OnlineCalibrator:
         # `nnls_gram_packed(scaled_system, scaled_rhs, passive_hint=positive)` without its per-call work: its
         # straight-line solve on the hint, then, only where the hint is not the optimum, its iterations (which
         # do not use the hint: the same answer without it).
-        positive = self._positive_coefficients
-        solution = _hinted_solver(positive)(scaled_system, scaled_rhs, _TOLERANCE) if positive else None
-        # Where the hint is the optimum, its positive coefficients are the hint's (fewer than all): each is its
-        # solve's value, above the tolerance, over a finite positive scale (an infinite one makes the solve
-        # raise), which cannot underflow to 0; every other one is 0.
-        if solution is None:
-            solution = nnls_gram_packed(scaled_system, scaled_rhs)
-            positive = tuple(i for i, value in enumerate(solution) if value > 0)
-            self._positive_coefficients = positive if len(positive) < len(solution) else ()
-        return [value / s for value, s in zip(solution, scale, strict=True)]
+        if self._positive_coefficients and self._solve_on_hint():
+            return
+        answer = nnls_gram_packed(self._system, self._rhs)
+        positive = tuple([i for i in range(_SIZE) if answer[i] > 0])
+        self._positive_coefficients = positive if len(positive) < _SIZE else ()
+        for i in range(_SIZE):
+            coefficients[i] = answer[i] / scale[i]
+
+    def _solve_on_hint(self) -> bool:
+        """`hinted_nnls(_SIZE, self._positive_coefficients)` on the scaled system: where the hint is the
+        optimum, the coefficients from it and True, else False. Its positive coefficients are then the hint's
+        (fewer than all): each is its solve's value, above the tolerance, over a finite positive scale (an
+        infinite one makes the solve raise), which cannot underflow to 0; every other one is 0."""
+        m, r = self._system, self._rhs
+        s, a, b = self._hint_scale, self._hint_system, self._hint_rhs
+        passive, positive = self._passive, self._positive_coefficients
+        count = len(positive)
+        for p in range(count):
+            passive[p] = positive[p]
+        for i in range(_SIZE):
+            diagonal = m[i * (i + 1) // 2 + i]
+            s[i] = libm.sqrt(diagonal) if diagonal > 0 else 1.0
+        for i in range(_SIZE):
+            row = i * (i + 1) // 2
+            for j in range(i + 1):
+                a[row + j] = m[row + j] / (s[i] * s[j])
+            b[i] = r[i] / s[i]
+        self._solve_on(a, b, count)
+        z = self._solution
+        for p in range(count):
+            if not z[p] > _TOLERANCE:
+                return False
+        p = 0
+        for i in range(_SIZE):
+            if p < count and passive[p] == i:
+                p += 1
+                continue
+            # the gradient b_i - (A^T A z)_i over the positive variables in index order, summed (sum(), as
+            # above) as nnls_gram sums it
+            terms = [a[_packed(i, passive[q])] * z[q] for q in range(count)]
+            if b[i] - sum(terms) > _TOLERANCE:
+                return False
+        coefficients, scale = self._coefficients, self._scale
+        p = 0
+        for i in range(_SIZE):
+            if p < count and passive[p] == i:
+                coefficients[i] = z[p] / s[i] / scale[i]
+                p += 1
+            else:
+                coefficients[i] = 0.0 / s[i] / scale[i]
+        return True
+
+    def _solve_on(self, m: list[float], r: list[float], count: int) -> None:
+        """`passive_solver(_SIZE, passive)(m, r)` for the first `count` of `self._passive` (sorted indices):
+        Cholesky factorisation then substitution on those rows and columns of the packed system `m`, into
+        `self._solution[:count]`. Raises `numpy.linalg.LinAlgError` where `cholesky` would."""
+        passive, factor, forward, z = self._passive, self._factor, self._forward, self._solution
+        for i in range(count):
+            row = i * (i + 1) // 2
+            diagonal = passive[i] * (passive[i] + 1) // 2
+            for j in range(i):
+                column = j * (j + 1) // 2
+                total = m[diagonal + passive[j]]
+                for q in range(j):
+                    total = total - factor[row + q] * factor[column + q]
+                factor[row + j] = total / factor[column + j]
+            pivot = m[diagonal + passive[i]]
+            for q in range(i):
+                pivot = pivot - factor[row + q] * factor[row + q]
+            if not pivot > 0:  # also catches nan
+                raise np.linalg.LinAlgError("matrix is not positive definite")
+            factor[row + i] = libm.sqrt(pivot)
+        for i in range(count):
+            row = i * (i + 1) // 2
+            total = r[passive[i]]
+            for q in range(i):
+                total = total - factor[row + q] * forward[q]
+            forward[i] = total / factor[row + i]
+        for i in range(count - 1, -1, -1):
+            total = forward[i]
+            for q in range(i + 1, count):
+                total = total - factor[q * (q + 1) // 2 + i] * z[q]
+            z[i] = total / factor[i * (i + 1) // 2 + i]
 
 
-def _folder(n: int) -> Callable[..., tuple[list[float], list[float]]]:
-    """fold(information, moment, x, lam, weight, y) -> the packed information lam I + weight x x^T and the moment
-    lam m + (weight y) x, as straight-line code (the loops it replaces, operation for operation)."""
-    lines = ["def fold(info, moment, x, lam, weight, y):", f"    {', '.join(f'x{i}' for i in range(n))}, = x"]
-    lines.append("    weighted_time = weight * y")
-    entries = ", ".join(
-        f"lam * info[{packed_index(i, j)}] + weight * (x{i} * x{j})" for i in range(n) for j in range(i + 1)
-    )
-    moments = ", ".join(f"lam * moment[{i}] + weighted_time * x{i}" for i in range(n))
-    lines.append(f"    return [{entries}], [{moments}]")
-    scope: dict[str, object] = {}
-    exec("\n".join(lines), scope)
-    return scope["fold"]  # type: ignore[return-value]
+def _zeros(n: int) -> list[float]:
+    """n zeros: a calibrator's array (a C array of n doubles in the build, which a list of another length could
+    not fill)."""
+    return [0.0] * n
+
+
+def _packed(i: int, j: int) -> int:
+    """nnls.packed_index(i, j)."""
+    return i * (i + 1) // 2 + j if j <= i else j * (j + 1) // 2 + i
 
 
 _SIZE = len(COEFFICIENTS)
 _PACKED_SIZE = _SIZE * (_SIZE + 1) // 2
-_FOLD = _folder(_SIZE)
-_SCALE = jacobi_scaler(_SIZE, summed=True)
-_SOLVE_ALL = passive_solver(_SIZE, tuple(range(_SIZE)))
 _TOLERANCE = default_tolerance(_SIZE)
-_hinted_solver = functools.partial(hinted_nnls, _SIZE)  # cached: one straight-line solver per hint
 
 
 def _feature_matrix(features: ArrayLike) -> np.ndarray:
@@ -412,3 +514,40 @@ def _fit(
 def _bic(rss: float, samples: int, parameters: int) -> float:
     # Floor the residual so a noiseless fit does not give log(0).
     return samples * math.log(max(rss, 1e-300) / samples) + parameters * math.log(samples)
+
+
+# ---- the calibrator in use --------------------------------------------------------------------------------------
+
+COMPILED_MODULE = "vllm_shadow.costmodel._linear_compiled"
+_PURE_MODULE = "vllm_shadow.costmodel._linear_pure"
+_SOURCE = Path(__file__)
+_DECLARATIONS = _SOURCE.with_name("_linear_compiled.pxd")
+
+
+def compiled_calibrator() -> ModuleType | None:
+    """This file as compiled by setup.py, or None where it was not built (see solver.compiled_build)."""
+    return compiled_build.compiled_module(COMPILED_MODULE)
+
+
+def pure_calibrator() -> ModuleType:
+    """This file as plain Python, whichever calibrator is in use: the oracle the compiled calibrator is tested
+    against. Under the compiled calibrator it is loaded from the source file under a name of its own (with
+    classes of its own)."""
+    if not COMPILED:
+        return sys.modules[__name__]
+    return compiled_build.load_as_python(_PURE_MODULE, _SOURCE)
+
+
+COMPILED = False  # whether `OnlineCalibrator` above is the compiled calibrator
+if __name__ == "vllm_shadow.costmodel.linear":
+    _build = compiled_build.build_in_use(
+        COMPILED_MODULE, _SOURCE, _DECLARATIONS, "online calibrator", "calibrator"
+    )
+    if _build is not None:
+        # The build's models are this module's LinearCostModel: a model of its own copy of the class would never
+        # equal one of this one.
+        _build.LinearCostModel = LinearCostModel
+        # Not a plain assignment: in the build Cython compiles from this file, `OnlineCalibrator` is an extension
+        # type, whose name cannot be rebound.
+        globals().update(OnlineCalibrator=_build.OnlineCalibrator)
+        COMPILED = True
