@@ -138,6 +138,7 @@ cdef class _Request:
     cdef public Py_ssize_t scheduled_blocks
     cdef public long long queue_order
     cdef public Py_ssize_t queue_index
+    cdef public long long priority
 
     cdef _init(self, object request_id, long long arrival_time, Py_ssize_t num_prompt_tokens,
                Py_ssize_t max_tokens, object queue_key, object record, object block_hashes,
@@ -146,6 +147,9 @@ cdef class _Request:
 
 @cython.locals(index=Py_ssize_t)
 cdef _remove(list requests, _Request request)
+
+@cython.locals(index=Py_ssize_t, worst=_Request, r=_Request)
+cdef _Request _worst_priority(list running)
 
 cdef bint _queued_before(_Request a, _Request b) noexcept
 

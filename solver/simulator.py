@@ -144,6 +144,7 @@ class _Request:
         "num_reserved_blocks",
         "output_block_hashes",
         "prev_run_step",
+        "priority",
         "private_run",
         "queue_index",
         "queue_key",
@@ -197,9 +198,10 @@ class _Request:
         self.num_prompt_tokens = num_prompt_tokens
         self.max_tokens = max_tokens  # the known output length: it finishes when it has produced this many
         self.queue_key = queue_key  # waiting-queue order key (None under FCFS)
-        # The key's items as C fields (`_queued_before`: the compiled core's heap).
+        # The key's items as C fields (`_queued_before`: the compiled core's heap), and its record's priority.
         self.queue_order = 0
         self.queue_index = 0
+        self.priority = 0
         self.record = record
         self.num_output_tokens = 0  # output tokens produced (explicit requests only)
         self.ever_scheduled = False  # whether a step ran any of its tokens (its record's first_scheduled)
@@ -1070,7 +1072,7 @@ class Simulator:
                             ):
                                 preempted_req = candidate
                     else:
-                        preempted_req = max(self.running, key=lambda r: (r.record.priority, r.arrival_time))
+                        preempted_req = _worst_priority(self.running)
                     victim_index = self.running.index(preempted_req)
                     del self.running[victim_index]
                     if victim_index < req_index:
@@ -1598,6 +1600,19 @@ def _sort_ascending_plain(values: array, n: int) -> None:
     values[:n] = array("q", sorted(values[:n]))
 
 
+def _worst_priority(running: list[_Request]) -> _Request:
+    """`max(running, key=lambda r: (r.priority, r.arrival_time))`, the first such on a tie: the priority
+    policy's victim (a walk over C fields in the compiled core, where max's key tuples cost most of a step)."""
+    worst = running[0]
+    for index in range(1, len(running)):
+        r = running[index]
+        if r.priority > worst.priority or (
+            r.priority == worst.priority and r.arrival_time > worst.arrival_time
+        ):
+            worst = r
+    return worst
+
+
 def _remove(requests: list[_Request], request: _Request) -> None:
     """`requests.remove(request)` by identity: list.remove tests each element with ==, several calls apiece for
     these objects, where the compiled core compares pointers."""
@@ -1702,6 +1717,7 @@ def _new_request(
     )
     request.queue_order = queue_order
     request.queue_index = index
+    request.priority = priority
     return request
 
 
