@@ -114,6 +114,22 @@ cdef _Builder _ARRIVAL = _Builder(RequestArrival, 8)
 cdef _Builder _FINISH = _Builder(RequestFinish, 5)
 
 
+def new_arrival(request_id, time, prompt_tokens, output_tokens, max_tokens, priority, prefix_block_hashes,
+                block_hashes):
+    """wire.py's `_new_arrival` (`RequestArrival(...)` with every field given, in field order) built here: the
+    engine tracker builds one per request of every window."""
+    event = _ARRIVAL.new()
+    _ARRIVAL.put(event, 0, request_id)
+    _ARRIVAL.put(event, 1, time)
+    _ARRIVAL.put(event, 2, prompt_tokens)
+    _ARRIVAL.put(event, 3, output_tokens)
+    _ARRIVAL.put(event, 4, max_tokens)
+    _ARRIVAL.put(event, 5, priority)
+    _ARRIVAL.put(event, 6, prefix_block_hashes)
+    _ARRIVAL.put(event, 7, block_hashes)
+    return event
+
+
 cdef struct _Reader:
     # A cursor over one message's bytes (a C struct on the stack, one per nested message: nothing to allocate);
     # `bad` is set, and stays set, by anything malformed.

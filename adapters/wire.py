@@ -379,3 +379,6 @@ def compiled_reader() -> ModuleType | None:
 
 _compiled = compiled_reader()
 COMPILED = _compiled is not None  # whether decode_batch reads through the compiled reader first
+# `_new_arrival` for the engine tracker, which builds one per request of every window: the same event, built in C
+# where the reader is built. (The upb path, the compiled reader's oracle, keeps its own builder.)
+build_arrival = _compiled.new_arrival if _compiled is not None else _new_arrival

@@ -4,6 +4,7 @@ publisher sends that holds no announcement."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import random
 import struct
@@ -220,3 +221,17 @@ def test_a_batch_of_more_distinct_strings_than_the_reader_keeps_is_read_whole() 
     data = encode_batch(EventBatch(events))  # type: ignore[arg-type]
     assert _compiled(data) is not None
     assert decode_batch(data).events == events
+
+
+@settings(max_examples=100, deadline=None)
+@given(arrival=arrivals)
+def test_the_trackers_arrival_builder_builds_what_the_dataclass_builds(arrival: RequestArrival) -> None:
+    """`wire.build_arrival` (the engine tracker's, one per request of every window) is the compiled reader's:
+    the event `RequestArrival(...)` builds, holding the very objects it was given."""
+    assert wire.build_arrival is wire._compiled.new_arrival  # type: ignore[union-attr]
+    values = [getattr(arrival, f.name) for f in dataclasses.fields(RequestArrival)]
+    built = wire.build_arrival(*values)
+    assert type(built) is RequestArrival and built == RequestArrival(*values) == wire._new_arrival(*values)
+    assert all(
+        getattr(built, f.name) is v for f, v in zip(dataclasses.fields(RequestArrival), values, strict=True)
+    )

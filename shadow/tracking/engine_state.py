@@ -24,7 +24,7 @@ from types import ModuleType
 from typing import Any
 
 from vllm_shadow.adapters.events import EngineInfo, EngineStep, Event, RequestArrival, RequestFinish
-from vllm_shadow.adapters.wire import _new_arrival
+from vllm_shadow.adapters.wire import build_arrival
 from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.solver import compiled_build
 from vllm_shadow.solver.records import RequestRecord
@@ -105,9 +105,9 @@ class _Request:
         if prompt is None and self.output_block_hashes:
             block_hashes += self.output_block_hashes
         # `RequestArrival(...)` with no prefix block hashes, built as the wire reader builds events: slot by slot
-        # instead of through the frozen dataclass's `object.__setattr__`, at half the cost. A window is built
-        # while events are taken in, with one of these per request.
-        return _new_arrival(
+        # instead of through the frozen dataclass's `object.__setattr__` (in C where the reader is built). A
+        # window is built while events are taken in, with one of these per request.
+        return build_arrival(
             self.request_id,
             self.arrival - t0,
             self.prompt if prompt is None else prompt,
