@@ -122,16 +122,16 @@ def _columns(window: Window) -> _Columns:
     if columns is not None:
         return columns
     requests = window.requests
-    counts = np.array(
-        [(r.prompt_tokens, r.output_tokens, r.computed_tokens, r.generated_tokens) for r in requests],
-        dtype=np.int64,
-    ).reshape(len(requests), 4)
-    prompt, output, computed, generated = counts.T
+    # A list per field: numpy reads flat lists of ints much faster than a list of tuples.
+    prompt = np.array([r.prompt_tokens for r in requests], dtype=np.int64)
+    output = np.array([r.output_tokens for r in requests], dtype=np.int64)
+    computed = np.array([r.computed_tokens for r in requests], dtype=np.int64)
+    generated = np.array([r.generated_tokens for r in requests], dtype=np.int64)
     target = prompt + generated
     remaining = output - generated
     block_size = window.limits.block_size
     columns = _Columns(
-        ids=tuple(r.request_id for r in requests),
+        ids=tuple([r.request_id for r in requests]),
         arrival=np.array([r.arrival for r in requests], dtype=np.float64),
         computed=computed,
         target=target,
@@ -334,12 +334,25 @@ def relaxation_bound(
     schedule that needs at least `least_batches` batches (a count proven elsewhere: `time_capacity_batches`)
     and at least `least_schedule_seconds` of a * batches plus recompute (`vllm_shadow.solver.paused_kv`)."""
     batches = max(min_batches(window, deadlines), least_batches)
+    work, mean_e2e, mean_ttft = _work_and_latency(window, cost)
+    return RelaxationBound(
+        batches=batches,
+        gpu_seconds=max(cost.a * batches, least_schedule_seconds) + work,
+        mean_e2e=mean_e2e,
+        mean_ttft=mean_ttft,
+    )
+
+
+def _work_and_latency(window: Window, cost: LinearCostModel) -> tuple[float, float, float]:
+    """`relaxation_bound`'s terms that do not depend on the batch count: the requests' summed work, mean e2e
+    and mean TTFT; from the window's memo once computed for `cost` (the live shadow bounds a window twice)."""
+    key = (_work_and_latency, cost)
+    terms = window.memo.get(key)
+    if terms is not None:
+        return terms
     columns = _columns(window)
     prefill_extra = _prefill_extra_array(columns, cost)
     work = _work_seconds_array(columns, cost, prefill_extra)
-    # Sums as Python's sum() adds, one term after another in window order (numpy's pairwise sums may differ
-    # in the last bits, and the shadow's exported bounds must not change).
-    gpu = max(cost.a * batches, least_schedule_seconds) + sum(work.tolist())
     wait = np.maximum(window.start - columns.arrival, 0.0)
     e2e = (wait + (cost.a * columns.remaining + work)).tolist()
     fresh = columns.fresh
@@ -347,12 +360,15 @@ def relaxation_bound(
     ttft = (
         wait[fresh] + cost.a + cost.b * chunk + cost.c * columns.target[fresh] + prefill_extra[fresh] + cost.e
     ).tolist()
-    return RelaxationBound(
-        batches=batches,
-        gpu_seconds=gpu,
-        mean_e2e=sum(e2e) / len(e2e) if e2e else math.nan,
-        mean_ttft=sum(ttft) / len(ttft) if ttft else math.nan,
+    # Sums as Python's sum() adds, one term after another in window order (numpy's pairwise sums may differ
+    # in the last bits, and the shadow's exported bounds must not change).
+    terms = (
+        sum(work.tolist()),
+        sum(e2e) / len(e2e) if e2e else math.nan,
+        sum(ttft) / len(ttft) if ttft else math.nan,
     )
+    window.memo[key] = terms
+    return terms
 
 
 # The LP is solved in floating point: its value is rounded up only past this relative tolerance.

@@ -138,8 +138,9 @@ def test_the_bound_over_columns_is_the_per_request_bound_bit_for_bit(case) -> No
     expected = reference_bound(window, cost, deadlines, least_batches, least_seconds)
     got = relaxation_bound(window, cost, deadlines, least_batches, least_seconds)
     assert repr(got) == repr(expected)  # repr: nan equals nan, and floats are compared to the last bit
-    # Again, from the columns the window's memo keeps: the same.
+    # Again, from the columns and terms the window's memo keeps: the same, and without deadlines too.
     assert repr(relaxation_bound(window, cost, deadlines, least_batches, least_seconds)) == repr(expected)
+    assert repr(relaxation_bound(window, cost)) == repr(reference_bound(window, cost, None, 0, 0.0))
     assert min_batches(window, deadlines) == reference_min_batches(window, deadlines)
 
 
@@ -179,6 +180,9 @@ def test_the_columns_are_the_window_s_own_and_stay_out_of_its_value() -> None:
     shipped = pickle.loads(pickle.dumps(window))
     assert shipped == window and shipped.memo == {}
     assert repr(relaxation_bound(shipped, cost)) == repr(relaxation_bound(window, cost))
+    # The memo keeps the work and latency terms per cost model: another one's are its own.
+    other, anew = LinearCostModel(0.02, 3e-4, 2e-6, 0.0, 1e-5), Window(window.requests, limits)
+    assert repr(relaxation_bound(window, other)) == repr(relaxation_bound(anew, other))
     assert np.array_equal(bounds._columns(shipped).area, columns.area)
 
 
