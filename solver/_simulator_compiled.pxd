@@ -259,9 +259,9 @@ cdef class Simulator:
     @cython.locals(size=Py_ssize_t, steps=cython.longlong[::1], seqs=cython.longlong[::1])
     cdef _grow_finish_heap(self)
     cdef _to_explicit(self, _Request request)
-    cdef Py_ssize_t _num_computed_tokens(self, _Request request)
-    cdef Py_ssize_t _num_output_tokens(self, _Request request)
-    cdef bint _is_decoding(self, _Request request)
+    cdef Py_ssize_t _num_computed_tokens(self, _Request request) except? -1
+    cdef Py_ssize_t _num_output_tokens(self, _Request request) except? -1
+    cdef bint _is_decoding(self, _Request request) except -1
     cdef _preempt_request(self, _Request request, Py_ssize_t num_unrun_tokens=*)
     cdef _free_request(self, _Request request)
 
@@ -319,7 +319,8 @@ cdef class Simulator:
     @cython.locals(block_size=Py_ssize_t, scheduled=list, long_prefill_token_threshold=Py_ssize_t,
                    num_decoders=Py_ssize_t, token_budget=Py_ssize_t, num_new_blocks=Py_ssize_t,
                    request=_Request, num_computed_tokens=Py_ssize_t, num_new_tokens=Py_ssize_t, blocks=Py_ssize_t,
-                   preempted_reqs=list, preempted_req=_Request, running=list, index=Py_ssize_t)
+                   preempted_reqs=list, preempted_req=_Request, running=list, index=Py_ssize_t,
+                   first=Py_ssize_t)
     cdef bint _step_fast(self) except -1
 
     @cython.locals(num_scheduled_tokens=Py_ssize_t, kv_tokens=Py_ssize_t, attention_pairs=Py_ssize_t,

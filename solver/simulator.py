@@ -1192,10 +1192,26 @@ class Simulator:
         # The decoders whose next token opens a new block: those with decode_base = -decode_steps mod block_size.
         num_new_blocks = self.decode_base_residues[-self.decode_steps % block_size]
         running = self.running
-        for index in range(num_decoders, len(running)):  # the prefilling requests, at the tail
+        # The prefilling requests, at the tail; or where some sit between decoders (a long prompt's chunks admitted
+        # before a shorter prompt that has become a decoder), the whole queue, each decoder taking its token from
+        # the budget in queue order, as vLLM's walk does: the chunks are the walk's as long as the budget lasts
+        # past the last decoder (the literal walk decides otherwise, and under decode_first, whose walk reorders
+        # the queue).
+        first = num_decoders
+        for index in range(num_decoders, len(running)):
+            if running[index].implicit_decoder:
+                if self.decode_first:
+                    return False
+                first = 0
+                token_budget = self.max_num_batched_tokens
+                break
+        for index in range(first, len(running)):
             request = running[index]
-            if request.implicit_decoder:
-                return False  # a prefilling request sits between decoders: the literal walk decides
+            if request.implicit_decoder:  # only in a walk over the whole queue
+                if token_budget <= 0:
+                    return False  # it would not run
+                token_budget -= 1
+                continue
             if request.finishing:
                 continue
             if token_budget <= 0:

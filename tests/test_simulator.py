@@ -815,3 +815,23 @@ def test_a_finished_request_leaves_the_running_queue_by_bisection(seqs, data):
     expected = [r for r in requests if r is not leaving]
     core._remove_in_seq_order(requests, leaving)
     assert requests == expected
+
+
+@pytest.mark.parametrize("budget", [24, 14, 9])
+def test_chunks_between_decoders_are_the_walk_s(budget):
+    """A long prompt chunked under long_prefill_token_threshold, admitted ahead of short ones that become decoders
+    before it is done: the prefilling request sits between decoders, and the fast step walks the whole queue for
+    the budget (each decoder's token in queue order). Its steps are the literal walk's, where the budget lasts past
+    the last decoder and where it does not (9 tokens: a decoder behind the long prompt's chunk does not run)."""
+    reqs = [req("long", 0.0, 60, 5), req("s1", 0.0, 3, 30), req("s2", 0.0, 4, 30), req("late", 0.05, 2, 10)]
+    policy = f"vllm(long_prefill_token_threshold=8,max_num_batched_tokens={budget})"
+    runs = [
+        simulate(reqs, policy, COST, num_kv_blocks=64, block_size=4, record_steps=True, fast_forward=fast)
+        for fast in (True, False)
+    ]
+    assert runs[0].steps == runs[1].steps
+    assert runs[0].requests == runs[1].requests
+    # The long prompt is still prefilling while the short ones decode: the case this is about.
+    assert any(
+        s.scheduled_tokens.get("long", 0) > 1 and s.scheduled_tokens.get("s1") == 1 for s in runs[0].steps
+    )
