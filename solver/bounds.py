@@ -241,11 +241,12 @@ def _deadline_min_batches(window: Window, deadlines: Deadlines, columns: _Column
                 if forced > value:
                     value = forced
             best, end = value, due_by
-            while opened < len(starts) and starts[opened] < end:
-                best_before[opened] = best
-                for stair, _ in stairs:
+            now_open = bisect.bisect_left(starts, end, opened)
+            if now_open > opened:
+                best_before[opened:now_open] = [best] * (now_open - opened)
+                for stair, _ in stairs:  # the first of them is as high as the rest, and earlier
                     stair.open(opened, best)
-                opened += 1
+                opened = now_open
         if best_before[k] + remaining > value:  # comparisons, not max(): a call per request was much of it
             value = best_before[k] + remaining
         for stair, amounts in stairs:
