@@ -39,6 +39,10 @@ cdef class _Request:
     cdef public bint tainted
 
 
+@cython.locals(batch=list, new_tokens=list)
+cpdef tuple _lookup(dict requests, dict scheduled)
+
+
 @cython.locals(
     request=_Request,
     n=cython.longlong,
@@ -48,8 +52,7 @@ cdef class _Request:
     kv_tokens=cython.longlong,
     attention_units=cython.longlong,
     count=cython.longlong,
-    new_tokens=list,
-    context=list,
+    index=Py_ssize_t,
 )
-cpdef tuple _schedule(dict requests, dict running, object waiting, dict scheduled, dict hits,
+cpdef tuple _schedule(list batch, list new_tokens, dict running, object waiting, dict hits,
                       Py_ssize_t admissions, bint track_runs, Py_ssize_t step_index, double end, bint calibrate)

@@ -124,31 +124,49 @@ def _exits(requests: list[_Request]) -> list[tuple[str, int]]:
     return [(r.request_id, r.prompt + r.generated) for r in requests]
 
 
+def _lookup(
+    requests: dict[str, _Request], scheduled: dict[str, int]
+) -> tuple[list[_Request], list[int]] | None:
+    """The requests of `scheduled`'s ids and their new tokens, in its order; None where an id is not in
+    `requests` (rare: its arrival was lost)."""
+    batch, new_tokens = [], []
+    for request_id, n in scheduled.items():
+        request = requests.get(request_id)
+        if request is None:
+            return None
+        batch.append(request)
+        new_tokens.append(n)
+    return batch, new_tokens
+
+
 def _schedule(
-    requests: dict[str, _Request],
+    batch: list[_Request],
+    new_tokens: list[int],
     running: dict[str, None],
     waiting: OrderedDict[str, None],
-    scheduled: dict[str, int],
     hits: dict[str, int],
     admissions: int,
     track_runs: bool,
     step_index: int,
     end: float,
     calibrate: bool,
-) -> tuple[list[int], list[int], list[int] | None, int, tuple[int, int, int, int]]:
-    """The tokens of one step's batch (`scheduled`, every id in `requests`), applied in step order: each request
+) -> tuple[list[int] | None, int, tuple[int, int, int, int]]:
+    """One step's batch (its requests and their new tokens, `_lookup`'s), applied in step order: each request
     admitted if it was not running (its hit in the prefix cache from `hits`, numbered from `admissions`), its
     KV and tokens moved on, its progress stamped `end`. The per-request walk of `EngineTracker._step`, a function
     of its own so that the compiled tracker runs it on C integers (_engine_state_compiled.pxd).
 
-    Returns the step's new tokens and each request's KV before it, in step order; what of each is computed again
-    (None if nothing is: a request computes again only KV below what a preemption dropped, so the list is made
-    only once one in this step does, all zeros before it); the next admission number; and, if `calibrate`, the
-    batch's features (T, K, P, R) as `batch_features(new tokens, KV before)` gives them (zeros otherwise)."""
-    new_tokens, context, again = list(scheduled.values()), [], None
+    Returns what of each request's new tokens is computed again (None if nothing is: a request computes again
+    only KV below what a preemption dropped, so the list is made only once one in this step does, all zeros
+    before it); the next admission number; and, if `calibrate`, the batch's features (T, K, P, R) as
+    `batch_features(new tokens, KV before)` gives them (zeros otherwise). Each request's KV before the step is
+    then its `computed` less its new tokens."""
+    again = None
     tokens = kv_tokens = attention_units = count = 0
-    for request_id, n in scheduled.items():
-        request = requests[request_id]
+    for index in range(len(batch)):
+        request = batch[index]
+        n = new_tokens[index]
+        request_id = request.request_id
         if request_id not in running:  # admitted this step: new, or resumed after preemption
             del waiting[request_id]
             running[request_id] = None
@@ -165,11 +183,10 @@ def _schedule(
             request.last_sampled = computed + n >= request.prompt + request.generated
         if computed < request.dropped_kv:
             if again is None:
-                again = [0] * len(context)
+                again = [0] * index
             again.append(recomputed_tokens(computed, n, request.dropped_kv))
         elif again is not None:
             again.append(0)
-        context.append(computed)
         if calibrate and n > 0:  # batch_features: a request with no new tokens counts for nothing
             tokens += n
             kv_tokens += computed + n
@@ -184,7 +201,7 @@ def _schedule(
             request.generated = generated + 1
             if generated == 0:
                 request.first_token = end
-    return new_tokens, context, again, admissions, (tokens, kv_tokens, attention_units, count)
+    return again, admissions, (tokens, kv_tokens, attention_units, count)
 
 
 @dataclass(slots=True)
@@ -377,11 +394,15 @@ class EngineTracker(WindowTracker):
             return
         end = step.start_time + step.duration
         requests = self._requests
-        # One set comparison in C instead of a lookup per request: an id never announced is rare.
-        if not scheduled.keys() <= requests.keys():
+        # The step's requests, one lookup each: the walk below takes them from here (nothing before it adds or
+        # replaces one). An id never announced is rare.
+        found = _lookup(requests, scheduled)
+        if found is None:
             self._track_unknown(step, end)
             if not scheduled.keys() <= requests.keys():  # beyond the bound, not tracked: left out below
                 scheduled = {r: n for r, n in scheduled.items() if r in requests}
+            found = _lookup(requests, scheduled)
+        batch, new_tokens = found
         if self._open is None:
             self._ensure_open()
         victims = self._preempt(step.preempted) if step.preempted else _NO_VICTIMS
@@ -391,11 +412,11 @@ class EngineTracker(WindowTracker):
         # that is false in most steps first. Nothing below changes its terms before the calibrator's update.
         calibrate = end >= self._next_calibration and self._tainted_live == 0 and duration > 0
         try:
-            new_tokens, context, again, self._admissions, features = _schedule(
-                requests,
+            again, self._admissions, features = _schedule(
+                batch,
+                new_tokens,
                 self._running,
                 self._waiting,
-                scheduled,
                 hits,
                 self._admissions,
                 self._track_runs,
@@ -433,6 +454,7 @@ class EngineTracker(WindowTracker):
                 window.steps.append(step)
                 if step.preempted or (again is not None and any(again)):
                     model = self.calibrator.model()
+                    context = [request.computed - n for request, n in zip(batch, new_tokens, strict=True)]
                     window.recompute += step_recompute_tax(
                         model, new_tokens, context, again or [0] * len(new_tokens), len(step.preempted)
                     )
