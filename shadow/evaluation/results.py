@@ -104,8 +104,11 @@ def _attained(ttft: list[float], tpot: list[float], slo: Slo) -> int:
 
 
 def _float_quantiles(values: list[float]) -> tuple[float, float, float]:
-    """`quantiles` of a list of numbers: the same p50, p90 and p99, NaNs ignored."""
-    ordered = sorted([float(v) for v in values if v == v])
+    """`quantiles` of a list of numbers: the same p50, p90 and p99, NaNs ignored. Whole numbers need no
+    conversion: `_percentile` interpolates with a float, so it returns the same float from either."""
+    total = sum(values)
+    # A NaN makes the sum NaN: most lists have none, and are sorted without a walk to filter them.
+    ordered = sorted(values) if total == total else sorted([v for v in values if v == v])
     if not ordered:
         return (math.nan, math.nan, math.nan)
     return _percentile(ordered, 50), _percentile(ordered, 90), _percentile(ordered, 99)
