@@ -67,33 +67,37 @@ def compare_steps(real: Sequence[EngineStep], simulated: Sequence[EngineStep]) -
     """Compare the i-th non-empty real step with the i-th simulated step, for every i."""
     real = [s for s in real if s.scheduled_tokens]
     result = StepComparison(len(real), len(simulated), 0)
-    for i in range(max(len(real), len(simulated))):
-        r = real[i] if i < len(real) else None
-        s = simulated[i] if i < len(simulated) else None
-        if r is None or s is None:
-            result.mismatches.append(
-                StepMismatch(
-                    i,
-                    (EXTRA_IN_SIM if r is None else MISSING_IN_SIM,),
-                    r.scheduled_tokens if r else None,
-                    s.scheduled_tokens if s else None,
-                    r.preempted if r else (),
-                    s.preempted if s else (),
-                )
-            )
+    mismatches = result.mismatches
+    for i, (r, s) in enumerate(zip(real, simulated, strict=False)):  # the longer side's rest below
+        # Most steps match: one comparison of each side decides them (every window's self replay is compared).
+        if r.scheduled_tokens == s.scheduled_tokens and r.preempted == s.preempted:
+            result.matched += 1
             continue
         kinds = []
-        # Most steps match: one comparison of each side decides them.
         if r.scheduled_tokens != s.scheduled_tokens:
             kinds.append(MEMBERSHIP if r.scheduled_tokens.keys() != s.scheduled_tokens.keys() else TOKENS)
         if r.preempted != s.preempted and set(r.preempted) != set(s.preempted):
             kinds.append(PREEMPTION)
         if kinds:
-            result.mismatches.append(
+            mismatches.append(
                 StepMismatch(
                     i, tuple(kinds), r.scheduled_tokens, s.scheduled_tokens, r.preempted, s.preempted
                 )
             )
         else:
             result.matched += 1
+    # The steps past the shorter side's last.
+    for i in range(min(len(real), len(simulated)), max(len(real), len(simulated))):
+        r = real[i] if i < len(real) else None
+        s = simulated[i] if i < len(simulated) else None
+        mismatches.append(
+            StepMismatch(
+                i,
+                (EXTRA_IN_SIM if r is None else MISSING_IN_SIM,),
+                r.scheduled_tokens if r else None,
+                s.scheduled_tokens if s else None,
+                r.preempted if r else (),
+                s.preempted if s else (),
+            )
+        )
     return result
