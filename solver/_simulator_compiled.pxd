@@ -285,7 +285,9 @@ cdef class Simulator:
 
     @cython.locals(block_size=Py_ssize_t, final_tokens=Py_ssize_t, held=Py_ssize_t, running=list,
                    num_jobs=Py_ssize_t, held_now=Py_ssize_t, i=Py_ssize_t, left=Py_ssize_t, live=Py_ssize_t,
-                   least_left=Py_ssize_t, decode_steps=Py_ssize_t, r=_Request, jobs=cython.longlong[::1], job=cython.longlong)
+                   least_left=Py_ssize_t, decode_steps=Py_ssize_t, r=_Request, jobs=cython.longlong[::1], job=cython.longlong,
+                   num_decoders=Py_ssize_t, leading=bint, bound_held=Py_ssize_t, bound_left=Py_ssize_t,
+                   held_explicit=Py_ssize_t)
     cdef bint _peak_fits(self, _Request candidate, Py_ssize_t limit) except -1
 
     cdef Py_ssize_t _long_prefill_token_threshold(self) except? -1

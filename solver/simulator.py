@@ -884,6 +884,26 @@ class Simulator:
         held_now = held
         least_left = left
         jobs[num_jobs - 1] = left << _JOB_SHIFT | held
+        # Most checks refuse at the walk's first point (below) when every job has grown by the least growth. Where
+        # the implicit decoders lead the queue (none past them), their share of that point is known without visiting
+        # them: they hold sum_decode_base + n * decode_steps tokens, and none has fewer left to grow than the finish
+        # heap's first entry says (each has an entry there; a stale one only lowers it). With that lower bound the
+        # point is below the walk's: where it does not fit, neither does the walk's, and the walk refuses.
+        num_decoders = self.num_implicit_decoders
+        if num_decoders and self.finish_heap_size:
+            leading = True
+            bound_held = held + self.sum_decode_base + num_decoders * decode_steps
+            bound_left = min(left, self.finish_steps[0] - decode_steps)
+            for i in range(num_decoders, num_jobs - 1):
+                r = running[i]
+                if r.implicit_decoder:
+                    leading = False
+                    break
+                held_explicit = r.num_prompt_tokens + max(r.num_output_tokens, 1) - 1
+                bound_held += held_explicit
+                bound_left = min(bound_left, r.num_prompt_tokens + r.max_tokens - 1 - held_explicit)
+            if leading and cdiv(bound_held + num_jobs * bound_left, block_size) + num_jobs - 1 > limit:
+                return False
         for i in range(num_jobs - 1):
             r = running[i]
             if r.implicit_decoder:  # prompt + output - 1 is its computed tokens (its output is at least 1)

@@ -835,3 +835,42 @@ def test_chunks_between_decoders_are_the_walk_s(budget):
     assert any(
         s.scheduled_tokens.get("long", 0) > 1 and s.scheduled_tokens.get("s1") == 1 for s in runs[0].steps
     )
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(1, 60), st.integers(1, 40), st.integers(0, 45)), max_size=40),
+    st.tuples(st.integers(1, 60), st.integers(1, 40)),
+    st.integers(1, 8),
+    st.data(),
+)
+def test_lightllm_s_peak_check_with_the_decoders_leading_is_the_plain_walk(
+    running, candidate, block_size, data
+):
+    # As above, the implicit decoders at the head of the running queue (the queue the fast step keeps), where
+    # the check refuses from their sums and the finish heap's first entry without visiting them; some decoders
+    # made explicit again, leaving stale heap entries behind (a stale entry only lowers the bound).
+    core = pure_core()
+    sim = core.Simulator(parse_policy("lightllm"), ONE_SECOND_STEPS, 100, block_size)
+    sim.decode_steps = data.draw(st.integers(0, 3))
+    decoders, others, jobs = [], [], []
+    for number, (prompt, max_tokens, output) in enumerate(running):
+        request = core._Request(f"r{number}", 0, prompt, max_tokens, None, None)
+        request.num_output_tokens = min(output, max_tokens)
+        if 0 < request.num_output_tokens < max_tokens and data.draw(st.booleans()):
+            request.num_computed_tokens = prompt + request.num_output_tokens - 1
+            sim._to_implicit(request)
+            if data.draw(st.integers(0, 3)) == 0:
+                sim._to_explicit(request)  # its heap entry stays, stale
+        (decoders if request.implicit_decoder else others).append(request)
+        held = prompt + max(request.num_output_tokens, 1) - 1
+        jobs.append((held, prompt + max_tokens - 1 - held))
+    sim.running.extend(decoders + others)
+    waiting = core._Request("c", 0, candidate[0], candidate[1], None, None)
+    jobs.append((candidate[0], candidate[1] - 1))
+    needs = [-(-sum(held + left for held, left in jobs) // block_size) + len(jobs) - 1]
+    for _, left in jobs:
+        live = [held for held, grow in jobs if grow >= left]
+        needs.append(-(-(sum(live) + len(live) * left) // block_size) + len(live) - 1)
+    limit = data.draw(st.sampled_from(needs)) + data.draw(st.integers(-1, 1))
+    assert sim._peak_fits(waiting, limit) == _peak_fits_reference(jobs, block_size, limit)
