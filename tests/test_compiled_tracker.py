@@ -95,6 +95,7 @@ def view(tracker: Any) -> dict[str, Any]:
             r.last_sampled,
             r.last_decode,
             r.refs,
+            r.running,
             r.tainted,
         )
         for request_id, r in tracker._requests.items()
@@ -253,6 +254,8 @@ def run(module: ModuleType, info: EngineInfo, options: dict[str, Any], calls: li
             outcomes.append(None)
         except Exception as error:  # an odd stream may make both raise: alike
             outcomes.append(repr(error))
+        # A request's `running` is its id's membership in the running queue, whatever happened.
+        assert {r for r, request in tracker._requests.items() if request.running} == set(tracker._running)
     tracker.flush()
     return [outcomes, view(tracker)]
 

@@ -36,6 +36,7 @@ cdef class _Request:
     cdef public Py_ssize_t refs
     cdef public object reported_output
     cdef public object request_id
+    cdef public bint running
     cdef public bint tainted
 
 

@@ -63,6 +63,7 @@ class _Request:
         "refs",
         "reported_output",
         "request_id",
+        "running",
         "tainted",
     )
 
@@ -89,6 +90,9 @@ class _Request:
         self.last_run = self.prev_run = -2
         self.last_sampled = self.last_decode = False
         self.refs = 0  # windows (open or closed) that need this request's data
+        # In the tracker's running queue: the queue's membership test on the request itself (its walk over a
+        # step's requests reads this instead of hashing each id into the queue).
+        self.running = False
         self.tainted = tainted  # state unknown: events about it were lost
 
     @property
@@ -167,9 +171,10 @@ def _schedule(
         request = batch[index]
         n = new_tokens[index]
         request_id = request.request_id
-        if request_id not in running:  # admitted this step: new, or resumed after preemption
+        if not request.running:  # admitted this step: new, or resumed after preemption
             del waiting[request_id]
             running[request_id] = None
+            request.running = True
             request.admission = admissions
             admissions += 1
             # What it found in the prefix cache is KV it holds without computing it (nor recomputing it).
@@ -484,6 +489,7 @@ class EngineTracker(WindowTracker):
                 placeholder = _Request(RequestArrival(request_id, step.start_time, 1), -1, end, tainted=True)
                 requests[request_id] = placeholder
                 self._running[request_id] = None
+                placeholder.running = True
                 self._tainted_live += 1
 
     def _cache_step(self, step: EngineStep, victims: list[str]) -> dict[str, int]:
@@ -499,7 +505,7 @@ class EngineTracker(WindowTracker):
             request = requests.get(request_id)
             if request is None:
                 continue
-            if request_id in self._running:
+            if request.running:
                 running.append((request_id, n))
             else:
                 hit = published.get(request_id, 0) if self._hits_published else None
@@ -533,6 +539,7 @@ class EngineTracker(WindowTracker):
         for request_id in victims:
             del self._running[request_id]
             victim = self._requests[request_id]
+            victim.running = False
             victim.dropped_kv = max(victim.dropped_kv, victim.computed)
             victim.computed = 0
             self._waiting[request_id] = None
@@ -557,8 +564,9 @@ class EngineTracker(WindowTracker):
             request = self._requests.get(request_id)
             if request is None or request.finished:
                 continue
-            if request_id in self._running:
+            if request.running:
                 del self._running[request_id]
+                request.running = False
             elif request_id in self._waiting:
                 del self._waiting[request_id]
             if request.reported_output is not None and request.reported_output != request.generated:
@@ -781,6 +789,7 @@ class EngineTracker(WindowTracker):
                 self._cache_finishing = []
             for request_id in stalled:
                 del self._running[request_id]
+                self._requests[request_id].running = False
             self._drop_windows_with(set(stalled), SkipReason.REQUEST_TIMEOUT)
             for request_id in stalled:
                 self._give_up(self._requests[request_id])
@@ -807,6 +816,7 @@ class EngineTracker(WindowTracker):
         if request.tainted:
             self._tainted_live -= 1
         request.finished = True
+        request.running = False  # out of the queues (`_discard_live` empties them)
         request.tainted = False
         self._forget(request)
 
