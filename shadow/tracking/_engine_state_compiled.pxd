@@ -40,7 +40,7 @@ cdef class _Request:
     cdef public bint tainted
 
 
-@cython.locals(batch=list, new_tokens=list)
+@cython.locals(batch=list, new_tokens=list, index=Py_ssize_t)
 cpdef tuple _lookup(dict requests, dict scheduled)
 
 

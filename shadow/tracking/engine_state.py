@@ -133,13 +133,14 @@ def _lookup(
 ) -> tuple[list[_Request], list[int]] | None:
     """The requests of `scheduled`'s ids and their new tokens, in its order; None where an id is not in
     `requests` (rare: its arrival was lost)."""
-    batch, new_tokens = [], []
-    for request_id, n in scheduled.items():
+    # Made at their length and filled in, not appended to: no list grows step after step.
+    batch, new_tokens = [None] * len(scheduled), [0] * len(scheduled)
+    for index, (request_id, n) in enumerate(scheduled.items()):
         request = requests.get(request_id)
         if request is None:
             return None
-        batch.append(request)
-        new_tokens.append(n)
+        batch[index] = request
+        new_tokens[index] = n
     return batch, new_tokens
 
 
