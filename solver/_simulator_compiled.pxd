@@ -151,6 +151,15 @@ cdef _remove(list requests, _Request request)
 @cython.locals(index=Py_ssize_t, worst=_Request, r=_Request)
 cdef _Request _worst_priority(list running)
 
+@cython.locals(a_finish=Py_ssize_t, b_finish=Py_ssize_t)
+cdef bint _peak_before(_Request a, _Request b) except -1
+
+@cython.locals(lo=Py_ssize_t, hi=Py_ssize_t, mid=Py_ssize_t)
+cdef Py_ssize_t _peak_place(list order, _Request request) except -1
+
+@cython.locals(i=Py_ssize_t, j=Py_ssize_t, value=cython.longlong)
+cdef _sort_in(long long[::1] values, Py_ssize_t start, Py_ssize_t n)
+
 cdef bint _queued_before(_Request a, _Request b) noexcept
 
 @cython.locals(pos=Py_ssize_t, parent_pos=Py_ssize_t, parent=_Request)
@@ -238,6 +247,7 @@ cdef class Simulator:
     cdef public Py_ssize_t plan_serial
     cdef public Py_ssize_t num_scheduled_decoders
     cdef long long[::1] peak_jobs
+    cdef public list peak_order
 
     cpdef add_running(self, _Request request, Py_ssize_t num_computed_tokens, Py_ssize_t num_output_tokens)
     cdef _hold_initial_blocks(self, _Request request)
@@ -258,6 +268,7 @@ cdef class Simulator:
     cdef Py_ssize_t _pop_finish(self) except -1
     @cython.locals(size=Py_ssize_t, steps=cython.longlong[::1], seqs=cython.longlong[::1])
     cdef _grow_finish_heap(self)
+    @cython.locals(index=Py_ssize_t)
     cdef _to_explicit(self, _Request request)
     cdef Py_ssize_t _num_computed_tokens(self, _Request request) except? -1
     cdef Py_ssize_t _num_output_tokens(self, _Request request) except? -1
@@ -287,7 +298,7 @@ cdef class Simulator:
                    num_jobs=Py_ssize_t, held_now=Py_ssize_t, i=Py_ssize_t, left=Py_ssize_t, live=Py_ssize_t,
                    least_left=Py_ssize_t, decode_steps=Py_ssize_t, r=_Request, jobs=cython.longlong[::1], job=cython.longlong,
                    num_decoders=Py_ssize_t, leading=bint, bound_held=Py_ssize_t, bound_left=Py_ssize_t,
-                   held_explicit=Py_ssize_t)
+                   held_explicit=Py_ssize_t, num_sorted=Py_ssize_t, peak_order=list)
     cdef bint _peak_fits(self, _Request candidate, Py_ssize_t limit) except -1
 
     cdef Py_ssize_t _long_prefill_token_threshold(self) except? -1

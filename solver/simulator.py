@@ -457,6 +457,8 @@ class Simulator:
         self.plan_serial = 0
         self.num_scheduled_decoders = 0
         self.peak_jobs = _zeros(0)  # LightLLM's check's jobs (`_peak_fits`)
+        # Under LightLLM's check, the implicit decoders in the order of their jobs there (`_peak_before`).
+        self.peak_order: list[_Request] = []
 
     # ---- the driver ----------------------------------------------------------------------------------------
 
@@ -598,6 +600,8 @@ class Simulator:
         request.implicit_decoder = True
         request.implicit_stamp = self.num_steps
         request.decode_base = request.num_computed_tokens - self.decode_steps
+        if self.admit_future_peak:
+            self.peak_order.insert(_peak_place(self.peak_order, request), request)
         self.num_implicit_decoders += 1
         self.sum_decode_base += request.decode_base
         self.decode_base_residues[request.decode_base % self.block_size] += 1
@@ -683,6 +687,11 @@ class Simulator:
         self.num_implicit_decoders -= 1
         self.sum_decode_base -= request.decode_base
         self.decode_base_residues[request.decode_base % self.block_size] -= 1
+        if self.admit_future_peak:
+            index = _peak_place(self.peak_order, request)
+            while self.peak_order[index] is not request:  # past the decoders of the same key
+                index += 1
+            del self.peak_order[index]
 
     def _num_computed_tokens(self, request: _Request) -> int:
         if request.implicit_decoder:
@@ -890,6 +899,7 @@ class Simulator:
         # heap's first entry says (each has an entry there; a stale one only lowers it). With that lower bound the
         # point is below the walk's: where it does not fit, neither does the walk's, and the walk refuses.
         num_decoders = self.num_implicit_decoders
+        leading = False
         if num_decoders and self.finish_heap_size:
             leading = True
             bound_held = held + self.sum_decode_base + num_decoders * decode_steps
@@ -904,8 +914,12 @@ class Simulator:
                 bound_left = min(bound_left, r.num_prompt_tokens + r.max_tokens - 1 - held_explicit)
             if leading and cdiv(bound_held + num_jobs * bound_left, block_size) + num_jobs - 1 > limit:
                 return False
+        # With the decoders leading, their jobs are taken in order from `peak_order` (every decoder's job moves
+        # alike with decode_steps, so their order stays), and only the others' are sorted in among them.
+        num_sorted = num_decoders if leading else 0
+        peak_order = self.peak_order
         for i in range(num_jobs - 1):
-            r = running[i]
+            r = peak_order[i] if i < num_sorted else running[i]
             if r.implicit_decoder:  # prompt + output - 1 is its computed tokens (its output is at least 1)
                 held = r.decode_base + decode_steps
             else:
@@ -923,10 +937,12 @@ class Simulator:
         # not fit (most refusals), the walk would refuse there too.
         if cdiv(held_now + num_jobs * least_left, block_size) + num_jobs - 1 > limit:
             return False
-        if _IN_C:
-            _sort_ascending(jobs, num_jobs)
-        else:
+        if not _IN_C:
             _sort_ascending_plain(jobs, num_jobs)
+        elif num_sorted:
+            _sort_in(jobs, num_sorted, num_jobs)
+        else:
+            _sort_ascending(jobs, num_jobs)
         for i in range(num_jobs):
             job = jobs[i]
             left = job >> _JOB_SHIFT
@@ -1634,6 +1650,40 @@ def _sort_ascending(values: array, n: int) -> None:
 
 def _sort_ascending_plain(values: array, n: int) -> None:
     values[:n] = array("q", sorted(values[:n]))
+
+
+def _peak_before(a: _Request, b: _Request) -> bool:
+    """Whether implicit decoder `a`'s job in LightLLM's check sorts before `b`'s at every decode_steps: its
+    tokens left to grow, prompt + max_tokens - 1 - decode_base - decode_steps, then its tokens held,
+    decode_base + decode_steps."""
+    a_finish = a.num_prompt_tokens + a.max_tokens - a.decode_base
+    b_finish = b.num_prompt_tokens + b.max_tokens - b.decode_base
+    return a_finish < b_finish or (a_finish == b_finish and a.decode_base < b.decode_base)
+
+
+def _peak_place(order: list[_Request], request: _Request) -> int:
+    """The first place in `order` (sorted by `_peak_before`) whose decoder does not sort before `request`."""
+    lo = 0
+    hi = len(order)
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if _peak_before(order[mid], request):
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def _sort_in(values: array, start: int, n: int) -> None:
+    """Sort `values[:n]` in place where `values[:start]` is sorted: the rest inserted one by one (a few jobs
+    into LightLLM's sorted decoders; C integers in the compiled core)."""
+    for i in range(start, n):
+        value = values[i]
+        j = i
+        while j > 0 and values[j - 1] > value:
+            values[j] = values[j - 1]
+            j -= 1
+        values[j] = value
 
 
 def _worst_priority(running: list[_Request]) -> _Request:
