@@ -285,14 +285,12 @@ class _Staircase:
             self.top = value
 
     def add(self, start: int, amount: int) -> None:
-        """`amount` more for every start up to `start`."""
+        """`amount` more for every start up to `start` (opened: at or after the first start opened)."""
         at, gaps = self.at, self.gaps
-        j = bisect.bisect_right(at, start) - 1
-        if j < 0:
-            return
-        if j == len(at) - 1:
+        if start >= at[-1]:  # most requests: arrived after the last start kept
             self.top += amount
             return
+        j = bisect.bisect_right(at, start) - 1  # the first start opened is never dropped: j >= 0
         gaps[j] -= amount
         while gaps[j] <= 0:  # at[j + 1] is no higher than at[j] now, nor ever again
             if j + 1 == len(at) - 1:
