@@ -75,6 +75,9 @@ cdef extern from *:
 
 cdef tuple _RECORD_SLOTS
 cdef tuple _RECORD_DEFAULTS
+cdef object _RECORD_FIRST_SCHEDULED
+cdef object _RECORD_FIRST_TOKEN
+cdef object _RECORD_FINISH
 cdef object _ARRIVAL_REQUEST_ID
 cdef object _ARRIVAL_TIME
 cdef object _ARRIVAL_PROMPT_TOKENS

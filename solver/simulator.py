@@ -1353,7 +1353,7 @@ class Simulator:
             record = request.record
             if not request.ever_scheduled:  # a C field, where the record's NaN is a Python attribute
                 request.ever_scheduled = True
-                record.first_scheduled = _seconds(start)
+                _slot_set(record, _RECORD_FIRST_SCHEDULED, _seconds(start))
             if track_runs:
                 request.prev_run_step = request.last_run_step
                 request.last_run_step = step
@@ -1372,7 +1372,7 @@ class Simulator:
                 if request.num_output_tokens == 1:
                     if end_s is None:
                         end_s = _seconds(self.now)
-                    record.first_token = end_s
+                    _slot_set(record, _RECORD_FIRST_TOKEN, end_s)
                 if request.num_output_tokens == request.max_tokens:
                     if finished is None:
                         finished = []
@@ -1438,7 +1438,7 @@ class Simulator:
         the step's output (the running queue's); under async scheduling only one step later (`finishing`)."""
         if end_s is not None:
             for request in finished:
-                request.record.finish = end_s
+                _slot_set(request.record, _RECORD_FINISH, end_s)
             if self.async_scheduling:
                 for request in finished:
                     if request.implicit_decoder:
@@ -1855,6 +1855,10 @@ def _record_slots() -> tuple[tuple, tuple]:
 
 
 _RECORD_SLOTS, _RECORD_DEFAULTS = _record_slots()
+# The record's times, set once per request each: through `_slot_set`, not an attribute lookup, in the compiled core.
+_RECORD_FIRST_SCHEDULED = _slot(RequestRecord, "first_scheduled")
+_RECORD_FIRST_TOKEN = _slot(RequestRecord, "first_token")
+_RECORD_FINISH = _slot(RequestRecord, "finish")
 
 
 def _new_record(
