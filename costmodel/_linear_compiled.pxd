@@ -63,7 +63,7 @@ cdef class OnlineCalibrator:
     @cython.locals(
         passive=cython.p_Py_ssize_t, factor=cython.p_double, forward=cython.p_double, z=cython.p_double,
         total=double, pivot=double, i=Py_ssize_t, j=Py_ssize_t, q=Py_ssize_t, row=Py_ssize_t,
-        diagonal=Py_ssize_t, column=Py_ssize_t,
+        system_row=Py_ssize_t, column=Py_ssize_t,
     )
     cdef _solve_on(self, double* m, double* r, Py_ssize_t count)
 

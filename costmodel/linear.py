@@ -417,14 +417,14 @@ class OnlineCalibrator:
         passive, factor, forward, z = self._passive, self._factor, self._forward, self._solution
         for i in range(count):
             row = i * (i + 1) // 2
-            diagonal = passive[i] * (passive[i] + 1) // 2
+            system_row = passive[i] * (passive[i] + 1) // 2  # where row passive[i] of `m` starts
             for j in range(i):
                 column = j * (j + 1) // 2
-                total = m[diagonal + passive[j]]
+                total = m[system_row + passive[j]]
                 for q in range(j):
                     total = total - factor[row + q] * factor[column + q]
                 factor[row + j] = total / factor[column + j]
-            pivot = m[diagonal + passive[i]]
+            pivot = m[system_row + passive[i]]
             for q in range(i):
                 pivot = pivot - factor[row + q] * factor[row + q]
             if not pivot > 0:  # also catches nan
