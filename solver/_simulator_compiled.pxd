@@ -73,6 +73,9 @@ cdef extern from *:
     object _new_bare "__pyx_shadow_new_bare"(object cls)
     void _untrack "PyObject_GC_UnTrack"(object obj)
 
+cdef extern from "math.h":
+    double _sqrt "sqrt"(double x)
+
 cdef tuple _RECORD_SLOTS
 cdef tuple _RECORD_DEFAULTS
 cdef object _RECORD_FIRST_SCHEDULED

@@ -1743,7 +1743,7 @@ def _steps_starting_before(gap: int, first_step: int, slope: int) -> int:
         # the exact integer does (so the compiled core multiplies C doubles).
         exact = 2 * slope < _EXACT_PS and -_EXACT_PS < gap < _EXACT_PS
         area = 2.0 * slope * gap if exact else float(2 * slope * gap)
-        j = int((-half + math.sqrt(half * half + area)) / slope) + 2
+        j = int((-half + _sqrt(half * half + area)) / slope) + 2
     else:
         j = gap // first_step + 2 if first_step else 0
     while j > 0 and j * first_step + slope * j * (j - 1) // 2 >= gap:
@@ -1824,6 +1824,8 @@ if not cython.compiled:
 
     def _untrack(obj: object) -> None:
         """The compiled core's `PyObject_GC_UnTrack`: the cyclic collector stops walking `obj`."""
+
+    _sqrt = math.sqrt  # C's sqrt in the compiled core (the one math.sqrt calls: the same double)
 
 
 def _slot(cls: type, name: str) -> MemberDescriptorType:
