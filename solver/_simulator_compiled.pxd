@@ -60,6 +60,17 @@ cdef extern from *:
         Py_XDECREF(old);
         return 0;
     }
+    static int __pyx_shadow_slots_set(PyObject *obj, PyObject *slots, Py_ssize_t start, PyObject *values) {
+        Py_ssize_t index, n = PyTuple_GET_SIZE(values);
+        if (start < 0 || start + n > PyTuple_GET_SIZE(slots)) {
+            PyErr_SetString(PyExc_IndexError, "more values than slots");
+            return -1;
+        }
+        for (index = 0; index < n; index++)
+            if (__pyx_shadow_slot_set(obj, PyTuple_GET_ITEM(slots, start + index), PyTuple_GET_ITEM(values, index)) < 0)
+                return -1;
+        return 0;
+    }
     static PyObject *__pyx_shadow_new_bare(PyObject *cls) {
         PyObject *no_args = PyTuple_New(0), *obj;
         if (no_args == NULL) return NULL;
@@ -70,6 +81,7 @@ cdef extern from *:
     """
     object _slot_get "__pyx_shadow_slot_get"(object obj, object slot)
     int _slot_set "__pyx_shadow_slot_set"(object obj, object slot, object value) except -1
+    int _slots_set "__pyx_shadow_slots_set"(object obj, tuple slots, Py_ssize_t start, tuple values) except -1
     object _new_bare "__pyx_shadow_new_bare"(object cls)
     void _untrack "PyObject_GC_UnTrack"(object obj)
 
@@ -88,7 +100,7 @@ cdef object _ARRIVAL_OUTPUT_TOKENS
 cdef object _ARRIVAL_PRIORITY
 cdef object _ARRIVAL_BLOCK_HASHES
 
-@cython.locals(record=object, index=Py_ssize_t)
+@cython.locals(record=object)
 cpdef object _new_record(object request_id, object arrival, object prompt_tokens, object output_tokens,
                          object priority)
 

@@ -1818,6 +1818,12 @@ if not cython.compiled:
     def _slot_set(obj: object, slot: MemberDescriptorType, value: object) -> None:
         setattr(obj, slot.__name__, value)
 
+    def _slots_set(obj: object, slots: tuple, start: int, values: tuple) -> None:
+        """`_slot_set` of each of `values` into the slots from `slots[start]` on (one C loop in the compiled
+        core)."""
+        for index in range(len(values)):
+            _slot_set(obj, slots[start + index], values[index])
+
     def _new_bare(cls: type) -> object:
         """An instance of `cls` without its `__init__`: every slot empty."""
         return cls.__new__(cls)
@@ -1878,8 +1884,7 @@ def _new_record(
     _slot_set(record, _RECORD_SLOTS[2], prompt_tokens)
     _slot_set(record, _RECORD_SLOTS[3], output_tokens)
     _slot_set(record, _RECORD_SLOTS[4], priority)
-    for index in range(len(_RECORD_DEFAULTS)):
-        _slot_set(record, _RECORD_SLOTS[5 + index], _RECORD_DEFAULTS[index])
+    _slots_set(record, _RECORD_SLOTS, 5, _RECORD_DEFAULTS)
     _untrack(record)
     return record  # type: ignore[return-value]
 
