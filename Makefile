@@ -22,11 +22,12 @@ $(VENV)/.core: $(BIN)/python pyproject.toml
 	$(SKIP_COMPILE) $(PIP) install --quiet -e '.[shadow,ray,test]'
 	touch $@
 
-# The compiled simulator core and its prefix cache (setup.py), rebuilt when their sources change: an edited
-# simulator.py or kv_cache.py otherwise runs as plain Python (with a warning) until the next build.
+# The compiled modules (setup.py: the simulator core, its prefix cache, the wire reader, the engine tracker, the
+# online calibrator), rebuilt when their sources change: an edited source otherwise runs as plain Python (with a
+# warning) until the next build.
 $(VENV)/.compiled: $(VENV)/.core setup.py solver/simulator.py solver/_simulator_compiled.pxd solver/kv_cache.py \
                   solver/_kv_cache_compiled.pxd adapters/_wire_compiled.pyx shadow/tracking/engine_state.py \
-                  shadow/tracking/_engine_state_compiled.pxd
+                  shadow/tracking/_engine_state_compiled.pxd costmodel/linear.py costmodel/_linear_compiled.pxd
 	$(PIP) install --quiet --no-deps -e .
 	touch $@
 
