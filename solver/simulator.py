@@ -1539,7 +1539,8 @@ class Simulator:
             k = min(k, next_arrival_step - self.num_steps)
         k = min(k, self.max_steps - self.num_steps)  # a run cut short stops where it was asked to
         if next_arrival_time is not None:
-            gap = next_arrival_time - self.now
+            gap = next_arrival_time  # a C integer before the subtraction (in the compiled core)
+            gap -= self.now
             if (k - 1) * first_step_ps + slope_ps * (k - 1) * (k - 2) // 2 >= gap:  # the arrival comes first
                 k = _steps_starting_before(gap, first_step_ps, slope_ps)
         if k < 1:
