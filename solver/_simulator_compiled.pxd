@@ -266,6 +266,9 @@ cdef class Simulator:
     cdef public Py_ssize_t num_scheduled_decoders
     cdef long long[::1] peak_jobs
     cdef public list peak_order
+    cdef public Py_ssize_t demanded_running
+    cdef public Py_ssize_t demanded_tokens
+    cdef public Py_ssize_t demanded_chunk
 
     cpdef add_running(self, _Request request, Py_ssize_t num_computed_tokens, Py_ssize_t num_output_tokens)
     cdef _hold_initial_blocks(self, _Request request)
@@ -292,6 +295,7 @@ cdef class Simulator:
     cdef Py_ssize_t _num_output_tokens(self, _Request request) except? -1
     cdef bint _is_decoding(self, _Request request) except -1
     cdef _preempt_request(self, _Request request, Py_ssize_t num_unrun_tokens=*)
+    cdef _demand(self, Py_ssize_t tokens, Py_ssize_t chunk)
     cdef _free_request(self, _Request request)
 
     @cython.locals(num_cached_blocks=Py_ssize_t, held_blocks=list, num_freed=Py_ssize_t, reachable=Py_ssize_t,
@@ -322,7 +326,8 @@ cdef class Simulator:
     cdef Py_ssize_t _long_prefill_token_threshold(self) except? -1
 
     @cython.locals(blocked=bint, request=_Request, num_tokens=Py_ssize_t, num_computed_tokens=Py_ssize_t,
-                   num_new_tokens=Py_ssize_t, num_private_hits=Py_ssize_t, num_held_hit_blocks=Py_ssize_t)
+                   num_new_tokens=Py_ssize_t, num_private_hits=Py_ssize_t, num_held_hit_blocks=Py_ssize_t,
+                   given=Py_ssize_t, chunk=Py_ssize_t)
     cdef Py_ssize_t _schedule_waiting(self, Py_ssize_t token_budget, list scheduled,
                                       Py_ssize_t long_prefill_token_threshold) except? -1
 
@@ -335,7 +340,7 @@ cdef class Simulator:
                    request=_Request, num_computed_tokens=Py_ssize_t, num_tokens=Py_ssize_t,
                    num_new_tokens=Py_ssize_t, num_new_blocks=Py_ssize_t, victim_index=Py_ssize_t,
                    preempted_req=_Request, candidate=_Request, num_unscheduled=Py_ssize_t,
-                   num_unrun_tokens=Py_ssize_t)
+                   num_unrun_tokens=Py_ssize_t, chunk=Py_ssize_t)
     cdef _schedule_literal(self)
 
     @cython.locals(j=Py_ssize_t, num_new_tokens=Py_ssize_t, num_computed_tokens=Py_ssize_t)
@@ -351,7 +356,7 @@ cdef class Simulator:
                    num_decoders=Py_ssize_t, token_budget=Py_ssize_t, num_new_blocks=Py_ssize_t,
                    request=_Request, num_computed_tokens=Py_ssize_t, num_new_tokens=Py_ssize_t, blocks=Py_ssize_t,
                    preempted_reqs=list, preempted_req=_Request, running=list, index=Py_ssize_t,
-                   first=Py_ssize_t)
+                   first=Py_ssize_t, chunk=Py_ssize_t)
     cdef bint _step_fast(self) except -1
 
     @cython.locals(num_scheduled_tokens=Py_ssize_t, kv_tokens=Py_ssize_t, attention_pairs=Py_ssize_t,
@@ -384,5 +389,5 @@ cdef class Simulator:
                    lo=Py_ssize_t, hi=Py_ssize_t, mid=Py_ssize_t, num_new_blocks=Py_ssize_t, j=Py_ssize_t,
                    finished=list, request=_Request, seq=Py_ssize_t,
                    first_step_ps=cython.longlong, slope_ps=cython.longlong, gap=cython.longlong,
-                   total_ps=cython.longlong)
+                   total_ps=cython.longlong, head=_Request, sequence=Py_ssize_t)
     cdef bint _fast_forward(self, object next_arrival_time, object next_arrival_step) except -1

@@ -67,6 +67,17 @@ class SchedulerThrashes(RuntimeError):
     requests' own computation): a property of the policy and the KV cache, reported, not a crash."""
 
 
+@dataclass(frozen=True, slots=True)
+class RunDemands:
+    """The most a run's tests of the knobs that can hold a request back asked of them. A setting above what its
+    tests asked never held a request back, so every such setting runs the same steps (the shadow simulates such
+    candidates once: `vllm_shadow.evaluation.shared_runs`)."""
+
+    running: int  # requests in the running queue at a test of the sequence cap (len(running) >= max_num_seqs)
+    tokens: int  # a step's tokens so far plus those a request asked for, at a test of the token budget
+    chunk: int  # the tokens one request asked for at a test of the long-prefill threshold
+
+
 @dataclass(slots=True)
 class SimResult:
     policy: str
@@ -79,6 +90,7 @@ class SimResult:
     # Of gpu_seconds, what computing again the KV recompute preemptions dropped cost: the recompute tax, by the
     # engine tracker's definition (solver.simulator.without_recompute) on the simulated steps.
     recompute_gpu_seconds: float = 0.0
+    demands: RunDemands | None = None  # None where no simulator ran it
 
     def summary(self) -> dict[str, float | int | str]:
         done = [r for r in self.requests if r.finish == r.finish]

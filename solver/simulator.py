@@ -41,7 +41,7 @@ from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.solver import compiled_build
 from vllm_shadow.solver.kv_cache import BlockPool, HeldEntry, PrivateRun, num_blocks, num_held_blocks
 from vllm_shadow.solver.policies import Policy, parse_policy
-from vllm_shadow.solver.records import RequestRecord, SchedulerThrashes, SimResult
+from vllm_shadow.solver.records import RequestRecord, RunDemands, SchedulerThrashes, SimResult
 
 try:
     import cython  # in the compiled core, Cython's compile-time module: `cython.compiled` is True there
@@ -382,6 +382,10 @@ class Simulator:
         # The policy's knobs that the loop reads on every step, copied into plain fields (C fields in the
         # compiled core: an attribute of the frozen Policy costs a dictionary lookup there).
         self.max_num_seqs = policy.max_num_seqs
+        # The most the run's tests of the knobs that hold a request back asked (`RunDemands`).
+        self.demanded_running = 0
+        self.demanded_tokens = 0
+        self.demanded_chunk = 0
         self.max_num_batched_tokens = policy.max_num_batched_tokens
         self.long_prefill_token_threshold = policy.long_prefill_token_threshold
         self.chunked_prefill = policy.chunked_prefill
@@ -970,7 +974,11 @@ class Simulator:
         precondition)."""
         blocked = False
         while token_budget > 0 and self.waiting.size:
+            given = self.max_num_batched_tokens - token_budget  # the step's tokens so far
+            if len(self.running) > self.demanded_running:
+                self.demanded_running = len(self.running)
             if len(self.running) >= self.max_num_seqs:
+                self._demand(given + 1, 0)  # the loop's test that some budget is left
                 blocked = True
                 break
             request = self.waiting.peek_request()
@@ -987,8 +995,10 @@ class Simulator:
             else:
                 num_computed_tokens = 0
                 num_new_tokens = num_tokens
+            chunk = num_new_tokens
             if 0 < long_prefill_token_threshold < num_new_tokens:
                 num_new_tokens = long_prefill_token_threshold
+            self._demand(given + max(num_new_tokens, 1), chunk)
             if (
                 not self.chunked_prefill
                 and num_new_tokens > token_budget
@@ -1026,8 +1036,18 @@ class Simulator:
             request.scheduled_computed_tokens = num_computed_tokens
             scheduled.append(request)
             token_budget -= num_new_tokens
+        if token_budget <= 0 and self.waiting.size:  # the loop stopped for want of budget
+            self._demand(self.max_num_batched_tokens - token_budget + 1, 0)
         self.admission_blocked = blocked and not self.admit_future_peak
         return token_budget
+
+    def _demand(self, tokens: int, chunk: int) -> None:
+        """A budget test asked for `tokens` (the step's tokens so far and a request's chunk), and a threshold test
+        for a chunk of `chunk` tokens: the run's demands are the most that any asked (`RunDemands`)."""
+        if tokens > self.demanded_tokens:
+            self.demanded_tokens = tokens
+        if chunk > self.demanded_chunk:
+            self.demanded_chunk = chunk
 
     def _admit_with_hits(
         self, request: _Request, hit_blocks: list[HeldEntry], num_private_hits: int, num_tokens: int
@@ -1086,8 +1106,11 @@ class Simulator:
             num_computed_tokens = self._num_computed_tokens(request)
             num_tokens = request.num_prompt_tokens + self._num_output_tokens(request)
             num_new_tokens = num_tokens - num_computed_tokens
+            chunk = num_new_tokens
             if 0 < long_prefill_token_threshold < num_new_tokens:
                 num_new_tokens = long_prefill_token_threshold
+            if num_new_tokens > 0:
+                self._demand(self.max_num_batched_tokens - token_budget + num_new_tokens, chunk)
             num_new_tokens = min(num_new_tokens, token_budget)
             if num_new_tokens <= 0:
                 req_index += 1
@@ -1139,6 +1162,8 @@ class Simulator:
                     self._cache_blocks(request, num_computed_tokens + num_new_tokens)
             token_budget -= num_new_tokens
             req_index += 1
+        if token_budget <= 0 and req_index < len(self.running):  # the walk stopped for want of budget
+            self._demand(self.max_num_batched_tokens - token_budget + 1, 0)
         self._freeze_decoders()
         if not preempted_reqs and (self.continuous_batching or static_admit):
             self._schedule_waiting(token_budget, scheduled, long_prefill_token_threshold)
@@ -1225,6 +1250,7 @@ class Simulator:
         token_budget = self.max_num_batched_tokens - num_decoders
         if token_budget < 0:
             return False
+        self._demand(num_decoders, 0)  # the decoders leading the queue: one token each
         # The decoders whose next token opens a new block: those with decode_base = -decode_steps mod block_size.
         num_new_blocks = self.decode_base_residues[-self.decode_steps % block_size]
         running = self.running
@@ -1246,16 +1272,20 @@ class Simulator:
             if request.implicit_decoder:  # only in a walk over the whole queue
                 if token_budget <= 0:
                     return False  # it would not run
+                self._demand(self.max_num_batched_tokens - token_budget + 1, 0)
                 token_budget -= 1
                 continue
             if request.finishing:
                 continue
             if token_budget <= 0:
+                self._demand(self.max_num_batched_tokens - token_budget + 1, 0)
                 continue  # keep checking the order; vLLM's walk stops here
             num_computed_tokens = request.num_computed_tokens
             num_new_tokens = request.num_prompt_tokens + request.num_output_tokens - num_computed_tokens
+            chunk = num_new_tokens
             if 0 < long_prefill_token_threshold < num_new_tokens:
                 num_new_tokens = long_prefill_token_threshold
+            self._demand(self.max_num_batched_tokens - token_budget + num_new_tokens, chunk)
             num_new_tokens = min(num_new_tokens, token_budget)
             blocks = cdiv(num_computed_tokens + num_new_tokens, block_size) - cdiv(
                 num_computed_tokens, block_size
@@ -1560,6 +1590,15 @@ class Simulator:
             k = lo
             if k < 1:
                 return False
+        self._demand(num_decoders, 0)
+        if self.waiting.size and not static_full:
+            # Each step of the stretch tests the waiting queue's head again: the sequence cap, then the budget for
+            # at most its whole sequence so far on top of the decoders' tokens.
+            if num_decoders > self.demanded_running:
+                self.demanded_running = num_decoders
+            head = self.waiting.peek_request()
+            sequence = head.num_prompt_tokens + head.num_output_tokens
+            self._demand(num_decoders + sequence, sequence)
         num_new_blocks = self._decode_blocks_over(k)
         total_ps = k * first_step_ps + slope_ps * k * (k - 1) // 2
         if self.record_steps:
@@ -2033,6 +2072,7 @@ def simulate(
             peak_kv_blocks=sim.peak_used_blocks,
             steps=sim.step_log if record_steps else None,
             tokens_processed=sim.num_tokens_processed,
+            demands=RunDemands(sim.demanded_running, sim.demanded_tokens, sim.demanded_chunk),
         )
         # The run's requests die here, before the collector is back on (none is in a cycle): its first pass
         # then walks the records alone, not the requests too.

@@ -50,6 +50,7 @@ def view(result: SimResult) -> dict:
         "policy": result.policy,
         "gpu_seconds": result.gpu_seconds,
         "recompute_gpu_seconds": result.recompute_gpu_seconds,
+        "demands": result.demands,
         "num_steps": result.num_steps,
         "peak_kv_blocks": result.peak_kv_blocks,
         "tokens_processed": result.tokens_processed,

@@ -3,7 +3,7 @@
 `run_candidates` simulates once the policies that provably run the same steps (`SharedRuns`): those that differ
 only in a sequence cap no lower than the window's request count or above the run's running peak (the simulator
 reads the cap only in vLLM's admission test, which such a cap never fails), in a token budget (and chunked
-prefill) or a long-prefill threshold the run never asked to exceed (`run_demands`), and, in a run without
+prefill) or a long-prefill threshold above what the run's tests asked (`RunDemands`), and, in a run without
 preemptions, only in the victim rule or (every request at one priority) in priority against FCFS order. The
 property tests hold the simulator to each on random workloads (every preset, prefix caching and async
 scheduling on and off, running requests at the start, decoding, part way through a prompt or with their last
@@ -30,9 +30,9 @@ from vllm_shadow.evaluation.evaluate import (
     simulate_window,
 )
 from vllm_shadow.evaluation.results import CandidateOutcome
-from vllm_shadow.evaluation.shared_runs import RunDemands, SharedRuns, one_priority, run_demands, task_groups
+from vllm_shadow.evaluation.shared_runs import SharedRuns, one_priority, task_groups
 from vllm_shadow.solver.policies import parse_policy
-from vllm_shadow.solver.records import RequestRecord, SimResult
+from vllm_shadow.solver.records import RequestRecord, RunDemands, SimResult
 from vllm_shadow.solver.simulator import RunningRequest, simulate
 
 _PREEMPTIONS = [f.name for f in dataclasses.fields(RequestRecord)].index("preemptions")
@@ -58,21 +58,12 @@ def _simulated(requests, initial, policy, blocks: int, block_size: int) -> SimRe
 def _view(result: SimResult | str) -> dict:
     if isinstance(result, str):
         return {"refused": result}
-    return view(result) | {"policy": None}  # the label is the policy's own; everything else must agree
+    # The label is the policy's own, and its demands what its own tests asked; everything else must agree.
+    return view(result) | {"policy": None, "demands": None}
 
 
 def _run(requests, initial, policy, blocks: int, block_size: int) -> dict:
     return _view(_simulated(requests, initial, policy, blocks, block_size))
-
-
-def _demands(result: SimResult, initial) -> RunDemands:
-    """`run_demands` as `run_candidates` calls it."""
-    carried = {
-        r.request.request_id: max(r.request.prompt_tokens - r.computed_tokens, 0)
-        for r in initial
-        if not r.finishing
-    }
-    return run_demands(result.requests, carried, sum(r.finishing for r in initial))
 
 
 def _carried_variant(workload, variant: int):
@@ -110,7 +101,7 @@ def test_a_run_is_the_same_under_every_cap_above_its_running_peak(
     if isinstance(result, str):
         return
     run = _view(result)
-    peak = _demands(result, initial).running
+    peak = result.demands.running
     if peak >= policy.max_num_seqs:
         return  # the cap may have held a request back
     for cap in (peak + 1, peak + above):  # the tightest cap first
@@ -132,7 +123,7 @@ def test_a_run_is_the_same_under_every_token_budget_it_never_reaches_chunked_or_
     if isinstance(result, str):
         return
     run = _view(result)
-    tokens = _demands(result, initial).tokens
+    tokens = result.demands.tokens
     if tokens > policy.max_num_batched_tokens:
         return  # the budget may have cut a chunk
     chunked = policy.chunked_prefill != flip_chunking
@@ -151,7 +142,7 @@ def test_a_run_is_the_same_under_every_long_prefill_threshold_it_never_reaches(
     if isinstance(result, str):
         return
     run = _view(result)
-    chunk = _demands(result, initial).prefill_chunk
+    chunk = result.demands.chunk
     if 0 < policy.long_prefill_token_threshold < chunk:
         return  # the threshold may have cut a chunk
     for threshold in (chunk, chunk + above, 0):
@@ -194,16 +185,16 @@ def test_a_run_shared_runs_hands_out_is_the_run_of_the_policy_that_takes_it(
         return
     run = _view(result)
     priorities = {r.priority for r in requests} | {r.request.priority for r in initial}
-    shared = SharedRuns(len(requests) + len(initial), same_priority=len(priorities) <= 1)
+    shared = SharedRuns(same_priority=len(priorities) <= 1)
     preemptions = sum(r.preemptions for r in result.requests)
-    demands = _demands(result, initial)
-    shared.add(policy, CandidateOutcome("simulated", result.gpu_seconds, None, preemptions), lambda: demands)
+    demands = result.demands
+    shared.add(policy, CandidateOutcome("simulated", result.gpu_seconds, None, preemptions), demands)
     other = dataclasses.replace(
         policy,
         max_num_seqs=max(1, demands.running + beside[0]),
         max_num_batched_tokens=max(1, demands.tokens + beside[1]),
         chunked_prefill=policy.chunked_prefill != flip_chunking,
-        long_prefill_token_threshold=max(0, demands.prefill_chunk + beside[2]),
+        long_prefill_token_threshold=max(0, demands.chunk + beside[2]),
         victim=victim,
         order=order,
     )
@@ -293,9 +284,9 @@ def test_task_groups_keep_policies_that_may_share_a_run_in_one_task(tasks: int, 
         assert group == [p for p in policies if p in group]
     task_of = {str(p): i for i, group in enumerate(groups) for p in group}
     for taken in policies:
-        shared = SharedRuns(num_requests=10**6, same_priority=same_priority)
+        shared = SharedRuns(same_priority=same_priority)
         # A run that reached no cap, budget or threshold, without a preemption: shared as widely as can be.
-        shared.add(taken, CandidateOutcome("x", 1.0, None), lambda: RunDemands(0, 0, 0))
+        shared.add(taken, CandidateOutcome("x", 1.0, None), RunDemands(0, 0, 0))
         for other in policies:
             if shared.get(other, "y") is not None:
                 assert task_of[str(other)] == task_of[str(taken)], (taken, other)
@@ -325,21 +316,32 @@ def test_one_priority_reads_every_request_of_the_window() -> None:
         assert not one_priority(odd)
 
 
-def test_a_run_s_demands_are_walked_once_and_only_when_a_policy_looked_up_needs_them() -> None:
-    shared = SharedRuns(num_requests=1000, same_priority=True)
-    default, half, other = (parse_policy(p) for p in ("vllm", "vllm(max_num_seqs=128)", "sarathi"))
-    walks = []
-
-    def demands() -> RunDemands:
-        walks.append(1)
-        return RunDemands(running=100, tokens=5000, prefill_chunk=3000)
-
-    shared.add(default, CandidateOutcome("vllm", 1.0, None), demands)
-    assert shared.get(default, "again") is not None and walks == []  # the same policy: no walk
-    assert shared.get(other, "sarathi") is None and walks == []  # another share key: no walk
-    assert shared.get(half, "half") is not None and walks == [1]
-    assert shared.get(parse_policy("vllm(max_num_batched_tokens=4096)"), "small") is None  # 5000 > 4096
-    assert shared.get(parse_policy("vllm(max_num_batched_tokens=16384,chunked_prefill=false)"), "big")
-    assert shared.get(parse_policy("vllm(long_prefill_token_threshold=2048)"), "cut") is None
-    assert shared.get(parse_policy("vllm(long_prefill_token_threshold=4096)"), "uncut") is not None
-    assert walks == [1]
+def test_shared_runs_hand_a_run_only_to_settings_above_what_its_tests_asked() -> None:
+    shared = SharedRuns(same_priority=True)
+    default, other = parse_policy("vllm"), parse_policy("sarathi")
+    shared.add(default, CandidateOutcome("vllm", 1.0, None), RunDemands(running=100, tokens=5000, chunk=3000))
+    shared.add(other, CandidateOutcome("sarathi", 1.0, None, preemptions=2), None)
+    taken = {
+        spec: shared.get(parse_policy(spec), spec) is not None
+        for spec in (
+            "vllm",
+            "vllm(max_num_seqs=128)",
+            "vllm(max_num_seqs=100)",  # the test saw 100 running: a cap of 100 holds a request back
+            "vllm(max_num_batched_tokens=4096)",
+            "vllm(max_num_batched_tokens=5000,chunked_prefill=false)",
+            "vllm(long_prefill_token_threshold=2048)",
+            "vllm(long_prefill_token_threshold=3000)",
+            "vllm(victim=least-computed)",  # no preemption: either rule
+            "sarathi",
+            "sarathi(victim=least-computed)",  # no demands known, and it preempted
+            "orca",
+        )
+    }
+    assert [spec for spec, took in taken.items() if took] == [
+        "vllm",
+        "vllm(max_num_seqs=128)",
+        "vllm(max_num_batched_tokens=5000,chunked_prefill=false)",
+        "vllm(long_prefill_token_threshold=3000)",
+        "vllm(victim=least-computed)",
+        "sarathi",
+    ]

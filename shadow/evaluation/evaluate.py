@@ -19,7 +19,6 @@ operator can act on: the first counts savings made by delaying requests without 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import statistics
 import time
@@ -39,7 +38,7 @@ from vllm_shadow.evaluation.results import (
     Slo,
     WindowOptimum,
 )
-from vllm_shadow.evaluation.shared_runs import SharedRuns, one_priority, run_demands
+from vllm_shadow.evaluation.shared_runs import SharedRuns, one_priority
 from vllm_shadow.evaluation.step_match import compare_steps
 from vllm_shadow.solver.bounds import relaxation_bound
 from vllm_shadow.solver.optimal import GPU_COST, slo_deadlines, solve_optimal
@@ -133,25 +132,19 @@ def run_candidates(
 ) -> list[CandidateOutcome]:
     """Simulate each policy on the window. A failing policy is reported, not raised: one bad candidate must
     not cost the window its other results. Policies that provably run the same steps as one simulated already
-    (`SharedRuns`: a sequence cap the run never reaches; without preemptions, a token budget, chunked prefill
-    or a long-prefill threshold that never cuts, the other victim rule, and priority order where all priorities
-    are equal), the self replay included when this process just ran it, take its outcome under their own
-    label."""
+    (`SharedRuns`: a sequence cap, a token budget, chunked prefill or a long-prefill threshold whose tests the
+    run passed at both settings; without preemptions, the other victim rule, and priority order where all
+    priorities are equal), the self replay included when this process just ran it, take its outcome under their
+    own label."""
     out = []
     own = _own_ids(window)
-    shared = SharedRuns(window.num_requests, same_priority=one_priority(window))
-    carried = {
-        r.request.request_id: max(r.request.prompt_tokens - r.computed_tokens, 0)
-        for r in window.running
-        if not r.finishing
-    }
-    held = sum(r.finishing for r in window.running)
+    shared = SharedRuns(same_priority=one_priority(window))
     parsed = [parse_policy(spec) for spec in policies]
     replay = _replay_in_process(window)
     if replay is not None:
         current = current_policy(window.info.scheduler)
         outcome = candidate_outcome(window, "", replay, slo, keep_requests=keep_requests, own=own)
-        shared.add(current, outcome, functools.partial(run_demands, replay.requests, carried, held))
+        shared.add(current, outcome, replay.demands)
     for policy in parsed:
         label = str(policy)
         try:
@@ -159,7 +152,7 @@ def run_candidates(
             if outcome is None:
                 result = simulate_window(window, policy)
                 outcome = candidate_outcome(window, label, result, slo, keep_requests=keep_requests, own=own)
-                shared.add(policy, outcome, functools.partial(run_demands, result.requests, carried, held))
+                shared.add(policy, outcome, result.demands)
             out.append(outcome)
         except (ValueError, RuntimeError, AssertionError) as exc:
             out.append(CandidateOutcome(label, math.nan, None, error=f"{type(exc).__name__}: {exc}"))

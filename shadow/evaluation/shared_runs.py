@@ -1,18 +1,16 @@
 """The candidates of a window whose simulations are provably the same run, so that each such run is simulated once.
 
-Some knobs of a policy are read by the simulator only where they can hold a request back, and a run can show
-that they never did. Two policies that differ only in such knobs, each in a setting the run never reached, run
-the same steps (by induction over the run's decisions: each sees the same state and decides the same way):
+Some knobs of a policy are read by the simulator only in tests that can hold a request back, and a run records
+the most that each of its tests asked of them (`RunDemands`). Two policies that differ only in such knobs, each
+set above what the run asked, run the same steps: by induction over the run's decisions, each sees the same
+state and decides the same way. The knobs:
 
-- the sequence cap, in vLLM's admission test `len(running) >= max_num_seqs`: a cap no lower than the window's
-  request count never holds one back, nor one above the run's running peak (`RunDemands.running`: a cap of 128
-  shares the default's run when a window never runs 128 requests at once, as when the KV cache binds first);
+- the sequence cap, in vLLM's admission test `len(running) >= max_num_seqs` (a cap of 128 shares the default's
+  run when a window never runs 128 requests at once, as when the KV cache binds first);
 - the token budget, which cuts a chunk to what is left of it, stops a pass when nothing is left, and (chunked
-  prefill off) holds back a prompt larger than what is left; and with it chunked prefill, which only says
-  which of the first and the last happens. A budget no lower than `RunDemands.tokens`, the most tokens that
-  the requests at any one schedule could ask for together, never does either;
-- the long-prefill threshold, which cuts a chunk larger than itself: one no lower than the largest prefill a
-  request could ask for (`RunDemands.prefill_chunk`) never does;
+  prefill off) holds back a prompt larger than what is left; and with it chunked prefill, which only says which
+  of the first and the last happens;
+- the long-prefill threshold, which cuts a chunk larger than itself;
 - the preemption victim rule (`victim`), only to pick a victim: a run without a preemption never consults it;
 - the queue order, priority or FCFS, to order the waiting queue (a heap on (priority, arrival, index), or a
   deque fed in (arrival, index) order) and to pick a victim: when every request of the window has the same
@@ -28,165 +26,64 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from vllm_shadow.evaluation.results import CandidateOutcome
 from vllm_shadow.solver.policies import Policy
-from vllm_shadow.solver.records import RequestRecord
+from vllm_shadow.solver.records import RunDemands
 from vllm_shadow.tracking.windows import TrafficWindow
 
 
 @dataclass(frozen=True, slots=True)
-class RunDemands:
-    """Upper bounds on what a run asked of the knobs that can hold a request back (`run_demands`)."""
-
-    running: int  # requests in the running queue at an admission test
-    tokens: int  # tokens asked for at one schedule, by the running requests and the waiting ones together
-    prefill_chunk: int  # tokens one request asked for in one chunk of its prefill
-
-
-def run_demands(
-    records: Sequence[RequestRecord], carried: Mapping[str, int], held_at_start: int
-) -> RunDemands:
-    """The demands of a run from its request records. `carried`: the requests running at the start (in the queue
-    from before it), by id, with the prompt tokens each had left to compute then (0: decoding); `held_at_start`:
-    requests whose last token was in flight at the start, which hold a place in the queue at the first schedule
-    under async scheduling (they have no record).
-
-    Running: a request first enters the queue at the start of the step that first runs its tokens (admission
-    comes after the step's preemptions, and gives it tokens at once) and leaves it for good once it finished:
-    before the next schedule, or under async scheduling right after it (at its finish time). So the closed
-    [first scheduled, finish] spans cover every schedule at which it is in the queue (while a victim waits they
-    over-count, which is safe), and the most of them that share an instant bound the queue.
-
-    Tokens: a schedule's budget tests each compare what the step gave the requests before (running ones, and
-    waiting ones it admitted) plus what the next asks with the budget. A request asks at most for its prompt
-    from its first schedule to the end of the step that computed its prompt's last token (its first token),
-    and then for one token a step until its finish; one that is ever preempted, at most for its prompt and
-    output (a resumed request computes its generated tokens again) over its whole [first scheduled, finish].
-    The waiting pass stops at the first request it does not admit, so a pass looks at one waiting request
-    beyond those admitted, asking for no more than the most any request asks. The most the spans weigh at one
-    instant, plus that, bounds every test of the run (a request asks for at least one token, so that also
-    bounds the test that some budget is left)."""
-    starts, ends = [], []
-    weighted: list[tuple[float, int, int]] = []  # (instant, 0: span opens / 1: closes, tokens)
-    most_asked = 0  # by one request at once
-    for r in records:
-        left = carried.get(r.request_id)
-        first_scheduled, first_token, finish = r.first_scheduled, r.first_token, r.finish
-        if finish != finish:  # NaN: unfinished
-            finish = math.inf
-        if left is None:
-            prefill = r.prompt_tokens
-        else:
-            first_scheduled, prefill = -math.inf, left
-        if r.preemptions:
-            prefill = r.prompt_tokens + r.output_tokens
-        most_asked = max(most_asked, prefill)
-        if first_scheduled != first_scheduled:  # NaN: never scheduled, so never in the queue
-            continue
-        starts.append(first_scheduled)
-        ends.append(finish)
-        if r.preemptions:
-            weighted.append((first_scheduled, 0, prefill))
-            weighted.append((finish, 1, prefill))
-            continue
-        decoding_from = first_scheduled
-        if prefill > 0:
-            decoding_from = first_token if first_token == first_token else math.inf
-            weighted.append((first_scheduled, 0, prefill))
-            weighted.append((decoding_from, 1, prefill))
-        if decoding_from < math.inf:
-            weighted.append((decoding_from, 0, 1))
-            weighted.append((finish, 1, 1))
-    starts.sort()
-    ends.sort()
-    peak = left_index = 0
-    for entered, start in enumerate(starts, 1):
-        while (
-            ends[left_index] < start
-        ):  # every end before this start is one of an earlier start's (end >= start)
-            left_index += 1
-        peak = max(peak, entered - left_index)
-    weighted.sort()  # at one instant, spans open before others close: the spans are closed
-    tokens = most_tokens = 0
-    for _, closes, weight in weighted:
-        if closes:
-            tokens -= weight
-        else:
-            tokens += weight
-            most_tokens = max(most_tokens, tokens)
-    return RunDemands(peak + held_at_start, most_tokens + most_asked, most_asked)
-
-
-@dataclass(slots=True)
 class _Run:
     policy: Policy
     outcome: CandidateOutcome
-    demands_of: Callable[[], RunDemands] | None  # called once, the first time a lookup needs the demands
-    demands: RunDemands | None = None
-
-    def demands_now(self) -> RunDemands | None:
-        if self.demands is None and self.demands_of is not None:
-            self.demands, self.demands_of = self.demands_of(), None
-        return self.demands
+    demands: RunDemands | None  # None: shared with its own policy only
 
 
 @dataclass(slots=True)
 class SharedRuns:
     """The outcomes summarised so far on one window, by the runs they came from."""
 
-    num_requests: int  # the window's requests: running, waiting and arriving
-    same_priority: bool  # every one of them has the same priority
+    same_priority: bool  # every request of the window, running, waiting or arriving, has the same priority
     runs: dict[Policy, list[_Run]] = field(default_factory=dict)  # by `_share_key`
 
     def get(self, policy: Policy, label: str) -> CandidateOutcome | None:
         """The outcome of a run that `policy` runs too, under `label`; None if none is known yet."""
         for run in self.runs.get(_share_key(policy, self.same_priority), ()):
-            if self._runs_too(run, policy):
+            if _runs_too(run, policy):
                 return dataclasses.replace(run.outcome, label=label)
         return None
 
-    def add(
-        self, policy: Policy, outcome: CandidateOutcome, demands_of: Callable[[], RunDemands] | None = None
-    ) -> None:
-        """`outcome`: `policy` simulated on the window and summarised (not a failure); `demands_of`: the run's
-        `run_demands`, where they can be had, called only if a policy looked up later needs them."""
+    def add(self, policy: Policy, outcome: CandidateOutcome, demands: RunDemands | None) -> None:
+        """`outcome`: `policy` simulated on the window and summarised (not a failure), with its run's demands."""
         self.runs.setdefault(_share_key(policy, self.same_priority), []).append(
-            _Run(policy, outcome, demands_of)
+            _Run(policy, outcome, demands)
         )
 
-    def _runs_too(self, run: _Run, policy: Policy) -> bool:
-        """Whether `policy`, which has `run.policy`'s share key, runs `run` too: every knob it sets otherwise
-        is one the run never reached, neither at its own setting nor at `policy`'s."""
-        ran = run.policy
-        if ran == policy:
-            return True
-        preempted = run.outcome.preemptions > 0
-        if preempted and (ran.victim != policy.victim or ran.order != policy.order):
-            return False
-        cap = min(ran.max_num_seqs, policy.max_num_seqs)
-        if ran.max_num_seqs != policy.max_num_seqs and cap < self.num_requests:
-            demands = run.demands_now()
-            if demands is None or demands.running >= cap:
-                return False
-        if (ran.max_num_batched_tokens, ran.chunked_prefill) != (
-            policy.max_num_batched_tokens,
-            policy.chunked_prefill,
-        ):
-            demands = run.demands_now()
-            if demands is None or demands.tokens > min(
-                ran.max_num_batched_tokens, policy.max_num_batched_tokens
-            ):
-                return False
-        thresholds = (ran.long_prefill_token_threshold, policy.long_prefill_token_threshold)
-        if thresholds[0] != thresholds[1]:
-            demands = run.demands_now()
-            if demands is None or any(0 < t < demands.prefill_chunk for t in thresholds):
-                return False
+
+def _runs_too(run: _Run, policy: Policy) -> bool:
+    """Whether `policy`, which has `run.policy`'s share key, runs `run` too: every knob it sets otherwise is
+    one whose tests the run passed both at its own setting and at `policy`'s."""
+    ran, demands = run.policy, run.demands
+    if ran == policy:
         return True
+    if demands is None:
+        return False
+    if run.outcome.preemptions and (ran.victim != policy.victim or ran.order != policy.order):
+        return False
+    if ran.max_num_seqs != policy.max_num_seqs and demands.running >= min(
+        ran.max_num_seqs, policy.max_num_seqs
+    ):
+        return False
+    budgets = (ran.max_num_batched_tokens, policy.max_num_batched_tokens)
+    if (budgets[0], ran.chunked_prefill) != (budgets[1], policy.chunked_prefill) and demands.tokens > min(
+        budgets
+    ):
+        return False
+    thresholds = (ran.long_prefill_token_threshold, policy.long_prefill_token_threshold)
+    return thresholds[0] == thresholds[1] or all(t == 0 or t >= demands.chunk for t in thresholds)
 
 
 # The knobs set to these in a share key: any run may be shared across them (`SharedRuns._runs_too`).
