@@ -11,6 +11,7 @@ live shadow uses as the candidate label.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from dataclasses import dataclass, fields
 from typing import Literal
@@ -84,13 +85,7 @@ class Policy:
                 )
 
     def __str__(self) -> str:
-        base = PRESETS[self.preset]
-        changed = [
-            f"{f.name}={_format_value(getattr(self, f.name))}"
-            for f in fields(self)
-            if f.name != "preset" and getattr(self, f.name) != getattr(base, f.name)
-        ]
-        return f"{self.preset}({','.join(changed)})" if changed else self.preset
+        return _spelling(self)
 
     def vllm_flags(self) -> list[str]:
         """The vLLM command-line flags that select this policy (only meaningful for the vllm preset)."""
@@ -149,6 +144,18 @@ _ALIASES = {
     "prefix_caching": "enable_prefix_caching",
 }
 _SPEC = re.compile(r"^\s*([A-Za-z][\w-]*)\s*(?:\((.*)\))?\s*$")
+
+
+# A deployment's grid is a few dozen policies, labelled in every window: each is spelled once.
+@functools.lru_cache(maxsize=4096)
+def _spelling(policy: Policy) -> str:
+    base = PRESETS[policy.preset]
+    changed = [
+        f"{f.name}={_format_value(getattr(policy, f.name))}"
+        for f in fields(policy)
+        if f.name != "preset" and getattr(policy, f.name) != getattr(base, f.name)
+    ]
+    return f"{policy.preset}({','.join(changed)})" if changed else policy.preset
 
 
 def _format_value(value: object) -> str:
