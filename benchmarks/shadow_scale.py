@@ -40,6 +40,7 @@ import dataclasses
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
@@ -48,7 +49,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.revision_modules import load_revision_modules
+from benchmarks.revision_modules import ROOT, load_revision_modules
 from vllm_shadow.adapters.events import (
     EngineInfo,
     EngineStep,
@@ -282,25 +283,20 @@ def end_to_end(args: argparse.Namespace, events: list[Event], rules: WindowRules
 
 
 def revision_evaluation(revision: str) -> Any:
-    """The module `vllm_shadow.evaluation.evaluate` of a git revision, with that revision's step comparison
-    and bounds, loaded beside this tree's under private names; everything else (the simulator, the result
+    """The module `vllm_shadow.evaluation.evaluate` of a git revision, with that revision's step comparison,
+    bounds and run sharing, loaded beside this tree's under private names; everything else (the simulator, the result
     types, so that outcomes compare) is this tree's."""
-    modules = load_revision_modules(
-        revision,
-        (
-            ("bounds", "solver/bounds.py", ()),
-            ("step_match", "shadow/evaluation/step_match.py", ()),
-            (
-                "evaluate",
-                "shadow/evaluation/evaluate.py",
-                (
-                    ("vllm_shadow.solver.bounds", "_revision_bounds"),
-                    ("vllm_shadow.evaluation.step_match", "_revision_step_match"),
-                ),
-            ),
-        ),
-    )
-    return modules["evaluate"]
+    files = [("bounds", "solver/bounds.py", ()), ("step_match", "shadow/evaluation/step_match.py", ())]
+    redirected = [
+        ("vllm_shadow.solver.bounds", "_revision_bounds"),
+        ("vllm_shadow.evaluation.step_match", "_revision_step_match"),
+    ]
+    shared_runs = "shadow/evaluation/shared_runs.py"
+    if subprocess.run(["git", "cat-file", "-e", f"{revision}:{shared_runs}"], cwd=ROOT).returncode == 0:
+        files.append(("shared_runs", shared_runs, ()))
+        redirected.append(("vllm_shadow.evaluation.shared_runs", "_revision_shared_runs"))
+    files.append(("evaluate", "shadow/evaluation/evaluate.py", tuple(redirected)))
+    return load_revision_modules(revision, files)["evaluate"]
 
 
 def evaluation_of(evaluate: Any, window: TrafficWindow, others: list) -> str:
