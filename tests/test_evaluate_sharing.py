@@ -13,6 +13,7 @@ token in flight), so that a future use of one of these knobs breaks them here fi
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -31,7 +32,7 @@ from vllm_shadow.evaluation.evaluate import (
 )
 from vllm_shadow.evaluation.results import CandidateOutcome
 from vllm_shadow.evaluation.shared_runs import SharedRuns, one_priority, task_groups
-from vllm_shadow.solver.policies import parse_policy
+from vllm_shadow.solver.policies import Policy, parse_policy
 from vllm_shadow.solver.records import RequestRecord, RunDemands, SimResult
 from vllm_shadow.solver.simulator import RunningRequest, simulate
 
@@ -91,23 +92,30 @@ def test_a_sequence_cap_at_least_the_request_count_never_changes_a_run(workload,
     assert _run(requests, initial, higher, blocks, block_size) == at_count
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(workloads(), policies(), st.integers(0, 2), st.integers(1, 3))
-def test_a_run_is_the_same_under_every_cap_above_its_running_peak(
-    workload, policy, variant: int, above: int
-) -> None:
+def _same_run_under(workload, policy, variant: int, others: Callable[[RunDemands], list[Policy]]) -> None:
+    """`policy` on the workload (`_carried_variant`), then each policy `others` gives for its run's demands
+    (none where `policy`'s own setting may have held a request back): the same run."""
     requests, initial, block_size, blocks = _carried_variant(workload, variant)
     result = _simulated(requests, initial, policy, blocks, block_size)
     if isinstance(result, str):
         return
     run = _view(result)
-    peak = result.demands.running
-    if peak >= policy.max_num_seqs:
-        return  # the cap may have held a request back
-    for cap in (peak + 1, peak + above):  # the tightest cap first
-        assert (
-            _run(requests, initial, dataclasses.replace(policy, max_num_seqs=cap), blocks, block_size) == run
-        )
+    for other in others(result.demands):
+        assert _run(requests, initial, other, blocks, block_size) == run
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workloads(), policies(), st.integers(0, 2), st.integers(1, 3))
+def test_a_run_is_the_same_under_every_cap_above_its_running_peak(
+    workload, policy, variant: int, above: int
+) -> None:
+    def caps(demands: RunDemands) -> list[Policy]:
+        peak = demands.running
+        if peak >= policy.max_num_seqs:
+            return []  # the cap may have held a request back
+        return [dataclasses.replace(policy, max_num_seqs=cap) for cap in (peak + 1, peak + above)]
+
+    _same_run_under(workload, policy, variant, caps)
 
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -118,18 +126,18 @@ def test_a_run_is_the_same_under_every_token_budget_it_never_reaches_chunked_or_
     """A budget no lower than the run's token demand, the tightest first, with chunked prefill as it was or
     flipped: the same run. (Where the budget did cut a chunk, stop a pass or hold a prompt back, the demand is
     above it: a budget that cannot bind would run otherwise.)"""
-    requests, initial, block_size, blocks = _carried_variant(workload, variant)
-    result = _simulated(requests, initial, policy, blocks, block_size)
-    if isinstance(result, str):
-        return
-    run = _view(result)
-    tokens = result.demands.tokens
-    if tokens > policy.max_num_batched_tokens:
-        return  # the budget may have cut a chunk
-    chunked = policy.chunked_prefill != flip_chunking
-    for budget in (tokens, tokens + above, 10**6):  # the tightest, and one that can never bind
-        other = dataclasses.replace(policy, max_num_batched_tokens=budget, chunked_prefill=chunked)
-        assert _run(requests, initial, other, blocks, block_size) == run
+
+    def budgets(demands: RunDemands) -> list[Policy]:
+        tokens = demands.tokens
+        if tokens > policy.max_num_batched_tokens:
+            return []  # the budget may have cut a chunk
+        chunked = policy.chunked_prefill != flip_chunking
+        return [  # the tightest, and one that can never bind
+            dataclasses.replace(policy, max_num_batched_tokens=budget, chunked_prefill=chunked)
+            for budget in (tokens, tokens + above, 10**6)
+        ]
+
+    _same_run_under(workload, policy, variant, budgets)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -137,17 +145,16 @@ def test_a_run_is_the_same_under_every_token_budget_it_never_reaches_chunked_or_
 def test_a_run_is_the_same_under_every_long_prefill_threshold_it_never_reaches(
     workload, policy, variant: int, above: int
 ) -> None:
-    requests, initial, block_size, blocks = _carried_variant(workload, variant)
-    result = _simulated(requests, initial, policy, blocks, block_size)
-    if isinstance(result, str):
-        return
-    run = _view(result)
-    chunk = result.demands.chunk
-    if 0 < policy.long_prefill_token_threshold < chunk:
-        return  # the threshold may have cut a chunk
-    for threshold in (chunk, chunk + above, 0):
-        other = dataclasses.replace(policy, long_prefill_token_threshold=threshold)
-        assert _run(requests, initial, other, blocks, block_size) == run
+    def thresholds(demands: RunDemands) -> list[Policy]:
+        chunk = demands.chunk
+        if 0 < policy.long_prefill_token_threshold < chunk:
+            return []  # the threshold may have cut a chunk
+        return [
+            dataclasses.replace(policy, long_prefill_token_threshold=threshold)
+            for threshold in (chunk, chunk + above, 0)
+        ]
+
+    _same_run_under(workload, policy, variant, thresholds)
 
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
