@@ -36,6 +36,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -53,6 +54,7 @@ from vllm_shadow.adapters.traces import read_trace, resolve_trace
 from vllm_shadow.costmodel.architecture import load_model
 from vllm_shadow.costmodel.hardware import get_hardware
 from vllm_shadow.costmodel.kv import kv_capacity_blocks
+from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.costmodel.roofline import roofline_prior
 from vllm_shadow.solver import kv_cache, simulator
 
@@ -99,14 +101,20 @@ def one_call(row: int) -> None:
     print(f"{ROWS[row].label}: {policy}, {len(requests):,} requests, {result.num_steps:,} steps")
 
 
-def hour_one(candidate: int) -> None:
-    """One candidate's (or, -1, every candidate's) compiled `simulate` call on the whole hour (see --hour-one)."""
+def _hour_setup() -> tuple[ModuleType, list, LinearCostModel, int]:
+    """The compiled core (exits if it is not built and current), the whole Azure hour, and Llama-2-7B's cost
+    model and KV blocks on one A100: what --hour-one and --hour-only run."""
     compiled = simulator.compiled_core()
     if compiled is None or simulator.stale_sources(compiled):
         sys.exit("the compiled core is not built or is older than its source: `pip install -e .` first")
     arch, hw = load_model("llama-2-7b"), get_hardware("a100")
     hour = read_trace(resolve_trace("azure-conv")).requests
-    cost, blocks = roofline_prior(arch, hw, 1), kv_capacity_blocks(arch, hw, block_size=BLOCK_SIZE)
+    return compiled, hour, roofline_prior(arch, hw, 1), kv_capacity_blocks(arch, hw, block_size=BLOCK_SIZE)
+
+
+def hour_one(candidate: int) -> None:
+    """One candidate's (or, -1, every candidate's) compiled `simulate` call on the whole hour (see --hour-one)."""
+    compiled, hour, cost, blocks = _hour_setup()
     for p in CANDIDATES_20 if candidate == -1 else [CANDIDATES_20[candidate]]:
         result = compiled.simulate(hour, p, cost, num_kv_blocks=blocks, block_size=BLOCK_SIZE)
         print(f"{p}: {len(hour):,} requests, {result.num_steps:,} steps")
@@ -114,12 +122,7 @@ def hour_one(candidate: int) -> None:
 
 def hour_only(repeats: int) -> None:
     """The compiled core on the whole Azure hour under each of the 20 candidates (see --hour-only)."""
-    compiled = simulator.compiled_core()
-    if compiled is None or simulator.stale_sources(compiled):
-        sys.exit("the compiled core is not built or is older than its source: `pip install -e .` first")
-    arch, hw = load_model("llama-2-7b"), get_hardware("a100")
-    hour = read_trace(resolve_trace("azure-conv")).requests
-    cost, blocks = roofline_prior(arch, hw, 1), kv_capacity_blocks(arch, hw, block_size=BLOCK_SIZE)
+    compiled, hour, cost, blocks = _hour_setup()
     per_candidate: dict[str, list[float]] = {p: [] for p in CANDIDATES_20}
     passes = []
     for _ in range(repeats):
