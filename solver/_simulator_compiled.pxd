@@ -104,6 +104,13 @@ cdef object _ARRIVAL_BLOCK_HASHES
 cpdef object _new_record(object request_id, object arrival, object prompt_tokens, object output_tokens,
                          object priority)
 
+cdef tuple _STEP_SLOTS
+cdef tuple _STEP_UNSET
+
+@cython.locals(logged=object, values=tuple)
+cdef object _new_step(object step, object start_time, object duration, dict scheduled_tokens, tuple preempted,
+                      object kv_blocks_used, dict cached_tokens)
+
 @cython.locals(x=double, n=cython.longlong, rest=double)
 cdef long long _to_ps(object time) except? -1
 
@@ -258,6 +265,7 @@ cdef class Simulator:
     cdef public bint caching
     cdef public object block_pool
     cdef public dict step_cached_tokens
+    cdef public dict implicit_tokens
     cdef public bint async_scheduling
     cdef public list finishing
     cdef public Py_ssize_t last_decode_step
@@ -377,7 +385,7 @@ cdef class Simulator:
     @cython.locals(request=_Request)
     cdef _finish_requests(self, list finished, object end_s)
 
-    @cython.locals(request=_Request, num_new_tokens=Py_ssize_t)
+    @cython.locals(request=_Request, num_scheduled_tokens=dict)
     cdef _log_step(self, long long start, long long duration, list scheduled, Py_ssize_t num_decoders,
                    list preempted_reqs)
 

@@ -444,6 +444,9 @@ class Simulator:
         self.next_finish = _NEVER
         self.admission_blocked = False  # last step's admission failed in a way a decode stretch cannot undo
         self.step_log: list[EngineStep] = []
+        # Recording, the implicit decoders' scheduled tokens (one each), kept as they come and go: a step's record
+        # starts from a copy of it instead of a walk of the running queue.
+        self.implicit_tokens: dict[str, int] = {}
         # Prefix caching: num_used_blocks counts the blocks some request holds; a cached block nobody holds is
         # free (and evictable), as in vLLM's pool. The hits of this step's admissions, for the step record.
         self.caching = policy.enable_prefix_caching
@@ -603,6 +606,8 @@ class Simulator:
         decode_steps: from now on it advances with decode_steps, and the finish heap says when it is done."""
         request.implicit_decoder = True
         request.implicit_stamp = self.num_steps
+        if self.record_steps:
+            self.implicit_tokens[request.request_id] = 1
         request.decode_base = request.num_computed_tokens - self.decode_steps
         if self.admit_future_peak:
             self.peak_order.insert(_peak_place(self.peak_order, request), request)
@@ -675,6 +680,8 @@ class Simulator:
         # The decode invariant: every computed token but the last sampled one.
         request.num_output_tokens = request.num_computed_tokens - request.num_prompt_tokens + 1
         request.implicit_decoder = False
+        if self.record_steps:
+            del self.implicit_tokens[request.request_id]
         if self.caching:
             # It cached every full block at the step that filled it (its blocks past the prompt are private).
             request.num_cached_blocks = request.num_computed_tokens // self.block_size
@@ -1503,20 +1510,18 @@ class Simulator:
         num_decoders: int,
         preempted_reqs: list[_Request],
     ) -> None:
-        num_scheduled_tokens = (
-            {r.request_id: 1 for r in self.running if r.implicit_decoder} if num_decoders else {}
-        )
+        num_scheduled_tokens = self.implicit_tokens.copy() if num_decoders else {}
         for request in scheduled:
             num_scheduled_tokens[request.request_id] = request.scheduled_new_tokens
         self.step_log.append(
-            EngineStep(
-                step=self.num_steps,
-                start_time=start / PS_PER_S,
-                duration=duration / PS_PER_S,
-                scheduled_tokens=num_scheduled_tokens,
-                preempted=tuple(r.request_id for r in preempted_reqs),
-                kv_blocks_used=self.num_used_blocks,
-                cached_tokens=self.step_cached_tokens,
+            _new_step(
+                self.num_steps,
+                start / PS_PER_S,
+                duration / PS_PER_S,
+                num_scheduled_tokens,
+                tuple([request.request_id for request in preempted_reqs]),
+                self.num_used_blocks,
+                self.step_cached_tokens,
             )
         )
         self.step_cached_tokens = {}
@@ -1602,15 +1607,17 @@ class Simulator:
         num_new_blocks = self._decode_blocks_over(k)
         total_ps = k * first_step_ps + slope_ps * k * (k - 1) // 2
         if self.record_steps:
-            num_scheduled_tokens = {r.request_id: 1 for r in self.running}
+            num_scheduled_tokens = self.implicit_tokens  # every running request decodes implicitly
             for j in range(k):
                 self.step_log.append(
-                    EngineStep(
-                        step=self.num_steps + j,
-                        start_time=(self.now + j * first_step_ps + slope_ps * j * (j - 1) // 2) / PS_PER_S,
-                        duration=(first_step_ps + slope_ps * j) / PS_PER_S,
-                        scheduled_tokens=dict(num_scheduled_tokens),
-                        kv_blocks_used=self.num_used_blocks + self._decode_blocks_over(j + 1),
+                    _new_step(
+                        self.num_steps + j,
+                        (self.now + j * first_step_ps + slope_ps * j * (j - 1) // 2) / PS_PER_S,
+                        (first_step_ps + slope_ps * j) / PS_PER_S,
+                        num_scheduled_tokens.copy(),
+                        (),
+                        self.num_used_blocks + self._decode_blocks_over(j + 1),
+                        {},
                     )
                 )
         self.num_used_blocks += num_new_blocks
@@ -1927,6 +1934,41 @@ def _new_record(
     _slots_set(record, _RECORD_SLOTS, 5, _RECORD_DEFAULTS)
     _untrack(record)
     return record  # type: ignore[return-value]
+
+
+def _step_slots() -> tuple:
+    """EngineStep's slots in `_new_step`'s argument order, after checking that its __init__ would set only
+    these and the two empty tuples of `_STEP_UNSET`."""
+    names = [f.name for f in fields(EngineStep)]
+    expected = ["step", "start_time", "duration", "scheduled_tokens", "preempted", "resumed", "finished"]
+    if names != [*expected, "kv_blocks_used", "cached_tokens"] or hasattr(EngineStep, "__post_init__"):
+        raise TypeError(f"EngineStep's fields changed: {names}")
+    return tuple(_slot(EngineStep, name) for name in [*expected[:5], "kv_blocks_used", "cached_tokens"])
+
+
+_STEP_SLOTS = _step_slots()
+_STEP_UNSET = (_slot(EngineStep, "resumed"), _slot(EngineStep, "finished"))
+
+
+def _new_step(
+    step: int,
+    start_time: float,
+    duration: float,
+    scheduled_tokens: dict[str, int],
+    preempted: tuple[str, ...],
+    kv_blocks_used: int,
+    cached_tokens: dict[str, int],
+) -> EngineStep:
+    """`EngineStep(step, start_time, ...)` of a recorded step, its slots set from C in the compiled core (the
+    frozen dataclass's `__init__`, interpreted Python, cost more than the rest of a step-space replay)."""
+    values = (step, start_time, duration, scheduled_tokens, preempted, kv_blocks_used, cached_tokens)
+    if not _IN_C:
+        return EngineStep(*values[:5], kv_blocks_used=kv_blocks_used, cached_tokens=cached_tokens)
+    logged = _new_bare(EngineStep)
+    _slots_set(logged, _STEP_SLOTS, 0, values)
+    _slot_set(logged, _STEP_UNSET[0], ())
+    _slot_set(logged, _STEP_UNSET[1], ())
+    return logged  # type: ignore[return-value]
 
 
 # Below 2**62 (picoseconds: 53 days) a double's integer part converts exactly to a C 64-bit integer.
