@@ -14,7 +14,8 @@ steps with their batches, preemptions and finishes, and finishes.) Then, on one 
   end to end  N engines' streams through one core (ingest, then every window evaluated on one worker
               thread) against the traffic time they cover.
 
-Engines per core = 1 / (ingest seconds per traffic second + evaluation seconds per window / window length).
+Engines per core = 1 / (ingest seconds per traffic second + evaluation seconds per window / window length),
+ingest and evaluation each the median of --rounds rounds (default 3).
 
   fleet       with --fleet N: N shadow actors, one core each, engines placed as the senders place them
               (rendezvous hashing of `model[engine]`, adapters.ray_transport.owner_of): the engines per actor for
@@ -156,12 +157,17 @@ def main() -> int:
     parser.add_argument("--window-seconds", type=float, default=10.0)
     parser.add_argument("--rate-scale", type=float, default=1.0, help="denser arrivals than the trace's")
     parser.add_argument("--engines", type=int, default=20, help="engines in the end-to-end run (default 20)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="ingest and evaluate this many times; medians (default 3)"
+    )
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--fleet", type=int, default=0, help="also place engines over a fleet of N actors")
     parser.add_argument("--fleet-engines", type=int, default=1000, help="engines placed over the fleet")
     parser.add_argument("--skip-end-to-end", action="store_true", help="leave out the end-to-end run")
     parser.add_argument("--against", metavar="REV", help="also evaluate with a git revision's evaluation")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     core_id = pin_to_one_core()
 
     started = time.perf_counter()
@@ -179,39 +185,51 @@ def main() -> int:
     candidates = build_candidates(info.scheduler, SPACE)
     assert len(candidates) == 20, len(candidates)
 
-    # Ingest alone.
+    # Ingest alone, then every window's evaluation (self replay in step space and in time, the 19 other
+    # candidates, the bound), each `--rounds` times: the figures are the medians of the rounds (this is a shared
+    # machine; a round's CPU time varies with its neighbours), the first round's windows evaluated.
     tracker_prior = roofline_prior(load_model(MODEL), get_hardware(GPU), 1)
-    t0 = time.process_time()
-    tracker = EngineTracker(info, rules=rules, prior=tracker_prior, clock=time.monotonic)
-    for event in events[1:]:
-        tracker.apply(event)
-    tracker.flush()
-    ingest_cpu = time.process_time() - t0
-    windows = tracker.take_ready()
-
-    # Evaluation of every window: self replay (step space and time), the 19 other candidates, the bound.
-    per_window, matched, compared, sizes = [], 0, 0, []
-    others = [c.policy for c in candidates[1:]]
-    for window in windows:
+    ingest_rounds: list[float] = []
+    windows: list[TrafficWindow] = []
+    for round_ in range(args.rounds):
         t0 = time.process_time()
-        fidelity = check_fidelity(window, SLO)
-        run_candidates(window, others, SLO)
-        solve_window_optimum(window, time_limit=1.0, max_requests=0)
-        per_window.append(time.process_time() - t0)
-        matched += fidelity.steps_matched
-        compared += fidelity.steps_compared
-        sizes.append(window.num_requests)
-    eval_cpu = statistics.fmean(per_window)
+        tracker = EngineTracker(info, rules=rules, prior=tracker_prior, clock=time.monotonic)
+        for event in events[1:]:
+            tracker.apply(event)
+        tracker.flush()
+        ingest_rounds.append(time.process_time() - t0)
+        if round_ == 0:
+            windows = tracker.take_ready()
+    ingest_cpu = statistics.median(ingest_rounds)
+
+    others = [c.policy for c in candidates[1:]]
+    eval_rounds, per_window = [], []
+    for _ in range(args.rounds):
+        per_window, matched, compared, sizes = [], 0, 0, []
+        for window in windows:
+            t0 = time.process_time()
+            fidelity = check_fidelity(window, SLO)
+            run_candidates(window, others, SLO)
+            solve_window_optimum(window, time_limit=1.0, max_requests=0)
+            per_window.append(time.process_time() - t0)
+            matched += fidelity.steps_matched
+            compared += fidelity.steps_compared
+            sizes.append(window.num_requests)
+        eval_rounds.append(statistics.fmean(per_window))
+    eval_cpu = statistics.median(eval_rounds)
     ingest_per_second = ingest_cpu / traffic
     engines_per_core = 1 / (ingest_per_second + eval_cpu / args.window_seconds)
+    rounds = f" (median of {args.rounds} rounds: {_spread(ingest_rounds, 1)} s)" if args.rounds > 1 else ""
     print(
-        f"ingest: {ingest_cpu:.2f} CPU s for {traffic:.0f} s of traffic ({len(events) / ingest_cpu:,.0f} events/s): "
-        f"{ingest_per_second * 1e3:.2f} ms per engine-second",
+        f"ingest: {ingest_cpu:.2f} CPU s for {traffic:.0f} s of traffic ({len(events) / ingest_cpu:,.0f} events/s)"
+        f"{rounds}: {ingest_per_second * 1e3:.2f} ms per engine-second",
         flush=True,
     )
+    rounds = f" (median of {args.rounds} rounds: {_spread(eval_rounds, 1e3)} ms)" if args.rounds > 1 else ""
     print(
         f"evaluate: {len(windows)} windows of {statistics.fmean(sizes):.0f} requests (max {max(sizes)}), "
-        f"{eval_cpu * 1e3:.1f} ms CPU each (p90 {sorted(per_window)[int(0.9 * len(per_window))] * 1e3:.1f} ms) "
+        f"{eval_cpu * 1e3:.1f} ms CPU each{rounds} (last round's p90 "
+        f"{sorted(per_window)[int(0.9 * len(per_window))] * 1e3:.1f} ms) "
         f"for 20 configurations: {1 / eval_cpu:.1f} windows/s per core; self replay {matched}/{compared} steps; "
         f"not evaluated: {dict(tracker.stats.windows_skipped) or 'none'}",
         flush=True,
@@ -221,7 +239,10 @@ def main() -> int:
     )
 
     results = summary_results(args, info, traffic, requests, steps, events, windows, tracker, sizes) | {
+        "rounds": args.rounds,
         "ingest_cpu_seconds": ingest_cpu,
+        "ingest_cpu_seconds_by_round": ingest_rounds,
+        "evaluation_cpu_seconds_per_window_by_round": eval_rounds,
         "ingest_events_per_second": len(events) / ingest_cpu,
         "evaluation_cpu_seconds_per_window": eval_cpu,
         "windows_per_second_per_core": 1 / eval_cpu,
@@ -280,6 +301,11 @@ def end_to_end(args: argparse.Namespace, events: list[Event], rules: WindowRules
         "windows_skipped": dict(reasons),
         "engine_seconds_per_second": args.engines * traffic / wall,
     }
+
+
+def _spread(values: list[float], scale: float) -> str:
+    """The rounds' figures, scaled, in the order they ran."""
+    return ", ".join(f"{v * scale:.2f}" for v in values)
 
 
 def revision_evaluation(revision: str) -> Any:
