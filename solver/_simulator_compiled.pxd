@@ -99,6 +99,11 @@ cdef object _ARRIVAL_PROMPT_TOKENS
 cdef object _ARRIVAL_OUTPUT_TOKENS
 cdef object _ARRIVAL_PRIORITY
 cdef object _ARRIVAL_BLOCK_HASHES
+cdef object _RUNNING_REQUEST
+cdef object _RUNNING_COMPUTED_TOKENS
+cdef object _RUNNING_GENERATED_TOKENS
+cdef object _RUNNING_FINISHING
+cdef object _RUNNING_DECODED_IN_FLIGHT
 
 @cython.locals(record=object)
 cpdef object _new_record(object request_id, object arrival, object prompt_tokens, object output_tokens,
@@ -111,7 +116,7 @@ cdef tuple _STEP_UNSET
 cdef object _new_step(object step, object start_time, object duration, dict scheduled_tokens, tuple preempted,
                       object kv_blocks_used, dict cached_tokens)
 
-@cython.locals(x=double, n=cython.longlong, rest=double)
+@cython.locals(seconds=double, x=double, n=cython.longlong, rest=double)
 cdef long long _to_ps(object time) except? -1
 
 @cython.locals(i=Py_ssize_t, n=Py_ssize_t)
@@ -151,6 +156,7 @@ cdef class _Request:
     cdef public object hit_memo
     cdef public Py_ssize_t running_seq
     cdef public bint finishing
+    cdef public bint freed
     cdef public Py_ssize_t implicit_stamp
     cdef public Py_ssize_t last_run_step
     cdef public Py_ssize_t prev_run_step
@@ -382,7 +388,7 @@ cdef class Simulator:
     @cython.locals(request=_Request)
     cdef _free_finishing(self)
 
-    @cython.locals(request=_Request)
+    @cython.locals(request=_Request, running=list)
     cdef _finish_requests(self, list finished, object end_s)
 
     @cython.locals(request=_Request, num_scheduled_tokens=dict)

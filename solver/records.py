@@ -1,4 +1,5 @@
-"""What a simulation returns: per-request records, optional per-step records, and aggregates.
+"""What a simulation returns: per-request records, optional per-step records, and aggregates; and the requests it
+starts with (`RunningRequest`), a class both simulator cores share.
 
 A simulated step is an `EngineStep`, the event schema's own step type, so that a simulated step and a mirrored
 real step compare field by field. `RequestRecord` is the one per-request latency record: the simulator's, the
@@ -12,7 +13,24 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from vllm_shadow.adapters.events import EngineStep
+from vllm_shadow.adapters.events import EngineStep, RequestArrival
+
+
+@dataclass(frozen=True, slots=True)
+class RunningRequest:
+    """A request already in the engine when the simulation starts (the live shadow's window start)."""
+
+    request: RequestArrival
+    computed_tokens: int  # tokens whose KV is held
+    generated_tokens: int  # output tokens produced so far
+    # Its last token is in flight (async scheduling: the step before the start produced it, and vLLM frees the
+    # request after the first step's schedule): it holds its blocks and its place in the running queue until
+    # then, under a policy without async scheduling it is freed before the first step; it is no request of the
+    # replay (no record). Its `generated_tokens` are its whole output.
+    finishing: bool = False
+    # Async scheduling: its last run, the step right before the start, decoded the token its run the step
+    # before had sampled, so vLLM had not cached the block of that token (were it preempted at the first step).
+    decoded_in_flight: bool = False
 
 
 @dataclass(slots=True)

@@ -30,7 +30,7 @@ import math
 import sys
 from array import array
 from collections.abc import Mapping, Sequence
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, fields
 from heapq import heappop, heappush
 from pathlib import Path
 from types import MemberDescriptorType, ModuleType, SimpleNamespace
@@ -41,7 +41,10 @@ from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.solver import compiled_build
 from vllm_shadow.solver.kv_cache import BlockPool, HeldEntry, PrivateRun, num_blocks, num_held_blocks
 from vllm_shadow.solver.policies import Policy, parse_policy
-from vllm_shadow.solver.records import RequestRecord, RunDemands, SchedulerThrashes, SimResult
+
+# RunningRequest is records.py's, not this file's: the compiled core and the plain-Python one then read the same class
+# (a window's carried requests), the compiled core off its slots (`_slot_get`).
+from vllm_shadow.solver.records import RequestRecord, RunDemands, RunningRequest, SchedulerThrashes, SimResult
 
 try:
     import cython  # in the compiled core, Cython's compile-time module: `cython.compiled` is True there
@@ -99,23 +102,6 @@ def without_recompute(
     return without_new, without_context
 
 
-@dataclass(frozen=True, slots=True)
-class RunningRequest:
-    """A request already in the engine when the simulation starts (the live shadow's window start)."""
-
-    request: RequestArrival
-    computed_tokens: int  # tokens whose KV is held
-    generated_tokens: int  # output tokens produced so far
-    # Its last token is in flight (async scheduling: the step before the start produced it, and vLLM frees the
-    # request after the first step's schedule): it holds its blocks and its place in the running queue until
-    # then, under a policy without async scheduling it is freed before the first step; it is no request of the
-    # replay (no record). Its `generated_tokens` are its whole output.
-    finishing: bool = False
-    # Async scheduling: its last run, the step right before the start, decoded the token its run the step
-    # before had sampled, so vLLM had not cached the block of that token (were it preempted at the first step).
-    decoded_in_flight: bool = False
-
-
 class _Request:
     """One request in the simulator, named as vLLM's `Request`. A request is either explicit (its
     `num_computed_tokens` and `num_output_tokens` are its own) or an implicit decoder (both follow from
@@ -129,6 +115,7 @@ class _Request:
         "ever_scheduled",
         "finish_seq",
         "finishing",
+        "freed",
         "held_blocks",
         "hit_memo",
         "implicit_decoder",
@@ -231,6 +218,7 @@ class _Request:
         # when it became an implicit decoder; its last two runs (steps), and whether the last decoded and
         # sampled: what vLLM had cached of it when it is preempted depends on the token in flight.
         self.finishing = False
+        self.freed = False  # its blocks are freed: it leaves the running queue (`_finish_requests`)
         self.implicit_stamp = 0
         self.last_run_step = -2
         self.prev_run_step = -2
@@ -403,11 +391,12 @@ class Simulator:
         self.num_usable_blocks = num_kv_blocks - 1  # vLLM reserves one null block
         self.watermark_blocks = int(policy.watermark * num_kv_blocks)
         # The cost model's terms in integer picoseconds (see LinearCostModel: a + b*T + c*K + d*P + e*R).
-        self.step_ps = round(cost.a * PS_PER_S)  # per non-empty step
-        self.token_ps = round(cost.b * PS_PER_S)  # per new token
-        self.kv_token_ps = round(cost.c * PS_PER_S)  # per KV token attended
-        self.attention_pair_ps = round(cost.d * PS_PER_S)  # per prefill query-key pair
-        self.request_ps = round(cost.e * PS_PER_S)  # per request in the step
+        # (`_to_ps`: round(x * PS_PER_S), in C in the compiled core.)
+        self.step_ps = _to_ps(cost.a)  # per non-empty step
+        self.token_ps = _to_ps(cost.b)  # per new token
+        self.kv_token_ps = _to_ps(cost.c)  # per KV token attended
+        self.attention_pair_ps = _to_ps(cost.d)  # per prefill query-key pair
+        self.request_ps = _to_ps(cost.e)  # per request in the step
         self.record_steps = record_steps
         self.fast = fast_forward
         self.max_steps = sys.maxsize if max_steps is None else max_steps
@@ -702,7 +691,7 @@ class Simulator:
             index = _peak_place(self.peak_order, request)
             while self.peak_order[index] is not request:  # past the decoders of the same key
                 index += 1
-            del self.peak_order[index]
+            self.peak_order.pop(index)  # see `_remove`
 
     def _num_computed_tokens(self, request: _Request) -> int:
         if request.implicit_decoder:
@@ -1485,15 +1474,20 @@ class Simulator:
                 return
         if self.caching and len(finished) > 1:
             if self.decode_first:  # the running queue was reordered
-                position = {id(r): i for i, r in enumerate(self.running)}
-                finished.sort(key=lambda r: position[id(r)])
+                _sort_by_place(finished, self.running)
             else:
                 finished.sort(key=_running_seq)
         for request in finished:
             self._free_request(request)
         if len(finished) > 8:
-            done = {id(r) for r in finished}
-            self.running = [r for r in self.running if id(r) not in done]
+            for request in finished:
+                request.freed = True
+            # The others, in their order: a test of a C field each, where a set of id()s cost a Python int each.
+            running = []
+            for request in self.running:
+                if not request.freed:
+                    running.append(request)
+            self.running = running
         elif self.decode_first:  # the running queue was reordered
             for request in finished:
                 _remove(self.running, request)
@@ -1751,7 +1745,9 @@ def _remove(requests: list[_Request], request: _Request) -> None:
     these objects, where the compiled core compares pointers."""
     for index in range(len(requests)):
         if requests[index] is request:
-            del requests[index]
+            requests.pop(
+                index
+            )  # not `del`: in the compiled core a memmove, where `del` goes through list slicing
             return
     raise ValueError(f"request {request.request_id} is not in the list")
 
@@ -1772,13 +1768,20 @@ def _remove_in_seq_order(requests: list[_Request], request: _Request) -> None:
         else:
             hi = mid
     if lo < len(requests) and requests[lo] is request:
-        del requests[lo]
+        requests.pop(lo)  # see `_remove`
     else:
         _remove(requests, request)
 
 
 def _running_seq(request: _Request) -> int:
     return request.running_seq
+
+
+def _sort_by_place(requests: list[_Request], running: list[_Request]) -> None:
+    """Sort `requests` by their places in `running`. A function of its own: its key's closure, in
+    `Simulator._finish_requests`, cost a closure object at every call there, sorting or not."""
+    position = {id(r): i for i, r in enumerate(running)}
+    requests.sort(key=lambda r: position[id(r)])
 
 
 def _steps_starting_before(gap: int, first_step: int, slope: int) -> int:
@@ -1895,6 +1898,11 @@ _ARRIVAL_PROMPT_TOKENS = _slot(RequestArrival, "prompt_tokens")
 _ARRIVAL_OUTPUT_TOKENS = _slot(RequestArrival, "output_tokens")
 _ARRIVAL_PRIORITY = _slot(RequestArrival, "priority")
 _ARRIVAL_BLOCK_HASHES = _slot(RequestArrival, "block_hashes")
+_RUNNING_REQUEST = _slot(RunningRequest, "request")
+_RUNNING_COMPUTED_TOKENS = _slot(RunningRequest, "computed_tokens")
+_RUNNING_GENERATED_TOKENS = _slot(RunningRequest, "generated_tokens")
+_RUNNING_FINISHING = _slot(RunningRequest, "finishing")
+_RUNNING_DECODED_IN_FLIGHT = _slot(RunningRequest, "decoded_in_flight")
 
 
 def _record_slots() -> tuple[tuple, tuple]:
@@ -1979,7 +1987,8 @@ def _to_ps(time: float) -> int:
     """`round(time * PS_PER_S)`, the time `time` in integer picoseconds; rounded half to even, as `round` does,
     in C where the compiled core can (a float, below 2**62 ps)."""
     if isinstance(time, float):
-        x = time * 1e12  # the float product `time * PS_PER_S` is: 10**12 is an exact double
+        seconds = time  # a C double in the compiled core: no Python float for the product
+        x = seconds * 1e12  # the float product `time * PS_PER_S` is: 10**12 is an exact double
         if -_ROUND_LIMIT < x < _ROUND_LIMIT:
             n = int(x)
             rest = x - n  # exact: the fraction of a double
@@ -2045,13 +2054,21 @@ def simulate(
     order = policy.order
 
     for index, state in enumerate(initial_running):
-        request = _new_request(state.request, index, order, block_size, num_usable_blocks)
-        if state.finishing:
-            sim.add_finishing(request, state.computed_tokens)  # served before the start: not the replay's
+        # Its fields read off their slots (`_slot_get`), as an arrival's: a window carries dozens of these.
+        request = _new_request(
+            _slot_get(state, _RUNNING_REQUEST), index, order, block_size, num_usable_blocks
+        )
+        if _slot_get(state, _RUNNING_FINISHING):
+            # Served before the start: not the replay's.
+            sim.add_finishing(request, _slot_get(state, _RUNNING_COMPUTED_TOKENS))
         else:
             records.append(request.record)
-            sim.add_running(request, state.computed_tokens, state.generated_tokens)
-            if state.decoded_in_flight and sim.async_scheduling:
+            sim.add_running(
+                request,
+                _slot_get(state, _RUNNING_COMPUTED_TOKENS),
+                _slot_get(state, _RUNNING_GENERATED_TOKENS),
+            )
+            if _slot_get(state, _RUNNING_DECODED_IN_FLIGHT) and sim.async_scheduling:
                 # It decoded in the step before the start and in the one before that (`_to_explicit`).
                 request.implicit_stamp = sim.last_decode_step = -1
                 request.last_run_step, request.prev_run_step = -1, -2
@@ -2085,7 +2102,7 @@ def simulate(
             records.append(request.record)
             arriving.append(request)
             arrival_whens.append(
-                arrival_steps[r.request_id] if arrival_steps is not None else request.arrival_time
+                arrival_steps[request.request_id] if arrival_steps is not None else request.arrival_time
             )
         if not _ascending(arrival_whens):  # a stable sort: requests arriving together stay in their order
             by_arrival = sorted(range(len(arriving)), key=arrival_whens.__getitem__)
