@@ -49,11 +49,19 @@ cpdef tuple _lookup(dict requests, dict scheduled)
     n=cython.longlong,
     computed=cython.longlong,
     generated=cython.longlong,
+    after=cython.longlong,
+    again=cython.longlong,
+    rest=cython.longlong,
+    recomputed=cython.longlong,
     tokens=cython.longlong,
     kv_tokens=cython.longlong,
     attention_units=cython.longlong,
     count=cython.longlong,
+    extra_tokens=cython.longlong,
+    extra_kv=cython.longlong,
+    extra_attention=cython.longlong,
+    extra_count=cython.longlong,
     index=Py_ssize_t,
 )
 cpdef tuple _schedule(list batch, list new_tokens, dict running, object waiting, dict hits,
-                      Py_ssize_t admissions, bint track_runs, Py_ssize_t step_index, double end, bint calibrate)
+                      Py_ssize_t admissions, bint track_runs, Py_ssize_t step_index, double end)

@@ -31,7 +31,7 @@ from vllm_shadow.solver.records import RequestRecord
 from vllm_shadow.solver.simulator import RunningRequest
 from vllm_shadow.tracking.prefix_cache import Admission, FreeQueueEntry, PrefixCacheModel
 from vllm_shadow.tracking.reasons import SkipReason
-from vllm_shadow.tracking.recompute import RecomputeTax, recomputed_tokens, step_recompute_tax
+from vllm_shadow.tracking.recompute import RecomputeTax, recompute_tax, recomputed_tokens
 from vllm_shadow.tracking.tracker import WindowTracker
 from vllm_shadow.tracking.windows import TrafficWindow
 
@@ -154,20 +154,20 @@ def _schedule(
     track_runs: bool,
     step_index: int,
     end: float,
-    calibrate: bool,
-) -> tuple[list[int] | None, int, tuple[int, int, int, int]]:
+) -> tuple[int, int, tuple[int, int, int, int], tuple[int, int, int, int]]:
     """One step's batch (its requests and their new tokens, `_lookup`'s), applied in step order: each request
     admitted if it was not running (its hit in the prefix cache from `hits`, numbered from `admissions`), its
     KV and tokens moved on, its progress stamped `end`. The per-request walk of `EngineTracker._step`, a function
     of its own so that the compiled tracker runs it on C integers (_engine_state_compiled.pxd).
 
-    Returns what of each request's new tokens is computed again (None if nothing is: a request computes again
-    only KV below what a preemption dropped, so the list is made only once one in this step does, all zeros
-    before it); the next admission number; and, if `calibrate`, the batch's features (T, K, P, R) as
-    `batch_features(new tokens, KV before)` gives them (zeros otherwise). Each request's KV before the step is
-    then its `computed` less its new tokens."""
-    again = None
+    Returns the tokens computed again (`recomputed_tokens`: a request computes again only KV below what a
+    preemption dropped); the next admission number; the batch's features (T, K, P, R) as
+    `batch_features(new tokens, KV before)` gives them; and those of the same batch without its recomputation
+    (`without_recompute`), which the recompute tax prices (`recompute_tax`)."""
+    recomputed = 0
     tokens = kv_tokens = attention_units = count = 0
+    # What the recomputation adds to each feature: the batch without it is the batch less these.
+    extra_tokens = extra_kv = extra_attention = extra_count = 0
     for index in range(len(batch)):
         request = batch[index]
         n = new_tokens[index]
@@ -187,18 +187,28 @@ def _schedule(
             )
             request.prev_run, request.last_run = request.last_run, step_index
             request.last_sampled = computed + n >= request.prompt + request.generated
-        if computed < request.dropped_kv:
-            if again is None:
-                again = [0] * index
-            again.append(recomputed_tokens(computed, n, request.dropped_kv))
-        elif again is not None:
-            again.append(0)
-        if calibrate and n > 0:  # batch_features: a request with no new tokens counts for nothing
+        if n > 0:  # batch_features: a request with no new tokens counts for nothing
+            after = computed + n
             tokens += n
-            kv_tokens += computed + n
+            kv_tokens += after
             count += 1
             if n > 1:
-                attention_units += n * (computed + n)
+                attention_units += n * after
+            if computed < request.dropped_kv:
+                again = recomputed_tokens(computed, n, request.dropped_kv)
+                if again:
+                    # Without them (`request_without_recompute`) it runs the rest of its new tokens from the KV
+                    # they leave behind, to the same KV after the step, and not at all if nothing is left.
+                    recomputed += again
+                    rest = n - again
+                    extra_tokens += again
+                    if rest == 0:
+                        extra_kv += after
+                        extra_count += 1
+                    if n > 1:
+                        extra_attention += n * after
+                    if rest > 1:
+                        extra_attention -= rest * after
         computed += n
         request.computed = computed
         request.last_progress = end
@@ -207,7 +217,13 @@ def _schedule(
             request.generated = generated + 1
             if generated == 0:
                 request.first_token = end
-    return again, admissions, (tokens, kv_tokens, attention_units, count)
+    without = (
+        tokens - extra_tokens,
+        kv_tokens - extra_kv,
+        attention_units - extra_attention,
+        count - extra_count,
+    )
+    return recomputed, admissions, (tokens, kv_tokens, attention_units, count), without
 
 
 @dataclass(slots=True)
@@ -413,12 +429,8 @@ class EngineTracker(WindowTracker):
             self._ensure_open()
         victims = self._preempt(step.preempted) if step.preempted else _NO_VICTIMS
         hits = self._cache_step(step, victims) if self._cache is not None else _NO_HITS
-        duration = step.duration
-        # The same test as `_tainted_live == 0 and duration > 0 and end >= _next_calibration`, the comparison
-        # that is false in most steps first. Nothing below changes its terms before the calibrator's update.
-        calibrate = end >= self._next_calibration and self._tainted_live == 0 and duration > 0
         try:
-            again, self._admissions, features = _schedule(
+            recomputed, self._admissions, features, without = _schedule(
                 batch,
                 new_tokens,
                 self._running,
@@ -428,7 +440,6 @@ class EngineTracker(WindowTracker):
                 self._track_runs,
                 self.stats.steps,
                 end,
-                calibrate,
             )
         except KeyError:
             # It names a request that finished here and that windows still hold (its id came back for a new
@@ -442,7 +453,10 @@ class EngineTracker(WindowTracker):
             if step.finished:
                 self._finish_listed(step, end)
             return
-        if calibrate and features[0]:  # a step of zero-token counts (valid on the wire) has nothing to fit
+        duration = step.duration
+        # The comparison that is false in most steps first. A step of zero-token counts (valid on the wire) has
+        # nothing to fit.
+        if end >= self._next_calibration and self._tainted_live == 0 and duration > 0 and features[0]:
             self.calibrator.update_features(*features, duration)
             self._next_calibration = end + 1.0 / self.limits.calibration_steps_per_second
         stats = self.stats
@@ -458,11 +472,9 @@ class EngineTracker(WindowTracker):
                 start = window.start_time = step.start_time
             if not window.too_large:
                 window.steps.append(step)
-                if step.preempted or (again is not None and any(again)):
-                    model = self.calibrator.model()
-                    context = [request.computed - n for request, n in zip(batch, new_tokens, strict=True)]
-                    window.recompute += step_recompute_tax(
-                        model, new_tokens, context, again or [0] * len(new_tokens), len(step.preempted)
+                if step.preempted or recomputed:
+                    window.recompute += recompute_tax(
+                        self.calibrator.model(), features, without, recomputed, len(step.preempted)
                     )
             # Full (`WindowRules.full`, through `arrivals_to_full`): closed once this step's finishes are in,
             # and the next one opened at once.

@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from vllm_shadow.costmodel.linear import LinearCostModel
+from vllm_shadow.costmodel.linear import BatchFeatures, LinearCostModel, batch_features
 from vllm_shadow.solver.simulator import recomputed_tokens, without_recompute
 
-__all__ = ["RecomputeTax", "recomputed_tokens", "step_recompute_tax"]
+__all__ = ["RecomputeTax", "recompute_tax", "recomputed_tokens", "step_recompute_tax"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,5 +46,21 @@ def step_recompute_tax(
     if total == 0:
         return RecomputeTax(preemptions)
     without = without_recompute(new_tokens, context_tokens, recomputed)
-    seconds = cost.batch_time(new_tokens, context_tokens) - cost.batch_time(*without)
-    return RecomputeTax(preemptions, total, max(seconds, 0.0))
+    return recompute_tax(
+        cost, batch_features(new_tokens, context_tokens), batch_features(*without), total, preemptions
+    )
+
+
+def recompute_tax(
+    cost: LinearCostModel,
+    features: BatchFeatures | tuple[int, int, int, int],
+    without: BatchFeatures | tuple[int, int, int, int],
+    recomputed: int,
+    preemptions: int = 0,
+) -> RecomputeTax:
+    """`step_recompute_tax` from the step's features (T, K, P, R) and those of the step without its
+    recomputation, for a caller that sums them as it walks the step (the engine tracker)."""
+    if recomputed == 0:
+        return RecomputeTax(preemptions)
+    seconds = cost.time_from_features(*features) - cost.time_from_features(*without)
+    return RecomputeTax(preemptions, recomputed, max(seconds, 0.0))
