@@ -72,7 +72,12 @@ cdef extern from *:
         return 0;
     }
     static PyObject *__pyx_shadow_new_bare(PyObject *cls) {
-        PyObject *no_args = PyTuple_New(0), *obj;
+        PyTypeObject *type = (PyTypeObject *)cls;
+        PyObject *no_args, *obj;
+        /* object.__new__ without arguments only allocates (after checks that pass here): the allocation alone. */
+        if (type->tp_new == PyBaseObject_Type.tp_new && !PyType_HasFeature(type, Py_TPFLAGS_IS_ABSTRACT))
+            return type->tp_alloc(type, 0);
+        no_args = PyTuple_New(0);
         if (no_args == NULL) return NULL;
         obj = ((PyTypeObject *)cls)->tp_new((PyTypeObject *)cls, no_args, NULL);
         Py_DECREF(no_args);
