@@ -117,8 +117,10 @@ cdef _Builder _FINISH = _Builder(RequestFinish, 5)
 def new_arrival(request_id, time, prompt_tokens, output_tokens, max_tokens, priority, prefix_block_hashes,
                 block_hashes):
     """wire.py's `_new_arrival` (`RequestArrival(...)` with every field given, in field order) built here: the
-    engine tracker builds one per request of every window."""
+    engine tracker builds one per request of every window. Left out of the cyclic collector's walks, as the
+    events `decode` builds are: its fields are numbers, strings and tuples of those."""
     event = _ARRIVAL.new()
+    PyObject_GC_UnTrack(<PyObject*>event)
     _ARRIVAL.put(event, 0, request_id)
     _ARRIVAL.put(event, 1, time)
     _ARRIVAL.put(event, 2, prompt_tokens)

@@ -65,3 +65,31 @@ cpdef tuple _lookup(dict requests, dict scheduled)
 )
 cpdef tuple _schedule(list batch, list new_tokens, dict running, object waiting, dict hits,
                       Py_ssize_t admissions, bint track_runs, Py_ssize_t step_index, double end)
+
+
+# engine_state.py's `_new_slots` (its plain-Python twin is defined there under `not cython.compiled`): an instance
+# of a slots dataclass without its `__init__`, each slot set at its member descriptor's offset (as the descriptor
+# sets a slot of a fresh object), then left out of the cyclic collector's walks. `_slots` checked `cls` and its
+# slots at import: a dataclass whose `__new__` is object's, whose `__init__` only sets them.
+cdef extern from *:
+    """
+    #include <structmember.h>
+    static PyObject *__pyx_tracker_new_slots(PyObject *cls, PyObject *slots, PyObject *values, PyObject *defaults) {
+        Py_ssize_t given = PyTuple_GET_SIZE(values), count = PyTuple_GET_SIZE(slots), index;
+        PyObject *obj, *value;
+        if (given + PyTuple_GET_SIZE(defaults) != count) {
+            PyErr_SetString(PyExc_TypeError, "one value a slot");
+            return NULL;
+        }
+        obj = ((PyTypeObject *)cls)->tp_alloc((PyTypeObject *)cls, 0);
+        if (obj == NULL) return NULL;
+        for (index = 0; index < count; index++) {
+            value = index < given ? PyTuple_GET_ITEM(values, index) : PyTuple_GET_ITEM(defaults, index - given);
+            Py_INCREF(value);
+            *(PyObject **)((char *)obj + ((PyMemberDescrObject *)PyTuple_GET_ITEM(slots, index))->d_member->offset) = value;
+        }
+        PyObject_GC_UnTrack(obj);
+        return obj;
+    }
+    """
+    object _new_slots "__pyx_tracker_new_slots"(object cls, tuple slots, tuple values, tuple defaults)

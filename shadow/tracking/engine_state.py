@@ -14,13 +14,14 @@ and no new window opens until the tainted requests are gone. Every drop is count
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from collections import OrderedDict, deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
-from types import ModuleType
+from types import MemberDescriptorType, ModuleType, SimpleNamespace
 from typing import Any
 
 from vllm_shadow.adapters.events import EngineInfo, EngineStep, Event, RequestArrival, RequestFinish
@@ -35,8 +36,46 @@ from vllm_shadow.tracking.recompute import RecomputeTax, recompute_tax, recomput
 from vllm_shadow.tracking.tracker import WindowTracker
 from vllm_shadow.tracking.windows import TrafficWindow
 
+try:
+    import cython  # in the compiled tracker, Cython's compile-time module: `cython.compiled` is True there
+except ImportError:  # plain Python without Cython installed: the plain tracker
+    cython = SimpleNamespace(compiled=False)
+
 _NO_HITS: dict[str, int] = {}  # a step's prefix-cache hits without a cache model (never written)
 _NO_VICTIMS: tuple[str, ...] = ()
+
+# A window's running requests and observed records are built slot by slot, as the simulator builds its records
+# (`_new_record`): their dataclasses' generated `__init__`s, interpreted Python, were most of a window's build.
+# In the compiled tracker `_new_slots` is C (_engine_state_compiled.pxd), which also leaves the object out of the
+# cyclic collector's walks: it holds an event and numbers, which make no cycle.
+if not cython.compiled:
+
+    def _new_slots(cls: type, slots: tuple, values: tuple, defaults: tuple) -> Any:
+        """`cls(*values)`: `values` then `defaults` set into `slots` (`_slots(cls, len(values))`)."""
+        obj = object.__new__(cls)
+        for slot, value in zip(slots, values + defaults, strict=True):
+            slot.__set__(obj, value)
+        return obj
+
+
+def _slots(cls: type, given: int) -> tuple[tuple[MemberDescriptorType, ...], tuple[Any, ...]]:
+    """`cls`'s slots in field order, and the defaults of its fields after the first `given`, after checking that
+    its `__init__` would do no more than set them (what `_new_slots` does instead)."""
+    fields = dataclasses.fields(cls)
+    slots = tuple(cls.__dict__.get(f.name) for f in fields)
+    defaults = tuple(f.default for f in fields[given:])
+    if (
+        hasattr(cls, "__post_init__")
+        or cls.__new__ is not object.__new__
+        or MISSING in defaults
+        or any(type(slot) is not MemberDescriptorType for slot in slots)
+    ):
+        raise TypeError(f"{cls.__name__}'s __init__ does more than set its slots")
+    return slots, defaults
+
+
+_RUNNING_SLOTS, _NO_DEFAULTS = _slots(RunningRequest, 5)
+_RECORD_SLOTS, _RECORD_DEFAULTS = _slots(RequestRecord, 5)
 
 
 class _Request:
@@ -713,21 +752,19 @@ class EngineTracker(WindowTracker):
         for request_id, computed, generated, finishing, decoded_in_flight in window.running:
             request = requests[request_id]
             if finishing:
-                running.append(
-                    RunningRequest(
-                        request.arrival_event(t0, output=generated), computed, generated, finishing=True
-                    )
-                )
-                continue
-            output = request.output
-            if output <= generated:  # aborted right at the window start: let it emit one more token
-                output, approximations = generated + 1, approximations + 1
+                arrival = request.arrival_event(t0, output=generated)
+            else:
+                output = request.output
+                if output <= generated:  # aborted right at the window start: let it emit one more token
+                    output, approximations = generated + 1, approximations + 1
+                arrival = request.arrival_event(t0, output=output)
+            # RunningRequest(arrival, computed, generated, finishing, decoded_in_flight)
             running.append(
-                RunningRequest(
-                    request.arrival_event(t0, output=output),
-                    computed,
-                    generated,
-                    decoded_in_flight=decoded_in_flight,
+                _new_slots(
+                    RunningRequest,
+                    _RUNNING_SLOTS,
+                    (arrival, computed, generated, finishing, decoded_in_flight),
+                    _NO_DEFAULTS,
                 )
             )
         waiting = []
@@ -751,15 +788,15 @@ class EngineTracker(WindowTracker):
             arrival = request.arrival_event(t0, output=output)
             arrivals.append(arrival)
             arrival_steps[request_id] = request.arrival_step - window.start_step
-            observed[request_id] = RequestRecord(
-                request_id,
-                arrival.time,
-                arrival.prompt_tokens,
-                output,
-                arrival.priority,
-                first_token=request.first_token - t0,
-                finish=request.finish - t0,
+            record = _new_slots(
+                RequestRecord,
+                _RECORD_SLOTS,
+                (request_id, arrival.time, arrival.prompt_tokens, output, arrival.priority),
+                _RECORD_DEFAULTS,
             )
+            record.first_token = request.first_token - t0
+            record.finish = request.finish - t0
+            observed[request_id] = record
         self.stats.approximations += approximations
         return TrafficWindow(
             engine=self.key,
