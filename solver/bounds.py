@@ -114,6 +114,11 @@ class _Columns:
     tokens: np.ndarray  # peak_tokens - computed_tokens: what it still processes
     area: np.ndarray  # `_block_area`
     fresh: np.ndarray  # bool: nothing generated yet (its first token is in the window)
+    # Their sums, which every bound of the window reads (ints).
+    longest: int  # the most remaining outputs
+    area_total: int
+    remaining_total: int
+    tokens_total: int
 
 
 def _columns(window: Window) -> _Columns:
@@ -129,30 +134,41 @@ def _columns(window: Window) -> _Columns:
     generated = np.array([r.generated_tokens for r in requests], dtype=np.int64)
     target = prompt + generated
     remaining = output - generated
+    tokens = prompt + output - 1 - computed
     block_size = window.limits.block_size
+    area = _sum_cdiv_array(target + remaining - 1, block_size) - _sum_cdiv_array(target - 1, block_size)
     columns = _Columns(
         ids=tuple([r.request_id for r in requests]),
         arrival=np.array([r.arrival for r in requests], dtype=np.float64),
         computed=computed,
         target=target,
         remaining=remaining,
-        tokens=prompt + output - 1 - computed,
-        area=_sum_cdiv_array(target + remaining - 1, block_size) - _sum_cdiv_array(target - 1, block_size),
+        tokens=tokens,
+        area=area,
         fresh=generated == 0,
+        longest=int(remaining.max(initial=0)),
+        area_total=int(area.sum()),
+        remaining_total=int(remaining.sum()),
+        tokens_total=int(tokens.sum()),
     )
     window.memo[_Columns] = columns
     return columns
 
 
+# The array forms are called only where a window's requests guarantee their ranges (computed < target, at
+# least one output to go), which spares them the cases that need a np.where.
+
+
 def _sum_range_array(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """`_sum_range` of each pair."""
-    return np.where(hi >= lo, (lo + hi) * (hi - lo + 1) // 2, 0)
+    """`_sum_range` of each pair, hi >= lo - 1 (the empty range's product is 0)."""
+    return (lo + hi) * (hi - lo + 1) // 2
 
 
 def _sum_cdiv_array(m: np.ndarray, block_size: int) -> np.ndarray:
-    """`_sum_cdiv` of each entry."""
+    """`_sum_cdiv` of each entry, m >= 0 (0 gives q = r = 0)."""
     q, r = np.divmod(m, block_size)
-    return np.where(m > 0, block_size * q * (q + 1) // 2 + r * (q + 1), 0)
+    q1 = q + 1
+    return block_size * q * q1 // 2 + r * q1
 
 
 def _prefill_extra_array(columns: _Columns, cost: LinearCostModel) -> np.ndarray:
@@ -173,10 +189,10 @@ def min_batches(window: Window, deadlines: Deadlines | None = None) -> int:
     limits = window.limits
     columns = _columns(window)
     unconstrained = max(
-        int(columns.remaining.max(initial=0)),
-        cdiv(int(columns.area.sum()), limits.kv_blocks),
-        cdiv(int(columns.remaining.sum()), limits.max_num_seqs),
-        cdiv(int(columns.tokens.sum()), limits.max_num_batched_tokens),
+        columns.longest,
+        cdiv(columns.area_total, limits.kv_blocks),
+        cdiv(columns.remaining_total, limits.max_num_seqs),
+        cdiv(columns.tokens_total, limits.max_num_batched_tokens),
     )
     if deadlines is None or not deadlines.finish:
         return unconstrained
@@ -202,24 +218,29 @@ def _deadline_min_batches(window: Window, deadlines: Deadlines, columns: _Column
     holds no start whose best count is known by its end: `_deadline_min_batches_by_end` counts those windows."""
     limits = window.limits
     due = list(map(deadlines.finish.get, columns.ids))
-    chosen: slice | np.ndarray = slice(None)
+    area, longest, tokens = columns.area, columns.remaining, columns.tokens
+    sums = (columns.area_total, columns.remaining_total, columns.tokens_total)
     if None in due:  # a request without a finish deadline is in no interval
         chosen = np.array([t is not None for t in due])
         if not chosen.any():
             return 0
         due = [t for t in due if t is not None]
+        area, longest, tokens = area[chosen], longest[chosen], tokens[chosen]
+        sums = (int(area.sum()), int(longest.sum()), int(tokens.sum()))
+        arrival = np.maximum(columns.arrival[chosen], window.start)
+    else:
+        arrival = np.maximum(columns.arrival, window.start)
     due_at = np.array(due)
-    arrival = np.maximum(columns.arrival[chosen], window.start)
-    longest = columns.remaining[chosen]
     # A total within its limit forces at most one batch, which every request's own emissions force already.
     totals = [
         (values, limit)
-        for values, limit in (
-            (columns.area[chosen], limits.kv_blocks),
-            (longest, limits.max_num_seqs),
-            (columns.tokens[chosen], limits.max_num_batched_tokens),
+        for values, total, limit in zip(
+            (area, longest, tokens),
+            sums,
+            (limits.kv_blocks, limits.max_num_seqs, limits.max_num_batched_tokens),
+            strict=True,
         )
-        if int(values.sum()) > limit
+        if total > limit
     ]
     if (due_at <= arrival).any():
         return _deadline_min_batches_by_end(arrival, due_at, longest, totals)
@@ -228,25 +249,26 @@ def _deadline_min_batches(window: Window, deadlines: Deadlines, columns: _Column
     starts = np.sort(arrival)
     start_of = np.searchsorted(starts, arrival, side="right") - 1
     order = np.argsort(due_at, kind="stable")
+    due_at = due_at[order]
     stairs = [(_Staircase(limit), values[order].tolist()) for values, limit in totals]
-    starts = starts.tolist()
     best_before = [0] * len(starts)  # the best count over the ends before each start, once they are done
-    best = value = opened = 0
-    end = None
-    rows = zip(due_at[order].tolist(), start_of[order].tolist(), longest[order].tolist(), strict=True)
-    for i, (due_by, k, remaining) in enumerate(rows):
-        if due_by != end:  # the previous end is done: its best count, and the starts it opens
+    value = opened = 0
+    # Per request in due order, the starts before its end (all at once, not a search each): where that is
+    # more than are open, the ends before it are done (its end is later than theirs) and the starts past the
+    # open ones open at the best count so far. A staircase's forced count only grows (amounts add to its
+    # values and a start that falls out leaves a higher one on top), so the best count takes it only there.
+    opens = np.searchsorted(starts, due_at, side="left")
+    rows = zip(opens.tolist(), start_of[order].tolist(), longest[order].tolist(), strict=True)
+    for i, (now_open, k, remaining) in enumerate(rows):
+        if now_open > opened:
             for stair, _ in stairs:
                 forced = -(-stair.top // stair.limit)
                 if forced > value:
                     value = forced
-            best, end = value, due_by
-            now_open = bisect.bisect_left(starts, end, opened)
-            if now_open > opened:
-                best_before[opened:now_open] = [best] * (now_open - opened)
-                for stair, _ in stairs:  # the first of them is as high as the rest, and earlier
-                    stair.open(opened, best)
-                opened = now_open
+            best_before[opened:now_open] = [value] * (now_open - opened)
+            for stair, _ in stairs:  # the first of them is as high as the rest, and earlier
+                stair.open(opened, value)
+            opened = now_open
         if best_before[k] + remaining > value:  # comparisons, not max(): a call per request was much of it
             value = best_before[k] + remaining
         for stair, amounts in stairs:
@@ -354,11 +376,11 @@ def _work_and_latency(window: Window, cost: LinearCostModel) -> tuple[float, flo
     work = _work_seconds_array(columns, cost, prefill_extra)
     wait = np.maximum(window.start - columns.arrival, 0.0)
     e2e = (wait + (cost.a * columns.remaining + work)).tolist()
-    fresh = columns.fresh
-    chunk = columns.target[fresh] - columns.computed[fresh]
-    ttft = (
-        wait[fresh] + cost.a + cost.b * chunk + cost.c * columns.target[fresh] + prefill_extra[fresh] + cost.e
-    ).tolist()
+    # Every request's, then the fresh ones' taken: each element the same operations as on the fresh alone.
+    chunk = columns.target - columns.computed
+    ttft = (wait + cost.a + cost.b * chunk + cost.c * columns.target + prefill_extra + cost.e)[
+        columns.fresh
+    ].tolist()
     # Sums as Python's sum() adds, one term after another in window order (numpy's pairwise sums may differ
     # in the last bits, and the shadow's exported bounds must not change).
     terms = (
