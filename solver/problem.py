@@ -11,6 +11,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
 from vllm_shadow.adapters.events import RequestArrival
@@ -85,6 +86,12 @@ _set_computed_tokens = WindowRequest.computed_tokens.__set__
 _set_generated_tokens = WindowRequest.generated_tokens.__set__
 
 
+_request_id = attrgetter("request_id")
+_computed_tokens = attrgetter("computed_tokens")
+_prompt_tokens = attrgetter("prompt_tokens")
+_output_tokens = attrgetter("output_tokens")
+
+
 @dataclass(frozen=True, slots=True)
 class EngineLimits:
     """What bounds a batch. `kv_blocks` counts usable blocks (vLLM's count minus its null block).
@@ -117,18 +124,23 @@ class Window:
     memo: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        # The live shadow makes a window per evaluated window: the checks read each request's fields once,
-        # without a method call per request.
+        # The live shadow makes a window per evaluated window: the checks read the requests' fields with
+        # attrgetter (no bytecode per request), and count exactly only where a cheap upper bound does not fit.
         requests, kv_blocks, block_size = self.requests, self.limits.kv_blocks, self.limits.block_size
-        if len({r.request_id for r in requests}) != len(requests):
+        if len(set(map(_request_id, requests))) != len(requests):
             raise ValueError("request ids in a window must be unique")
-        held = sum([-(-r.computed_tokens // block_size) for r in requests])
-        if held > kv_blocks:
-            raise ValueError(f"running requests hold {held} blocks, more than the {kv_blocks} usable")
-        # Blocks grow with tokens: if the longest request fits, every one does; else the first that does not
-        # is named.
-        peak = max([r.prompt_tokens + r.output_tokens - 1 for r in requests], default=0)
-        if cdiv(peak, block_size) > kv_blocks:
+        # Each request holds at most one block more than its tokens fill whole: an upper bound of what they hold.
+        if sum(map(_computed_tokens, requests)) // block_size + len(requests) > kv_blocks:
+            held = sum([-(-r.computed_tokens // block_size) for r in requests])
+            if held > kv_blocks:
+                raise ValueError(f"running requests hold {held} blocks, more than the {kv_blocks} usable")
+        # Blocks grow with tokens: if the longest prompt and the longest output would fit together, every
+        # request does; else the first that does not is named.
+        if (
+            requests
+            and cdiv(max(map(_prompt_tokens, requests)) + max(map(_output_tokens, requests)) - 1, block_size)
+            > kv_blocks
+        ):
             for r in requests:
                 if self.limits.blocks(r.peak_tokens) > kv_blocks:
                     raise ValueError(f"request {r.request_id} can never fit in {kv_blocks} KV blocks")
