@@ -182,6 +182,8 @@ cdef class _Request:
 
 
 @cython.locals(index=Py_ssize_t)
+cdef Py_ssize_t _index(list requests, _Request request) except -1
+
 cdef _remove(list requests, _Request request)
 
 @cython.locals(index=Py_ssize_t, worst=_Request, r=_Request)

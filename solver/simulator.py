@@ -729,7 +729,7 @@ class Simulator:
         if request.finishing:
             # Its last token is in flight: it finishes from the waiting queue when that output is processed.
             request.finishing = False
-            self.finishing.remove(request)
+            _remove(self.finishing, request)
             self.num_reserved_blocks -= request.num_reserved_blocks
             return
         request.record.recomputed_tokens += request.num_computed_tokens
@@ -1131,8 +1131,8 @@ class Simulator:
                                 preempted_req = candidate
                     else:
                         preempted_req = _worst_priority(self.running)
-                    victim_index = self.running.index(preempted_req)
-                    del self.running[victim_index]
+                    victim_index = _index(self.running, preempted_req)
+                    self.running.pop(victim_index)
                     if victim_index < req_index:
                         req_index -= 1
                     num_unscheduled = self._unschedule(preempted_req, scheduled)
@@ -1186,7 +1186,7 @@ class Simulator:
                 self.num_used_blocks -= cdiv(num_computed_tokens + num_new_tokens, self.block_size) - cdiv(
                     num_computed_tokens, self.block_size
                 )
-                del scheduled[j]
+                scheduled.pop(j)
                 return num_new_tokens
         return 0
 
@@ -1200,7 +1200,7 @@ class Simulator:
         else:
             for j in range(len(scheduled)):
                 if scheduled[j] is victim:
-                    del scheduled[j]
+                    scheduled.pop(j)
                     num_new_tokens = victim.scheduled_new_tokens
                     break
         if num_new_tokens:
@@ -1743,16 +1743,19 @@ def _worst_priority(running: list[_Request]) -> _Request:
     return worst
 
 
-def _remove(requests: list[_Request], request: _Request) -> None:
-    """`requests.remove(request)` by identity: list.remove tests each element with ==, several calls apiece for
+def _index(requests: list[_Request], request: _Request) -> int:
+    """`requests.index(request)` by identity: list.index tests each element with ==, several calls apiece for
     these objects, where the compiled core compares pointers."""
     for index in range(len(requests)):
         if requests[index] is request:
-            requests.pop(
-                index
-            )  # not `del`: in the compiled core a memmove, where `del` goes through list slicing
-            return
+            return index
     raise ValueError(f"request {request.request_id} is not in the list")
+
+
+def _remove(requests: list[_Request], request: _Request) -> None:
+    """`requests.remove(request)` by identity (`_index`)."""
+    # Not `del`: in the compiled core list.pop is a memmove, where `del` goes through list slicing.
+    requests.pop(_index(requests, request))
 
 
 def _remove_in_seq_order(requests: list[_Request], request: _Request) -> None:
