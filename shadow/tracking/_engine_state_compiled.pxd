@@ -93,3 +93,6 @@ cdef extern from *:
     }
     """
     object _new_slots "__pyx_tracker_new_slots"(object cls, tuple slots, tuple values, tuple defaults)
+
+cdef extern from "Python.h":
+    int _dict_set "PyDict_SetItem"(object mapping, object key, object value) except -1
