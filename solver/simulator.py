@@ -1513,8 +1513,8 @@ class Simulator:
         self.step_log.append(
             _new_step(
                 self.num_steps,
-                start / PS_PER_S,
-                duration / PS_PER_S,
+                _seconds(start),
+                _seconds(duration),
                 num_scheduled_tokens,
                 tuple([request.request_id for request in preempted_reqs]),
                 self.num_used_blocks,
@@ -1609,8 +1609,8 @@ class Simulator:
                 self.step_log.append(
                     _new_step(
                         self.num_steps + j,
-                        (self.now + j * first_step_ps + slope_ps * j * (j - 1) // 2) / PS_PER_S,
-                        (first_step_ps + slope_ps * j) / PS_PER_S,
+                        _seconds(self.now + j * first_step_ps + slope_ps * j * (j - 1) // 2),
+                        _seconds(first_step_ps + slope_ps * j),
                         num_scheduled_tokens.copy(),
                         (),
                         self.num_used_blocks + self._decode_blocks_over(j + 1),
