@@ -124,6 +124,9 @@ cdef object _new_step(object step, object start_time, object duration, dict sche
 @cython.locals(seconds=double, x=double, n=cython.longlong, rest=double)
 cdef long long _to_ps(object time) except? -1
 
+# A C call from the core (its arrays), callable from Python too.
+cpdef object _zeros(Py_ssize_t n)
+
 @cython.locals(i=Py_ssize_t, n=Py_ssize_t)
 cdef bint _ascending(list values) except -1
 
@@ -308,7 +311,7 @@ cdef class Simulator:
     @cython.locals(pos=Py_ssize_t, child=Py_ssize_t, size=Py_ssize_t, top=Py_ssize_t, finish_at=cython.longlong,
                    seq=Py_ssize_t, steps=cython.longlong[::1], seqs=cython.longlong[::1])
     cdef Py_ssize_t _pop_finish(self) except -1
-    @cython.locals(size=Py_ssize_t, steps=cython.longlong[::1], seqs=cython.longlong[::1])
+    @cython.locals(size=Py_ssize_t, steps=cython.longlong[::1], seqs=cython.longlong[::1], i=Py_ssize_t)
     cdef _grow_finish_heap(self)
     @cython.locals(index=Py_ssize_t)
     cdef _to_explicit(self, _Request request)

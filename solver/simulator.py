@@ -663,8 +663,10 @@ class Simulator:
     def _grow_finish_heap(self) -> None:
         size = self.finish_heap_size
         steps, seqs = _zeros(2 * size), _zeros(2 * size)
-        steps[:size] = self.finish_steps[:size]
-        seqs[:size] = self.finish_seqs[:size]
+        # Not slice assignment: a C loop in the compiled core, where a memoryview slice copies generically.
+        for i in range(size):
+            steps[i] = self.finish_steps[i]
+            seqs[i] = self.finish_seqs[i]
         self.finish_steps, self.finish_seqs = steps, seqs
 
     def _to_explicit(self, request: _Request) -> None:
