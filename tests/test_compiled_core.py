@@ -27,7 +27,7 @@ from vllm_shadow.adapters.events import RequestArrival
 from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.solver import simulator
 from vllm_shadow.solver.policies import PRESETS, Policy, parse_policy
-from vllm_shadow.solver.records import RequestRecord, SimResult
+from vllm_shadow.solver.records import RequestRecord, RunningRequest, SimResult
 
 COST = LinearCostModel(a=0.004, b=3e-5, c=2e-7, d=1e-9, e=1.5e-4)
 
@@ -367,6 +367,39 @@ def test_an_arrival_of_another_class_replays_alike():
         compiled, pure = run_both(requests, policy, num_kv_blocks=40, block_size=4, record_steps=True)
         assert compiled == pure
         assert run_both(others, policy, num_kv_blocks=40, block_size=4, record_steps=True) == (compiled, pure)
+
+
+@dataclasses.dataclass
+class _OtherRunning:
+    """Not a RunningRequest: the compiled core reads such a carried request's fields by name, not off its slots."""
+
+    request: RequestArrival
+    computed_tokens: int
+    generated_tokens: int
+    finishing: bool = False
+    decoded_in_flight: bool = False
+
+
+def test_carried_requests_are_read_alike_off_the_one_shared_class():
+    # The compiled core reads a carried request off RunningRequest's slots, where its class is the one the engine
+    # tracker builds (records.py's, not a class of each core's own): otherwise each read falls back to a lookup.
+    compiled, pure = cores()
+    assert compiled.RunningRequest is pure.RunningRequest is simulator.RunningRequest is RunningRequest
+    arrivals = [RequestArrival(f"r{i}", 0.05 * i, 6 + 5 * i, 3 + 2 * i, priority=i % 2) for i in range(8)]
+    carried = [
+        RunningRequest(arrivals[0], 6, 1),
+        RunningRequest(arrivals[1], 12, 2, decoded_in_flight=True),
+        RunningRequest(arrivals[2], 16, 4, finishing=True),
+    ]
+    others = [_OtherRunning(**dataclasses.asdict(r) | {"request": r.request}) for r in carried]
+    for policy in ("vllm(max_num_seqs=3,async_scheduling=true)", "sjf", "lightllm"):
+        outcomes = run_both(
+            arrivals[3:], policy, initial=carried, num_kv_blocks=30, block_size=4, record_steps=True
+        )
+        assert outcomes[0] == outcomes[1]
+        assert run_both(
+            arrivals[3:], policy, initial=others, num_kv_blocks=30, block_size=4, record_steps=True
+        ) == (outcomes)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
