@@ -136,7 +136,9 @@ def _columns(window: Window) -> _Columns:
     remaining = output - generated
     tokens = prompt + output - 1 - computed
     block_size = window.limits.block_size
-    area = _sum_cdiv_array(target + remaining - 1, block_size) - _sum_cdiv_array(target - 1, block_size)
+    # Both ends of each request's sum in one array: half the numpy calls of two.
+    ends = _sum_cdiv_array(np.concatenate((target + remaining - 1, target - 1)), block_size)
+    area = ends[: len(requests)] - ends[len(requests) :]
     columns = _Columns(
         ids=tuple([r.request_id for r in requests]),
         arrival=np.array([r.arrival for r in requests], dtype=np.float64),
@@ -217,10 +219,12 @@ def _deadline_min_batches(window: Window, deadlines: Deadlines, columns: _Column
     `_Staircase` per total keeps as the ends go by. Where a request is due by its own arrival its interval
     holds no start whose best count is known by its end: `_deadline_min_batches_by_end` counts those windows."""
     limits = window.limits
-    due = list(map(deadlines.finish.get, columns.ids))
     area, longest, tokens = columns.area, columns.remaining, columns.tokens
     sums = (columns.area_total, columns.remaining_total, columns.tokens_total)
-    if None in due:  # a request without a finish deadline is in no interval
+    try:
+        due = list(map(deadlines.finish.__getitem__, columns.ids))
+    except KeyError:  # a request without a finish deadline is in no interval
+        due = list(map(deadlines.finish.get, columns.ids))
         chosen = np.array([t is not None for t in due])
         if not chosen.any():
             return 0
