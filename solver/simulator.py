@@ -1,6 +1,3 @@
-# cython: boundscheck=False
-# (The compiled core indexes its arrays and lists without bounds checks: every index is within its loop's own bounds,
-# and the property tests run this file as plain Python too, where an index out of range raises.)
 """Iteration-level simulator: replays requests through one scheduling loop, step by step.
 
 Each step the policy picks the batch (new tokens per request) under the KV blocks, the token budget and the
