@@ -181,6 +181,12 @@ def main() -> int:
         f"pinned to core {core_id}",
         flush=True,
     )
+    plain = [name for name, compiled in compiled_modules().items() if compiled is False]
+    if plain:
+        print(
+            f"warning: running as plain Python: {', '.join(plain)} (rebuild: make .venv/.compiled)",
+            flush=True,
+        )
     rules = WindowRules(seconds=args.window_seconds)
     candidates = build_candidates(info.scheduler, SPACE)
     assert len(candidates) == 20, len(candidates)
@@ -369,6 +375,18 @@ def evaluation_against(revision: str, windows: list[TrafficWindow], others: list
     }
 
 
+def compiled_modules() -> dict[str, bool | None]:
+    """Which of the compiled modules run (a stale or missing build falls back to plain Python, several times
+    slower: a figure measured so says nothing of the compiled code); None for a module that has no compiled
+    build (an older revision's, in `scale_against.py`)."""
+    from vllm_shadow.costmodel import linear
+    from vllm_shadow.solver import kv_cache, simulator
+    from vllm_shadow.tracking import engine_state
+
+    modules = {"simulator": simulator, "kv_cache": kv_cache, "engine_state": engine_state, "linear": linear}
+    return {name: getattr(module, "COMPILED", None) for name, module in modules.items()}
+
+
 def summary_results(
     args: argparse.Namespace,
     info: EngineInfo,
@@ -381,6 +399,7 @@ def summary_results(
     sizes: list[int],
 ) -> dict:
     return {
+        "compiled": compiled_modules(),
         "model": MODEL,
         "gpu": GPU,
         "traffic_seconds": traffic,
