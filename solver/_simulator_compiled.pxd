@@ -202,6 +202,7 @@ cdef Py_ssize_t _peak_place(list order, _Request request) except -1
 cdef _sort_in(long long[::1] values, Py_ssize_t start, Py_ssize_t n)
 
 cdef bint _queued_before(_Request a, _Request b) noexcept
+cdef bint _arrived_before(_Request a, _Request b) noexcept
 
 @cython.locals(pos=Py_ssize_t, parent_pos=Py_ssize_t, parent=_Request)
 cdef _heap_push(list heap, _Request request)
@@ -220,6 +221,8 @@ cdef class _WaitingQueue:
     cdef public Py_ssize_t head
     cdef public list heap
     cdef public Py_ssize_t size
+    cdef public bint in_arrival_order
+    cdef public _Request tail
 
     cdef add_request(self, _Request request)
     cdef prepend_request(self, _Request request)
@@ -293,6 +296,10 @@ cdef class Simulator:
     cdef public Py_ssize_t demanded_running
     cdef public Py_ssize_t demanded_tokens
     cdef public Py_ssize_t demanded_chunk
+    cdef public bint picked_victim
+    cdef public bint newest_victims
+    cdef public bint least_computed_victims
+    cdef public bint worst_priority_victims
 
     cpdef add_running(self, _Request request, Py_ssize_t num_computed_tokens, Py_ssize_t num_output_tokens)
     cdef _hold_initial_blocks(self, _Request request)
@@ -366,6 +373,10 @@ cdef class Simulator:
                    preempted_req=_Request, candidate=_Request, num_unscheduled=Py_ssize_t,
                    num_unrun_tokens=Py_ssize_t, chunk=Py_ssize_t)
     cdef _schedule_literal(self)
+
+    @cython.locals(victim=_Request, candidate=_Request, index=Py_ssize_t)
+    cdef _Request _least_computed(self)
+    cdef _note_victim(self, _Request victim)
 
     @cython.locals(j=Py_ssize_t, num_new_tokens=Py_ssize_t, num_computed_tokens=Py_ssize_t)
     cdef Py_ssize_t _unschedule(self, _Request victim, list scheduled) except? -1

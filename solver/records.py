@@ -94,6 +94,16 @@ class RunDemands:
     running: int  # requests in the running queue at a test of the sequence cap (len(running) >= max_num_seqs)
     tokens: int  # a step's tokens so far plus those a request asked for, at a test of the token budget
     chunk: int  # the tokens one request asked for at a test of the long-prefill threshold
+    # The victim rules and queue orders that decide as the run did. A rule is read only to pick a victim: one
+    # that would have picked each victim the run picked (by its state then) runs the same steps. So does the
+    # other queue order, at one priority, when the waiting queue stayed in (arrival, index) order: FCFS's list,
+    # fed at the back and given back preempted requests at the front, then pops what the heap on (priority,
+    # arrival, index) pops.
+    preempted: bool = False  # a victim was picked
+    newest_victims: bool = True  # every victim was the running queue's last (FCFS's rule)
+    least_computed_victims: bool = True  # ... the one with fewest computed tokens, the newest on a tie
+    worst_priority_victims: bool = True  # ... the worst (priority, arrival), the first on a tie
+    arrival_order: bool = True  # the waiting queue stayed in (arrival, index) order, fed back and front
 
 
 @dataclass(slots=True)

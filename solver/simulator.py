@@ -255,7 +255,10 @@ class _WaitingQueue:
     C index cost no Python call); the requests before `head` have left, and are dropped once they are half of it.
     The heap is heapq's over (queue_key, request) pairs in plain Python (the oracle); in the compiled core a heap of
     the requests themselves ordered by the key's C fields (`_heap_push`, `_heap_pop`): no tuple comparisons.
-    Keys are distinct (their last item is the request's index), so both pop the same order."""
+    Keys are distinct (their last item is the request's index), so both pop the same order.
+    `in_arrival_order` says whether the queue has stayed in (arrival, index) order, where FCFS's list and, at one
+    priority, the heap pop alike (`RunDemands.arrival_order`): `tail` is the list's last (the latest fed, or a
+    request given back to an empty queue), still waiting while the queue is not empty."""
 
     def __init__(self, ordered: bool) -> None:
         self.ordered = ordered
@@ -263,8 +266,13 @@ class _WaitingQueue:
         self.head = 0
         self.heap: list = []  # (queue_key, request) pairs, or in the compiled core requests
         self.size = 0  # an attribute, not __len__: it is read on every step
+        self.in_arrival_order = True
+        self.tail: _Request | None = None
 
     def add_request(self, request: _Request) -> None:
+        if self.size and _arrived_before(request, self.tail):  # type: ignore[arg-type]
+            self.in_arrival_order = False
+        self.tail = request
         self.size += 1
         if not self.ordered:
             self.fifo.append(request)
@@ -274,6 +282,10 @@ class _WaitingQueue:
             heappush(self.heap, (request.queue_key, request))
 
     def prepend_request(self, request: _Request) -> None:
+        if not self.size:
+            self.tail = request
+        elif _arrived_before(self.peek_request(), request):
+            self.in_arrival_order = False
         self.size += 1
         if self.ordered:
             if _IN_C:
@@ -308,6 +320,14 @@ def _queued_before(a: _Request, b: _Request) -> bool:
     on C fields in the compiled core."""
     if a.queue_order != b.queue_order:
         return a.queue_order < b.queue_order
+    if a.arrival_time != b.arrival_time:
+        return a.arrival_time < b.arrival_time
+    return a.queue_index < b.queue_index
+
+
+def _arrived_before(a: _Request, b: _Request) -> bool:
+    """Whether `a` is before `b` in (arrival_time, queue_index) order: FCFS's, and priority order's at one
+    priority."""
     if a.arrival_time != b.arrival_time:
         return a.arrival_time < b.arrival_time
     return a.queue_index < b.queue_index
@@ -374,6 +394,11 @@ class Simulator:
         self.demanded_running = 0
         self.demanded_tokens = 0
         self.demanded_chunk = 0
+        # Whether a victim was picked, and whether each rule would have picked every one (`_note_victim`).
+        self.picked_victim = False
+        self.newest_victims = True
+        self.least_computed_victims = True
+        self.worst_priority_victims = True
         self.max_num_batched_tokens = policy.max_num_batched_tokens
         self.long_prefill_token_threshold = policy.long_prefill_token_threshold
         self.chunked_prefill = policy.chunked_prefill
@@ -1121,15 +1146,11 @@ class Simulator:
                 if not self.eviction:
                     raise AssertionError("no-eviction admission reserved too little KV")  # an invariant
                 if self.priority_order or self.least_computed_victim:
-                    if self.least_computed_victim:  # the cheapest to recompute; the newest on a tie
-                        preempted_req = self.running[-1]
-                        for candidate in reversed(self.running):
-                            if self._num_computed_tokens(candidate) < self._num_computed_tokens(
-                                preempted_req
-                            ):
-                                preempted_req = candidate
+                    if self.least_computed_victim:
+                        preempted_req = self._least_computed()
                     else:
                         preempted_req = _worst_priority(self.running)
+                    self._note_victim(preempted_req)
                     victim_index = _index(self.running, preempted_req)
                     self.running.pop(victim_index)
                     if victim_index < req_index:
@@ -1139,6 +1160,7 @@ class Simulator:
                     # Under prefix caching its computed tokens now count this step's, which never ran.
                     num_unrun_tokens = num_unscheduled if self.caching else 0
                 else:
+                    self._note_victim(self.running[-1])
                     preempted_req = self.running.pop()
                     num_unrun_tokens = 0
                 self._preempt_request(preempted_req, num_unrun_tokens)
@@ -1166,6 +1188,26 @@ class Simulator:
         if not preempted_reqs and (self.continuous_batching or static_admit):
             self._schedule_waiting(token_budget, scheduled, long_prefill_token_threshold)
         return StepPlan(scheduled, preempted_reqs, self.num_implicit_decoders)
+
+    def _least_computed(self) -> _Request:
+        """The least-computed rule's victim: the running request cheapest to recompute, the newest on a tie."""
+        victim = self.running[-1]
+        for index in range(len(self.running) - 2, -1, -1):
+            candidate = self.running[index]
+            if self._num_computed_tokens(candidate) < self._num_computed_tokens(victim):
+                victim = candidate
+        return victim
+
+    def _note_victim(self, victim: _Request) -> None:
+        """`victim` is about to be preempted from the running queue: record which rules would have picked it
+        (`RunDemands`). A rule found to differ once is not walked again."""
+        self.picked_victim = True
+        if victim is not self.running[-1]:
+            self.newest_victims = False
+        if self.least_computed_victims and victim is not self._least_computed():
+            self.least_computed_victims = False
+        if self.worst_priority_victims and victim is not _worst_priority(self.running):
+            self.worst_priority_victims = False
 
     def _unschedule(self, victim: _Request, scheduled: list[_Request]) -> int:
         """Undo a priority victim's allocation made earlier in this step; returns the tokens given back. With
@@ -1302,6 +1344,8 @@ class Simulator:
                 return False
             preempted_reqs = []
             while num_new_blocks > self.num_usable_blocks - self.num_used_blocks:
+                # The k-th victim of vLLM's walk, which the other rules would pick from this same queue.
+                self._note_victim(self.running[-1])
                 preempted_req = self.running.pop()
                 if scheduled and scheduled[-1] is preempted_req:
                     scheduled.pop()
@@ -2136,7 +2180,16 @@ def simulate(
             peak_kv_blocks=sim.peak_used_blocks,
             steps=sim.step_log if record_steps else None,
             tokens_processed=sim.num_tokens_processed,
-            demands=RunDemands(sim.demanded_running, sim.demanded_tokens, sim.demanded_chunk),
+            demands=RunDemands(
+                sim.demanded_running,
+                sim.demanded_tokens,
+                sim.demanded_chunk,
+                sim.picked_victim,
+                sim.newest_victims,
+                sim.least_computed_victims,
+                sim.worst_priority_victims,
+                sim.waiting.in_arrival_order,
+            ),
         )
         # The run's requests die here, before the collector is back on (none is in a cycle): its first pass
         # then walks the records alone, not the requests too.

@@ -71,6 +71,7 @@ def policies(draw) -> Policy:
         "order": draw(st.sampled_from(["fcfs", "fcfs", "priority", "prompt", "output"])),
         "chunked_prefill": draw(st.sampled_from([base.chunked_prefill, not base.chunked_prefill])),
         "watermark": draw(st.sampled_from([base.watermark, 0.0, 0.05])),
+        "victim": draw(st.sampled_from(["newest", "newest", "least-computed"])),
     }
     if base.eviction:
         knobs["enable_prefix_caching"] = draw(st.booleans())

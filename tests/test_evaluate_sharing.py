@@ -3,10 +3,11 @@
 `run_candidates` simulates once the policies that provably run the same steps (`SharedRuns`): those that differ
 only in a sequence cap no lower than the window's request count or above the run's running peak (the simulator
 reads the cap only in vLLM's admission test, which such a cap never fails), in a token budget (and chunked
-prefill) or a long-prefill threshold above what the run's tests asked (`RunDemands`), and, in a run without
-preemptions, only in the victim rule or (every request at one priority) in priority against FCFS order. The
-property tests hold the simulator to each on random workloads (every preset, prefix caching and async
-scheduling on and off, running requests at the start, decoding, part way through a prompt or with their last
+prefill) or a long-prefill threshold above what the run's tests asked (`RunDemands`), in a victim rule that
+would have picked every victim the run picked (any rule in a run without preemptions), or, every request at one
+priority, in priority against FCFS order where the run's waiting queue stayed in arrival order. The property
+tests hold the simulator to each on random workloads (every preset, prefix caching and async scheduling on and
+off, running requests at the start, decoding, part way through a prompt or with their last
 token in flight), so that a future use of one of these knobs breaks them here first.
 """
 
@@ -33,7 +34,7 @@ from vllm_shadow.evaluation.evaluate import (
 from vllm_shadow.evaluation.results import CandidateOutcome
 from vllm_shadow.evaluation.shared_runs import SharedRuns, one_priority, task_groups
 from vllm_shadow.solver.policies import Policy, parse_policy
-from vllm_shadow.solver.records import RequestRecord, RunDemands, SimResult
+from vllm_shadow.solver.records import RequestArrival, RequestRecord, RunDemands, SimResult
 from vllm_shadow.solver.simulator import RunningRequest, simulate
 
 _PREEMPTIONS = [f.name for f in dataclasses.fields(RequestRecord)].index("preemptions")
@@ -238,6 +239,98 @@ def test_a_run_without_preemptions_is_the_same_in_priority_and_fcfs_order_at_one
     assert _run(requests, initial, dataclasses.replace(policy, order="fcfs"), blocks, block_size) == run
 
 
+def _at_one_priority(requests, initial, priority: int = 0):
+    requests = [dataclasses.replace(r, priority=priority) for r in requests]
+    initial = [
+        dataclasses.replace(r, request=dataclasses.replace(r.request, priority=priority)) for r in initial
+    ]
+    return requests, initial
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    workloads(),
+    policies(),
+    st.integers(0, 2),
+    st.sampled_from(["newest", "least-computed"]),
+    st.sampled_from(["fcfs", "priority"]),
+    st.booleans(),
+)
+def test_a_run_is_the_same_under_each_victim_rule_and_order_that_would_have_decided_as_it_did(
+    workload, policy, variant: int, victim: str, order: str, one_priority: bool
+) -> None:
+    """A run, preempting or not, and each other victim rule and queue order that `SharedRuns` hands it to for
+    its demands (a rule that would have picked each of its victims; at one priority, the other order where its
+    waiting queue stayed in arrival order): that policy's own run, step by step and record by record."""
+    requests, initial, block_size, blocks = _carried_variant(workload, variant)
+    if one_priority:
+        requests, initial = _at_one_priority(requests, initial)
+    policy = dataclasses.replace(policy, victim=victim, order=order)
+    result = _simulated(requests, initial, policy, blocks, block_size)
+    if isinstance(result, str):
+        return
+    run = _view(result)
+    priorities = {r.priority for r in requests} | {r.request.priority for r in initial}
+    shared = SharedRuns(same_priority=len(priorities) <= 1)
+    shared.add(policy, CandidateOutcome("simulated", result.gpu_seconds, None), result.demands)
+    for other_victim in ("newest", "least-computed"):
+        for other_order in ("fcfs", "priority"):
+            other = dataclasses.replace(policy, victim=other_victim, order=other_order)
+            if other != policy and shared.get(other, "taken") is not None:
+                assert _run(requests, initial, other, blocks, block_size) == run, other
+
+
+def test_priority_order_at_one_priority_takes_an_fcfs_run_that_preempted_its_newest_requests() -> None:
+    """Requests arriving one after another on a KV cache too small for all of their outputs: FCFS preempts the
+    newest running request, as priority order would (the latest arrival), and gives each back before the
+    queue's first. The least-computed rule would pick a shorter one: it takes no such run."""
+    requests = [RequestArrival(f"r{i}", 0.001 * i, prompt, 24) for i, prompt in enumerate((4, 4, 4, 16))]
+    fcfs = dataclasses.replace(parse_policy("vllm"), max_num_batched_tokens=64)
+    result = _simulated(requests, [], fcfs, 17, 4)
+    assert not isinstance(result, str)
+    demands = result.demands
+    assert demands.preempted and demands.worst_priority_victims and demands.arrival_order
+    assert not demands.least_computed_victims
+    shared = SharedRuns(same_priority=True)
+    shared.add(fcfs, CandidateOutcome("vllm", 1.0, None), demands)
+    by_priority = dataclasses.replace(fcfs, order="priority")
+    assert shared.get(by_priority, "taken") is not None
+    assert _run(requests, [], by_priority, 17, 4) == _view(result)
+    least_computed = dataclasses.replace(fcfs, victim="least-computed")
+    assert shared.get(least_computed, "taken") is None
+    assert _run(requests, [], least_computed, 17, 4) != _view(result)
+
+
+def test_fcfs_fed_out_of_arrival_order_shares_no_run_with_priority_order() -> None:
+    """Arrivals in step space enter in the order listed, not that of their arrival times: FCFS then admits a
+    later arrival first where priority order (at one priority, by arrival) admits the earlier, with no
+    preemption at all. The run records that its queue left arrival order, and priority order does not take it."""
+    requests = [
+        RequestArrival("r1", 0.002, 8, 8),
+        RequestArrival("r0", 0.001, 8, 8),
+        RequestArrival("r2", 0.0, 8, 8),
+    ]
+    fcfs = dataclasses.replace(parse_policy("vllm"), max_num_seqs=1)
+
+    def run(policy: Policy) -> SimResult:
+        return simulate(
+            requests,
+            policy,
+            COST,
+            num_kv_blocks=9,
+            block_size=4,
+            arrival_steps={"r2": 0, "r1": 1, "r0": 1},
+            record_steps=True,
+        )
+
+    result, by_priority = run(fcfs), run(dataclasses.replace(fcfs, order="priority"))
+    assert not result.demands.preempted and not result.demands.arrival_order
+    assert _view(by_priority) != _view(result)
+    shared = SharedRuns(same_priority=True)
+    shared.add(fcfs, CandidateOutcome("vllm", 1.0, None), result.demands)
+    assert shared.get(dataclasses.replace(fcfs, order="priority"), "taken") is None
+
+
 @pytest.mark.parametrize("name", [*support.NAMES, "fcfs-kv16-prefix-caching"])
 def test_candidates_that_share_a_run_report_what_their_own_runs_report(name: str, monkeypatch) -> None:
     """Each candidate's outcome, shared run or not, equals its own simulation summarised alone, on windows of
@@ -352,3 +445,24 @@ def test_shared_runs_hand_a_run_only_to_settings_above_what_its_tests_asked() ->
         "vllm(victim=least-computed)",
         "sarathi",
     ]
+
+
+def test_shared_runs_hand_a_preempting_run_only_to_rules_that_would_have_picked_its_victims() -> None:
+    default = parse_policy("vllm")
+    demands = RunDemands(100, 5000, 3000, preempted=True, least_computed_victims=False)
+    specs = (
+        "vllm(order=priority)",  # its rule picked each victim, and the queue stayed in arrival order
+        "vllm(victim=least-computed)",  # it would have picked another victim
+        "vllm(order=priority,max_num_seqs=128)",  # another rule's walk may test the cap otherwise
+        "vllm(max_num_seqs=128)",  # the run's own rule
+    )
+
+    def taken(demands: RunDemands) -> list[str]:
+        shared = SharedRuns(same_priority=True)
+        shared.add(default, CandidateOutcome("vllm", 1.0, None, preemptions=3), demands)
+        return [spec for spec in specs if shared.get(parse_policy(spec), spec) is not None]
+
+    assert taken(demands) == ["vllm(order=priority)", "vllm(max_num_seqs=128)"]
+    # A request given back behind one that arrived before it: FCFS pops otherwise than the heap.
+    assert taken(dataclasses.replace(demands, arrival_order=False)) == ["vllm(max_num_seqs=128)"]
+    assert taken(dataclasses.replace(demands, worst_priority_victims=False)) == ["vllm(max_num_seqs=128)"]

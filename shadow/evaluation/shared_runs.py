@@ -11,10 +11,15 @@ state and decides the same way. The knobs:
   prefill off) holds back a prompt larger than what is left; and with it chunked prefill, which only says which
   of the first and the last happens;
 - the long-prefill threshold, which cuts a chunk larger than itself;
-- the preemption victim rule (`victim`), only to pick a victim: a run without a preemption never consults it;
+- the preemption victim rule (newest, least-computed, or under priority order the worst priority), only to pick
+  a victim: a rule that would have picked every victim the run picked, from the state the run had then, runs
+  it too (a run without a preemption never consults one);
 - the queue order, priority or FCFS, to order the waiting queue (a heap on (priority, arrival, index), or a
-  deque fed in (arrival, index) order) and to pick a victim: when every request of the window has the same
-  priority, a run without a preemption is the same under either.
+  list fed at the back in (arrival, index) order, preempted requests given back at the front) and to pick a
+  victim: when every request of the window has the same priority, both pop alike while the queue stays in
+  (arrival, index) order, each request given back before the queue's first.
+A run that preempted may step otherwise under another rule (FCFS pops its victims eagerly where the others walk
+vLLM's loop), with tests of the other knobs it did not make: another rule takes it only with those knobs equal.
 
 `tests/test_evaluate_sharing.py` holds the simulator to each of these on random workloads.
 
@@ -71,8 +76,14 @@ def _runs_too(run: _Run, policy: Policy) -> bool:
         return True
     if demands is None:
         return False
-    if run.outcome.preemptions and (ran.victim != policy.victim or ran.order != policy.order):
+    if ran.order != policy.order and not demands.arrival_order:  # at one priority (`_share_key`)
         return False
+    rule = _victim_rule(policy)
+    if demands.preempted and rule != _victim_rule(ran):
+        if not _rule_agreed(demands, rule):
+            return False
+        if dataclasses.replace(ran, victim=policy.victim, order=policy.order) != policy:
+            return False
     if ran.max_num_seqs != policy.max_num_seqs and demands.running >= min(
         ran.max_num_seqs, policy.max_num_seqs
     ):
@@ -84,6 +95,20 @@ def _runs_too(run: _Run, policy: Policy) -> bool:
         return False
     thresholds = (ran.long_prefill_token_threshold, policy.long_prefill_token_threshold)
     return thresholds[0] == thresholds[1] or all(t == 0 or t >= demands.chunk for t in thresholds)
+
+
+def _victim_rule(policy: Policy) -> str:
+    """The rule that picks `policy`'s victims (`Simulator._schedule_literal`)."""
+    if policy.victim == "least-computed":
+        return "least-computed"
+    return "worst-priority" if policy.order == "priority" else "newest"
+
+
+def _rule_agreed(demands: RunDemands, rule: str) -> bool:
+    """Whether `rule` would have picked every victim of the run."""
+    if rule == "least-computed":
+        return demands.least_computed_victims
+    return demands.worst_priority_victims if rule == "worst-priority" else demands.newest_victims
 
 
 # The knobs set to these in a share key: any run may be shared across them (`SharedRuns._runs_too`).
