@@ -6,10 +6,9 @@ with another only when both ran at the same time. This runs `shadow_scale.py --s
 benchmark, so both sides are measured the same way) alternately on REV and on this tree, and reports each run, the
 medians and their ratios.
 
-REV is exported with `git archive` into a folder of its own, its compiled modules built there in place with this
-interpreter (`setup.py build_ext --inplace`), and its package put first on the import path (a folder whose
-`vllm_shadow` links to REV's top-level folders, as pyproject.toml's package-dir maps them). REV must have the
-`vllm_shadow` package and what shadow_scale.py imports from it.
+REV is exported with `git archive`, installed by pip into a folder of its own (`pip install --target`: built as
+its pyproject.toml says, compiled modules included, no dependencies), and that folder put first on the import
+path. REV must have the `vllm_shadow` package and what shadow_scale.py imports from it.
 
     python benchmarks/scale_against.py ab8edf3                 # 3 alternations of 3 rounds each
     python benchmarks/scale_against.py ab8edf3 --runs 5 --json against.json
@@ -28,29 +27,37 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SCALE = ROOT / "benchmarks" / "shadow_scale.py"
-# pyproject.toml's package-dir: the import package's subpackages that live in top-level folders of their own.
-TOP_LEVEL_PACKAGES = ("adapters", "solver", "costmodel")
 
 
 def export_revision(revision: str, into: Path) -> Path:
-    """REV's files under `into`/tree, its compiled modules built in place; returns the folder to put first on
-    the import path."""
+    """REV installed (built, its compiled modules included) into `into`/path; returns that folder, to put first
+    on the import path."""
     tree = into / "tree"
     tree.mkdir()
     archive = subprocess.run(["git", "archive", revision], cwd=ROOT, check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
-    print(f"building {revision}'s compiled modules in {tree} ...", flush=True)
+    print(f"building and installing {revision} into {into / 'path'} ...", flush=True)
+    # pip builds REV as its pyproject.toml says (Cython fetched into an isolated build environment, so this
+    # interpreter needs none), and --target lays out the vllm_shadow package as an install would.
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_SHADOW_SKIP_COMPILE"}
     build = subprocess.run(
-        [sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=tree, capture_output=True, text=True
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--target",
+            str(into / "path"),
+            str(tree),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     if build.returncode:
         sys.exit(f"building {revision} failed:\n{build.stderr[-4000:]}")
-    package = into / "path" / "vllm_shadow"
-    package.mkdir(parents=True)
-    for entry in (tree / "shadow").iterdir():
-        (package / entry.name).symlink_to(entry)
-    for name in TOP_LEVEL_PACKAGES:
-        (package / name).symlink_to(tree / name)
     return into / "path"
 
 
