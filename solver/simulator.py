@@ -2102,11 +2102,13 @@ def simulate(
     num_usable_blocks = num_kv_blocks - 1
     order = policy.order
 
+    ids: set[str] = set()  # every request's, to refuse one given twice
     for index, state in enumerate(initial_running):
         # Its fields read off their slots (`_slot_get`), as an arrival's: a window carries dozens of these.
         request = _new_request(
             _slot_get(state, _RUNNING_REQUEST), index, order, block_size, num_usable_blocks
         )
+        ids.add(request.request_id)
         if _slot_get(state, _RUNNING_FINISHING):
             # Served before the start: not the replay's.
             sim.add_finishing(request, _slot_get(state, _RUNNING_COMPUTED_TOKENS))
@@ -2152,6 +2154,13 @@ def simulate(
             arriving.append(request)
             arrival_whens.append(
                 arrival_steps[request.request_id] if arrival_steps is not None else request.arrival_time
+            )
+        # Requests are told apart by id (the step log's, the implicit decoders', `arrival_steps`'): one id twice
+        # would make a run of no engine.
+        ids.update([request.request_id for request in arriving])
+        if len(ids) < len(arriving) + len(initial_running):
+            raise ValueError(
+                f"request id {_repeated_id(initial_running, requests)!r} is given more than once"
             )
         if not _ascending(arrival_whens):  # a stable sort: requests arriving together stay in their order
             by_arrival = sorted(range(len(arriving)), key=arrival_whens.__getitem__)
@@ -2199,6 +2208,18 @@ def simulate(
         if collecting:
             gc.enable()
     return result
+
+
+def _repeated_id(initial_running: Sequence[RunningRequest], requests: Sequence[RequestArrival]) -> str:
+    """The first request id of the carried requests, then the arrivals, that was given before."""
+    seen: set[str] = set()
+    for request_id in [state.request.request_id for state in initial_running] + [
+        r.request_id for r in requests
+    ]:
+        if request_id in seen:
+            return request_id
+        seen.add(request_id)
+    raise AssertionError("no request id is repeated")
 
 
 # ---- the core in use --------------------------------------------------------------------------------------------

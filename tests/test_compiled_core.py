@@ -110,7 +110,8 @@ def workloads(draw):
             initial.append(simulator.RunningRequest(request, computed, generated))
     if sum(math.ceil(r.computed_tokens / block_size) for r in initial) > blocks - 1:
         initial = []
-    return requests[len(initial) :], initial, block_size, blocks
+    carried = {state.request.request_id for state in initial}
+    return [r for r in requests if r.request_id not in carried], initial, block_size, blocks
 
 
 def run_both(requests, policy, *, initial=(), arrival_steps=None, **kw) -> tuple[dict, dict]:
@@ -209,6 +210,20 @@ def test_both_cores_refuse_bad_input_alike():
             core.simulate(too_long, "vllm", COST, num_kv_blocks=4, block_size=4)
         with pytest.raises(ValueError, match="unknown policy"):
             core.simulate([], "nope", COST, num_kv_blocks=4, block_size=4)
+        # One id twice, among the arrivals or a carried request's arriving again (with its last token in flight
+        # too: its blocks are freed before the arrivals are read).
+        twice = [
+            RequestArrival("a", 0.0, 4, 2),
+            RequestArrival("b", 0.0, 4, 2),
+            RequestArrival("a", 1.0, 4, 2),
+        ]
+        with pytest.raises(ValueError, match="request id 'a' is given more than once"):
+            core.simulate(twice, "vllm", COST, num_kv_blocks=16, block_size=4)
+        for carried in (RunningRequest(twice[1], 4, 1), RunningRequest(twice[1], 5, 2, True)):
+            with pytest.raises(ValueError, match="request id 'b' is given more than once"):
+                core.simulate(
+                    twice[:2], "vllm", COST, num_kv_blocks=16, block_size=4, initial_running=[carried]
+                )
 
 
 def test_engine_time_past_64_bits_falls_back_to_the_pure_core():
