@@ -51,6 +51,7 @@ def test_serve_options_reach_the_shadow_s_configuration(tmp_path: Path) -> None:
             "--ttft-slo", "2",
             "--candidates", "vllm(max_num_seqs=512),sarathi(max_num_batched_tokens=1024)",
             "--no-optimal",
+            "--min-calibration-steps", "50",
         ]
     )  # fmt: skip
     config = serve_cmd.service_config(args)
@@ -59,7 +60,8 @@ def test_serve_options_reach_the_shadow_s_configuration(tmp_path: Path) -> None:
     assert shadow.assumed_engine.num_kv_blocks == 1000 and shadow.assumed_engine.scheduler.max_num_seqs == 64
     assert shadow.windows.requests == 64 and shadow.goal.ttft_p99 == 0.5 and shadow.goal.slo.ttft_seconds == 2
     assert shadow.space.extra == ("vllm(max_num_seqs=512)", "sarathi(max_num_batched_tokens=1024)")
-    assert not shadow.evaluation.optimal
+    assert not shadow.evaluation.optimal and shadow.goal.min_calibration_steps == 50
+    assert parser().parse_args(["serve"]).min_calibration_steps == 200
 
 
 def test_serve_warns_when_the_token_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -149,6 +151,11 @@ def test_the_demo_runs_a_real_engine_and_ends_with_the_shadow_s_verdict(capfd: p
             "3",
             "--min-windows",
             "2",
+            # Calibration samples come at most 20 a second of engine time, and this light load leaves a fast
+            # engine idle much of its 16 s: the default 200 would count only the windows opened after its tenth
+            # busy second (on one machine one or two of six). 40 is two busy seconds.
+            "--min-calibration-steps",
+            "40",
             "--no-live",
         ]
     )

@@ -24,10 +24,11 @@ from vllm_shadow.costmodel.linear import LinearCostModel
 from vllm_shadow.costmodel.profile import load_profile
 from vllm_shadow.costmodel.roofline import roofline_prior
 from vllm_shadow.evaluation.candidates import SearchSpace
-from vllm_shadow.evaluation.recommend import Goal
+from vllm_shadow.evaluation.recommend import MIN_CALIBRATION_STEPS, Goal
 from vllm_shadow.evaluation.results import Slo
 from vllm_shadow.runtime.core import EvaluationSettings, ShadowConfig
 from vllm_shadow.solver.policies import split_policies
+from vllm_shadow.tracking.tracker import DEFAULT_LIMITS
 from vllm_shadow.tracking.windows import WindowRules
 
 # ---- trace window and engine being modelled: `shadow replay` and `shadow optimal` ---------------------------
@@ -319,6 +320,14 @@ def add_shadow_options(
     group.add_argument(
         "--min-windows", type=int, default=3, help="windows of evidence before recommending (default 3)"
     )
+    group.add_argument(
+        "--min-calibration-steps",
+        type=int,
+        default=MIN_CALIBRATION_STEPS,
+        help="a window is evidence only if the cost model had been fitted on this many of the engine's steps "
+        f"when it opened (at most {DEFAULT_LIMITS.calibration_steps_per_second:g} a second of engine time; "
+        f"default {MIN_CALIBRATION_STEPS})",
+    )
     group.add_argument("--no-optimal", action="store_true", help="skip the optimum and its bounds")
     add_optimum_limits(
         group, optimal_time_limit=optimal_time_limit, optimal_max_requests=optimal_max_requests
@@ -383,6 +392,7 @@ def shadow_config(args: argparse.Namespace) -> ShadowConfig:
             slo=Slo(args.ttft_slo, args.tpot_slo),
             min_windows=args.min_windows,
             history=max(12, args.min_windows),
+            min_calibration_steps=args.min_calibration_steps,
         ),
         evaluation=EvaluationSettings(
             optimal=not args.no_optimal,

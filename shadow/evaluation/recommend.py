@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from vllm_shadow.evaluation.candidates import Candidate, flag_changes
 from vllm_shadow.evaluation.results import METRICS, Slo, WindowEvaluation
 
+MIN_CALIBRATION_STEPS = 200  # Goal's default (the CLI's --min-calibration-steps)
+
 
 @dataclass(frozen=True, slots=True)
 class Goal:
@@ -38,7 +40,7 @@ class Goal:
     min_step_match: float = 0.95  # the self replay must reproduce at least this share of the engine's steps
     # A mirrored window counts as evidence only if its cost model had been calibrated on this many of the
     # engine's steps: until then it is the roofline prior, whose error says nothing about the configurations.
-    min_calibration_steps: int = 200
+    min_calibration_steps: int = MIN_CALIBRATION_STEPS
 
     def __post_init__(self) -> None:
         weights = self.weights()
@@ -46,6 +48,8 @@ class Goal:
             raise ValueError(f"objective weights must be non-negative and not all zero: {weights}")
         if self.min_windows < 1 or self.history < self.min_windows:
             raise ValueError("need 1 <= min_windows <= history")
+        if self.min_calibration_steps < 0:
+            raise ValueError(f"min_calibration_steps must be at least 0, not {self.min_calibration_steps}")
 
     def weights(self) -> dict[str, float]:
         return {"gpu": self.gpu, "ttft_p99": self.ttft_p99, "tpot_p99": self.tpot_p99}
