@@ -83,6 +83,24 @@ def _carried_variant(workload, variant: int):
     return requests, initial, block_size, blocks
 
 
+def _at_one_priority(requests, initial, priority: int = 0):
+    requests = [dataclasses.replace(r, priority=priority) for r in requests]
+    initial = [
+        dataclasses.replace(r, request=dataclasses.replace(r.request, priority=priority)) for r in initial
+    ]
+    return requests, initial
+
+
+def _shared_runs_of(policy: Policy, result: SimResult, requests, initial) -> SharedRuns:
+    """`SharedRuns` as `run_candidates` fills it: `policy`'s run of the workload added, its requests at one
+    priority or not as the workload's are."""
+    priorities = {r.priority for r in requests} | {r.request.priority for r in initial}
+    shared = SharedRuns(same_priority=len(priorities) <= 1)
+    preemptions = sum(r.preemptions for r in result.requests)
+    shared.add(policy, CandidateOutcome("simulated", result.gpu_seconds, None, preemptions), result.demands)
+    return shared
+
+
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(workloads(), policies(), st.integers(0, 50))
 def test_a_sequence_cap_at_least_the_request_count_never_changes_a_run(workload, policy, above: int) -> None:
@@ -177,26 +195,20 @@ def test_a_run_shared_runs_hands_out_is_the_run_of_the_policy_that_takes_it(
     flip_chunking: bool,
     victim: str,
     order: str,
-    one_priority: bool,
+    at_one_priority: bool,
 ) -> None:
     """`SharedRuns` as `run_candidates` uses it: one simulated run and its demands added, another policy
     differing in the cap, the budget, chunked prefill, the long-prefill threshold (each near where it starts to
     bind), the victim rule or the order looked up; whatever it hands out must be that policy's own run."""
     requests, initial, block_size, blocks = _carried_variant(workload, variant)
-    if one_priority:
-        requests = [dataclasses.replace(r, priority=0) for r in requests]
-        initial = [
-            dataclasses.replace(r, request=dataclasses.replace(r.request, priority=0)) for r in initial
-        ]
+    if at_one_priority:
+        requests, initial = _at_one_priority(requests, initial)
     result = _simulated(requests, initial, policy, blocks, block_size)
     if isinstance(result, str):
         return
     run = _view(result)
-    priorities = {r.priority for r in requests} | {r.request.priority for r in initial}
-    shared = SharedRuns(same_priority=len(priorities) <= 1)
-    preemptions = sum(r.preemptions for r in result.requests)
+    shared = _shared_runs_of(policy, result, requests, initial)
     demands = result.demands
-    shared.add(policy, CandidateOutcome("simulated", result.gpu_seconds, None, preemptions), demands)
     other = dataclasses.replace(
         policy,
         max_num_seqs=max(1, demands.running + beside[0]),
@@ -229,22 +241,11 @@ def test_a_run_without_preemptions_is_the_same_in_priority_and_fcfs_order_at_one
     workload, policy, priority: int
 ) -> None:
     requests, initial, block_size, blocks = workload
-    requests = [dataclasses.replace(r, priority=priority) for r in requests]
-    initial = [
-        dataclasses.replace(r, request=dataclasses.replace(r.request, priority=priority)) for r in initial
-    ]
+    requests, initial = _at_one_priority(requests, initial, priority)
     run = _run(requests, initial, dataclasses.replace(policy, order="priority"), blocks, block_size)
     if "refused" in run or any(record[_PREEMPTIONS] for record in run["requests"]):
         return  # a victim was picked: priority order picks its own
     assert _run(requests, initial, dataclasses.replace(policy, order="fcfs"), blocks, block_size) == run
-
-
-def _at_one_priority(requests, initial, priority: int = 0):
-    requests = [dataclasses.replace(r, priority=priority) for r in requests]
-    initial = [
-        dataclasses.replace(r, request=dataclasses.replace(r.request, priority=priority)) for r in initial
-    ]
-    return requests, initial
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -257,22 +258,20 @@ def _at_one_priority(requests, initial, priority: int = 0):
     st.booleans(),
 )
 def test_a_run_is_the_same_under_each_victim_rule_and_order_that_would_have_decided_as_it_did(
-    workload, policy, variant: int, victim: str, order: str, one_priority: bool
+    workload, policy, variant: int, victim: str, order: str, at_one_priority: bool
 ) -> None:
     """A run, preempting or not, and each other victim rule and queue order that `SharedRuns` hands it to for
     its demands (a rule that would have picked each of its victims; at one priority, the other order where its
     waiting queue stayed in arrival order): that policy's own run, step by step and record by record."""
     requests, initial, block_size, blocks = _carried_variant(workload, variant)
-    if one_priority:
+    if at_one_priority:
         requests, initial = _at_one_priority(requests, initial)
     policy = dataclasses.replace(policy, victim=victim, order=order)
     result = _simulated(requests, initial, policy, blocks, block_size)
     if isinstance(result, str):
         return
     run = _view(result)
-    priorities = {r.priority for r in requests} | {r.request.priority for r in initial}
-    shared = SharedRuns(same_priority=len(priorities) <= 1)
-    shared.add(policy, CandidateOutcome("simulated", result.gpu_seconds, None), result.demands)
+    shared = _shared_runs_of(policy, result, requests, initial)
     for other_victim in ("newest", "least-computed"):
         for other_order in ("fcfs", "priority"):
             other = dataclasses.replace(policy, victim=other_victim, order=other_order)
